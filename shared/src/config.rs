@@ -1,0 +1,455 @@
+//! Configuration: [`Config::default`] is the embedded default (so `cargo run`
+//! needs no file), then an optional TOML file (`--config`), then `ATELIER_*`
+//! environment variables with `__` for nesting (`ATELIER_SERVER__LISTEN`),
+//! then [`Config::validate`]. Key names are those of DESIGN.md's
+//! "Configuration surface": operators' scripts rely on them.
+
+use crate::domain::credits::PriceTable;
+use crate::domain::packshot::DesignCatalogue;
+use crate::domain::retry::RetryPolicy;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub data_dir: PathBuf,
+    pub database: DatabaseConfig,
+    pub queue: QueueConfig,
+    pub redis: RedisConfig,
+    pub storage: StorageConfig,
+    pub models: ModelsConfig,
+    pub bootstrap: BootstrapConfig,
+    pub egress: EgressConfig,
+    pub worker: WorkerConfig,
+    pub scheduler: SchedulerConfig,
+    pub limits: LimitsConfig,
+    pub prices: PriceTable,
+    pub catalogue: DesignCatalogue,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ServerConfig {
+    pub listen: String,
+    /// Base of every absolute URL the API returns.
+    pub public_url: String,
+    /// Optional global route prefix (`/api`).
+    pub prefix: String,
+    /// HMAC key for upload/download capability URLs. Unset: generated once
+    /// and kept in the database, so every API replica shares it.
+    pub url_signing_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
+pub struct DatabaseConfig {
+    /// `sqlite://…` or `postgres://…`; unset: `sqlite://<data_dir>/atelier.db`.
+    pub url: Option<String>,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct QueueConfig {
+    /// `embedded` or `amqp://…`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
+pub struct RedisConfig {
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// `file://<dir>` or `s3://bucket[/prefix]`; unset: `file://<data_dir>/objects`.
+    pub url: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_access_key: Option<String>,
+    pub s3_secret_key: Option<String>,
+    pub s3_path_style: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ModelsConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct BootstrapConfig {
+    /// Key of the dev account created at first start; unset: generated and printed once.
+    pub api_key: Option<String>,
+    /// Credits granted to the dev account at first start.
+    pub credits: f64,
+    /// Create the dev account at all (off for production deployments).
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
+pub struct EgressConfig {
+    /// Hosts or CIDRs that outbound fetches may reach despite the
+    /// private-address rules. Comma-separated in the environment.
+    #[serde(deserialize_with = "string_or_list")]
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct WorkerConfig {
+    /// Tasks run at once by one worker process.
+    pub concurrency: usize,
+    /// Interval of the heartbeats that extend a running output's lease.
+    pub heartbeat_secs: u64,
+    /// Hard limit for one pipeline run.
+    pub task_timeout_secs: u64,
+    /// On SIGTERM: how long in-flight tasks may take before they are released.
+    pub shutdown_grace_secs: u64,
+    /// Largest decoded input, in pixels (decompression-bomb guard).
+    pub max_input_pixels: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    /// Dispatch loop period when nothing wakes it earlier.
+    pub tick_ms: u64,
+    /// Tasks kept in each work queue (about the fleet's capacity); 0: twice
+    /// `worker.concurrency`.
+    pub queue_target: usize,
+    /// Lease of a dispatched task waiting in a queue.
+    pub dispatch_lease_secs: u64,
+    /// Lease of a running task; renewed by heartbeats.
+    pub running_lease_secs: u64,
+    pub retry: RetryPolicy,
+    /// Fair-share weight of enterprise accounts (standard accounts weigh 1).
+    pub enterprise_weight: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Job-creation requests per minute per account and endpoint.
+    pub create_per_minute: u32,
+    /// Any other authenticated request, per minute per account.
+    pub requests_per_minute: u32,
+    /// Active (pending/processing) jobs per non-enterprise account.
+    pub active_jobs: u32,
+    pub max_upload_bytes: u64,
+    pub upload_url_ttl_secs: u64,
+    pub result_url_ttl_secs: u64,
+    pub download_url_ttl_secs: u64,
+    /// Largest output size class of a standard plan (`1K`, `2K`, `4K`).
+    pub default_max_size: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `pretty` or `json`.
+    pub format: String,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            data_dir: PathBuf::from("./data"),
+            database: DatabaseConfig { url: None, max_connections: 10 },
+            queue: QueueConfig::default(),
+            redis: RedisConfig::default(),
+            storage: StorageConfig::default(),
+            models: ModelsConfig::default(),
+            bootstrap: BootstrapConfig::default(),
+            egress: EgressConfig::default(),
+            worker: WorkerConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            limits: LimitsConfig::default(),
+            prices: PriceTable::default(),
+            catalogue: DesignCatalogue::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            public_url: "http://127.0.0.1:8080".into(),
+            prefix: String::new(),
+            url_signing_key: None,
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { url: "embedded".into() }
+    }
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig { dir: PathBuf::from("./models") }
+    }
+}
+
+impl Default for BootstrapConfig {
+    fn default() -> Self {
+        BootstrapConfig { api_key: None, credits: 1000.0, enabled: true }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            heartbeat_secs: 10,
+            task_timeout_secs: 600,
+            shutdown_grace_secs: 30,
+            max_input_pixels: 64_000_000,
+        }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            tick_ms: 500,
+            queue_target: 0,
+            dispatch_lease_secs: 600,
+            running_lease_secs: 60,
+            retry: RetryPolicy::default(),
+            enterprise_weight: 4,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            create_per_minute: 5,
+            requests_per_minute: 600,
+            active_jobs: 5,
+            max_upload_bytes: 25 * 1024 * 1024,
+            upload_url_ttl_secs: 900,
+            result_url_ttl_secs: 86_400,
+            download_url_ttl_secs: 3_600,
+            default_max_size: "4K".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: "pretty".into(), level: "info".into() }
+    }
+}
+
+/// A configuration that cannot run, with every reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Defaults → `file` (if any) → `ATELIER_*` environment → validate.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        fig = fig.merge(Env::prefixed("ATELIER_").split("__"));
+        let cfg: Config = fig.extract().map_err(Box::new)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("atelier.db").display()))
+    }
+
+    pub fn storage_url(&self) -> String {
+        self.storage
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", self.data_dir.join("objects").display()))
+    }
+
+    /// Tasks the scheduler keeps in each work queue.
+    pub fn queue_target(&self) -> usize {
+        if self.scheduler.queue_target > 0 { self.scheduler.queue_target } else { self.worker.concurrency.max(1) * 2 }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut e = Vec::new();
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            e.push(format!("server.listen: `{}` is not an address like 127.0.0.1:8080", self.server.listen));
+        }
+        match url::Url::parse(&self.server.public_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => e.push(format!("server.public_url: `{}` must be an absolute http(s) URL", self.server.public_url)),
+        }
+        if !self.server.prefix.is_empty() && (!self.server.prefix.starts_with('/') || self.server.prefix.ends_with('/')) {
+            e.push("server.prefix: must start with `/` and not end with one (e.g. `/api`)".into());
+        }
+        if self.server.url_signing_key.as_ref().is_some_and(|k| k.len() < 32) {
+            e.push("server.url_signing_key: must be at least 32 characters".into());
+        }
+        let db = self.database_url();
+        if !(db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")) {
+            e.push("database.url: must start with sqlite:// or postgres://".into());
+        }
+        if self.database.max_connections == 0 {
+            e.push("database.max_connections: must be at least 1".into());
+        }
+        if !(self.queue.url == "embedded" || self.queue.url.starts_with("amqp://") || self.queue.url.starts_with("amqps://")) {
+            e.push(format!("queue.url: `{}` must be `embedded` or an amqp:// URL", self.queue.url));
+        }
+        if let Some(r) = &self.redis.url {
+            if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
+                e.push("redis.url: must be a redis:// URL".into());
+            }
+        }
+        let st = self.storage_url();
+        if st.starts_with("s3://") {
+            if self.storage.s3_access_key.is_none() || self.storage.s3_secret_key.is_none() {
+                e.push("storage: s3:// needs storage.s3_access_key and storage.s3_secret_key".into());
+            }
+        } else if !st.starts_with("file://") {
+            e.push("storage.url: must be file://<dir> or s3://bucket[/prefix]".into());
+        }
+        if let Some(k) = &self.bootstrap.api_key {
+            if k.len() < 32 {
+                e.push("bootstrap.api_key: must be at least 32 characters".into());
+            }
+        }
+        if crate::domain::Credits::from_f64(self.bootstrap.credits).is_none_or(|c| c.0 < 0) {
+            e.push("bootstrap.credits: must be a non-negative number".into());
+        }
+        if self.worker.concurrency == 0 {
+            e.push("worker.concurrency: must be at least 1".into());
+        }
+        if self.worker.heartbeat_secs == 0 || self.worker.heartbeat_secs * 2 > self.scheduler.running_lease_secs {
+            e.push("worker.heartbeat_secs: must be positive and at most half of scheduler.running_lease_secs".into());
+        }
+        if self.scheduler.retry.max_attempts == 0 {
+            e.push("scheduler.retry.max_attempts: must be at least 1".into());
+        }
+        if self.limits.create_per_minute == 0 || self.limits.requests_per_minute == 0 {
+            e.push("limits: per-minute limits must be at least 1".into());
+        }
+        if crate::domain::credits::SizeClass::parse(&self.limits.default_max_size).is_none() {
+            e.push("limits.default_max_size: must be 1K, 2K or 4K".into());
+        }
+        for (k, v) in [("1K", self.prices.k1), ("2K", self.prices.k2), ("4K", self.prices.k4)] {
+            if !v.is_finite() || v < 0.0 {
+                e.push(format!("prices.{k}: must be a non-negative number"));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "pretty" | "json") {
+            e.push("log.format: must be `pretty` or `json`".into());
+        }
+        if e.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(e)) }
+    }
+
+    /// The effective configuration with every secret replaced, for `atelier config`.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        let hide = |s: &mut Option<String>| {
+            if s.is_some() {
+                *s = Some("<redacted>".into());
+            }
+        };
+        hide(&mut c.server.url_signing_key);
+        hide(&mut c.bootstrap.api_key);
+        hide(&mut c.storage.s3_secret_key);
+        c.database.url = c.database.url.as_deref().map(redact_url);
+        c.redis.url = c.redis.url.as_deref().map(redact_url);
+        c.queue.url = redact_url(&c.queue.url);
+        c
+    }
+}
+
+/// Masks the password of a URL (`postgres://u:secret@h` → `postgres://u:<redacted>@h`).
+pub fn redact_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("<redacted>"));
+            u.to_string()
+        }
+        _ => s.to_string(),
+    }
+}
+
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+        Either::Many(v) => v,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_embedded() {
+        let c = Config::default();
+        c.validate().expect("default config is valid");
+        assert!(c.database_url().starts_with("sqlite://./data/atelier.db"));
+        assert_eq!(c.storage_url(), "file://./data/objects");
+        assert_eq!(c.queue.url, "embedded");
+    }
+
+    #[test]
+    fn env_overrides_file_and_validation_names_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[server]\nlisten = \"127.0.0.1:9000\"\n[limits]\nactive_jobs = 7\n")?;
+            jail.set_env("ATELIER_SERVER__LISTEN", "127.0.0.1:9100");
+            jail.set_env("ATELIER_EGRESS__ALLOW", "127.0.0.1, example.test");
+            let c = Config::load(Some(Path::new("a.toml"))).expect("loads");
+            assert_eq!(c.server.listen, "127.0.0.1:9100");
+            assert_eq!(c.limits.active_jobs, 7);
+            assert_eq!(c.egress.allow, vec!["127.0.0.1", "example.test"]);
+            jail.set_env("ATELIER_QUEUE__URL", "kafka://x");
+            let err = Config::load(None).expect_err("invalid").to_string();
+            assert!(err.contains("queue.url"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redaction_hides_secrets() {
+        let mut c = Config::default();
+        c.database.url = Some("postgres://u:hunter2@db/atelier".into());
+        c.bootstrap.api_key = Some("k".repeat(40));
+        let shown = toml::to_string(&c.redacted()).expect("serialises");
+        assert!(!shown.contains("hunter2") && !shown.contains(&"k".repeat(40)));
+    }
+}

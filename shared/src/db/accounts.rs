@@ -1,0 +1,299 @@
+//! Accounts, API keys, groups and credit grants.
+
+use super::{Result, Store, StoreError, Tx};
+use crate::domain::credits::{Balance, Credits};
+use crate::time::now_ms;
+use base64::Engine;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
+pub struct Account {
+    pub id: String,
+    pub name: String,
+    pub plan: String,
+    pub max_size: String,
+    pub custom_dimensions: i64,
+    pub is_operator: i64,
+    pub balance: i64,
+    pub reserved: i64,
+    pub active_jobs: i64,
+    pub created_at: i64,
+}
+
+impl Account {
+    pub fn is_enterprise(&self) -> bool {
+        self.plan == "enterprise"
+    }
+
+    pub fn credits(&self) -> Balance {
+        Balance { balance: Credits(self.balance), reserved: Credits(self.reserved) }
+    }
+}
+
+const ACCOUNT_COLUMNS: &str =
+    "id, name, plan, max_size, custom_dimensions, is_operator, balance, reserved, active_jobs, created_at";
+
+/// Hash under which a token is stored; tokens carry 256 random bits, so a
+/// fast hash is enough (no offline guessing is feasible).
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A fresh API token: `atl_` + 43 URL-safe characters (256 random bits).
+pub fn generate_token() -> String {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    format!("atl_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAccount<'a> {
+    pub name: &'a str,
+    pub plan: &'a str,
+    pub max_size: &'a str,
+    pub custom_dimensions: bool,
+    pub is_operator: bool,
+}
+
+impl Store {
+    pub async fn create_account(&self, a: NewAccount<'_>) -> Result<Account> {
+        let id = crate::domain::AccountId::generate().0;
+        let sql = format!(
+            "INSERT INTO accounts (id, name, plan, max_size, custom_dimensions, is_operator, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {ACCOUNT_COLUMNS}"
+        );
+        Ok(sqlx::query_as::<_, Account>(&sql)
+            .bind(&id)
+            .bind(a.name)
+            .bind(a.plan)
+            .bind(a.max_size)
+            .bind(i64::from(a.custom_dimensions))
+            .bind(i64::from(a.is_operator))
+            .bind(now_ms())
+            .fetch_one(self.pool())
+            .await?)
+    }
+
+    pub async fn account(&self, id: &str) -> Result<Option<Account>> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1");
+        Ok(sqlx::query_as::<_, Account>(&sql).bind(id).fetch_optional(self.pool()).await?)
+    }
+
+    pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = $1");
+        Ok(sqlx::query_as::<_, Account>(&sql).bind(name).fetch_optional(self.pool()).await?)
+    }
+
+    pub async fn count_accounts(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM accounts").fetch_one(self.pool()).await?)
+    }
+
+    pub async fn set_account_policy(
+        &self,
+        id: &str,
+        plan: Option<&str>,
+        max_size: Option<&str>,
+        custom_dimensions: Option<bool>,
+    ) -> Result<Account> {
+        let sql = format!(
+            "UPDATE accounts SET plan = COALESCE($2, plan), max_size = COALESCE($3, max_size), \
+             custom_dimensions = COALESCE($4, custom_dimensions) WHERE id = $1 RETURNING {ACCOUNT_COLUMNS}"
+        );
+        sqlx::query_as::<_, Account>(&sql)
+            .bind(id)
+            .bind(plan)
+            .bind(max_size)
+            .bind(custom_dimensions.map(i64::from))
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// Issues a key for `account_id`; returns `(key id, token)`. The token is
+    /// shown once: only its hash is stored.
+    pub async fn create_api_key(
+        &self,
+        account_id: &str,
+        name: &str,
+        token: Option<&str>,
+        expires_at: Option<i64>,
+    ) -> Result<(String, String)> {
+        let token = token.map(String::from).unwrap_or_else(generate_token);
+        let id = crate::domain::ids::base32_lower(16);
+        sqlx::query(
+            "INSERT INTO api_keys (id, account_id, key_hash, name, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(account_id)
+        .bind(hash_token(&token))
+        .bind(name)
+        .bind(now_ms())
+        .bind(expires_at)
+        .execute(self.pool())
+        .await?;
+        Ok((id, token))
+    }
+
+    /// The account a live (not revoked, not expired) token belongs to.
+    pub async fn account_for_token(&self, token: &str) -> Result<Option<Account>> {
+        let cols = ACCOUNT_COLUMNS.split(", ").map(|c| format!("a.{c}")).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "SELECT {cols} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)"
+        );
+        Ok(sqlx::query_as::<_, Account>(&sql)
+            .bind(hash_token(token))
+            .bind(now_ms())
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    pub async fn revoke_api_key(&self, account_id: &str, key_id: &str) -> Result<bool> {
+        let r = sqlx::query("UPDATE api_keys SET revoked_at = $3 WHERE id = $1 AND account_id = $2 AND revoked_at IS NULL")
+            .bind(key_id)
+            .bind(account_id)
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Adds (or, negative, removes) credits with a ledger entry. Refused with
+    /// `Ok(None)` when the result would fall below what is reserved.
+    pub async fn grant_credits(&self, account_id: &str, amount: Credits, reason: &str) -> Result<Option<Account>> {
+        let mut tx = self.begin().await?;
+        let sql = format!(
+            "UPDATE accounts SET balance = balance + $2 WHERE id = $1 AND balance + $2 >= reserved RETURNING {ACCOUNT_COLUMNS}"
+        );
+        let acc = sqlx::query_as::<_, Account>(&sql).bind(account_id).bind(amount.0).fetch_optional(&mut *tx).await?;
+        let Some(acc) = acc else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        ledger(&mut tx, account_id, None, None, "grant", amount, Some(reason)).await?;
+        tx.commit().await?;
+        Ok(Some(acc))
+    }
+
+    pub async fn create_group(&self, name: &str, owner_account_id: &str, shared_billing: bool) -> Result<String> {
+        let id = format!("grp_{}", ulid::Ulid::new());
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO groups (id, name, owner_account_id, shared_billing, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&id)
+            .bind(name)
+            .bind(owner_account_id)
+            .bind(i64::from(shared_billing))
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        add_member(&mut tx, &id, owner_account_id).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn add_group_member(&self, group_name: &str, account_id: &str) -> Result<()> {
+        let gid: Option<String> = sqlx::query_scalar("SELECT id FROM groups WHERE name = $1")
+            .bind(group_name)
+            .fetch_optional(self.pool())
+            .await?;
+        let gid = gid.ok_or(StoreError::NotFound)?;
+        let mut tx = self.begin().await?;
+        add_member(&mut tx, &gid, account_id).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Names of the groups an account belongs to.
+    pub async fn account_groups(&self, account_id: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT g.name FROM group_members m JOIN groups g ON g.id = m.group_id WHERE m.account_id = $1 ORDER BY g.name",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Whose credits an account spends: the owner of its first group with
+    /// shared billing, else itself. Returns `(billing account id, group name)`.
+    pub async fn billing_owner(&self, account_id: &str) -> Result<(String, Option<String>)> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT g.owner_account_id, g.name FROM group_members m JOIN groups g ON g.id = m.group_id \
+             WHERE m.account_id = $1 AND g.shared_billing = 1 ORDER BY g.created_at, g.id LIMIT 1",
+        )
+        .bind(account_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(match row {
+            Some((owner, name)) if owner != account_id => (owner, Some(name)),
+            _ => (account_id.to_string(), None),
+        })
+    }
+
+    /// Sum of every ledger movement of an account by kind, for audits and tests.
+    pub async fn ledger_totals(&self, account_id: &str) -> Result<LedgerTotals> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT kind, CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM credit_ledger WHERE account_id = $1 GROUP BY kind",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?;
+        let mut t = LedgerTotals::default();
+        for (k, v) in rows {
+            match k.as_str() {
+                "grant" => t.granted = v,
+                "reserve" => t.reserved = v,
+                "charge" => t.charged = v,
+                "release" => t.released = v,
+                _ => {}
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// Ledger sums in milli-credits. For a consistent account:
+/// `balance = granted − charged` and `reserved = reserved − charged − released`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerTotals {
+    pub granted: i64,
+    pub reserved: i64,
+    pub charged: i64,
+    pub released: i64,
+}
+
+async fn add_member(tx: &mut Tx, group_id: &str, account_id: &str) -> Result<()> {
+    sqlx::query("INSERT INTO group_members (group_id, account_id, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+        .bind(group_id)
+        .bind(account_id)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Appends one ledger row. The unique index on `(output_id, kind)` makes a
+/// second charge or release of the same output fail instead of double-counting.
+pub(crate) async fn ledger(
+    tx: &mut Tx,
+    account_id: &str,
+    job_id: Option<&str>,
+    output_id: Option<i64>,
+    kind: &str,
+    amount: Credits,
+    reason: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO credit_ledger (account_id, job_id, output_id, kind, amount, reason, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(account_id)
+    .bind(job_id)
+    .bind(output_id)
+    .bind(kind)
+    .bind(amount.0)
+    .bind(reason)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! Uploaded assets (`file_id`): a row is created with the upload slot and
+//! becomes `uploaded` once the bytes are stored.
+
+use super::{Result, Store};
+use crate::time::now_ms;
+
+#[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
+pub struct FileRow {
+    pub id: String,
+    pub account_id: String,
+    pub project_id: String,
+    pub filename: String,
+    pub content_type: String,
+    pub object_key: String,
+    pub status: String,
+    pub size_bytes: Option<i64>,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub created_at: i64,
+    pub uploaded_at: Option<i64>,
+}
+
+const FILE_COLUMNS: &str = "id, account_id, project_id, filename, content_type, object_key, status, size_bytes, width, height, created_at, uploaded_at";
+
+impl Store {
+    pub async fn create_file(
+        &self,
+        id: &str,
+        account_id: &str,
+        project_id: &str,
+        filename: &str,
+        content_type: &str,
+        object_key: &str,
+    ) -> Result<FileRow> {
+        let sql = format!(
+            "INSERT INTO files (id, account_id, project_id, filename, content_type, object_key, status, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7) RETURNING {FILE_COLUMNS}"
+        );
+        Ok(sqlx::query_as::<_, FileRow>(&sql)
+            .bind(id)
+            .bind(account_id)
+            .bind(project_id)
+            .bind(filename)
+            .bind(content_type)
+            .bind(object_key)
+            .bind(now_ms())
+            .fetch_one(self.pool())
+            .await?)
+    }
+
+    pub async fn file(&self, id: &str) -> Result<Option<FileRow>> {
+        let sql = format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1");
+        Ok(sqlx::query_as::<_, FileRow>(&sql).bind(id).fetch_optional(self.pool()).await?)
+    }
+
+    /// Files of `ids` that belong to `account_id`.
+    pub async fn files_of(&self, account_id: &str, ids: &[String]) -> Result<Vec<FileRow>> {
+        let mut out = Vec::with_capacity(ids.len());
+        let sql = format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1 AND account_id = $2");
+        for id in ids {
+            if let Some(f) = sqlx::query_as::<_, FileRow>(&sql).bind(id).bind(account_id).fetch_optional(self.pool()).await? {
+                out.push(f);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks a pending file uploaded with the key its bytes were stored
+    /// under. `false` if it was not pending any more: the upload URL is
+    /// single-use, and of two racing uploads only one is recorded (the caller
+    /// deletes the loser's object, which was written under its own key).
+    pub async fn mark_file_uploaded(&self, id: &str, object_key: &str, size: i64, width: i64, height: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE files SET status = 'uploaded', size_bytes = $2, width = $3, height = $4, uploaded_at = $5, object_key = $6 \
+             WHERE id = $1 AND status = 'pending'",
+        )
+        .bind(id)
+        .bind(size)
+        .bind(width)
+        .bind(height)
+        .bind(now_ms())
+        .bind(object_key)
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+}

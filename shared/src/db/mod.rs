@@ -1,0 +1,195 @@
+//! The store: PostgreSQL in production, SQLite in the embedded mode, behind
+//! one type and one set of queries (sqlx `Any`).
+//!
+//! Portable SQL only: `$n` placeholders (SQLite accepts them), `RETURNING`,
+//! `ON CONFLICT`, integer timestamps, TEXT ids and JSON. The dialect shows up
+//! in three places: the migration directory, [`Store::begin`] (SQLite write
+//! transactions start with `BEGIN IMMEDIATE` so a read-then-write never fails
+//! on a stale snapshot), and [`Store::skip_locked`] (Postgres claims rows with
+//! `FOR UPDATE SKIP LOCKED` so replicas do not queue behind each other).
+//!
+//! Invariant for every caller: never hold a transaction across inference,
+//! an upload or any network call other than the database itself.
+
+pub mod accounts;
+pub mod files;
+pub mod jobs;
+pub mod notifications;
+pub mod outbox;
+pub mod projects;
+pub mod scheduling;
+pub mod settings;
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{Any, AnyPool, Executor, Transaction};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Failures of the store, typed by what the caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (connection refused, pool timeout,
+    /// server shutting down): the HTTP edge answers 503 with `Retry-After`.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// A unique constraint rejected the write.
+    #[error("unique constraint violated: {0}")]
+    Conflict(String),
+    #[error("row not found")]
+    NotFound,
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db) => {
+                if db.is_unique_violation() {
+                    return StoreError::Conflict(db.message().to_string());
+                }
+                let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+                // 08xxx connection exceptions, 57P0x shutdown/cannot connect now,
+                // SQLITE_BUSY (5) after the busy timeout.
+                if code.starts_with("08") || code.starts_with("57P") || code == "5" || code == "517" {
+                    StoreError::Unavailable(e)
+                } else {
+                    StoreError::Other(e)
+                }
+            }
+            sqlx::Error::Protocol(_) => StoreError::Unavailable(e),
+            _ => StoreError::Other(e),
+        }
+    }
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+pub type Tx = Transaction<'static, Any>;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl Store {
+    /// Connects (creating the SQLite file and its directory if needed).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        install_default_drivers();
+        let dialect = if url.starts_with("sqlite:") { Dialect::Sqlite } else { Dialect::Postgres };
+        if dialect == Dialect::Sqlite {
+            if let Some(path) = sqlite_path(url) {
+                if let Some(dir) = std::path::Path::new(&path).parent() {
+                    if !dir.as_os_str().is_empty() {
+                        std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+                    }
+                }
+            }
+        }
+        let opts = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        // WAL: readers never block the writer; busy_timeout lets
+                        // writers queue instead of failing at once.
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            });
+        let pool = opts.connect(url).await?;
+        Ok(Store { pool, dialect })
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        match self.dialect {
+            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
+            Dialect::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A write transaction.
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// Suffix for a row-claiming subquery.
+    pub fn skip_locked(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    /// Cheap liveness probe.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    if path.is_empty() || path == ":memory:" { None } else { Some(path.to_string()) }
+}
+
+/// JSON column helpers.
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+
+#[cfg(test)]
+mod conformance;

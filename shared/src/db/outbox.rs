@@ -1,0 +1,91 @@
+//! Transactional outbox: rows written with a state change and published to
+//! the queue by the relay (scheduler role) after commit. Publishing is
+//! at-least-once; consumers are idempotent.
+
+use super::{Result, Store, Tx, to_json};
+use crate::time::now_ms;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub topic: String,
+    pub payload: String,
+}
+
+pub(crate) async fn enqueue_outbox(tx: &mut Tx, topic: &str, payload: &serde_json::Value) -> Result<()> {
+    sqlx::query("INSERT INTO outbox (topic, payload, created_at) VALUES ($1, $2, $3)")
+        .bind(topic)
+        .bind(to_json(payload)?)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Claims up to `limit` unsent rows for `lease_ms`, oldest first. Rows
+    /// claimed by a relay that died become claimable again when the lease ends.
+    pub async fn claim_outbox(&self, limit: i64, lease_ms: i64) -> Result<Vec<OutboxRow>> {
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        let sql = format!(
+            "SELECT id FROM outbox WHERE sent_at IS NULL AND (claimed_until IS NULL OR claimed_until < $1) \
+             ORDER BY id LIMIT $2{}",
+            self.skip_locked()
+        );
+        let ids: Vec<i64> = sqlx::query_scalar(&sql).bind(now).bind(limit).fetch_all(&mut *tx).await?;
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            let r: Option<(i64, String, String)> = sqlx::query_as(
+                "UPDATE outbox SET claimed_until = $2, attempts = attempts + 1 \
+                 WHERE id = $1 AND sent_at IS NULL AND (claimed_until IS NULL OR claimed_until < $3) RETURNING id, topic, payload",
+            )
+            .bind(id)
+            .bind(now + lease_ms)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((id, topic, payload)) = r {
+                rows.push(OutboxRow { id, topic, payload });
+            }
+        }
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    pub async fn mark_outbox_sent(&self, id: i64) -> Result<()> {
+        sqlx::query("UPDATE outbox SET sent_at = $2, claimed_until = NULL WHERE id = $1")
+            .bind(id)
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Gives a claimed row back after a failed publish, keeping the error.
+    pub async fn release_outbox(&self, id: i64, error: &str) -> Result<()> {
+        sqlx::query("UPDATE outbox SET claimed_until = NULL, last_error = $2 WHERE id = $1")
+            .bind(id)
+            .bind(error)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Age in ms of the oldest unsent row (0 when none): the relay's lag.
+    pub async fn outbox_lag_ms(&self) -> Result<i64> {
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(created_at) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(oldest.map(|t| (now_ms() - t).max(0)).unwrap_or(0))
+    }
+
+    /// Deletes sent rows older than `age_ms`.
+    pub async fn prune_outbox(&self, age_ms: i64) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1")
+            .bind(now_ms() - age_ms)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected())
+    }
+}

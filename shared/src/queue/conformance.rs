@@ -1,0 +1,161 @@
+//! The queue conformance suite. Each check takes queue factories, so the
+//! same assertions run against every implementation (embedded on SQLite and
+//! Postgres here; RabbitMQ joins with the distributed runtime).
+
+use super::{DynQueue, MAX_DELIVERIES, Message, Queue};
+use crate::db::Dialect;
+use crate::db::testing::TestDb;
+use crate::queue::embedded::EmbeddedQueue;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn qname(t: &str) -> String {
+    format!("t_{t}_{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+async fn recv(c: &mut super::Consumer, within: Duration) -> Option<super::Delivery> {
+    tokio::time::timeout(within, c.next()).await.ok().flatten()
+}
+
+pub async fn publish_consume_ack(q: DynQueue) {
+    let name = qname("pca");
+    q.publish(&name, Message::json(&serde_json::json!({"n": 1})).expect("json").with_header("traceparent", "00-ab-cd-01"))
+        .await
+        .expect("publish");
+    let mut c = q.consume(&name, 4).await.expect("consume");
+    let d = recv(&mut c, Duration::from_secs(5)).await.expect("delivered");
+    assert_eq!(d.payload, r#"{"n":1}"#);
+    assert_eq!(d.headers.get("traceparent").map(String::as_str), Some("00-ab-cd-01"));
+    assert_eq!(d.deliveries, 1);
+    d.ack().await.expect("ack");
+    assert!(recv(&mut c, Duration::from_millis(600)).await.is_none(), "acked message must not come back");
+    assert_eq!(q.depth(&name).await.expect("depth"), 0);
+}
+
+pub async fn nack_redelivers(q: DynQueue) {
+    let name = qname("nack");
+    q.publish(&name, Message::json(&1).expect("json")).await.expect("publish");
+    let mut c = q.consume(&name, 1).await.expect("consume");
+    let d = recv(&mut c, Duration::from_secs(5)).await.expect("first");
+    d.nack(None).await.expect("nack");
+    let d = recv(&mut c, Duration::from_secs(5)).await.expect("redelivered");
+    assert_eq!(d.deliveries, 2);
+    d.ack().await.expect("ack");
+}
+
+pub async fn prefetch_is_bounded(q: DynQueue) {
+    let name = qname("prefetch");
+    for i in 0..5 {
+        q.publish(&name, Message::json(&i).expect("json")).await.expect("publish");
+    }
+    let mut c = q.consume(&name, 2).await.expect("consume");
+    let a = recv(&mut c, Duration::from_secs(5)).await.expect("a");
+    let b = recv(&mut c, Duration::from_secs(5)).await.expect("b");
+    assert!(recv(&mut c, Duration::from_millis(800)).await.is_none(), "a third unacked delivery exceeds prefetch 2");
+    a.ack().await.expect("ack");
+    let c3 = recv(&mut c, Duration::from_secs(5)).await.expect("third after an ack");
+    b.ack().await.expect("ack");
+    c3.ack().await.expect("ack");
+}
+
+pub async fn delayed_publish_waits(q: DynQueue) {
+    let name = qname("delay");
+    let mut m = Message::json(&"later").expect("json");
+    m.delay = Some(Duration::from_millis(1500));
+    q.publish(&name, m).await.expect("publish");
+    let mut c = q.consume(&name, 1).await.expect("consume");
+    assert!(recv(&mut c, Duration::from_millis(700)).await.is_none(), "delivered before its delay");
+    let d = recv(&mut c, Duration::from_secs(5)).await.expect("delivered after the delay");
+    d.ack().await.expect("ack");
+}
+
+pub async fn poison_messages_are_dead_lettered(q: DynQueue) {
+    let name = qname("poison");
+    q.publish(&name, Message::json(&"poison").expect("json")).await.expect("publish");
+    let mut c = q.consume(&name, 1).await.expect("consume");
+    for _ in 0..MAX_DELIVERIES {
+        let d = recv(&mut c, Duration::from_secs(5)).await.expect("delivered");
+        d.nack(None).await.expect("nack");
+    }
+    assert!(recv(&mut c, Duration::from_millis(800)).await.is_none(), "delivered past the limit");
+    let mut dead = q.consume(&format!("{name}.dead"), 1).await.expect("consume dead");
+    let d = recv(&mut dead, Duration::from_secs(5)).await.expect("dead-lettered");
+    assert_eq!(d.payload, r#""poison""#);
+    d.ack().await.expect("ack");
+}
+
+/// A consumer's process dies holding a delivery: another process gets it.
+pub async fn held_messages_survive_a_dead_consumer(first: DynQueue, crash: CancellationToken, second: DynQueue) {
+    let name = qname("crash");
+    first.publish(&name, Message::json(&"work").expect("json")).await.expect("publish");
+    let mut c = first.consume(&name, 1).await.expect("consume");
+    let d = recv(&mut c, Duration::from_secs(5)).await.expect("delivered");
+    // The process dies: its tasks stop, nothing is settled.
+    crash.cancel();
+    std::mem::forget(d);
+    let mut c2 = second.consume(&name, 1).await.expect("consume");
+    let d = recv(&mut c2, Duration::from_secs(10)).await.expect("redelivered to the survivor");
+    assert_eq!(d.deliveries, 2);
+    d.ack().await.expect("ack");
+}
+
+fn embedded(db: &TestDb, lease_ms: u64) -> (DynQueue, CancellationToken) {
+    let stop = CancellationToken::new();
+    let q = EmbeddedQueue::with_lease(
+        db.store.clone(),
+        stop.clone(),
+        Duration::from_millis(lease_ms),
+        Duration::from_millis(lease_ms / 3),
+    );
+    (Arc::new(q) as Arc<dyn Queue>, stop)
+}
+
+macro_rules! embedded_suite {
+    ($m:ident, $dialect:expr) => {
+        mod $m {
+            use super::*;
+
+            #[tokio::test]
+            async fn publish_consume_ack() {
+                let db = TestDb::new($dialect).await;
+                super::publish_consume_ack(embedded(&db, 30_000).0).await;
+            }
+
+            #[tokio::test]
+            async fn nack_redelivers() {
+                let db = TestDb::new($dialect).await;
+                super::nack_redelivers(embedded(&db, 30_000).0).await;
+            }
+
+            #[tokio::test]
+            async fn prefetch_is_bounded() {
+                let db = TestDb::new($dialect).await;
+                super::prefetch_is_bounded(embedded(&db, 30_000).0).await;
+            }
+
+            #[tokio::test]
+            async fn delayed_publish_waits() {
+                let db = TestDb::new($dialect).await;
+                super::delayed_publish_waits(embedded(&db, 30_000).0).await;
+            }
+
+            #[tokio::test]
+            async fn poison_messages_are_dead_lettered() {
+                let db = TestDb::new($dialect).await;
+                super::poison_messages_are_dead_lettered(embedded(&db, 30_000).0).await;
+            }
+
+            #[tokio::test]
+            async fn held_messages_survive_a_dead_consumer() {
+                let db = TestDb::new($dialect).await;
+                let (first, crash) = embedded(&db, 1_200);
+                let (second, _keep) = embedded(&db, 1_200);
+                super::held_messages_survive_a_dead_consumer(first, crash, second).await;
+            }
+        }
+    };
+}
+
+embedded_suite!(embedded_sqlite, Dialect::Sqlite);
+embedded_suite!(embedded_postgres, Dialect::Postgres);

@@ -1,0 +1,66 @@
+//! Object storage behind one seam: the local directory store (embedded mode)
+//! and, in production, any S3-compatible endpoint. Inputs and results are
+//! images of at most a few tens of MB, so whole-object reads are fine.
+//!
+//! Capability URLs: the local store cannot sign URLs itself, so the API
+//! serves `PUT /upload/{token}` and `GET /files/{token}` and the tokens are
+//! minted by [`Signer`]. A store that can presign (S3) returns its own URLs
+//! from [`ObjectStore::presign_get`]/[`ObjectStore::presign_put`].
+
+pub mod local;
+mod signer;
+
+pub use signer::{Capability, SignError, Signer};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object not found: {0}")]
+    NotFound(String),
+    #[error("invalid object key: {0}")]
+    InvalidKey(String),
+    #[error("object store unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StorageError>;
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError>;
+    /// Deleting a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+    /// Size of the object, `None` when it does not exist.
+    async fn size(&self, key: &str) -> Result<Option<u64>, StorageError>;
+    /// A store-native signed GET URL, if the store can sign.
+    async fn presign_get(&self, _key: &str, _ttl: Duration) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
+    /// A store-native signed PUT URL, if the store can sign.
+    async fn presign_put(&self, _key: &str, _content_type: &str, _ttl: Duration) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
+    fn kind(&self) -> &'static str;
+}
+
+pub type DynObjectStore = Arc<dyn ObjectStore>;
+
+/// Keys are `/`-separated relative paths of safe characters; no `..`,
+/// no leading `/`, no empty segment.
+pub fn validate_key(key: &str) -> Result<(), StorageError> {
+    let ok = !key.is_empty()
+        && key.len() <= 512
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        });
+    if ok { Ok(()) } else { Err(StorageError::InvalidKey(key.to_string())) }
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;
