@@ -1,1 +1,326 @@
-//! placeholder
+//! # atelier-scheduler
+//!
+//! Admits work to the fleet and turns worker reports into recorded,
+//! settled outputs.
+//!
+//! ## Runtime model
+//!
+//! [`run`] starts four loops that stop when the shutdown token fires:
+//!
+//! - **outbox relay**: publishes committed outbox rows (written by the API in
+//!   the job's creating transaction) and marks them sent; polls every 200 ms.
+//! - **dispatcher**: woken by relay messages on the `scheduler` queue, by
+//!   recorded outcomes, and every `scheduler.tick_ms`. For each work queue it
+//!   keeps about `queue_target` tasks queued, picks the next outputs across
+//!   accounts with the weighted fair pick ([`atelier_shared::domain::fair`]),
+//!   claims each with a lease (so two replicas never dispatch one output) and
+//!   publishes the task. It also reaps leases that ran out (worker lost) and
+//!   turns them into retryable failures.
+//! - **outcome consumer**: applies `started`/`heartbeat`/`completed`/`failed`
+//!   reports, each as one idempotent transaction, then acks.
+//! - **gauges**: queue depth, outbox lag and in-flight outputs per account.
+//!
+//! ## Guarantees
+//!
+//! Every state change is a conditional update guarded by the output's live
+//! attempt, so duplicate or stale reports are no-ops: an output is recorded,
+//! charged and notified once. Retries: `scheduler.retry` (defaults: 4
+//! attempts, waits of about 2 s, 4 s, 8 s ± 20 %).
+
+use atelier_shared::db::Store;
+use atelier_shared::domain::fair::{self, Candidate, Lane};
+use atelier_shared::domain::retry::RetryPolicy;
+use atelier_shared::domain::{FailureKind, Outcome, Task};
+use atelier_shared::queue::{DynQueue, Message};
+use atelier_shared::time::now_ms;
+use rand::Rng;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Work queues the dispatcher feeds.
+pub const WORK_QUEUES: &[&str] = &["packshot", "swap", "identity", "training"];
+pub const OUTCOMES: &str = "outcomes";
+pub const WAKE: &str = "scheduler";
+
+#[derive(Clone)]
+pub struct SchedulerContext {
+    pub store: Store,
+    pub queue: DynQueue,
+    pub tick: Duration,
+    pub queue_target: usize,
+    pub dispatch_lease: Duration,
+    pub running_lease: Duration,
+    pub retry: RetryPolicy,
+    pub enterprise_weight: u32,
+    pub instance: String,
+}
+
+impl SchedulerContext {
+    pub fn from_config(cfg: &atelier_shared::config::Config, store: Store, queue: DynQueue) -> SchedulerContext {
+        SchedulerContext {
+            store,
+            queue,
+            tick: Duration::from_millis(cfg.scheduler.tick_ms),
+            queue_target: cfg.queue_target(),
+            dispatch_lease: Duration::from_secs(cfg.scheduler.dispatch_lease_secs),
+            running_lease: Duration::from_secs(cfg.scheduler.running_lease_secs),
+            retry: cfg.scheduler.retry,
+            enterprise_weight: cfg.scheduler.enterprise_weight,
+            instance: format!("sch_{}_{}", std::process::id(), ulid::Ulid::new()),
+        }
+    }
+}
+
+pub async fn run(ctx: SchedulerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let wake = Arc::new(Notify::new());
+    tracing::info!(instance = %ctx.instance, queue_target = ctx.queue_target, "scheduler running");
+    tokio::join!(
+        outbox_relay(ctx.clone(), shutdown.clone()),
+        dispatcher(ctx.clone(), wake.clone(), shutdown.clone()),
+        wake_consumer(ctx.clone(), wake.clone(), shutdown.clone()),
+        outcome_consumer(ctx.clone(), wake.clone(), shutdown.clone()),
+        gauges(ctx.clone(), shutdown.clone()),
+    );
+    Ok(())
+}
+
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+async fn outbox_relay(ctx: SchedulerContext, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match ctx.store.claim_outbox(100, 30_000).await {
+            Ok(rows) if rows.is_empty() => backoff = Duration::from_millis(200),
+            Ok(rows) => {
+                for row in rows {
+                    let m = Message { payload: row.payload.clone(), headers: Default::default(), delay: None };
+                    match ctx.queue.publish(&row.topic, m).await {
+                        Ok(()) => {
+                            if let Err(e) = ctx.store.mark_outbox_sent(row.id).await {
+                                tracing::warn!(error = %e, outbox_id = row.id, "relay: cannot mark sent (it will be published again)");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, outbox_id = row.id, "relay: publish failed; will retry");
+                            let _ = ctx.store.release_outbox(row.id, &e.to_string()).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "relay: store unavailable");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        if sleep_or_stop(backoff, &stop).await {
+            return;
+        }
+    }
+}
+
+async fn wake_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
+    let mut c = loop {
+        match ctx.queue.consume(WAKE, 32).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler: cannot consume wake-ups yet");
+                if sleep_or_stop(Duration::from_secs(1), &stop).await {
+                    return;
+                }
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            d = c.next() => match d {
+                Some(d) => { wake.notify_one(); let _ = d.ack().await; }
+                None => return,
+            }
+        }
+    }
+}
+
+async fn dispatcher(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        if let Err(e) = reap(&ctx).await {
+            tracing::warn!(error = %e, "scheduler: reaping failed");
+        }
+        for q in WORK_QUEUES {
+            if let Err(e) = dispatch_queue(&ctx, q).await {
+                tracing::warn!(queue = q, error = %e, "scheduler: dispatch failed");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(ctx.tick) => {}
+        }
+    }
+}
+
+/// Turns expired leases into retryable failures (the worker died or hung).
+async fn reap(ctx: &SchedulerContext) -> anyhow::Result<()> {
+    for (output_id, attempt) in ctx.store.expired_leases(now_ms(), 100).await? {
+        let unit: f64 = rand::rng().random();
+        let r = ctx
+            .store
+            .record_failure(output_id, attempt, &FailureKind::Retryable, "lease expired: the worker was lost or timed out", &ctx.retry, unit)
+            .await?;
+        tracing::warn!(output_id, attempt, outcome = ?r, "scheduler: reclaimed an expired lease");
+        metrics::counter!("atelier_leases_reaped_total").increment(1);
+    }
+    Ok(())
+}
+
+/// Tops the queue up to its target with a fair pick across accounts.
+async fn dispatch_queue(ctx: &SchedulerContext, queue: &'static str) -> anyhow::Result<()> {
+    let queued = usize::try_from(ctx.store.queued_count(queue).await?).unwrap_or(usize::MAX);
+    let slots = ctx.queue_target.saturating_sub(queued);
+    if slots == 0 {
+        return Ok(());
+    }
+    let candidates = ctx.store.dispatch_candidates(queue, slots as i64).await?;
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let in_flight = ctx.store.in_flight_by_account(queue).await?;
+    let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
+    let mut jobs = std::collections::HashMap::new();
+    for c in candidates {
+        let weight = if c.plan == "enterprise" { ctx.enterprise_weight } else { 1 };
+        let lane = lanes.entry(c.account_id.clone()).or_insert_with(|| Lane {
+            account: c.account_id.clone(),
+            weight,
+            in_flight: in_flight.get(&c.account_id).copied().unwrap_or(0),
+            waiting: VecDeque::new(),
+        });
+        lane.waiting.push_back(Candidate { output_id: c.output_id, ready_at: c.ready_at });
+        jobs.insert(c.output_id, c.job_id);
+    }
+    for (_, pick) in fair::pick(lanes.into_values().collect(), slots) {
+        let deadline = now_ms() + ctx.dispatch_lease.as_millis() as i64;
+        let Some(attempt) = ctx.store.claim_for_dispatch(pick.output_id, deadline, &ctx.instance).await? else {
+            continue; // another replica took it
+        };
+        let job_id = jobs.get(&pick.output_id).cloned().unwrap_or_default();
+        let task = Task { job_id, output_id: pick.output_id, attempt, deadline_ms: deadline, traceparent: None };
+        if let Err(e) = ctx.queue.publish(queue, Message::json(&task)?).await {
+            ctx.store.unclaim(pick.output_id, attempt).await?;
+            return Err(e.into());
+        }
+        metrics::counter!("atelier_tasks_dispatched_total", "type" => queue).increment(1);
+    }
+    Ok(())
+}
+
+async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
+    let mut c = loop {
+        match ctx.queue.consume(OUTCOMES, 64).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler: cannot consume outcomes yet");
+                if sleep_or_stop(Duration::from_secs(1), &stop).await {
+                    return;
+                }
+            }
+        }
+    };
+    loop {
+        let d = tokio::select! {
+            _ = stop.cancelled() => return,
+            d = c.next() => match d { Some(d) => d, None => return },
+        };
+        let outcome: Outcome = match d.parse() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "scheduler: malformed outcome; dead-lettering");
+                let _ = d.dead_letter(&format!("malformed outcome: {e}")).await;
+                continue;
+            }
+        };
+        match apply(&ctx, &outcome).await {
+            Ok(terminal) => {
+                if terminal {
+                    wake.notify_one();
+                }
+                let _ = d.ack().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, output_id = outcome.output_id(), "scheduler: cannot record outcome yet; requeueing");
+                let _ = d.nack(Some(Duration::from_secs(1))).await;
+            }
+        }
+    }
+}
+
+/// Applies one report. Returns whether an output slot was freed.
+pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<bool> {
+    let now = now_ms();
+    Ok(match outcome {
+        Outcome::Started { output_id, attempt, worker } => {
+            let lease = now + ctx.running_lease.as_millis() as i64;
+            if !ctx.store.record_started(*output_id, *attempt, lease, worker).await? {
+                tracing::debug!(output_id, attempt, "scheduler: stale start ignored");
+            }
+            false
+        }
+        Outcome::Heartbeat { output_id, attempt } => {
+            let lease = now + ctx.running_lease.as_millis() as i64;
+            ctx.store.extend_lease(*output_id, *attempt, lease).await?;
+            false
+        }
+        Outcome::Completed { output_id, attempt, result } => {
+            let recorded = ctx.store.record_completed(*output_id, *attempt, result).await?;
+            let label = if recorded { "completed" } else { "stale" };
+            metrics::counter!("atelier_tasks_total", "type" => "packshot", "outcome" => label).increment(1);
+            recorded
+        }
+        Outcome::Failed { output_id, attempt, failure, message } => {
+            let unit: f64 = rand::rng().random();
+            let r = ctx.store.record_failure(*output_id, *attempt, failure, message, &ctx.retry, unit).await?;
+            let label = match r {
+                atelier_shared::db::scheduling::FailureOutcome::Retried { .. } => {
+                    metrics::counter!("atelier_retries_total", "type" => "packshot").increment(1);
+                    "retried"
+                }
+                atelier_shared::db::scheduling::FailureOutcome::Failed => "failed",
+                atelier_shared::db::scheduling::FailureOutcome::Ignored => "stale",
+            };
+            metrics::counter!("atelier_tasks_total", "type" => "packshot", "outcome" => label).increment(1);
+            true
+        }
+    })
+}
+
+async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
+    loop {
+        for q in WORK_QUEUES.iter().chain([&OUTCOMES, &WAKE]) {
+            if let Ok(n) = ctx.queue.depth(q).await {
+                metrics::gauge!("atelier_queue_depth", "queue" => *q).set(n as f64);
+            }
+        }
+        if let Ok(lag) = ctx.store.outbox_lag_ms().await {
+            metrics::gauge!("atelier_outbox_lag_seconds").set(lag as f64 / 1000.0);
+        }
+        if let Ok(m) = ctx.store.in_flight_by_account("packshot").await {
+            for (acc, n) in m {
+                metrics::gauge!("atelier_in_flight", "account" => acc).set(f64::from(n));
+            }
+        }
+        if sleep_or_stop(Duration::from_secs(5), &stop).await {
+            return;
+        }
+    }
+}

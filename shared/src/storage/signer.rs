@@ -16,6 +16,8 @@ pub enum Capability {
     Upload { file_id: String, content_type: String },
     /// `GET` of one stored object.
     Get { key: String, content_type: String },
+    /// `GET` of an uploaded asset, wherever its bytes are stored.
+    File { file_id: String },
     /// A ZIP of the results of these jobs.
     Zip { job_ids: Vec<String>, account_id: String },
 }

@@ -1,0 +1,40 @@
+//! Route handlers, one module per resource.
+
+pub mod billing;
+pub mod downloads;
+pub mod health;
+pub mod jobs;
+pub mod projects;
+pub mod uploads;
+
+use crate::error::ApiError;
+use serde::Deserialize;
+
+/// `page`/`per_page`/`order` of On-Model list endpoints (contract §1.6).
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    pub page: Option<i64>,
+    pub per_page: Option<i64>,
+    pub order: Option<String>,
+    pub search: Option<String>,
+}
+
+impl PageQuery {
+    /// `(page, per_page, ascending)`, validated.
+    pub fn resolve(&self, default_per_page: i64) -> Result<(i64, i64, bool), ApiError> {
+        let page = self.page.unwrap_or(1);
+        if page < 1 {
+            return Err(ApiError::bad_request(Some("page"), "must be at least 1", "query"));
+        }
+        let per_page = self.per_page.unwrap_or(default_per_page);
+        if !(1..=100).contains(&per_page) {
+            return Err(ApiError::bad_request(Some("per_page"), "must be between 1 and 100", "query"));
+        }
+        let asc = match self.order.as_deref() {
+            None | Some("desc") => false,
+            Some("asc") => true,
+            Some(_) => return Err(ApiError::bad_request(Some("order"), "must be asc or desc", "query")),
+        };
+        Ok((page, per_page, asc))
+    }
+}

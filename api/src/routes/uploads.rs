@@ -1,0 +1,177 @@
+//! Upload slots (contract §2.4), the signed `PUT` target (§2.5) and signed
+//! reads of stored objects.
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::Json;
+use atelier_shared::storage::{Capability, SignError};
+use atelier_shared::time::now_ms;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Deserialize, Default)]
+pub struct IssueBody {
+    pub filename: Option<String>,
+    pub project_name: Option<String>,
+}
+
+/// Content type for an accepted filename extension.
+pub fn content_type_for(filename: &str) -> Option<&'static str> {
+    let ext = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase())?;
+    match ext.as_str() {
+        "jpg" | "jpeg" => Some("image/jpeg"),
+        "png" => Some("image/png"),
+        "webp" => Some("image/webp"),
+        _ => None,
+    }
+}
+
+fn validate_filename(raw: Option<&str>) -> ApiResult<String> {
+    let name = match raw {
+        None => return Ok(format!("{}.jpg", uuid::Uuid::new_v4())),
+        Some(n) => n.trim(),
+    };
+    if name.is_empty() || name.chars().count() > 255 {
+        return Err(ApiError::bad_request(Some("filename"), "must be 1 to 255 characters", "body"));
+    }
+    if name.contains('/') || name.contains('\\') || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(Some("filename"), "must be a plain file name without path separators", "body"));
+    }
+    if content_type_for(name).is_none() {
+        return Err(ApiError::bad_request(Some("filename"), "extension must be .jpg, .jpeg, .png or .webp", "body"));
+    }
+    Ok(name.to_string())
+}
+
+pub async fn issue(State(s): State<AppState>, Caller(acc): Caller, headers: HeaderMap, raw: Bytes) -> ApiResult<impl IntoResponse> {
+    // Both fields are optional, so an empty body is a valid request.
+    let body: IssueBody = if raw.iter().all(u8::is_ascii_whitespace) {
+        IssueBody::default()
+    } else {
+        let req = axum::http::Request::builder()
+            .header(header::CONTENT_TYPE, headers.get(header::CONTENT_TYPE).cloned().unwrap_or(header::HeaderValue::from_static("")))
+            .body(axum::body::Body::from(raw))
+            .map_err(ApiError::internal)?;
+        let Json(b) = <Json<IssueBody> as axum::extract::FromRequest<()>>::from_request(req, &()).await?;
+        b
+    };
+    let filename = validate_filename(body.filename.as_deref())?;
+    let content_type = content_type_for(&filename).unwrap_or("image/jpeg");
+    let project = match body.project_name.as_deref() {
+        Some(name) => {
+            let name = super::projects::project_name(Some(name), "project_name")?;
+            s.store.project_by_name(&acc.id, &name).await?.ok_or_else(|| ApiError::not_found(format!("Project {name:?} not found")))?
+        }
+        None => s.store.ensure_project(&acc.id, "default").await?,
+    };
+    let file_id = atelier_shared::domain::FileId::generate().0;
+    let ext = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_else(|| "jpg".into());
+    let key = format!("uploads/{}/{}/original.{}", acc.id, file_id, ext);
+    s.store.create_file(&file_id, &acc.id, &project.id, &filename, content_type, &key).await?;
+    let ttl = Duration::from_secs(s.config.limits.upload_url_ttl_secs);
+    let exp = now_ms() + ttl.as_millis() as i64;
+    let upload_url = s.url(&format!(
+        "/upload/{}",
+        s.signer.sign(&Capability::Upload { file_id: file_id.clone(), content_type: content_type.into() }, exp)
+    ));
+    let download_url = s.url(&format!(
+        "/files/{}",
+        s.signer.sign(
+            &Capability::File { file_id: file_id.clone() },
+            now_ms() + Duration::from_secs(s.config.limits.result_url_ttl_secs).as_millis() as i64
+        )
+    ));
+    Ok((
+        StatusCode::OK,
+        axum::Json(json!({
+            "upload_url": upload_url, "download_url": download_url, "file_id": file_id, "filename": filename,
+            "content_type": content_type, "project_id": project.id, "project_name": project.name,
+        })),
+    ))
+}
+
+/// Whether `bytes` are an image of the declared type whose header decodes.
+fn sniff(bytes: &[u8], content_type: &str) -> Result<(u32, u32), String> {
+    let want = match content_type {
+        "image/jpeg" => image::ImageFormat::Jpeg,
+        "image/png" => image::ImageFormat::Png,
+        "image/webp" => image::ImageFormat::WebP,
+        other => return Err(format!("unsupported content type {other}")),
+    };
+    let got = image::guess_format(bytes).map_err(|_| format!("the bytes are not a {content_type} image"))?;
+    if got != want {
+        return Err(format!("the bytes are {got:?}, not the declared {content_type}"));
+    }
+    image::ImageReader::with_format(std::io::Cursor::new(bytes), want)
+        .into_dimensions()
+        .map_err(|e| format!("the {content_type} header does not decode: {e}"))
+}
+
+pub async fn receive(State(s): State<AppState>, Path(token): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult<impl IntoResponse> {
+    let (cap, _) = s.signer.verify(&token, now_ms()).map_err(|e| match e {
+        SignError::Expired => ApiError::forbidden("The upload URL has expired; request a new one"),
+        SignError::Invalid => ApiError::forbidden("Invalid upload URL signature"),
+    })?;
+    let Capability::Upload { file_id, content_type } = cap else {
+        return Err(ApiError::forbidden("This URL does not grant an upload"));
+    };
+    let sent = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let sent_mime = sent.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if sent_mime != content_type {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type must be {content_type} (as returned by POST /upload), got {sent:?}"),
+        ));
+    }
+    if body.len() as u64 > s.config.limits.max_upload_bytes {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!(
+            "The image is larger than {} bytes",
+            s.config.limits.max_upload_bytes
+        )));
+    }
+    let (w, h) = sniff(&body, &content_type)
+        .map_err(|m| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", m))?;
+    let file = s.store.file(&file_id).await?.ok_or_else(|| ApiError::forbidden("The upload slot no longer exists"))?;
+    if file.status != "pending" {
+        return Err(ApiError::forbidden("The upload URL was already used"));
+    }
+    // Each PUT writes under its own key; only the one recorded below wins.
+    let ext = file.object_key.rsplit_once('.').map(|(_, e)| e.to_string()).unwrap_or_else(|| "jpg".into());
+    let key = format!("uploads/{}/{}/{}.{}", file.account_id, file.id, ulid::Ulid::new().to_string().to_lowercase(), ext);
+    s.objects.put(&key, body.clone(), &content_type).await?;
+    if !s.store.mark_file_uploaded(&file.id, &key, body.len() as i64, i64::from(w), i64::from(h)).await? {
+        let _ = s.objects.delete(&key).await;
+        return Err(ApiError::forbidden("The upload URL was already used"));
+    }
+    Ok(StatusCode::OK)
+}
+
+pub async fn serve_file(State(s): State<AppState>, Path(token): Path<String>) -> ApiResult<impl IntoResponse> {
+    let (cap, _) = s.signer.verify(&token, now_ms()).map_err(|e| match e {
+        SignError::Expired => ApiError::forbidden("The link has expired"),
+        SignError::Invalid => ApiError::not_found("Unknown link"),
+    })?;
+    let (key, content_type) = match cap {
+        Capability::Get { key, content_type } => (key, content_type),
+        Capability::File { file_id } => {
+            let f = s.store.file(&file_id).await?.ok_or_else(|| ApiError::not_found("The file no longer exists"))?;
+            if f.status != "uploaded" {
+                return Err(ApiError::not_found("The file has not been uploaded yet"));
+            }
+            (f.object_key, f.content_type)
+        }
+        _ => return Err(ApiError::not_found("Unknown link")),
+    };
+    let bytes = s.objects.get(&key).await.map_err(|e| match e {
+        atelier_shared::storage::StorageError::NotFound(_) => ApiError::not_found("The file no longer exists"),
+        other => other.into(),
+    })?;
+    Ok(([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "private, max-age=3600".into())], bytes))
+}

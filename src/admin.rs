@@ -1,0 +1,213 @@
+//! `atelier admin …`: operator commands over the store. Output is one JSON
+//! object per command on stdout, for scripts.
+
+use anyhow::{Context, anyhow, bail};
+use atelier_shared::config::Config;
+use atelier_shared::db::Store;
+use atelier_shared::db::accounts::{Account, NewAccount};
+use atelier_shared::domain::Credits;
+use clap::Subcommand;
+use serde_json::json;
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Accounts.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// API keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Credits.
+    #[command(subcommand)]
+    Credits(CreditsCmd),
+    /// Groups (sharing and shared billing).
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Check the credit invariants (reservations, ledger, active-job counts).
+    Audit,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCmd {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "standard", value_parser = ["standard", "enterprise"])]
+        plan: String,
+        /// Credits granted at creation.
+        #[arg(long, default_value_t = 0.0)]
+        credits: f64,
+        #[arg(long, value_parser = ["1K", "2K", "4K"])]
+        max_size: Option<String>,
+        /// Allow custom width/height (OUTPUT_CUSTOM_DIMENSIONS).
+        #[arg(long)]
+        custom_dimensions: bool,
+        /// May call operator endpoints (POST /admin/credits/grants).
+        #[arg(long)]
+        operator: bool,
+        /// Also issue an API key and print it (once).
+        #[arg(long)]
+        with_key: bool,
+    },
+    Policy {
+        /// Account id or name.
+        #[arg(long)]
+        account: String,
+        #[arg(long, value_parser = ["standard", "enterprise"])]
+        plan: Option<String>,
+        #[arg(long, value_parser = ["1K", "2K", "4K"])]
+        max_size: Option<String>,
+        #[arg(long)]
+        custom_dimensions: Option<bool>,
+    },
+    Show {
+        #[arg(long)]
+        account: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    Create {
+        #[arg(long)]
+        account: String,
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// Lifetime in days; none: no expiry.
+        #[arg(long)]
+        expires_days: Option<u32>,
+    },
+    Revoke {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        key_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreditsCmd {
+    /// Add (or, negative, remove) credits; recorded in the ledger.
+    Grant {
+        #[arg(long)]
+        account: String,
+        #[arg(long, allow_hyphen_values = true)]
+        amount: f64,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        owner: String,
+        /// Members spend the owner's credits.
+        #[arg(long)]
+        shared_billing: bool,
+    },
+    AddMember {
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        account: String,
+    },
+}
+
+async fn find(store: &Store, id_or_name: &str) -> anyhow::Result<Account> {
+    if let Some(a) = store.account(id_or_name).await? {
+        return Ok(a);
+    }
+    store.account_by_name(id_or_name).await?.ok_or_else(|| anyhow!("no account with id or name {id_or_name:?}"))
+}
+
+fn show(a: &Account) -> serde_json::Value {
+    json!({
+        "id": a.id, "name": a.name, "plan": a.plan, "max_size": a.max_size,
+        "custom_dimensions": a.custom_dimensions == 1, "operator": a.is_operator == 1,
+        "credits": Credits(a.balance).as_f64(), "reserved": Credits(a.reserved).as_f64(), "active_jobs": a.active_jobs,
+    })
+}
+
+pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
+    let store = Store::connect(&cfg.database_url(), 2).await.context("cannot open the database")?;
+    store.migrate().await?;
+    let out = match cmd {
+        AdminCommand::Account(AccountCmd::Create { name, plan, credits, max_size, custom_dimensions, operator, with_key }) => {
+            let max_size = max_size.unwrap_or_else(|| cfg.limits.default_max_size.clone());
+            let a = store
+                .create_account(NewAccount { name: &name, plan: &plan, max_size: &max_size, custom_dimensions, is_operator: operator })
+                .await
+                .map_err(|e| match e {
+                    atelier_shared::db::StoreError::Conflict(_) => anyhow!("an account named {name:?} already exists"),
+                    other => other.into(),
+                })?;
+            let amount = Credits::from_f64(credits).ok_or_else(|| anyhow!("--credits must be a finite number"))?;
+            if amount.0 < 0 {
+                bail!("--credits must not be negative");
+            }
+            let a = if amount.0 > 0 { store.grant_credits(&a.id, amount, "initial grant").await?.unwrap_or(a) } else { a };
+            let mut v = show(&a);
+            if with_key {
+                let (key_id, token) = store.create_api_key(&a.id, "cli", None, None).await?;
+                v["key_id"] = json!(key_id);
+                v["api_key"] = json!(token);
+            }
+            v
+        }
+        AdminCommand::Account(AccountCmd::Policy { account, plan, max_size, custom_dimensions }) => {
+            let a = find(&store, &account).await?;
+            show(&store.set_account_policy(&a.id, plan.as_deref(), max_size.as_deref(), custom_dimensions).await?)
+        }
+        AdminCommand::Account(AccountCmd::Show { account }) => show(&find(&store, &account).await?),
+        AdminCommand::Key(KeyCmd::Create { account, name, expires_days }) => {
+            let a = find(&store, &account).await?;
+            let exp = expires_days.map(|d| atelier_shared::time::now_ms() + i64::from(d) * 86_400_000);
+            let (key_id, token) = store.create_api_key(&a.id, &name, None, exp).await?;
+            json!({"account_id": a.id, "key_id": key_id, "api_key": token, "note": "shown once; only a hash is stored"})
+        }
+        AdminCommand::Key(KeyCmd::Revoke { account, key_id }) => {
+            let a = find(&store, &account).await?;
+            if !store.revoke_api_key(&a.id, &key_id).await? {
+                bail!("no live key {key_id} on account {}", a.name);
+            }
+            json!({"revoked": key_id})
+        }
+        AdminCommand::Credits(CreditsCmd::Grant { account, amount, reason }) => {
+            let a = find(&store, &account).await?;
+            let amount = Credits::from_f64(amount).ok_or_else(|| anyhow!("--amount must be a finite number"))?;
+            let after = store
+                .grant_credits(&a.id, amount, &reason)
+                .await?
+                .ok_or_else(|| anyhow!("refused: the balance would fall below the credits reserved by running jobs"))?;
+            show(&after)
+        }
+        AdminCommand::Group(GroupCmd::Create { name, owner, shared_billing }) => {
+            let o = find(&store, &owner).await?;
+            let id = store.create_group(&name, &o.id, shared_billing).await?;
+            json!({"group_id": id, "name": name, "owner": o.id, "shared_billing": shared_billing})
+        }
+        AdminCommand::Group(GroupCmd::AddMember { group, account }) => {
+            let a = find(&store, &account).await?;
+            store.add_group_member(&group, &a.id).await.map_err(|e| match e {
+                atelier_shared::db::StoreError::NotFound => anyhow!("no group named {group:?}"),
+                other => other.into(),
+            })?;
+            json!({"group": group, "member": a.id})
+        }
+        AdminCommand::Audit => {
+            let problems = store.audit_credits().await?;
+            let ok = problems.is_empty();
+            println!("{}", json!({"ok": ok, "problems": problems}));
+            if !ok {
+                bail!("credit invariants violated");
+            }
+            return Ok(());
+        }
+    };
+    println!("{out}");
+    Ok(())
+}

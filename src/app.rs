@@ -1,0 +1,175 @@
+//! Wiring: adapters from configuration, bootstrap, roles.
+
+use anyhow::{Context, bail};
+use atelier_shared::config::Config;
+use atelier_shared::db::Store;
+use atelier_shared::db::accounts::NewAccount;
+use atelier_shared::domain::Credits;
+use atelier_shared::queue::DynQueue;
+use atelier_shared::queue::embedded::EmbeddedQueue;
+use atelier_shared::storage::local::LocalStore;
+use atelier_shared::storage::{DynObjectStore, Signer};
+use rand::RngCore;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Which roles this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub api: bool,
+    pub scheduler: bool,
+    pub worker: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles { api: true, scheduler: true, worker: true };
+    pub const API: Roles = Roles { api: true, scheduler: false, worker: false };
+    pub const SCHEDULER: Roles = Roles { api: false, scheduler: true, worker: false };
+    pub const WORKER: Roles = Roles { api: false, scheduler: false, worker: true };
+}
+
+/// The adapters every role shares.
+#[derive(Clone)]
+pub struct Services {
+    pub store: Store,
+    pub queue: DynQueue,
+    pub objects: DynObjectStore,
+    pub signer: Signer,
+    /// Stops the queue's own background tasks; cancelled after the roles stop.
+    pub queue_stop: CancellationToken,
+}
+
+/// Connects the store (and migrates it), the queue and the object store.
+pub async fn connect(cfg: &Config) -> anyhow::Result<Services> {
+    let store = Store::connect(&cfg.database_url(), cfg.database.max_connections)
+        .await
+        .with_context(|| format!("cannot open the database {}", atelier_shared::config::redact_url(&cfg.database_url())))?;
+    store.migrate().await.context("database migration failed")?;
+    let queue_stop = CancellationToken::new();
+    let queue: DynQueue = if cfg.queue.url == "embedded" {
+        Arc::new(EmbeddedQueue::new(store.clone(), queue_stop.clone()))
+    } else {
+        bail!("queue.url {}: the RabbitMQ adapter is not part of this build yet; use `embedded`", atelier_shared::config::redact_url(&cfg.queue.url));
+    };
+    let storage_url = cfg.storage_url();
+    let objects: DynObjectStore = if let Some(dir) = storage_url.strip_prefix("file://") {
+        Arc::new(LocalStore::new(dir).with_context(|| format!("cannot use the object directory {dir}"))?)
+    } else {
+        bail!("storage.url {storage_url}: the S3 adapter is not part of this build yet; use file://<dir>");
+    };
+    let key = match &cfg.server.url_signing_key {
+        Some(k) => k.clone(),
+        None => store
+            .setting_or_init("url_signing_key", || {
+                let mut b = [0u8; 32];
+                rand::rng().fill_bytes(&mut b);
+                hex::encode(b)
+            })
+            .await
+            .context("cannot read the URL signing key")?,
+    };
+    Ok(Services { store, queue, objects, signer: Signer::new(key.as_bytes()), queue_stop })
+}
+
+/// On the very first start, creates the dev account and prints its key once.
+pub async fn bootstrap(cfg: &Config, store: &Store) -> anyhow::Result<Option<String>> {
+    if !cfg.bootstrap.enabled || store.count_accounts().await? > 0 {
+        return Ok(None);
+    }
+    let account = match store
+        .create_account(NewAccount { name: "dev", plan: "standard", max_size: &cfg.limits.default_max_size, custom_dimensions: false, is_operator: true })
+        .await
+    {
+        Ok(a) => a,
+        // Another process bootstrapped at the same moment.
+        Err(atelier_shared::db::StoreError::Conflict(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let credits = Credits::from_f64(cfg.bootstrap.credits).unwrap_or(Credits::ZERO);
+    if credits.0 > 0 {
+        store.grant_credits(&account.id, credits, "bootstrap").await?;
+    }
+    let (_, token) = store.create_api_key(&account.id, "bootstrap", cfg.bootstrap.api_key.as_deref(), None).await?;
+    if cfg.bootstrap.api_key.is_none() {
+        println!(
+            "\n  First start: created account `dev` with {} credits.\n  API key (shown once, store it now): {token}\n",
+            credits.as_f64()
+        );
+    } else {
+        println!("\n  First start: created account `dev` with {} credits, key from ATELIER_BOOTSTRAP__API_KEY.\n", credits.as_f64());
+    }
+    Ok(Some(token))
+}
+
+/// A started process: its address and its role tasks.
+pub struct Running {
+    /// Where the HTTP server listens (API, or health/metrics for other roles).
+    pub addr: SocketAddr,
+    pub services: Services,
+    pub config: Arc<Config>,
+    /// The dev key when this start bootstrapped the database.
+    pub bootstrap_key: Option<String>,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits for every role to stop, then stops the queue and closes the pool.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_err = None;
+        while let Some(r) = self.tasks.join_next().await {
+            let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a role stopped with an error");
+                first_err.get_or_insert(e);
+            }
+        }
+        self.services.queue_stop.cancel();
+        self.services.store.close().await;
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Starts `roles` and returns once they are running.
+pub async fn start(mut cfg: Config, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(&cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
+    let addr = listener.local_addr()?;
+    if cfg.server.listen.ends_with(":0") {
+        // Port 0 (tests): the public URL follows the port actually bound.
+        cfg.server.public_url = format!("http://{addr}");
+    }
+    let cfg = Arc::new(cfg);
+    let services = connect(&cfg).await?;
+    let bootstrap_key = if roles.api { bootstrap(&cfg, &services.store).await? } else { None };
+    let mut tasks = JoinSet::new();
+    if roles.api {
+        let state = atelier_api::AppState::new(cfg.clone(), services.store.clone(), services.objects.clone(), services.signer.clone());
+        tasks.spawn(atelier_api::serve(listener, state, shutdown.clone()));
+    } else {
+        tasks.spawn(serve_ops(listener, shutdown.clone()));
+    }
+    if roles.scheduler {
+        let ctx = atelier_scheduler::SchedulerContext::from_config(&cfg, services.store.clone(), services.queue.clone());
+        tasks.spawn(atelier_scheduler::run(ctx, shutdown.clone()));
+    }
+    if roles.worker {
+        let ctx = atelier_worker::WorkerContext::from_config(&cfg, services.store.clone(), services.queue.clone(), services.objects.clone());
+        tasks.spawn(atelier_worker::run(ctx, shutdown.clone()));
+    }
+    tracing::info!(%addr, ?roles, queue = services.queue.kind(), storage = services.objects.kind(), "atelier started");
+    Ok(Running { addr, services, config: cfg, bootstrap_key, tasks })
+}
+
+/// `/healthz` and `/metrics` for processes that do not run the API.
+async fn serve_ops(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/healthz", get(atelier_api::routes::health::healthz))
+        .route("/metrics", get(atelier_api::routes::health::metrics));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}
