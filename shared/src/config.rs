@@ -117,6 +117,9 @@ pub struct WorkerConfig {
     pub shutdown_grace_secs: u64,
     /// Largest decoded input, in pixels (decompression-bomb guard).
     pub max_input_pixels: u64,
+    /// Fault drills only: sleep this long inside every task before the
+    /// pipeline runs, so a drill can kill a worker mid-task. 0 in production.
+    pub fault_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -221,6 +224,7 @@ impl Default for WorkerConfig {
             task_timeout_secs: 600,
             shutdown_grace_secs: 30,
             max_input_pixels: 64_000_000,
+            fault_delay_ms: 0,
         }
     }
 }

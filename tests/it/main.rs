@@ -1,1 +1,9 @@
+//! Integration tests: the real roles in-process (and, for crash drills, as
+//! child processes) on port 0, each test with its own database. One test
+//! binary for the whole suite.
 
+mod admission;
+mod api;
+mod faults;
+mod helpers;
+mod lifecycle;

@@ -63,6 +63,8 @@ pub struct WorkerContext {
     pub task_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_input_pixels: u64,
+    /// `worker.fault_delay_ms`: fault drills only.
+    pub fault_delay: Duration,
     /// Identifies this worker in leases and logs.
     pub worker_id: String,
 }
@@ -84,6 +86,7 @@ impl WorkerContext {
             task_timeout: Duration::from_secs(cfg.worker.task_timeout_secs),
             shutdown_grace: Duration::from_secs(cfg.worker.shutdown_grace_secs),
             max_input_pixels: cfg.worker.max_input_pixels,
+            fault_delay: Duration::from_millis(cfg.worker.fault_delay_ms),
             worker_id: format!("wrk_{}_{}", std::process::id(), ulid::Ulid::new()),
         }
     }
@@ -244,6 +247,9 @@ async fn handle(ctx: WorkerContext, queue: &'static str, delivery: Delivery, har
 
 /// Loads inputs, runs the pipeline off the async runtime and uploads results.
 async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputResult, TaskFailure> {
+    if !ctx.fault_delay.is_zero() {
+        tokio::time::sleep(ctx.fault_delay).await;
+    }
     let output = ctx.store.output(task.output_id).await?.ok_or_else(|| TaskFailure::permanent("output no longer exists"))?;
     let job = ctx.store.job(&output.job_id).await?.ok_or_else(|| TaskFailure::permanent("job no longer exists"))?;
     let spec: PackshotSpec =

@@ -1,0 +1,164 @@
+//! Fault drills: a worker killed mid-task, the database going away.
+
+use crate::helpers::*;
+use atelier::app::Roles;
+use atelier_shared::db::Dialect;
+use atelier_shared::db::testing::create_postgres_database;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+/// Starts `atelier worker` as a child process on the app's database and objects.
+fn spawn_worker(app: &TestApp, fault_delay_ms: u64) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_atelier"))
+        .arg("worker")
+        .env("ATELIER_SERVER__LISTEN", "127.0.0.1:0")
+        .env("ATELIER_DATA_DIR", app.cfg.data_dir.as_os_str())
+        .env("ATELIER_DATABASE__URL", app.cfg.database_url())
+        .env("ATELIER_STORAGE__URL", app.cfg.storage_url())
+        .env("ATELIER_BOOTSTRAP__ENABLED", "false")
+        .env("ATELIER_WORKER__HEARTBEAT_SECS", "1")
+        .env("ATELIER_WORKER__CONCURRENCY", "1")
+        .env("ATELIER_SCHEDULER__RUNNING_LEASE_SECS", "3")
+        .env("ATELIER_WORKER__FAULT_DELAY_MS", fault_delay_ms.to_string())
+        .env("ATELIER_LOG__LEVEL", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker process starts")
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_task_loses_nothing_and_charges_once() {
+    let app = TestApp::with(Dialect::Sqlite, Roles { api: true, scheduler: true, worker: false }, |_| {}).await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(200, 200), "a.jpg").await;
+    let (before, _) = app.balance(&app.key).await;
+    let (s, v) = app.post("/create-packshot", json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+
+    // A slow worker takes the task …
+    let mut doomed = spawn_worker(&app, 60_000);
+    let t = Instant::now();
+    let output = loop {
+        let o = app.store.latest_outputs(&job).await.expect("outputs").remove(0);
+        if o.status == "running" {
+            break o;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the worker never started the task: {o:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(output.attempt, 1);
+    // … and dies with SIGKILL in the middle of it.
+    doomed.kill().await.expect("SIGKILL");
+
+    // A healthy worker finishes the job once the lease of the dead one runs out.
+    let _healthy = spawn_worker(&app, 0);
+    let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let o = app.store.latest_outputs(&job).await.expect("outputs").remove(0);
+    assert_eq!(o.attempt, 2, "the killed attempt was reclaimed and run again");
+    let charges: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM credit_ledger WHERE output_id = $1 AND kind = 'charge'")
+        .bind(o.id)
+        .fetch_one(app.store.pool())
+        .await
+        .expect("count");
+    assert_eq!(charges, 1, "charged exactly once");
+    assert_eq!(app.balance(&app.key).await, (before - 3.0, 0.0));
+    let completed_notes = app
+        .store
+        .notifications(&app.dev_account_id().await, 0, 600_000)
+        .await
+        .expect("notes")
+        .into_iter()
+        .filter(|n| n.name == "image_result" && n.data["status"] == "completed")
+        .count();
+    assert_eq!(completed_notes, 1, "notified as completed once");
+    app.audit_clean().await;
+    app.stop().await;
+}
+
+/// A TCP proxy the test can cut and restore, between the app and Postgres.
+struct Proxy {
+    port: u16,
+    target: String,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(target: &str) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let p = Proxy { port, target: target.to_string(), tasks: Arc::new(Mutex::new(Vec::new())) };
+        p.serve(l);
+        p
+    }
+
+    fn serve(&self, l: TcpListener) {
+        let (target, tasks) = (self.target.clone(), self.tasks.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = l.accept().await {
+                let target = target.clone();
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                tasks.lock().expect("lock").push(conn);
+            }
+        });
+        self.tasks.lock().expect("lock").push(accept);
+    }
+
+    /// Drops every connection and stops listening.
+    fn cut(&self) {
+        for t in self.tasks.lock().expect("lock").drain(..) {
+            t.abort();
+        }
+    }
+
+    async fn restore(&self) {
+        let l = TcpListener::bind(("127.0.0.1", self.port)).await.expect("rebind");
+        self.serve(l);
+    }
+}
+
+#[tokio::test]
+async fn database_outage_is_a_503_and_recovers_by_itself() {
+    let url = create_postgres_database().await;
+    let after_host = url.split_once("@").map(|(_, r)| r.to_string()).expect("url has a host");
+    let (hostport, dbname) = after_host.split_once('/').expect("url has a database");
+    let proxy = Proxy::start(hostport).await;
+    let proxied = url.replace(hostport, &format!("127.0.0.1:{}", proxy.port));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = test_config(dir.path(), proxied);
+    let app = TestApp::start(cfg, Roles::API, dir).await;
+    assert!(!dbname.is_empty());
+    let p = app.project("p").await;
+    assert_eq!(app.get("/project").await.0, StatusCode::OK);
+
+    proxy.cut();
+    let (s, v, h) = app.call(reqwest::Method::GET, "/project", Some(&app.key), None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(h.contains_key("retry-after"));
+    assert_eq!(v["code"], "unavailable");
+    let (s, _) = app.post("/create-packshot", json!({"project_id": p, "images": ["x"], "instructions": [{"style": "free"}]})).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+
+    proxy.restore().await;
+    let t = Instant::now();
+    loop {
+        if app.get("/project").await.0 == StatusCode::OK {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the API did not recover");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (s, v) = app.get(&format!("/project/{p}")).await;
+    assert_eq!(s, StatusCode::OK, "data survived: {v}");
+    app.stop().await;
+}

@@ -1,0 +1,231 @@
+//! `TestApp`: a started Atelier with typed helpers.
+
+#![allow(dead_code)]
+
+use atelier::app::{self, Roles};
+use atelier_shared::config::Config;
+use atelier_shared::db::accounts::NewAccount;
+use atelier_shared::db::testing::create_postgres_database;
+use atelier_shared::db::{Dialect, Store};
+use atelier_shared::domain::Credits;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const DEV_KEY: &str = "atl_test_bootstrap_key_0123456789abcdefghijklmnop";
+
+pub struct TestApp {
+    pub base: String,
+    pub key: String,
+    pub http: reqwest::Client,
+    pub store: Store,
+    pub cfg: Config,
+    pub shutdown: CancellationToken,
+    pub dir: tempfile::TempDir,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A configuration for tests: port 0, fast ticks, short leases.
+pub fn test_config(dir: &std::path::Path, database_url: String) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.data_dir = dir.to_path_buf();
+    c.database.url = Some(database_url);
+    c.bootstrap.api_key = Some(DEV_KEY.into());
+    c.worker.concurrency = 2;
+    c.worker.heartbeat_secs = 1;
+    c.scheduler.tick_ms = 100;
+    c.scheduler.running_lease_secs = 3;
+    c.scheduler.retry.base_ms = 100;
+    c.scheduler.retry.cap_ms = 400;
+    c
+}
+
+pub async fn database_url(dialect: Dialect, dir: &std::path::Path) -> String {
+    match dialect {
+        Dialect::Sqlite => format!("sqlite://{}?mode=rwc", dir.join("atelier.db").display()),
+        Dialect::Postgres => create_postgres_database().await,
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::with(Dialect::Sqlite, Roles::ALL, |_| {}).await
+    }
+
+    pub async fn with(dialect: Dialect, roles: Roles, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = test_config(dir.path(), database_url(dialect, dir.path()).await);
+        tweak(&mut cfg);
+        Self::start(cfg, roles, dir).await
+    }
+
+    pub async fn start(cfg: Config, roles: Roles, dir: tempfile::TempDir) -> TestApp {
+        let shutdown = CancellationToken::new();
+        let running = app::start(cfg.clone(), roles, shutdown.clone()).await.expect("app starts");
+        let base = format!("http://{}", running.addr);
+        let store = running.services.store.clone();
+        let mut cfg = cfg;
+        cfg.server.public_url = base.clone();
+        let handle = tokio::spawn(running.wait());
+        TestApp {
+            base,
+            key: DEV_KEY.into(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
+            store,
+            cfg,
+            shutdown,
+            dir,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops every role and waits for them.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("joins").expect("roles stop cleanly");
+        }
+        self.dir
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let mut r = self.http.request(method, self.url(path));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.expect("request sent");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        (status, v, headers)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let (s, v, _) = self.call(reqwest::Method::GET, path, Some(&self.key), None).await;
+        (s, v)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let (s, v, _) = self.call(reqwest::Method::POST, path, Some(&self.key), Some(body)).await;
+        (s, v)
+    }
+
+    pub async fn post_as(&self, key: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        let (s, v, _) = self.call(reqwest::Method::POST, path, Some(key), Some(body)).await;
+        (s, v)
+    }
+
+    pub async fn get_as(&self, key: &str, path: &str) -> (StatusCode, Value) {
+        let (s, v, _) = self.call(reqwest::Method::GET, path, Some(key), None).await;
+        (s, v)
+    }
+
+    /// A second account with `credits`, returning its API key.
+    pub async fn account(&self, name: &str, credits: f64) -> String {
+        let a = self
+            .store
+            .create_account(NewAccount { name, plan: "standard", max_size: "4K", custom_dimensions: false, is_operator: false })
+            .await
+            .expect("account");
+        if credits > 0.0 {
+            self.store.grant_credits(&a.id, Credits::from_f64(credits).expect("amount"), "test").await.expect("grant");
+        }
+        self.store.create_api_key(&a.id, "test", None, None).await.expect("key").1
+    }
+
+    pub async fn dev_account_id(&self) -> String {
+        self.store.account_for_token(&self.key).await.expect("lookup").expect("dev account").id
+    }
+
+    pub async fn project(&self, name: &str) -> String {
+        let (s, v) = self.post("/project", json!({"project_name": name})).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["project_id"].as_str().expect("project_id").to_string()
+    }
+
+    /// Uploads through the signed URL, returning the file id.
+    pub async fn upload_as(&self, key: &str, bytes: Vec<u8>, filename: &str) -> String {
+        let (s, v) = self.post_as(key, "/upload", json!({"filename": filename})).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let put = self
+            .http
+            .put(v["upload_url"].as_str().expect("upload_url"))
+            .header("content-type", v["content_type"].as_str().expect("content_type"))
+            .body(bytes)
+            .send()
+            .await
+            .expect("put");
+        assert_eq!(put.status(), StatusCode::OK, "{}", put.text().await.unwrap_or_default());
+        v["file_id"].as_str().expect("file_id").to_string()
+    }
+
+    pub async fn upload(&self, bytes: Vec<u8>, filename: &str) -> String {
+        let key = self.key.clone();
+        self.upload_as(&key, bytes, filename).await
+    }
+
+    pub async fn balance(&self, key: &str) -> (f64, f64) {
+        let (s, v) = self.get_as(key, "/billing/balance").await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        (v["user_credits"].as_f64().expect("user"), v["in_progress_credits"].as_f64().expect("reserved"))
+    }
+
+    /// Polls the job until it is terminal.
+    pub async fn wait_for_job(&self, job_id: &str, within: Duration) -> Value {
+        let t = Instant::now();
+        loop {
+            let (s, v) = self.get(&format!("/jobs/{job_id}/status")).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            if matches!(v["status"].as_str(), Some("completed" | "failed" | "aborted")) {
+                return v;
+            }
+            assert!(t.elapsed() < within, "job {job_id} not terminal after {within:?}: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn audit_clean(&self) {
+        let problems = self.store.audit_credits().await.expect("audit");
+        assert!(problems.is_empty(), "credit invariants broken: {problems:#?}");
+    }
+}
+
+/// A JPEG "garment": a dark shape on a light background.
+pub fn garment_jpeg(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let inside = x > w / 4 && x < 3 * w / 4 && y > h / 6 && y < 5 * h / 6;
+        if inside { image::Rgb([30, 60, 160]) } else { image::Rgb([235, 235, 235]) }
+    });
+    let mut b = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Jpeg).expect("encode");
+    b
+}
+
+pub fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(w, h, image::Rgb([10, 120, 40]));
+    let mut b = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png).expect("encode");
+    b
+}
+
+pub fn packshot_body(project: &str, files: &[&str]) -> Value {
+    json!({
+        "project_id": project,
+        "images": files,
+        "instructions": [
+            {"style": "white_cutout", "num_variations": 2},
+            {"style": "flat_lay", "num_variations": 2, "options": {"size": "2K", "format": "png"}}
+        ]
+    })
+}

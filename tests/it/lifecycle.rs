@@ -1,0 +1,138 @@
+//! Jobs end to end through the embedded queue, scheduler and worker.
+
+use crate::helpers::*;
+use atelier::app::Roles;
+use atelier_shared::db::Dialect;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::io::Read;
+use std::time::Duration;
+
+async fn end_to_end(dialect: Dialect) {
+    let app = TestApp::with(dialect, Roles::ALL, |_| {}).await;
+    let p = app.project("Spring").await;
+    let front = app.upload(garment_jpeg(600, 800), "front.jpg").await;
+    let back = app.upload(garment_jpeg(400, 400), "back.jpg").await;
+    let (before, _) = app.balance(&app.key).await;
+
+    let (s, v) = app.post("/create-packshot", packshot_body(&p, &[&front, &back])).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["total_outputs"], 4);
+    assert_eq!(v["status"], "pending");
+    let job = v["job_id"].as_str().expect("job_id").to_string();
+    // Durable before 202: visible at once.
+    assert_eq!(app.get(&format!("/jobs/{job}/status")).await.0, StatusCode::OK);
+    // Reserved: 2 × 3 (1K) + 2 × 5 (2K) = 16.
+    assert_eq!(app.balance(&app.key).await, (before, 16.0));
+
+    let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!((st["progress"].as_f64(), st["processed_images"].as_i64()), (Some(100.0), Some(4)));
+    assert_eq!(app.balance(&app.key).await, (before - 16.0, 0.0), "balance drops by exactly the completed outputs");
+
+    let (s, r) = app.get(&format!("/jobs/{job}/results")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(r["credits_used"], 16.0);
+    assert_eq!(r["summary"]["successful"], 4);
+    let results = r["results"].as_array().expect("results");
+    assert_eq!(results.len(), 4);
+    for res in results {
+        assert_eq!(res["status"], "completed");
+        assert_eq!(res["model_used"], "atelier-basic", "results name the engine that really ran");
+        // Signed URLs work without credentials.
+        let bytes = app.http.get(res["output"]["full_size"].as_str().expect("url")).send().await.expect("get").bytes().await.expect("bytes");
+        let img = image::load_from_memory(&bytes).expect("a real image");
+        let (w, h) = (img.width(), img.height());
+        let ii = res["image_index"].as_u64().expect("index");
+        assert_eq!((w, h), if ii == 0 { (1024, 1024) } else { (2048, 2048) });
+        let thumb = app.http.get(res["output"]["thumbnail"].as_str().expect("url")).send().await.expect("get").bytes().await.expect("bytes");
+        assert!(image::load_from_memory(&thumb).expect("thumb").width() <= 512);
+        assert_eq!(res["instruction_index"], res["image_index"]);
+        assert_eq!(res["variation_index"], res["group_index"]);
+    }
+
+    let (s, d) = app.post("/download", json!({"job_id": job})).await;
+    assert_eq!(s, StatusCode::OK, "{d}");
+    let zip = app.http.get(d["download_url"].as_str().expect("url")).send().await.expect("get");
+    assert_eq!(zip.headers()["content-type"], "application/zip");
+    let bytes = zip.bytes().await.expect("zip bytes");
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).expect("valid zip");
+    let mut names: Vec<String> = (0..archive.len()).map(|i| archive.by_index(i).expect("entry").name().to_string()).collect();
+    names.sort();
+    assert_eq!(names, vec!["0_0_v0.jpg", "0_1_v0.jpg", "1_0_v0.png", "1_1_v0.png", "manifest.json"]);
+    let mut manifest = String::new();
+    archive.by_name("manifest.json").expect("manifest").read_to_string(&mut manifest).expect("read");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&manifest).expect("json")["results"].as_array().map(Vec::len), Some(4));
+
+    // Another account cannot see or touch any of it.
+    let other = app.account("mallory", 10.0).await;
+    for path in [format!("/jobs/{job}/status"), format!("/jobs/{job}/results")] {
+        assert_eq!(app.get_as(&other, &path).await.0, StatusCode::NOT_FOUND, "{path}");
+    }
+    assert_eq!(app.post_as(&other, &format!("/jobs/{job}/abort"), json!({})).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(app.post_as(&other, "/download", json!({"job_id": job})).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(app.post(&format!("/jobs/{job}/abort"), json!({})).await.0, StatusCode::CONFLICT, "terminal jobs cannot be aborted");
+
+    app.audit_clean().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn packshot_end_to_end_on_sqlite() {
+    end_to_end(Dialect::Sqlite).await;
+}
+
+#[tokio::test]
+async fn packshot_end_to_end_on_postgres() {
+    end_to_end(Dialect::Postgres).await;
+}
+
+#[tokio::test]
+async fn abort_releases_pending_outputs() {
+    // No worker: the job stays pending until aborted.
+    let app = TestApp::with(Dialect::Sqlite, Roles::API, |_| {}).await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
+    let (before, _) = app.balance(&app.key).await;
+    let (_, v) = app.post("/create-packshot", packshot_body(&p, &[&f])).await;
+    let job = v["job_id"].as_str().expect("job").to_string();
+    assert_eq!(app.balance(&app.key).await.1, 16.0);
+    let (s, v) = app.post(&format!("/jobs/{job}/abort"), json!({})).await;
+    assert_eq!((s, v), (StatusCode::ACCEPTED, json!({"job_id": job, "status": "aborted"})));
+    let st = app.wait_for_job(&job, Duration::from_secs(5)).await;
+    assert_eq!(st["status"], "aborted");
+    assert_eq!(app.balance(&app.key).await, (before, 0.0));
+    assert_eq!(app.post("/download", json!({"job_id": job})).await.0, StatusCode::CONFLICT, "nothing to download");
+    app.audit_clean().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn corrupt_and_oversized_images_fail_the_output_with_a_reason() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| c.worker.max_input_pixels = 1_000_000).await;
+    let p = app.project("p").await;
+    // A PNG whose header is intact (the upload accepts it) but whose data is cut.
+    let mut corrupt = png(300, 300);
+    corrupt.truncate(corrupt.len() / 2);
+    let bad = app.upload(corrupt, "corrupt.png").await;
+    // A small file declaring 2000 × 2000 = 4 MP, above the worker's 1 MP limit.
+    let bomb = app.upload(png(2000, 2000), "bomb.png").await;
+    let (before, _) = app.balance(&app.key).await;
+    for (file, needle) in [(bad, "corrupt image"), (bomb, "above the limit")] {
+        let body = json!({"project_id": p, "images": [file], "instructions": [{"style": "white_cutout"}]});
+        let (s, v) = app.post("/create-packshot", body).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let job = v["job_id"].as_str().expect("job").to_string();
+        let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
+        assert_eq!(st["status"], "failed", "{st}");
+        assert!(st["error_message"].as_str().is_some_and(|m| m.contains(needle)), "{st}");
+        let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
+        assert!(r["results"][0]["error_message"].as_str().is_some_and(|m| m.contains(needle)), "{r}");
+        // A permanent failure is not retried.
+        let outputs = app.store.latest_outputs(&job).await.expect("outputs");
+        assert_eq!(outputs[0].attempt, 1);
+    }
+    assert_eq!(app.balance(&app.key).await, (before, 0.0), "failed outputs cost nothing");
+    app.audit_clean().await;
+    app.stop().await;
+}
