@@ -162,3 +162,43 @@ async fn database_outage_is_a_503_and_recovers_by_itself() {
     assert_eq!(s, StatusCode::OK, "data survived: {v}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn storage_failures_are_retried_with_backoff_then_succeed() {
+    // A backoff long enough for the test to repair storage between attempts.
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        c.scheduler.retry.base_ms = 1500;
+        c.scheduler.retry.cap_ms = 3000;
+    })
+    .await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(120, 120), "a.jpg").await;
+    // Break result uploads: a plain file where the results directory must go.
+    let objects = app.cfg.data_dir.join("objects");
+    let blocker = objects.join("results");
+    std::fs::write(&blocker, b"not a directory").expect("block results/");
+    let (before, _) = app.balance(&app.key).await;
+    let (s, v) = app.post("/create-packshot", json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let t = Instant::now();
+    let failed_once = loop {
+        let o = app.store.latest_outputs(&job).await.expect("outputs").remove(0);
+        if o.last_error.is_some() {
+            break o;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no failed attempt recorded: {o:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(failed_once.last_error.as_deref().is_some_and(|e| e.contains("object store unavailable")), "{failed_once:?}");
+    assert_ne!(failed_once.status, "failed", "a storage outage is retryable");
+    // Storage comes back; the next attempt succeeds.
+    std::fs::remove_file(&blocker).expect("unblock");
+    let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let o = app.store.latest_outputs(&job).await.expect("outputs").remove(0);
+    assert!(o.attempt >= 2, "{o:?}");
+    assert_eq!(app.balance(&app.key).await, (before - 3.0, 0.0), "charged once despite the retries");
+    app.audit_clean().await;
+    app.stop().await;
+}

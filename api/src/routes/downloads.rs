@@ -87,7 +87,7 @@ pub async fn stream(State(s): State<AppState>, Path(token): Path<String>) -> Api
             manifest.push(views::image_result(&s, &job, &o, &Value::Array(vec![]), ttl).await?);
             if let (Some(key), "completed") = (o.full_key.clone(), o.status.as_str()) {
                 let name = format!("{}_{}_v{}.{}", o.instruction_index, o.variation_index, o.version, o.output_format);
-                entries.push((if bulk { format!("{}/{name}", job.id) } else { name }, key));
+                entries.push((if bulk { format!("{}/{name}", job.id) } else { name }, key, o.finalized_at.unwrap_or(o.updated_at)));
             }
         }
     }
@@ -97,7 +97,7 @@ pub async fn stream(State(s): State<AppState>, Path(token): Path<String>) -> Api
     let objects = s.objects.clone();
     tokio::spawn(async move {
         let mut zip = ZipFileWriter::with_tokio(writer);
-        for (name, key) in entries {
+        for (name, key, at) in entries {
             let bytes = match objects.get(&key).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -108,12 +108,13 @@ pub async fn stream(State(s): State<AppState>, Path(token): Path<String>) -> Api
                 }
             };
             // Images are already compressed: store them as they are.
-            if let Err(e) = zip.write_entry_whole(ZipEntryBuilder::new(name.into(), Compression::Stored), &bytes).await {
+            let entry = ZipEntryBuilder::new(name.into(), Compression::Stored).last_modification_date(zip_date(at));
+            if let Err(e) = zip.write_entry_whole(entry, &bytes).await {
                 tracing::warn!(error = %e, "zip: client went away");
                 return;
             }
         }
-        let entry = ZipEntryBuilder::new("manifest.json".to_string().into(), Compression::Stored);
+        let entry = ZipEntryBuilder::new("manifest.json".to_string().into(), Compression::Stored).last_modification_date(zip_date(now_ms()));
         if zip.write_entry_whole(entry, &manifest).await.is_ok() {
             let _ = zip.close().await;
         }
@@ -125,4 +126,17 @@ pub async fn stream(State(s): State<AppState>, Path(token): Path<String>) -> Api
         ],
         Body::from_stream(ReaderStream::new(reader)),
     ))
+}
+
+/// ZIP timestamps (DOS format, UTC) for an epoch-millisecond instant.
+fn zip_date(ms: i64) -> async_zip::ZipDateTime {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms / 1000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    async_zip::ZipDateTimeBuilder::new()
+        .year(t.year())
+        .month(u32::from(u8::from(t.month())))
+        .day(u32::from(t.day()))
+        .hour(u32::from(t.hour()))
+        .minute(u32::from(t.minute()))
+        .second(u32::from(t.second()))
+        .build()
 }
