@@ -62,6 +62,8 @@ async fn projects_crud_conflict_and_isolation() {
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
     for i in 0..3 {
+        // Distinct creation times: ties in one millisecond have no defined order.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         app.project(&format!("p{i}")).await;
     }
     let (s, v) = app.get("/project?per_page=2&page=2&order=asc").await;

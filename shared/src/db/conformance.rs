@@ -206,6 +206,8 @@ pub async fn projects_are_per_account(s: Store) {
     assert!(matches!(s.create_project(&b, "Spring").await.expect("create"), CreateProject::Created(_)));
     assert!(s.project(&b, &p.id).await.expect("read").is_none(), "cross-account read");
     for i in 0..4 {
+        // Distinct creation times: ties in one millisecond have no defined order.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         s.create_project(&a, &format!("p{i}")).await.expect("create");
     }
     let q = ProjectQuery { page: 2, per_page: 2, ascending: true, search: None };
