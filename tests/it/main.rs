@@ -4,6 +4,7 @@
 
 mod admission;
 mod api;
+mod cli;
 mod faults;
 mod helpers;
 mod lifecycle;
