@@ -121,8 +121,8 @@ class Fetcher:
             if actual == src["sha256"]:
                 self.verified_archives[key] = dest
                 return dest
-            self.say(f"  cached {dest.name} has the wrong sha256 ({actual[:12]}...), downloading again")
-            dest.unlink()
+            # keep it until a download that does match replaces it
+            self.say(f"  cached {dest.name} has sha256 {actual[:12]}..., not the manifest's; downloading again")
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + f".part-{os.getpid()}")
         try:
@@ -199,6 +199,27 @@ class Fetcher:
     def _inner(name: str, is_tar: bool) -> str:
         # npm tarballs put everything below `package/`, sdists below `name-version/`
         return name.split("/", 1)[1] if is_tar and "/" in name else name
+
+    def stream_member(self, archive: Path, path: str):
+        """Yield one package-relative member of a wheel/zip or tarball in chunks."""
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as z:
+                try:
+                    f = z.open(path)
+                except KeyError:
+                    raise FetchError(f"{archive.name}: not found in the archive: {path}") from None
+                with f:
+                    while b := f.read(CHUNK):
+                        yield b
+            return
+        with tarfile.open(archive, "r:*") as t:
+            for m in t:
+                if m.isfile() and self._inner(m.name, True) == path:
+                    f = t.extractfile(m)
+                    while b := f.read(CHUNK):
+                        yield b
+                    return
+        raise FetchError(f"{archive.name}: not found in the archive: {path}")
 
     def read_members(self, archive: Path, paths: set[str]) -> dict[str, bytes]:
         """Read the given package-relative paths out of a wheel/zip or tarball."""
@@ -284,8 +305,7 @@ class Fetcher:
             self.say(f"  {entry['file']} differs from the manifest, replacing it")
         desc = f"{src['registry']} {src['package']}@{src['version']} {src['path']}"
         if method == "extract":
-            data = self.read_members(self.archive(src), {src["path"]})[src["path"]]
-            self.install_bytes(entry, [data], f"from {desc}")
+            self.install_bytes(entry, self.stream_member(self.archive(src), src["path"]), f"from {desc}")
         elif method == "join-chunks":
             self.join_chunks(entry, desc)
         elif method == "ncnn2onnx":
@@ -351,16 +371,23 @@ class Fetcher:
         py = venv / "bin" / "python"
         stamp = venv / ".atelier-requirements"
         want = "\n".join(VENV_REQUIREMENTS) + "\n"
-        if not (py.exists() and stamp.exists() and stamp.read_text() == want):
-            self.say(f"  setting up {venv} ({', '.join(VENV_REQUIREMENTS[:2])}, onnxruntime); once")
-            if venv.exists():
-                shutil.rmtree(venv)
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            r = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                                *VENV_REQUIREMENTS], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise FetchError(f"pip install into {venv} failed:\n{r.stderr.strip()[-3000:]}")
-            stamp.write_text(want)
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another fetch-models may be building it
+            if not (py.exists() and stamp.exists() and stamp.read_text() == want):
+                self.say(f"  setting up {venv} ({', '.join(VENV_REQUIREMENTS[:2])}, onnxruntime); once")
+                if venv.exists():
+                    shutil.rmtree(venv)
+                r = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise FetchError(f"could not create {venv} (on Debian: apt-get install python3-venv; "
+                                     f"or set ATELIER_FETCH_PYTHON to a python with onnx, numpy, onnxruntime):\n"
+                                     f"{(r.stdout + r.stderr).strip()[-2000:]}")
+                r = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                                    *VENV_REQUIREMENTS], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise FetchError(f"pip install into {venv} failed:\n{r.stderr.strip()[-3000:]}")
+                stamp.write_text(want)
         self._venv_python = str(py)
         return self._venv_python
 
@@ -374,20 +401,26 @@ class Fetcher:
 
 
 def select(entries: list[dict], only: str | None, gpu: bool, test_models: bool) -> list[dict]:
-    if only:
-        wanted = [w.strip() for w in only.split(",") if w.strip()]
-        chosen, unknown = [], []
-        for w in wanted:
-            hits = [e for e in entries if e["name"] == w or e["name"].startswith(w + "-")]
-            if not hits:
-                unknown.append(w)
-            chosen += [e for e in hits if e not in chosen]
-        if unknown:
-            names = ", ".join(e["name"] for e in entries)
-            raise SystemExit(f"fetch-models: unknown name(s): {', '.join(unknown)} (known: {names})")
-        return chosen
-    groups = {"default"} | ({"gpu"} if gpu else set()) | ({"test"} if test_models else set())
-    return [e for e in entries if e.get("fetch", "default") in groups]
+    """Default entries, or the --only names; --gpu / --test-models add their groups."""
+    groups = ({"gpu"} if gpu else set()) | ({"test"} if test_models else set())
+    if not only:
+        groups.add("default")
+        return [e for e in entries if e.get("fetch", "default") in groups]
+    chosen, unknown = [], []
+    for w in (w.strip() for w in only.split(",")):
+        if not w:
+            continue
+        # an exact name, else a family: `isnet` -> isnet-fp16, isnet-quint8
+        hits = [e for e in entries if e["name"] == w] or [e for e in entries if e["name"].startswith(w + "-")]
+        if not hits:
+            unknown.append(w)
+        chosen += [e for e in hits if e not in chosen]
+    if unknown:
+        names = ", ".join(e["name"] for e in entries)
+        log(f"fetch-models: unknown name(s): {', '.join(unknown)} (known: {names})")
+        raise SystemExit(2)
+    chosen += [e for e in entries if e.get("fetch") in groups and e not in chosen]
+    return [e for e in entries if e in chosen]  # manifest order
 
 
 def main(argv=None) -> int:
@@ -401,8 +434,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=env_dir or "./models",
                     help="models directory (default: $ATELIER_MODELS__DIR, else ./models; now %(default)s)")
     ap.add_argument("--only", metavar="NAMES",
-                    help="comma-separated entry names (a prefix before '-' selects a family, e.g. isnet); "
-                         "any fetch group, ignores --gpu/--test-models")
+                    help="comma-separated entry names instead of the default set; a name that is not an "
+                         "entry selects its family (isnet -> isnet-fp16, isnet-quint8); --gpu and "
+                         "--test-models still add their groups")
     ap.add_argument("--test-models", action="store_true", help="also generate the tiny test models (models/test/)")
     ap.add_argument("--gpu", action="store_true", help="also install onnxruntime-gpu (CUDA 13 build, ~300 MiB)")
     ap.add_argument("--list", action="store_true", help="list the manifest entries and their state, fetch nothing")

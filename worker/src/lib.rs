@@ -32,6 +32,7 @@
 pub mod engine;
 pub mod failure;
 pub mod imaging;
+pub mod inference;
 
 use atelier_shared::db::Store;
 use atelier_shared::domain::packshot::PackshotSpec;

@@ -1,0 +1,424 @@
+//! ONNX Runtime in the worker: one runtime per process, a registry that loads
+//! each model once, bounded concurrency per model, and dynamic batching.
+//!
+//! Threads: every loaded model owns `sessions` runner threads, each holding
+//! one ORT session (ORT's `Run` needs exclusive access in this binding). A
+//! caller (always on tokio's blocking pool, never on the async runtime)
+//! sends its input to the model's queue and waits for the reply. A runner
+//! takes the first waiting request, then gathers more requests of the same
+//! shape for up to `batch_window` or until `max_batch`, stacks them along
+//! the batch axis, runs once, and splits the output back. Models whose batch
+//! axis is fixed at 1 run one request at a time.
+//!
+//! Metrics: `atelier_model_load_seconds{model}`,
+//! `atelier_inference_seconds{model}`, `atelier_batch_size{model}`.
+
+use ndarray::{ArrayD, Axis, IxDyn};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::TensorRef;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferenceError {
+    #[error("ONNX Runtime is not available: {0}")]
+    Runtime(String),
+    #[error("cannot load model {model}: {reason}")]
+    Load { model: String, reason: String },
+    #[error("inference failed in {model}: {reason}")]
+    Run { model: String, reason: String },
+    #[error("model {0} is not loaded")]
+    Missing(String),
+}
+
+/// Where inference runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// `libonnxruntime.so`; `None`: `ORT_DYLIB_PATH`, then the default names.
+    pub library: Option<PathBuf>,
+    pub device: Device,
+    /// Threads ORT may use inside one run.
+    pub intra_threads: usize,
+}
+
+/// The process-wide ONNX Runtime environment.
+pub struct Runtime {
+    env: ort::environment::Environment,
+    /// What sessions actually use (CUDA may fall back to CPU).
+    pub device: Device,
+    intra_threads: usize,
+}
+
+static RUNTIME: OnceLock<Result<Arc<Runtime>, InferenceError>> = OnceLock::new();
+
+impl Runtime {
+    /// Loads the ONNX Runtime library once per process (later calls return
+    /// the same runtime, whatever their options).
+    pub fn get(opts: &RuntimeOptions) -> Result<Arc<Runtime>, InferenceError> {
+        RUNTIME.get_or_init(|| Self::init(opts).map(Arc::new)).clone()
+    }
+
+    fn init(opts: &RuntimeOptions) -> Result<Runtime, InferenceError> {
+        let lib = opts
+            .library
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .ok_or_else(|| InferenceError::Runtime("no library: set models.onnxruntime_lib or ORT_DYLIB_PATH (scripts/fetch-models installs one)".into()))?;
+        if !lib.exists() {
+            return Err(InferenceError::Runtime(format!("{} does not exist (run scripts/fetch-models)", lib.display())));
+        }
+        // ort panics inside a failed dlopen on some paths; keep that a typed error.
+        let builder = std::panic::catch_unwind(|| ort::init_from(&lib))
+            .map_err(|_| InferenceError::Runtime(format!("loading {} panicked", lib.display())))?
+            .map_err(|e| InferenceError::Runtime(format!("{}: {e}", lib.display())))?;
+        let env = builder.with_name("atelier").build().map_err(|e| InferenceError::Runtime(e.to_string()))?;
+        let device = match opts.device {
+            Device::Cpu => Device::Cpu,
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => {
+                tracing::warn!("CUDA requested, but this build has no CUDA support (build with `--features cuda`): running on CPU");
+                Device::Cpu
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                use ort::ep::ExecutionProvider;
+                match ort::ep::CUDA::is_available() {
+                    Ok(true) => Device::Cuda,
+                    Ok(false) => {
+                        tracing::warn!(library = %lib.display(), "CUDA requested, but this ONNX Runtime has no CUDA execution provider: running on CPU");
+                        Device::Cpu
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "CUDA requested, but its availability cannot be queried: running on CPU");
+                        Device::Cpu
+                    }
+                }
+            }
+        };
+        tracing::info!(library = %lib.display(), device = ?device, "ONNX Runtime loaded");
+        Ok(Runtime { env, device, intra_threads: opts.intra_threads.max(1) })
+    }
+
+    fn session(&self, model: &str, path: &Path) -> Result<(Session, Device), InferenceError> {
+        let err = |e: String| InferenceError::Load { model: model.into(), reason: e };
+        let mut b = Session::builder(&self.env)
+            .map_err(|e| err(e.to_string()))?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| err(e.to_string()))?
+            .with_intra_threads(self.intra_threads)
+            .map_err(|e| err(e.to_string()))?;
+        #[allow(unused_mut)]
+        let mut device = self.device;
+        #[cfg(feature = "cuda")]
+        if device == Device::Cuda {
+            match b.clone().with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()]) {
+                Ok(with_cuda) => b = with_cuda,
+                Err(e) => {
+                    tracing::warn!(model, error = %e, "CUDA execution provider failed to register (no GPU or driver?): running this model on CPU");
+                    device = Device::Cpu;
+                }
+            }
+        }
+        let s = b.commit_from_file(path).map_err(|e| err(e.to_string()))?;
+        Ok((s, device))
+    }
+}
+
+/// Per-model runner settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelOptions {
+    /// Sessions (and so concurrent runs) of this model.
+    pub sessions: usize,
+    /// How long a runner waits to fill a batch after the first request.
+    pub batch_window: Duration,
+    /// Largest batch; 1 disables batching.
+    pub max_batch: usize,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions { sessions: 1, batch_window: Duration::from_millis(5), max_batch: 1 }
+    }
+}
+
+struct Request {
+    input: ArrayD<f32>,
+    reply: SyncSender<Result<ArrayD<f32>, InferenceError>>,
+}
+
+/// A loaded model and its runners.
+pub struct Model {
+    pub name: String,
+    pub input: String,
+    pub output: String,
+    /// Input shape as the model declares it (`-1` for dynamic axes).
+    pub input_shape: Vec<i64>,
+    pub device: Device,
+    pub batching: bool,
+    /// Session runs and the requests they served (runs < requests when batching).
+    pub stats: Arc<RunStats>,
+    queue: SyncSender<Request>,
+}
+
+#[derive(Debug, Default)]
+pub struct RunStats {
+    pub runs: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+impl RunStats {
+    pub fn snapshot(&self) -> (u64, u64) {
+        (self.runs.load(Ordering::Relaxed), self.requests.load(Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("name", &self.name).field("input_shape", &self.input_shape).finish()
+    }
+}
+
+impl Model {
+    /// Loads `path` into `opts.sessions` sessions, warms each up with one run
+    /// on zeros when the input shape is static, and starts the runners.
+    pub fn load(rt: &Runtime, name: &str, path: &Path, opts: ModelOptions) -> Result<Model, InferenceError> {
+        let t = Instant::now();
+        let mut sessions = Vec::new();
+        let mut device = rt.device;
+        for _ in 0..opts.sessions.max(1) {
+            let (s, d) = rt.session(name, path)?;
+            device = d;
+            sessions.push(s);
+        }
+        let first = &sessions[0];
+        let input = first.inputs().first().map(|o| o.name().to_string()).ok_or_else(|| InferenceError::Load { model: name.into(), reason: "model has no input".into() })?;
+        let output = first.outputs().first().map(|o| o.name().to_string()).ok_or_else(|| InferenceError::Load { model: name.into(), reason: "model has no output".into() })?;
+        let input_shape: Vec<i64> = first.inputs()[0]
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let batching = opts.max_batch > 1 && input_shape.first().is_some_and(|d| *d < 0);
+        let (tx, rx) = sync_channel::<Request>(1024);
+        let rx = Arc::new(Mutex::new(rx));
+        let stats = Arc::new(RunStats::default());
+        let mut warm = Vec::new();
+        for (i, mut s) in sessions.into_iter().enumerate() {
+            if input_shape.iter().all(|d| *d > 0) {
+                let shape: Vec<usize> = input_shape.iter().map(|d| *d as usize).collect();
+                let zeros = ArrayD::<f32>::zeros(IxDyn(&shape));
+                run_session(&mut s, name, &input, &output, &zeros)?;
+                warm.push(i);
+            }
+            let (rx, model, input, output, st) = (rx.clone(), name.to_string(), input.clone(), output.clone(), stats.clone());
+            let max_batch = if batching { opts.max_batch } else { 1 };
+            std::thread::Builder::new()
+                .name(format!("ort-{name}-{i}"))
+                .spawn(move || runner(s, &model, &input, &output, &rx, max_batch, opts.batch_window, &st))
+                .map_err(|e| InferenceError::Load { model: name.to_string(), reason: e.to_string() })?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        metrics::histogram!("atelier_model_load_seconds", "model" => name.to_string()).record(secs);
+        tracing::info!(model = name, path = %path.display(), ?device, sessions = opts.sessions, batching, warmed = warm.len(), load_secs = secs, "model loaded");
+        Ok(Model { name: name.into(), input, output, input_shape, device, batching, stats, queue: tx })
+    }
+
+    /// Runs one input (batch axis of size 1) and returns its output. Blocks:
+    /// call from the blocking pool.
+    pub fn run(&self, input: ArrayD<f32>) -> Result<ArrayD<f32>, InferenceError> {
+        let (reply, rx) = sync_channel(1);
+        self.queue
+            .send(Request { input, reply })
+            .map_err(|_| InferenceError::Run { model: self.name.clone(), reason: "runner stopped".into() })?;
+        rx.recv().map_err(|_| InferenceError::Run { model: self.name.clone(), reason: "runner stopped".into() })?
+    }
+}
+
+fn run_session(s: &mut Session, model: &str, input: &str, output: &str, x: &ArrayD<f32>) -> Result<ArrayD<f32>, InferenceError> {
+    let err = |e: String| InferenceError::Run { model: model.into(), reason: e };
+    let t = Instant::now();
+    let tensor = TensorRef::from_array_view(x.view()).map_err(|e| err(e.to_string()))?;
+    let outputs = s.run(ort::inputs![input => tensor]).map_err(|e| err(e.to_string()))?;
+    let y = outputs
+        .get(output)
+        .ok_or_else(|| err(format!("no output named {output}")))?
+        .try_extract_array::<f32>()
+        .map_err(|e| err(e.to_string()))?
+        .to_owned();
+    metrics::histogram!("atelier_inference_seconds", "model" => model.to_string()).record(t.elapsed().as_secs_f64());
+    Ok(y)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn runner(
+    mut s: Session,
+    model: &str,
+    input: &str,
+    output: &str,
+    rx: &Mutex<Receiver<Request>>,
+    max_batch: usize,
+    window: Duration,
+    stats: &RunStats,
+) {
+    loop {
+        let mut batch = Vec::with_capacity(max_batch);
+        {
+            let Ok(rx) = rx.lock() else { return };
+            match rx.recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => return, // the model was dropped
+            }
+            let deadline = Instant::now() + window;
+            while batch.len() < max_batch {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(r) if r.input.shape() == batch[0].input.shape() => batch.push(r),
+                    Ok(r) => {
+                        // Another shape: run it on its own right away.
+                        stats.runs.fetch_add(1, Ordering::Relaxed);
+                        stats.requests.fetch_add(1, Ordering::Relaxed);
+                        let single = run_session(&mut s, model, input, output, &r.input);
+                        let _ = r.reply.send(single);
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        metrics::histogram!("atelier_batch_size", "model" => model.to_string()).record(batch.len() as f64);
+        stats.runs.fetch_add(1, Ordering::Relaxed);
+        stats.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if batch.len() == 1 {
+            let r = batch.pop().expect("one request");
+            let y = run_session(&mut s, model, input, output, &r.input);
+            let _ = r.reply.send(y);
+            continue;
+        }
+        let views: Vec<_> = batch.iter().map(|r| r.input.view()).collect();
+        let stacked = match ndarray::concatenate(Axis(0), &views) {
+            Ok(x) => x,
+            Err(e) => {
+                for r in batch {
+                    let _ = r.reply.send(Err(InferenceError::Run { model: model.into(), reason: e.to_string() }));
+                }
+                continue;
+            }
+        };
+        match run_session(&mut s, model, input, output, &stacked) {
+            Ok(y) => {
+                let per = y.shape()[0] / batch.len().max(1);
+                for (i, r) in batch.into_iter().enumerate() {
+                    let part = y.slice_axis(Axis(0), ndarray::Slice::from(i * per..(i + 1) * per)).to_owned();
+                    let _ = r.reply.send(Ok(part));
+                }
+            }
+            Err(e) => {
+                for r in batch {
+                    let _ = r.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Models loaded by this process, by name.
+#[derive(Default, Clone)]
+pub struct ModelRegistry {
+    models: HashMap<String, Arc<Model>>,
+}
+
+impl ModelRegistry {
+    pub fn insert(&mut self, model: Model) {
+        self.models.insert(model.name.clone(), Arc::new(model));
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Model>, InferenceError> {
+        self.models.get(name).cloned().ok_or_else(|| InferenceError::Missing(name.into()))
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.models.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// The models directory of this checkout, for tests and benches:
+/// `ATELIER_MODELS__DIR`, else `<workspace>/models`.
+pub fn default_models_dir() -> PathBuf {
+    std::env::var_os("ATELIER_MODELS__DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("models"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> Arc<Runtime> {
+        let lib = default_models_dir().join("onnxruntime/libonnxruntime.so.1.31.1");
+        Runtime::get(&RuntimeOptions { library: Some(lib), device: Device::Cpu, intra_threads: 1 })
+            .expect("ONNX Runtime loads (scripts/fetch-models installs it)")
+    }
+
+    fn test_model(opts: ModelOptions) -> Model {
+        let path = default_models_dir().join("test/conv_sigmoid.onnx");
+        Model::load(&runtime(), "conv_sigmoid", &path, opts).expect("test model loads (scripts/fetch-models --test-models)")
+    }
+
+    fn input(seed: f32, h: usize, w: usize) -> ArrayD<f32> {
+        ArrayD::from_shape_fn(IxDyn(&[1, 3, h, w]), |d| ((d[1] * 31 + d[2] * 7 + d[3]) as f32 * 0.01 + seed).sin())
+    }
+
+    #[test]
+    fn runs_a_real_model_with_dynamic_sizes() {
+        let m = test_model(ModelOptions::default());
+        assert_eq!(m.input_shape.len(), 4);
+        let y = m.run(input(0.0, 16, 24)).expect("runs");
+        assert_eq!(y.shape(), &[1, 1, 16, 24]);
+        assert!(y.iter().all(|v| (0.0..=1.0).contains(v)), "sigmoid output range");
+        let y2 = m.run(input(0.0, 8, 8)).expect("another size");
+        assert_eq!(y2.shape(), &[1, 1, 8, 8]);
+    }
+
+    #[test]
+    fn concurrent_requests_are_batched_and_answered_correctly() {
+        let single = test_model(ModelOptions::default());
+        let batched = Arc::new(test_model(ModelOptions { sessions: 1, batch_window: Duration::from_millis(50), max_batch: 8 }));
+        assert!(batched.batching, "dynamic batch axis allows batching");
+        let expected: Vec<ArrayD<f32>> = (0..8).map(|i| single.run(input(i as f32, 32, 32)).expect("runs")).collect();
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let m = batched.clone();
+                std::thread::spawn(move || m.run(input(i as f32, 32, 32)).expect("runs"))
+            })
+            .collect();
+        let got: Vec<ArrayD<f32>> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+        for (g, e) in got.iter().zip(&expected) {
+            let diff = (g - e).iter().fold(0f32, |a, b| a.max(b.abs()));
+            assert!(diff < 1e-5, "batched result differs by {diff}");
+        }
+        let (runs, requests) = batched.stats.snapshot();
+        assert_eq!(requests, 8);
+        assert!(runs < 8, "8 concurrent requests ran as {runs} session runs: no batching happened");
+    }
+
+    #[test]
+    fn a_missing_model_is_a_typed_error() {
+        let e = Model::load(&runtime(), "nope", Path::new("/nonexistent/model.onnx"), ModelOptions::default()).unwrap_err();
+        assert!(matches!(e, InferenceError::Load { .. }), "{e}");
+        assert!(matches!(ModelRegistry::default().get("isnet"), Err(InferenceError::Missing(_))));
+    }
+}
