@@ -157,7 +157,14 @@ pub async fn start(mut cfg: Config, roles: Roles, shutdown: CancellationToken) -
         tasks.spawn(atelier_scheduler::run(ctx, shutdown.clone()));
     }
     if roles.worker {
-        let ctx = atelier_worker::WorkerContext::from_config(&cfg, services.store.clone(), services.queue.clone(), services.objects.clone());
+        let mut ctx = atelier_worker::WorkerContext::from_config(&cfg, services.store.clone(), services.queue.clone(), services.objects.clone());
+        // Loads and warms the models (seconds): off the async runtime.
+        let c = cfg.clone();
+        ctx.pipeline = tokio::task::spawn_blocking(move || atelier_worker::engine::Pipeline::from_config(&c))
+            .await
+            .context("model loading panicked")?
+            .context("cannot load the models")?;
+        tracing::info!(engines = ?ctx.pipeline.engine_names(), "worker pipeline ready");
         tasks.spawn(atelier_worker::run(ctx, shutdown.clone()));
     }
     tracing::info!(%addr, ?roles, queue = services.queue.kind(), storage = services.objects.kind(), "atelier started");

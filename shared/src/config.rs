@@ -82,6 +82,21 @@ pub struct StorageConfig {
 #[serde(default)]
 pub struct ModelsConfig {
     pub dir: PathBuf,
+    /// ONNX Runtime library; unset: `ORT_DYLIB_PATH`, else
+    /// `<dir>/onnxruntime/libonnxruntime.so.1.31.1` (installed by scripts/fetch-models).
+    pub onnxruntime_lib: Option<PathBuf>,
+    /// Background-removal model file under `dir` (`isnet_fp16.onnx` or `isnet_quint8.onnx`).
+    pub isnet: String,
+    /// ×4 upscaler under `dir`; empty: Lanczos only.
+    pub upscaler: String,
+    /// Sessions per model (concurrent runs of one model).
+    pub sessions: usize,
+    /// Dynamic batching: largest batch (1 = off) and how long to wait to fill one.
+    pub max_batch: usize,
+    pub batch_window_ms: u64,
+    /// Refuse to start a worker whose models are missing (otherwise it runs
+    /// the model-free `atelier-basic` engine and says so in every result).
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -117,6 +132,11 @@ pub struct WorkerConfig {
     pub shutdown_grace_secs: u64,
     /// Largest decoded input, in pixels (decompression-bomb guard).
     pub max_input_pixels: u64,
+    /// `cpu` or `cuda` (needs a build with `--features cuda`; falls back to
+    /// CPU with a warning when no GPU is usable).
+    pub device: String,
+    /// Threads ONNX Runtime may use inside one model run.
+    pub inference_threads: usize,
     /// Fault drills only: sleep this long inside every task before the
     /// pipeline runs, so a drill can kill a worker mid-task. 0 in production.
     pub fault_delay_ms: u64,
@@ -206,7 +226,25 @@ impl Default for QueueConfig {
 
 impl Default for ModelsConfig {
     fn default() -> Self {
-        ModelsConfig { dir: PathBuf::from("./models") }
+        ModelsConfig {
+            dir: PathBuf::from("./models"),
+            onnxruntime_lib: None,
+            isnet: "isnet_fp16.onnx".into(),
+            upscaler: "realesr-animevideov3-x4.onnx".into(),
+            sessions: 1,
+            max_batch: 1,
+            batch_window_ms: 5,
+            required: false,
+        }
+    }
+}
+
+impl ModelsConfig {
+    pub fn onnxruntime_lib(&self) -> PathBuf {
+        self.onnxruntime_lib
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .unwrap_or_else(|| self.dir.join("onnxruntime").join("libonnxruntime.so.1.31.1"))
     }
 }
 
@@ -224,6 +262,8 @@ impl Default for WorkerConfig {
             task_timeout_secs: 600,
             shutdown_grace_secs: 30,
             max_input_pixels: 64_000_000,
+            device: "cpu".into(),
+            inference_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             fault_delay_ms: 0,
         }
     }
@@ -349,6 +389,12 @@ impl Config {
         }
         if crate::domain::Credits::from_f64(self.bootstrap.credits).is_none_or(|c| c.0 < 0) {
             e.push("bootstrap.credits: must be a non-negative number".into());
+        }
+        if !matches!(self.worker.device.as_str(), "cpu" | "cuda") {
+            e.push(format!("worker.device: `{}` must be `cpu` or `cuda`", self.worker.device));
+        }
+        if self.models.sessions == 0 || self.models.max_batch == 0 {
+            e.push("models.sessions and models.max_batch: must be at least 1".into());
         }
         if self.worker.concurrency == 0 {
             e.push("worker.concurrency: must be at least 1".into());

@@ -20,6 +20,7 @@ fn spawn_worker(app: &TestApp, fault_delay_ms: u64) -> Child {
         .env("ATELIER_DATA_DIR", app.cfg.data_dir.as_os_str())
         .env("ATELIER_DATABASE__URL", app.cfg.database_url())
         .env("ATELIER_STORAGE__URL", app.cfg.storage_url())
+        .env("ATELIER_MODELS__DIR", &app.cfg.models.dir)
         .env("ATELIER_BOOTSTRAP__ENABLED", "false")
         .env("ATELIER_WORKER__HEARTBEAT_SECS", "1")
         .env("ATELIER_WORKER__CONCURRENCY", "1")

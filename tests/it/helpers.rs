@@ -27,6 +27,13 @@ pub struct TestApp {
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// The models installed by scripts/fetch-models in this checkout.
+pub fn with_models(c: &mut Config) {
+    c.models.dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    c.models.onnxruntime_lib = None;
+    c.models.required = true;
+}
+
 /// A configuration for tests: port 0, fast ticks, short leases.
 pub fn test_config(dir: &std::path::Path, database_url: String) -> Config {
     let mut c = Config::default();
@@ -34,6 +41,9 @@ pub fn test_config(dir: &std::path::Path, database_url: String) -> Config {
     c.data_dir = dir.to_path_buf();
     c.database.url = Some(database_url);
     c.bootstrap.api_key = Some(DEV_KEY.into());
+    // Model-free engine by default (fast); tests of the real pipeline point
+    // models.dir at the fetched models with `with_models`.
+    c.models.dir = dir.join("no-models");
     c.worker.concurrency = 2;
     c.worker.heartbeat_secs = 1;
     c.scheduler.tick_ms = 100;

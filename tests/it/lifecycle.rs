@@ -136,3 +136,29 @@ async fn corrupt_and_oversized_images_fail_the_output_with_a_reason() {
     app.audit_clean().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn real_models_cut_out_a_garment_on_pure_white() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, with_models).await;
+    let p = app.project("p").await;
+    let photo = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/garment.jpg")).expect("testdata");
+    let f = app.upload(photo, "garment.jpg").await;
+    let (s, v) = app.post("/create-packshot", json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let st = app.wait_for_job(&job, Duration::from_secs(120)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
+    let res = &r["results"][0];
+    assert!(res["model_used"].as_str().is_some_and(|m| m.starts_with("atelier (isnet_fp16")), "{res}");
+    assert_eq!(res["input_description"]["segmentation_model"], "isnet_fp16");
+    let bytes = app.http.get(res["output"]["full_size"].as_str().expect("url")).send().await.expect("get").bytes().await.expect("bytes");
+    let img = image::load_from_memory(&bytes).expect("jpeg").to_rgb8();
+    // JPEG keeps pure white corners at (or within a step of) 255.
+    for (x, y) in [(0, 0), (1023, 0), (0, 1023), (1023, 1023)] {
+        let px = img.get_pixel(x, y).0;
+        assert!(px.iter().all(|c| *c >= 254), "corner ({x},{y}) = {px:?}");
+    }
+    app.audit_clean().await;
+    app.stop().await;
+}

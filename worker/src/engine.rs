@@ -107,6 +107,56 @@ impl Pipeline {
         Pipeline { engines }
     }
 
+    /// The engines this worker can run, from configuration: the `atelier`
+    /// engine when ONNX Runtime and the ISNet model load, otherwise the
+    /// model-free `atelier-basic` (or an error when `models.required`).
+    /// Blocking (loads and warms models): call from the blocking pool.
+    pub fn from_config(cfg: &atelier_shared::config::Config) -> Result<Pipeline, crate::inference::InferenceError> {
+        use crate::inference::{Device, ModelOptions, Runtime, RuntimeOptions, load_shared};
+        let device = if cfg.worker.device == "cuda" { Device::Cuda } else { Device::Cpu };
+        let rt = Runtime::get(&RuntimeOptions {
+            library: Some(cfg.models.onnxruntime_lib()),
+            device,
+            intra_threads: cfg.worker.inference_threads,
+        });
+        let opts = ModelOptions {
+            sessions: cfg.models.sessions,
+            batch_window: std::time::Duration::from_millis(cfg.models.batch_window_ms),
+            max_batch: cfg.models.max_batch,
+        };
+        let loaded = rt.and_then(|rt| {
+            let isnet = load_shared(&rt, "isnet", &cfg.models.dir.join(&cfg.models.isnet), opts)?;
+            let upscaler = if cfg.models.upscaler.is_empty() {
+                None
+            } else {
+                match load_shared(&rt, "realesrgan", &cfg.models.dir.join(&cfg.models.upscaler), opts) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "upscaler unavailable: enlargements use Lanczos");
+                        None
+                    }
+                }
+            };
+            Ok((isnet, upscaler))
+        });
+        match loaded {
+            Ok((isnet, upscaler)) => {
+                let variant = cfg.models.isnet.trim_end_matches(".onnx").to_string();
+                Ok(Pipeline { engines: vec![Arc::new(crate::packshot::AtelierEngine { isnet, upscaler, isnet_variant: variant })] })
+            }
+            Err(e) if !cfg.models.required => {
+                tracing::warn!(error = %e, "models unavailable: this worker runs the model-free `atelier-basic` engine (run scripts/fetch-models)");
+                Ok(Pipeline::default())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Names of the engines, in `auto` order.
+    pub fn engine_names(&self) -> Vec<&'static str> {
+        self.engines.iter().map(|e| e.name()).collect()
+    }
+
     /// Runs engine `engine_index` (the `auto` fallback order) on one output.
     /// Synchronous and CPU-bound: call it from the blocking pool.
     pub fn run(&self, req: &RenderRequest<'_>, engine_index: usize) -> Result<PipelineOutput, TaskFailure> {

@@ -33,6 +33,7 @@ pub mod engine;
 pub mod failure;
 pub mod imaging;
 pub mod inference;
+pub mod packshot;
 
 use atelier_shared::db::Store;
 use atelier_shared::domain::packshot::PackshotSpec;

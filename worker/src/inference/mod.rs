@@ -61,13 +61,20 @@ pub struct Runtime {
     intra_threads: usize,
 }
 
-static RUNTIME: OnceLock<Result<Arc<Runtime>, InferenceError>> = OnceLock::new();
+static RUNTIME: Mutex<Option<Arc<Runtime>>> = Mutex::new(None);
 
 impl Runtime {
     /// Loads the ONNX Runtime library once per process (later calls return
-    /// the same runtime, whatever their options).
+    /// the same runtime, whatever their options). A failed load is not
+    /// remembered: a later call with a usable library succeeds.
     pub fn get(opts: &RuntimeOptions) -> Result<Arc<Runtime>, InferenceError> {
-        RUNTIME.get_or_init(|| Self::init(opts).map(Arc::new)).clone()
+        let mut slot = RUNTIME.lock().map_err(|_| InferenceError::Runtime("runtime lock poisoned".into()))?;
+        if let Some(rt) = slot.as_ref() {
+            return Ok(rt.clone());
+        }
+        let rt = Arc::new(Self::init(opts)?);
+        *slot = Some(rt.clone());
+        Ok(rt)
     }
 
     fn init(opts: &RuntimeOptions) -> Result<Runtime, InferenceError> {
@@ -353,6 +360,25 @@ impl ModelRegistry {
         v.sort();
         v
     }
+}
+
+/// Models loaded by this process, by path: a model is loaded once per
+/// process however many pipelines ask for it.
+static LOADED: OnceLock<Mutex<HashMap<PathBuf, Arc<Model>>>> = OnceLock::new();
+
+/// Loads `path` once per process and shares it.
+pub fn load_shared(rt: &Runtime, name: &str, path: &Path, opts: ModelOptions) -> Result<Arc<Model>, InferenceError> {
+    let cache = LOADED.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = cache.lock().map_err(|_| InferenceError::Load { model: name.into(), reason: "model cache poisoned".into() })?;
+    if let Some(m) = map.get(path) {
+        return Ok(m.clone());
+    }
+    if !path.exists() {
+        return Err(InferenceError::Load { model: name.into(), reason: format!("{} does not exist (run scripts/fetch-models)", path.display()) });
+    }
+    let m = Arc::new(Model::load(rt, name, path, opts)?);
+    map.insert(path.to_path_buf(), m.clone());
+    Ok(m)
 }
 
 /// The models directory of this checkout, for tests and benches:
