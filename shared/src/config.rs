@@ -94,6 +94,9 @@ pub struct ModelsConfig {
     /// Dynamic batching: largest batch (1 = off) and how long to wait to fill one.
     pub max_batch: usize,
     pub batch_window_ms: u64,
+    /// On a worker's start, run `scripts/fetch-models` (when it exists in the
+    /// working directory) if the models are missing: `cargo run` sets itself up.
+    pub auto_fetch: bool,
     /// Refuse to start a worker whose models are missing (otherwise it runs
     /// the model-free `atelier-basic` engine and says so in every result).
     pub required: bool,
@@ -234,6 +237,7 @@ impl Default for ModelsConfig {
             sessions: 1,
             max_batch: 1,
             batch_window_ms: 5,
+            auto_fetch: true,
             required: false,
         }
     }

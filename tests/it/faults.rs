@@ -21,6 +21,7 @@ fn spawn_worker(app: &TestApp, fault_delay_ms: u64) -> Child {
         .env("ATELIER_DATABASE__URL", app.cfg.database_url())
         .env("ATELIER_STORAGE__URL", app.cfg.storage_url())
         .env("ATELIER_MODELS__DIR", &app.cfg.models.dir)
+        .env("ATELIER_MODELS__AUTO_FETCH", "false")
         .env("ATELIER_BOOTSTRAP__ENABLED", "false")
         .env("ATELIER_WORKER__HEARTBEAT_SECS", "1")
         .env("ATELIER_WORKER__CONCURRENCY", "1")

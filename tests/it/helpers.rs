@@ -44,6 +44,7 @@ pub fn test_config(dir: &std::path::Path, database_url: String) -> Config {
     // Model-free engine by default (fast); tests of the real pipeline point
     // models.dir at the fetched models with `with_models`.
     c.models.dir = dir.join("no-models");
+    c.models.auto_fetch = false;
     c.worker.concurrency = 2;
     c.worker.heartbeat_secs = 1;
     c.scheduler.tick_ms = 100;
