@@ -120,6 +120,9 @@ async fn uploads_are_checked_and_single_use() {
     assert_eq!(put("image/png", b"not an image at all".to_vec()).await, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(put("image/png", garment_jpeg(16, 16)).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, "JPEG bytes declared PNG");
     assert_eq!(put("image/png", vec![0u8; 300_000]).await, StatusCode::PAYLOAD_TOO_LARGE);
+    let r = app.http.put(&url).header("content-type", "image/png").body(vec![0u8; 300_000]).send().await.expect("put");
+    let body: serde_json::Value = r.json().await.expect("an envelope, not plain text");
+    assert_eq!(body["code"], "payload_too_large");
     assert_eq!(put("image/png", png(8, 8)).await, StatusCode::OK);
     assert_eq!(put("image/png", png(8, 8)).await, StatusCode::FORBIDDEN, "single use");
     let mut forged = url.clone();

@@ -113,7 +113,12 @@ fn sniff(bytes: &[u8], content_type: &str) -> Result<(u32, u32), String> {
         .map_err(|e| format!("the {content_type} header does not decode: {e}"))
 }
 
-pub async fn receive(State(s): State<AppState>, Path(token): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult<impl IntoResponse> {
+pub async fn receive(
+    State(s): State<AppState>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<impl IntoResponse> {
     let (cap, _) = s.signer.verify(&token, now_ms()).map_err(|e| match e {
         SignError::Expired => ApiError::forbidden("The upload URL has expired; request a new one"),
         SignError::Invalid => ApiError::forbidden("Invalid upload URL signature"),
@@ -121,6 +126,16 @@ pub async fn receive(State(s): State<AppState>, Path(token): Path<String>, heade
     let Capability::Upload { file_id, content_type } = cap else {
         return Err(ApiError::forbidden("This URL does not grant an upload"));
     };
+    let too_large = || {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!(
+            "The image is larger than {} bytes",
+            s.config.limits.max_upload_bytes
+        ))
+    };
+    // Bodies beyond the route's limit are cut off while reading.
+    let body = body.map_err(|e| if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else {
+        ApiError::bad_request(None, format!("cannot read the body: {e}"), "body")
+    })?;
     let sent = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let sent_mime = sent.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if sent_mime != content_type {
@@ -131,10 +146,7 @@ pub async fn receive(State(s): State<AppState>, Path(token): Path<String>, heade
         ));
     }
     if body.len() as u64 > s.config.limits.max_upload_bytes {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!(
-            "The image is larger than {} bytes",
-            s.config.limits.max_upload_bytes
-        )));
+        return Err(too_large());
     }
     let (w, h) = sniff(&body, &content_type)
         .map_err(|m| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", m))?;
