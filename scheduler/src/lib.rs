@@ -295,6 +295,7 @@ pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<
                     metrics::counter!("atelier_retries_total", "type" => "packshot").increment(1);
                     "retried"
                 }
+                atelier_shared::db::scheduling::FailureOutcome::FellBack { .. } => "fell_back",
                 atelier_shared::db::scheduling::FailureOutcome::Failed => "failed",
                 atelier_shared::db::scheduling::FailureOutcome::Ignored => "stale",
             };

@@ -21,6 +21,7 @@ pub struct TestApp {
     pub key: String,
     pub http: reqwest::Client,
     pub store: Store,
+    pub services: atelier::app::Services,
     pub cfg: Config,
     pub shutdown: CancellationToken,
     pub dir: tempfile::TempDir,
@@ -78,6 +79,7 @@ impl TestApp {
         let running = app::start(cfg.clone(), roles, shutdown.clone()).await.expect("app starts");
         let base = format!("http://{}", running.addr);
         let store = running.services.store.clone();
+        let services = running.services.clone();
         let mut cfg = cfg;
         cfg.server.public_url = base.clone();
         let handle = tokio::spawn(running.wait());
@@ -86,6 +88,7 @@ impl TestApp {
             key: DEV_KEY.into(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
             store,
+            services,
             cfg,
             shutdown,
             dir,

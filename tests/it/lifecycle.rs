@@ -162,3 +162,58 @@ async fn real_models_cut_out_a_garment_on_pure_white() {
     app.audit_clean().await;
     app.stop().await;
 }
+
+/// An engine that refuses everything, like a generative backend's content filter.
+struct Refuser;
+
+impl atelier_worker::engine::Engine for Refuser {
+    fn name(&self) -> &'static str {
+        "refuser"
+    }
+
+    fn render(&self, _: &atelier_worker::engine::RenderRequest<'_>) -> Result<atelier_worker::engine::Rendered, atelier_worker::failure::TaskFailure> {
+        Err(atelier_worker::failure::TaskFailure::refused("content policy: refused by the test engine"))
+    }
+}
+
+#[tokio::test]
+async fn auto_falls_back_to_the_next_engine_when_one_refuses() {
+    use atelier_worker::engine::{BasicEngine, Engine, Pipeline};
+    use std::sync::Arc;
+    let app = TestApp::with(Dialect::Sqlite, Roles { api: true, scheduler: true, worker: false }, |_| {}).await;
+    let worker = |engines: Vec<Arc<dyn Engine>>| {
+        let s = &app.services;
+        let mut ctx = atelier_worker::WorkerContext::from_config(&app.cfg, s.store.clone(), s.queue.clone(), s.objects.clone());
+        ctx.pipeline = Pipeline::new(engines);
+        let stop = tokio_util::sync::CancellationToken::new();
+        (tokio::spawn(atelier_worker::run(ctx, stop.clone())), stop)
+    };
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
+    let body = json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}], "options": {"model": "auto"}});
+    let (before, _) = app.balance(&app.key).await;
+
+    let (handle, stop) = worker(vec![Arc::new(Refuser), Arc::new(BasicEngine)]);
+    let (_, v) = app.post("/create-packshot", body.clone()).await;
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
+    assert_eq!(r["results"][0]["model_used"], "atelier-basic", "model_used names the engine that really ran");
+    assert_eq!(app.store.latest_outputs(&job).await.expect("outputs")[0].engine_index, 1);
+    stop.cancel();
+    handle.await.expect("joins").expect("stops");
+
+    // When every engine refuses, the output fails with the refusal and costs nothing.
+    let (handle, stop) = worker(vec![Arc::new(Refuser)]);
+    let (_, v) = app.post("/create-packshot", body).await;
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
+    assert_eq!(st["status"], "failed", "{st}");
+    assert!(st["error_message"].as_str().is_some_and(|m| m.contains("every configured engine refused") && m.contains("content policy")), "{st}");
+    assert_eq!(app.balance(&app.key).await, (before - 3.0, 0.0), "only the completed output was charged");
+    stop.cancel();
+    handle.await.expect("joins").expect("stops");
+    app.audit_clean().await;
+    app.stop().await;
+}

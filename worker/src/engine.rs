@@ -158,12 +158,15 @@ impl Pipeline {
     }
 
     /// Runs engine `engine_index` (the `auto` fallback order) on one output.
+    /// `previous_refusal` is why the engine before it refused, if one did.
     /// Synchronous and CPU-bound: call it from the blocking pool.
-    pub fn run(&self, req: &RenderRequest<'_>, engine_index: usize) -> Result<PipelineOutput, TaskFailure> {
-        let engine = self
-            .engines
-            .get(engine_index)
-            .ok_or_else(|| TaskFailure::permanent("no engine left to try for this output"))?;
+    pub fn run(&self, req: &RenderRequest<'_>, engine_index: usize, previous_refusal: Option<&str>) -> Result<PipelineOutput, TaskFailure> {
+        let engine = self.engines.get(engine_index).ok_or_else(|| {
+            TaskFailure::permanent(match previous_refusal {
+                Some(why) => format!("every configured engine refused this content; last refusal: {why}"),
+                None => "no engine left to try for this output".to_string(),
+            })
+        })?;
         let ins = &req.spec.instructions[req.instruction_index.min(req.spec.instructions.len().saturating_sub(1))];
         let t = Instant::now();
         let rendered = engine.render(req)?;

@@ -273,6 +273,7 @@ async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputResult, TaskF
     let max_pixels = ctx.max_input_pixels;
     let (ins, var, engine_index) =
         (output.instruction_index as usize, output.variation_index as u32, output.engine_index as usize);
+    let previous_refusal = (engine_index > 0).then(|| output.last_error.clone()).flatten();
     let work = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
         let inputs = raw
@@ -288,7 +289,7 @@ async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputResult, TaskF
             return Err(TaskFailure::permanent("instruction index out of range"));
         }
         let req = RenderRequest { spec: &spec, instruction_index: ins, variation_index: var, inputs: &inputs };
-        let out = pipeline.run(&req, engine_index)?;
+        let out = pipeline.run(&req, engine_index, previous_refusal.as_deref())?;
         let format = spec.instructions[ins].output.format;
         Ok((out, format))
     });

@@ -149,6 +149,29 @@ pub async fn retries_then_gives_up(s: Store) {
     audit_clean(&s).await;
 }
 
+pub async fn refusals_fall_back_only_under_auto(s: Store) {
+    let a = account(&s, "rita", 20).await;
+    let policy = RetryPolicy::default();
+    for (model, expect_fallback) in [("auto", true), ("seedream", false)] {
+        let mut j = job(&a, &[3], None);
+        j.spec_json = serde_json::json!({"model": model}).to_string();
+        let id = created(&s, j).await;
+        let o = s.latest_outputs(&id).await.expect("outputs")[0].id;
+        let at = s.claim_for_dispatch(o, now_ms() + 60_000, "t").await.expect("claim").expect("claimed");
+        let r = s.record_failure(o, at, &FailureKind::Refused, "content refused", &policy, 0.5).await.expect("fail");
+        let row = s.output(o).await.expect("read").expect("row");
+        if expect_fallback {
+            assert_eq!(r, FailureOutcome::FellBack { engine_index: 1 });
+            assert_eq!((row.status.as_str(), row.engine_index), ("pending", 1));
+            assert_eq!(row.last_error.as_deref(), Some("content refused"));
+        } else {
+            assert_eq!(r, FailureOutcome::Failed);
+            assert_eq!(row.error_message.as_deref(), Some("content refused"));
+        }
+    }
+    audit_clean(&s).await;
+}
+
 pub async fn expired_leases_are_found(s: Store) {
     let a = account(&s, "erin", 20).await;
     let j = created(&s, job(&a, &[3], None)).await;
@@ -253,6 +276,7 @@ macro_rules! store_suite {
             t!(outputs_are_recorded_and_charged_once);
             t!(retries_then_gives_up);
             t!(expired_leases_are_found);
+            t!(refusals_fall_back_only_under_auto);
             t!(abort_cancels_open_outputs_only);
             t!(ledger_is_append_only_and_states_are_checked);
             t!(projects_are_per_account);

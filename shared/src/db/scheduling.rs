@@ -32,6 +32,9 @@ pub struct DispatchCandidate {
 pub enum FailureOutcome {
     /// Rescheduled for another attempt at `at` (epoch ms).
     Retried { at: i64 },
+    /// The engine refused; rescheduled at once on the next engine of the
+    /// `auto` order.
+    FellBack { engine_index: i64 },
     /// The output failed for good.
     Failed,
     /// Stale or duplicate report: nothing changed.
@@ -207,7 +210,21 @@ impl Store {
             FailureKind::Retryable => attempt < o.max_attempts,
             FailureKind::Permanent | FailureKind::Refused => false,
         };
-        let outcome = if retry_allowed {
+        // A refusal falls back to the next engine only when the client let the
+        // server choose (`model: auto`); a named engine's refusal is final.
+        let fallback_allowed = matches!(kind, FailureKind::Refused) && attempt < o.max_attempts && {
+            let spec: String = sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1").bind(&o.job_id).fetch_one(&mut *tx).await?;
+            serde_json::from_str::<serde_json::Value>(&spec).ok().is_some_and(|v| v["model"] == "auto")
+        };
+        let outcome = if fallback_allowed {
+            let sql = format!(
+                "UPDATE outputs SET status = 'pending', engine_index = engine_index + 1, scheduled_at = $3, lease_expires_at = NULL, \
+                 lease_owner = NULL, last_error = $4, updated_at = $3 WHERE id = $1 AND attempt = $2 AND status IN ({})",
+                OutputStatus::sql_sources_of(OutputStatus::Pending)
+            );
+            sqlx::query(&sql).bind(output_id).bind(attempt).bind(now_ms()).bind(message).execute(&mut *tx).await?;
+            FailureOutcome::FellBack { engine_index: o.engine_index + 1 }
+        } else if retry_allowed {
             let delay = policy.delay(u32::try_from(attempt).unwrap_or(u32::MAX), unit);
             let at = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
             let sql = format!(
