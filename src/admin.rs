@@ -121,7 +121,10 @@ async fn find(store: &Store, id_or_name: &str) -> anyhow::Result<Account> {
     if let Some(a) = store.account(id_or_name).await? {
         return Ok(a);
     }
-    store.account_by_name(id_or_name).await?.ok_or_else(|| anyhow!("no account with id or name {id_or_name:?}"))
+    store
+        .account_by_name(id_or_name)
+        .await?
+        .ok_or_else(|| anyhow!("no account with id or name {id_or_name:?}"))
 }
 
 fn show(a: &Account) -> serde_json::Value {
@@ -133,23 +136,49 @@ fn show(a: &Account) -> serde_json::Value {
 }
 
 pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
-    let store = Store::connect(&cfg.database_url(), 2).await.context("cannot open the database")?;
+    let store = Store::connect(&cfg.database_url(), 2)
+        .await
+        .context("cannot open the database")?;
     store.migrate().await?;
     let out = match cmd {
-        AdminCommand::Account(AccountCmd::Create { name, plan, credits, max_size, custom_dimensions, operator, with_key }) => {
+        AdminCommand::Account(AccountCmd::Create {
+            name,
+            plan,
+            credits,
+            max_size,
+            custom_dimensions,
+            operator,
+            with_key,
+        }) => {
             let max_size = max_size.unwrap_or_else(|| cfg.limits.default_max_size.clone());
             let a = store
-                .create_account(NewAccount { name: &name, plan: &plan, max_size: &max_size, custom_dimensions, is_operator: operator })
+                .create_account(NewAccount {
+                    name: &name,
+                    plan: &plan,
+                    max_size: &max_size,
+                    custom_dimensions,
+                    is_operator: operator,
+                })
                 .await
                 .map_err(|e| match e {
-                    atelier_shared::db::StoreError::Conflict(_) => anyhow!("an account named {name:?} already exists"),
+                    atelier_shared::db::StoreError::Conflict(_) => {
+                        anyhow!("an account named {name:?} already exists")
+                    }
                     other => other.into(),
                 })?;
-            let amount = Credits::from_f64(credits).ok_or_else(|| anyhow!("--credits must be a finite number"))?;
+            let amount = Credits::from_f64(credits)
+                .ok_or_else(|| anyhow!("--credits must be a finite number"))?;
             if amount.0 < 0 {
                 bail!("--credits must not be negative");
             }
-            let a = if amount.0 > 0 { store.grant_credits(&a.id, amount, "initial grant").await?.unwrap_or(a) } else { a };
+            let a = if amount.0 > 0 {
+                store
+                    .grant_credits(&a.id, amount, "initial grant")
+                    .await?
+                    .unwrap_or(a)
+            } else {
+                a
+            };
             let mut v = show(&a);
             if with_key {
                 let (key_id, token) = store.create_api_key(&a.id, "cli", None, None).await?;
@@ -158,14 +187,33 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
             }
             v
         }
-        AdminCommand::Account(AccountCmd::Policy { account, plan, max_size, custom_dimensions }) => {
+        AdminCommand::Account(AccountCmd::Policy {
+            account,
+            plan,
+            max_size,
+            custom_dimensions,
+        }) => {
             let a = find(&store, &account).await?;
-            show(&store.set_account_policy(&a.id, plan.as_deref(), max_size.as_deref(), custom_dimensions).await?)
+            show(
+                &store
+                    .set_account_policy(
+                        &a.id,
+                        plan.as_deref(),
+                        max_size.as_deref(),
+                        custom_dimensions,
+                    )
+                    .await?,
+            )
         }
         AdminCommand::Account(AccountCmd::Show { account }) => show(&find(&store, &account).await?),
-        AdminCommand::Key(KeyCmd::Create { account, name, expires_days }) => {
+        AdminCommand::Key(KeyCmd::Create {
+            account,
+            name,
+            expires_days,
+        }) => {
             let a = find(&store, &account).await?;
-            let exp = expires_days.map(|d| atelier_shared::time::now_ms() + i64::from(d) * 86_400_000);
+            let exp =
+                expires_days.map(|d| atelier_shared::time::now_ms() + i64::from(d) * 86_400_000);
             let (key_id, token) = store.create_api_key(&a.id, &name, None, exp).await?;
             json!({"account_id": a.id, "key_id": key_id, "api_key": token, "note": "shown once; only a hash is stored"})
         }
@@ -176,26 +224,42 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
             }
             json!({"revoked": key_id})
         }
-        AdminCommand::Credits(CreditsCmd::Grant { account, amount, reason }) => {
+        AdminCommand::Credits(CreditsCmd::Grant {
+            account,
+            amount,
+            reason,
+        }) => {
             let a = find(&store, &account).await?;
-            let amount = Credits::from_f64(amount).ok_or_else(|| anyhow!("--amount must be a finite number"))?;
+            let amount = Credits::from_f64(amount)
+                .ok_or_else(|| anyhow!("--amount must be a finite number"))?;
             let after = store
                 .grant_credits(&a.id, amount, &reason)
                 .await?
-                .ok_or_else(|| anyhow!("refused: the balance would fall below the credits reserved by running jobs"))?;
+                .ok_or_else(|| {
+                    anyhow!(
+                        "refused: the balance would fall below the credits reserved by running jobs"
+                    )
+                })?;
             show(&after)
         }
-        AdminCommand::Group(GroupCmd::Create { name, owner, shared_billing }) => {
+        AdminCommand::Group(GroupCmd::Create {
+            name,
+            owner,
+            shared_billing,
+        }) => {
             let o = find(&store, &owner).await?;
             let id = store.create_group(&name, &o.id, shared_billing).await?;
             json!({"group_id": id, "name": name, "owner": o.id, "shared_billing": shared_billing})
         }
         AdminCommand::Group(GroupCmd::AddMember { group, account }) => {
             let a = find(&store, &account).await?;
-            store.add_group_member(&group, &a.id).await.map_err(|e| match e {
-                atelier_shared::db::StoreError::NotFound => anyhow!("no group named {group:?}"),
-                other => other.into(),
-            })?;
+            store
+                .add_group_member(&group, &a.id)
+                .await
+                .map_err(|e| match e {
+                    atelier_shared::db::StoreError::NotFound => anyhow!("no group named {group:?}"),
+                    other => other.into(),
+                })?;
             json!({"group": group, "member": a.id})
         }
         AdminCommand::Audit => {

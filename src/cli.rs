@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "atelier", version, about = "Self-hostable platform for AI fashion imagery jobs")]
+#[command(
+    name = "atelier",
+    version,
+    about = "Self-hostable platform for AI fashion imagery jobs"
+)]
 pub struct Cli {
     /// TOML configuration file (defaults → this file → ATELIER_* environment).
     #[arg(long, global = true, env = "ATELIER_CONFIG")]
@@ -40,7 +44,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     let command = cli.command.unwrap_or(Command::Serve);
     if matches!(command, Command::Config) {
-        print!("{}", toml::to_string_pretty(&cfg.redacted()).context("cannot render the configuration")?);
+        print!(
+            "{}",
+            toml::to_string_pretty(&cfg.redacted()).context("cannot render the configuration")?
+        );
         return Ok(());
     }
     atelier_shared::telemetry::init_tracing(&cfg.log.format, &cfg.log.level);

@@ -23,11 +23,24 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, error: impl Into<String>) -> ApiError {
-        ApiError { status, code, error: error.into(), detail: Vec::new(), extra: Map::new(), headers: Vec::new() }
+        ApiError {
+            status,
+            code,
+            error: error.into(),
+            detail: Vec::new(),
+            extra: Map::new(),
+            headers: Vec::new(),
+        }
     }
 
-    pub fn with_detail(mut self, field: Option<&str>, message: impl Into<String>, position: &str) -> ApiError {
-        self.detail.push(json!({"field": field, "message": message.into(), "position": position}));
+    pub fn with_detail(
+        mut self,
+        field: Option<&str>,
+        message: impl Into<String>,
+        position: &str,
+    ) -> ApiError {
+        self.detail
+            .push(json!({"field": field, "message": message.into(), "position": position}));
         self
     }
 
@@ -56,13 +69,18 @@ impl ApiError {
         e
     }
 
-    pub fn bad_request(field: Option<&str>, message: impl Into<String>, position: &str) -> ApiError {
+    pub fn bad_request(
+        field: Option<&str>,
+        message: impl Into<String>,
+        position: &str,
+    ) -> ApiError {
         let message = message.into();
         let summary = match field {
             Some(f) => format!("Invalid request: {f} {message}"),
             None => format!("Invalid request: {message}"),
         };
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", summary).with_detail(field, message, position)
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", summary)
+            .with_detail(field, message, position)
     }
 
     pub fn not_found(what: impl Into<String>) -> ApiError {
@@ -84,18 +102,27 @@ impl ApiError {
     pub fn too_many(code: &'static str, why: impl Into<String>, retry_after_secs: u64) -> ApiError {
         ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, why)
             .with("retry_after", retry_after_secs)
-            .header(axum::http::header::RETRY_AFTER, retry_after_secs.to_string())
+            .header(
+                axum::http::header::RETRY_AFTER,
+                retry_after_secs.to_string(),
+            )
     }
 
     pub fn unavailable(why: impl Into<String>, retry_after_secs: u64) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why)
-            .header(axum::http::header::RETRY_AFTER, retry_after_secs.to_string())
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why).header(
+            axum::http::header::RETRY_AFTER,
+            retry_after_secs.to_string(),
+        )
     }
 
     /// A 500 whose cause is logged here and never sent to the client.
     pub fn internal(cause: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %cause, "internal error");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal server error")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "Internal server error",
+        )
     }
 }
 

@@ -54,29 +54,55 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, store: Store, objects: DynObjectStore, signer: Signer) -> AppState {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        objects: DynObjectStore,
+        signer: Signer,
+    ) -> AppState {
         AppState {
             store,
             objects,
             signer,
-            limiter: Arc::new(limits::Limiter::new(config.limits.requests_per_minute, config.limits.create_per_minute)),
-            engines: Arc::new(EngineAvailability { configured: Vec::<EngineChoice>::new() }),
+            limiter: Arc::new(limits::Limiter::new(
+                config.limits.requests_per_minute,
+                config.limits.create_per_minute,
+            )),
+            engines: Arc::new(EngineAvailability {
+                configured: Vec::<EngineChoice>::new(),
+            }),
             config,
         }
     }
 
     /// Absolute URL of an API path (public base + optional prefix).
     pub fn url(&self, path: &str) -> String {
-        format!("{}{}{}", self.config.server.public_url.trim_end_matches('/'), self.config.server.prefix, path)
+        format!(
+            "{}{}{}",
+            self.config.server.public_url.trim_end_matches('/'),
+            self.config.server.prefix,
+            path
+        )
     }
 
     /// A URL that reads one stored object without credentials, valid `ttl`.
-    pub async fn object_url(&self, key: &str, content_type: &str, ttl: Duration) -> Result<String, ApiError> {
+    pub async fn object_url(
+        &self,
+        key: &str,
+        content_type: &str,
+        ttl: Duration,
+    ) -> Result<String, ApiError> {
         if let Some(u) = self.objects.presign_get(key, ttl).await? {
             return Ok(u);
         }
         let exp = now_ms() + ttl.as_millis() as i64;
-        let token = self.signer.sign(&Capability::Get { key: key.to_string(), content_type: content_type.to_string() }, exp);
+        let token = self.signer.sign(
+            &Capability::Get {
+                key: key.to_string(),
+                content_type: content_type.to_string(),
+            },
+            exp,
+        );
         Ok(self.url(&format!("/files/{token}")))
     }
 }
@@ -84,8 +110,14 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let max_upload = usize::try_from(state.config.limits.max_upload_bytes).unwrap_or(usize::MAX);
     let authed = Router::new()
-        .route("/project", post(routes::projects::create).get(routes::projects::list))
-        .route("/project/{project_id}", get(routes::projects::read).delete(routes::projects::delete))
+        .route(
+            "/project",
+            post(routes::projects::create).get(routes::projects::list),
+        )
+        .route(
+            "/project/{project_id}",
+            get(routes::projects::read).delete(routes::projects::delete),
+        )
         .route("/upload", post(routes::uploads::issue))
         .route("/create-packshot", post(routes::jobs::create_packshot))
         .route("/jobs/{job_id}/status", get(routes::jobs::status))
@@ -95,18 +127,30 @@ pub fn router(state: AppState) -> Router {
         .route("/download/bulk", post(routes::downloads::issue_bulk))
         .route("/billing/balance", get(routes::billing::balance))
         .route("/admin/credits/grants", post(routes::billing::grant))
-        .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     let public = Router::new()
         .route("/healthz", get(routes::health::healthz))
         .route("/metrics", get(routes::health::metrics))
-        .route("/upload/{token}", put(routes::uploads::receive).layer(DefaultBodyLimit::max(max_upload.saturating_add(1))))
+        .route(
+            "/upload/{token}",
+            put(routes::uploads::receive)
+                .layer(DefaultBodyLimit::max(max_upload.saturating_add(1))),
+        )
         .route("/files/{token}", get(routes::uploads::serve_file))
         .route("/download/{token}", get(routes::downloads::stream));
-    let app = authed.merge(public).fallback(routes::health::not_found).with_state(state.clone());
+    let app = authed
+        .merge(public)
+        .fallback(routes::health::not_found)
+        .with_state(state.clone());
     let app = if state.config.server.prefix.is_empty() {
         app
     } else {
-        Router::new().nest(&state.config.server.prefix, app).fallback(routes::health::not_found)
+        Router::new()
+            .nest(&state.config.server.prefix, app)
+            .fallback(routes::health::not_found)
     };
     app.layer(middleware::from_fn(record_metrics))
         .layer(TraceLayer::new_for_http())
@@ -116,17 +160,26 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn record_metrics(req: Request, next: middleware::Next) -> axum::response::Response {
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
     let t = Instant::now();
     let resp = next.run(req).await;
     metrics::counter!("atelier_http_requests_total", "route" => route.clone(), "status" => resp.status().as_u16().to_string())
         .increment(1);
-    metrics::histogram!("atelier_http_request_duration_seconds", "route" => route).record(t.elapsed().as_secs_f64());
+    metrics::histogram!("atelier_http_request_duration_seconds", "route" => route)
+        .record(t.elapsed().as_secs_f64());
     resp
 }
 
 /// Serves the API on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let limiter = state.limiter.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -138,6 +191,8 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         }
     });
     tracing::info!(addr = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
     Ok(())
 }

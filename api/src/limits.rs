@@ -8,7 +8,8 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use std::num::NonZeroU32;
 
-type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+type Keyed =
+    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
 
 /// The state of the bucket a request was checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +67,8 @@ impl Limiter {
                     allowed: true,
                     limit: per_minute,
                     remaining,
-                    reset_secs: (f64::from(per_minute - remaining.min(per_minute)) * refill).ceil() as u64,
+                    reset_secs: (f64::from(per_minute - remaining.min(per_minute)) * refill).ceil()
+                        as u64,
                     retry_after_secs: 0,
                 }
             }
@@ -105,6 +107,9 @@ mod tests {
         let d = l.check(Bucket::Create, "acc:create-packshot");
         assert!(!d.allowed);
         assert!((1..=12).contains(&d.retry_after_secs), "{d:?}");
-        assert!(l.check(Bucket::Create, "other:create-packshot").allowed, "buckets are per key");
+        assert!(
+            l.check(Bucket::Create, "other:create-packshot").allowed,
+            "buckets are per key"
+        );
     }
 }

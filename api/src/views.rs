@@ -10,7 +10,11 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 pub fn pagination(page: i64, per_page: i64, total: i64) -> Value {
-    let pages = if total == 0 { 0 } else { (total + per_page - 1) / per_page };
+    let pages = if total == 0 {
+        0
+    } else {
+        (total + per_page - 1) / per_page
+    };
     json!({"page": page, "per_page": per_page, "total": total, "pages": pages, "has_next": page < pages, "has_prev": page > 1})
 }
 
@@ -48,22 +52,39 @@ pub fn job_status(j: &JobRow) -> Value {
 }
 
 fn content_type_of(key: &str) -> &'static str {
-    if key.ends_with(".png") { "image/png" } else { "image/jpeg" }
+    if key.ends_with(".png") {
+        "image/png"
+    } else {
+        "image/jpeg"
+    }
 }
 
 /// `ImageResult` (contract §3.10). URLs are signed for `ttl`.
-pub async fn image_result(state: &AppState, job: &JobRow, o: &OutputRow, inputs: &Value, ttl: Duration) -> Result<Value, ApiError> {
+pub async fn image_result(
+    state: &AppState,
+    job: &JobRow,
+    o: &OutputRow,
+    inputs: &Value,
+    ttl: Duration,
+) -> Result<Value, ApiError> {
     let url = |k: Option<&String>| {
         let k = k.cloned();
         async move {
             match k {
-                Some(k) => state.object_url(&k, content_type_of(&k), ttl).await.map(Value::String),
+                Some(k) => state
+                    .object_url(&k, content_type_of(&k), ttl)
+                    .await
+                    .map(Value::String),
                 None => Ok(Value::Null),
             }
         }
     };
     let status = o.status();
-    let description: Value = o.input_description.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or(json!({}));
+    let description: Value = o
+        .input_description
+        .as_deref()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or(json!({}));
     let ext = &o.output_format;
     Ok(json!({
         "id": o.id,

@@ -59,7 +59,11 @@ pub struct SchedulerContext {
 }
 
 impl SchedulerContext {
-    pub fn from_config(cfg: &atelier_shared::config::Config, store: Store, queue: DynQueue) -> SchedulerContext {
+    pub fn from_config(
+        cfg: &atelier_shared::config::Config,
+        store: Store,
+        queue: DynQueue,
+    ) -> SchedulerContext {
         SchedulerContext {
             store,
             queue,
@@ -101,7 +105,11 @@ async fn outbox_relay(ctx: SchedulerContext, stop: CancellationToken) {
             Ok(rows) if rows.is_empty() => backoff = Duration::from_millis(200),
             Ok(rows) => {
                 for row in rows {
-                    let m = Message { payload: row.payload.clone(), headers: Default::default(), delay: None };
+                    let m = Message {
+                        payload: row.payload.clone(),
+                        headers: Default::default(),
+                        delay: None,
+                    };
                     match ctx.queue.publish(&row.topic, m).await {
                         Ok(()) => {
                             if let Err(e) = ctx.store.mark_outbox_sent(row.id).await {
@@ -176,7 +184,14 @@ async fn reap(ctx: &SchedulerContext) -> anyhow::Result<()> {
         let unit: f64 = rand::rng().random();
         let r = ctx
             .store
-            .record_failure(output_id, attempt, &FailureKind::Retryable, "lease expired: the worker was lost or timed out", &ctx.retry, unit)
+            .record_failure(
+                output_id,
+                attempt,
+                &FailureKind::Retryable,
+                "lease expired: the worker was lost or timed out",
+                &ctx.retry,
+                unit,
+            )
             .await?;
         tracing::warn!(output_id, attempt, outcome = ?r, "scheduler: reclaimed an expired lease");
         metrics::counter!("atelier_leases_reaped_total").increment(1);
@@ -199,23 +214,40 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: &'static str) -> anyhow::
     let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
     let mut jobs = std::collections::HashMap::new();
     for c in candidates {
-        let weight = if c.plan == "enterprise" { ctx.enterprise_weight } else { 1 };
+        let weight = if c.plan == "enterprise" {
+            ctx.enterprise_weight
+        } else {
+            1
+        };
         let lane = lanes.entry(c.account_id.clone()).or_insert_with(|| Lane {
             account: c.account_id.clone(),
             weight,
             in_flight: in_flight.get(&c.account_id).copied().unwrap_or(0),
             waiting: VecDeque::new(),
         });
-        lane.waiting.push_back(Candidate { output_id: c.output_id, ready_at: c.ready_at });
+        lane.waiting.push_back(Candidate {
+            output_id: c.output_id,
+            ready_at: c.ready_at,
+        });
         jobs.insert(c.output_id, c.job_id);
     }
     for (_, pick) in fair::pick(lanes.into_values().collect(), slots) {
         let deadline = now_ms() + ctx.dispatch_lease.as_millis() as i64;
-        let Some(attempt) = ctx.store.claim_for_dispatch(pick.output_id, deadline, &ctx.instance).await? else {
+        let Some(attempt) = ctx
+            .store
+            .claim_for_dispatch(pick.output_id, deadline, &ctx.instance)
+            .await?
+        else {
             continue; // another replica took it
         };
         let job_id = jobs.get(&pick.output_id).cloned().unwrap_or_default();
-        let task = Task { job_id, output_id: pick.output_id, attempt, deadline_ms: deadline, traceparent: None };
+        let task = Task {
+            job_id,
+            output_id: pick.output_id,
+            attempt,
+            deadline_ms: deadline,
+            traceparent: None,
+        };
         if let Err(e) = ctx.queue.publish(queue, Message::json(&task)?).await {
             ctx.store.unclaim(pick.output_id, attempt).await?;
             return Err(e.into());
@@ -269,9 +301,17 @@ async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancel
 pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<bool> {
     let now = now_ms();
     Ok(match outcome {
-        Outcome::Started { output_id, attempt, worker } => {
+        Outcome::Started {
+            output_id,
+            attempt,
+            worker,
+        } => {
             let lease = now + ctx.running_lease.as_millis() as i64;
-            if !ctx.store.record_started(*output_id, *attempt, lease, worker).await? {
+            if !ctx
+                .store
+                .record_started(*output_id, *attempt, lease, worker)
+                .await?
+            {
                 tracing::debug!(output_id, attempt, "scheduler: stale start ignored");
             }
             false
@@ -281,15 +321,31 @@ pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<
             ctx.store.extend_lease(*output_id, *attempt, lease).await?;
             false
         }
-        Outcome::Completed { output_id, attempt, result } => {
-            let recorded = ctx.store.record_completed(*output_id, *attempt, result).await?;
+        Outcome::Completed {
+            output_id,
+            attempt,
+            result,
+        } => {
+            let recorded = ctx
+                .store
+                .record_completed(*output_id, *attempt, result)
+                .await?;
             let label = if recorded { "completed" } else { "stale" };
-            metrics::counter!("atelier_tasks_total", "type" => "packshot", "outcome" => label).increment(1);
+            metrics::counter!("atelier_tasks_total", "type" => "packshot", "outcome" => label)
+                .increment(1);
             recorded
         }
-        Outcome::Failed { output_id, attempt, failure, message } => {
+        Outcome::Failed {
+            output_id,
+            attempt,
+            failure,
+            message,
+        } => {
             let unit: f64 = rand::rng().random();
-            let r = ctx.store.record_failure(*output_id, *attempt, failure, message, &ctx.retry, unit).await?;
+            let r = ctx
+                .store
+                .record_failure(*output_id, *attempt, failure, message, &ctx.retry, unit)
+                .await?;
             let label = match r {
                 atelier_shared::db::scheduling::FailureOutcome::Retried { .. } => {
                     metrics::counter!("atelier_retries_total", "type" => "packshot").increment(1);
@@ -299,7 +355,8 @@ pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<
                 atelier_shared::db::scheduling::FailureOutcome::Failed => "failed",
                 atelier_shared::db::scheduling::FailureOutcome::Ignored => "stale",
             };
-            metrics::counter!("atelier_tasks_total", "type" => "packshot", "outcome" => label).increment(1);
+            metrics::counter!("atelier_tasks_total", "type" => "packshot", "outcome" => label)
+                .increment(1);
             true
         }
     })

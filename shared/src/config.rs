@@ -193,7 +193,10 @@ impl Default for Config {
         Config {
             server: ServerConfig::default(),
             data_dir: PathBuf::from("./data"),
-            database: DatabaseConfig { url: None, max_connections: 10 },
+            database: DatabaseConfig {
+                url: None,
+                max_connections: 10,
+            },
             queue: QueueConfig::default(),
             redis: RedisConfig::default(),
             storage: StorageConfig::default(),
@@ -223,7 +226,9 @@ impl Default for ServerConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { url: "embedded".into() }
+        QueueConfig {
+            url: "embedded".into(),
+        }
     }
 }
 
@@ -248,26 +253,38 @@ impl ModelsConfig {
         self.onnxruntime_lib
             .clone()
             .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
-            .unwrap_or_else(|| self.dir.join("onnxruntime").join("libonnxruntime.so.1.31.1"))
+            .unwrap_or_else(|| {
+                self.dir
+                    .join("onnxruntime")
+                    .join("libonnxruntime.so.1.31.1")
+            })
     }
 }
 
 impl Default for BootstrapConfig {
     fn default() -> Self {
-        BootstrapConfig { api_key: None, credits: 1000.0, enabled: true }
+        BootstrapConfig {
+            api_key: None,
+            credits: 1000.0,
+            enabled: true,
+        }
     }
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            concurrency: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            concurrency: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             heartbeat_secs: 10,
             task_timeout_secs: 600,
             shutdown_grace_secs: 30,
             max_input_pixels: 64_000_000,
             device: "cpu".into(),
-            inference_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            inference_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             fault_delay_ms: 0,
         }
     }
@@ -303,7 +320,10 @@ impl Default for LimitsConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: "pretty".into(), level: "info".into() }
+        LogConfig {
+            format: "pretty".into(),
+            level: "info".into(),
+        }
     }
 }
 
@@ -330,10 +350,12 @@ impl Config {
     }
 
     pub fn database_url(&self) -> String {
-        self.database
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", self.data_dir.join("atelier.db").display()))
+        self.database.url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("atelier.db").display()
+            )
+        })
     }
 
     pub fn storage_url(&self) -> String {
@@ -345,33 +367,59 @@ impl Config {
 
     /// Tasks the scheduler keeps in each work queue.
     pub fn queue_target(&self) -> usize {
-        if self.scheduler.queue_target > 0 { self.scheduler.queue_target } else { self.worker.concurrency.max(1) * 2 }
+        if self.scheduler.queue_target > 0 {
+            self.scheduler.queue_target
+        } else {
+            self.worker.concurrency.max(1) * 2
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut e = Vec::new();
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
-            e.push(format!("server.listen: `{}` is not an address like 127.0.0.1:8080", self.server.listen));
+            e.push(format!(
+                "server.listen: `{}` is not an address like 127.0.0.1:8080",
+                self.server.listen
+            ));
         }
         match url::Url::parse(&self.server.public_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            _ => e.push(format!("server.public_url: `{}` must be an absolute http(s) URL", self.server.public_url)),
+            _ => e.push(format!(
+                "server.public_url: `{}` must be an absolute http(s) URL",
+                self.server.public_url
+            )),
         }
-        if !self.server.prefix.is_empty() && (!self.server.prefix.starts_with('/') || self.server.prefix.ends_with('/')) {
+        if !self.server.prefix.is_empty()
+            && (!self.server.prefix.starts_with('/') || self.server.prefix.ends_with('/'))
+        {
             e.push("server.prefix: must start with `/` and not end with one (e.g. `/api`)".into());
         }
-        if self.server.url_signing_key.as_ref().is_some_and(|k| k.len() < 32) {
+        if self
+            .server
+            .url_signing_key
+            .as_ref()
+            .is_some_and(|k| k.len() < 32)
+        {
             e.push("server.url_signing_key: must be at least 32 characters".into());
         }
         let db = self.database_url();
-        if !(db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")) {
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("postgres://")
+            || db.starts_with("postgresql://"))
+        {
             e.push("database.url: must start with sqlite:// or postgres://".into());
         }
         if self.database.max_connections == 0 {
             e.push("database.max_connections: must be at least 1".into());
         }
-        if !(self.queue.url == "embedded" || self.queue.url.starts_with("amqp://") || self.queue.url.starts_with("amqps://")) {
-            e.push(format!("queue.url: `{}` must be `embedded` or an amqp:// URL", self.queue.url));
+        if !(self.queue.url == "embedded"
+            || self.queue.url.starts_with("amqp://")
+            || self.queue.url.starts_with("amqps://"))
+        {
+            e.push(format!(
+                "queue.url: `{}` must be `embedded` or an amqp:// URL",
+                self.queue.url
+            ));
         }
         if let Some(r) = &self.redis.url {
             if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
@@ -381,7 +429,9 @@ impl Config {
         let st = self.storage_url();
         if st.starts_with("s3://") {
             if self.storage.s3_access_key.is_none() || self.storage.s3_secret_key.is_none() {
-                e.push("storage: s3:// needs storage.s3_access_key and storage.s3_secret_key".into());
+                e.push(
+                    "storage: s3:// needs storage.s3_access_key and storage.s3_secret_key".into(),
+                );
             }
         } else if !st.starts_with("file://") {
             e.push("storage.url: must be file://<dir> or s3://bucket[/prefix]".into());
@@ -395,7 +445,10 @@ impl Config {
             e.push("bootstrap.credits: must be a non-negative number".into());
         }
         if !matches!(self.worker.device.as_str(), "cpu" | "cuda") {
-            e.push(format!("worker.device: `{}` must be `cpu` or `cuda`", self.worker.device));
+            e.push(format!(
+                "worker.device: `{}` must be `cpu` or `cuda`",
+                self.worker.device
+            ));
         }
         if self.models.sessions == 0 || self.models.max_batch == 0 {
             e.push("models.sessions and models.max_batch: must be at least 1".into());
@@ -403,7 +456,9 @@ impl Config {
         if self.worker.concurrency == 0 {
             e.push("worker.concurrency: must be at least 1".into());
         }
-        if self.worker.heartbeat_secs == 0 || self.worker.heartbeat_secs * 2 > self.scheduler.running_lease_secs {
+        if self.worker.heartbeat_secs == 0
+            || self.worker.heartbeat_secs * 2 > self.scheduler.running_lease_secs
+        {
             e.push("worker.heartbeat_secs: must be positive and at most half of scheduler.running_lease_secs".into());
         }
         if self.scheduler.retry.max_attempts == 0 {
@@ -415,7 +470,11 @@ impl Config {
         if crate::domain::credits::SizeClass::parse(&self.limits.default_max_size).is_none() {
             e.push("limits.default_max_size: must be 1K, 2K or 4K".into());
         }
-        for (k, v) in [("1K", self.prices.k1), ("2K", self.prices.k2), ("4K", self.prices.k4)] {
+        for (k, v) in [
+            ("1K", self.prices.k1),
+            ("2K", self.prices.k2),
+            ("4K", self.prices.k4),
+        ] {
             if !v.is_finite() || v < 0.0 {
                 e.push(format!("prices.{k}: must be a non-negative number"));
             }
@@ -423,7 +482,11 @@ impl Config {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             e.push("log.format: must be `pretty` or `json`".into());
         }
-        if e.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(e)) }
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(e))
+        }
     }
 
     /// The effective configuration with every secret replaced, for `atelier config`.
@@ -463,7 +526,12 @@ fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
         Many(Vec<String>),
     }
     Ok(match Either::deserialize(d)? {
-        Either::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+        Either::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
         Either::Many(v) => v,
     })
 }
@@ -484,7 +552,10 @@ mod tests {
     #[test]
     fn env_overrides_file_and_validation_names_keys() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("a.toml", "[server]\nlisten = \"127.0.0.1:9000\"\n[limits]\nactive_jobs = 7\n")?;
+            jail.create_file(
+                "a.toml",
+                "[server]\nlisten = \"127.0.0.1:9000\"\n[limits]\nactive_jobs = 7\n",
+            )?;
             jail.set_env("ATELIER_SERVER__LISTEN", "127.0.0.1:9100");
             jail.set_env("ATELIER_EGRESS__ALLOW", "127.0.0.1, example.test");
             let c = Config::load(Some(Path::new("a.toml"))).expect("loads");

@@ -21,17 +21,36 @@ async fn health_auth_and_rate_limit_headers() {
     let (s, v, _) = app.call(Method::GET, "/project", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_envelope(&v, "unauthorized");
-    let (s, _, _) = app.call(Method::GET, "/project", Some("atl_not_a_real_key"), None).await;
+    let (s, _, _) = app
+        .call(Method::GET, "/project", Some("atl_not_a_real_key"), None)
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 
-    let r = app.http.get(app.url("/project")).header("x-api-key", &app.key).send().await.expect("send");
+    let r = app
+        .http
+        .get(app.url("/project"))
+        .header("x-api-key", &app.key)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["x-ratelimit-limit"], "600");
     assert!(r.headers().contains_key("x-ratelimit-remaining"));
     assert!(r.headers().contains_key("x-ratelimit-reset"));
 
-    let r = app.http.get(app.url("/project")).bearer_auth(&app.key).header("x-api-key", "atl_other").send().await.expect("send");
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "Bearer and X-API-Key must agree");
+    let r = app
+        .http
+        .get(app.url("/project"))
+        .bearer_auth(&app.key)
+        .header("x-api-key", "atl_other")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "Bearer and X-API-Key must agree"
+    );
 
     let (s, v) = app.get("/no/such/route").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
@@ -43,7 +62,9 @@ async fn health_auth_and_rate_limit_headers() {
 async fn projects_crud_conflict_and_isolation() {
     let app = TestApp::spawn().await;
     let id = app.project("Spring 2026").await;
-    let (s, v) = app.post("/project", json!({"project_name": "Spring 2026"})).await;
+    let (s, v) = app
+        .post("/project", json!({"project_name": "Spring 2026"}))
+        .await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(v["project_id"], id.as_str());
     assert_eq!(v["project_name"], "Spring 2026");
@@ -52,13 +73,31 @@ async fn projects_crud_conflict_and_isolation() {
     let (s, v) = app.post("/project", json!({"project_name": "   "})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(v["detail"][0]["field"], "project_name");
-    let (s, _) = app.post("/project", json!({"project_name": "x".repeat(129)})).await;
+    let (s, _) = app
+        .post("/project", json!({"project_name": "x".repeat(129)}))
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, v) = app.post("/project", json!({"project_name": 5})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    let r = app.http.post(app.url("/project")).bearer_auth(&app.key).header("content-type", "application/json").body("{not json").send().await.expect("send");
+    let r = app
+        .http
+        .post(app.url("/project"))
+        .bearer_auth(&app.key)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let r = app.http.post(app.url("/project")).bearer_auth(&app.key).header("content-type", "text/plain").body("{}").send().await.expect("send");
+    let r = app
+        .http
+        .post(app.url("/project"))
+        .bearer_auth(&app.key)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
     for i in 0..3 {
@@ -68,9 +107,15 @@ async fn projects_crud_conflict_and_isolation() {
     }
     let (s, v) = app.get("/project?per_page=2&page=2&order=asc").await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(v["pagination"], json!({"page": 2, "per_page": 2, "total": 4, "pages": 2, "has_next": false, "has_prev": true}));
+    assert_eq!(
+        v["pagination"],
+        json!({"page": 2, "per_page": 2, "total": 4, "pages": 2, "has_next": false, "has_prev": true})
+    );
     assert_eq!(v["projects"][0]["project_text"], "p1");
-    assert_eq!(v["projects"][0]["project_key"], v["projects"][0]["project_id"]);
+    assert_eq!(
+        v["projects"][0]["project_key"],
+        v["projects"][0]["project_id"]
+    );
     let (s, v) = app.get("/project?per_page=0").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(v["detail"][0]["field"], "per_page");
@@ -78,24 +123,53 @@ async fn projects_crud_conflict_and_isolation() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
     let (s, v) = app.get(&format!("/project/{id}")).await;
-    assert_eq!((s, v["project_name"].as_str()), (StatusCode::OK, Some("Spring 2026")));
+    assert_eq!(
+        (s, v["project_name"].as_str()),
+        (StatusCode::OK, Some("Spring 2026"))
+    );
 
     // Another account sees nothing of it.
     let other = app.account("mallory", 100.0).await;
-    assert_eq!(app.get_as(&other, &format!("/project/{id}")).await.0, StatusCode::NOT_FOUND);
-    let (s, _, _) = app.call(Method::DELETE, &format!("/project/{id}"), Some(&other), None).await;
+    assert_eq!(
+        app.get_as(&other, &format!("/project/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (s, _, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/project/{id}"),
+            Some(&other),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    assert_eq!(app.get_as(&other, "/project").await.1["pagination"]["total"], 0);
+    assert_eq!(
+        app.get_as(&other, "/project").await.1["pagination"]["total"],
+        0
+    );
 
-    let (s, _, _) = app.call(Method::DELETE, &format!("/project/{id}"), Some(&app.key), None).await;
+    let (s, _, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/project/{id}"),
+            Some(&app.key),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    assert_eq!(app.get(&format!("/project/{id}")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        app.get(&format!("/project/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
     app.stop().await;
 }
 
 #[tokio::test]
 async fn uploads_are_checked_and_single_use() {
-    let app = TestApp::with(Dialect::Sqlite, Roles::API, |c| c.limits.max_upload_bytes = 200_000).await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::API, |c| {
+        c.limits.max_upload_bytes = 200_000
+    })
+    .await;
     let (s, v) = app.post("/upload", json!({"filename": "notes.txt"})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(v["detail"][0]["field"], "filename");
@@ -104,7 +178,13 @@ async fn uploads_are_checked_and_single_use() {
     let (s, _) = app.post("/upload", json!({"project_name": "nope"})).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // An empty body is valid: a generated name in the default project.
-    let r = app.http.post(app.url("/upload")).bearer_auth(&app.key).send().await.expect("send");
+    let r = app
+        .http
+        .post(app.url("/upload"))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), StatusCode::OK);
 
     let (s, v) = app.post("/upload", json!({"filename": "Front.PNG"})).await;
@@ -114,36 +194,99 @@ async fn uploads_are_checked_and_single_use() {
     let url = v["upload_url"].as_str().expect("url").to_string();
     let put = |ct: &'static str, body: Vec<u8>| {
         let (http, url) = (app.http.clone(), url.clone());
-        async move { http.put(url).header("content-type", ct).body(body).send().await.expect("put").status() }
+        async move {
+            http.put(url)
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .expect("put")
+                .status()
+        }
     };
-    assert_eq!(put("image/jpeg", png(8, 8)).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type must match");
-    assert_eq!(put("image/png", b"not an image at all".to_vec()).await, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert_eq!(put("image/png", garment_jpeg(16, 16)).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, "JPEG bytes declared PNG");
-    assert_eq!(put("image/png", vec![0u8; 300_000]).await, StatusCode::PAYLOAD_TOO_LARGE);
-    let r = app.http.put(&url).header("content-type", "image/png").body(vec![0u8; 300_000]).send().await.expect("put");
+    assert_eq!(
+        put("image/jpeg", png(8, 8)).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "content type must match"
+    );
+    assert_eq!(
+        put("image/png", b"not an image at all".to_vec()).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    assert_eq!(
+        put("image/png", garment_jpeg(16, 16)).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "JPEG bytes declared PNG"
+    );
+    assert_eq!(
+        put("image/png", vec![0u8; 300_000]).await,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    let r = app
+        .http
+        .put(&url)
+        .header("content-type", "image/png")
+        .body(vec![0u8; 300_000])
+        .send()
+        .await
+        .expect("put");
     let body: serde_json::Value = r.json().await.expect("an envelope, not plain text");
     assert_eq!(body["code"], "payload_too_large");
     assert_eq!(put("image/png", png(8, 8)).await, StatusCode::OK);
-    assert_eq!(put("image/png", png(8, 8)).await, StatusCode::FORBIDDEN, "single use");
+    assert_eq!(
+        put("image/png", png(8, 8)).await,
+        StatusCode::FORBIDDEN,
+        "single use"
+    );
     let mut forged = url.clone();
     forged.push('x');
-    let r = app.http.put(forged).header("content-type", "image/png").body(png(8, 8)).send().await.expect("put");
+    let r = app
+        .http
+        .put(forged)
+        .header("content-type", "image/png")
+        .body(png(8, 8))
+        .send()
+        .await
+        .expect("put");
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // The download URL serves the stored original without credentials.
-    let bytes = app.http.get(v["download_url"].as_str().expect("download_url")).send().await.expect("get").bytes().await.expect("bytes");
+    let bytes = app
+        .http
+        .get(v["download_url"].as_str().expect("download_url"))
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("bytes");
     assert_eq!(&bytes[..4], b"\x89PNG");
     app.stop().await;
 }
 
 #[tokio::test]
 async fn expired_upload_urls_are_refused() {
-    let app = TestApp::with(Dialect::Sqlite, Roles::API, |c| c.limits.upload_url_ttl_secs = 1).await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::API, |c| {
+        c.limits.upload_url_ttl_secs = 1
+    })
+    .await;
     let (_, v) = app.post("/upload", json!({"filename": "a.png"})).await;
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
-    let r = app.http.put(v["upload_url"].as_str().expect("url")).header("content-type", "image/png").body(png(8, 8)).send().await.expect("put");
+    let r = app
+        .http
+        .put(v["upload_url"].as_str().expect("url"))
+        .header("content-type", "image/png")
+        .body(png(8, 8))
+        .send()
+        .await
+        .expect("put");
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let body: serde_json::Value = r.json().await.expect("json");
-    assert!(body["error"].as_str().is_some_and(|e| e.contains("expired")), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("expired")),
+        "{body}"
+    );
     app.stop().await;
 }

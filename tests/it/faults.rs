@@ -35,11 +35,25 @@ fn spawn_worker(app: &TestApp, fault_delay_ms: u64) -> Child {
 
 #[tokio::test]
 async fn a_worker_killed_mid_task_loses_nothing_and_charges_once() {
-    let app = TestApp::with(Dialect::Sqlite, Roles { api: true, scheduler: true, worker: false }, |_| {}).await;
+    let app = TestApp::with(
+        Dialect::Sqlite,
+        Roles {
+            api: true,
+            scheduler: true,
+            worker: false,
+        },
+        |_| {},
+    )
+    .await;
     let p = app.project("p").await;
     let f = app.upload(garment_jpeg(200, 200), "a.jpg").await;
     let (before, _) = app.balance(&app.key).await;
-    let (s, v) = app.post("/create-packshot", json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]})).await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]}),
+        )
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let job = v["job_id"].as_str().expect("job").to_string();
 
@@ -47,11 +61,19 @@ async fn a_worker_killed_mid_task_loses_nothing_and_charges_once() {
     let mut doomed = spawn_worker(&app, 60_000);
     let t = Instant::now();
     let output = loop {
-        let o = app.store.latest_outputs(&job).await.expect("outputs").remove(0);
+        let o = app
+            .store
+            .latest_outputs(&job)
+            .await
+            .expect("outputs")
+            .remove(0);
         if o.status == "running" {
             break o;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "the worker never started the task: {o:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the worker never started the task: {o:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(output.attempt, 1);
@@ -62,13 +84,23 @@ async fn a_worker_killed_mid_task_loses_nothing_and_charges_once() {
     let _healthy = spawn_worker(&app, 0);
     let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
     assert_eq!(st["status"], "completed", "{st}");
-    let o = app.store.latest_outputs(&job).await.expect("outputs").remove(0);
-    assert_eq!(o.attempt, 2, "the killed attempt was reclaimed and run again");
-    let charges: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM credit_ledger WHERE output_id = $1 AND kind = 'charge'")
-        .bind(o.id)
-        .fetch_one(app.store.pool())
+    let o = app
+        .store
+        .latest_outputs(&job)
         .await
-        .expect("count");
+        .expect("outputs")
+        .remove(0);
+    assert_eq!(
+        o.attempt, 2,
+        "the killed attempt was reclaimed and run again"
+    );
+    let charges: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM credit_ledger WHERE output_id = $1 AND kind = 'charge'",
+    )
+    .bind(o.id)
+    .fetch_one(app.store.pool())
+    .await
+    .expect("count");
     assert_eq!(charges, 1, "charged exactly once");
     assert_eq!(app.balance(&app.key).await, (before - 3.0, 0.0));
     let completed_notes = app
@@ -95,7 +127,11 @@ impl Proxy {
     async fn start(target: &str) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = l.local_addr().expect("addr").port();
-        let p = Proxy { port, target: target.to_string(), tasks: Arc::new(Mutex::new(Vec::new())) };
+        let p = Proxy {
+            port,
+            target: target.to_string(),
+            tasks: Arc::new(Mutex::new(Vec::new())),
+        };
         p.serve(l);
         p
     }
@@ -124,7 +160,9 @@ impl Proxy {
     }
 
     async fn restore(&self) {
-        let l = TcpListener::bind(("127.0.0.1", self.port)).await.expect("rebind");
+        let l = TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("rebind");
         self.serve(l);
     }
 }
@@ -132,7 +170,10 @@ impl Proxy {
 #[tokio::test]
 async fn database_outage_is_a_503_and_recovers_by_itself() {
     let url = create_postgres_database().await;
-    let after_host = url.split_once("@").map(|(_, r)| r.to_string()).expect("url has a host");
+    let after_host = url
+        .split_once("@")
+        .map(|(_, r)| r.to_string())
+        .expect("url has a host");
     let (hostport, dbname) = after_host.split_once('/').expect("url has a database");
     let proxy = Proxy::start(hostport).await;
     let proxied = url.replace(hostport, &format!("127.0.0.1:{}", proxy.port));
@@ -144,11 +185,18 @@ async fn database_outage_is_a_503_and_recovers_by_itself() {
     assert_eq!(app.get("/project").await.0, StatusCode::OK);
 
     proxy.cut();
-    let (s, v, h) = app.call(reqwest::Method::GET, "/project", Some(&app.key), None).await;
+    let (s, v, h) = app
+        .call(reqwest::Method::GET, "/project", Some(&app.key), None)
+        .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(h.contains_key("retry-after"));
     assert_eq!(v["code"], "unavailable");
-    let (s, _) = app.post("/create-packshot", json!({"project_id": p, "images": ["x"], "instructions": [{"style": "free"}]})).await;
+    let (s, _) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": ["x"], "instructions": [{"style": "free"}]}),
+        )
+        .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
 
     proxy.restore().await;
@@ -157,7 +205,10 @@ async fn database_outage_is_a_503_and_recovers_by_itself() {
         if app.get("/project").await.0 == StatusCode::OK {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "the API did not recover");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the API did not recover"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let (s, v) = app.get(&format!("/project/{p}")).await;
@@ -180,27 +231,58 @@ async fn storage_failures_are_retried_with_backoff_then_succeed() {
     let blocker = objects.join("results");
     std::fs::write(&blocker, b"not a directory").expect("block results/");
     let (before, _) = app.balance(&app.key).await;
-    let (s, v) = app.post("/create-packshot", json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]})).await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]}),
+        )
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let job = v["job_id"].as_str().expect("job").to_string();
     let t = Instant::now();
     let failed_once = loop {
-        let o = app.store.latest_outputs(&job).await.expect("outputs").remove(0);
+        let o = app
+            .store
+            .latest_outputs(&job)
+            .await
+            .expect("outputs")
+            .remove(0);
         if o.last_error.is_some() {
             break o;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "no failed attempt recorded: {o:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no failed attempt recorded: {o:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(failed_once.last_error.as_deref().is_some_and(|e| e.contains("object store unavailable")), "{failed_once:?}");
-    assert_ne!(failed_once.status, "failed", "a storage outage is retryable");
+    assert!(
+        failed_once
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("object store unavailable")),
+        "{failed_once:?}"
+    );
+    assert_ne!(
+        failed_once.status, "failed",
+        "a storage outage is retryable"
+    );
     // Storage comes back; the next attempt succeeds.
     std::fs::remove_file(&blocker).expect("unblock");
     let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
     assert_eq!(st["status"], "completed", "{st}");
-    let o = app.store.latest_outputs(&job).await.expect("outputs").remove(0);
+    let o = app
+        .store
+        .latest_outputs(&job)
+        .await
+        .expect("outputs")
+        .remove(0);
     assert!(o.attempt >= 2, "{o:?}");
-    assert_eq!(app.balance(&app.key).await, (before - 3.0, 0.0), "charged once despite the retries");
+    assert_eq!(
+        app.balance(&app.key).await,
+        (before - 3.0, 0.0),
+        "charged once despite the retries"
+    );
     app.audit_clean().await;
     app.stop().await;
 }

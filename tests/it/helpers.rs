@@ -76,7 +76,9 @@ impl TestApp {
 
     pub async fn start(cfg: Config, roles: Roles, dir: tempfile::TempDir) -> TestApp {
         let shutdown = CancellationToken::new();
-        let running = app::start(cfg.clone(), roles, shutdown.clone()).await.expect("app starts");
+        let running = app::start(cfg.clone(), roles, shutdown.clone())
+            .await
+            .expect("app starts");
         let base = format!("http://{}", running.addr);
         let store = running.services.store.clone();
         let services = running.services.clone();
@@ -86,7 +88,10 @@ impl TestApp {
         TestApp {
             base,
             key: DEV_KEY.into(),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
             store,
             services,
             cfg,
@@ -109,7 +114,13 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
         let mut r = self.http.request(method, self.url(path));
         if let Some(k) = key {
             r = r.bearer_auth(k);
@@ -121,22 +132,32 @@ impl TestApp {
         let status = resp.status();
         let headers = resp.headers().clone();
         let text = resp.text().await.expect("body");
-        let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, v, headers)
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let (s, v, _) = self.call(reqwest::Method::GET, path, Some(&self.key), None).await;
+        let (s, v, _) = self
+            .call(reqwest::Method::GET, path, Some(&self.key), None)
+            .await;
         (s, v)
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let (s, v, _) = self.call(reqwest::Method::POST, path, Some(&self.key), Some(body)).await;
+        let (s, v, _) = self
+            .call(reqwest::Method::POST, path, Some(&self.key), Some(body))
+            .await;
         (s, v)
     }
 
     pub async fn post_as(&self, key: &str, path: &str, body: Value) -> (StatusCode, Value) {
-        let (s, v, _) = self.call(reqwest::Method::POST, path, Some(key), Some(body)).await;
+        let (s, v, _) = self
+            .call(reqwest::Method::POST, path, Some(key), Some(body))
+            .await;
         (s, v)
     }
 
@@ -149,17 +170,35 @@ impl TestApp {
     pub async fn account(&self, name: &str, credits: f64) -> String {
         let a = self
             .store
-            .create_account(NewAccount { name, plan: "standard", max_size: "4K", custom_dimensions: false, is_operator: false })
+            .create_account(NewAccount {
+                name,
+                plan: "standard",
+                max_size: "4K",
+                custom_dimensions: false,
+                is_operator: false,
+            })
             .await
             .expect("account");
         if credits > 0.0 {
-            self.store.grant_credits(&a.id, Credits::from_f64(credits).expect("amount"), "test").await.expect("grant");
+            self.store
+                .grant_credits(&a.id, Credits::from_f64(credits).expect("amount"), "test")
+                .await
+                .expect("grant");
         }
-        self.store.create_api_key(&a.id, "test", None, None).await.expect("key").1
+        self.store
+            .create_api_key(&a.id, "test", None, None)
+            .await
+            .expect("key")
+            .1
     }
 
     pub async fn dev_account_id(&self) -> String {
-        self.store.account_for_token(&self.key).await.expect("lookup").expect("dev account").id
+        self.store
+            .account_for_token(&self.key)
+            .await
+            .expect("lookup")
+            .expect("dev account")
+            .id
     }
 
     pub async fn project(&self, name: &str) -> String {
@@ -170,17 +209,27 @@ impl TestApp {
 
     /// Uploads through the signed URL, returning the file id.
     pub async fn upload_as(&self, key: &str, bytes: Vec<u8>, filename: &str) -> String {
-        let (s, v) = self.post_as(key, "/upload", json!({"filename": filename})).await;
+        let (s, v) = self
+            .post_as(key, "/upload", json!({"filename": filename}))
+            .await;
         assert_eq!(s, StatusCode::OK, "{v}");
         let put = self
             .http
             .put(v["upload_url"].as_str().expect("upload_url"))
-            .header("content-type", v["content_type"].as_str().expect("content_type"))
+            .header(
+                "content-type",
+                v["content_type"].as_str().expect("content_type"),
+            )
             .body(bytes)
             .send()
             .await
             .expect("put");
-        assert_eq!(put.status(), StatusCode::OK, "{}", put.text().await.unwrap_or_default());
+        assert_eq!(
+            put.status(),
+            StatusCode::OK,
+            "{}",
+            put.text().await.unwrap_or_default()
+        );
         v["file_id"].as_str().expect("file_id").to_string()
     }
 
@@ -192,7 +241,10 @@ impl TestApp {
     pub async fn balance(&self, key: &str) -> (f64, f64) {
         let (s, v) = self.get_as(key, "/billing/balance").await;
         assert_eq!(s, StatusCode::OK, "{v}");
-        (v["user_credits"].as_f64().expect("user"), v["in_progress_credits"].as_f64().expect("reserved"))
+        (
+            v["user_credits"].as_f64().expect("user"),
+            v["in_progress_credits"].as_f64().expect("reserved"),
+        )
     }
 
     /// Polls the job until it is terminal.
@@ -201,17 +253,26 @@ impl TestApp {
         loop {
             let (s, v) = self.get(&format!("/jobs/{job_id}/status")).await;
             assert_eq!(s, StatusCode::OK, "{v}");
-            if matches!(v["status"].as_str(), Some("completed" | "failed" | "aborted")) {
+            if matches!(
+                v["status"].as_str(),
+                Some("completed" | "failed" | "aborted")
+            ) {
                 return v;
             }
-            assert!(t.elapsed() < within, "job {job_id} not terminal after {within:?}: {v}");
+            assert!(
+                t.elapsed() < within,
+                "job {job_id} not terminal after {within:?}: {v}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn audit_clean(&self) {
         let problems = self.store.audit_credits().await.expect("audit");
-        assert!(problems.is_empty(), "credit invariants broken: {problems:#?}");
+        assert!(
+            problems.is_empty(),
+            "credit invariants broken: {problems:#?}"
+        );
     }
 }
 
@@ -219,17 +280,23 @@ impl TestApp {
 pub fn garment_jpeg(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         let inside = x > w / 4 && x < 3 * w / 4 && y > h / 6 && y < 5 * h / 6;
-        if inside { image::Rgb([30, 60, 160]) } else { image::Rgb([235, 235, 235]) }
+        if inside {
+            image::Rgb([30, 60, 160])
+        } else {
+            image::Rgb([235, 235, 235])
+        }
     });
     let mut b = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Jpeg).expect("encode");
+    img.write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Jpeg)
+        .expect("encode");
     b
 }
 
 pub fn png(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(w, h, image::Rgb([10, 120, 40]));
     let mut b = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png).expect("encode");
+    img.write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png)
+        .expect("encode");
     b
 }
 

@@ -15,20 +15,32 @@ async fn end_to_end(dialect: Dialect) {
     let back = app.upload(garment_jpeg(400, 400), "back.jpg").await;
     let (before, _) = app.balance(&app.key).await;
 
-    let (s, v) = app.post("/create-packshot", packshot_body(&p, &[&front, &back])).await;
+    let (s, v) = app
+        .post("/create-packshot", packshot_body(&p, &[&front, &back]))
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     assert_eq!(v["total_outputs"], 4);
     assert_eq!(v["status"], "pending");
     let job = v["job_id"].as_str().expect("job_id").to_string();
     // Durable before 202: visible at once.
-    assert_eq!(app.get(&format!("/jobs/{job}/status")).await.0, StatusCode::OK);
+    assert_eq!(
+        app.get(&format!("/jobs/{job}/status")).await.0,
+        StatusCode::OK
+    );
     // Reserved: 2 × 3 (1K) + 2 × 5 (2K) = 16.
     assert_eq!(app.balance(&app.key).await, (before, 16.0));
 
     let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
     assert_eq!(st["status"], "completed", "{st}");
-    assert_eq!((st["progress"].as_f64(), st["processed_images"].as_i64()), (Some(100.0), Some(4)));
-    assert_eq!(app.balance(&app.key).await, (before - 16.0, 0.0), "balance drops by exactly the completed outputs");
+    assert_eq!(
+        (st["progress"].as_f64(), st["processed_images"].as_i64()),
+        (Some(100.0), Some(4))
+    );
+    assert_eq!(
+        app.balance(&app.key).await,
+        (before - 16.0, 0.0),
+        "balance drops by exactly the completed outputs"
+    );
 
     let (s, r) = app.get(&format!("/jobs/{job}/results")).await;
     assert_eq!(s, StatusCode::OK);
@@ -38,14 +50,33 @@ async fn end_to_end(dialect: Dialect) {
     assert_eq!(results.len(), 4);
     for res in results {
         assert_eq!(res["status"], "completed");
-        assert_eq!(res["model_used"], "atelier-basic", "results name the engine that really ran");
+        assert_eq!(
+            res["model_used"], "atelier-basic",
+            "results name the engine that really ran"
+        );
         // Signed URLs work without credentials.
-        let bytes = app.http.get(res["output"]["full_size"].as_str().expect("url")).send().await.expect("get").bytes().await.expect("bytes");
+        let bytes = app
+            .http
+            .get(res["output"]["full_size"].as_str().expect("url"))
+            .send()
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes");
         let img = image::load_from_memory(&bytes).expect("a real image");
         let (w, h) = (img.width(), img.height());
         let ii = res["image_index"].as_u64().expect("index");
         assert_eq!((w, h), if ii == 0 { (1024, 1024) } else { (2048, 2048) });
-        let thumb = app.http.get(res["output"]["thumbnail"].as_str().expect("url")).send().await.expect("get").bytes().await.expect("bytes");
+        let thumb = app
+            .http
+            .get(res["output"]["thumbnail"].as_str().expect("url"))
+            .send()
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes");
         assert!(image::load_from_memory(&thumb).expect("thumb").width() <= 512);
         assert_eq!(res["instruction_index"], res["image_index"]);
         assert_eq!(res["variation_index"], res["group_index"]);
@@ -53,25 +84,72 @@ async fn end_to_end(dialect: Dialect) {
 
     let (s, d) = app.post("/download", json!({"job_id": job})).await;
     assert_eq!(s, StatusCode::OK, "{d}");
-    let zip = app.http.get(d["download_url"].as_str().expect("url")).send().await.expect("get");
+    let zip = app
+        .http
+        .get(d["download_url"].as_str().expect("url"))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(zip.headers()["content-type"], "application/zip");
     let bytes = zip.bytes().await.expect("zip bytes");
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).expect("valid zip");
-    let mut names: Vec<String> = (0..archive.len()).map(|i| archive.by_index(i).expect("entry").name().to_string()).collect();
+    let mut archive =
+        zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).expect("valid zip");
+    let mut names: Vec<String> = (0..archive.len())
+        .map(|i| archive.by_index(i).expect("entry").name().to_string())
+        .collect();
     names.sort();
-    assert_eq!(names, vec!["0_0_v0.jpg", "0_1_v0.jpg", "1_0_v0.png", "1_1_v0.png", "manifest.json"]);
+    assert_eq!(
+        names,
+        vec![
+            "0_0_v0.jpg",
+            "0_1_v0.jpg",
+            "1_0_v0.png",
+            "1_1_v0.png",
+            "manifest.json"
+        ]
+    );
     let mut manifest = String::new();
-    archive.by_name("manifest.json").expect("manifest").read_to_string(&mut manifest).expect("read");
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&manifest).expect("json")["results"].as_array().map(Vec::len), Some(4));
+    archive
+        .by_name("manifest.json")
+        .expect("manifest")
+        .read_to_string(&mut manifest)
+        .expect("read");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&manifest).expect("json")["results"]
+            .as_array()
+            .map(Vec::len),
+        Some(4)
+    );
 
     // Another account cannot see or touch any of it.
     let other = app.account("mallory", 10.0).await;
-    for path in [format!("/jobs/{job}/status"), format!("/jobs/{job}/results")] {
-        assert_eq!(app.get_as(&other, &path).await.0, StatusCode::NOT_FOUND, "{path}");
+    for path in [
+        format!("/jobs/{job}/status"),
+        format!("/jobs/{job}/results"),
+    ] {
+        assert_eq!(
+            app.get_as(&other, &path).await.0,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
     }
-    assert_eq!(app.post_as(&other, &format!("/jobs/{job}/abort"), json!({})).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(app.post_as(&other, "/download", json!({"job_id": job})).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(app.post(&format!("/jobs/{job}/abort"), json!({})).await.0, StatusCode::CONFLICT, "terminal jobs cannot be aborted");
+    assert_eq!(
+        app.post_as(&other, &format!("/jobs/{job}/abort"), json!({}))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.post_as(&other, "/download", json!({"job_id": job}))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.post(&format!("/jobs/{job}/abort"), json!({})).await.0,
+        StatusCode::CONFLICT,
+        "terminal jobs cannot be aborted"
+    );
 
     app.audit_clean().await;
     app.stop().await;
@@ -98,18 +176,31 @@ async fn abort_releases_pending_outputs() {
     let job = v["job_id"].as_str().expect("job").to_string();
     assert_eq!(app.balance(&app.key).await.1, 16.0);
     let (s, v) = app.post(&format!("/jobs/{job}/abort"), json!({})).await;
-    assert_eq!((s, v), (StatusCode::ACCEPTED, json!({"job_id": job, "status": "aborted"})));
+    assert_eq!(
+        (s, v),
+        (
+            StatusCode::ACCEPTED,
+            json!({"job_id": job, "status": "aborted"})
+        )
+    );
     let st = app.wait_for_job(&job, Duration::from_secs(5)).await;
     assert_eq!(st["status"], "aborted");
     assert_eq!(app.balance(&app.key).await, (before, 0.0));
-    assert_eq!(app.post("/download", json!({"job_id": job})).await.0, StatusCode::CONFLICT, "nothing to download");
+    assert_eq!(
+        app.post("/download", json!({"job_id": job})).await.0,
+        StatusCode::CONFLICT,
+        "nothing to download"
+    );
     app.audit_clean().await;
     app.stop().await;
 }
 
 #[tokio::test]
 async fn corrupt_and_oversized_images_fail_the_output_with_a_reason() {
-    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| c.worker.max_input_pixels = 1_000_000).await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        c.worker.max_input_pixels = 1_000_000
+    })
+    .await;
     let p = app.project("p").await;
     // A PNG whose header is intact (the upload accepts it) but whose data is cut.
     let mut corrupt = png(300, 300);
@@ -119,20 +210,35 @@ async fn corrupt_and_oversized_images_fail_the_output_with_a_reason() {
     let bomb = app.upload(png(2000, 2000), "bomb.png").await;
     let (before, _) = app.balance(&app.key).await;
     for (file, needle) in [(bad, "corrupt image"), (bomb, "above the limit")] {
-        let body = json!({"project_id": p, "images": [file], "instructions": [{"style": "white_cutout"}]});
+        let body =
+            json!({"project_id": p, "images": [file], "instructions": [{"style": "white_cutout"}]});
         let (s, v) = app.post("/create-packshot", body).await;
         assert_eq!(s, StatusCode::ACCEPTED, "{v}");
         let job = v["job_id"].as_str().expect("job").to_string();
         let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
         assert_eq!(st["status"], "failed", "{st}");
-        assert!(st["error_message"].as_str().is_some_and(|m| m.contains(needle)), "{st}");
+        assert!(
+            st["error_message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle)),
+            "{st}"
+        );
         let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
-        assert!(r["results"][0]["error_message"].as_str().is_some_and(|m| m.contains(needle)), "{r}");
+        assert!(
+            r["results"][0]["error_message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle)),
+            "{r}"
+        );
         // A permanent failure is not retried.
         let outputs = app.store.latest_outputs(&job).await.expect("outputs");
         assert_eq!(outputs[0].attempt, 1);
     }
-    assert_eq!(app.balance(&app.key).await, (before, 0.0), "failed outputs cost nothing");
+    assert_eq!(
+        app.balance(&app.key).await,
+        (before, 0.0),
+        "failed outputs cost nothing"
+    );
     app.audit_clean().await;
     app.stop().await;
 }
@@ -141,18 +247,37 @@ async fn corrupt_and_oversized_images_fail_the_output_with_a_reason() {
 async fn real_models_cut_out_a_garment_on_pure_white() {
     let app = TestApp::with(Dialect::Sqlite, Roles::ALL, with_models).await;
     let p = app.project("p").await;
-    let photo = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/garment.jpg")).expect("testdata");
+    let photo = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/garment.jpg"))
+        .expect("testdata");
     let f = app.upload(photo, "garment.jpg").await;
-    let (s, v) = app.post("/create-packshot", json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]})).await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]}),
+        )
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let job = v["job_id"].as_str().expect("job").to_string();
     let st = app.wait_for_job(&job, Duration::from_secs(120)).await;
     assert_eq!(st["status"], "completed", "{st}");
     let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
     let res = &r["results"][0];
-    assert!(res["model_used"].as_str().is_some_and(|m| m.starts_with("atelier (isnet_fp16")), "{res}");
+    assert!(
+        res["model_used"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("atelier (isnet_fp16")),
+        "{res}"
+    );
     assert_eq!(res["input_description"]["segmentation_model"], "isnet_fp16");
-    let bytes = app.http.get(res["output"]["full_size"].as_str().expect("url")).send().await.expect("get").bytes().await.expect("bytes");
+    let bytes = app
+        .http
+        .get(res["output"]["full_size"].as_str().expect("url"))
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("bytes");
     let img = image::load_from_memory(&bytes).expect("jpeg").to_rgb8();
     // JPEG keeps pure white corners at (or within a step of) 255.
     for (x, y) in [(0, 0), (1023, 0), (0, 1023), (1023, 1023)] {
@@ -171,8 +296,13 @@ impl atelier_worker::engine::Engine for Refuser {
         "refuser"
     }
 
-    fn render(&self, _: &atelier_worker::engine::RenderRequest<'_>) -> Result<atelier_worker::engine::Rendered, atelier_worker::failure::TaskFailure> {
-        Err(atelier_worker::failure::TaskFailure::refused("content policy: refused by the test engine"))
+    fn render(
+        &self,
+        _: &atelier_worker::engine::RenderRequest<'_>,
+    ) -> Result<atelier_worker::engine::Rendered, atelier_worker::failure::TaskFailure> {
+        Err(atelier_worker::failure::TaskFailure::refused(
+            "content policy: refused by the test engine",
+        ))
     }
 }
 
@@ -180,10 +310,24 @@ impl atelier_worker::engine::Engine for Refuser {
 async fn auto_falls_back_to_the_next_engine_when_one_refuses() {
     use atelier_worker::engine::{BasicEngine, Engine, Pipeline};
     use std::sync::Arc;
-    let app = TestApp::with(Dialect::Sqlite, Roles { api: true, scheduler: true, worker: false }, |_| {}).await;
+    let app = TestApp::with(
+        Dialect::Sqlite,
+        Roles {
+            api: true,
+            scheduler: true,
+            worker: false,
+        },
+        |_| {},
+    )
+    .await;
     let worker = |engines: Vec<Arc<dyn Engine>>| {
         let s = &app.services;
-        let mut ctx = atelier_worker::WorkerContext::from_config(&app.cfg, s.store.clone(), s.queue.clone(), s.objects.clone());
+        let mut ctx = atelier_worker::WorkerContext::from_config(
+            &app.cfg,
+            s.store.clone(),
+            s.queue.clone(),
+            s.objects.clone(),
+        );
         ctx.pipeline = Pipeline::new(engines);
         let stop = tokio_util::sync::CancellationToken::new();
         (tokio::spawn(atelier_worker::run(ctx, stop.clone())), stop)
@@ -199,8 +343,14 @@ async fn auto_falls_back_to_the_next_engine_when_one_refuses() {
     let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
     assert_eq!(st["status"], "completed", "{st}");
     let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
-    assert_eq!(r["results"][0]["model_used"], "atelier-basic", "model_used names the engine that really ran");
-    assert_eq!(app.store.latest_outputs(&job).await.expect("outputs")[0].engine_index, 1);
+    assert_eq!(
+        r["results"][0]["model_used"], "atelier-basic",
+        "model_used names the engine that really ran"
+    );
+    assert_eq!(
+        app.store.latest_outputs(&job).await.expect("outputs")[0].engine_index,
+        1
+    );
     stop.cancel();
     handle.await.expect("joins").expect("stops");
 
@@ -210,8 +360,17 @@ async fn auto_falls_back_to_the_next_engine_when_one_refuses() {
     let job = v["job_id"].as_str().expect("job").to_string();
     let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
     assert_eq!(st["status"], "failed", "{st}");
-    assert!(st["error_message"].as_str().is_some_and(|m| m.contains("every configured engine refused") && m.contains("content policy")), "{st}");
-    assert_eq!(app.balance(&app.key).await, (before - 3.0, 0.0), "only the completed output was charged");
+    assert!(
+        st["error_message"].as_str().is_some_and(
+            |m| m.contains("every configured engine refused") && m.contains("content policy")
+        ),
+        "{st}"
+    );
+    assert_eq!(
+        app.balance(&app.key).await,
+        (before - 3.0, 0.0),
+        "only the completed output was charged"
+    );
     stop.cancel();
     handle.await.expect("joins").expect("stops");
     app.audit_clean().await;

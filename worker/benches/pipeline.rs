@@ -5,10 +5,14 @@
 //! images/s with 1 and 2 concurrent tasks, and the effect of dynamic
 //! batching on a model with a dynamic batch axis.
 
-use atelier_shared::domain::packshot::{DesignCatalogue, EngineAvailability, PackshotSpec, parse_request, validate};
+use atelier_shared::domain::packshot::{
+    DesignCatalogue, EngineAvailability, PackshotSpec, parse_request, validate,
+};
 use atelier_worker::engine::{Input, RenderRequest};
 use atelier_worker::imaging;
-use atelier_worker::inference::{Device, Model, ModelOptions, Runtime, RuntimeOptions, default_models_dir, load_shared};
+use atelier_worker::inference::{
+    Device, Model, ModelOptions, Runtime, RuntimeOptions, default_models_dir, load_shared,
+};
 use atelier_worker::packshot::AtelierEngine;
 use ndarray::{ArrayD, IxDyn};
 use std::sync::Arc;
@@ -21,31 +25,83 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn spec(size: &str) -> PackshotSpec {
     let body = serde_json::json!({"project_id": "p", "images": ["f"], "instructions": [{"style": "white_cutout", "options": {"size": size}}]});
-    validate(&parse_request(&body).expect("parses"), &DesignCatalogue::default(), &EngineAvailability { configured: vec![] }, || 7).expect("valid")
+    validate(
+        &parse_request(&body).expect("parses"),
+        &DesignCatalogue::default(),
+        &EngineAvailability { configured: vec![] },
+        || 7,
+    )
+    .expect("valid")
 }
 
 fn main() {
     let dir = default_models_dir();
-    let device = if std::env::var("ATELIER_WORKER__DEVICE").as_deref() == Ok("cuda") { Device::Cuda } else { Device::Cpu };
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let rt = Runtime::get(&RuntimeOptions { library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")), device, intra_threads: threads })
-        .expect("ONNX Runtime: run scripts/fetch-models first");
+    let device = if std::env::var("ATELIER_WORKER__DEVICE").as_deref() == Ok("cuda") {
+        Device::Cuda
+    } else {
+        Device::Cpu
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let rt = Runtime::get(&RuntimeOptions {
+        library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")),
+        device,
+        intra_threads: threads,
+    })
+    .expect("ONNX Runtime: run scripts/fetch-models first");
     println!("device: {:?}, cores: {threads}", rt.device);
 
-    for (name, file) in [("isnet_fp16", "isnet_fp16.onnx"), ("isnet_quint8", "isnet_quint8.onnx")] {
+    for (name, file) in [
+        ("isnet_fp16", "isnet_fp16.onnx"),
+        ("isnet_quint8", "isnet_quint8.onnx"),
+    ] {
         let t = Instant::now();
-        let m = Model::load(&rt, name, &dir.join(file), ModelOptions::default()).expect("model loads");
+        let m =
+            Model::load(&rt, name, &dir.join(file), ModelOptions::default()).expect("model loads");
         let load = t.elapsed().as_secs_f64();
         let x = ArrayD::<f32>::from_elem(IxDyn(&[1, 3, 1024, 1024]), 0.1);
-        let runs: Vec<f64> = (0..5).map(|_| { let t = Instant::now(); m.run(x.clone()).expect("runs"); t.elapsed().as_secs_f64() }).collect();
-        println!("{name}: load+warm-up {load:.2} s, raw inference 1024² median {:.3} s (min {:.3})", median(runs.clone()), runs.iter().cloned().fold(f64::MAX, f64::min));
+        let runs: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                m.run(x.clone()).expect("runs");
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        println!(
+            "{name}: load+warm-up {load:.2} s, raw inference 1024² median {:.3} s (min {:.3})",
+            median(runs.clone()),
+            runs.iter().cloned().fold(f64::MAX, f64::min)
+        );
     }
 
-    let isnet = load_shared(&rt, "isnet", &dir.join("isnet_fp16.onnx"), ModelOptions::default()).expect("isnet");
-    let upscaler = load_shared(&rt, "realesrgan", &dir.join("realesr-animevideov3-x4.onnx"), ModelOptions::default()).ok();
-    let engine = Arc::new(AtelierEngine { isnet, upscaler, isnet_variant: "isnet_fp16".into() });
-    let photo = image::open(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/garment.jpg")).expect("testdata");
-    let inputs = Arc::new(vec![Input { file_id: "f".into(), image: photo }]);
+    let isnet = load_shared(
+        &rt,
+        "isnet",
+        &dir.join("isnet_fp16.onnx"),
+        ModelOptions::default(),
+    )
+    .expect("isnet");
+    let upscaler = load_shared(
+        &rt,
+        "realesrgan",
+        &dir.join("realesr-animevideov3-x4.onnx"),
+        ModelOptions::default(),
+    )
+    .ok();
+    let engine = Arc::new(AtelierEngine {
+        isnet,
+        upscaler,
+        isnet_variant: "isnet_fp16".into(),
+    });
+    let photo = image::open(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/garment.jpg"),
+    )
+    .expect("testdata");
+    let inputs = Arc::new(vec![Input {
+        file_id: "f".into(),
+        image: photo,
+    }]);
 
     // Per-stage time of a 2K white cutout (median of 5).
     let s2k = spec("2K");
@@ -53,16 +109,29 @@ fn main() {
     let mut totals = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        let (img, times, _) = engine.render_timed(&RenderRequest { spec: &s2k, instruction_index: 0, variation_index: 0, inputs: &inputs }).expect("renders");
+        let (img, times, _) = engine
+            .render_timed(&RenderRequest {
+                spec: &s2k,
+                instruction_index: 0,
+                variation_index: 0,
+                inputs: &inputs,
+            })
+            .expect("renders");
         for (k, v) in times.0 {
             stages.entry(k).or_default().push(v);
         }
         let te = Instant::now();
         let _full = imaging::encode(&img, s2k.instructions[0].output.format).expect("encodes");
-        stages.entry("encode_jpeg").or_default().push(te.elapsed().as_secs_f64());
+        stages
+            .entry("encode_jpeg")
+            .or_default()
+            .push(te.elapsed().as_secs_f64());
         let tt = Instant::now();
         let _thumb = imaging::thumbnail(&img).expect("thumb");
-        stages.entry("thumbnail").or_default().push(tt.elapsed().as_secs_f64());
+        stages
+            .entry("thumbnail")
+            .or_default()
+            .push(tt.elapsed().as_secs_f64());
         totals.push(t.elapsed().as_secs_f64());
     }
     println!("2K white cutout (900×1100 input → 2048², median of 5):");
@@ -71,7 +140,10 @@ fn main() {
     }
     let total = median(totals);
     let mask = median(stages["mask"].clone());
-    println!("  total        {total:>7.3} s   (pipeline / ISNet-inference ratio {:.2})", total / mask);
+    println!(
+        "  total        {total:>7.3} s   (pipeline / ISNet-inference ratio {:.2})",
+        total / mask
+    );
 
     // Throughput with 1 and 2 concurrent tasks (1K outputs).
     let s1k = Arc::new(spec("1K"));
@@ -83,8 +155,16 @@ fn main() {
                 let (engine, inputs, s) = (engine.clone(), inputs.clone(), s1k.clone());
                 std::thread::spawn(move || {
                     for i in (w..n).step_by(conc) {
-                        let (img, _, _) = engine.render_timed(&RenderRequest { spec: &s, instruction_index: 0, variation_index: i as u32, inputs: &inputs }).expect("renders");
-                        let _ = imaging::encode(&img, s.instructions[0].output.format).expect("encodes");
+                        let (img, _, _) = engine
+                            .render_timed(&RenderRequest {
+                                spec: &s,
+                                instruction_index: 0,
+                                variation_index: i as u32,
+                                inputs: &inputs,
+                            })
+                            .expect("renders");
+                        let _ = imaging::encode(&img, s.instructions[0].output.format)
+                            .expect("encodes");
                     }
                 })
             })
@@ -92,14 +172,26 @@ fn main() {
         for h in handles {
             h.join().expect("thread");
         }
-        println!("1K white cutout, {conc} concurrent task(s): {:.2} images/s", n as f64 / t.elapsed().as_secs_f64());
+        println!(
+            "1K white cutout, {conc} concurrent task(s): {:.2} images/s",
+            n as f64 / t.elapsed().as_secs_f64()
+        );
     }
 
     // Dynamic batching on CPU: Real-ESRGAN (dynamic batch axis), 8 concurrent 96² tiles.
     for max_batch in [1usize, 4] {
         let m = Arc::new(
-            Model::load(&rt, "realesrgan-bench", &dir.join("realesr-animevideov3-x4.onnx"), ModelOptions { sessions: 1, batch_window: Duration::from_millis(5), max_batch })
-                .expect("upscaler"),
+            Model::load(
+                &rt,
+                "realesrgan-bench",
+                &dir.join("realesr-animevideov3-x4.onnx"),
+                ModelOptions {
+                    sessions: 1,
+                    batch_window: Duration::from_millis(5),
+                    max_batch,
+                },
+            )
+            .expect("upscaler"),
         );
         let t = Instant::now();
         let hs: Vec<_> = (0..8)
@@ -107,7 +199,8 @@ fn main() {
                 let m = m.clone();
                 std::thread::spawn(move || {
                     for _ in 0..3 {
-                        m.run(ArrayD::<f32>::from_elem(IxDyn(&[1, 3, 96, 96]), 0.5)).expect("runs");
+                        m.run(ArrayD::<f32>::from_elem(IxDyn(&[1, 3, 96, 96]), 0.5))
+                            .expect("runs");
                     }
                 })
             })
@@ -116,6 +209,9 @@ fn main() {
             h.join().expect("thread");
         }
         let (runs, reqs) = m.stats.snapshot();
-        println!("realesrgan 96² tiles, max_batch {max_batch}: {:.1} tiles/s ({reqs} requests in {runs} runs)", 24.0 / t.elapsed().as_secs_f64());
+        println!(
+            "realesrgan 96² tiles, max_batch {max_batch}: {:.1} tiles/s ({reqs} requests in {runs} runs)",
+            24.0 / t.elapsed().as_secs_f64()
+        );
     }
 }

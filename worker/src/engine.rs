@@ -67,7 +67,12 @@ impl Engine for BasicEngine {
         }
         // Variations cycle through the inputs (several views of one garment).
         let src = &req.inputs[req.variation_index as usize % req.inputs.len()];
-        let image = imaging::fit(&src.image, ins.output.width, ins.output.height, Self::background(ins.style))?;
+        let image = imaging::fit(
+            &src.image,
+            ins.output.width,
+            ins.output.height,
+            Self::background(ins.style),
+        )?;
         Ok(Rendered {
             image,
             model_used: self.name().to_string(),
@@ -98,7 +103,9 @@ pub struct Pipeline {
 
 impl Default for Pipeline {
     fn default() -> Self {
-        Pipeline { engines: vec![Arc::new(BasicEngine)] }
+        Pipeline {
+            engines: vec![Arc::new(BasicEngine)],
+        }
     }
 }
 
@@ -111,9 +118,15 @@ impl Pipeline {
     /// engine when ONNX Runtime and the ISNet model load, otherwise the
     /// model-free `atelier-basic` (or an error when `models.required`).
     /// Blocking (loads and warms models): call from the blocking pool.
-    pub fn from_config(cfg: &atelier_shared::config::Config) -> Result<Pipeline, crate::inference::InferenceError> {
+    pub fn from_config(
+        cfg: &atelier_shared::config::Config,
+    ) -> Result<Pipeline, crate::inference::InferenceError> {
         use crate::inference::{Device, ModelOptions, Runtime, RuntimeOptions, load_shared};
-        let device = if cfg.worker.device == "cuda" { Device::Cuda } else { Device::Cpu };
+        let device = if cfg.worker.device == "cuda" {
+            Device::Cuda
+        } else {
+            Device::Cpu
+        };
         let rt = Runtime::get(&RuntimeOptions {
             library: Some(cfg.models.onnxruntime_lib()),
             device,
@@ -142,7 +155,13 @@ impl Pipeline {
         match loaded {
             Ok((isnet, upscaler)) => {
                 let variant = cfg.models.isnet.trim_end_matches(".onnx").to_string();
-                Ok(Pipeline { engines: vec![Arc::new(crate::packshot::AtelierEngine { isnet, upscaler, isnet_variant: variant })] })
+                Ok(Pipeline {
+                    engines: vec![Arc::new(crate::packshot::AtelierEngine {
+                        isnet,
+                        upscaler,
+                        isnet_variant: variant,
+                    })],
+                })
             }
             Err(e) if !cfg.models.required => {
                 tracing::warn!(error = %e, "models unavailable: this worker runs the model-free `atelier-basic` engine (run scripts/fetch-models)");
@@ -160,14 +179,23 @@ impl Pipeline {
     /// Runs engine `engine_index` (the `auto` fallback order) on one output.
     /// `previous_refusal` is why the engine before it refused, if one did.
     /// Synchronous and CPU-bound: call it from the blocking pool.
-    pub fn run(&self, req: &RenderRequest<'_>, engine_index: usize, previous_refusal: Option<&str>) -> Result<PipelineOutput, TaskFailure> {
+    pub fn run(
+        &self,
+        req: &RenderRequest<'_>,
+        engine_index: usize,
+        previous_refusal: Option<&str>,
+    ) -> Result<PipelineOutput, TaskFailure> {
         let engine = self.engines.get(engine_index).ok_or_else(|| {
             TaskFailure::permanent(match previous_refusal {
-                Some(why) => format!("every configured engine refused this content; last refusal: {why}"),
+                Some(why) => {
+                    format!("every configured engine refused this content; last refusal: {why}")
+                }
                 None => "no engine left to try for this output".to_string(),
             })
         })?;
-        let ins = &req.spec.instructions[req.instruction_index.min(req.spec.instructions.len().saturating_sub(1))];
+        let ins = &req.spec.instructions[req
+            .instruction_index
+            .min(req.spec.instructions.len().saturating_sub(1))];
         let t = Instant::now();
         let rendered = engine.render(req)?;
         stage("render", t);
@@ -178,7 +206,14 @@ impl Pipeline {
         let thumb = imaging::thumbnail(&rendered.image)?;
         stage("thumbnail", t);
         let (width, height) = rendered.image.dimensions();
-        Ok(PipelineOutput { full, thumb, width, height, model_used: rendered.model_used, description: rendered.description })
+        Ok(PipelineOutput {
+            full,
+            thumb,
+            width,
+            height,
+            model_used: rendered.model_used,
+            description: rendered.description,
+        })
     }
 }
 

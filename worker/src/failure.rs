@@ -13,15 +13,24 @@ pub struct TaskFailure {
 
 impl TaskFailure {
     pub fn retryable(message: impl Into<String>) -> Self {
-        TaskFailure { kind: FailureKind::Retryable, message: message.into() }
+        TaskFailure {
+            kind: FailureKind::Retryable,
+            message: message.into(),
+        }
     }
 
     pub fn permanent(message: impl Into<String>) -> Self {
-        TaskFailure { kind: FailureKind::Permanent, message: message.into() }
+        TaskFailure {
+            kind: FailureKind::Permanent,
+            message: message.into(),
+        }
     }
 
     pub fn refused(message: impl Into<String>) -> Self {
-        TaskFailure { kind: FailureKind::Refused, message: message.into() }
+        TaskFailure {
+            kind: FailureKind::Refused,
+            message: message.into(),
+        }
     }
 }
 
@@ -36,7 +45,9 @@ impl From<atelier_shared::storage::StorageError> for TaskFailure {
     fn from(e: atelier_shared::storage::StorageError) -> Self {
         use atelier_shared::storage::StorageError as S;
         match e {
-            S::NotFound(k) => TaskFailure::permanent(format!("input image {k} is missing from storage")),
+            S::NotFound(k) => {
+                TaskFailure::permanent(format!("input image {k} is missing from storage"))
+            }
             S::InvalidKey(k) => TaskFailure::permanent(format!("invalid object key {k}")),
             S::Unavailable(m) => TaskFailure::retryable(format!("object store unavailable: {m}")),
         }

@@ -20,9 +20,15 @@ pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, Tas
     match reader.format() {
         Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) => {}
         Some(other) => {
-            return Err(TaskFailure::permanent(format!("unsupported image format {other:?}; use JPEG, PNG or WebP")));
+            return Err(TaskFailure::permanent(format!(
+                "unsupported image format {other:?}; use JPEG, PNG or WebP"
+            )));
         }
-        None => return Err(TaskFailure::permanent("not an image: the bytes are not JPEG, PNG or WebP")),
+        None => {
+            return Err(TaskFailure::permanent(
+                "not an image: the bytes are not JPEG, PNG or WebP",
+            ));
+        }
     }
     let (w, h) = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -41,18 +47,32 @@ pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, Tas
     // RGBA16 of the declared size plus decoder scratch.
     limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
-    reader.decode().map_err(|e| TaskFailure::permanent(format!("corrupt image data: {e}")))
+    reader
+        .decode()
+        .map_err(|e| TaskFailure::permanent(format!("corrupt image data: {e}")))
 }
 
 /// Scales `img` to fit inside `width`×`height` (aspect preserved, centred)
 /// and composites it over `background`.
-pub fn fit(img: &DynamicImage, width: u32, height: u32, background: [u8; 3]) -> Result<RgbaImage, TaskFailure> {
+pub fn fit(
+    img: &DynamicImage,
+    width: u32,
+    height: u32,
+    background: [u8; 3],
+) -> Result<RgbaImage, TaskFailure> {
     let (sw, sh) = (img.width().max(1), img.height().max(1));
-    let scale = f64::min(f64::from(width) / f64::from(sw), f64::from(height) / f64::from(sh));
+    let scale = f64::min(
+        f64::from(width) / f64::from(sw),
+        f64::from(height) / f64::from(sh),
+    );
     let tw = ((f64::from(sw) * scale).round() as u32).clamp(1, width);
     let th = ((f64::from(sh) * scale).round() as u32).clamp(1, height);
     let scaled = resize(img, tw, th)?;
-    let mut canvas = RgbaImage::from_pixel(width, height, Rgba([background[0], background[1], background[2], 255]));
+    let mut canvas = RgbaImage::from_pixel(
+        width,
+        height,
+        Rgba([background[0], background[1], background[2], 255]),
+    );
     let (ox, oy) = ((width - tw) / 2, (height - th) / 2);
     image::imageops::overlay(&mut canvas, &scaled, i64::from(ox), i64::from(oy));
     Ok(canvas)
@@ -70,7 +90,10 @@ pub fn resize(img: &DynamicImage, width: u32, height: u32) -> Result<RgbaImage, 
 }
 
 /// Encodes an opaque canvas as JPEG (quality 92) or PNG.
-pub fn encode(img: &RgbaImage, format: atelier_shared::domain::packshot::ImageFormat) -> Result<Vec<u8>, TaskFailure> {
+pub fn encode(
+    img: &RgbaImage,
+    format: atelier_shared::domain::packshot::ImageFormat,
+) -> Result<Vec<u8>, TaskFailure> {
     use atelier_shared::domain::packshot::ImageFormat as Out;
     let mut buf = Vec::new();
     let err = |e: image::ImageError| TaskFailure::retryable(format!("encoding failed: {e}"));
@@ -81,7 +104,8 @@ pub fn encode(img: &RgbaImage, format: atelier_shared::domain::packshot::ImageFo
             rgb.write_with_encoder(enc).map_err(err)?;
         }
         Out::Png => {
-            img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Png).map_err(err)?;
+            img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Png)
+                .map_err(err)?;
         }
     }
     Ok(buf)
@@ -92,7 +116,10 @@ pub fn thumbnail(img: &RgbaImage) -> Result<Vec<u8>, TaskFailure> {
     let (w, h) = img.dimensions();
     let scale = f64::from(THUMBNAIL_EDGE) / f64::from(w.max(h).max(1));
     let (tw, th) = if scale < 1.0 {
-        (((f64::from(w) * scale).round() as u32).max(1), ((f64::from(h) * scale).round() as u32).max(1))
+        (
+            ((f64::from(w) * scale).round() as u32).max(1),
+            ((f64::from(h) * scale).round() as u32).max(1),
+        )
     } else {
         (w, h)
     };
@@ -107,15 +134,26 @@ mod tests {
     fn png(w: u32, h: u32) -> Vec<u8> {
         let img = RgbaImage::from_pixel(w, h, Rgba([200, 30, 30, 255]));
         let mut b = Vec::new();
-        img.write_to(&mut Cursor::new(&mut b), ImageFormat::Png).expect("encode");
+        img.write_to(&mut Cursor::new(&mut b), ImageFormat::Png)
+            .expect("encode");
         b
     }
 
     #[test]
     fn rejects_garbage_wrong_formats_and_bombs() {
-        assert!(decode_limited(b"definitely not an image", 1 << 20).unwrap_err().message.contains("not an image"));
+        assert!(
+            decode_limited(b"definitely not an image", 1 << 20)
+                .unwrap_err()
+                .message
+                .contains("not an image")
+        );
         let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;";
-        assert!(decode_limited(gif, 1 << 20).unwrap_err().message.contains("unsupported image format"));
+        assert!(
+            decode_limited(gif, 1 << 20)
+                .unwrap_err()
+                .message
+                .contains("unsupported image format")
+        );
         let mut truncated = png(64, 64);
         truncated.truncate(60);
         assert!(decode_limited(&truncated, 1 << 20).is_err());
@@ -131,7 +169,11 @@ mod tests {
         let img = decode_limited(&png(100, 50), 1 << 20).expect("decodes");
         let out = fit(&img, 64, 64, [255, 255, 255]).expect("fits");
         assert_eq!(out.dimensions(), (64, 64));
-        assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255, 255], "padding is the background");
+        assert_eq!(
+            out.get_pixel(0, 0).0,
+            [255, 255, 255, 255],
+            "padding is the background"
+        );
         let c = out.get_pixel(32, 32).0;
         assert!(c[0] > 150 && c[1] < 80, "centre keeps the image: {c:?}");
         let jpg = encode(&out, atelier_shared::domain::packshot::ImageFormat::Jpg).expect("jpg");

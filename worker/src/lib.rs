@@ -16,7 +16,7 @@
 //!    pool (never on the async runtime), bounded by `worker.task_timeout_secs`;
 //!    a panic inside the pipeline is caught and reported as retryable,
 //! 4. uploads the full-size result and its thumbnail under keys unique to
-//!    the attempt, so a duplicate run never overwrites a recorded result,
+//!    the run, so a duplicate run never overwrites a recorded result,
 //! 5. publishes the outcome durably and only then acks the delivery.
 //!
 //! Shutdown (SIGTERM): stop taking deliveries, let in-flight tasks finish
@@ -106,7 +106,11 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
     Ok(())
 }
 
-async fn consume_queue(ctx: WorkerContext, queue: &'static str, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn consume_queue(
+    ctx: WorkerContext,
+    queue: &'static str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut consumer = loop {
         match ctx.queue.consume(queue, ctx.concurrency).await {
             Ok(c) => break c,
@@ -137,13 +141,22 @@ async fn consume_queue(ctx: WorkerContext, queue: &'static str, shutdown: Cancel
     drop(consumer);
     let in_flight = tasks.len();
     if in_flight > 0 {
-        tracing::info!(queue, in_flight, grace_secs = ctx.shutdown_grace.as_secs(), "worker draining");
+        tracing::info!(
+            queue,
+            in_flight,
+            grace_secs = ctx.shutdown_grace.as_secs(),
+            "worker draining"
+        );
         let drained = tokio::time::timeout(ctx.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(queue, left = tasks.len(), "worker: grace period over; releasing unfinished tasks");
+            tracing::warn!(
+                queue,
+                left = tasks.len(),
+                "worker: grace period over; releasing unfinished tasks"
+            );
             hard_stop.cancel();
             while tasks.join_next().await.is_some() {}
         }
@@ -151,12 +164,20 @@ async fn consume_queue(ctx: WorkerContext, queue: &'static str, shutdown: Cancel
     Ok(())
 }
 
-async fn publish_outcome(ctx: &WorkerContext, outcome: &Outcome) -> Result<(), atelier_shared::queue::QueueError> {
+async fn publish_outcome(
+    ctx: &WorkerContext,
+    outcome: &Outcome,
+) -> Result<(), atelier_shared::queue::QueueError> {
     ctx.queue.publish(OUTCOMES, Message::json(outcome)?).await
 }
 
 /// Settles one delivery. Never panics: every failure becomes an outcome or a nack.
-async fn handle(ctx: WorkerContext, queue: &'static str, delivery: Delivery, hard_stop: CancellationToken) {
+async fn handle(
+    ctx: WorkerContext,
+    queue: &'static str,
+    delivery: Delivery,
+    hard_stop: CancellationToken,
+) {
     let task: Task = match delivery.parse() {
         Ok(t) => t,
         Err(e) => {
@@ -166,11 +187,16 @@ async fn handle(ctx: WorkerContext, queue: &'static str, delivery: Delivery, har
         }
     };
     let span = tracing::info_span!("task", job.id = %task.job_id, output.id = task.output_id, attempt = task.attempt, job.r#type = queue);
-    match ctx.store.is_live_attempt(task.output_id, task.attempt).await {
+    match ctx
+        .store
+        .is_live_attempt(task.output_id, task.attempt)
+        .await
+    {
         Ok(true) => {}
         Ok(false) => {
             tracing::info!(parent: &span, "worker: stale attempt; dropping");
-            metrics::counter!("atelier_tasks_total", "type" => queue, "outcome" => "stale").increment(1);
+            metrics::counter!("atelier_tasks_total", "type" => queue, "outcome" => "stale")
+                .increment(1);
             let _ = delivery.ack().await;
             return;
         }
@@ -180,7 +206,11 @@ async fn handle(ctx: WorkerContext, queue: &'static str, delivery: Delivery, har
             return;
         }
     }
-    let started = Outcome::Started { output_id: task.output_id, attempt: task.attempt, worker: ctx.worker_id.clone() };
+    let started = Outcome::Started {
+        output_id: task.output_id,
+        attempt: task.attempt,
+        worker: ctx.worker_id.clone(),
+    };
     if let Err(e) = publish_outcome(&ctx, &started).await {
         tracing::warn!(parent: &span, error = %e, "worker: cannot report start; requeueing");
         let _ = delivery.nack(Some(Duration::from_secs(2))).await;
@@ -190,7 +220,8 @@ async fn handle(ctx: WorkerContext, queue: &'static str, delivery: Delivery, har
     // Heartbeats for as long as the task runs.
     let beat_stop = CancellationToken::new();
     let beat = {
-        let (ctx, stop, id, attempt) = (ctx.clone(), beat_stop.clone(), task.output_id, task.attempt);
+        let (ctx, stop, id, attempt) =
+            (ctx.clone(), beat_stop.clone(), task.output_id, task.attempt);
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -219,23 +250,37 @@ async fn handle(ctx: WorkerContext, queue: &'static str, delivery: Delivery, har
     let outcome = match result {
         Ok(mut r) => {
             r.processing_ms = i64::try_from(t0.elapsed().as_millis()).unwrap_or(i64::MAX);
-            Outcome::Completed { output_id: task.output_id, attempt: task.attempt, result: r }
+            Outcome::Completed {
+                output_id: task.output_id,
+                attempt: task.attempt,
+                result: r,
+            }
         }
         Err(f) => {
             tracing::warn!(parent: &span, kind = ?f.kind, error = %f.message, "worker: task failed");
-            Outcome::Failed { output_id: task.output_id, attempt: task.attempt, failure: f.kind, message: f.message }
+            Outcome::Failed {
+                output_id: task.output_id,
+                attempt: task.attempt,
+                failure: f.kind,
+                message: f.message,
+            }
         }
     };
     let label = match &outcome {
         Outcome::Completed { .. } => "completed",
-        Outcome::Failed { failure: FailureKind::Retryable, .. } => "retryable_failure",
+        Outcome::Failed {
+            failure: FailureKind::Retryable,
+            ..
+        } => "retryable_failure",
         _ => "failed",
     };
-    metrics::histogram!("atelier_task_duration_seconds", "type" => queue, "stage" => "total").record(t0.elapsed().as_secs_f64());
+    metrics::histogram!("atelier_task_duration_seconds", "type" => queue, "stage" => "total")
+        .record(t0.elapsed().as_secs_f64());
     // Ack only once the outcome is durably queued; otherwise run it again.
     match publish_outcome(&ctx, &outcome).await {
         Ok(()) => {
-            metrics::counter!("atelier_worker_tasks_total", "type" => queue, "outcome" => label).increment(1);
+            metrics::counter!("atelier_worker_tasks_total", "type" => queue, "outcome" => label)
+                .increment(1);
             if let Err(e) = delivery.ack().await {
                 tracing::warn!(parent: &span, error = %e, "worker: ack failed; the task may run again");
             }
@@ -252,60 +297,109 @@ async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputResult, TaskF
     if !ctx.fault_delay.is_zero() {
         tokio::time::sleep(ctx.fault_delay).await;
     }
-    let output = ctx.store.output(task.output_id).await?.ok_or_else(|| TaskFailure::permanent("output no longer exists"))?;
-    let job = ctx.store.job(&output.job_id).await?.ok_or_else(|| TaskFailure::permanent("job no longer exists"))?;
-    let spec: PackshotSpec =
-        serde_json::from_str(&job.spec).map_err(|e| TaskFailure::permanent(format!("unreadable job spec: {e}")))?;
+    let output = ctx
+        .store
+        .output(task.output_id)
+        .await?
+        .ok_or_else(|| TaskFailure::permanent("output no longer exists"))?;
+    let job = ctx
+        .store
+        .job(&output.job_id)
+        .await?
+        .ok_or_else(|| TaskFailure::permanent("job no longer exists"))?;
+    let spec: PackshotSpec = serde_json::from_str(&job.spec)
+        .map_err(|e| TaskFailure::permanent(format!("unreadable job spec: {e}")))?;
 
     let t = Instant::now();
     let mut raw = Vec::with_capacity(spec.images.len());
     for img in &spec.images {
-        let file = ctx
-            .store
-            .file(&img.file_id)
-            .await?
-            .ok_or_else(|| TaskFailure::permanent(format!("input image {} no longer exists", img.file_id)))?;
-        raw.push((img.file_id.clone(), ctx.objects.get(&file.object_key).await?));
+        let file = ctx.store.file(&img.file_id).await?.ok_or_else(|| {
+            TaskFailure::permanent(format!("input image {} no longer exists", img.file_id))
+        })?;
+        raw.push((
+            img.file_id.clone(),
+            ctx.objects.get(&file.object_key).await?,
+        ));
     }
     engine::stage("download", t);
 
     let pipeline = ctx.pipeline.clone();
     let max_pixels = ctx.max_input_pixels;
-    let (ins, var, engine_index) =
-        (output.instruction_index as usize, output.variation_index as u32, output.engine_index as usize);
-    let previous_refusal = (engine_index > 0).then(|| output.last_error.clone()).flatten();
+    let (ins, var, engine_index) = (
+        output.instruction_index as usize,
+        output.variation_index as u32,
+        output.engine_index as usize,
+    );
+    let previous_refusal = (engine_index > 0)
+        .then(|| output.last_error.clone())
+        .flatten();
     let work = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
         let inputs = raw
             .into_iter()
             .map(|(file_id, bytes)| {
                 imaging::decode_limited(&bytes, max_pixels)
-                    .map(|image| Input { file_id: file_id.clone(), image })
-                    .map_err(|f| TaskFailure { kind: f.kind, message: format!("input {file_id}: {}", f.message) })
+                    .map(|image| Input {
+                        file_id: file_id.clone(),
+                        image,
+                    })
+                    .map_err(|f| TaskFailure {
+                        kind: f.kind,
+                        message: format!("input {file_id}: {}", f.message),
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         engine::stage("decode", t);
         if ins >= spec.instructions.len() {
             return Err(TaskFailure::permanent("instruction index out of range"));
         }
-        let req = RenderRequest { spec: &spec, instruction_index: ins, variation_index: var, inputs: &inputs };
+        let req = RenderRequest {
+            spec: &spec,
+            instruction_index: ins,
+            variation_index: var,
+            inputs: &inputs,
+        };
         let out = pipeline.run(&req, engine_index, previous_refusal.as_deref())?;
         let format = spec.instructions[ins].output.format;
         Ok((out, format))
     });
     let (out, format) = match tokio::time::timeout(ctx.task_timeout, work).await {
-        Err(_) => return Err(TaskFailure::retryable(format!("pipeline exceeded {} s", ctx.task_timeout.as_secs()))),
-        Ok(Err(join)) if join.is_panic() => return Err(TaskFailure::retryable("pipeline panicked")),
-        Ok(Err(join)) => return Err(TaskFailure::retryable(format!("pipeline task failed: {join}"))),
+        Err(_) => {
+            return Err(TaskFailure::retryable(format!(
+                "pipeline exceeded {} s",
+                ctx.task_timeout.as_secs()
+            )));
+        }
+        Ok(Err(join)) if join.is_panic() => {
+            return Err(TaskFailure::retryable("pipeline panicked"));
+        }
+        Ok(Err(join)) => {
+            return Err(TaskFailure::retryable(format!(
+                "pipeline task failed: {join}"
+            )));
+        }
         Ok(Ok(r)) => r?,
     };
 
     let t = Instant::now();
-    let base = format!("results/{}/{}/{}-a{}", job.account_id, job.id, output.id, task.attempt);
+    // Unique per run, not only per attempt: a redelivered attempt never
+    // overwrites the objects of a run that was already recorded.
+    let base = format!(
+        "results/{}/{}/{}-a{}-{}",
+        job.account_id,
+        job.id,
+        output.id,
+        task.attempt,
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
     let full_key = format!("{base}.{}", format.ext());
     let thumb_key = format!("{base}-thumb.jpg");
-    ctx.objects.put(&full_key, Bytes::from(out.full), format.content_type()).await?;
-    ctx.objects.put(&thumb_key, Bytes::from(out.thumb), "image/jpeg").await?;
+    ctx.objects
+        .put(&full_key, Bytes::from(out.full), format.content_type())
+        .await?;
+    ctx.objects
+        .put(&thumb_key, Bytes::from(out.thumb), "image/jpeg")
+        .await?;
     engine::stage("upload", t);
     Ok(OutputResult {
         full_key,

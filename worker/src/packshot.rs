@@ -54,21 +54,38 @@ impl AtelierEngine {
                 x[c * n + i] = (f32::from(p.0[c]) - 128.0) / 256.0;
             }
         }
-        let input = ArrayD::from_shape_vec(IxDyn(&[1, 3, ISNET_EDGE as usize, ISNET_EDGE as usize]), x)
+        let input =
+            ArrayD::from_shape_vec(IxDyn(&[1, 3, ISNET_EDGE as usize, ISNET_EDGE as usize]), x)
+                .map_err(|e| TaskFailure::retryable(e.to_string()))?;
+        let y = self
+            .isnet
+            .run(input)
             .map_err(|e| TaskFailure::retryable(e.to_string()))?;
-        let y = self.isnet.run(input).map_err(|e| TaskFailure::retryable(e.to_string()))?;
-        let (min, max) = y.iter().fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+        let (min, max) = y
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
         // ISNet's output is a saliency map; stretch it to the full range as its authors do.
         let span = (max - min).max(1e-6);
-        let raw: Vec<u8> = y.iter().map(|v| (((v - min) / span) * 255.0).round().clamp(0.0, 255.0) as u8).collect();
-        let m = GrayImage::from_raw(ISNET_EDGE, ISNET_EDGE, raw).ok_or_else(|| TaskFailure::retryable("mask has the wrong size"))?;
+        let raw: Vec<u8> = y
+            .iter()
+            .map(|v| (((v - min) / span) * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        let m = GrayImage::from_raw(ISNET_EDGE, ISNET_EDGE, raw)
+            .ok_or_else(|| TaskFailure::retryable("mask has the wrong size"))?;
         let back = imaging::resize(&DynamicImage::ImageLuma8(m), img.width(), img.height())?;
         Ok(DynamicImage::ImageRgba8(back).to_luma8())
     }
 
     /// Renders one packshot, returning the canvas and stage timings.
-    pub fn render_timed(&self, req: &RenderRequest<'_>) -> Result<(RgbaImage, StageTimes, serde_json::Value), TaskFailure> {
-        let ins = req.spec.instructions.get(req.instruction_index).ok_or_else(|| TaskFailure::permanent("instruction index out of range"))?;
+    pub fn render_timed(
+        &self,
+        req: &RenderRequest<'_>,
+    ) -> Result<(RgbaImage, StageTimes, serde_json::Value), TaskFailure> {
+        let ins = req
+            .spec
+            .instructions
+            .get(req.instruction_index)
+            .ok_or_else(|| TaskFailure::permanent("instruction index out of range"))?;
         if req.inputs.is_empty() {
             return Err(TaskFailure::permanent("the job has no input image"));
         }
@@ -83,7 +100,9 @@ impl AtelierEngine {
         let t = Instant::now();
         let alpha = refine(&mask);
         let Some((x0, y0, x1, y1)) = bbox(&alpha, 128) else {
-            return Err(TaskFailure::permanent("no garment found in the input image (the mask is empty)"));
+            return Err(TaskFailure::permanent(
+                "no garment found in the input image (the mask is empty)",
+            ));
         };
         let rgba = src.image.to_rgba8();
         let (cw, ch) = (x1 - x0 + 1, y1 - y0 + 1);
@@ -98,8 +117,14 @@ impl AtelierEngine {
         let (w, h) = (ins.output.width, ins.output.height);
         let mut rng = Rng(seed ^ 0x9E37_79B9_7F4A_7C15);
         let fill = framing_fill(ins.framing) * (1.0 - 0.04 * rng.unit());
-        let scale = f64::min(f64::from(w) * fill / f64::from(cw), f64::from(h) * fill / f64::from(ch));
-        let (gw, gh) = (((f64::from(cw) * scale).round() as u32).max(1), ((f64::from(ch) * scale).round() as u32).max(1));
+        let scale = f64::min(
+            f64::from(w) * fill / f64::from(cw),
+            f64::from(h) * fill / f64::from(ch),
+        );
+        let (gw, gh) = (
+            ((f64::from(cw) * scale).round() as u32).max(1),
+            ((f64::from(ch) * scale).round() as u32).max(1),
+        );
 
         let t = Instant::now();
         let mut upscaled_with = None;
@@ -126,7 +151,8 @@ impl AtelierEngine {
         let jitter = |span: u32, r: &mut Rng| ((r.unit() - 0.5) * f64::from(span) * 0.02) as i64;
         let ox = i64::from(w.saturating_sub(gw) / 2) + jitter(w, &mut rng);
         // Packshots sit slightly low, leaving room above.
-        let oy = (i64::from(h.saturating_sub(gh)) * 11 / 20).min(i64::from(h.saturating_sub(gh))) + jitter(h, &mut rng);
+        let oy = (i64::from(h.saturating_sub(gh)) * 11 / 20).min(i64::from(h.saturating_sub(gh)))
+            + jitter(h, &mut rng);
 
         let t = Instant::now();
         let shadow = effective_shadow(ins);
@@ -166,7 +192,11 @@ impl Engine for AtelierEngine {
             Some(u) => format!("atelier ({} + {u})", self.isnet_variant),
             None => format!("atelier ({})", self.isnet_variant),
         };
-        Ok(Rendered { image, model_used, description })
+        Ok(Rendered {
+            image,
+            model_used,
+            description,
+        })
     }
 }
 
@@ -177,7 +207,13 @@ pub fn refine(mask: &GrayImage) -> GrayImage {
     let mut snapped = GrayImage::new(w, h);
     for (o, i) in snapped.pixels_mut().zip(mask.pixels()) {
         let v = i.0[0];
-        o.0[0] = if v < 20 { 0 } else if v > 235 { 255 } else { v };
+        o.0[0] = if v < 20 {
+            0
+        } else if v > 235 {
+            255
+        } else {
+            v
+        };
     }
     // 3×3 minimum: a one-pixel erosion removes the halo of mixed pixels.
     let mut eroded = snapped.clone();
@@ -187,7 +223,11 @@ pub fn refine(mask: &GrayImage) -> GrayImage {
             for dy in -1i64..=1 {
                 for dx in -1i64..=1 {
                     let (nx, ny) = (x as i64 + dx, y as i64 + dy);
-                    let v = if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 { 0 } else { snapped.get_pixel(nx as u32, ny as u32).0[0] };
+                    let v = if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
+                        0
+                    } else {
+                        snapped.get_pixel(nx as u32, ny as u32).0[0]
+                    };
                     m = m.min(v);
                 }
             }
@@ -234,21 +274,46 @@ fn effective_shadow(ins: &InstructionSpec) -> Shadow {
 }
 
 fn text_of(d: &Option<DesignResolved>) -> String {
-    d.as_ref().and_then(|d| d.text.clone()).unwrap_or_default().to_lowercase()
+    d.as_ref()
+        .and_then(|d| d.text.clone())
+        .unwrap_or_default()
+        .to_lowercase()
 }
 
 /// Named colours understood in `background`, `surface` and `color_palette`.
 fn colour_for(text: &str) -> Option<[u8; 3]> {
     const NAMED: &[(&str, [u8; 3])] = &[
-        ("white", [250, 250, 248]), ("grey", [214, 214, 212]), ("gray", [214, 214, 212]), ("black", [38, 38, 40]),
-        ("beige", [233, 222, 204]), ("cream", [243, 236, 220]), ("sand", [226, 208, 180]), ("blue", [196, 214, 232]),
-        ("green", [205, 222, 200]), ("pink", [242, 216, 218]), ("red", [214, 92, 86]), ("yellow", [246, 232, 178]),
-        ("terracotta", [204, 122, 92]), ("navy", [52, 66, 102]), ("pastel", [232, 222, 240]), ("earth", [196, 170, 136]),
-        ("neutral", [232, 229, 224]), ("monochrome", [226, 226, 226]), ("linen", [236, 230, 218]), ("oak", [196, 160, 118]),
-        ("wood", [180, 140, 100]), ("concrete", [190, 190, 186]), ("marble", [238, 238, 236]), ("paper", [205, 180, 140]),
-        ("kraft", [196, 164, 120]), ("studio", [236, 236, 236]),
+        ("white", [250, 250, 248]),
+        ("grey", [214, 214, 212]),
+        ("gray", [214, 214, 212]),
+        ("black", [38, 38, 40]),
+        ("beige", [233, 222, 204]),
+        ("cream", [243, 236, 220]),
+        ("sand", [226, 208, 180]),
+        ("blue", [196, 214, 232]),
+        ("green", [205, 222, 200]),
+        ("pink", [242, 216, 218]),
+        ("red", [214, 92, 86]),
+        ("yellow", [246, 232, 178]),
+        ("terracotta", [204, 122, 92]),
+        ("navy", [52, 66, 102]),
+        ("pastel", [232, 222, 240]),
+        ("earth", [196, 170, 136]),
+        ("neutral", [232, 229, 224]),
+        ("monochrome", [226, 226, 226]),
+        ("linen", [236, 230, 218]),
+        ("oak", [196, 160, 118]),
+        ("wood", [180, 140, 100]),
+        ("concrete", [190, 190, 186]),
+        ("marble", [238, 238, 236]),
+        ("paper", [205, 180, 140]),
+        ("kraft", [196, 164, 120]),
+        ("studio", [236, 236, 236]),
     ];
-    NAMED.iter().find(|(k, _)| text.contains(k)).map(|(_, c)| *c)
+    NAMED
+        .iter()
+        .find(|(k, _)| text.contains(k))
+        .map(|(_, c)| *c)
 }
 
 /// The style's background at `w`×`h`.
@@ -267,8 +332,14 @@ pub fn background(ins: &InstructionSpec, w: u32, h: u32, seed: u64) -> RgbaImage
         Style::MarketingReady | Style::Free => {
             let bg = text_of(&ins.background);
             let palette = text_of(&ins.color_palette);
-            let base = colour_for(&bg).or_else(|| colour_for(&palette)).unwrap_or([232, 229, 224]);
-            let light = ins.lighting.as_ref().and_then(|l| l.attributes.get("direction").cloned().or(l.text.clone())).unwrap_or_default();
+            let base = colour_for(&bg)
+                .or_else(|| colour_for(&palette))
+                .unwrap_or([232, 229, 224]);
+            let light = ins
+                .lighting
+                .as_ref()
+                .and_then(|l| l.attributes.get("direction").cloned().or(l.text.clone()))
+                .unwrap_or_default();
             lit(w, h, base, &light.to_lowercase())
         }
     }
@@ -280,7 +351,8 @@ fn radial(w: u32, h: u32, centre: [u8; 3], edge: [u8; 3]) -> RgbaImage {
     RgbaImage::from_fn(w, h, |x, y| {
         let d = ((f64::from(x) - cx).powi(2) + (f64::from(y) - cy).powi(2)).sqrt() / r;
         let t = d.clamp(0.0, 1.0).powf(1.5);
-        let c = |i: usize| (f64::from(centre[i]) * (1.0 - t) + f64::from(edge[i]) * t).round() as u8;
+        let c =
+            |i: usize| (f64::from(centre[i]) * (1.0 - t) + f64::from(edge[i]) * t).round() as u8;
         Rgba([c(0), c(1), c(2), 255])
     })
 }
@@ -297,7 +369,10 @@ fn lit(w: u32, h: u32, base: [u8; 3], light: &str) -> RgbaImage {
         (0.5, 0.3)
     };
     RgbaImage::from_fn(w, h, |x, y| {
-        let (u, v) = (f64::from(x) / f64::from(w.max(1)), f64::from(y) / f64::from(h.max(1)));
+        let (u, v) = (
+            f64::from(x) / f64::from(w.max(1)),
+            f64::from(y) / f64::from(h.max(1)),
+        );
         let d = ((u - lx).powi(2) + (v - ly).powi(2)).sqrt();
         let k = 1.06 - 0.16 * d.min(1.2);
         let c = |i: usize| (f64::from(base[i]) * k).round().clamp(0.0, 255.0) as u8;
@@ -323,7 +398,10 @@ fn surface(w: u32, h: u32, base: [u8; 3], name: &str, seed: u64) -> RgbaImage {
     let fine = ValueNoise::new(seed.wrapping_add(1), 96);
     let veins = name.contains("marble");
     RgbaImage::from_fn(w, h, |x, y| {
-        let (u, v) = (f64::from(x) / f64::from(w.max(1)), f64::from(y) / f64::from(h.max(1)));
+        let (u, v) = (
+            f64::from(x) / f64::from(w.max(1)),
+            f64::from(y) / f64::from(h.max(1)),
+        );
         let n = 0.65 * coarse.at(u, v * grain_x) + 0.35 * fine.at(u * grain_x, v);
         let mut d = (n - 0.5) * amp;
         if veins {
@@ -338,7 +416,15 @@ fn surface(w: u32, h: u32, base: [u8; 3], name: &str, seed: u64) -> RgbaImage {
 }
 
 /// Shadow of the garment on the background.
-fn draw_shadow(canvas: &mut RgbaImage, garment: &RgbaImage, ox: i64, oy: i64, kind: Shadow, style: Style, rng: &mut Rng) {
+fn draw_shadow(
+    canvas: &mut RgbaImage,
+    garment: &RgbaImage,
+    ox: i64,
+    oy: i64,
+    kind: Shadow,
+    style: Style,
+    rng: &mut Rng,
+) {
     let (gw, gh) = garment.dimensions();
     let (w, h) = canvas.dimensions();
     let size = f64::from(w.max(h));
@@ -357,11 +443,22 @@ fn draw_shadow(canvas: &mut RgbaImage, garment: &RgbaImage, ox: i64, oy: i64, ki
                     }
                 }
             }
-            (if style == Style::WhiteCutout { 0.22 } else { 0.30 }, (size * 0.006) as f32)
+            (
+                if style == Style::WhiteCutout {
+                    0.22
+                } else {
+                    0.30
+                },
+                (size * 0.006) as f32,
+            )
         }
         Shadow::SoftDrop | Shadow::Natural => {
             let natural = kind == Shadow::Natural;
-            let (dx, dy) = if natural { (size * 0.004, size * 0.012) } else { (size * 0.010, size * 0.014) };
+            let (dx, dy) = if natural {
+                (size * 0.004, size * 0.012)
+            } else {
+                (size * 0.010, size * 0.014)
+            };
             for (x, y, p) in garment.enumerate_pixels() {
                 let (tx, ty) = (ox + i64::from(x) + dx as i64, oy + i64::from(y) + dy as i64);
                 if tx >= 0 && ty >= 0 && (tx as u32) < w && (ty as u32) < h {
@@ -402,15 +499,23 @@ fn upscale4(model: &Model, img: &RgbaImage) -> Result<RgbaImage, TaskFailure> {
             x[c * n + i] = f32::from(p.0[c]) / 255.0;
         }
     }
-    let input = ArrayD::from_shape_vec(IxDyn(&[1, 3, h as usize, w as usize]), x).map_err(|e| TaskFailure::retryable(e.to_string()))?;
-    let y = model.run(input).map_err(|e| TaskFailure::retryable(e.to_string()))?;
+    let input = ArrayD::from_shape_vec(IxDyn(&[1, 3, h as usize, w as usize]), x)
+        .map_err(|e| TaskFailure::retryable(e.to_string()))?;
+    let y = model
+        .run(input)
+        .map_err(|e| TaskFailure::retryable(e.to_string()))?;
     let (ow, oh) = (w * 4, h * 4);
     if y.shape() != [1, 3, oh as usize, ow as usize] {
-        return Err(TaskFailure::retryable(format!("upscaler returned shape {:?}", y.shape())));
+        return Err(TaskFailure::retryable(format!(
+            "upscaler returned shape {:?}",
+            y.shape()
+        )));
     }
     let alpha = imaging::resize(&DynamicImage::ImageRgba8(img.clone()), ow, oh)?;
     let m = (ow * oh) as usize;
-    let data = y.as_slice().ok_or_else(|| TaskFailure::retryable("upscaler output is not contiguous"))?;
+    let data = y
+        .as_slice()
+        .ok_or_else(|| TaskFailure::retryable("upscaler output is not contiguous"))?;
     Ok(RgbaImage::from_fn(ow, oh, |x, yy| {
         let i = (yy * ow + x) as usize;
         let c = |k: usize| (data[k * m + i] * 255.0).round().clamp(0.0, 255.0) as u8;
@@ -444,7 +549,10 @@ struct ValueNoise {
 impl ValueNoise {
     fn new(seed: u64, cells: usize) -> ValueNoise {
         let mut r = Rng(seed);
-        ValueNoise { cells, grid: (0..(cells + 1) * (cells + 1)).map(|_| r.unit()).collect() }
+        ValueNoise {
+            cells,
+            grid: (0..(cells + 1) * (cells + 1)).map(|_| r.unit()).collect(),
+        }
     }
 
     fn at(&self, u: f64, v: f64) -> f64 {
@@ -453,7 +561,9 @@ impl ValueNoise {
         let (x0, y0) = (x.floor() as usize, y.floor() as usize);
         let (fx, fy) = (x - x0 as f64, y - y0 as f64);
         let s = |t: f64| t * t * (3.0 - 2.0 * t);
-        let g = |i: usize, j: usize| self.grid[j.min(self.cells) * (self.cells + 1) + i.min(self.cells)];
+        let g = |i: usize, j: usize| {
+            self.grid[j.min(self.cells) * (self.cells + 1) + i.min(self.cells)]
+        };
         let a = g(x0, y0) + (g(x0 + 1, y0) - g(x0, y0)) * s(fx);
         let b = g(x0, y0 + 1) + (g(x0 + 1, y0 + 1) - g(x0, y0 + 1)) * s(fx);
         a + (b - a) * s(fy)
@@ -464,16 +574,40 @@ impl ValueNoise {
 mod tests {
     use super::*;
     use crate::engine::Input;
-    use crate::inference::{Device, ModelOptions, Runtime, RuntimeOptions, default_models_dir, load_shared};
-    use atelier_shared::domain::packshot::{DesignCatalogue, EngineAvailability, parse_request, validate};
+    use crate::inference::{
+        Device, ModelOptions, Runtime, RuntimeOptions, default_models_dir, load_shared,
+    };
+    use atelier_shared::domain::packshot::{
+        DesignCatalogue, EngineAvailability, parse_request, validate,
+    };
 
     fn engine() -> AtelierEngine {
         let dir = default_models_dir();
-        let rt = Runtime::get(&RuntimeOptions { library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")), device: Device::Cpu, intra_threads: 2 })
-            .expect("ONNX Runtime (scripts/fetch-models)");
-        let isnet = load_shared(&rt, "isnet", &dir.join("isnet_fp16.onnx"), ModelOptions::default()).expect("ISNet (scripts/fetch-models)");
-        let upscaler = load_shared(&rt, "realesrgan", &dir.join("realesr-animevideov3-x4.onnx"), ModelOptions::default()).ok();
-        AtelierEngine { isnet, upscaler, isnet_variant: "isnet_fp16".into() }
+        let rt = Runtime::get(&RuntimeOptions {
+            library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")),
+            device: Device::Cpu,
+            intra_threads: 2,
+        })
+        .expect("ONNX Runtime (scripts/fetch-models)");
+        let isnet = load_shared(
+            &rt,
+            "isnet",
+            &dir.join("isnet_fp16.onnx"),
+            ModelOptions::default(),
+        )
+        .expect("ISNet (scripts/fetch-models)");
+        let upscaler = load_shared(
+            &rt,
+            "realesrgan",
+            &dir.join("realesr-animevideov3-x4.onnx"),
+            ModelOptions::default(),
+        )
+        .ok();
+        AtelierEngine {
+            isnet,
+            upscaler,
+            isnet_variant: "isnet_fp16".into(),
+        }
     }
 
     fn garment() -> DynamicImage {
@@ -483,7 +617,21 @@ mod tests {
 
     /// The T-shirt polygon `scripts/make-testdata.py` draws: the known foreground.
     fn truth(w: u32, h: u32) -> Vec<bool> {
-        let poly: [(f64, f64); 13] = [(300., 250.), (390., 215.), (450., 240.), (510., 215.), (600., 250.), (740., 360.), (670., 450.), (610., 400.), (610., 930.), (290., 930.), (290., 400.), (230., 450.), (160., 360.)];
+        let poly: [(f64, f64); 13] = [
+            (300., 250.),
+            (390., 215.),
+            (450., 240.),
+            (510., 215.),
+            (600., 250.),
+            (740., 360.),
+            (670., 450.),
+            (610., 400.),
+            (610., 930.),
+            (290., 930.),
+            (290., 400.),
+            (230., 450.),
+            (160., 360.),
+        ];
         let inside = |x: f64, y: f64| {
             let mut c = false;
             let n = poly.len();
@@ -496,7 +644,10 @@ mod tests {
             }
             c
         };
-        (0..h).flat_map(|y| (0..w).map(move |x| (x, y))).map(|(x, y)| inside(f64::from(x) + 0.5, f64::from(y) + 0.5)).collect()
+        (0..h)
+            .flat_map(|y| (0..w).map(move |x| (x, y)))
+            .map(|(x, y)| inside(f64::from(x) + 0.5, f64::from(y) + 0.5))
+            .collect()
     }
 
     #[test]
@@ -512,25 +663,60 @@ mod tests {
             union += u64::from(m || t);
         }
         let iou = inter as f64 / union as f64;
-        assert!(iou >= 0.9, "IoU of the ISNet garment mask with the drawn shirt: {iou:.3}");
+        assert!(
+            iou >= 0.9,
+            "IoU of the ISNet garment mask with the drawn shirt: {iou:.3}"
+        );
     }
 
     fn spec(body: serde_json::Value) -> atelier_shared::domain::packshot::PackshotSpec {
         let req = parse_request(&body).expect("parses");
-        validate(&req, &DesignCatalogue::default(), &EngineAvailability { configured: vec![] }, || 42).expect("valid")
+        validate(
+            &req,
+            &DesignCatalogue::default(),
+            &EngineAvailability { configured: vec![] },
+            || 42,
+        )
+        .expect("valid")
     }
 
     #[test]
     fn white_cutout_has_pure_white_corners_and_the_garment_in_the_middle() {
         let e = engine();
-        let s = spec(serde_json::json!({"project_id": "p", "images": ["f"], "instructions": [{"style": "white_cutout", "num_variations": 2}]}));
-        let inputs = vec![Input { file_id: "f".into(), image: garment() }];
-        let render = |v| e.render_timed(&RenderRequest { spec: &s, instruction_index: 0, variation_index: v, inputs: &inputs }).expect("renders");
+        let s = spec(
+            serde_json::json!({"project_id": "p", "images": ["f"], "instructions": [{"style": "white_cutout", "num_variations": 2}]}),
+        );
+        let inputs = vec![Input {
+            file_id: "f".into(),
+            image: garment(),
+        }];
+        let render = |v| {
+            e.render_timed(&RenderRequest {
+                spec: &s,
+                instruction_index: 0,
+                variation_index: v,
+                inputs: &inputs,
+            })
+            .expect("renders")
+        };
         let (img, times, desc) = render(0);
-        if let Ok(p) = std::env::var("ATELIER_DUMP") { img.save(p).expect("dump"); }
+        if let Ok(p) = std::env::var("ATELIER_DUMP") {
+            img.save(p).expect("dump");
+        }
         assert_eq!(img.dimensions(), (1024, 1024));
-        for (x, y) in [(0, 0), (1023, 0), (0, 1023), (1023, 1023), (512, 2), (5, 512)] {
-            assert_eq!(img.get_pixel(x, y).0, [255, 255, 255, 255], "corner/edge ({x},{y}) is not pure white");
+        for (x, y) in [
+            (0, 0),
+            (1023, 0),
+            (0, 1023),
+            (1023, 1023),
+            (512, 2),
+            (5, 512),
+        ] {
+            assert_eq!(
+                img.get_pixel(x, y).0,
+                [255, 255, 255, 255],
+                "corner/edge ({x},{y}) is not pure white"
+            );
         }
         let c = img.get_pixel(512, 560).0;
         assert!(c[2] > c[0] + 40, "the blue shirt is in the middle: {c:?}");
@@ -538,8 +724,14 @@ mod tests {
         // gone. What survives is enclosed by the garment: the neck opening and
         // the triangle between hanger wire and shoulders, which ISNet counts
         // as part of the object (under 1 % of the canvas).
-        let beige = img.pixels().filter(|p| p.0[0] > 190 && p.0[0] < 235 && (p.0[0] as i32 - p.0[2] as i32) > 6).count();
-        assert!(beige < 1024 * 1024 / 100, "{beige} pixels of the old background survived");
+        let beige = img
+            .pixels()
+            .filter(|p| p.0[0] > 190 && p.0[0] < 235 && (p.0[0] as i32 - p.0[2] as i32) > 6)
+            .count();
+        assert!(
+            beige < 1024 * 1024 / 100,
+            "{beige} pixels of the old background survived"
+        );
         assert!(times.0.iter().any(|(s, _)| *s == "mask"));
         assert_eq!(desc["segmentation_model"], "isnet_fp16");
         // Reproducible, and variations differ.
@@ -549,18 +741,37 @@ mod tests {
 
     #[test]
     fn styles_paint_their_backgrounds() {
-        let s = spec(serde_json::json!({"project_id": "p", "images": ["f"], "instructions": [
+        let s = spec(
+            serde_json::json!({"project_id": "p", "images": ["f"], "instructions": [
             {"style": "flat_lay", "surface": "light oak wood"},
             {"style": "ghost_mannequin"},
-            {"style": "marketing_ready", "background": "terracotta wall", "lighting": {"direction": "left"}}]}));
+            {"style": "marketing_ready", "background": "terracotta wall", "lighting": {"direction": "left"}}]}),
+        );
         let flat = background(&s.instructions[0], 256, 256, 1);
         let ghost = background(&s.instructions[1], 256, 256, 1);
         let mk = background(&s.instructions[2], 256, 256, 1);
         let px = |i: &RgbaImage, x, y| i.get_pixel(x, y).0;
-        assert!(px(&flat, 10, 10)[0] > px(&flat, 10, 10)[2] + 30, "oak is warm: {:?}", px(&flat, 10, 10));
-        assert_ne!(background(&s.instructions[0], 256, 256, 2), flat, "the texture follows the seed");
-        assert!(px(&ghost, 128, 115)[0] > px(&ghost, 0, 255)[0], "studio vignette");
-        assert!(px(&mk, 5, 100)[0] > px(&mk, 250, 100)[0], "lit from the left");
-        assert!(px(&mk, 128, 128)[0] > px(&mk, 128, 128)[2] + 60, "terracotta");
+        assert!(
+            px(&flat, 10, 10)[0] > px(&flat, 10, 10)[2] + 30,
+            "oak is warm: {:?}",
+            px(&flat, 10, 10)
+        );
+        assert_ne!(
+            background(&s.instructions[0], 256, 256, 2),
+            flat,
+            "the texture follows the seed"
+        );
+        assert!(
+            px(&ghost, 128, 115)[0] > px(&ghost, 0, 255)[0],
+            "studio vignette"
+        );
+        assert!(
+            px(&mk, 5, 100)[0] > px(&mk, 250, 100)[0],
+            "lit from the left"
+        );
+        assert!(
+            px(&mk, 128, 128)[0] > px(&mk, 128, 128)[2] + 60,
+            "terracotta"
+        );
     }
 }

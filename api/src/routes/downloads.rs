@@ -32,48 +32,96 @@ pub struct Bulk {
     pub job_ids: Vec<String>,
 }
 
-pub async fn issue(State(s): State<AppState>, Caller(acc): Caller, Json(b): Json<One>) -> ApiResult<impl IntoResponse> {
-    let job = s.store.job_for(&acc.id, &b.job_id).await?.ok_or_else(|| ApiError::not_found(format!("Job {} not found", b.job_id)))?;
+pub async fn issue(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Json(b): Json<One>,
+) -> ApiResult<impl IntoResponse> {
+    let job = s
+        .store
+        .job_for(&acc.id, &b.job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Job {} not found", b.job_id)))?;
     if job.completed_outputs == 0 {
-        return Err(ApiError::conflict("conflict", "The job has no completed outputs yet"));
+        return Err(ApiError::conflict(
+            "conflict",
+            "The job has no completed outputs yet",
+        ));
     }
     link(&s, &acc.id, vec![job.id])
 }
 
-pub async fn issue_bulk(State(s): State<AppState>, Caller(acc): Caller, Json(b): Json<Bulk>) -> ApiResult<impl IntoResponse> {
-    if b.job_ids.is_empty() {
-        return Err(ApiError::bad_request(Some("job_ids"), "must name at least one job", "body"));
+pub async fn issue_bulk(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Json(b): Json<Bulk>,
+) -> ApiResult<impl IntoResponse> {
+    if b.job_ids.is_empty() || b.job_ids.len() > MAX_ZIP_IMAGES {
+        return Err(ApiError::bad_request(
+            Some("job_ids"),
+            format!("must name 1 to {MAX_ZIP_IMAGES} jobs"),
+            "body",
+        ));
     }
     let mut total = 0i64;
     let mut ids = Vec::new();
     for id in &b.job_ids {
-        let job = s.store.job_for(&acc.id, id).await?.ok_or_else(|| ApiError::not_found(format!("Job {id} not found")))?;
+        let job = s
+            .store
+            .job_for(&acc.id, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("Job {id} not found")))?;
         total += job.completed_outputs;
         if !ids.contains(&job.id) {
             ids.push(job.id);
         }
     }
     if total as usize > MAX_ZIP_IMAGES {
-        return Err(ApiError::bad_request(Some("job_ids"), format!("{total} images exceed the limit of {MAX_ZIP_IMAGES} per archive"), "body"));
+        return Err(ApiError::bad_request(
+            Some("job_ids"),
+            format!("{total} images exceed the limit of {MAX_ZIP_IMAGES} per archive"),
+            "body",
+        ));
     }
     if total == 0 {
-        return Err(ApiError::conflict("conflict", "None of the jobs has completed outputs yet"));
+        return Err(ApiError::conflict(
+            "conflict",
+            "None of the jobs has completed outputs yet",
+        ));
     }
     link(&s, &acc.id, ids)
 }
 
 fn link(s: &AppState, account: &str, job_ids: Vec<String>) -> ApiResult<axum::Json<Value>> {
-    let exp = now_ms() + Duration::from_secs(s.config.limits.download_url_ttl_secs).as_millis() as i64;
-    let token = s.signer.sign(&Capability::Zip { job_ids, account_id: account.to_string() }, exp);
-    Ok(axum::Json(json!({"download_url": s.url(&format!("/download/{token}")), "expires": iso8601(exp)})))
+    let exp =
+        now_ms() + Duration::from_secs(s.config.limits.download_url_ttl_secs).as_millis() as i64;
+    let token = s.signer.sign(
+        &Capability::Zip {
+            job_ids,
+            account_id: account.to_string(),
+        },
+        exp,
+    );
+    Ok(axum::Json(
+        json!({"download_url": s.url(&format!("/download/{token}")), "expires": iso8601(exp)}),
+    ))
 }
 
-pub async fn stream(State(s): State<AppState>, Path(token): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn stream(
+    State(s): State<AppState>,
+    Path(token): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let (cap, _) = s.signer.verify(&token, now_ms()).map_err(|e| match e {
-        SignError::Expired => ApiError::new(StatusCode::GONE, "expired", "The download link has expired"),
+        SignError::Expired => {
+            ApiError::new(StatusCode::GONE, "expired", "The download link has expired")
+        }
         SignError::Invalid => ApiError::not_found("Unknown download link"),
     })?;
-    let Capability::Zip { job_ids, account_id } = cap else {
+    let Capability::Zip {
+        job_ids,
+        account_id,
+    } = cap
+    else {
         return Err(ApiError::not_found("Unknown download link"));
     };
     // Collect everything before streaming, so a missing job is a 404, not a broken ZIP.
@@ -82,17 +130,37 @@ pub async fn stream(State(s): State<AppState>, Path(token): Path<String>) -> Api
     let mut entries = Vec::new();
     let mut manifest = Vec::new();
     for id in &job_ids {
-        let job = s.store.job_for(&account_id, id).await?.ok_or_else(|| ApiError::not_found(format!("Job {id} not found")))?;
+        let job = s
+            .store
+            .job_for(&account_id, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("Job {id} not found")))?;
         for o in s.store.latest_outputs(&job.id).await? {
             manifest.push(views::image_result(&s, &job, &o, &Value::Array(vec![]), ttl).await?);
             if let (Some(key), "completed") = (o.full_key.clone(), o.status.as_str()) {
-                let name = format!("{}_{}_v{}.{}", o.instruction_index, o.variation_index, o.version, o.output_format);
-                entries.push((if bulk { format!("{}/{name}", job.id) } else { name }, key, o.finalized_at.unwrap_or(o.updated_at)));
+                let name = format!(
+                    "{}_{}_v{}.{}",
+                    o.instruction_index, o.variation_index, o.version, o.output_format
+                );
+                entries.push((
+                    if bulk {
+                        format!("{}/{name}", job.id)
+                    } else {
+                        name
+                    },
+                    key,
+                    o.finalized_at.unwrap_or(o.updated_at),
+                ));
             }
         }
     }
-    let filename = if bulk { "bulk.zip".to_string() } else { format!("{}.zip", job_ids[0]) };
-    let manifest = serde_json::to_vec_pretty(&json!({"results": manifest})).map_err(ApiError::internal)?;
+    let filename = if bulk {
+        "bulk.zip".to_string()
+    } else {
+        format!("{}.zip", job_ids[0])
+    };
+    let manifest =
+        serde_json::to_vec_pretty(&json!({"results": manifest})).map_err(ApiError::internal)?;
     let (writer, reader) = tokio::io::duplex(256 * 1024);
     let objects = s.objects.clone();
     tokio::spawn(async move {
@@ -108,13 +176,15 @@ pub async fn stream(State(s): State<AppState>, Path(token): Path<String>) -> Api
                 }
             };
             // Images are already compressed: store them as they are.
-            let entry = ZipEntryBuilder::new(name.into(), Compression::Stored).last_modification_date(zip_date(at));
+            let entry = ZipEntryBuilder::new(name.into(), Compression::Stored)
+                .last_modification_date(zip_date(at));
             if let Err(e) = zip.write_entry_whole(entry, &bytes).await {
                 tracing::warn!(error = %e, "zip: client went away");
                 return;
             }
         }
-        let entry = ZipEntryBuilder::new("manifest.json".to_string().into(), Compression::Stored).last_modification_date(zip_date(now_ms()));
+        let entry = ZipEntryBuilder::new("manifest.json".to_string().into(), Compression::Stored)
+            .last_modification_date(zip_date(now_ms()));
         if zip.write_entry_whole(entry, &manifest).await.is_ok() {
             let _ = zip.close().await;
         }
@@ -122,7 +192,10 @@ pub async fn stream(State(s): State<AppState>, Path(token): Path<String>) -> Api
     Ok((
         [
             (header::CONTENT_TYPE, "application/zip".to_string()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{filename}\"")),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
         ],
         Body::from_stream(ReaderStream::new(reader)),
     ))
@@ -130,7 +203,8 @@ pub async fn stream(State(s): State<AppState>, Path(token): Path<String>) -> Api
 
 /// ZIP timestamps (DOS format, UTC) for an epoch-millisecond instant.
 fn zip_date(ms: i64) -> async_zip::ZipDateTime {
-    let t = time::OffsetDateTime::from_unix_timestamp(ms / 1000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let t = time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     async_zip::ZipDateTimeBuilder::new()
         .year(t.year())
         .month(u32::from(u8::from(t.month())))

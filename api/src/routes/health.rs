@@ -9,7 +9,10 @@ pub async fn healthz() -> impl IntoResponse {
 
 pub async fn metrics() -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         atelier_shared::telemetry::metrics().render(),
     )
 }

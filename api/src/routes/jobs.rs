@@ -19,13 +19,22 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
 
-pub async fn create_packshot(State(s): State<AppState>, Caller(acc): Caller, body: JsonValue) -> ApiResult<axum::response::Response> {
+pub async fn create_packshot(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    body: JsonValue,
+) -> ApiResult<axum::response::Response> {
     // 5 creations per minute per account and endpoint (contract §1.9).
-    let decision = s.limiter.check(Bucket::Create, &format!("{}:create-packshot", acc.id));
+    let decision = s
+        .limiter
+        .check(Bucket::Create, &format!("{}:create-packshot", acc.id));
     if !decision.allowed {
         let mut r = ApiError::too_many(
             "rate_limited",
-            format!("At most {} create-packshot requests per minute", decision.limit),
+            format!(
+                "At most {} create-packshot requests per minute",
+                decision.limit
+            ),
             decision.retry_after_secs,
         )
         .into_response();
@@ -34,8 +43,10 @@ pub async fn create_packshot(State(s): State<AppState>, Caller(acc): Caller, bod
     }
 
     let req = packshot::parse_request(&body.0).map_err(|e| ApiError::invalid(vec![e]))?;
-    let spec = packshot::validate(&req, &s.config.catalogue, &s.engines, || rand::rng().random())
-        .map_err(ApiError::invalid)?;
+    let spec = packshot::validate(&req, &s.config.catalogue, &s.engines, || {
+        rand::rng().random()
+    })
+    .map_err(ApiError::invalid)?;
 
     // Plan policy (403).
     let max = SizeClass::parse(&acc.max_size).unwrap_or(SizeClass::K1);
@@ -48,7 +59,9 @@ pub async fn create_packshot(State(s): State<AppState>, Caller(acc): Caller, bod
         .with("max_size", max.as_str()));
     }
     if spec.uses_custom_dimensions() && acc.custom_dimensions != 1 {
-        return Err(ApiError::forbidden("Custom width/height requires the OUTPUT_CUSTOM_DIMENSIONS policy on your account"));
+        return Err(ApiError::forbidden(
+            "Custom width/height requires the OUTPUT_CUSTOM_DIMENSIONS policy on your account",
+        ));
     }
 
     // Ownership (404 for anything of another account).
@@ -68,7 +81,11 @@ pub async fn create_packshot(State(s): State<AppState>, Caller(acc): Caller, bod
             instruction_index: i,
             variation_index: v,
             cost,
-            output_format: spec.instructions[i as usize].output.format.ext().to_string(),
+            output_format: spec.instructions[i as usize]
+                .output
+                .format
+                .ext()
+                .to_string(),
         })
         .collect::<Vec<_>>();
     let spec_json = serde_json::to_string(&spec).map_err(ApiError::internal)?;
@@ -87,8 +104,13 @@ pub async fn create_packshot(State(s): State<AppState>, Caller(acc): Caller, bod
         })
         .await?;
     let mut resp = match admission {
-        Admission::Created { job_id, total_outputs, required } => {
-            metrics::counter!("atelier_jobs_created_total", "type" => "create_packshot").increment(1);
+        Admission::Created {
+            job_id,
+            total_outputs,
+            required,
+        } => {
+            metrics::counter!("atelier_jobs_created_total", "type" => "create_packshot")
+                .increment(1);
             tracing::info!(job.id = %job_id, account.id = %acc.id, outputs = total_outputs, credits = required.as_f64(), "job accepted");
             (
                 StatusCode::ACCEPTED,
@@ -106,11 +128,19 @@ pub async fn create_packshot(State(s): State<AppState>, Caller(acc): Caller, bod
                 10,
             ));
         }
-        Admission::InsufficientCredits { required, in_progress, user_credits } => {
-            return Err(ApiError::new(StatusCode::PAYMENT_REQUIRED, "insufficient_credits", "Insufficient credits to create job")
-                .with("required_credits", required.as_f64())
-                .with("in_progress_credits", in_progress.as_f64())
-                .with("user_credits", user_credits.as_f64()));
+        Admission::InsufficientCredits {
+            required,
+            in_progress,
+            user_credits,
+        } => {
+            return Err(ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_credits",
+                "Insufficient credits to create job",
+            )
+            .with("required_credits", required.as_f64())
+            .with("in_progress_credits", in_progress.as_f64())
+            .with("user_credits", user_credits.as_f64()));
         }
     };
     stamp(resp.headers_mut(), &decision);
@@ -120,11 +150,24 @@ pub async fn create_packshot(State(s): State<AppState>, Caller(acc): Caller, bod
 /// Every image must be the caller's (404 otherwise) and uploaded (400).
 async fn check_images(s: &AppState, account: &str, spec: &PackshotSpec) -> ApiResult<()> {
     let ids: Vec<String> = spec.images.iter().map(|i| i.file_id.clone()).collect();
-    let found: HashMap<String, String> =
-        s.store.files_of(account, &ids).await?.into_iter().map(|f| (f.id, f.status)).collect();
+    let found: HashMap<String, String> = s
+        .store
+        .files_of(account, &ids)
+        .await?
+        .into_iter()
+        .map(|f| (f.id, f.status))
+        .collect();
     for (i, id) in ids.iter().enumerate() {
         match found.get(id).map(String::as_str) {
-            None => return Err(ApiError::not_found(format!("File {id} not found")).with_detail(Some(&format!("images[{i}]")), "file not found", "body")),
+            None => {
+                return Err(
+                    ApiError::not_found(format!("File {id} not found")).with_detail(
+                        Some(&format!("images[{i}]")),
+                        "file not found",
+                        "body",
+                    ),
+                );
+            }
             Some("uploaded") => {}
             Some(_) => {
                 return Err(ApiError::bad_request(
@@ -138,15 +181,32 @@ async fn check_images(s: &AppState, account: &str, spec: &PackshotSpec) -> ApiRe
     Ok(())
 }
 
-async fn load(s: &AppState, account: &str, job_id: &str) -> ApiResult<atelier_shared::db::jobs::JobRow> {
-    s.store.job_for(account, job_id).await?.ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))
+async fn load(
+    s: &AppState,
+    account: &str,
+    job_id: &str,
+) -> ApiResult<atelier_shared::db::jobs::JobRow> {
+    s.store
+        .job_for(account, job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))
 }
 
-pub async fn status(State(s): State<AppState>, Caller(acc): Caller, Path(job_id): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(axum::Json(views::job_status(&load(&s, &acc.id, &job_id).await?)))
+pub async fn status(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(job_id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(axum::Json(views::job_status(
+        &load(&s, &acc.id, &job_id).await?,
+    )))
 }
 
-pub async fn results(State(s): State<AppState>, Caller(acc): Caller, Path(job_id): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn results(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(job_id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let job = load(&s, &acc.id, &job_id).await?;
     let outputs = s.store.latest_outputs(&job.id).await?;
     let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
@@ -154,7 +214,9 @@ pub async fn results(State(s): State<AppState>, Caller(acc): Caller, Path(job_id
     let mut inputs = Vec::new();
     for img in spec.iter().flat_map(|s| s.images.iter()) {
         let url = match s.store.file(&img.file_id).await? {
-            Some(f) if f.status == "uploaded" => Value::String(s.object_url(&f.object_key, &f.content_type, ttl).await?),
+            Some(f) if f.status == "uploaded" => {
+                Value::String(s.object_url(&f.object_key, &f.content_type, ttl).await?)
+            }
             _ => Value::Null,
         };
         inputs.push(json!({"full_size": url, "thumbnail": Value::Null}));
@@ -165,9 +227,14 @@ pub async fn results(State(s): State<AppState>, Caller(acc): Caller, Path(job_id
         results.push(views::image_result(&s, &job, o, &inputs, ttl).await?);
     }
     let successful = outputs.iter().filter(|o| o.status == "completed").count();
-    let failed = outputs.iter().filter(|o| matches!(o.status.as_str(), "failed" | "cancelled")).count();
+    let failed = outputs
+        .iter()
+        .filter(|o| matches!(o.status.as_str(), "failed" | "cancelled"))
+        .count();
     let mut body = views::job_status(&job);
-    let obj = body.as_object_mut().ok_or_else(|| ApiError::internal("job status is not an object"))?;
+    let obj = body
+        .as_object_mut()
+        .ok_or_else(|| ApiError::internal("job status is not an object"))?;
     obj.insert("results".into(), Value::Array(results));
     obj.insert(
         "summary".into(),
@@ -179,16 +246,30 @@ pub async fn results(State(s): State<AppState>, Caller(acc): Caller, Path(job_id
     );
     obj.insert(
         "credits_used".into(),
-        if job.status().is_terminal() { json!(job.credits_charged as f64 / 1000.0) } else { Value::Null },
+        if job.status().is_terminal() {
+            json!(job.credits_charged as f64 / 1000.0)
+        } else {
+            Value::Null
+        },
     );
     obj.insert("identity".into(), Value::Null);
     Ok(axum::Json(body))
 }
 
-pub async fn abort(State(s): State<AppState>, Caller(acc): Caller, Path(job_id): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn abort(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(job_id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     match s.store.abort_job(&acc.id, &job_id).await? {
         None => Err(ApiError::not_found(format!("Job {job_id} not found"))),
-        Some(false) => Err(ApiError::conflict("conflict", "The job has already finished")),
-        Some(true) => Ok((StatusCode::ACCEPTED, axum::Json(json!({"job_id": job_id, "status": "aborted"})))),
+        Some(false) => Err(ApiError::conflict(
+            "conflict",
+            "The job has already finished",
+        )),
+        Some(true) => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"job_id": job_id, "status": "aborted"})),
+        )),
     }
 }

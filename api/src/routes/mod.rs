@@ -23,17 +23,31 @@ impl PageQuery {
     /// `(page, per_page, ascending)`, validated.
     pub fn resolve(&self, default_per_page: i64) -> Result<(i64, i64, bool), ApiError> {
         let page = self.page.unwrap_or(1);
-        if page < 1 {
-            return Err(ApiError::bad_request(Some("page"), "must be at least 1", "query"));
+        if !(1..=1_000_000).contains(&page) {
+            return Err(ApiError::bad_request(
+                Some("page"),
+                "must be between 1 and 1000000",
+                "query",
+            ));
         }
         let per_page = self.per_page.unwrap_or(default_per_page);
         if !(1..=100).contains(&per_page) {
-            return Err(ApiError::bad_request(Some("per_page"), "must be between 1 and 100", "query"));
+            return Err(ApiError::bad_request(
+                Some("per_page"),
+                "must be between 1 and 100",
+                "query",
+            ));
         }
         let asc = match self.order.as_deref() {
             None | Some("desc") => false,
             Some("asc") => true,
-            Some(_) => return Err(ApiError::bad_request(Some("order"), "must be asc or desc", "query")),
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    Some("order"),
+                    "must be asc or desc",
+                    "query",
+                ));
+            }
         };
         Ok((page, per_page, asc))
     }

@@ -23,7 +23,9 @@ pub struct IssueBody {
 
 /// Content type for an accepted filename extension.
 pub fn content_type_for(filename: &str) -> Option<&'static str> {
-    let ext = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase())?;
+    let ext = filename
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())?;
     match ext.as_str() {
         "jpg" | "jpeg" => Some("image/jpeg"),
         "png" => Some("image/png"),
@@ -38,27 +40,51 @@ fn validate_filename(raw: Option<&str>) -> ApiResult<String> {
         Some(n) => n.trim(),
     };
     if name.is_empty() || name.chars().count() > 255 {
-        return Err(ApiError::bad_request(Some("filename"), "must be 1 to 255 characters", "body"));
+        return Err(ApiError::bad_request(
+            Some("filename"),
+            "must be 1 to 255 characters",
+            "body",
+        ));
     }
     if name.contains('/') || name.contains('\\') || name.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(Some("filename"), "must be a plain file name without path separators", "body"));
+        return Err(ApiError::bad_request(
+            Some("filename"),
+            "must be a plain file name without path separators",
+            "body",
+        ));
     }
     if content_type_for(name).is_none() {
-        return Err(ApiError::bad_request(Some("filename"), "extension must be .jpg, .jpeg, .png or .webp", "body"));
+        return Err(ApiError::bad_request(
+            Some("filename"),
+            "extension must be .jpg, .jpeg, .png or .webp",
+            "body",
+        ));
     }
     Ok(name.to_string())
 }
 
-pub async fn issue(State(s): State<AppState>, Caller(acc): Caller, headers: HeaderMap, raw: Bytes) -> ApiResult<impl IntoResponse> {
+pub async fn issue(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> ApiResult<impl IntoResponse> {
     // Both fields are optional, so an empty body is a valid request.
     let body: IssueBody = if raw.iter().all(u8::is_ascii_whitespace) {
         IssueBody::default()
     } else {
         let req = axum::http::Request::builder()
-            .header(header::CONTENT_TYPE, headers.get(header::CONTENT_TYPE).cloned().unwrap_or(header::HeaderValue::from_static("")))
+            .header(
+                header::CONTENT_TYPE,
+                headers
+                    .get(header::CONTENT_TYPE)
+                    .cloned()
+                    .unwrap_or(header::HeaderValue::from_static("")),
+            )
             .body(axum::body::Body::from(raw))
             .map_err(ApiError::internal)?;
-        let Json(b) = <Json<IssueBody> as axum::extract::FromRequest<()>>::from_request(req, &()).await?;
+        let Json(b) =
+            <Json<IssueBody> as axum::extract::FromRequest<()>>::from_request(req, &()).await?;
         b
     };
     let filename = validate_filename(body.filename.as_deref())?;
@@ -66,24 +92,47 @@ pub async fn issue(State(s): State<AppState>, Caller(acc): Caller, headers: Head
     let project = match body.project_name.as_deref() {
         Some(name) => {
             let name = super::projects::project_name(Some(name), "project_name")?;
-            s.store.project_by_name(&acc.id, &name).await?.ok_or_else(|| ApiError::not_found(format!("Project {name:?} not found")))?
+            s.store
+                .project_by_name(&acc.id, &name)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("Project {name:?} not found")))?
         }
         None => s.store.ensure_project(&acc.id, "default").await?,
     };
     let file_id = atelier_shared::domain::FileId::generate().0;
-    let ext = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_else(|| "jpg".into());
+    let ext = filename
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_else(|| "jpg".into());
     let key = format!("uploads/{}/{}/original.{}", acc.id, file_id, ext);
-    s.store.create_file(&file_id, &acc.id, &project.id, &filename, content_type, &key).await?;
+    s.store
+        .create_file(
+            &file_id,
+            &acc.id,
+            &project.id,
+            &filename,
+            content_type,
+            &key,
+        )
+        .await?;
     let ttl = Duration::from_secs(s.config.limits.upload_url_ttl_secs);
     let exp = now_ms() + ttl.as_millis() as i64;
     let upload_url = s.url(&format!(
         "/upload/{}",
-        s.signer.sign(&Capability::Upload { file_id: file_id.clone(), content_type: content_type.into() }, exp)
+        s.signer.sign(
+            &Capability::Upload {
+                file_id: file_id.clone(),
+                content_type: content_type.into()
+            },
+            exp
+        )
     ));
     let download_url = s.url(&format!(
         "/files/{}",
         s.signer.sign(
-            &Capability::File { file_id: file_id.clone() },
+            &Capability::File {
+                file_id: file_id.clone()
+            },
             now_ms() + Duration::from_secs(s.config.limits.result_url_ttl_secs).as_millis() as i64
         )
     ));
@@ -104,9 +153,12 @@ fn sniff(bytes: &[u8], content_type: &str) -> Result<(u32, u32), String> {
         "image/webp" => image::ImageFormat::WebP,
         other => return Err(format!("unsupported content type {other}")),
     };
-    let got = image::guess_format(bytes).map_err(|_| format!("the bytes are not a {content_type} image"))?;
+    let got = image::guess_format(bytes)
+        .map_err(|_| format!("the bytes are not a {content_type} image"))?;
     if got != want {
-        return Err(format!("the bytes are {got:?}, not the declared {content_type}"));
+        return Err(format!(
+            "the bytes are {got:?}, not the declared {content_type}"
+        ));
     }
     image::ImageReader::with_format(std::io::Cursor::new(bytes), want)
         .into_dimensions()
@@ -123,49 +175,103 @@ pub async fn receive(
         SignError::Expired => ApiError::forbidden("The upload URL has expired; request a new one"),
         SignError::Invalid => ApiError::forbidden("Invalid upload URL signature"),
     })?;
-    let Capability::Upload { file_id, content_type } = cap else {
+    let Capability::Upload {
+        file_id,
+        content_type,
+    } = cap
+    else {
         return Err(ApiError::forbidden("This URL does not grant an upload"));
     };
     let too_large = || {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!(
-            "The image is larger than {} bytes",
-            s.config.limits.max_upload_bytes
-        ))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "The image is larger than {} bytes",
+                s.config.limits.max_upload_bytes
+            ),
+        )
     };
     // Bodies beyond the route's limit are cut off while reading.
-    let body = body.map_err(|e| if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else {
-        ApiError::bad_request(None, format!("cannot read the body: {e}"), "body")
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            ApiError::bad_request(None, format!("cannot read the body: {e}"), "body")
+        }
     })?;
-    let sent = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let sent_mime = sent.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let sent = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let sent_mime = sent
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if sent_mime != content_type {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            format!("Content-Type must be {content_type} (as returned by POST /upload), got {sent:?}"),
+            format!(
+                "Content-Type must be {content_type} (as returned by POST /upload), got {sent:?}"
+            ),
         ));
     }
     if body.len() as u64 > s.config.limits.max_upload_bytes {
         return Err(too_large());
     }
-    let (w, h) = sniff(&body, &content_type)
-        .map_err(|m| ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", m))?;
-    let file = s.store.file(&file_id).await?.ok_or_else(|| ApiError::forbidden("The upload slot no longer exists"))?;
+    let (w, h) = sniff(&body, &content_type).map_err(|m| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            m,
+        )
+    })?;
+    let file = s
+        .store
+        .file(&file_id)
+        .await?
+        .ok_or_else(|| ApiError::forbidden("The upload slot no longer exists"))?;
     if file.status != "pending" {
         return Err(ApiError::forbidden("The upload URL was already used"));
     }
     // Each PUT writes under its own key; only the one recorded below wins.
-    let ext = file.object_key.rsplit_once('.').map(|(_, e)| e.to_string()).unwrap_or_else(|| "jpg".into());
-    let key = format!("uploads/{}/{}/{}.{}", file.account_id, file.id, ulid::Ulid::new().to_string().to_lowercase(), ext);
+    let ext = file
+        .object_key
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_string())
+        .unwrap_or_else(|| "jpg".into());
+    let key = format!(
+        "uploads/{}/{}/{}.{}",
+        file.account_id,
+        file.id,
+        ulid::Ulid::new().to_string().to_lowercase(),
+        ext
+    );
     s.objects.put(&key, body.clone(), &content_type).await?;
-    if !s.store.mark_file_uploaded(&file.id, &key, body.len() as i64, i64::from(w), i64::from(h)).await? {
+    if !s
+        .store
+        .mark_file_uploaded(
+            &file.id,
+            &key,
+            body.len() as i64,
+            i64::from(w),
+            i64::from(h),
+        )
+        .await?
+    {
         let _ = s.objects.delete(&key).await;
         return Err(ApiError::forbidden("The upload URL was already used"));
     }
     Ok(StatusCode::OK)
 }
 
-pub async fn serve_file(State(s): State<AppState>, Path(token): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn serve_file(
+    State(s): State<AppState>,
+    Path(token): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let (cap, _) = s.signer.verify(&token, now_ms()).map_err(|e| match e {
         SignError::Expired => ApiError::forbidden("The link has expired"),
         SignError::Invalid => ApiError::not_found("Unknown link"),
@@ -173,7 +279,11 @@ pub async fn serve_file(State(s): State<AppState>, Path(token): Path<String>) ->
     let (key, content_type) = match cap {
         Capability::Get { key, content_type } => (key, content_type),
         Capability::File { file_id } => {
-            let f = s.store.file(&file_id).await?.ok_or_else(|| ApiError::not_found("The file no longer exists"))?;
+            let f = s
+                .store
+                .file(&file_id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("The file no longer exists"))?;
             if f.status != "uploaded" {
                 return Err(ApiError::not_found("The file has not been uploaded yet"));
             }
@@ -182,8 +292,16 @@ pub async fn serve_file(State(s): State<AppState>, Path(token): Path<String>) ->
         _ => return Err(ApiError::not_found("Unknown link")),
     };
     let bytes = s.objects.get(&key).await.map_err(|e| match e {
-        atelier_shared::storage::StorageError::NotFound(_) => ApiError::not_found("The file no longer exists"),
+        atelier_shared::storage::StorageError::NotFound(_) => {
+            ApiError::not_found("The file no longer exists")
+        }
         other => other.into(),
     })?;
-    Ok(([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "private, max-age=3600".into())], bytes))
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "private, max-age=3600".into()),
+        ],
+        bytes,
+    ))
 }

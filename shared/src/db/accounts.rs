@@ -27,12 +27,14 @@ impl Account {
     }
 
     pub fn credits(&self) -> Balance {
-        Balance { balance: Credits(self.balance), reserved: Credits(self.reserved) }
+        Balance {
+            balance: Credits(self.balance),
+            reserved: Credits(self.reserved),
+        }
     }
 }
 
-const ACCOUNT_COLUMNS: &str =
-    "id, name, plan, max_size, custom_dimensions, is_operator, balance, reserved, active_jobs, created_at";
+const ACCOUNT_COLUMNS: &str = "id, name, plan, max_size, custom_dimensions, is_operator, balance, reserved, active_jobs, created_at";
 
 /// Hash under which a token is stored; tokens carry 256 random bits, so a
 /// fast hash is enough (no offline guessing is feasible).
@@ -44,7 +46,10 @@ pub fn hash_token(token: &str) -> String {
 pub fn generate_token() -> String {
     let mut b = [0u8; 32];
     rand::rng().fill_bytes(&mut b);
-    format!("atl_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+    format!(
+        "atl_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -77,16 +82,26 @@ impl Store {
 
     pub async fn account(&self, id: &str) -> Result<Option<Account>> {
         let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = $1");
-        Ok(sqlx::query_as::<_, Account>(&sql).bind(id).fetch_optional(self.pool()).await?)
+        Ok(sqlx::query_as::<_, Account>(&sql)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?)
     }
 
     pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>> {
         let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = $1");
-        Ok(sqlx::query_as::<_, Account>(&sql).bind(name).fetch_optional(self.pool()).await?)
+        Ok(sqlx::query_as::<_, Account>(&sql)
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?)
     }
 
     pub async fn count_accounts(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM accounts").fetch_one(self.pool()).await?)
+        Ok(
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM accounts")
+                .fetch_one(self.pool())
+                .await?,
+        )
     }
 
     pub async fn set_account_policy(
@@ -137,7 +152,11 @@ impl Store {
 
     /// The account a live (not revoked, not expired) token belongs to.
     pub async fn account_for_token(&self, token: &str) -> Result<Option<Account>> {
-        let cols = ACCOUNT_COLUMNS.split(", ").map(|c| format!("a.{c}")).collect::<Vec<_>>().join(", ");
+        let cols = ACCOUNT_COLUMNS
+            .split(", ")
+            .map(|c| format!("a.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let sql = format!(
             "SELECT {cols} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
              WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)"
@@ -161,22 +180,45 @@ impl Store {
 
     /// Adds (or, negative, removes) credits with a ledger entry. Refused with
     /// `Ok(None)` when the result would fall below what is reserved.
-    pub async fn grant_credits(&self, account_id: &str, amount: Credits, reason: &str) -> Result<Option<Account>> {
+    pub async fn grant_credits(
+        &self,
+        account_id: &str,
+        amount: Credits,
+        reason: &str,
+    ) -> Result<Option<Account>> {
         let mut tx = self.begin().await?;
         let sql = format!(
             "UPDATE accounts SET balance = balance + $2 WHERE id = $1 AND balance + $2 >= reserved RETURNING {ACCOUNT_COLUMNS}"
         );
-        let acc = sqlx::query_as::<_, Account>(&sql).bind(account_id).bind(amount.0).fetch_optional(&mut *tx).await?;
+        let acc = sqlx::query_as::<_, Account>(&sql)
+            .bind(account_id)
+            .bind(amount.0)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(acc) = acc else {
             tx.rollback().await?;
             return Ok(None);
         };
-        ledger(&mut tx, account_id, None, None, "grant", amount, Some(reason)).await?;
+        ledger(
+            &mut tx,
+            account_id,
+            None,
+            None,
+            "grant",
+            amount,
+            Some(reason),
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some(acc))
     }
 
-    pub async fn create_group(&self, name: &str, owner_account_id: &str, shared_billing: bool) -> Result<String> {
+    pub async fn create_group(
+        &self,
+        name: &str,
+        owner_account_id: &str,
+        shared_billing: bool,
+    ) -> Result<String> {
         let id = format!("grp_{}", ulid::Ulid::new());
         let mut tx = self.begin().await?;
         sqlx::query("INSERT INTO groups (id, name, owner_account_id, shared_billing, created_at) VALUES ($1, $2, $3, $4, $5)")

@@ -13,11 +13,20 @@ use crate::time::now_ms;
 
 async fn account(s: &Store, name: &str, credits: i64) -> String {
     let a = s
-        .create_account(NewAccount { name, plan: "standard", max_size: "4K", custom_dimensions: false, is_operator: false })
+        .create_account(NewAccount {
+            name,
+            plan: "standard",
+            max_size: "4K",
+            custom_dimensions: false,
+            is_operator: false,
+        })
         .await
         .expect("account");
     if credits > 0 {
-        s.grant_credits(&a.id, Credits::whole(credits), "test").await.expect("grant").expect("granted");
+        s.grant_credits(&a.id, Credits::whole(credits), "test")
+            .await
+            .expect("grant")
+            .expect("granted");
     }
     a.id
 }
@@ -33,7 +42,12 @@ fn job<'a>(acc: &'a str, costs: &[i64], cap: Option<u32>) -> NewJob<'a> {
         outputs: costs
             .iter()
             .enumerate()
-            .map(|(i, c)| NewOutput { instruction_index: 0, variation_index: i as u32, cost: Credits::whole(*c), output_format: "jpg".into() })
+            .map(|(i, c)| NewOutput {
+                instruction_index: 0,
+                variation_index: i as u32,
+                cost: Credits::whole(*c),
+                output_format: "jpg".into(),
+            })
             .collect(),
         max_attempts: 2,
         active_job_cap: cap,
@@ -68,10 +82,29 @@ async fn audit_clean(s: &Store) {
 pub async fn tokens_authenticate_until_revoked(s: Store) {
     let a = account(&s, "alice", 0).await;
     let (kid, token) = s.create_api_key(&a, "k", None, None).await.expect("key");
-    assert_eq!(s.account_for_token(&token).await.expect("lookup").map(|a| a.id), Some(a.clone()));
-    assert!(s.account_for_token("atl_wrong").await.expect("lookup").is_none());
-    let (_, expired) = s.create_api_key(&a, "old", None, Some(now_ms() - 1)).await.expect("key");
-    assert!(s.account_for_token(&expired).await.expect("lookup").is_none());
+    assert_eq!(
+        s.account_for_token(&token)
+            .await
+            .expect("lookup")
+            .map(|a| a.id),
+        Some(a.clone())
+    );
+    assert!(
+        s.account_for_token("atl_wrong")
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    let (_, expired) = s
+        .create_api_key(&a, "old", None, Some(now_ms() - 1))
+        .await
+        .expect("key");
+    assert!(
+        s.account_for_token(&expired)
+            .await
+            .expect("lookup")
+            .is_none()
+    );
     assert!(s.revoke_api_key(&a, &kid).await.expect("revoke"));
     assert!(s.account_for_token(&token).await.expect("lookup").is_none());
 }
@@ -80,14 +113,24 @@ pub async fn admission_reserves_and_refuses(s: Store) {
     let a = account(&s, "bob", 10).await;
     let j1 = created(&s, job(&a, &[3, 5], Some(2))).await;
     let acc = s.account(&a).await.expect("read").expect("exists");
-    assert_eq!((acc.balance, acc.reserved, acc.active_jobs), (10_000, 8_000, 1));
+    assert_eq!(
+        (acc.balance, acc.reserved, acc.active_jobs),
+        (10_000, 8_000, 1)
+    );
     // 10 − 8 = 2 available < 3 required.
     assert_eq!(
         s.create_job(job(&a, &[3], Some(2))).await.expect("create"),
-        Admission::InsufficientCredits { required: Credits::whole(3), in_progress: Credits::whole(8), user_credits: Credits::whole(10) }
+        Admission::InsufficientCredits {
+            required: Credits::whole(3),
+            in_progress: Credits::whole(8),
+            user_credits: Credits::whole(10)
+        }
     );
     let _j2 = created(&s, job(&a, &[1], Some(2))).await;
-    assert!(matches!(s.create_job(job(&a, &[1], Some(2))).await.expect("create"), Admission::ConcurrencyLimit { active: 2, cap: 2 }));
+    assert!(matches!(
+        s.create_job(job(&a, &[1], Some(2))).await.expect("create"),
+        Admission::ConcurrencyLimit { active: 2, cap: 2 }
+    ));
     // Refused admissions leave nothing behind.
     let acc = s.account(&a).await.expect("read").expect("exists");
     assert_eq!((acc.reserved, acc.active_jobs), (9_000, 2));
@@ -101,27 +144,78 @@ pub async fn outputs_are_recorded_and_charged_once(s: Store) {
     let outs = s.latest_outputs(&j).await.expect("outputs");
     let (o1, o2) = (outs[0].id, outs[1].id);
     let lease = now_ms() + 60_000;
-    let at1 = s.claim_for_dispatch(o1, lease, "t").await.expect("claim").expect("claimed");
+    let at1 = s
+        .claim_for_dispatch(o1, lease, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
     assert_eq!(at1, 1);
-    assert_eq!(s.claim_for_dispatch(o1, lease, "t2").await.expect("claim"), None, "claimed twice");
+    assert_eq!(
+        s.claim_for_dispatch(o1, lease, "t2").await.expect("claim"),
+        None,
+        "claimed twice"
+    );
     assert!(s.record_started(o1, at1, lease, "w").await.expect("start"));
-    assert_eq!(s.job(&j).await.expect("read").expect("job").status, "processing");
-    assert!(s.record_completed(o1, at1, &result()).await.expect("complete"));
+    assert_eq!(
+        s.job(&j).await.expect("read").expect("job").status,
+        "processing"
+    );
+    assert!(
+        s.record_completed(o1, at1, &result())
+            .await
+            .expect("complete")
+    );
     // A duplicate report (a task that ran twice) changes nothing.
-    assert!(!s.record_completed(o1, at1, &result()).await.expect("complete again"));
+    assert!(
+        !s.record_completed(o1, at1, &result())
+            .await
+            .expect("complete again")
+    );
     let acc = s.account(&a).await.expect("read").expect("exists");
     assert_eq!((acc.balance, acc.reserved), (17_000, 5_000));
     // The second output fails permanently: released, not charged.
-    let at2 = s.claim_for_dispatch(o2, lease, "t").await.expect("claim").expect("claimed");
-    let r = s.record_failure(o2, at2, &FailureKind::Permanent, "corrupt image", &RetryPolicy::default(), 0.5).await.expect("fail");
+    let at2 = s
+        .claim_for_dispatch(o2, lease, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
+    let r = s
+        .record_failure(
+            o2,
+            at2,
+            &FailureKind::Permanent,
+            "corrupt image",
+            &RetryPolicy::default(),
+            0.5,
+        )
+        .await
+        .expect("fail");
     assert_eq!(r, FailureOutcome::Failed);
     let jr = s.job(&j).await.expect("read").expect("job");
-    assert_eq!((jr.status.as_str(), jr.completed_outputs, jr.failed_outputs, jr.credits_held, jr.credits_charged), ("completed", 1, 1, 0, 3_000));
+    assert_eq!(
+        (
+            jr.status.as_str(),
+            jr.completed_outputs,
+            jr.failed_outputs,
+            jr.credits_held,
+            jr.credits_charged
+        ),
+        ("completed", 1, 1, 0, 3_000)
+    );
     let acc = s.account(&a).await.expect("read").expect("exists");
     assert_eq!((acc.balance, acc.reserved, acc.active_jobs), (17_000, 0, 0));
-    let names: Vec<String> = s.notifications(&a, 0, 600_000).await.expect("notes").into_iter().map(|n| n.name).collect();
+    let names: Vec<String> = s
+        .notifications(&a, 0, 600_000)
+        .await
+        .expect("notes")
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
     assert_eq!(names.iter().filter(|n| *n == "image_result").count(), 2);
-    assert!(names.iter().filter(|n| *n == "batch_edit").count() >= 3, "{names:?}");
+    assert!(
+        names.iter().filter(|n| *n == "batch_edit").count() >= 3,
+        "{names:?}"
+    );
     audit_clean(&s).await;
 }
 
@@ -129,23 +223,59 @@ pub async fn retries_then_gives_up(s: Store) {
     let a = account(&s, "dave", 20).await;
     let j = created(&s, job(&a, &[3], None)).await;
     let o = s.latest_outputs(&j).await.expect("outputs")[0].id;
-    let policy = RetryPolicy { max_attempts: 2, base_ms: 10, cap_ms: 10, jitter: 0.0 };
-    let at = s.claim_for_dispatch(o, now_ms() + 60_000, "t").await.expect("claim").expect("claimed");
-    let r = s.record_failure(o, at, &FailureKind::Retryable, "s3 timeout", &policy, 0.5).await.expect("fail");
+    let policy = RetryPolicy {
+        max_attempts: 2,
+        base_ms: 10,
+        cap_ms: 10,
+        jitter: 0.0,
+    };
+    let at = s
+        .claim_for_dispatch(o, now_ms() + 60_000, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
+    let r = s
+        .record_failure(o, at, &FailureKind::Retryable, "s3 timeout", &policy, 0.5)
+        .await
+        .expect("fail");
     assert!(matches!(r, FailureOutcome::Retried { .. }));
     // The stale attempt cannot report again.
-    assert_eq!(s.record_failure(o, at, &FailureKind::Retryable, "dup", &policy, 0.5).await.expect("fail"), FailureOutcome::Ignored);
+    assert_eq!(
+        s.record_failure(o, at, &FailureKind::Retryable, "dup", &policy, 0.5)
+            .await
+            .expect("fail"),
+        FailureOutcome::Ignored
+    );
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let cands = s.dispatch_candidates("packshot", 10).await.expect("candidates");
+    let cands = s
+        .dispatch_candidates("packshot", 10)
+        .await
+        .expect("candidates");
     assert_eq!(cands.len(), 1);
-    let at = s.claim_for_dispatch(o, now_ms() + 60_000, "t").await.expect("claim").expect("claimed");
+    let at = s
+        .claim_for_dispatch(o, now_ms() + 60_000, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
     assert_eq!(at, 2);
-    let r = s.record_failure(o, at, &FailureKind::Retryable, "s3 timeout", &policy, 0.5).await.expect("fail");
+    let r = s
+        .record_failure(o, at, &FailureKind::Retryable, "s3 timeout", &policy, 0.5)
+        .await
+        .expect("fail");
     assert_eq!(r, FailureOutcome::Failed);
     let jr = s.job(&j).await.expect("read").expect("job");
     assert_eq!(jr.status, "failed");
-    assert!(jr.error_message.as_deref().is_some_and(|m| m.contains("s3 timeout")), "{:?}", jr.error_message);
-    assert_eq!(s.account(&a).await.expect("read").expect("acc").balance, 20_000);
+    assert!(
+        jr.error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("s3 timeout")),
+        "{:?}",
+        jr.error_message
+    );
+    assert_eq!(
+        s.account(&a).await.expect("read").expect("acc").balance,
+        20_000
+    );
     audit_clean(&s).await;
 }
 
@@ -157,8 +287,22 @@ pub async fn refusals_fall_back_only_under_auto(s: Store) {
         j.spec_json = serde_json::json!({"model": model}).to_string();
         let id = created(&s, j).await;
         let o = s.latest_outputs(&id).await.expect("outputs")[0].id;
-        let at = s.claim_for_dispatch(o, now_ms() + 60_000, "t").await.expect("claim").expect("claimed");
-        let r = s.record_failure(o, at, &FailureKind::Refused, "content refused", &policy, 0.5).await.expect("fail");
+        let at = s
+            .claim_for_dispatch(o, now_ms() + 60_000, "t")
+            .await
+            .expect("claim")
+            .expect("claimed");
+        let r = s
+            .record_failure(
+                o,
+                at,
+                &FailureKind::Refused,
+                "content refused",
+                &policy,
+                0.5,
+            )
+            .await
+            .expect("fail");
         let row = s.output(o).await.expect("read").expect("row");
         if expect_fallback {
             assert_eq!(r, FailureOutcome::FellBack { engine_index: 1 });
@@ -176,36 +320,95 @@ pub async fn expired_leases_are_found(s: Store) {
     let a = account(&s, "erin", 20).await;
     let j = created(&s, job(&a, &[3], None)).await;
     let o = s.latest_outputs(&j).await.expect("outputs")[0].id;
-    let at = s.claim_for_dispatch(o, now_ms() - 1, "t").await.expect("claim").expect("claimed");
-    assert_eq!(s.expired_leases(now_ms(), 10).await.expect("leases"), vec![(o, at)]);
-    assert!(!s.extend_lease(o, at + 1, now_ms() + 1000).await.expect("extend"), "wrong attempt extended");
-    assert!(s.extend_lease(o, at, now_ms() + 60_000).await.expect("extend"));
-    assert!(s.expired_leases(now_ms(), 10).await.expect("leases").is_empty());
+    let at = s
+        .claim_for_dispatch(o, now_ms() - 1, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert_eq!(
+        s.expired_leases(now_ms(), 10).await.expect("leases"),
+        vec![(o, at)]
+    );
+    assert!(
+        !s.extend_lease(o, at + 1, now_ms() + 1000)
+            .await
+            .expect("extend"),
+        "wrong attempt extended"
+    );
+    assert!(
+        s.extend_lease(o, at, now_ms() + 60_000)
+            .await
+            .expect("extend")
+    );
+    assert!(
+        s.expired_leases(now_ms(), 10)
+            .await
+            .expect("leases")
+            .is_empty()
+    );
 }
 
 pub async fn abort_cancels_open_outputs_only(s: Store) {
     let a = account(&s, "fay", 20).await;
     let j = created(&s, job(&a, &[3, 3, 3], None)).await;
     let outs = s.latest_outputs(&j).await.expect("outputs");
-    let at = s.claim_for_dispatch(outs[0].id, now_ms() + 60_000, "t").await.expect("claim").expect("claimed");
-    assert!(s.record_completed(outs[0].id, at, &result()).await.expect("complete"));
+    let at = s
+        .claim_for_dispatch(outs[0].id, now_ms() + 60_000, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert!(
+        s.record_completed(outs[0].id, at, &result())
+            .await
+            .expect("complete")
+    );
     assert_eq!(s.abort_job(&a, &j).await.expect("abort"), Some(true));
-    assert_eq!(s.abort_job(&a, &j).await.expect("abort"), Some(false), "already terminal");
+    assert_eq!(
+        s.abort_job(&a, &j).await.expect("abort"),
+        Some(false),
+        "already terminal"
+    );
     let other = account(&s, "mallory", 0).await;
-    assert_eq!(s.abort_job(&other, &j).await.expect("abort"), None, "another account's job");
+    assert_eq!(
+        s.abort_job(&other, &j).await.expect("abort"),
+        None,
+        "another account's job"
+    );
     let jr = s.job(&j).await.expect("read").expect("job");
-    assert_eq!((jr.status.as_str(), jr.completed_outputs, jr.failed_outputs, jr.credits_charged), ("aborted", 1, 2, 3_000));
+    assert_eq!(
+        (
+            jr.status.as_str(),
+            jr.completed_outputs,
+            jr.failed_outputs,
+            jr.credits_charged
+        ),
+        ("aborted", 1, 2, 3_000)
+    );
     let acc = s.account(&a).await.expect("read").expect("acc");
     assert_eq!((acc.balance, acc.reserved, acc.active_jobs), (17_000, 0, 0));
     // A late completion of a cancelled output is ignored.
-    assert!(!s.record_completed(outs[1].id, 1, &result()).await.expect("late"));
+    assert!(
+        !s.record_completed(outs[1].id, 1, &result())
+            .await
+            .expect("late")
+    );
     audit_clean(&s).await;
 }
 
 pub async fn ledger_is_append_only_and_states_are_checked(s: Store) {
     let a = account(&s, "gus", 5).await;
-    assert!(sqlx::query("UPDATE credit_ledger SET amount = 0").execute(s.pool()).await.is_err());
-    assert!(sqlx::query("DELETE FROM credit_ledger").execute(s.pool()).await.is_err());
+    assert!(
+        sqlx::query("UPDATE credit_ledger SET amount = 0")
+            .execute(s.pool())
+            .await
+            .is_err()
+    );
+    assert!(
+        sqlx::query("DELETE FROM credit_ledger")
+            .execute(s.pool())
+            .await
+            .is_err()
+    );
     let j = created(&s, job(&a, &[3], None)).await;
     // completed without result keys, or terminal without finalized_at: refused.
     let bad = sqlx::query("UPDATE outputs SET status = 'completed', finalized_at = 1, lease_expires_at = NULL WHERE job_id = $1")
@@ -213,31 +416,68 @@ pub async fn ledger_is_append_only_and_states_are_checked(s: Store) {
         .execute(s.pool())
         .await;
     assert!(bad.is_err(), "completed output without results accepted");
-    let bad = sqlx::query("UPDATE jobs SET status = 'completed' WHERE id = $1").bind(&j).execute(s.pool()).await;
+    let bad = sqlx::query("UPDATE jobs SET status = 'completed' WHERE id = $1")
+        .bind(&j)
+        .execute(s.pool())
+        .await;
     assert!(bad.is_err(), "terminal job without finalized_at accepted");
-    let bad = sqlx::query("UPDATE accounts SET reserved = balance + 1 WHERE id = $1").bind(&a).execute(s.pool()).await;
+    let bad = sqlx::query("UPDATE accounts SET reserved = balance + 1 WHERE id = $1")
+        .bind(&a)
+        .execute(s.pool())
+        .await;
     assert!(bad.is_err(), "reservation above balance accepted");
-    assert!(s.grant_credits(&a, Credits::whole(-5), "too much").await.expect("grant").is_none(), "grant below reserved accepted");
+    assert!(
+        s.grant_credits(&a, Credits::whole(-5), "too much")
+            .await
+            .expect("grant")
+            .is_none(),
+        "grant below reserved accepted"
+    );
 }
 
 pub async fn projects_are_per_account(s: Store) {
     let a = account(&s, "hana", 0).await;
     let b = account(&s, "ivan", 0).await;
-    let CreateProject::Created(p) = s.create_project(&a, "Spring").await.expect("create") else { panic!("exists") };
-    let CreateProject::Exists(again) = s.create_project(&a, "Spring").await.expect("create") else { panic!("created twice") };
+    let CreateProject::Created(p) = s.create_project(&a, "Spring").await.expect("create") else {
+        panic!("exists")
+    };
+    let CreateProject::Exists(again) = s.create_project(&a, "Spring").await.expect("create") else {
+        panic!("created twice")
+    };
     assert_eq!(p.id, again.id);
-    assert!(matches!(s.create_project(&b, "Spring").await.expect("create"), CreateProject::Created(_)));
-    assert!(s.project(&b, &p.id).await.expect("read").is_none(), "cross-account read");
+    assert!(matches!(
+        s.create_project(&b, "Spring").await.expect("create"),
+        CreateProject::Created(_)
+    ));
+    assert!(
+        s.project(&b, &p.id).await.expect("read").is_none(),
+        "cross-account read"
+    );
     for i in 0..4 {
         // Distinct creation times: ties in one millisecond have no defined order.
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        s.create_project(&a, &format!("p{i}")).await.expect("create");
+        s.create_project(&a, &format!("p{i}"))
+            .await
+            .expect("create");
     }
-    let q = ProjectQuery { page: 2, per_page: 2, ascending: true, search: None };
+    let q = ProjectQuery {
+        page: 2,
+        per_page: 2,
+        ascending: true,
+        search: None,
+    };
     let (rows, total) = s.list_projects(&a, &q).await.expect("list");
     assert_eq!(total, 5);
-    assert_eq!(rows.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["p1", "p2"]);
-    let q = ProjectQuery { page: 1, per_page: 10, ascending: false, search: Some("SPR".into()) };
+    assert_eq!(
+        rows.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        vec!["p1", "p2"]
+    );
+    let q = ProjectQuery {
+        page: 1,
+        per_page: 10,
+        ascending: false,
+        search: Some("SPR".into()),
+    };
     assert_eq!(s.list_projects(&a, &q).await.expect("list").1, 1);
 }
 
@@ -246,7 +486,10 @@ pub async fn outbox_is_claimed_once(s: Store) {
     created(&s, job(&a, &[1], None)).await;
     let rows = s.claim_outbox(10, 60_000).await.expect("claim");
     assert_eq!(rows.len(), 1);
-    assert!(s.claim_outbox(10, 60_000).await.expect("claim").is_empty(), "claimed twice");
+    assert!(
+        s.claim_outbox(10, 60_000).await.expect("claim").is_empty(),
+        "claimed twice"
+    );
     s.mark_outbox_sent(rows[0].id).await.expect("sent");
     assert_eq!(s.outbox_lag_ms().await.expect("lag"), 0);
 }

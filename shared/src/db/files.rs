@@ -50,7 +50,10 @@ impl Store {
 
     pub async fn file(&self, id: &str) -> Result<Option<FileRow>> {
         let sql = format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1");
-        Ok(sqlx::query_as::<_, FileRow>(&sql).bind(id).fetch_optional(self.pool()).await?)
+        Ok(sqlx::query_as::<_, FileRow>(&sql)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?)
     }
 
     /// Files of `ids` that belong to `account_id`.
@@ -58,7 +61,12 @@ impl Store {
         let mut out = Vec::with_capacity(ids.len());
         let sql = format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1 AND account_id = $2");
         for id in ids {
-            if let Some(f) = sqlx::query_as::<_, FileRow>(&sql).bind(id).bind(account_id).fetch_optional(self.pool()).await? {
+            if let Some(f) = sqlx::query_as::<_, FileRow>(&sql)
+                .bind(id)
+                .bind(account_id)
+                .fetch_optional(self.pool())
+                .await?
+            {
                 out.push(f);
             }
         }
@@ -69,7 +77,14 @@ impl Store {
     /// under. `false` if it was not pending any more: the upload URL is
     /// single-use, and of two racing uploads only one is recorded (the caller
     /// deletes the loser's object, which was written under its own key).
-    pub async fn mark_file_uploaded(&self, id: &str, object_key: &str, size: i64, width: i64, height: i64) -> Result<bool> {
+    pub async fn mark_file_uploaded(
+        &self,
+        id: &str,
+        object_key: &str,
+        size: i64,
+        width: i64,
+        height: i64,
+    ) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE files SET status = 'uploaded', size_bytes = $2, width = $3, height = $4, uploaded_at = $5, object_key = $6 \
              WHERE id = $1 AND status = 'pending'",

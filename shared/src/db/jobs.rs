@@ -50,7 +50,11 @@ impl JobRow {
         if self.status().is_terminal() {
             return 100.0;
         }
-        if self.total_outputs == 0 { 0.0 } else { (self.processed() as f64 * 100.0 / self.total_outputs as f64 * 10.0).round() / 10.0 }
+        if self.total_outputs == 0 {
+            0.0
+        } else {
+            (self.processed() as f64 * 100.0 / self.total_outputs as f64 * 10.0).round() / 10.0
+        }
     }
 }
 
@@ -124,9 +128,20 @@ pub struct NewJob<'a> {
 /// The result of admission, decided inside the creating transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
-    Created { job_id: String, total_outputs: i64, required: Credits },
-    ConcurrencyLimit { active: i64, cap: u32 },
-    InsufficientCredits { required: Credits, in_progress: Credits, user_credits: Credits },
+    Created {
+        job_id: String,
+        total_outputs: i64,
+        required: Credits,
+    },
+    ConcurrencyLimit {
+        active: i64,
+        cap: u32,
+    },
+    InsufficientCredits {
+        required: Credits,
+        in_progress: Credits,
+        user_credits: Credits,
+    },
 }
 
 impl Store {
@@ -139,6 +154,27 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin().await?;
 
+        // Lock order everywhere: the billing account, then the member account
+        // (settlement and finalisation take them in the same order).
+        let r = sqlx::query("UPDATE accounts SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2")
+            .bind(j.billing_account_id)
+            .bind(required.0)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            let (balance, reserved): (i64, i64) =
+                sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
+                    .bind(j.billing_account_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.rollback().await?;
+            return Ok(Admission::InsufficientCredits {
+                required,
+                in_progress: Credits(reserved),
+                user_credits: Credits(balance),
+            });
+        }
+
         let counts = j.job_type.counts_against_cap();
         if counts {
             // Conditional increments are atomic on both dialects: no read-then-write race.
@@ -149,32 +185,18 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             if r.rows_affected() == 0 {
-                let active: i64 = sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
-                    .bind(j.account_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let active: i64 =
+                    sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
+                        .bind(j.account_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
                 tx.rollback().await?;
-                return Ok(Admission::ConcurrencyLimit { active, cap: j.active_job_cap.unwrap_or(u32::MAX) });
+                return Ok(Admission::ConcurrencyLimit {
+                    active,
+                    cap: j.active_job_cap.unwrap_or(u32::MAX),
+                });
             }
         }
-        let r = sqlx::query("UPDATE accounts SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2")
-            .bind(j.billing_account_id)
-            .bind(required.0)
-            .execute(&mut *tx)
-            .await?;
-        if r.rows_affected() == 0 {
-            let (balance, reserved): (i64, i64) = sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
-                .bind(j.billing_account_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            tx.rollback().await?;
-            return Ok(Admission::InsufficientCredits {
-                required,
-                in_progress: Credits(reserved),
-                user_credits: Credits(balance),
-            });
-        }
-
         let job_id = crate::domain::JobId::generate().0;
         sqlx::query(
             "INSERT INTO jobs (id, account_id, billing_account_id, project_id, job_type, status, spec, total_outputs, \
@@ -219,22 +241,47 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        ledger(&mut tx, j.billing_account_id, Some(&job_id), None, "reserve", required, None).await?;
+        ledger(
+            &mut tx,
+            j.billing_account_id,
+            Some(&job_id),
+            None,
+            "reserve",
+            required,
+            None,
+        )
+        .await?;
         notify_job(&mut tx, &job_id).await?;
-        enqueue_outbox(&mut tx, "scheduler", &serde_json::json!({"event": "job_created", "job_id": job_id})).await?;
+        enqueue_outbox(
+            &mut tx,
+            "scheduler",
+            &serde_json::json!({"event": "job_created", "job_id": job_id}),
+        )
+        .await?;
         tx.commit().await?;
-        Ok(Admission::Created { job_id, total_outputs: j.outputs.len() as i64, required })
+        Ok(Admission::Created {
+            job_id,
+            total_outputs: j.outputs.len() as i64,
+            required,
+        })
     }
 
     /// A job visible to `account_id` (its own); `None` otherwise (404).
     pub async fn job_for(&self, account_id: &str, job_id: &str) -> Result<Option<JobRow>> {
         let sql = format!("{JOB_SELECT} WHERE j.id = $1 AND j.account_id = $2");
-        Ok(sqlx::query_as::<_, JobRow>(&sql).bind(job_id).bind(account_id).fetch_optional(self.pool()).await?)
+        Ok(sqlx::query_as::<_, JobRow>(&sql)
+            .bind(job_id)
+            .bind(account_id)
+            .fetch_optional(self.pool())
+            .await?)
     }
 
     pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>> {
         let sql = format!("{JOB_SELECT} WHERE j.id = $1");
-        Ok(sqlx::query_as::<_, JobRow>(&sql).bind(job_id).fetch_optional(self.pool()).await?)
+        Ok(sqlx::query_as::<_, JobRow>(&sql)
+            .bind(job_id)
+            .fetch_optional(self.pool())
+            .await?)
     }
 
     /// The latest version of every output of a job, in index order.
@@ -244,12 +291,18 @@ impl Store {
              (SELECT MAX(v.version) FROM outputs v WHERE v.job_id = o.job_id AND v.instruction_index = o.instruction_index \
               AND v.variation_index = o.variation_index) ORDER BY instruction_index, variation_index"
         );
-        Ok(sqlx::query_as::<_, OutputRow>(&sql).bind(job_id).fetch_all(self.pool()).await?)
+        Ok(sqlx::query_as::<_, OutputRow>(&sql)
+            .bind(job_id)
+            .fetch_all(self.pool())
+            .await?)
     }
 
     pub async fn output(&self, output_id: i64) -> Result<Option<OutputRow>> {
         let sql = format!("SELECT {OUTPUT_COLUMNS} FROM outputs WHERE id = $1");
-        Ok(sqlx::query_as::<_, OutputRow>(&sql).bind(output_id).fetch_optional(self.pool()).await?)
+        Ok(sqlx::query_as::<_, OutputRow>(&sql)
+            .bind(output_id)
+            .fetch_optional(self.pool())
+            .await?)
     }
 
     /// Aborts a non-terminal job: every output not yet terminal is cancelled
@@ -258,22 +311,39 @@ impl Store {
     /// when it was already terminal.
     pub async fn abort_job(&self, account_id: &str, job_id: &str) -> Result<Option<bool>> {
         let mut tx = self.begin().await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND account_id = $2")
-            .bind(job_id)
-            .bind(account_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(status) = status else { return Ok(None) };
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND account_id = $2")
+                .bind(job_id)
+                .bind(account_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(status) = status else {
+            return Ok(None);
+        };
         if JobStatus::parse(&status).is_none_or(|s| s.is_terminal()) {
             return Ok(Some(false));
         }
+        // Lock the open outputs first (in id order), so neither a dispatch nor
+        // a completing worker can change them between this read and the cancel.
         let sql = format!(
-            "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE job_id = $1 AND status IN ({})",
-            OutputStatus::sql_sources_of(OutputStatus::Cancelled)
+            "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE job_id = $1 AND status IN ({}) ORDER BY id{}",
+            OutputStatus::sql_sources_of(OutputStatus::Cancelled),
+            self.for_update()
         );
-        let open = sqlx::query_as::<_, OutputRow>(&sql).bind(job_id).fetch_all(&mut *tx).await?;
+        let open = sqlx::query_as::<_, OutputRow>(&sql)
+            .bind(job_id)
+            .fetch_all(&mut *tx)
+            .await?;
         for o in &open {
-            super::scheduling::finish_output(&mut tx, o, OutputStatus::Cancelled, "aborted by the client", None, false).await?;
+            super::scheduling::finish_output(
+                &mut tx,
+                o,
+                OutputStatus::Cancelled,
+                "aborted by the client",
+                None,
+                false,
+            )
+            .await?;
         }
         super::scheduling::finalize_job(&mut tx, job_id, Some(JobStatus::Aborted)).await?;
         tx.commit().await?;
@@ -294,7 +364,9 @@ impl Store {
         .await?;
         for (job, held, open) in rows {
             if held != open {
-                problems.push(format!("job {job}: reservation holds {held} but open outputs cost {open}"));
+                problems.push(format!(
+                    "job {job}: reservation holds {held} but open outputs cost {open}"
+                ));
             }
         }
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
@@ -305,7 +377,9 @@ impl Store {
         .await?;
         for (acc, reserved, held) in rows {
             if reserved != held {
-                problems.push(format!("account {acc}: reserved {reserved} but reservations hold {held}"));
+                problems.push(format!(
+                    "account {acc}: reserved {reserved} but reservations hold {held}"
+                ));
             }
         }
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
@@ -316,17 +390,26 @@ impl Store {
         .await?;
         for (acc, active, open) in rows {
             if active != open {
-                problems.push(format!("account {acc}: active_jobs {active} but {open} open jobs"));
+                problems.push(format!(
+                    "account {acc}: active_jobs {active} but {open} open jobs"
+                ));
             }
         }
-        for acc in sqlx::query_scalar::<_, String>("SELECT id FROM accounts").fetch_all(self.pool()).await? {
+        for acc in sqlx::query_scalar::<_, String>("SELECT id FROM accounts")
+            .fetch_all(self.pool())
+            .await?
+        {
             let t = self.ledger_totals(&acc).await?;
-            let (balance, reserved): (i64, i64) = sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
-                .bind(&acc)
-                .fetch_one(self.pool())
-                .await?;
+            let (balance, reserved): (i64, i64) =
+                sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
+                    .bind(&acc)
+                    .fetch_one(self.pool())
+                    .await?;
             if balance != t.granted - t.charged {
-                problems.push(format!("account {acc}: balance {balance} but ledger says {}", t.granted - t.charged));
+                problems.push(format!(
+                    "account {acc}: balance {balance} but ledger says {}",
+                    t.granted - t.charged
+                ));
             }
             if reserved != t.reserved - t.charged - t.released {
                 problems.push(format!(
@@ -341,6 +424,10 @@ impl Store {
 
 /// Bumps `updated_at` of a job (every state change does).
 pub(crate) async fn touch_job(tx: &mut Tx, job_id: &str, now: i64) -> Result<()> {
-    sqlx::query("UPDATE jobs SET updated_at = $2 WHERE id = $1").bind(job_id).bind(now).execute(&mut **tx).await?;
+    sqlx::query("UPDATE jobs SET updated_at = $2 WHERE id = $1")
+        .bind(job_id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }

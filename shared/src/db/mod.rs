@@ -65,8 +65,15 @@ impl From<sqlx::Error> for StoreError {
                 }
                 let code = db.code().map(|c| c.to_string()).unwrap_or_default();
                 // 08xxx connection exceptions, 57P0x shutdown/cannot connect now,
+                // 40001/40P01 serialization failure/deadlock (safe to retry),
                 // SQLITE_BUSY (5) after the busy timeout.
-                if code.starts_with("08") || code.starts_with("57P") || code == "5" || code == "517" {
+                if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code == "40001"
+                    || code == "40P01"
+                    || code == "5"
+                    || code == "517"
+                {
                     StoreError::Unavailable(e)
                 } else {
                     StoreError::Other(e)
@@ -101,12 +108,17 @@ impl Store {
     /// Connects (creating the SQLite file and its directory if needed).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
         install_default_drivers();
-        let dialect = if url.starts_with("sqlite:") { Dialect::Sqlite } else { Dialect::Postgres };
+        let dialect = if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            Dialect::Postgres
+        };
         if dialect == Dialect::Sqlite {
             if let Some(path) = sqlite_path(url) {
                 if let Some(dir) = std::path::Path::new(&path).parent() {
                     if !dir.as_os_str().is_empty() {
-                        std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+                        std::fs::create_dir_all(dir)
+                            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
                     }
                 }
             }
@@ -162,6 +174,15 @@ impl Store {
         }
     }
 
+    /// Suffix that row-locks what a read inside a write transaction returns
+    /// (SQLite's `BEGIN IMMEDIATE` already serialises writers).
+    pub fn for_update(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+
     /// Cheap liveness probe.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -174,9 +195,15 @@ impl Store {
 }
 
 fn sqlite_path(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
-    if path.is_empty() || path == ":memory:" { None } else { Some(path.to_string()) }
+    if path.is_empty() || path == ":memory:" {
+        None
+    } else {
+        Some(path.to_string())
+    }
 }
 
 /// JSON column helpers.

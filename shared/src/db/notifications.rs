@@ -16,7 +16,13 @@ pub struct Notification {
 }
 
 /// Inserts a notification for `account_id`.
-pub(crate) async fn insert(tx: &mut Tx, account_id: &str, name: &str, job_id: Option<&str>, data: &serde_json::Value) -> Result<i64> {
+pub(crate) async fn insert(
+    tx: &mut Tx,
+    account_id: &str,
+    name: &str,
+    job_id: Option<&str>,
+    data: &serde_json::Value,
+) -> Result<i64> {
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO notifications (account_id, name, job_id, data, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
@@ -33,7 +39,10 @@ pub(crate) async fn insert(tx: &mut Tx, account_id: &str, name: &str, job_id: Op
 /// `batch_edit` for the job's current state (read inside the transaction).
 pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
     let sql = format!("{JOB_SELECT} WHERE j.id = $1");
-    let job = sqlx::query_as::<_, JobRow>(&sql).bind(job_id).fetch_one(&mut **tx).await?;
+    let job = sqlx::query_as::<_, JobRow>(&sql)
+        .bind(job_id)
+        .fetch_one(&mut **tx)
+        .await?;
     let data = serde_json::json!({
         "id_task": job.id,
         "job_id": job.id,
@@ -70,7 +79,12 @@ pub(crate) async fn notify_output(tx: &mut Tx, account_id: &str, o: &OutputRow) 
 impl Store {
     /// Undeleted notifications of an account newer than `after_id` and not
     /// older than `max_age_ms`, oldest first.
-    pub async fn notifications(&self, account_id: &str, after_id: i64, max_age_ms: i64) -> Result<Vec<Notification>> {
+    pub async fn notifications(
+        &self,
+        account_id: &str,
+        after_id: i64,
+        max_age_ms: i64,
+    ) -> Result<Vec<Notification>> {
         let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
             "SELECT id, account_id, name, data, created_at FROM notifications \
              WHERE account_id = $1 AND id > $2 AND deleted_at IS NULL AND created_at >= $3 ORDER BY id",
@@ -82,7 +96,13 @@ impl Store {
         .await?;
         rows.into_iter()
             .map(|(id, account_id, name, data, created_at)| {
-                Ok(Notification { id, account_id, name, data: from_json(&data)?, created_at })
+                Ok(Notification {
+                    id,
+                    account_id,
+                    name,
+                    data: from_json(&data)?,
+                    created_at,
+                })
             })
             .collect()
     }

@@ -12,7 +12,11 @@ pub struct OutboxRow {
     pub payload: String,
 }
 
-pub(crate) async fn enqueue_outbox(tx: &mut Tx, topic: &str, payload: &serde_json::Value) -> Result<()> {
+pub(crate) async fn enqueue_outbox(
+    tx: &mut Tx,
+    topic: &str,
+    payload: &serde_json::Value,
+) -> Result<()> {
     sqlx::query("INSERT INTO outbox (topic, payload, created_at) VALUES ($1, $2, $3)")
         .bind(topic)
         .bind(to_json(payload)?)
@@ -33,7 +37,11 @@ impl Store {
              ORDER BY id LIMIT $2{}",
             self.skip_locked()
         );
-        let ids: Vec<i64> = sqlx::query_scalar(&sql).bind(now).bind(limit).fetch_all(&mut *tx).await?;
+        let ids: Vec<i64> = sqlx::query_scalar(&sql)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
         let mut rows = Vec::with_capacity(ids.len());
         for id in ids {
             let r: Option<(i64, String, String)> = sqlx::query_as(
@@ -74,9 +82,10 @@ impl Store {
 
     /// Age in ms of the oldest unsent row (0 when none): the relay's lag.
     pub async fn outbox_lag_ms(&self) -> Result<i64> {
-        let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(created_at) FROM outbox WHERE sent_at IS NULL")
-            .fetch_one(self.pool())
-            .await?;
+        let oldest: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(created_at) FROM outbox WHERE sent_at IS NULL")
+                .fetch_one(self.pool())
+                .await?;
         Ok(oldest.map(|t| (now_ms() - t).max(0)).unwrap_or(0))
     }
 

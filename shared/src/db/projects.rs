@@ -45,8 +45,15 @@ impl Store {
         .execute(self.pool())
         .await?;
         let created = r.rows_affected() == 1;
-        let p = self.project_by_name(account_id, name).await?.ok_or(StoreError::NotFound)?;
-        Ok(if created { CreateProject::Created(p) } else { CreateProject::Exists(p) })
+        let p = self
+            .project_by_name(account_id, name)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(if created {
+            CreateProject::Created(p)
+        } else {
+            CreateProject::Exists(p)
+        })
     }
 
     /// The caller's project named `name`, created if missing (uploads without
@@ -59,16 +66,28 @@ impl Store {
 
     pub async fn project_by_name(&self, account_id: &str, name: &str) -> Result<Option<Project>> {
         let sql = format!("{PROJECT_SELECT} WHERE p.account_id = $1 AND p.name = $2");
-        Ok(sqlx::query_as::<_, Project>(&sql).bind(account_id).bind(name).fetch_optional(self.pool()).await?)
+        Ok(sqlx::query_as::<_, Project>(&sql)
+            .bind(account_id)
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?)
     }
 
     /// A project of `account_id`; another account's project is `None` (404).
     pub async fn project(&self, account_id: &str, id: &str) -> Result<Option<Project>> {
         let sql = format!("{PROJECT_SELECT} WHERE p.account_id = $1 AND p.id = $2");
-        Ok(sqlx::query_as::<_, Project>(&sql).bind(account_id).bind(id).fetch_optional(self.pool()).await?)
+        Ok(sqlx::query_as::<_, Project>(&sql)
+            .bind(account_id)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?)
     }
 
-    pub async fn list_projects(&self, account_id: &str, q: &ProjectQuery) -> Result<(Vec<Project>, i64)> {
+    pub async fn list_projects(
+        &self,
+        account_id: &str,
+        q: &ProjectQuery,
+    ) -> Result<(Vec<Project>, i64)> {
         let pattern = q.search.as_ref().map(|s| format!("%{}%", s.to_lowercase()));
         let total: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM projects p WHERE p.account_id = $1 AND ($2 IS NULL OR LOWER(p.name) LIKE $2)",
@@ -97,7 +116,14 @@ impl Store {
     /// remove them from the object store after the commit.
     pub async fn delete_project(&self, account_id: &str, id: &str) -> Result<DeleteProject> {
         let mut tx = self.begin().await?;
-        let exists: Option<String> = sqlx::query_scalar("SELECT id FROM projects WHERE id = $1 AND account_id = $2")
+        // Locking the project row blocks concurrent job inserts into it (their
+        // foreign-key check needs a share lock), so the active-job check below
+        // cannot be overtaken by a job created in between.
+        let sql = format!(
+            "SELECT id FROM projects WHERE id = $1 AND account_id = $2{}",
+            self.for_update()
+        );
+        let exists: Option<String> = sqlx::query_scalar(&sql)
             .bind(id)
             .bind(account_id)
             .fetch_optional(&mut *tx)
@@ -121,12 +147,13 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         // Uploaded assets are kept (contract §2.3): move them to the default project.
-        let default_id: Option<String> =
-            sqlx::query_scalar("SELECT id FROM projects WHERE account_id = $1 AND name = 'default' AND id <> $2")
-                .bind(account_id)
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let default_id: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM projects WHERE account_id = $1 AND name = 'default' AND id <> $2",
+        )
+        .bind(account_id)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let default_id = match default_id {
             Some(d) => d,
             None => {
@@ -147,10 +174,22 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query("DELETE FROM jobs WHERE project_id = $1").bind(id).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM projects WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM jobs WHERE project_id = $1 AND status IN ('completed', 'failed', 'aborted')")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM projects WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(DeleteProject::Deleted { object_keys: keys.into_iter().flat_map(|(a, b)| [a, b]).flatten().collect() })
+        Ok(DeleteProject::Deleted {
+            object_keys: keys
+                .into_iter()
+                .flat_map(|(a, b)| [a, b])
+                .flatten()
+                .collect(),
+        })
     }
 }
 

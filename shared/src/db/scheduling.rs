@@ -44,7 +44,11 @@ pub enum FailureOutcome {
 impl Store {
     /// Up to `per_account` eligible outputs of every account for `queue`,
     /// oldest first within an account.
-    pub async fn dispatch_candidates(&self, queue: &str, per_account: i64) -> Result<Vec<DispatchCandidate>> {
+    pub async fn dispatch_candidates(
+        &self,
+        queue: &str,
+        per_account: i64,
+    ) -> Result<Vec<DispatchCandidate>> {
         let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
             "SELECT id, job_id, account_id, plan, scheduled_at FROM ( \
                SELECT o.id, o.job_id, j.account_id, a.plan, o.scheduled_at, \
@@ -60,7 +64,15 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(output_id, job_id, account_id, plan, ready_at)| DispatchCandidate { output_id, job_id, account_id, plan, ready_at })
+            .map(
+                |(output_id, job_id, account_id, plan, ready_at)| DispatchCandidate {
+                    output_id,
+                    job_id,
+                    account_id,
+                    plan,
+                    ready_at,
+                },
+            )
             .collect())
     }
 
@@ -73,21 +85,31 @@ impl Store {
         .bind(queue)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().map(|(a, n)| (a, u32::try_from(n).unwrap_or(u32::MAX))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(a, n)| (a, u32::try_from(n).unwrap_or(u32::MAX)))
+            .collect())
     }
 
     /// Tasks published to `queue` that no worker has started yet.
     pub async fn queued_count(&self, queue: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outputs WHERE queue = $1 AND status = 'dispatched'")
-            .bind(queue)
-            .fetch_one(self.pool())
-            .await?)
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outputs WHERE queue = $1 AND status = 'dispatched'",
+        )
+        .bind(queue)
+        .fetch_one(self.pool())
+        .await?)
     }
 
     /// Claims a pending output for dispatch: `pending → dispatched`, the
     /// attempt counter incremented, leased until `lease_until`. Returns the
     /// new attempt number, or `None` if another scheduler got it first.
-    pub async fn claim_for_dispatch(&self, output_id: i64, lease_until: i64, owner: &str) -> Result<Option<i64>> {
+    pub async fn claim_for_dispatch(
+        &self,
+        output_id: i64,
+        lease_until: i64,
+        owner: &str,
+    ) -> Result<Option<i64>> {
         let sql = format!(
             "UPDATE outputs SET status = 'dispatched', attempt = attempt + 1, lease_expires_at = $2, lease_owner = $3, updated_at = $4 \
              WHERE id = $1 AND status IN ({}) AND attempt < max_attempts RETURNING attempt",
@@ -131,7 +153,13 @@ impl Store {
 
     /// A worker started `attempt`: `dispatched → running` (or a renewed
     /// lease if a redelivery restarted it), and the job becomes `processing`.
-    pub async fn record_started(&self, output_id: i64, attempt: i64, lease_until: i64, worker: &str) -> Result<bool> {
+    pub async fn record_started(
+        &self,
+        output_id: i64,
+        attempt: i64,
+        lease_until: i64,
+        worker: &str,
+    ) -> Result<bool> {
         let now = now_ms();
         let mut tx = self.begin().await?;
         let job_id: Option<String> = sqlx::query_scalar(
@@ -162,7 +190,12 @@ impl Store {
     }
 
     /// Heartbeat: extends the lease of a running attempt.
-    pub async fn extend_lease(&self, output_id: i64, attempt: i64, lease_until: i64) -> Result<bool> {
+    pub async fn extend_lease(
+        &self,
+        output_id: i64,
+        attempt: i64,
+        lease_until: i64,
+    ) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE outputs SET lease_expires_at = $3, updated_at = $4 WHERE id = $1 AND attempt = $2 AND status IN ('dispatched', 'running')",
         )
@@ -177,7 +210,12 @@ impl Store {
 
     /// Records a completed attempt and charges its cost. `false` for a stale
     /// or duplicate report (nothing changed, nothing charged).
-    pub async fn record_completed(&self, output_id: i64, attempt: i64, result: &OutputResult) -> Result<bool> {
+    pub async fn record_completed(
+        &self,
+        output_id: i64,
+        attempt: i64,
+        result: &OutputResult,
+    ) -> Result<bool> {
         let mut tx = self.begin().await?;
         let Some(o) = live_output(&mut tx, output_id, attempt).await? else {
             tx.rollback().await?;
@@ -212,18 +250,32 @@ impl Store {
         };
         // A refusal falls back to the next engine only when the client let the
         // server choose (`model: auto`); a named engine's refusal is final.
-        let fallback_allowed = matches!(kind, FailureKind::Refused) && attempt < o.max_attempts && {
-            let spec: String = sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1").bind(&o.job_id).fetch_one(&mut *tx).await?;
-            serde_json::from_str::<serde_json::Value>(&spec).ok().is_some_and(|v| v["model"] == "auto")
-        };
+        let fallback_allowed =
+            matches!(kind, FailureKind::Refused) && attempt < o.max_attempts && {
+                let spec: String = sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1")
+                    .bind(&o.job_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                serde_json::from_str::<serde_json::Value>(&spec)
+                    .ok()
+                    .is_some_and(|v| v["model"] == "auto")
+            };
         let outcome = if fallback_allowed {
             let sql = format!(
                 "UPDATE outputs SET status = 'pending', engine_index = engine_index + 1, scheduled_at = $3, lease_expires_at = NULL, \
                  lease_owner = NULL, last_error = $4, updated_at = $3 WHERE id = $1 AND attempt = $2 AND status IN ({})",
                 OutputStatus::sql_sources_of(OutputStatus::Pending)
             );
-            sqlx::query(&sql).bind(output_id).bind(attempt).bind(now_ms()).bind(message).execute(&mut *tx).await?;
-            FailureOutcome::FellBack { engine_index: o.engine_index + 1 }
+            sqlx::query(&sql)
+                .bind(output_id)
+                .bind(attempt)
+                .bind(now_ms())
+                .bind(message)
+                .execute(&mut *tx)
+                .await?;
+            FailureOutcome::FellBack {
+                engine_index: o.engine_index + 1,
+            }
         } else if retry_allowed {
             let delay = policy.delay(u32::try_from(attempt).unwrap_or(u32::MAX), unit);
             let at = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
@@ -268,8 +320,13 @@ impl Store {
 
     /// Non-terminal outputs of one job (used by tests and the CLI).
     pub async fn open_outputs(&self, job_id: &str) -> Result<Vec<OutputRow>> {
-        let sql = format!("SELECT {OUTPUT_COLUMNS} FROM outputs WHERE job_id = $1 AND status IN ('pending', 'dispatched', 'running')");
-        Ok(sqlx::query_as::<_, OutputRow>(&sql).bind(job_id).fetch_all(self.pool()).await?)
+        let sql = format!(
+            "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE job_id = $1 AND status IN ('pending', 'dispatched', 'running')"
+        );
+        Ok(sqlx::query_as::<_, OutputRow>(&sql)
+            .bind(job_id)
+            .fetch_all(self.pool())
+            .await?)
     }
 }
 
@@ -277,7 +334,11 @@ async fn live_output(tx: &mut Tx, output_id: i64, attempt: i64) -> Result<Option
     let sql = format!(
         "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE id = $1 AND attempt = $2 AND status IN ('dispatched', 'running')"
     );
-    Ok(sqlx::query_as::<_, OutputRow>(&sql).bind(output_id).bind(attempt).fetch_optional(&mut **tx).await?)
+    Ok(sqlx::query_as::<_, OutputRow>(&sql)
+        .bind(output_id)
+        .bind(attempt)
+        .fetch_optional(&mut **tx)
+        .await?)
 }
 
 /// Moves one output to a terminal state and settles its credits: a charge
@@ -325,23 +386,52 @@ pub(crate) async fn finish_output(
     } else {
         "UPDATE accounts SET reserved = reserved - $2 WHERE id = $1"
     };
-    sqlx::query(account_sql).bind(&o.billing_account_id).bind(cost.0).execute(&mut **tx).await?;
+    sqlx::query(account_sql)
+        .bind(&o.billing_account_id)
+        .bind(cost.0)
+        .execute(&mut **tx)
+        .await?;
     let res_sql = if charge {
         "UPDATE reservations SET held = held - $2, charged = charged + $2 WHERE job_id = $1"
     } else {
         "UPDATE reservations SET held = held - $2, released = released + $2 WHERE job_id = $1"
     };
-    sqlx::query(res_sql).bind(&o.job_id).bind(cost.0).execute(&mut **tx).await?;
-    ledger(tx, &o.billing_account_id, Some(&o.job_id), Some(o.id), if charge { "charge" } else { "release" }, cost, None).await?;
-    let counter = if to == OutputStatus::Completed { "completed_outputs" } else { "failed_outputs" };
-    sqlx::query(&format!("UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1"))
+    sqlx::query(res_sql)
         .bind(&o.job_id)
-        .bind(now)
+        .bind(cost.0)
         .execute(&mut **tx)
         .await?;
+    ledger(
+        tx,
+        &o.billing_account_id,
+        Some(&o.job_id),
+        Some(o.id),
+        if charge { "charge" } else { "release" },
+        cost,
+        None,
+    )
+    .await?;
+    let counter = if to == OutputStatus::Completed {
+        "completed_outputs"
+    } else {
+        "failed_outputs"
+    };
+    sqlx::query(&format!(
+        "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1"
+    ))
+    .bind(&o.job_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
     let sql = format!("SELECT {OUTPUT_COLUMNS} FROM outputs WHERE id = $1");
-    let after = sqlx::query_as::<_, OutputRow>(&sql).bind(o.id).fetch_one(&mut **tx).await?;
-    let account: String = sqlx::query_scalar("SELECT account_id FROM jobs WHERE id = $1").bind(&o.job_id).fetch_one(&mut **tx).await?;
+    let after = sqlx::query_as::<_, OutputRow>(&sql)
+        .bind(o.id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let account: String = sqlx::query_scalar("SELECT account_id FROM jobs WHERE id = $1")
+        .bind(&o.job_id)
+        .fetch_one(&mut **tx)
+        .await?;
     notify_output(tx, &account, &after).await?;
     Ok(true)
 }
@@ -349,7 +439,11 @@ pub(crate) async fn finish_output(
 /// Finalises a job whose outputs are all terminal (or that is being
 /// aborted): terminal status, reservation closed, active-job slot freed,
 /// `batch_edit` notification. No-op while outputs remain open.
-pub(crate) async fn finalize_job(tx: &mut Tx, job_id: &str, forced: Option<JobStatus>) -> Result<()> {
+pub(crate) async fn finalize_job(
+    tx: &mut Tx,
+    job_id: &str,
+    forced: Option<JobStatus>,
+) -> Result<()> {
     let now = now_ms();
     let (status, total, completed, failed, post, account, counts): (String, i64, i64, i64, i64, String, i64) = sqlx::query_as(
         "SELECT status, total_outputs, completed_outputs, failed_outputs, should_post_process, account_id, counts_against_cap \
@@ -378,7 +472,10 @@ pub(crate) async fn finalize_job(tx: &mut Tx, job_id: &str, forced: Option<JobSt
             .fetch_optional(&mut **tx)
             .await?
             .flatten();
-            Some(format!("all {total} outputs failed; last error: {}", last.unwrap_or_else(|| "unknown".into())))
+            Some(format!(
+                "all {total} outputs failed; last error: {}",
+                last.unwrap_or_else(|| "unknown".into())
+            ))
         }
         _ => None,
     };
@@ -386,7 +483,7 @@ pub(crate) async fn finalize_job(tx: &mut Tx, job_id: &str, forced: Option<JobSt
     // until then a requested pass is reported as not performed, never as done.
     let post_status = (post == 1 && next == JobStatus::Completed).then_some("failed");
     let post_error = post_status.map(|_| "post-processing is not available on this server");
-    sqlx::query(
+    let finalized = sqlx::query(
         "UPDATE jobs SET status = $2, finalized_at = $3, updated_at = $3, error_message = COALESCE($4, error_message), \
          post_processing_status = CASE WHEN should_post_process = 1 THEN COALESCE($5, 'failed') ELSE NULL END, \
          post_processing_error = CASE WHEN should_post_process = 1 THEN COALESCE($6, post_processing_error, 'job did not complete') ELSE NULL END \
@@ -400,6 +497,10 @@ pub(crate) async fn finalize_job(tx: &mut Tx, job_id: &str, forced: Option<JobSt
     .bind(post_error)
     .execute(&mut **tx)
     .await?;
+    if finalized.rows_affected() == 0 {
+        // Someone else finalised it first: its slot and reservation are settled.
+        return Ok(());
+    }
     sqlx::query("UPDATE reservations SET closed_at = $2 WHERE job_id = $1 AND closed_at IS NULL")
         .bind(job_id)
         .bind(now)

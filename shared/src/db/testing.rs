@@ -28,13 +28,21 @@ impl TestDb {
                 let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
                 let store = Store::connect(&url, 5).await.expect("sqlite connects");
                 store.migrate().await.expect("migrates");
-                TestDb { store, url, _dir: Some(dir) }
+                TestDb {
+                    store,
+                    url,
+                    _dir: Some(dir),
+                }
             }
             Dialect::Postgres => {
                 let url = create_postgres_database().await;
                 let store = Store::connect(&url, 5).await.expect("postgres connects");
                 store.migrate().await.expect("migrates");
-                TestDb { store, url, _dir: None }
+                TestDb {
+                    store,
+                    url,
+                    _dir: None,
+                }
             }
         }
     }
@@ -48,7 +56,13 @@ pub async fn create_postgres_database() -> String {
     let mut conn = sqlx::AnyConnection::connect(&admin).await.expect(
         "PostgreSQL must be reachable for tests (scripts/test starts it); set ATELIER_TEST_POSTGRES_URL",
     );
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
-    let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    let base = admin
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_string())
+        .unwrap_or(admin);
     format!("{base}/{name}")
 }

@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 use std::ops::{Add, AddAssign, Sub};
 
 /// An amount of credits, in milli-credits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Credits(pub i64);
 
@@ -100,7 +102,10 @@ impl Balance {
         if amount.0 < 0 || self.available() < amount {
             return Err(CreditError::Insufficient);
         }
-        Ok(Balance { balance: self.balance, reserved: self.reserved + amount })
+        Ok(Balance {
+            balance: self.balance,
+            reserved: self.reserved + amount,
+        })
     }
 
     /// Moves `amount` from reserved to debited (an output completed).
@@ -108,7 +113,10 @@ impl Balance {
         if amount.0 < 0 || amount > self.reserved {
             return Err(CreditError::OverSettle);
         }
-        Ok(Balance { balance: self.balance - amount, reserved: self.reserved - amount })
+        Ok(Balance {
+            balance: self.balance - amount,
+            reserved: self.reserved - amount,
+        })
     }
 
     /// Returns `amount` of the reservation without charge (failed/aborted).
@@ -116,17 +124,26 @@ impl Balance {
         if amount.0 < 0 || amount > self.reserved {
             return Err(CreditError::OverSettle);
         }
-        Ok(Balance { balance: self.balance, reserved: self.reserved - amount })
+        Ok(Balance {
+            balance: self.balance,
+            reserved: self.reserved - amount,
+        })
     }
 
     /// Operator grant (negative for corrections); refused if it would leave
     /// less than what is already reserved.
     pub fn grant(self, amount: Credits) -> Result<Balance, CreditError> {
-        let balance = self.balance.checked_add(amount).ok_or(CreditError::Insufficient)?;
+        let balance = self
+            .balance
+            .checked_add(amount)
+            .ok_or(CreditError::Insufficient)?;
         if balance < self.reserved || balance.0 < 0 {
             return Err(CreditError::Insufficient);
         }
-        Ok(Balance { balance, reserved: self.reserved })
+        Ok(Balance {
+            balance,
+            reserved: self.reserved,
+        })
     }
 }
 
@@ -192,7 +209,11 @@ pub struct PriceTable {
 
 impl Default for PriceTable {
     fn default() -> Self {
-        PriceTable { k1: 3.0, k2: 5.0, k4: 10.0 }
+        PriceTable {
+            k1: 3.0,
+            k2: 5.0,
+            k4: 10.0,
+        }
     }
 }
 
@@ -215,9 +236,13 @@ mod tests {
     #[test]
     fn contract_example_costs_13() {
         let t = PriceTable::default();
-        let total: Credits = [t.price(SizeClass::K2), t.price(SizeClass::K2), t.price(SizeClass::K1)]
-            .into_iter()
-            .sum();
+        let total: Credits = [
+            t.price(SizeClass::K2),
+            t.price(SizeClass::K2),
+            t.price(SizeClass::K1),
+        ]
+        .into_iter()
+        .sum();
         assert_eq!(total.as_f64(), 13.0);
         assert_eq!(SizeClass::for_custom(1024, 512), SizeClass::K1);
         assert_eq!(SizeClass::for_custom(1032, 512), SizeClass::K2);

@@ -36,7 +36,9 @@ pub fn pick(mut lanes: Vec<Lane>, slots: usize) -> Vec<(String, Candidate)> {
     while out.len() < slots {
         let mut best: Option<usize> = None;
         for (i, lane) in lanes.iter().enumerate() {
-            let Some(head) = lane.waiting.front() else { continue };
+            let Some(head) = lane.waiting.front() else {
+                continue;
+            };
             let better = match best {
                 None => true,
                 Some(b) => {
@@ -76,7 +78,10 @@ mod tests {
             weight,
             in_flight,
             waiting: (0..n)
-                .map(|i| Candidate { output_id: t0 * 10_000 + i as i64, ready_at: t0 + i as i64 })
+                .map(|i| Candidate {
+                    output_id: t0 * 10_000 + i as i64,
+                    ready_at: t0 + i as i64,
+                })
                 .collect(),
         }
     }

@@ -47,7 +47,11 @@ pub enum FailureKind {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Outcome {
     /// The worker began executing; doubles as the first heartbeat.
-    Started { output_id: i64, attempt: i64, worker: String },
+    Started {
+        output_id: i64,
+        attempt: i64,
+        worker: String,
+    },
     /// Still working: extends the lease.
     Heartbeat { output_id: i64, attempt: i64 },
     Completed {

@@ -17,7 +17,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError { field: Some(field.into()), message: message.into() }
+        FieldError {
+            field: Some(field.into()),
+            message: message.into(),
+        }
     }
 }
 
@@ -98,7 +101,11 @@ impl AspectRatio {
     pub fn pixels(self, long: u32) -> (u32, u32) {
         let (w, h) = self.wh();
         let short = |a: u32, b: u32| ((long * a / b + 4) / 8 * 8).max(8);
-        if w >= h { (long, short(h, w)) } else { (short(w, h), long) }
+        if w >= h {
+            (long, short(h, w))
+        } else {
+            (short(w, h), long)
+        }
     }
 }
 
@@ -218,7 +225,10 @@ pub struct InstructionIn {
 #[serde(untagged)]
 pub enum ImageRefIn {
     Id(String),
-    Annotated { file_id: String, note: Option<String> },
+    Annotated {
+        file_id: String,
+        note: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -243,12 +253,51 @@ impl Default for DesignCatalogue {
     fn default() -> Self {
         let mut m = BTreeMap::new();
         let e = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        m.insert("background".into(), e(&["pure white seamless", "light grey studio", "warm beige paper", "soft gradient grey", "pale blue studio"]));
-        m.insert("surface".into(), e(&["white linen", "light oak wood", "grey concrete", "white marble", "kraft paper"]));
-        m.insert("lighting".into(), e(&["soft even studio", "window light from left", "high key", "warm golden hour"]));
-        m.insert("color_palette".into(), e(&["neutral", "pastel", "earth tones", "monochrome"]));
-        m.insert("composition".into(), e(&["single garment centered", "garment with accessories", "detail close-up"]));
-        m.insert("props".into(), e(&["dried flowers", "folded magazine", "sunglasses"]));
+        m.insert(
+            "background".into(),
+            e(&[
+                "pure white seamless",
+                "light grey studio",
+                "warm beige paper",
+                "soft gradient grey",
+                "pale blue studio",
+            ]),
+        );
+        m.insert(
+            "surface".into(),
+            e(&[
+                "white linen",
+                "light oak wood",
+                "grey concrete",
+                "white marble",
+                "kraft paper",
+            ]),
+        );
+        m.insert(
+            "lighting".into(),
+            e(&[
+                "soft even studio",
+                "window light from left",
+                "high key",
+                "warm golden hour",
+            ]),
+        );
+        m.insert(
+            "color_palette".into(),
+            e(&["neutral", "pastel", "earth tones", "monochrome"]),
+        );
+        m.insert(
+            "composition".into(),
+            e(&[
+                "single garment centered",
+                "garment with accessories",
+                "detail close-up",
+            ]),
+        );
+        m.insert(
+            "props".into(),
+            e(&["dried flowers", "folded magazine", "sunglasses"]),
+        );
         DesignCatalogue(m)
     }
 }
@@ -352,7 +401,11 @@ impl PackshotSpec {
     }
 
     pub fn largest_size(&self) -> SizeClass {
-        self.instructions.iter().map(|i| i.output.size).max().unwrap_or(SizeClass::K1)
+        self.instructions
+            .iter()
+            .map(|i| i.output.size)
+            .max()
+            .unwrap_or(SizeClass::K1)
     }
 
     pub fn uses_custom_dimensions(&self) -> bool {
@@ -380,10 +433,30 @@ pub fn parse_request(body: &serde_json::Value) -> Result<PackshotRequest, FieldE
 /// Style defaults (contract §3.5 table).
 fn style_defaults(style: Style) -> (Option<Angle>, Option<Framing>, Shadow, Option<&'static str>) {
     match style {
-        Style::FlatLay => (Some(Angle::TopDown), Some(Framing::SquarePackshot), Shadow::Natural, Some("neutral surface")),
-        Style::GhostMannequin => (Some(Angle::Front), Some(Framing::Tall34), Shadow::Contact, Some("white studio")),
-        Style::MarketingReady => (Some(Angle::ThreeQuarter), Some(Framing::FullFrame), Shadow::Natural, None),
-        Style::WhiteCutout => (Some(Angle::Front), Some(Framing::SquarePackshot), Shadow::Contact, Some("pure white")),
+        Style::FlatLay => (
+            Some(Angle::TopDown),
+            Some(Framing::SquarePackshot),
+            Shadow::Natural,
+            Some("neutral surface"),
+        ),
+        Style::GhostMannequin => (
+            Some(Angle::Front),
+            Some(Framing::Tall34),
+            Shadow::Contact,
+            Some("white studio"),
+        ),
+        Style::MarketingReady => (
+            Some(Angle::ThreeQuarter),
+            Some(Framing::FullFrame),
+            Shadow::Natural,
+            None,
+        ),
+        Style::WhiteCutout => (
+            Some(Angle::Front),
+            Some(Framing::SquarePackshot),
+            Shadow::Contact,
+            Some("pure white"),
+        ),
         Style::Free => (None, None, Shadow::Auto, None),
     }
 }
@@ -409,7 +482,13 @@ pub fn validate(
         errs.push(FieldError::new("project_id", "must not be empty"));
     }
     if req.images.is_empty() || req.images.len() > MAX_IMAGES {
-        errs.push(FieldError::new("images", format!("must hold 1 to {MAX_IMAGES} images, got {}", req.images.len())));
+        errs.push(FieldError::new(
+            "images",
+            format!(
+                "must hold 1 to {MAX_IMAGES} images, got {}",
+                req.images.len()
+            ),
+        ));
     }
     let mut seen = HashSet::new();
     let mut images = Vec::new();
@@ -419,19 +498,31 @@ pub fn validate(
             ImageRefIn::Annotated { file_id, note } => (file_id.clone(), note.clone()),
         };
         if id.trim().is_empty() {
-            errs.push(FieldError::new(format!("images[{i}]"), "missing or invalid image: empty file_id"));
+            errs.push(FieldError::new(
+                format!("images[{i}]"),
+                "missing or invalid image: empty file_id",
+            ));
         } else if !seen.insert(id.clone()) {
-            errs.push(FieldError::new(format!("images[{i}]"), format!("duplicate file_id {id}")));
+            errs.push(FieldError::new(
+                format!("images[{i}]"),
+                format!("duplicate file_id {id}"),
+            ));
         }
         if note.as_ref().is_some_and(|n| n.chars().count() > MAX_NOTE) {
-            errs.push(FieldError::new(format!("images[{i}].note"), format!("must be at most {MAX_NOTE} characters")));
+            errs.push(FieldError::new(
+                format!("images[{i}].note"),
+                format!("must be at most {MAX_NOTE} characters"),
+            ));
         }
         images.push(ImageSpec { file_id: id, note });
     }
 
     let n_ins = req.instructions.len();
     if n_ins == 0 || n_ins > MAX_INSTRUCTIONS {
-        errs.push(FieldError::new("instructions", format!("must hold 1 to {MAX_INSTRUCTIONS} instructions, got {n_ins}")));
+        errs.push(FieldError::new(
+            "instructions",
+            format!("must hold 1 to {MAX_INSTRUCTIONS} instructions, got {n_ins}"),
+        ));
     }
 
     let opts = &req.options;
@@ -439,7 +530,10 @@ pub fn validate(
     if model != EngineChoice::Auto && !engines.configured.contains(&model) {
         errs.push(FieldError::new(
             "options.model",
-            format!("engine {} is not configured on this server; use auto", model.as_str()),
+            format!(
+                "engine {} is not configured on this server; use auto",
+                model.as_str()
+            ),
         ));
     }
     let use_anchor = opts.use_anchor.unwrap_or(false);
@@ -458,15 +552,24 @@ pub fn validate(
         let at = |f: &str| format!("instructions[{i}].{f}");
         let n_var = ins.num_variations.unwrap_or(1);
         if !(1..=MAX_VARIATIONS).contains(&n_var) {
-            errs.push(FieldError::new(at("num_variations"), format!("must be between 1 and {MAX_VARIATIONS}")));
+            errs.push(FieldError::new(
+                at("num_variations"),
+                format!("must be between 1 and {MAX_VARIATIONS}"),
+            ));
         }
         let prompt = ins.prompt.clone().unwrap_or_default();
         if prompt.chars().count() > MAX_PROMPT {
-            errs.push(FieldError::new(at("prompt"), format!("must be at most {MAX_PROMPT} characters")));
+            errs.push(FieldError::new(
+                at("prompt"),
+                format!("must be at most {MAX_PROMPT} characters"),
+            ));
         }
         if let Some(code) = &ins.preset_code {
             // Presets arrive with the presets issue; until then none exist.
-            errs.push(FieldError::new(at("preset_code"), format!("unknown preset {code}")));
+            errs.push(FieldError::new(
+                at("preset_code"),
+                format!("unknown preset {code}"),
+            ));
         }
         let o = &ins.options;
         check_dimensions(&at("options"), o.width, o.height, &mut errs);
@@ -476,12 +579,26 @@ pub fn validate(
         };
         let format = o.format.or(opts.format).unwrap_or(ImageFormat::Jpg);
         let output = match (w, h) {
-            (Some(w), Some(h)) => OutputSpec { size: SizeClass::for_custom(w, h), width: w, height: h, format, custom: true, ar: None },
+            (Some(w), Some(h)) => OutputSpec {
+                size: SizeClass::for_custom(w, h),
+                width: w,
+                height: h,
+                format,
+                custom: true,
+                ar: None,
+            },
             _ => {
                 let size = o.size.or(opts.size).unwrap_or(SizeClass::K1);
                 let ar = o.ar.or(opts.ar).unwrap_or(AspectRatio::Square);
                 let (w, h) = ar.pixels(size.long_edge());
-                OutputSpec { size, width: w, height: h, format, custom: false, ar: Some(ar) }
+                OutputSpec {
+                    size,
+                    width: w,
+                    height: h,
+                    format,
+                    custom: false,
+                    ar: Some(ar),
+                }
             }
         };
 
@@ -489,22 +606,43 @@ pub fn validate(
         let mut resolve = |name: &str, v: &Option<DesignValue>| -> Option<DesignResolved> {
             let v = v.as_ref()?;
             match v {
-                DesignValue::Text(t) => Some(DesignResolved { text: Some(t.clone()), image: None, attributes: BTreeMap::new() }),
-                DesignValue::Index(idx) => match catalogue.0.get(name).and_then(|l| l.get(*idx as usize)) {
-                    Some(t) => Some(DesignResolved { text: Some(t.clone()), image: None, attributes: BTreeMap::new() }),
-                    None => {
-                        errs.push(FieldError::new(at(name), format!("unknown Design-Value index {idx}")));
-                        None
+                DesignValue::Text(t) => Some(DesignResolved {
+                    text: Some(t.clone()),
+                    image: None,
+                    attributes: BTreeMap::new(),
+                }),
+                DesignValue::Index(idx) => {
+                    match catalogue.0.get(name).and_then(|l| l.get(*idx as usize)) {
+                        Some(t) => Some(DesignResolved {
+                            text: Some(t.clone()),
+                            image: None,
+                            attributes: BTreeMap::new(),
+                        }),
+                        None => {
+                            errs.push(FieldError::new(
+                                at(name),
+                                format!("unknown Design-Value index {idx}"),
+                            ));
+                            None
+                        }
                     }
-                },
+                }
                 DesignValue::Object(o) => {
                     let mut attributes = BTreeMap::new();
-                    for (k, v) in [("direction", &o.direction), ("quality", &o.quality), ("complexity", &o.complexity)] {
+                    for (k, v) in [
+                        ("direction", &o.direction),
+                        ("quality", &o.quality),
+                        ("complexity", &o.complexity),
+                    ] {
                         if let Some(v) = v {
                             attributes.insert(k.to_string(), v.clone());
                         }
                     }
-                    Some(DesignResolved { text: o.text.clone(), image: o.image.clone(), attributes })
+                    Some(DesignResolved {
+                        text: o.text.clone(),
+                        image: o.image.clone(),
+                        attributes,
+                    })
                 }
             }
         };
@@ -516,25 +654,49 @@ pub fn validate(
         let lighting = resolve("lighting", &ins.lighting);
         if ins.style == Style::WhiteCutout {
             // "pure white (overrides input)".
-            background = d_background.map(|t| DesignResolved { text: Some(t.into()), image: None, attributes: BTreeMap::new() });
+            background = d_background.map(|t| DesignResolved {
+                text: Some(t.into()),
+                image: None,
+                attributes: BTreeMap::new(),
+            });
         } else if background.is_none() {
-            background = d_background.map(|t| DesignResolved { text: Some(t.into()), image: None, attributes: BTreeMap::new() });
+            background = d_background.map(|t| DesignResolved {
+                text: Some(t.into()),
+                image: None,
+                attributes: BTreeMap::new(),
+            });
         }
-        let angle = if ins.style == Style::FlatLay { Some(Angle::TopDown) } else { ins.angle.or(d_angle) };
+        let angle = if ins.style == Style::FlatLay {
+            Some(Angle::TopDown)
+        } else {
+            ins.angle.or(d_angle)
+        };
         instructions.push(InstructionSpec {
             style: ins.style,
             background,
             composition,
             // Props only matter to marketing_ready; surface only to flat_lay.
-            props: if ins.style == Style::MarketingReady { props } else { None },
-            surface: if ins.style == Style::FlatLay { surface } else { None },
+            props: if ins.style == Style::MarketingReady {
+                props
+            } else {
+                None
+            },
+            surface: if ins.style == Style::FlatLay {
+                surface
+            } else {
+                None
+            },
             color_palette,
             lighting,
             framing: ins.framing.or(d_framing),
             angle,
             shadow: ins.shadow.unwrap_or(d_shadow),
             prompt,
-            seed: ins.seed.or(o.seed).or(opts.seed).unwrap_or_else(&mut random_seed),
+            seed: ins
+                .seed
+                .or(o.seed)
+                .or(opts.seed)
+                .unwrap_or_else(&mut random_seed),
             num_variations: n_var,
             preset_name: ins.preset_name.clone(),
             category_names: ins.category_names.clone().unwrap_or_default(),
@@ -558,22 +720,42 @@ pub fn validate(
 
 /// Custom dimension rules (§3.3): together, 256–7000, multiples of 8,
 /// ratio within 1:4…4:1.
-fn check_dimensions(prefix: &str, width: Option<u32>, height: Option<u32>, errs: &mut Vec<FieldError>) {
+fn check_dimensions(
+    prefix: &str,
+    width: Option<u32>,
+    height: Option<u32>,
+    errs: &mut Vec<FieldError>,
+) {
     match (width, height) {
         (None, None) => {}
-        (Some(_), None) => errs.push(FieldError::new(format!("{prefix}.height"), "width and height must be sent together")),
-        (None, Some(_)) => errs.push(FieldError::new(format!("{prefix}.width"), "width and height must be sent together")),
+        (Some(_), None) => errs.push(FieldError::new(
+            format!("{prefix}.height"),
+            "width and height must be sent together",
+        )),
+        (None, Some(_)) => errs.push(FieldError::new(
+            format!("{prefix}.width"),
+            "width and height must be sent together",
+        )),
         (Some(w), Some(h)) => {
             for (name, v) in [("width", w), ("height", h)] {
                 if !(256..=7000).contains(&v) {
-                    errs.push(FieldError::new(format!("{prefix}.{name}"), "must be between 256 and 7000"));
+                    errs.push(FieldError::new(
+                        format!("{prefix}.{name}"),
+                        "must be between 256 and 7000",
+                    ));
                 } else if v % 8 != 0 {
-                    errs.push(FieldError::new(format!("{prefix}.{name}"), "must be a multiple of 8"));
+                    errs.push(FieldError::new(
+                        format!("{prefix}.{name}"),
+                        "must be a multiple of 8",
+                    ));
                 }
             }
             let ratio = f64::from(w) / f64::from(h.max(1));
             if !(0.25..=4.0).contains(&ratio) {
-                errs.push(FieldError::new(format!("{prefix}.width"), "width/height must lie between 1:4 and 4:1"));
+                errs.push(FieldError::new(
+                    format!("{prefix}.width"),
+                    "width/height must lie between 1:4 and 4:1",
+                ));
             }
         }
     }
@@ -603,10 +785,26 @@ mod tests {
     fn contract_example_normalises() {
         let s = check(base()).expect("valid");
         assert_eq!(s.total_outputs(), 3);
-        let cost: super::super::Credits = s.planned_outputs(&PriceTable::default()).iter().map(|p| p.2).sum();
+        let cost: super::super::Credits = s
+            .planned_outputs(&PriceTable::default())
+            .iter()
+            .map(|p| p.2)
+            .sum();
         assert_eq!(cost.as_f64(), 13.0);
-        assert_eq!((s.instructions[0].output.width, s.instructions[0].output.height), (2048, 2048));
-        assert_eq!((s.instructions[1].output.width, s.instructions[1].output.height), (1024, 576));
+        assert_eq!(
+            (
+                s.instructions[0].output.width,
+                s.instructions[0].output.height
+            ),
+            (2048, 2048)
+        );
+        assert_eq!(
+            (
+                s.instructions[1].output.width,
+                s.instructions[1].output.height
+            ),
+            (1024, 576)
+        );
         assert_eq!(s.instructions[1].output.format, ImageFormat::Png);
         assert_eq!(s.instructions[0].shadow, Shadow::Contact);
         assert_eq!(s.instructions[0].seed, 7);
@@ -614,7 +812,11 @@ mod tests {
     }
 
     fn field_of(body: serde_json::Value) -> Vec<String> {
-        check(body).expect_err("invalid").into_iter().filter_map(|e| e.field).collect()
+        check(body)
+            .expect_err("invalid")
+            .into_iter()
+            .filter_map(|e| e.field)
+            .collect()
     }
 
     #[test]
@@ -645,7 +847,10 @@ mod tests {
 
         let mut b = base();
         b["options"] = json!({"use_anchor": false, "anchor_index": 2});
-        assert!(check(b).is_ok(), "anchor_index is only checked with use_anchor");
+        assert!(
+            check(b).is_ok(),
+            "anchor_index is only checked with use_anchor"
+        );
 
         let mut b = base();
         b["options"] = json!({"model": "seedream"});
@@ -688,15 +893,40 @@ mod tests {
             {"style": "white_cutout", "background": "neon jungle"}
         ]);
         let s = check(b).expect("valid");
-        assert_eq!(s.instructions[0].angle, Some(Angle::TopDown), "flat_lay forces top_down");
-        assert_eq!(s.instructions[0].surface.as_ref().and_then(|d| d.text.as_deref()), Some("light oak wood"));
-        assert!(s.instructions[0].props.is_none(), "props ignored outside marketing_ready");
-        assert_eq!(s.instructions[1].background.as_ref().and_then(|d| d.text.as_deref()), Some("pure white"));
+        assert_eq!(
+            s.instructions[0].angle,
+            Some(Angle::TopDown),
+            "flat_lay forces top_down"
+        );
+        assert_eq!(
+            s.instructions[0]
+                .surface
+                .as_ref()
+                .and_then(|d| d.text.as_deref()),
+            Some("light oak wood")
+        );
+        assert!(
+            s.instructions[0].props.is_none(),
+            "props ignored outside marketing_ready"
+        );
+        assert_eq!(
+            s.instructions[1]
+                .background
+                .as_ref()
+                .and_then(|d| d.text.as_deref()),
+            Some("pure white")
+        );
     }
 
     #[test]
     fn aspect_ratios_give_multiples_of_eight() {
-        for ar in [AspectRatio::Square, AspectRatio::R3x4, AspectRatio::R4x3, AspectRatio::R9x16, AspectRatio::R16x9] {
+        for ar in [
+            AspectRatio::Square,
+            AspectRatio::R3x4,
+            AspectRatio::R4x3,
+            AspectRatio::R9x16,
+            AspectRatio::R16x9,
+        ] {
             for long in [1024, 2048, 4096] {
                 let (w, h) = ar.pixels(long);
                 assert_eq!(w.max(h), long);

@@ -20,7 +20,12 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { max_attempts: 4, base_ms: 2_000, cap_ms: 300_000, jitter: 0.2 }
+        RetryPolicy {
+            max_attempts: 4,
+            base_ms: 2_000,
+            cap_ms: 300_000,
+            jitter: 0.2,
+        }
     }
 }
 

@@ -87,7 +87,10 @@ impl JobStatus {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobStatus::Completed | JobStatus::Failed | JobStatus::Aborted)
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Aborted
+        )
     }
 
     /// Legal job transitions: forward only, terminal states are final.
@@ -102,7 +105,11 @@ impl JobStatus {
     /// The terminal status of a job whose outputs are all terminal
     /// (contract §11 #33): completed if at least one output completed.
     pub fn finished(completed_outputs: i64) -> JobStatus {
-        if completed_outputs > 0 { JobStatus::Completed } else { JobStatus::Failed }
+        if completed_outputs > 0 {
+            JobStatus::Completed
+        } else {
+            JobStatus::Failed
+        }
     }
 }
 
@@ -149,7 +156,10 @@ impl OutputStatus {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, OutputStatus::Completed | OutputStatus::Failed | OutputStatus::Cancelled)
+        matches!(
+            self,
+            OutputStatus::Completed | OutputStatus::Failed | OutputStatus::Cancelled
+        )
     }
 
     /// Holds a lease (`lease_expires_at` set).
@@ -192,7 +202,10 @@ impl OutputStatus {
     /// Every status from which `to` may be reached: the guard of the SQL
     /// statement that performs the transition.
     pub fn sources_of(to: OutputStatus) -> Vec<OutputStatus> {
-        Self::ALL.into_iter().filter(|s| s.can_transition(to)).collect()
+        Self::ALL
+            .into_iter()
+            .filter(|s| s.can_transition(to))
+            .collect()
     }
 
     /// `'a','b'` for an SQL `IN (..)` list of the sources of `to`.
@@ -241,8 +254,14 @@ mod tests {
 
     #[test]
     fn sources_match_the_diagram() {
-        assert_eq!(OutputStatus::sql_sources_of(OutputStatus::Dispatched), "'pending'");
-        assert_eq!(OutputStatus::sql_sources_of(OutputStatus::Completed), "'dispatched','running'");
+        assert_eq!(
+            OutputStatus::sql_sources_of(OutputStatus::Dispatched),
+            "'pending'"
+        );
+        assert_eq!(
+            OutputStatus::sql_sources_of(OutputStatus::Completed),
+            "'dispatched','running'"
+        );
         assert_eq!(
             OutputStatus::sql_sources_of(OutputStatus::Cancelled),
             "'pending','dispatched','running'"

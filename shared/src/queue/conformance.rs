@@ -20,26 +20,43 @@ async fn recv(c: &mut super::Consumer, within: Duration) -> Option<super::Delive
 
 pub async fn publish_consume_ack(q: DynQueue) {
     let name = qname("pca");
-    q.publish(&name, Message::json(&serde_json::json!({"n": 1})).expect("json").with_header("traceparent", "00-ab-cd-01"))
-        .await
-        .expect("publish");
+    q.publish(
+        &name,
+        Message::json(&serde_json::json!({"n": 1}))
+            .expect("json")
+            .with_header("traceparent", "00-ab-cd-01"),
+    )
+    .await
+    .expect("publish");
     let mut c = q.consume(&name, 4).await.expect("consume");
-    let d = recv(&mut c, Duration::from_secs(5)).await.expect("delivered");
+    let d = recv(&mut c, Duration::from_secs(5))
+        .await
+        .expect("delivered");
     assert_eq!(d.payload, r#"{"n":1}"#);
-    assert_eq!(d.headers.get("traceparent").map(String::as_str), Some("00-ab-cd-01"));
+    assert_eq!(
+        d.headers.get("traceparent").map(String::as_str),
+        Some("00-ab-cd-01")
+    );
     assert_eq!(d.deliveries, 1);
     d.ack().await.expect("ack");
-    assert!(recv(&mut c, Duration::from_millis(600)).await.is_none(), "acked message must not come back");
+    assert!(
+        recv(&mut c, Duration::from_millis(600)).await.is_none(),
+        "acked message must not come back"
+    );
     assert_eq!(q.depth(&name).await.expect("depth"), 0);
 }
 
 pub async fn nack_redelivers(q: DynQueue) {
     let name = qname("nack");
-    q.publish(&name, Message::json(&1).expect("json")).await.expect("publish");
+    q.publish(&name, Message::json(&1).expect("json"))
+        .await
+        .expect("publish");
     let mut c = q.consume(&name, 1).await.expect("consume");
     let d = recv(&mut c, Duration::from_secs(5)).await.expect("first");
     d.nack(None).await.expect("nack");
-    let d = recv(&mut c, Duration::from_secs(5)).await.expect("redelivered");
+    let d = recv(&mut c, Duration::from_secs(5))
+        .await
+        .expect("redelivered");
     assert_eq!(d.deliveries, 2);
     d.ack().await.expect("ack");
 }
@@ -47,14 +64,21 @@ pub async fn nack_redelivers(q: DynQueue) {
 pub async fn prefetch_is_bounded(q: DynQueue) {
     let name = qname("prefetch");
     for i in 0..5 {
-        q.publish(&name, Message::json(&i).expect("json")).await.expect("publish");
+        q.publish(&name, Message::json(&i).expect("json"))
+            .await
+            .expect("publish");
     }
     let mut c = q.consume(&name, 2).await.expect("consume");
     let a = recv(&mut c, Duration::from_secs(5)).await.expect("a");
     let b = recv(&mut c, Duration::from_secs(5)).await.expect("b");
-    assert!(recv(&mut c, Duration::from_millis(800)).await.is_none(), "a third unacked delivery exceeds prefetch 2");
+    assert!(
+        recv(&mut c, Duration::from_millis(800)).await.is_none(),
+        "a third unacked delivery exceeds prefetch 2"
+    );
     a.ack().await.expect("ack");
-    let c3 = recv(&mut c, Duration::from_secs(5)).await.expect("third after an ack");
+    let c3 = recv(&mut c, Duration::from_secs(5))
+        .await
+        .expect("third after an ack");
     b.ack().await.expect("ack");
     c3.ack().await.expect("ack");
 }
@@ -65,37 +89,65 @@ pub async fn delayed_publish_waits(q: DynQueue) {
     m.delay = Some(Duration::from_millis(1500));
     q.publish(&name, m).await.expect("publish");
     let mut c = q.consume(&name, 1).await.expect("consume");
-    assert!(recv(&mut c, Duration::from_millis(700)).await.is_none(), "delivered before its delay");
-    let d = recv(&mut c, Duration::from_secs(5)).await.expect("delivered after the delay");
+    assert!(
+        recv(&mut c, Duration::from_millis(700)).await.is_none(),
+        "delivered before its delay"
+    );
+    let d = recv(&mut c, Duration::from_secs(5))
+        .await
+        .expect("delivered after the delay");
     d.ack().await.expect("ack");
 }
 
 pub async fn poison_messages_are_dead_lettered(q: DynQueue) {
     let name = qname("poison");
-    q.publish(&name, Message::json(&"poison").expect("json")).await.expect("publish");
+    q.publish(&name, Message::json(&"poison").expect("json"))
+        .await
+        .expect("publish");
     let mut c = q.consume(&name, 1).await.expect("consume");
     for _ in 0..MAX_DELIVERIES {
-        let d = recv(&mut c, Duration::from_secs(5)).await.expect("delivered");
+        let d = recv(&mut c, Duration::from_secs(5))
+            .await
+            .expect("delivered");
         d.nack(None).await.expect("nack");
     }
-    assert!(recv(&mut c, Duration::from_millis(800)).await.is_none(), "delivered past the limit");
-    let mut dead = q.consume(&format!("{name}.dead"), 1).await.expect("consume dead");
-    let d = recv(&mut dead, Duration::from_secs(5)).await.expect("dead-lettered");
+    assert!(
+        recv(&mut c, Duration::from_millis(800)).await.is_none(),
+        "delivered past the limit"
+    );
+    let mut dead = q
+        .consume(&format!("{name}.dead"), 1)
+        .await
+        .expect("consume dead");
+    let d = recv(&mut dead, Duration::from_secs(5))
+        .await
+        .expect("dead-lettered");
     assert_eq!(d.payload, r#""poison""#);
     d.ack().await.expect("ack");
 }
 
 /// A consumer's process dies holding a delivery: another process gets it.
-pub async fn held_messages_survive_a_dead_consumer(first: DynQueue, crash: CancellationToken, second: DynQueue) {
+pub async fn held_messages_survive_a_dead_consumer(
+    first: DynQueue,
+    crash: CancellationToken,
+    second: DynQueue,
+) {
     let name = qname("crash");
-    first.publish(&name, Message::json(&"work").expect("json")).await.expect("publish");
+    first
+        .publish(&name, Message::json(&"work").expect("json"))
+        .await
+        .expect("publish");
     let mut c = first.consume(&name, 1).await.expect("consume");
-    let d = recv(&mut c, Duration::from_secs(5)).await.expect("delivered");
+    let d = recv(&mut c, Duration::from_secs(5))
+        .await
+        .expect("delivered");
     // The process dies: its tasks stop, nothing is settled.
     crash.cancel();
     std::mem::forget(d);
     let mut c2 = second.consume(&name, 1).await.expect("consume");
-    let d = recv(&mut c2, Duration::from_secs(10)).await.expect("redelivered to the survivor");
+    let d = recv(&mut c2, Duration::from_secs(10))
+        .await
+        .expect("redelivered to the survivor");
     assert_eq!(d.deliveries, 2);
     d.ack().await.expect("ack");
 }

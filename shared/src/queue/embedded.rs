@@ -44,7 +44,12 @@ impl EmbeddedQueue {
     }
 
     /// As [`EmbeddedQueue::new`] with another lease (tests use short ones).
-    pub fn with_lease(store: Store, shutdown: CancellationToken, lease: Duration, renew_every: Duration) -> EmbeddedQueue {
+    pub fn with_lease(
+        store: Store,
+        shutdown: CancellationToken,
+        lease: Duration,
+        renew_every: Duration,
+    ) -> EmbeddedQueue {
         let inner = Arc::new(Inner {
             store,
             owner: format!("proc_{}", ulid::Ulid::new()),
@@ -58,7 +63,11 @@ impl EmbeddedQueue {
             loop {
                 let Some(inner) = renew.upgrade() else { return };
                 let stop = inner.shutdown.clone();
-                let ids: Vec<i64> = inner.held.lock().map(|h| h.iter().copied().collect()).unwrap_or_default();
+                let ids: Vec<i64> = inner
+                    .held
+                    .lock()
+                    .map(|h| h.iter().copied().collect())
+                    .unwrap_or_default();
                 for id in ids {
                     let r = sqlx::query("UPDATE queue_messages SET locked_until = $2 WHERE id = $1 AND lock_owner = $3")
                         .bind(id)
@@ -82,7 +91,9 @@ impl EmbeddedQueue {
 
     fn waker(&self, queue: &str) -> Arc<Notify> {
         let mut w = self.inner.wakers.lock().unwrap_or_else(|p| p.into_inner());
-        w.entry(queue.to_string()).or_insert_with(|| Arc::new(Notify::new())).clone()
+        w.entry(queue.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
     }
 
     /// Claims the oldest visible message of `queue`, dead-lettering any that
@@ -97,7 +108,12 @@ impl EmbeddedQueue {
                  AND (locked_until IS NULL OR locked_until < $2) ORDER BY available_at, id LIMIT 1{}",
                 store.skip_locked()
             );
-            let id: Option<i64> = sqlx::query_scalar(&sql).bind(queue).bind(now).fetch_optional(&mut *tx).await.map_err(db)?;
+            let id: Option<i64> = sqlx::query_scalar(&sql)
+                .bind(queue)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
             let Some(id) = id else {
                 tx.rollback().await.map_err(db)?;
                 return Ok(None);
@@ -120,8 +136,13 @@ impl EmbeddedQueue {
             if deliveries > MAX_DELIVERIES {
                 move_to_dead(&mut tx, id, queue, "delivery limit exceeded").await?;
                 tx.commit().await.map_err(db)?;
-                metrics::counter!("atelier_queue_dead_letters_total", "queue" => queue.to_string()).increment(1);
-                tracing::warn!(queue, message_id = id, "embedded queue: dead-lettered after {MAX_DELIVERIES} deliveries");
+                metrics::counter!("atelier_queue_dead_letters_total", "queue" => queue.to_string())
+                    .increment(1);
+                tracing::warn!(
+                    queue,
+                    message_id = id,
+                    "embedded queue: dead-lettered after {MAX_DELIVERIES} deliveries"
+                );
                 continue;
             }
             tx.commit().await.map_err(db)?;
@@ -135,7 +156,12 @@ fn db(e: sqlx::Error) -> QueueError {
     QueueError::from(crate::db::StoreError::from(e))
 }
 
-async fn move_to_dead(tx: &mut crate::db::Tx, id: i64, queue: &str, reason: &str) -> Result<(), QueueError> {
+async fn move_to_dead(
+    tx: &mut crate::db::Tx,
+    id: i64,
+    queue: &str,
+    reason: &str,
+) -> Result<(), QueueError> {
     sqlx::query(
         "UPDATE queue_messages SET queue = $2, locked_until = NULL, lock_owner = NULL, deliveries = 0, available_at = $3, headers = $4 WHERE id = $1",
     )
@@ -154,7 +180,8 @@ impl Queue for EmbeddedQueue {
     async fn publish(&self, queue: &str, m: Message) -> Result<(), QueueError> {
         let now = now_ms();
         let at = now + m.delay.map(|d| d.as_millis() as i64).unwrap_or(0);
-        let headers = serde_json::to_string(&m.headers).map_err(|e| QueueError::Other(e.to_string()))?;
+        let headers =
+            serde_json::to_string(&m.headers).map_err(|e| QueueError::Other(e.to_string()))?;
         sqlx::query("INSERT INTO queue_messages (queue, payload, headers, available_at, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(queue)
             .bind(&m.payload)
@@ -189,8 +216,17 @@ impl Queue for EmbeddedQueue {
                         if let Ok(mut h) = this.inner.held.lock() {
                             h.insert(id);
                         }
-                        let acker = EmbeddedAcker { queue: this.clone(), id, name: queue.clone(), permit: Mutex::new(Some(permit)) };
-                        if tx.send(Delivery::new(payload, headers, deliveries, Box::new(acker))).await.is_err() {
+                        let acker = EmbeddedAcker {
+                            queue: this.clone(),
+                            id,
+                            name: queue.clone(),
+                            permit: Mutex::new(Some(permit)),
+                        };
+                        if tx
+                            .send(Delivery::new(payload, headers, deliveries, Box::new(acker)))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -296,7 +332,8 @@ impl Acker for EmbeddedAcker {
         let mut tx = self.queue.inner.store.begin().await?;
         move_to_dead(&mut tx, self.id, &self.name, reason).await?;
         tx.commit().await.map_err(db)?;
-        metrics::counter!("atelier_queue_dead_letters_total", "queue" => self.name.clone()).increment(1);
+        metrics::counter!("atelier_queue_dead_letters_total", "queue" => self.name.clone())
+            .increment(1);
         self.settle();
         Ok(())
     }

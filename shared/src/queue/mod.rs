@@ -39,7 +39,11 @@ pub enum QueueError {
 
 impl From<crate::db::StoreError> for QueueError {
     fn from(e: crate::db::StoreError) -> Self {
-        if e.is_unavailable() { QueueError::Unavailable(e.to_string()) } else { QueueError::Other(e.to_string()) }
+        if e.is_unavailable() {
+            QueueError::Unavailable(e.to_string())
+        } else {
+            QueueError::Other(e.to_string())
+        }
     }
 }
 
@@ -102,13 +106,21 @@ pub struct Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("payload", &self.payload).field("deliveries", &self.deliveries).finish()
+        f.debug_struct("Delivery")
+            .field("payload", &self.payload)
+            .field("deliveries", &self.deliveries)
+            .finish()
     }
 }
 
 impl Delivery {
     pub fn new(payload: String, headers: Headers, deliveries: i64, acker: Box<dyn Acker>) -> Self {
-        Delivery { payload, headers, deliveries, acker }
+        Delivery {
+            payload,
+            headers,
+            deliveries,
+            acker,
+        }
     }
 
     pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {

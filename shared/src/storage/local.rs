@@ -15,7 +15,8 @@ pub struct LocalStore {
 impl LocalStore {
     pub fn new(root: impl Into<PathBuf>) -> Result<LocalStore, StorageError> {
         let root = root.into();
-        std::fs::create_dir_all(&root).map_err(|e| StorageError::Unavailable(format!("{}: {e}", root.display())))?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| StorageError::Unavailable(format!("{}: {e}", root.display())))?;
         Ok(LocalStore { root })
     }
 
@@ -41,8 +42,13 @@ fn io(key: &str, e: std::io::Error) -> StorageError {
 impl ObjectStore for LocalStore {
     async fn put(&self, key: &str, body: Bytes, _content_type: &str) -> Result<(), StorageError> {
         let path = self.path(key)?;
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| io(key, e))?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.clone());
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| io(key, e))?;
         let tmp = dir.join(format!(".tmp-{}", ulid::Ulid::new()));
         let write = async {
             tokio::fs::write(&tmp, &body).await?;
@@ -59,7 +65,10 @@ impl ObjectStore for LocalStore {
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
         let path = self.path(key)?;
-        tokio::fs::read(&path).await.map(Bytes::from).map_err(|e| io(key, e))
+        tokio::fs::read(&path)
+            .await
+            .map(Bytes::from)
+            .map_err(|e| io(key, e))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {

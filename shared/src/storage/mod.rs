@@ -36,11 +36,20 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Size of the object, `None` when it does not exist.
     async fn size(&self, key: &str) -> Result<Option<u64>, StorageError>;
     /// A store-native signed GET URL, if the store can sign.
-    async fn presign_get(&self, _key: &str, _ttl: Duration) -> Result<Option<String>, StorageError> {
+    async fn presign_get(
+        &self,
+        _key: &str,
+        _ttl: Duration,
+    ) -> Result<Option<String>, StorageError> {
         Ok(None)
     }
     /// A store-native signed PUT URL, if the store can sign.
-    async fn presign_put(&self, _key: &str, _content_type: &str, _ttl: Duration) -> Result<Option<String>, StorageError> {
+    async fn presign_put(
+        &self,
+        _key: &str,
+        _content_type: &str,
+        _ttl: Duration,
+    ) -> Result<Option<String>, StorageError> {
         Ok(None)
     }
     fn kind(&self) -> &'static str;
@@ -57,9 +66,15 @@ pub fn validate_key(key: &str) -> Result<(), StorageError> {
             !seg.is_empty()
                 && seg != "."
                 && seg != ".."
-                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         });
-    if ok { Ok(()) } else { Err(StorageError::InvalidKey(key.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidKey(key.to_string()))
+    }
 }
 
 #[cfg(test)]

@@ -13,13 +13,19 @@ use sha2::Sha256;
 #[serde(tag = "k", rename_all = "snake_case")]
 pub enum Capability {
     /// One `PUT` of the bytes of `file_id`, with exactly this content type.
-    Upload { file_id: String, content_type: String },
+    Upload {
+        file_id: String,
+        content_type: String,
+    },
     /// `GET` of one stored object.
     Get { key: String, content_type: String },
     /// `GET` of an uploaded asset, wherever its bytes are stored.
     File { file_id: String },
     /// A ZIP of the results of these jobs.
-    Zip { job_ids: Vec<String>, account_id: String },
+    Zip {
+        job_ids: Vec<String>,
+        account_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -55,24 +61,39 @@ impl Signer {
     }
 
     fn mac(&self, data: &[u8]) -> Hmac<Sha256> {
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC accepts any key length");
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC accepts any key length");
         m.update(data);
         m
     }
 
     pub fn sign(&self, cap: &Capability, exp_ms: i64) -> String {
-        let body = serde_json::to_vec(&Claims { cap: cap.clone(), exp: exp_ms }).unwrap_or_default();
+        let body = serde_json::to_vec(&Claims {
+            cap: cap.clone(),
+            exp: exp_ms,
+        })
+        .unwrap_or_default();
         let tag = self.mac(&body).finalize().into_bytes();
-        format!("{}.{}", URL_SAFE_NO_PAD.encode(&body), URL_SAFE_NO_PAD.encode(tag))
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(&body),
+            URL_SAFE_NO_PAD.encode(tag)
+        )
     }
 
     /// Verifies signature (constant time) and expiry against `now_ms`.
     /// Returns the capability and its expiry.
     pub fn verify(&self, token: &str, now_ms: i64) -> Result<(Capability, i64), SignError> {
         let (body, tag) = token.split_once('.').ok_or(SignError::Invalid)?;
-        let body = URL_SAFE_NO_PAD.decode(body).map_err(|_| SignError::Invalid)?;
-        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| SignError::Invalid)?;
-        self.mac(&body).verify_slice(&tag).map_err(|_| SignError::Invalid)?;
+        let body = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| SignError::Invalid)?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(tag)
+            .map_err(|_| SignError::Invalid)?;
+        self.mac(&body)
+            .verify_slice(&tag)
+            .map_err(|_| SignError::Invalid)?;
         let claims: Claims = serde_json::from_slice(&body).map_err(|_| SignError::Invalid)?;
         if claims.exp <= now_ms {
             return Err(SignError::Expired);
@@ -88,7 +109,10 @@ mod tests {
     #[test]
     fn round_trip_tamper_and_expiry() {
         let s = Signer::new(b"0123456789abcdef0123456789abcdef");
-        let cap = Capability::Get { key: "results/a.jpg".into(), content_type: "image/jpeg".into() };
+        let cap = Capability::Get {
+            key: "results/a.jpg".into(),
+            content_type: "image/jpeg".into(),
+        };
         let t = s.sign(&cap, 2_000);
         assert_eq!(s.verify(&t, 1_000), Ok((cap.clone(), 2_000)));
         assert_eq!(s.verify(&t, 2_000), Err(SignError::Expired));

@@ -19,8 +19,8 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -68,7 +68,9 @@ impl Runtime {
     /// the same runtime, whatever their options). A failed load is not
     /// remembered: a later call with a usable library succeeds.
     pub fn get(opts: &RuntimeOptions) -> Result<Arc<Runtime>, InferenceError> {
-        let mut slot = RUNTIME.lock().map_err(|_| InferenceError::Runtime("runtime lock poisoned".into()))?;
+        let mut slot = RUNTIME
+            .lock()
+            .map_err(|_| InferenceError::Runtime("runtime lock poisoned".into()))?;
         if let Some(rt) = slot.as_ref() {
             return Ok(rt.clone());
         }
@@ -84,18 +86,26 @@ impl Runtime {
             .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
             .ok_or_else(|| InferenceError::Runtime("no library: set models.onnxruntime_lib or ORT_DYLIB_PATH (scripts/fetch-models installs one)".into()))?;
         if !lib.exists() {
-            return Err(InferenceError::Runtime(format!("{} does not exist (run scripts/fetch-models)", lib.display())));
+            return Err(InferenceError::Runtime(format!(
+                "{} does not exist (run scripts/fetch-models)",
+                lib.display()
+            )));
         }
         // ort panics inside a failed dlopen on some paths; keep that a typed error.
         let builder = std::panic::catch_unwind(|| ort::init_from(&lib))
             .map_err(|_| InferenceError::Runtime(format!("loading {} panicked", lib.display())))?
             .map_err(|e| InferenceError::Runtime(format!("{}: {e}", lib.display())))?;
-        let env = builder.with_name("atelier").build().map_err(|e| InferenceError::Runtime(e.to_string()))?;
+        let env = builder
+            .with_name("atelier")
+            .build()
+            .map_err(|e| InferenceError::Runtime(e.to_string()))?;
         let device = match opts.device {
             Device::Cpu => Device::Cpu,
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => {
-                tracing::warn!("CUDA requested, but this build has no CUDA support (build with `--features cuda`): running on CPU");
+                tracing::warn!(
+                    "CUDA requested, but this build has no CUDA support (build with `--features cuda`): running on CPU"
+                );
                 Device::Cpu
             }
             #[cfg(feature = "cuda")]
@@ -115,11 +125,18 @@ impl Runtime {
             }
         };
         tracing::info!(library = %lib.display(), device = ?device, "ONNX Runtime loaded");
-        Ok(Runtime { env, device, intra_threads: opts.intra_threads.max(1) })
+        Ok(Runtime {
+            env,
+            device,
+            intra_threads: opts.intra_threads.max(1),
+        })
     }
 
     fn session(&self, model: &str, path: &Path) -> Result<(Session, Device), InferenceError> {
-        let err = |e: String| InferenceError::Load { model: model.into(), reason: e };
+        let err = |e: String| InferenceError::Load {
+            model: model.into(),
+            reason: e,
+        };
         let mut b = Session::builder(&self.env)
             .map_err(|e| err(e.to_string()))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -130,7 +147,10 @@ impl Runtime {
         let mut device = self.device;
         #[cfg(feature = "cuda")]
         if device == Device::Cuda {
-            match b.clone().with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()]) {
+            match b
+                .clone()
+                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            {
                 Ok(with_cuda) => b = with_cuda,
                 Err(e) => {
                     tracing::warn!(model, error = %e, "CUDA execution provider failed to register (no GPU or driver?): running this model on CPU");
@@ -156,7 +176,11 @@ pub struct ModelOptions {
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { sessions: 1, batch_window: Duration::from_millis(5), max_batch: 1 }
+        ModelOptions {
+            sessions: 1,
+            batch_window: Duration::from_millis(5),
+            max_batch: 1,
+        }
     }
 }
 
@@ -187,20 +211,31 @@ pub struct RunStats {
 
 impl RunStats {
     pub fn snapshot(&self) -> (u64, u64) {
-        (self.runs.load(Ordering::Relaxed), self.requests.load(Ordering::Relaxed))
+        (
+            self.runs.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+        )
     }
 }
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("name", &self.name).field("input_shape", &self.input_shape).finish()
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("input_shape", &self.input_shape)
+            .finish()
     }
 }
 
 impl Model {
     /// Loads `path` into `opts.sessions` sessions, warms each up with one run
     /// on zeros when the input shape is static, and starts the runners.
-    pub fn load(rt: &Runtime, name: &str, path: &Path, opts: ModelOptions) -> Result<Model, InferenceError> {
+    pub fn load(
+        rt: &Runtime,
+        name: &str,
+        path: &Path,
+        opts: ModelOptions,
+    ) -> Result<Model, InferenceError> {
         let t = Instant::now();
         let mut sessions = Vec::new();
         let mut device = rt.device;
@@ -210,8 +245,22 @@ impl Model {
             sessions.push(s);
         }
         let first = &sessions[0];
-        let input = first.inputs().first().map(|o| o.name().to_string()).ok_or_else(|| InferenceError::Load { model: name.into(), reason: "model has no input".into() })?;
-        let output = first.outputs().first().map(|o| o.name().to_string()).ok_or_else(|| InferenceError::Load { model: name.into(), reason: "model has no output".into() })?;
+        let input = first
+            .inputs()
+            .first()
+            .map(|o| o.name().to_string())
+            .ok_or_else(|| InferenceError::Load {
+                model: name.into(),
+                reason: "model has no input".into(),
+            })?;
+        let output = first
+            .outputs()
+            .first()
+            .map(|o| o.name().to_string())
+            .ok_or_else(|| InferenceError::Load {
+                model: name.into(),
+                reason: "model has no output".into(),
+            })?;
         let input_shape: Vec<i64> = first.inputs()[0]
             .dtype()
             .tensor_shape()
@@ -229,17 +278,46 @@ impl Model {
                 run_session(&mut s, name, &input, &output, &zeros)?;
                 warm.push(i);
             }
-            let (rx, model, input, output, st) = (rx.clone(), name.to_string(), input.clone(), output.clone(), stats.clone());
+            let (rx, model, input, output, st) = (
+                rx.clone(),
+                name.to_string(),
+                input.clone(),
+                output.clone(),
+                stats.clone(),
+            );
             let max_batch = if batching { opts.max_batch } else { 1 };
             std::thread::Builder::new()
                 .name(format!("ort-{name}-{i}"))
-                .spawn(move || runner(s, &model, &input, &output, &rx, max_batch, opts.batch_window, &st))
-                .map_err(|e| InferenceError::Load { model: name.to_string(), reason: e.to_string() })?;
+                .spawn(move || {
+                    runner(
+                        s,
+                        &model,
+                        &input,
+                        &output,
+                        &rx,
+                        max_batch,
+                        opts.batch_window,
+                        &st,
+                    )
+                })
+                .map_err(|e| InferenceError::Load {
+                    model: name.to_string(),
+                    reason: e.to_string(),
+                })?;
         }
         let secs = t.elapsed().as_secs_f64();
         metrics::histogram!("atelier_model_load_seconds", "model" => name.to_string()).record(secs);
         tracing::info!(model = name, path = %path.display(), ?device, sessions = opts.sessions, batching, warmed = warm.len(), load_secs = secs, "model loaded");
-        Ok(Model { name: name.into(), input, output, input_shape, device, batching, stats, queue: tx })
+        Ok(Model {
+            name: name.into(),
+            input,
+            output,
+            input_shape,
+            device,
+            batching,
+            stats,
+            queue: tx,
+        })
     }
 
     /// Runs one input (batch axis of size 1) and returns its output. Blocks:
@@ -248,23 +326,41 @@ impl Model {
         let (reply, rx) = sync_channel(1);
         self.queue
             .send(Request { input, reply })
-            .map_err(|_| InferenceError::Run { model: self.name.clone(), reason: "runner stopped".into() })?;
-        rx.recv().map_err(|_| InferenceError::Run { model: self.name.clone(), reason: "runner stopped".into() })?
+            .map_err(|_| InferenceError::Run {
+                model: self.name.clone(),
+                reason: "runner stopped".into(),
+            })?;
+        rx.recv().map_err(|_| InferenceError::Run {
+            model: self.name.clone(),
+            reason: "runner stopped".into(),
+        })?
     }
 }
 
-fn run_session(s: &mut Session, model: &str, input: &str, output: &str, x: &ArrayD<f32>) -> Result<ArrayD<f32>, InferenceError> {
-    let err = |e: String| InferenceError::Run { model: model.into(), reason: e };
+fn run_session(
+    s: &mut Session,
+    model: &str,
+    input: &str,
+    output: &str,
+    x: &ArrayD<f32>,
+) -> Result<ArrayD<f32>, InferenceError> {
+    let err = |e: String| InferenceError::Run {
+        model: model.into(),
+        reason: e,
+    };
     let t = Instant::now();
     let tensor = TensorRef::from_array_view(x.view()).map_err(|e| err(e.to_string()))?;
-    let outputs = s.run(ort::inputs![input => tensor]).map_err(|e| err(e.to_string()))?;
+    let outputs = s
+        .run(ort::inputs![input => tensor])
+        .map_err(|e| err(e.to_string()))?;
     let y = outputs
         .get(output)
         .ok_or_else(|| err(format!("no output named {output}")))?
         .try_extract_array::<f32>()
         .map_err(|e| err(e.to_string()))?
         .to_owned();
-    metrics::histogram!("atelier_inference_seconds", "model" => model.to_string()).record(t.elapsed().as_secs_f64());
+    metrics::histogram!("atelier_inference_seconds", "model" => model.to_string())
+        .record(t.elapsed().as_secs_f64());
     Ok(y)
 }
 
@@ -281,6 +377,9 @@ fn runner(
 ) {
     loop {
         let mut batch = Vec::with_capacity(max_batch);
+        // Requests of another shape wait for their own run after this batch,
+        // outside the lock, so other runners keep gathering meanwhile.
+        let mut others = Vec::new();
         {
             let Ok(rx) = rx.lock() else { return };
             match rx.recv() {
@@ -292,49 +391,82 @@ fn runner(
                 let left = deadline.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(left) {
                     Ok(r) if r.input.shape() == batch[0].input.shape() => batch.push(r),
-                    Ok(r) => {
-                        // Another shape: run it on its own right away.
-                        stats.runs.fetch_add(1, Ordering::Relaxed);
-                        stats.requests.fetch_add(1, Ordering::Relaxed);
-                        let single = run_session(&mut s, model, input, output, &r.input);
-                        let _ = r.reply.send(single);
-                    }
+                    Ok(r) => others.push(r),
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
         }
-        metrics::histogram!("atelier_batch_size", "model" => model.to_string()).record(batch.len() as f64);
-        stats.runs.fetch_add(1, Ordering::Relaxed);
-        stats.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        if batch.len() == 1 {
-            let r = batch.pop().expect("one request");
-            let y = run_session(&mut s, model, input, output, &r.input);
-            let _ = r.reply.send(y);
-            continue;
+        run_batch(&mut s, model, input, output, batch, stats);
+        for r in others {
+            run_batch(&mut s, model, input, output, vec![r], stats);
         }
-        let views: Vec<_> = batch.iter().map(|r| r.input.view()).collect();
-        let stacked = match ndarray::concatenate(Axis(0), &views) {
-            Ok(x) => x,
-            Err(e) => {
-                for r in batch {
-                    let _ = r.reply.send(Err(InferenceError::Run { model: model.into(), reason: e.to_string() }));
-                }
-                continue;
+    }
+}
+
+/// Runs requests of one shape as one session run and answers each.
+fn run_batch(
+    s: &mut Session,
+    model: &str,
+    input: &str,
+    output: &str,
+    mut batch: Vec<Request>,
+    stats: &RunStats,
+) {
+    metrics::histogram!("atelier_batch_size", "model" => model.to_string())
+        .record(batch.len() as f64);
+    stats.runs.fetch_add(1, Ordering::Relaxed);
+    stats
+        .requests
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    if batch.len() == 1 {
+        let r = batch.pop().expect("one request");
+        let y = run_session(s, model, input, output, &r.input);
+        let _ = r.reply.send(y);
+        return;
+    }
+    let views: Vec<_> = batch.iter().map(|r| r.input.view()).collect();
+    let stacked = match ndarray::concatenate(Axis(0), &views) {
+        Ok(x) => x,
+        Err(e) => {
+            for r in batch {
+                let _ = r.reply.send(Err(InferenceError::Run {
+                    model: model.into(),
+                    reason: e.to_string(),
+                }));
             }
-        };
-        match run_session(&mut s, model, input, output, &stacked) {
-            Ok(y) => {
-                let per = y.shape()[0] / batch.len().max(1);
-                for (i, r) in batch.into_iter().enumerate() {
-                    let part = y.slice_axis(Axis(0), ndarray::Slice::from(i * per..(i + 1) * per)).to_owned();
-                    let _ = r.reply.send(Ok(part));
-                }
+            return;
+        }
+    };
+    let rows: usize = batch
+        .iter()
+        .map(|r| r.input.shape().first().copied().unwrap_or(1))
+        .sum();
+    match run_session(s, model, input, output, &stacked) {
+        Ok(y) if y.shape().first().copied() != Some(rows) => {
+            let reason = format!(
+                "output batch axis {:?} does not match {rows} batched inputs",
+                y.shape().first()
+            );
+            for r in batch {
+                let _ = r.reply.send(Err(InferenceError::Run {
+                    model: model.into(),
+                    reason: reason.clone(),
+                }));
             }
-            Err(e) => {
-                for r in batch {
-                    let _ = r.reply.send(Err(e.clone()));
-                }
+        }
+        Ok(y) => {
+            let per = y.shape()[0] / batch.len().max(1);
+            for (i, r) in batch.into_iter().enumerate() {
+                let part = y
+                    .slice_axis(Axis(0), ndarray::Slice::from(i * per..(i + 1) * per))
+                    .to_owned();
+                let _ = r.reply.send(Ok(part));
+            }
+        }
+        Err(e) => {
+            for r in batch {
+                let _ = r.reply.send(Err(e.clone()));
             }
         }
     }
@@ -352,7 +484,10 @@ impl ModelRegistry {
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Model>, InferenceError> {
-        self.models.get(name).cloned().ok_or_else(|| InferenceError::Missing(name.into()))
+        self.models
+            .get(name)
+            .cloned()
+            .ok_or_else(|| InferenceError::Missing(name.into()))
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -367,14 +502,28 @@ impl ModelRegistry {
 static LOADED: OnceLock<Mutex<HashMap<PathBuf, Arc<Model>>>> = OnceLock::new();
 
 /// Loads `path` once per process and shares it.
-pub fn load_shared(rt: &Runtime, name: &str, path: &Path, opts: ModelOptions) -> Result<Arc<Model>, InferenceError> {
+pub fn load_shared(
+    rt: &Runtime,
+    name: &str,
+    path: &Path,
+    opts: ModelOptions,
+) -> Result<Arc<Model>, InferenceError> {
     let cache = LOADED.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = cache.lock().map_err(|_| InferenceError::Load { model: name.into(), reason: "model cache poisoned".into() })?;
+    let mut map = cache.lock().map_err(|_| InferenceError::Load {
+        model: name.into(),
+        reason: "model cache poisoned".into(),
+    })?;
     if let Some(m) = map.get(path) {
         return Ok(m.clone());
     }
     if !path.exists() {
-        return Err(InferenceError::Load { model: name.into(), reason: format!("{} does not exist (run scripts/fetch-models)", path.display()) });
+        return Err(InferenceError::Load {
+            model: name.into(),
+            reason: format!(
+                "{} does not exist (run scripts/fetch-models)",
+                path.display()
+            ),
+        });
     }
     let m = Arc::new(Model::load(rt, name, path, opts)?);
     map.insert(path.to_path_buf(), m.clone());
@@ -386,7 +535,11 @@ pub fn load_shared(rt: &Runtime, name: &str, path: &Path, opts: ModelOptions) ->
 pub fn default_models_dir() -> PathBuf {
     std::env::var_os("ATELIER_MODELS__DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("models"))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("models")
+        })
 }
 
 #[cfg(test)]
@@ -395,17 +548,24 @@ mod tests {
 
     fn runtime() -> Arc<Runtime> {
         let lib = default_models_dir().join("onnxruntime/libonnxruntime.so.1.31.1");
-        Runtime::get(&RuntimeOptions { library: Some(lib), device: Device::Cpu, intra_threads: 1 })
-            .expect("ONNX Runtime loads (scripts/fetch-models installs it)")
+        Runtime::get(&RuntimeOptions {
+            library: Some(lib),
+            device: Device::Cpu,
+            intra_threads: 1,
+        })
+        .expect("ONNX Runtime loads (scripts/fetch-models installs it)")
     }
 
     fn test_model(opts: ModelOptions) -> Model {
         let path = default_models_dir().join("test/conv_sigmoid.onnx");
-        Model::load(&runtime(), "conv_sigmoid", &path, opts).expect("test model loads (scripts/fetch-models --test-models)")
+        Model::load(&runtime(), "conv_sigmoid", &path, opts)
+            .expect("test model loads (scripts/fetch-models --test-models)")
     }
 
     fn input(seed: f32, h: usize, w: usize) -> ArrayD<f32> {
-        ArrayD::from_shape_fn(IxDyn(&[1, 3, h, w]), |d| ((d[1] * 31 + d[2] * 7 + d[3]) as f32 * 0.01 + seed).sin())
+        ArrayD::from_shape_fn(IxDyn(&[1, 3, h, w]), |d| {
+            ((d[1] * 31 + d[2] * 7 + d[3]) as f32 * 0.01 + seed).sin()
+        })
     }
 
     #[test]
@@ -414,7 +574,10 @@ mod tests {
         assert_eq!(m.input_shape.len(), 4);
         let y = m.run(input(0.0, 16, 24)).expect("runs");
         assert_eq!(y.shape(), &[1, 1, 16, 24]);
-        assert!(y.iter().all(|v| (0.0..=1.0).contains(v)), "sigmoid output range");
+        assert!(
+            y.iter().all(|v| (0.0..=1.0).contains(v)),
+            "sigmoid output range"
+        );
         let y2 = m.run(input(0.0, 8, 8)).expect("another size");
         assert_eq!(y2.shape(), &[1, 1, 8, 8]);
     }
@@ -422,29 +585,50 @@ mod tests {
     #[test]
     fn concurrent_requests_are_batched_and_answered_correctly() {
         let single = test_model(ModelOptions::default());
-        let batched = Arc::new(test_model(ModelOptions { sessions: 1, batch_window: Duration::from_millis(50), max_batch: 8 }));
+        let batched = Arc::new(test_model(ModelOptions {
+            sessions: 1,
+            batch_window: Duration::from_millis(50),
+            max_batch: 8,
+        }));
         assert!(batched.batching, "dynamic batch axis allows batching");
-        let expected: Vec<ArrayD<f32>> = (0..8).map(|i| single.run(input(i as f32, 32, 32)).expect("runs")).collect();
+        let expected: Vec<ArrayD<f32>> = (0..8)
+            .map(|i| single.run(input(i as f32, 32, 32)).expect("runs"))
+            .collect();
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 let m = batched.clone();
                 std::thread::spawn(move || m.run(input(i as f32, 32, 32)).expect("runs"))
             })
             .collect();
-        let got: Vec<ArrayD<f32>> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+        let got: Vec<ArrayD<f32>> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
         for (g, e) in got.iter().zip(&expected) {
             let diff = (g - e).iter().fold(0f32, |a, b| a.max(b.abs()));
             assert!(diff < 1e-5, "batched result differs by {diff}");
         }
         let (runs, requests) = batched.stats.snapshot();
         assert_eq!(requests, 8);
-        assert!(runs < 8, "8 concurrent requests ran as {runs} session runs: no batching happened");
+        assert!(
+            runs < 8,
+            "8 concurrent requests ran as {runs} session runs: no batching happened"
+        );
     }
 
     #[test]
     fn a_missing_model_is_a_typed_error() {
-        let e = Model::load(&runtime(), "nope", Path::new("/nonexistent/model.onnx"), ModelOptions::default()).unwrap_err();
+        let e = Model::load(
+            &runtime(),
+            "nope",
+            Path::new("/nonexistent/model.onnx"),
+            ModelOptions::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, InferenceError::Load { .. }), "{e}");
-        assert!(matches!(ModelRegistry::default().get("isnet"), Err(InferenceError::Missing(_))));
+        assert!(matches!(
+            ModelRegistry::default().get("isnet"),
+            Err(InferenceError::Missing(_))
+        ));
     }
 }
