@@ -11,7 +11,7 @@ use atelier_shared::domain::packshot::{
 use atelier_worker::engine::{Input, RenderRequest};
 use atelier_worker::imaging;
 use atelier_worker::inference::{
-    Device, Model, ModelOptions, Runtime, RuntimeOptions, default_models_dir, load_shared,
+    Device, Model, ModelOptions, Runtime, RuntimeOptions, default_models_dir,
 };
 use atelier_worker::packshot::AtelierEngine;
 use ndarray::{ArrayD, IxDyn};
@@ -75,25 +75,16 @@ fn main() {
         );
     }
 
-    let isnet = load_shared(
-        &rt,
-        "isnet",
-        &dir.join("isnet_fp16.onnx"),
-        ModelOptions::default(),
-    )
-    .expect("isnet");
-    let upscaler = load_shared(
-        &rt,
-        "realesrgan",
-        &dir.join("realesr-animevideov3-x4.onnx"),
-        ModelOptions::default(),
-    )
-    .ok();
-    let engine = Arc::new(AtelierEngine {
-        isnet,
-        upscaler,
-        isnet_variant: "isnet_fp16".into(),
-    });
+    let engine = Arc::new(
+        AtelierEngine::load(
+            &rt,
+            &dir,
+            "isnet_fp16.onnx",
+            "realesr-animevideov3-x4.onnx",
+            ModelOptions::default(),
+        )
+        .expect("isnet"),
+    );
     let photo = image::open(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/garment.jpg"),
     )

@@ -121,7 +121,7 @@ impl Pipeline {
     pub fn from_config(
         cfg: &atelier_shared::config::Config,
     ) -> Result<Pipeline, crate::inference::InferenceError> {
-        use crate::inference::{Device, ModelOptions, Runtime, RuntimeOptions, load_shared};
+        use crate::inference::{Device, ModelOptions, Runtime, RuntimeOptions};
         let device = if cfg.worker.device == "cuda" {
             Device::Cuda
         } else {
@@ -138,31 +138,18 @@ impl Pipeline {
             max_batch: cfg.models.max_batch,
         };
         let loaded = rt.and_then(|rt| {
-            let isnet = load_shared(&rt, "isnet", &cfg.models.dir.join(&cfg.models.isnet), opts)?;
-            let upscaler = if cfg.models.upscaler.is_empty() {
-                None
-            } else {
-                match load_shared(&rt, "realesrgan", &cfg.models.dir.join(&cfg.models.upscaler), opts) {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "upscaler unavailable: enlargements use Lanczos");
-                        None
-                    }
-                }
-            };
-            Ok((isnet, upscaler))
+            crate::packshot::AtelierEngine::load(
+                &rt,
+                &cfg.models.dir,
+                &cfg.models.isnet,
+                &cfg.models.upscaler,
+                opts,
+            )
         });
         match loaded {
-            Ok((isnet, upscaler)) => {
-                let variant = cfg.models.isnet.trim_end_matches(".onnx").to_string();
-                Ok(Pipeline {
-                    engines: vec![Arc::new(crate::packshot::AtelierEngine {
-                        isnet,
-                        upscaler,
-                        isnet_variant: variant,
-                    })],
-                })
-            }
+            Ok(engine) => Ok(Pipeline {
+                engines: vec![Arc::new(engine)],
+            }),
             Err(e) if !cfg.models.required => {
                 tracing::warn!(error = %e, "models unavailable: this worker runs the model-free `atelier-basic` engine (run scripts/fetch-models)");
                 Ok(Pipeline::default())

@@ -44,6 +44,35 @@ impl StageTimes {
 }
 
 impl AtelierEngine {
+    /// Loads (once per process) ISNet `isnet_file` and, unless empty, the
+    /// upscaler `upscaler_file` from `dir`. A missing upscaler is not an
+    /// error: enlargements then use Lanczos.
+    pub fn load(
+        rt: &crate::inference::Runtime,
+        dir: &std::path::Path,
+        isnet_file: &str,
+        upscaler_file: &str,
+        opts: crate::inference::ModelOptions,
+    ) -> Result<AtelierEngine, crate::inference::InferenceError> {
+        let isnet = crate::inference::load_shared(rt, "isnet", &dir.join(isnet_file), opts)?;
+        let upscaler = if upscaler_file.is_empty() {
+            None
+        } else {
+            match crate::inference::load_shared(rt, "realesrgan", &dir.join(upscaler_file), opts) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "upscaler unavailable: enlargements use Lanczos");
+                    None
+                }
+            }
+        };
+        Ok(AtelierEngine {
+            isnet,
+            upscaler,
+            isnet_variant: isnet_file.trim_end_matches(".onnx").to_string(),
+        })
+    }
+
     /// The garment mask of `img` at the image's own size (0–255).
     pub fn mask(&self, img: &DynamicImage) -> Result<GrayImage, TaskFailure> {
         let small = imaging::resize(img, ISNET_EDGE, ISNET_EDGE)?;
@@ -574,9 +603,7 @@ impl ValueNoise {
 mod tests {
     use super::*;
     use crate::engine::Input;
-    use crate::inference::{
-        Device, ModelOptions, Runtime, RuntimeOptions, default_models_dir, load_shared,
-    };
+    use crate::inference::{Device, ModelOptions, Runtime, RuntimeOptions, default_models_dir};
     use atelier_shared::domain::packshot::{
         DesignCatalogue, EngineAvailability, parse_request, validate,
     };
@@ -589,25 +616,14 @@ mod tests {
             intra_threads: 2,
         })
         .expect("ONNX Runtime (scripts/fetch-models)");
-        let isnet = load_shared(
+        AtelierEngine::load(
             &rt,
-            "isnet",
-            &dir.join("isnet_fp16.onnx"),
+            &dir,
+            "isnet_fp16.onnx",
+            "realesr-animevideov3-x4.onnx",
             ModelOptions::default(),
         )
-        .expect("ISNet (scripts/fetch-models)");
-        let upscaler = load_shared(
-            &rt,
-            "realesrgan",
-            &dir.join("realesr-animevideov3-x4.onnx"),
-            ModelOptions::default(),
-        )
-        .ok();
-        AtelierEngine {
-            isnet,
-            upscaler,
-            isnet_variant: "isnet_fp16".into(),
-        }
+        .expect("ISNet (scripts/fetch-models)")
     }
 
     fn garment() -> DynamicImage {
