@@ -58,6 +58,20 @@ pub struct Services {
     pub queue_stop: CancellationToken,
 }
 
+/// The object store `storage.url` names.
+pub fn open_objects(cfg: &Config) -> anyhow::Result<DynObjectStore> {
+    let storage_url = cfg.storage_url();
+    if let Some(dir) = storage_url.strip_prefix("file://") {
+        Ok(Arc::new(LocalStore::new(dir).with_context(|| {
+            format!("cannot use the object directory {dir}")
+        })?))
+    } else {
+        bail!(
+            "storage.url {storage_url}: the S3 adapter is not part of this build yet; use file://<dir>"
+        );
+    }
+}
+
 /// Connects the store (and migrates it), the queue and the object store.
 pub async fn connect(cfg: &Config) -> anyhow::Result<Services> {
     let store = Store::connect(&cfg.database_url(), cfg.database.max_connections)
@@ -78,17 +92,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Services> {
             atelier_shared::config::redact_url(&cfg.queue.url)
         );
     };
-    let storage_url = cfg.storage_url();
-    let objects: DynObjectStore = if let Some(dir) = storage_url.strip_prefix("file://") {
-        Arc::new(
-            LocalStore::new(dir)
-                .with_context(|| format!("cannot use the object directory {dir}"))?,
-        )
-    } else {
-        bail!(
-            "storage.url {storage_url}: the S3 adapter is not part of this build yet; use file://<dir>"
-        );
-    };
+    let objects = open_objects(cfg)?;
     let key = match &cfg.server.url_signing_key {
         Some(k) => k.clone(),
         None => store
@@ -233,6 +237,29 @@ pub async fn start(
             services.queue.clone(),
             services.objects.clone(),
         );
+        // Models missing locally come from the object store's `models/`
+        // prefix when a fleet shares them there (`atelier models push`).
+        if cfg.models.pull_from_store {
+            let files = atelier_worker::model_store::needed_files(&cfg);
+            match atelier_worker::model_store::pull_missing(
+                services.objects.as_ref(),
+                &cfg.models.dir,
+                &files,
+            )
+            .await
+            {
+                Ok(r) if !r.pulled.is_empty() => {
+                    tracing::info!(pulled = ?r.pulled, "models pulled from the object store")
+                }
+                Ok(_) => {}
+                Err(e) if cfg.models.required => {
+                    return Err(e).context("cannot pull the models from the object store");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot pull the models from the object store")
+                }
+            }
+        }
         // Fetches (first start only), loads and warms the models: off the async runtime.
         let c = cfg.clone();
         tokio::task::spawn_blocking(move || ensure_models(&c))

@@ -38,6 +38,50 @@ pub enum Command {
     /// Operator commands: accounts, API keys, groups, credits.
     #[command(subcommand)]
     Admin(crate::admin::AdminCommand),
+    /// Model files shared through the object store.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Upload the model files this configuration loads from `models.dir` to
+    /// the object store's `models/` prefix, where workers pull them from.
+    Push,
+    /// List the model files this configuration loads and where they are.
+    List,
+}
+
+async fn models(cfg: &Config, cmd: ModelsCommand) -> anyhow::Result<()> {
+    use atelier_worker::model_store;
+    let objects = app::open_objects(cfg)?;
+    let files = model_store::needed_files(cfg);
+    match cmd {
+        ModelsCommand::Push => {
+            let done = model_store::push(objects.as_ref(), &cfg.models.dir, &files).await?;
+            for (f, n) in &done {
+                println!("pushed {}{f} ({n} bytes)", model_store::PREFIX);
+            }
+            let missing: Vec<_> = files
+                .iter()
+                .filter(|f| !done.iter().any(|(d, _)| d == *f))
+                .collect();
+            if !missing.is_empty() {
+                println!("not under {}: {missing:?}", cfg.models.dir.display());
+            }
+        }
+        ModelsCommand::List => {
+            for f in &files {
+                let local = cfg.models.dir.join(f).exists();
+                let stored = objects
+                    .size(&format!("{}{f}", model_store::PREFIX))
+                    .await?
+                    .is_some();
+                println!("{f}\tlocal: {local}\tobject store: {stored}");
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
@@ -63,6 +107,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Admin(a) => return crate::admin::run(&cfg, a).await,
+        Command::Models(m) => return models(&cfg, m).await,
         Command::Config => unreachable!("handled above"),
     };
     let shutdown = CancellationToken::new();

@@ -69,7 +69,12 @@ impl AppState {
                 config.limits.create_per_minute,
             )),
             engines: Arc::new(EngineAvailability {
-                configured: Vec::<EngineChoice>::new(),
+                configured: config
+                    .engines
+                    .routes
+                    .keys()
+                    .filter_map(|name| EngineChoice::parse(name))
+                    .collect(),
             }),
             config,
         }

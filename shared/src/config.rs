@@ -22,6 +22,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub storage: StorageConfig,
     pub models: ModelsConfig,
+    pub engines: EnginesConfig,
     pub bootstrap: BootstrapConfig,
     pub egress: EgressConfig,
     pub worker: WorkerConfig,
@@ -100,6 +101,76 @@ pub struct ModelsConfig {
     /// Refuse to start a worker whose models are missing (otherwise it runs
     /// the model-free `atelier-basic` engine and says so in every result).
     pub required: bool,
+    /// At a worker's start, take model files missing from `dir` from the
+    /// object store's `models/` prefix (checked by sha256; `atelier models push`).
+    pub pull_from_store: bool,
+}
+
+/// Packshot engines beyond the built-in `atelier`: the contract's engine
+/// names (`nano_banana_pro`, `seedream`) are logical routes that the operator
+/// maps to concrete backends. A name without a route is refused at job
+/// creation (400); `model: auto` tries `auto` in order, falling back on a
+/// refusal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct EnginesConfig {
+    /// Engines `model: auto` tries, in order: `atelier` (built in) and route names.
+    #[serde(deserialize_with = "string_or_list")]
+    pub auto: Vec<String>,
+    pub routes: std::collections::BTreeMap<String, EngineRoute>,
+}
+
+impl Default for EnginesConfig {
+    fn default() -> Self {
+        EnginesConfig {
+            auto: vec!["atelier".into()],
+            routes: Default::default(),
+        }
+    }
+}
+
+/// Engine names a route may take: those clients can send as `options.model`.
+pub const ROUTABLE_ENGINES: [&str; 2] = ["nano_banana_pro", "seedream"];
+
+/// One engine route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EngineRoute {
+    /// A remote image-generation service speaking the Atelier engine
+    /// protocol (README, "Engine routes"): JSON request with the prompt,
+    /// instruction and base64 inputs; image bytes back; 422 = refusal.
+    Http {
+        url: String,
+        /// Environment variable holding the bearer token (never the token itself).
+        #[serde(default)]
+        api_key_env: Option<String>,
+        #[serde(default = "default_route_timeout")]
+        timeout_secs: u64,
+    },
+    /// An operator-installed single-graph image-to-image ONNX model under
+    /// `models.dir`: NCHW float input with 3 channels, NCHW output with 1 or 3.
+    Onnx {
+        file: String,
+        /// Value range of the input and output tensors: `unit` [0,1],
+        /// `signed` [-1,1] or `byte` [0,255].
+        #[serde(default = "default_range")]
+        input_range: String,
+        #[serde(default = "default_range")]
+        output_range: String,
+        /// Long edge fed to a model with dynamic height and width.
+        #[serde(default = "default_route_edge")]
+        max_edge: u32,
+    },
+}
+
+fn default_route_timeout() -> u64 {
+    120
+}
+fn default_range() -> String {
+    "unit".into()
+}
+fn default_route_edge() -> u32 {
+    1024
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -201,6 +272,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             storage: StorageConfig::default(),
             models: ModelsConfig::default(),
+            engines: EnginesConfig::default(),
             bootstrap: BootstrapConfig::default(),
             egress: EgressConfig::default(),
             worker: WorkerConfig::default(),
@@ -244,6 +316,7 @@ impl Default for ModelsConfig {
             batch_window_ms: 5,
             auto_fetch: true,
             required: false,
+            pull_from_store: true,
         }
     }
 }
@@ -421,10 +494,10 @@ impl Config {
                 self.queue.url
             ));
         }
-        if let Some(r) = &self.redis.url {
-            if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
-                e.push("redis.url: must be a redis:// URL".into());
-            }
+        if let Some(r) = &self.redis.url
+            && !(r.starts_with("redis://") || r.starts_with("rediss://"))
+        {
+            e.push("redis.url: must be a redis:// URL".into());
         }
         let st = self.storage_url();
         if st.starts_with("s3://") {
@@ -436,10 +509,10 @@ impl Config {
         } else if !st.starts_with("file://") {
             e.push("storage.url: must be file://<dir> or s3://bucket[/prefix]".into());
         }
-        if let Some(k) = &self.bootstrap.api_key {
-            if k.len() < 32 {
-                e.push("bootstrap.api_key: must be at least 32 characters".into());
-            }
+        if let Some(k) = &self.bootstrap.api_key
+            && k.len() < 32
+        {
+            e.push("bootstrap.api_key: must be at least 32 characters".into());
         }
         if crate::domain::Credits::from_f64(self.bootstrap.credits).is_none_or(|c| c.0 < 0) {
             e.push("bootstrap.credits: must be a non-negative number".into());
@@ -452,6 +525,64 @@ impl Config {
         }
         if self.models.sessions == 0 || self.models.max_batch == 0 {
             e.push("models.sessions and models.max_batch: must be at least 1".into());
+        }
+        for (name, route) in &self.engines.routes {
+            if !ROUTABLE_ENGINES.contains(&name.as_str()) {
+                e.push(format!(
+                    "engines.routes.{name}: routes are named after the engines clients may ask for: {}",
+                    ROUTABLE_ENGINES.join(", ")
+                ));
+            }
+            match route {
+                EngineRoute::Http {
+                    url, timeout_secs, ..
+                } => {
+                    if !url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) {
+                        e.push(format!(
+                            "engines.routes.{name}.url: `{url}` must be an http(s) URL"
+                        ));
+                    }
+                    if *timeout_secs == 0 {
+                        e.push(format!(
+                            "engines.routes.{name}.timeout_secs: must be at least 1"
+                        ));
+                    }
+                }
+                EngineRoute::Onnx {
+                    file,
+                    input_range,
+                    output_range,
+                    max_edge,
+                } => {
+                    if file.is_empty() {
+                        e.push(format!(
+                            "engines.routes.{name}.file: names a model file under models.dir"
+                        ));
+                    }
+                    for (k, v) in [("input_range", input_range), ("output_range", output_range)] {
+                        if !matches!(v.as_str(), "unit" | "signed" | "byte") {
+                            e.push(format!(
+                                "engines.routes.{name}.{k}: `{v}` must be unit, signed or byte"
+                            ));
+                        }
+                    }
+                    if !(16..=8192).contains(max_edge) {
+                        e.push(format!(
+                            "engines.routes.{name}.max_edge: must be within 16..=8192"
+                        ));
+                    }
+                }
+            }
+        }
+        if self.engines.auto.is_empty() {
+            e.push("engines.auto: needs at least one engine (e.g. atelier)".into());
+        }
+        for n in &self.engines.auto {
+            if n != "atelier" && !self.engines.routes.contains_key(n) {
+                e.push(format!(
+                    "engines.auto: `{n}` is neither `atelier` nor a configured route"
+                ));
+            }
         }
         if self.worker.concurrency == 0 {
             e.push("worker.concurrency: must be at least 1".into());
@@ -503,6 +634,11 @@ impl Config {
         c.database.url = c.database.url.as_deref().map(redact_url);
         c.redis.url = c.redis.url.as_deref().map(redact_url);
         c.queue.url = redact_url(&c.queue.url);
+        for route in c.engines.routes.values_mut() {
+            if let EngineRoute::Http { url, .. } = route {
+                *url = redact_url(url);
+            }
+        }
         c
     }
 }
@@ -565,6 +701,61 @@ mod tests {
             jail.set_env("ATELIER_QUEUE__URL", "kafka://x");
             let err = Config::load(None).expect_err("invalid").to_string();
             assert!(err.contains("queue.url"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn engine_routes_load_from_toml_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "e.toml",
+                r#"
+[engines]
+auto = ["seedream", "atelier"]
+[engines.routes.seedream]
+kind = "http"
+url = "https://gen.example.test/v1/packshot"
+api_key_env = "SEEDREAM_TOKEN"
+[engines.routes.nano_banana_pro]
+kind = "onnx"
+file = "operator/img2img.onnx"
+input_range = "signed"
+"#,
+            )?;
+            let c = Config::load(Some(Path::new("e.toml"))).expect("loads");
+            assert_eq!(c.engines.auto, vec!["seedream", "atelier"]);
+            assert_eq!(
+                c.engines.routes["seedream"],
+                EngineRoute::Http {
+                    url: "https://gen.example.test/v1/packshot".into(),
+                    api_key_env: Some("SEEDREAM_TOKEN".into()),
+                    timeout_secs: 120,
+                }
+            );
+            assert!(matches!(
+                &c.engines.routes["nano_banana_pro"],
+                EngineRoute::Onnx { input_range, output_range, max_edge: 1024, .. }
+                    if input_range == "signed" && output_range == "unit"
+            ));
+            jail.create_file(
+                "bad.toml",
+                r#"
+[engines]
+auto = ["dalle"]
+[engines.routes.dalle]
+kind = "http"
+url = "ftp://x"
+"#,
+            )?;
+            let err = Config::load(Some(Path::new("bad.toml")))
+                .expect_err("invalid")
+                .to_string();
+            assert!(
+                err.contains("engines.routes.dalle: routes are named"),
+                "{err}"
+            );
+            assert!(err.contains("engines.routes.dalle.url"), "{err}");
             Ok(())
         });
     }

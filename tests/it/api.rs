@@ -251,15 +251,7 @@ async fn uploads_are_checked_and_single_use() {
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // The download URL serves the stored original without credentials.
-    let bytes = app
-        .http
-        .get(v["download_url"].as_str().expect("download_url"))
-        .send()
-        .await
-        .expect("get")
-        .bytes()
-        .await
-        .expect("bytes");
+    let bytes = app.fetch(&v["download_url"]).await;
     assert_eq!(&bytes[..4], b"\x89PNG");
     app.stop().await;
 }

@@ -114,6 +114,14 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// GETs an absolute (signed) URL without credentials; the body's bytes.
+    pub async fn fetch(&self, url: &serde_json::Value) -> bytes::Bytes {
+        let url = url.as_str().expect("a URL string");
+        let r = self.http.get(url).send().await.expect("get");
+        assert!(r.status().is_success(), "GET {url}: {}", r.status());
+        r.bytes().await.expect("body")
+    }
+
     pub async fn call(
         &self,
         method: reqwest::Method,

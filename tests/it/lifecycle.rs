@@ -55,28 +55,12 @@ async fn end_to_end(dialect: Dialect) {
             "results name the engine that really ran"
         );
         // Signed URLs work without credentials.
-        let bytes = app
-            .http
-            .get(res["output"]["full_size"].as_str().expect("url"))
-            .send()
-            .await
-            .expect("get")
-            .bytes()
-            .await
-            .expect("bytes");
+        let bytes = app.fetch(&res["output"]["full_size"]).await;
         let img = image::load_from_memory(&bytes).expect("a real image");
         let (w, h) = (img.width(), img.height());
         let ii = res["image_index"].as_u64().expect("index");
         assert_eq!((w, h), if ii == 0 { (1024, 1024) } else { (2048, 2048) });
-        let thumb = app
-            .http
-            .get(res["output"]["thumbnail"].as_str().expect("url"))
-            .send()
-            .await
-            .expect("get")
-            .bytes()
-            .await
-            .expect("bytes");
+        let thumb = app.fetch(&res["output"]["thumbnail"]).await;
         assert!(image::load_from_memory(&thumb).expect("thumb").width() <= 512);
         assert_eq!(res["instruction_index"], res["image_index"]);
         assert_eq!(res["variation_index"], res["group_index"]);
@@ -253,13 +237,14 @@ async fn real_models_cut_out_a_garment_on_pure_white() {
     let (s, v) = app
         .post(
             "/create-packshot",
-            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]}),
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}], "post_process": true}),
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let job = v["job_id"].as_str().expect("job").to_string();
     let st = app.wait_for_job(&job, Duration::from_secs(120)).await;
     assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(st["post_processing_status"], "completed", "{st}");
     let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
     let res = &r["results"][0];
     assert!(
@@ -269,15 +254,12 @@ async fn real_models_cut_out_a_garment_on_pure_white() {
         "{res}"
     );
     assert_eq!(res["input_description"]["segmentation_model"], "isnet_fp16");
-    let bytes = app
-        .http
-        .get(res["output"]["full_size"].as_str().expect("url"))
-        .send()
-        .await
-        .expect("get")
-        .bytes()
-        .await
-        .expect("bytes");
+    let post = &res["input_description"]["post_processing"];
+    assert!(
+        post["sharpen_sigma"].as_f64().is_some_and(|s| s > 0.0) && post["colour_shift"].is_array(),
+        "the post-processing pass ran and says what it did: {res}"
+    );
+    let bytes = app.fetch(&res["output"]["full_size"]).await;
     let img = image::load_from_memory(&bytes).expect("jpeg").to_rgb8();
     // JPEG keeps pure white corners at (or within a step of) 255.
     for (x, y) in [(0, 0), (1023, 0), (0, 1023), (1023, 1023)] {

@@ -5,6 +5,7 @@
 mod admission;
 mod api;
 mod cli;
+mod engines;
 mod faults;
 mod helpers;
 mod lifecycle;

@@ -5,7 +5,8 @@
 
 use crate::failure::TaskFailure;
 use crate::imaging;
-use atelier_shared::domain::packshot::{PackshotSpec, Style};
+use atelier_shared::config::EngineRoute;
+use atelier_shared::domain::packshot::{EngineChoice, InstructionSpec, PackshotSpec, Style};
 use image::{DynamicImage, RgbaImage};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,11 +25,32 @@ pub struct RenderRequest<'a> {
     pub inputs: &'a [Input],
 }
 
+impl RenderRequest<'_> {
+    /// The instruction this output belongs to.
+    pub fn instruction(&self) -> Result<&InstructionSpec, TaskFailure> {
+        self.spec
+            .instructions
+            .get(self.instruction_index)
+            .ok_or_else(|| TaskFailure::permanent("instruction index out of range"))
+    }
+
+    /// The input this variation works from: variations cycle through the
+    /// inputs (several views of one garment).
+    pub fn source(&self) -> Result<&Input, TaskFailure> {
+        if self.inputs.is_empty() {
+            return Err(TaskFailure::permanent("the job has no input image"));
+        }
+        Ok(&self.inputs[self.variation_index as usize % self.inputs.len()])
+    }
+}
+
 pub struct Rendered {
     pub image: RgbaImage,
     /// What really ran, reported to clients as `model_used`.
     pub model_used: String,
     pub description: serde_json::Value,
+    /// What the post-processing pass needs (reference colours, garment region).
+    pub post: crate::postprocess::PostContext,
 }
 
 pub trait Engine: Send + Sync {
@@ -57,24 +79,21 @@ impl Engine for BasicEngine {
     }
 
     fn render(&self, req: &RenderRequest<'_>) -> Result<Rendered, TaskFailure> {
-        let ins = req
-            .spec
-            .instructions
-            .get(req.instruction_index)
-            .ok_or_else(|| TaskFailure::permanent("instruction index out of range"))?;
-        if req.inputs.is_empty() {
-            return Err(TaskFailure::permanent("the job has no input image"));
-        }
-        // Variations cycle through the inputs (several views of one garment).
-        let src = &req.inputs[req.variation_index as usize % req.inputs.len()];
+        let ins = req.instruction()?;
+        let src = req.source()?;
         let image = imaging::fit(
             &src.image,
             ins.output.width,
             ins.output.height,
             Self::background(ins.style),
         )?;
+        let post = crate::postprocess::PostContext {
+            reference: crate::postprocess::colour_stats(&src.image.to_rgba8(), None),
+            region: None,
+        };
         Ok(Rendered {
             image,
+            post,
             model_used: self.name().to_string(),
             description: serde_json::json!({
                 "engine": self.name(),
@@ -94,24 +113,56 @@ pub struct PipelineOutput {
     pub height: u32,
     pub model_used: String,
     pub description: serde_json::Value,
+    /// Whether the post-processing pass ran on this output.
+    pub post_processed: bool,
 }
 
+/// The engines of one worker: the `auto` chain, tried in order on
+/// refusals, and the routes clients may name (`options.model`).
 #[derive(Clone)]
 pub struct Pipeline {
-    engines: Vec<Arc<dyn Engine>>,
+    auto: Vec<Arc<dyn Engine>>,
+    routes: Vec<(EngineChoice, Arc<dyn Engine>)>,
 }
 
 impl Default for Pipeline {
     fn default() -> Self {
-        Pipeline {
-            engines: vec![Arc::new(BasicEngine)],
-        }
+        Pipeline::new(vec![Arc::new(BasicEngine)])
     }
 }
 
 impl Pipeline {
+    /// A pipeline whose `auto` chain is `engines` and that has no routes.
     pub fn new(engines: Vec<Arc<dyn Engine>>) -> Pipeline {
-        Pipeline { engines }
+        Pipeline {
+            auto: engines,
+            routes: Vec::new(),
+        }
+    }
+
+    /// Adds (or replaces) the engine that serves `options.model = choice`.
+    pub fn with_route(mut self, choice: EngineChoice, engine: Arc<dyn Engine>) -> Pipeline {
+        self.routes.retain(|(c, _)| *c != choice);
+        self.routes.push((choice, engine));
+        self
+    }
+
+    /// The engines an output of `model` may use, in fallback order.
+    fn chain(&self, model: EngineChoice) -> Result<Vec<Arc<dyn Engine>>, TaskFailure> {
+        if model == EngineChoice::Auto {
+            return Ok(self.auto.clone());
+        }
+        self.routes
+            .iter()
+            .find(|(c, _)| *c == model)
+            .map(|(_, e)| vec![e.clone()])
+            .ok_or_else(|| {
+                TaskFailure::permanent(format!(
+                    "engine {} is not configured on this worker (engines.routes.{})",
+                    model.as_str(),
+                    model.as_str()
+                ))
+            })
     }
 
     /// The engines this worker can run, from configuration: the `atelier`
@@ -137,30 +188,119 @@ impl Pipeline {
             batch_window: std::time::Duration::from_millis(cfg.models.batch_window_ms),
             max_batch: cfg.models.max_batch,
         };
-        let loaded = rt.and_then(|rt| {
+        let loaded = rt.as_ref().map_err(Clone::clone).and_then(|rt| {
             crate::packshot::AtelierEngine::load(
-                &rt,
+                rt,
                 &cfg.models.dir,
                 &cfg.models.isnet,
                 &cfg.models.upscaler,
                 opts,
             )
         });
-        match loaded {
-            Ok(engine) => Ok(Pipeline {
-                engines: vec![Arc::new(engine)],
-            }),
+        let builtin: Arc<dyn Engine> = match loaded {
+            Ok(engine) => Arc::new(engine),
             Err(e) if !cfg.models.required => {
                 tracing::warn!(error = %e, "models unavailable: this worker runs the model-free `atelier-basic` engine (run scripts/fetch-models)");
-                Ok(Pipeline::default())
+                Arc::new(BasicEngine)
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
+        };
+
+        // Routes the operator configured; one that cannot be set up stops
+        // the worker (the API accepts jobs for it).
+        let mut routes: Vec<(String, EngineChoice, Arc<dyn Engine>)> = Vec::new();
+        for (name, route) in &cfg.engines.routes {
+            let bad = |reason: String| crate::inference::InferenceError::Load {
+                model: format!("engines.routes.{name}"),
+                reason,
+            };
+            let choice = EngineChoice::parse(name)
+                .filter(|c| *c != EngineChoice::Auto)
+                .ok_or_else(|| bad("not an engine name clients can send".into()))?;
+            let engine: Arc<dyn Engine> = match route {
+                EngineRoute::Http {
+                    url,
+                    api_key_env,
+                    timeout_secs,
+                } => {
+                    let token = match api_key_env {
+                        Some(var) => Some(std::env::var(var).map_err(|_| {
+                            bad(format!(
+                                "environment variable {var} (its API key) is not set"
+                            ))
+                        })?),
+                        None => None,
+                    };
+                    let handle = tokio::runtime::Handle::try_current()
+                        .map_err(|_| bad("HTTP routes need a Tokio runtime".into()))?;
+                    Arc::new(
+                        crate::routes::HttpEngine::new(
+                            choice,
+                            url,
+                            token,
+                            std::time::Duration::from_secs(*timeout_secs),
+                            handle,
+                        )
+                        .map_err(bad)?,
+                    )
+                }
+                EngineRoute::Onnx {
+                    file,
+                    input_range,
+                    output_range,
+                    max_edge,
+                } => {
+                    let rt = rt.as_ref().map_err(Clone::clone)?;
+                    let model = crate::inference::load_shared(
+                        rt,
+                        file.trim_end_matches(".onnx"),
+                        &cfg.models.dir.join(file),
+                        opts,
+                    )?;
+                    let range = |r: &str| {
+                        crate::routes::Range::parse(r)
+                            .ok_or_else(|| bad(format!("unknown range {r}")))
+                    };
+                    Arc::new(
+                        crate::routes::OnnxEngine::new(
+                            choice,
+                            model,
+                            range(input_range)?,
+                            range(output_range)?,
+                            *max_edge,
+                        )
+                        .map_err(bad)?,
+                    )
+                }
+            };
+            routes.push((name.clone(), choice, engine));
         }
+        let mut auto = Vec::new();
+        for name in &cfg.engines.auto {
+            if name == "atelier" {
+                auto.push(builtin.clone());
+            } else if let Some((_, _, e)) = routes.iter().find(|(n, _, _)| n == name) {
+                auto.push(e.clone());
+            }
+        }
+        if auto.is_empty() {
+            auto.push(builtin);
+        }
+        Ok(Pipeline {
+            auto,
+            routes: routes.into_iter().map(|(_, c, e)| (c, e)).collect(),
+        })
     }
 
-    /// Names of the engines, in `auto` order.
-    pub fn engine_names(&self) -> Vec<&'static str> {
-        self.engines.iter().map(|e| e.name()).collect()
+    /// Names of the engines, in `auto` order, then the named routes.
+    pub fn engine_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.auto.iter().map(|e| e.name().to_string()).collect();
+        names.extend(
+            self.routes
+                .iter()
+                .map(|(c, e)| format!("{}={}", c.as_str(), e.name())),
+        );
+        names
     }
 
     /// Runs engine `engine_index` (the `auto` fallback order) on one output.
@@ -172,7 +312,8 @@ impl Pipeline {
         engine_index: usize,
         previous_refusal: Option<&str>,
     ) -> Result<PipelineOutput, TaskFailure> {
-        let engine = self.engines.get(engine_index).ok_or_else(|| {
+        let chain = self.chain(req.spec.model)?;
+        let engine = chain.get(engine_index).ok_or_else(|| {
             TaskFailure::permanent(match previous_refusal {
                 Some(why) => {
                     format!("every configured engine refused this content; last refusal: {why}")
@@ -184,8 +325,20 @@ impl Pipeline {
             .instruction_index
             .min(req.spec.instructions.len().saturating_sub(1))];
         let t = Instant::now();
-        let rendered = engine.render(req)?;
+        let mut rendered = engine.render(req)?;
         stage("render", t);
+        let post_processed = req.spec.post_process;
+        if post_processed {
+            let t = Instant::now();
+            let report = crate::postprocess::apply(&mut rendered.image, &rendered.post);
+            stage("post_process", t);
+            if let Some(d) = rendered.description.as_object_mut() {
+                d.insert(
+                    "post_processing".into(),
+                    serde_json::to_value(&report).unwrap_or_default(),
+                );
+            }
+        }
         let t = Instant::now();
         let full = imaging::encode(&rendered.image, ins.output.format)?;
         stage("encode", t);
@@ -200,6 +353,7 @@ impl Pipeline {
             height,
             model_used: rendered.model_used,
             description: rendered.description,
+            post_processed,
         })
     }
 }

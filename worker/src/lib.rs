@@ -31,9 +31,13 @@
 
 pub mod engine;
 pub mod failure;
+pub mod hanger;
 pub mod imaging;
 pub mod inference;
+pub mod model_store;
 pub mod packshot;
+pub mod postprocess;
+pub mod routes;
 
 use atelier_shared::db::Store;
 use atelier_shared::domain::packshot::PackshotSpec;
@@ -410,6 +414,7 @@ async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputResult, TaskF
         model_used: out.model_used,
         processing_ms: 0,
         input_description: out.description,
+        post_processed: out.post_processed,
     })
 }
 

@@ -109,16 +109,9 @@ impl AtelierEngine {
     pub fn render_timed(
         &self,
         req: &RenderRequest<'_>,
-    ) -> Result<(RgbaImage, StageTimes, serde_json::Value), TaskFailure> {
-        let ins = req
-            .spec
-            .instructions
-            .get(req.instruction_index)
-            .ok_or_else(|| TaskFailure::permanent("instruction index out of range"))?;
-        if req.inputs.is_empty() {
-            return Err(TaskFailure::permanent("the job has no input image"));
-        }
-        let src = &req.inputs[req.variation_index as usize % req.inputs.len()];
+    ) -> Result<(Rendered, StageTimes), TaskFailure> {
+        let ins = req.instruction()?;
+        let src = req.source()?;
         let seed = u64::from(ins.variation_seed(req.variation_index));
         let mut times = StageTimes::default();
 
@@ -127,13 +120,21 @@ impl AtelierEngine {
         times.record("mask", t);
 
         let t = Instant::now();
-        let alpha = refine(&mask);
+        let rgba = src.image.to_rgba8();
+        let mut alpha = refine(&mask);
+        let mut hanger = None;
+        if ins.style == Style::GhostMannequin {
+            let (cleaned, report) = crate::hanger::remove(&alpha, &rgba);
+            alpha = cleaned;
+            hanger = Some(report);
+        }
         let Some((x0, y0, x1, y1)) = bbox(&alpha, 128) else {
             return Err(TaskFailure::permanent(
                 "no garment found in the input image (the mask is empty)",
             ));
         };
-        let rgba = src.image.to_rgba8();
+        // The garment's own colours, the post-processing pass's reference.
+        let reference = crate::postprocess::colour_stats(&rgba, Some(&alpha));
         let (cw, ch) = (x1 - x0 + 1, y1 - y0 + 1);
         let mut garment = image::imageops::crop_imm(&rgba, x0, y0, cw, ch).to_image();
         let calpha = image::imageops::crop_imm(&alpha, x0, y0, cw, ch).to_image();
@@ -193,11 +194,44 @@ impl AtelierEngine {
         if ins.style == Style::WhiteCutout {
             whiten_border(&mut canvas);
         }
+        let mut region = GrayImage::new(w, h);
+        for (x, y, p) in garment.enumerate_pixels() {
+            let (cx, cy) = (ox + i64::from(x), oy + i64::from(y));
+            if cx >= 0 && cy >= 0 && (cx as u32) < w && (cy as u32) < h {
+                region.put_pixel(cx as u32, cy as u32, Luma([p.0[3]]));
+            }
+        }
+        if ins.style == Style::WhiteCutout {
+            // The pure-white border stays out of any later pass.
+            let (bx, by) = ((w / 50).max(1), (h / 50).max(1));
+            for (x, y, p) in region.enumerate_pixels_mut() {
+                if x < bx || y < by || x >= w - bx || y >= h - by {
+                    p.0[0] = 0;
+                }
+            }
+        }
         times.record("composite", t);
 
+        let mut stages = vec!["isnet_mask", "edge_refinement"];
+        if hanger.is_some() {
+            stages.push("hanger_removal");
+        }
+        stages.extend([
+            "crop",
+            "framing",
+            "background",
+            "shadow",
+            if upscaled_with.is_some() {
+                "upscale_realesrgan"
+            } else {
+                "resize_lanczos"
+            },
+            "composite",
+        ]);
         let description = serde_json::json!({
             "engine": "atelier",
-            "stages": ["isnet_mask", "edge_refinement", "crop", "framing", "background", "shadow", upscaled_with.as_deref().map(|_| "upscale_realesrgan").unwrap_or("resize_lanczos"), "composite"],
+            "stages": stages,
+            "hanger_removal": hanger,
             "segmentation_model": self.isnet_variant,
             "upscaler": upscaled_with,
             "source_file_id": src.file_id,
@@ -206,7 +240,20 @@ impl AtelierEngine {
             "shadow": shadow,
             "seed": seed,
         });
-        Ok((canvas, times, description))
+        let model_used = match &upscaled_with {
+            Some(u) => format!("atelier ({} + {u})", self.isnet_variant),
+            None => format!("atelier ({})", self.isnet_variant),
+        };
+        let rendered = Rendered {
+            image: canvas,
+            model_used,
+            description,
+            post: crate::postprocess::PostContext {
+                reference,
+                region: Some(region),
+            },
+        };
+        Ok((rendered, times))
     }
 }
 
@@ -216,16 +263,7 @@ impl Engine for AtelierEngine {
     }
 
     fn render(&self, req: &RenderRequest<'_>) -> Result<Rendered, TaskFailure> {
-        let (image, _, description) = self.render_timed(req)?;
-        let model_used = match description["upscaler"].as_str() {
-            Some(u) => format!("atelier ({} + {u})", self.isnet_variant),
-            None => format!("atelier ({})", self.isnet_variant),
-        };
-        Ok(Rendered {
-            image,
-            model_used,
-            description,
-        })
+        Ok(self.render_timed(req)?.0)
     }
 }
 
@@ -685,6 +723,61 @@ mod tests {
         );
     }
 
+    #[test]
+    fn ghost_mannequin_removes_the_hanger_and_keeps_the_garment() {
+        let img = garment();
+        let rgba = img.to_rgba8();
+        let alpha = refine(&engine().mask(&img).expect("mask"));
+        let (cleaned, report) = crate::hanger::remove(&alpha, &rgba);
+        let gt = truth(img.width(), img.height());
+        let iou = |a: &GrayImage| {
+            let (mut inter, mut union) = (0u64, 0u64);
+            for (p, t) in a.pixels().zip(gt.iter()) {
+                let m = p.0[0] >= 128;
+                inter += u64::from(m && *t);
+                union += u64::from(m || *t);
+            }
+            inter as f64 / union as f64
+        };
+        let (before, after) = (iou(&alpha), iou(&cleaned));
+        eprintln!("hanger removal: {report:?}; IoU {before:.4} → {after:.4}");
+        if let Ok(dir) = std::env::var("ATELIER_DUMP") {
+            alpha.save(format!("{dir}/alpha.png")).expect("dump");
+            cleaned.save(format!("{dir}/cleaned.png")).expect("dump");
+        }
+        // Hook stem, hook arc, both wire arms, their ends close above the
+        // shoulders (scripts/make-testdata.py).
+        for (x, y) in [
+            (450, 150),
+            (450, 130),
+            (425, 101),
+            (330, 224),
+            (570, 224),
+            (350, 215),
+            (300, 237),
+            (600, 237),
+            (260, 255),
+        ] {
+            assert!(
+                cleaned.get_pixel(x, y).0[0] < 128,
+                "hanger pixel ({x},{y}) kept: alpha {} (before {})",
+                cleaned.get_pixel(x, y).0[0],
+                alpha.get_pixel(x, y).0[0]
+            );
+        }
+        // Garment: shoulders, chest, sleeve, hem.
+        for (x, y) in [(330, 270), (450, 500), (200, 370), (450, 900)] {
+            assert!(
+                cleaned.get_pixel(x, y).0[0] >= 128,
+                "garment pixel ({x},{y}) lost"
+            );
+        }
+        assert!(
+            after >= 0.95 && after > before,
+            "IoU {before:.4} → {after:.4}"
+        );
+    }
+
     fn spec(body: serde_json::Value) -> atelier_shared::domain::packshot::PackshotSpec {
         let req = parse_request(&body).expect("parses");
         validate(
@@ -715,7 +808,8 @@ mod tests {
             })
             .expect("renders")
         };
-        let (img, times, desc) = render(0);
+        let (r, times) = render(0);
+        let (img, desc) = (r.image, r.description);
         if let Ok(p) = std::env::var("ATELIER_DUMP") {
             img.save(p).expect("dump");
         }
@@ -751,8 +845,8 @@ mod tests {
         assert!(times.0.iter().any(|(s, _)| *s == "mask"));
         assert_eq!(desc["segmentation_model"], "isnet_fp16");
         // Reproducible, and variations differ.
-        assert_eq!(render(0).0, img, "same seed, same pixels");
-        assert_ne!(render(1).0, img, "variations differ");
+        assert_eq!(render(0).0.image, img, "same seed, same pixels");
+        assert_ne!(render(1).0.image, img, "variations differ");
     }
 
     #[test]

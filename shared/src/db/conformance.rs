@@ -64,6 +64,7 @@ fn result() -> OutputResult {
         model_used: "test".into(),
         processing_ms: 1,
         input_description: serde_json::json!({}),
+        post_processed: false,
     }
 }
 
@@ -135,6 +136,93 @@ pub async fn admission_reserves_and_refuses(s: Store) {
     let acc = s.account(&a).await.expect("read").expect("exists");
     assert_eq!((acc.reserved, acc.active_jobs), (9_000, 2));
     assert!(s.job(&j1).await.expect("read").is_some());
+    audit_clean(&s).await;
+}
+
+/// `post_processing_status`: pending at creation, processing after the
+/// first post-processed output, completed with the job; an output that comes
+/// back without the pass fails it for good; a failed job fails it.
+pub async fn post_processing_status_follows_the_outputs(s: Store) {
+    let a = account(&s, "pia", 50).await;
+    let post = |costs: &'static [i64]| NewJob {
+        post_process: true,
+        ..job(&a, costs, None)
+    };
+    let status = |j: String| {
+        let s = s.clone();
+        async move {
+            let row = s.job(&j).await.expect("read").expect("job");
+            (row.post_processing_status, row.post_processing_error)
+        }
+    };
+    let lease = now_ms() + 60_000;
+    let run = |o: i64, processed: bool| {
+        let s = s.clone();
+        async move {
+            let at = s
+                .claim_for_dispatch(o, lease, "t")
+                .await
+                .expect("claim")
+                .expect("claimed");
+            assert!(s.record_started(o, at, lease, "w").await.expect("start"));
+            let r = OutputResult {
+                post_processed: processed,
+                ..result()
+            };
+            assert!(s.record_completed(o, at, &r).await.expect("complete"));
+        }
+    };
+
+    let j = created(&s, post(&[1, 1])).await;
+    assert_eq!(status(j.clone()).await, (Some("pending".into()), None));
+    let outs = s.latest_outputs(&j).await.expect("outputs");
+    run(outs[0].id, true).await;
+    assert_eq!(status(j.clone()).await, (Some("processing".into()), None));
+    run(outs[1].id, true).await;
+    assert_eq!(status(j.clone()).await, (Some("completed".into()), None));
+
+    let j = created(&s, post(&[1, 1])).await;
+    let outs = s.latest_outputs(&j).await.expect("outputs");
+    run(outs[0].id, false).await;
+    run(outs[1].id, true).await;
+    let (st, err) = status(j.clone()).await;
+    assert_eq!(st.as_deref(), Some("failed"));
+    assert!(err.is_some_and(|e| e.contains("without the post-processing pass")));
+    assert_eq!(
+        s.job(&j).await.expect("read").expect("job").status,
+        "completed"
+    );
+
+    let j = created(&s, post(&[1])).await;
+    let o = s.latest_outputs(&j).await.expect("outputs")[0].id;
+    let at = s
+        .claim_for_dispatch(o, lease, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
+    s.record_failure(
+        o,
+        at,
+        &FailureKind::Permanent,
+        "broken",
+        &RetryPolicy::default(),
+        0.5,
+    )
+    .await
+    .expect("fail");
+    let (st, err) = status(j.clone()).await;
+    assert_eq!(
+        (st.as_deref(), err.as_deref()),
+        (Some("failed"), Some("the job did not complete"))
+    );
+
+    let j = created(&s, job(&a, &[1], None)).await;
+    run(s.latest_outputs(&j).await.expect("outputs")[0].id, false).await;
+    assert_eq!(
+        status(j).await,
+        (None, None),
+        "no pass asked, none reported"
+    );
     audit_clean(&s).await;
 }
 
@@ -517,6 +605,7 @@ macro_rules! store_suite {
             t!(tokens_authenticate_until_revoked);
             t!(admission_reserves_and_refuses);
             t!(outputs_are_recorded_and_charged_once);
+            t!(post_processing_status_follows_the_outputs);
             t!(retries_then_gives_up);
             t!(expired_leases_are_found);
             t!(refusals_fall_back_only_under_auto);

@@ -113,15 +113,13 @@ impl Store {
         } else {
             Dialect::Postgres
         };
-        if dialect == Dialect::Sqlite {
-            if let Some(path) = sqlite_path(url) {
-                if let Some(dir) = std::path::Path::new(&path).parent() {
-                    if !dir.as_os_str().is_empty() {
-                        std::fs::create_dir_all(dir)
-                            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
-                    }
-                }
-            }
+        if dialect == Dialect::Sqlite
+            && let Some(path) = sqlite_path(url)
+            && let Some(dir) = std::path::Path::new(&path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         }
         let opts = AnyPoolOptions::new()
             .max_connections(max_connections)

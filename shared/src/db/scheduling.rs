@@ -221,7 +221,9 @@ impl Store {
             tx.rollback().await?;
             return Ok(false);
         };
-        finish_output(&mut tx, &o, OutputStatus::Completed, "", Some(result), true).await?;
+        if finish_output(&mut tx, &o, OutputStatus::Completed, "", Some(result), true).await? {
+            post_processing_progress(&mut tx, &o, result.post_processed).await?;
+        }
         finalize_job(&mut tx, &o.job_id, None).await?;
         tx.commit().await?;
         Ok(true)
@@ -436,6 +438,26 @@ pub(crate) async fn finish_output(
     Ok(true)
 }
 
+/// Tracks the post-processing pass of a job that asked for one: the first
+/// post-processed output moves it to `processing`; an output completed
+/// without the pass (a worker that lacks it) marks it `failed`, for good.
+async fn post_processing_progress(tx: &mut Tx, o: &OutputRow, post_processed: bool) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET post_processing_status = CASE WHEN $2 = 1 THEN 'processing' ELSE 'failed' END, \
+         post_processing_error = CASE WHEN $2 = 1 THEN post_processing_error ELSE $3 END \
+         WHERE id = $1 AND should_post_process = 1 AND post_processing_status IN ('pending', 'processing')",
+    )
+    .bind(&o.job_id)
+    .bind(i64::from(post_processed))
+    .bind(format!(
+        "output {} (instruction {}, variation {}) completed without the post-processing pass",
+        o.id, o.instruction_index, o.variation_index
+    ))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Finalises a job whose outputs are all terminal (or that is being
 /// aborted): terminal status, reservation closed, active-job slot freed,
 /// `batch_edit` notification. No-op while outputs remain open.
@@ -445,8 +467,8 @@ pub(crate) async fn finalize_job(
     forced: Option<JobStatus>,
 ) -> Result<()> {
     let now = now_ms();
-    let (status, total, completed, failed, post, account, counts): (String, i64, i64, i64, i64, String, i64) = sqlx::query_as(
-        "SELECT status, total_outputs, completed_outputs, failed_outputs, should_post_process, account_id, counts_against_cap \
+    let (status, total, completed, failed, account, counts): (String, i64, i64, i64, String, i64) = sqlx::query_as(
+        "SELECT status, total_outputs, completed_outputs, failed_outputs, account_id, counts_against_cap \
          FROM jobs WHERE id = $1",
     )
     .bind(job_id)
@@ -479,14 +501,18 @@ pub(crate) async fn finalize_job(
         }
         _ => None,
     };
-    // Post-processing runs as its own stage once the inference issue lands;
-    // until then a requested pass is reported as not performed, never as done.
-    let post_status = (post == 1 && next == JobStatus::Completed).then_some("failed");
-    let post_error = post_status.map(|_| "post-processing is not available on this server");
+    // The pass runs inside each output's task; the job's pass is complete
+    // when the job is, unless an output came back without it.
+    let (post_status, post_error) = if next == JobStatus::Completed {
+        ("completed", None)
+    } else {
+        ("failed", Some("the job did not complete"))
+    };
     let finalized = sqlx::query(
         "UPDATE jobs SET status = $2, finalized_at = $3, updated_at = $3, error_message = COALESCE($4, error_message), \
-         post_processing_status = CASE WHEN should_post_process = 1 THEN COALESCE($5, 'failed') ELSE NULL END, \
-         post_processing_error = CASE WHEN should_post_process = 1 THEN COALESCE($6, post_processing_error, 'job did not complete') ELSE NULL END \
+         post_processing_status = CASE WHEN should_post_process = 1 THEN \
+           CASE WHEN post_processing_status = 'failed' THEN 'failed' ELSE $5 END ELSE NULL END, \
+         post_processing_error = CASE WHEN should_post_process = 1 THEN COALESCE(post_processing_error, $6) ELSE NULL END \
          WHERE id = $1 AND status IN ('pending', 'processing')",
     )
     .bind(job_id)

@@ -91,4 +91,7 @@ pub struct OutputResult {
     pub processing_ms: i64,
     /// Free-form engine-side description of what was done with the inputs.
     pub input_description: serde_json::Value,
+    /// The post-processing pass ran on this output (`post_process: true`).
+    #[serde(default)]
+    pub post_processed: bool,
 }

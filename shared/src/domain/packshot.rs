@@ -142,6 +142,16 @@ pub enum EngineChoice {
 }
 
 impl EngineChoice {
+    pub fn parse(name: &str) -> Option<EngineChoice> {
+        [
+            EngineChoice::Auto,
+            EngineChoice::NanoBananaPro,
+            EngineChoice::Seedream,
+        ]
+        .into_iter()
+        .find(|e| e.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EngineChoice::Auto => "auto",

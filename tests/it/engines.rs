@@ -1,0 +1,184 @@
+//! Engine routes over HTTP: a local service speaking the Atelier engine
+//! protocol stands in for a generative backend (none is reachable from
+//! here); the adapter, routing, refusal fallback and settlement are real.
+
+use crate::helpers::*;
+use atelier::app::Roles;
+use atelier_shared::config::EngineRoute;
+use atelier_shared::db::Dialect;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode as AxStatus};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<Value>>>);
+
+/// Answers with the primary input, colours inverted, as a PNG, after
+/// checking the request has what the protocol promises.
+async fn generate(
+    State(seen): State<Seen>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let problems: Vec<&str> = [
+        (body["protocol"] != "atelier-engine/1", "protocol"),
+        (!body["prompt"].is_string(), "prompt"),
+        (!body["seed"].is_u64(), "seed"),
+        (!body["instruction"]["style"].is_string(), "instruction"),
+        (
+            headers.get("authorization").is_some(),
+            "no key was configured",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(bad, what)| bad.then_some(what))
+    .collect();
+    if !problems.is_empty() {
+        return (
+            AxStatus::BAD_REQUEST,
+            Json(json!({"error": problems.join(", ")})),
+        )
+            .into_response();
+    }
+    let primary = body["primary_image"].clone();
+    let Some(img) = body["images"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["file_id"] == primary))
+        .and_then(|i| i["data"].as_str())
+        .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
+        .and_then(|b| image::load_from_memory(&b).ok())
+    else {
+        return (
+            AxStatus::BAD_REQUEST,
+            Json(json!({"error": "no primary image"})),
+        )
+            .into_response();
+    };
+    seen.0.lock().expect("lock").push(body);
+    let mut rgb = img.to_rgb8();
+    image::imageops::invert(&mut rgb);
+    let mut png = Vec::new();
+    rgb.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("png");
+    (
+        [
+            ("content-type", "image/png"),
+            ("x-model-used", "inverter-1"),
+        ],
+        png,
+    )
+        .into_response()
+}
+
+async fn refuse() -> Response {
+    (
+        AxStatus::UNPROCESSABLE_ENTITY,
+        Json(json!({"error": "content policy: garments only"})),
+    )
+        .into_response()
+}
+
+async fn backend() -> (String, Seen) {
+    let seen = Seen::default();
+    let app = axum::Router::new()
+        .route("/generate", axum::routing::post(generate))
+        .route("/refuse", axum::routing::post(refuse))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn http_routes_serve_named_engines_and_refusals_fall_back_under_auto() {
+    let (url, seen) = backend().await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        let route = |path: &str| EngineRoute::Http {
+            url: format!("{url}{path}"),
+            api_key_env: None,
+            timeout_secs: 10,
+        };
+        c.engines
+            .routes
+            .insert("seedream".into(), route("/generate"));
+        c.engines
+            .routes
+            .insert("nano_banana_pro".into(), route("/refuse"));
+        c.engines.auto = vec!["nano_banana_pro".into(), "atelier".into()];
+    })
+    .await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(96, 128), "a.jpg").await;
+    let (before, _) = app.balance(&app.key).await;
+    let body = |model: &str| {
+        json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout", "prompt": "navy tee"}],
+               "options": {"model": model}})
+    };
+    let run = |model: &'static str| {
+        let body = body(model);
+        let app = &app;
+        async move {
+            let (s, v) = app.post("/create-packshot", body).await;
+            assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+            let job = v["job_id"].as_str().expect("job").to_string();
+            let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
+            let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
+            (st, r)
+        }
+    };
+
+    // A named route runs its backend; model_used says what really ran.
+    let (st, r) = run("seedream").await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let res = &r["results"][0];
+    assert_eq!(res["model_used"], "seedream (inverter-1)", "{res}");
+    assert_eq!(res["input_description"]["route"], "http");
+    let bytes = app.fetch(&res["output"]["full_size"]).await;
+    let out = image::load_from_memory(&bytes).expect("image").to_rgb8();
+    // garment_jpeg draws a blue garment (30, 60, 160): inverted, it is ochre.
+    let mid = out.get_pixel(out.width() / 2, out.height() / 2).0;
+    assert!(
+        mid[0] > 200 && mid[2] < 120,
+        "the backend's image was used: {mid:?}"
+    );
+    {
+        let seen = seen.0.lock().expect("lock");
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0]["engine"], "seedream");
+        assert_eq!(seen[0]["width"], 1024);
+        assert!(
+            seen[0]["prompt"]
+                .as_str()
+                .is_some_and(|p| p.contains("navy tee")),
+            "{}",
+            seen[0]
+        );
+    }
+
+    // auto: the first engine refuses (422), the built-in one takes over.
+    let (st, r) = run("auto").await;
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(r["results"][0]["model_used"], "atelier-basic");
+
+    // A named engine's refusal is final: failed with the reason, not charged.
+    let (st, _) = run("nano_banana_pro").await;
+    assert_eq!(st["status"], "failed", "{st}");
+    assert!(
+        st["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused the content") && m.contains("garments only")),
+        "{st}"
+    );
+    assert_eq!(app.balance(&app.key).await, (before - 6.0, 0.0));
+    app.audit_clean().await;
+    app.stop().await;
+}
