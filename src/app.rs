@@ -87,10 +87,20 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Services> {
     let queue: DynQueue = if cfg.queue.url == "embedded" {
         Arc::new(EmbeddedQueue::new(store.clone(), queue_stop.clone()))
     } else {
-        bail!(
-            "queue.url {}: the RabbitMQ adapter is not part of this build yet; use `embedded`",
-            atelier_shared::config::redact_url(&cfg.queue.url)
-        );
+        Arc::new(
+            atelier_shared::queue::rabbitmq::RabbitQueue::connect(
+                &cfg.queue.url,
+                &cfg.queue.namespace,
+                queue_stop.clone(),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach RabbitMQ at {}",
+                    atelier_shared::config::redact_url(&cfg.queue.url)
+                )
+            })?,
+        )
     };
     let objects = open_objects(cfg)?;
     let key = match &cfg.server.url_signing_key {

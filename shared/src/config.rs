@@ -59,6 +59,9 @@ pub struct DatabaseConfig {
 pub struct QueueConfig {
     /// `embedded` or `amqp://…`.
     pub url: String,
+    /// Prefix of every queue name on the broker (e.g. `prod.`): deployments
+    /// sharing a RabbitMQ keep apart. Letters, digits, `.`, `_`, `-`.
+    pub namespace: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -300,6 +303,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             url: "embedded".into(),
+            namespace: String::new(),
         }
     }
 }
@@ -493,6 +497,15 @@ impl Config {
                 "queue.url: `{}` must be `embedded` or an amqp:// URL",
                 self.queue.url
             ));
+        }
+        if !self
+            .queue
+            .namespace
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            || self.queue.namespace.len() > 64
+        {
+            e.push("queue.namespace: up to 64 letters, digits, `.`, `_` or `-`".into());
         }
         if let Some(r) = &self.redis.url
             && !(r.starts_with("redis://") || r.starts_with("rediss://"))

@@ -35,6 +35,13 @@ pub fn with_models(c: &mut Config) {
     c.models.required = true;
 }
 
+/// RabbitMQ (`scripts/test` starts it) under a namespace of this test's own.
+pub fn with_rabbitmq(c: &mut Config) {
+    c.queue.url = std::env::var("ATELIER_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    c.queue.namespace = format!("t{}.", ulid::Ulid::new().to_string().to_lowercase());
+}
+
 /// A configuration for tests: port 0, fast ticks, short leases.
 pub fn test_config(dir: &std::path::Path, database_url: String) -> Config {
     let mut c = Config::default();

@@ -8,8 +8,8 @@ use serde_json::json;
 use std::io::Read;
 use std::time::Duration;
 
-async fn end_to_end(dialect: Dialect) {
-    let app = TestApp::with(dialect, Roles::ALL, |_| {}).await;
+async fn end_to_end(dialect: Dialect, tweak: impl FnOnce(&mut atelier_shared::config::Config)) {
+    let app = TestApp::with(dialect, Roles::ALL, tweak).await;
     let p = app.project("Spring").await;
     let front = app.upload(garment_jpeg(600, 800), "front.jpg").await;
     let back = app.upload(garment_jpeg(400, 400), "back.jpg").await;
@@ -141,12 +141,18 @@ async fn end_to_end(dialect: Dialect) {
 
 #[tokio::test]
 async fn packshot_end_to_end_on_sqlite() {
-    end_to_end(Dialect::Sqlite).await;
+    end_to_end(Dialect::Sqlite, |_| {}).await;
 }
 
 #[tokio::test]
 async fn packshot_end_to_end_on_postgres() {
-    end_to_end(Dialect::Postgres).await;
+    end_to_end(Dialect::Postgres, |_| {}).await;
+}
+
+/// The production queue: PostgreSQL and RabbitMQ (quorum queues, confirms).
+#[tokio::test]
+async fn packshot_end_to_end_on_postgres_and_rabbitmq() {
+    end_to_end(Dialect::Postgres, with_rabbitmq).await;
 }
 
 #[tokio::test]

@@ -1,11 +1,12 @@
 //! The queue conformance suite. Each check takes queue factories, so the
-//! same assertions run against every implementation (embedded on SQLite and
-//! Postgres here; RabbitMQ joins with the distributed runtime).
+//! same assertions run against every implementation: embedded on SQLite and
+//! Postgres, and RabbitMQ on the broker at `ATELIER_TEST_AMQP_URL`.
 
 use super::{DynQueue, MAX_DELIVERIES, Message, Queue};
 use crate::db::Dialect;
 use crate::db::testing::TestDb;
 use crate::queue::embedded::EmbeddedQueue;
+use crate::queue::rabbitmq::RabbitQueue;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -211,3 +212,58 @@ macro_rules! embedded_suite {
 
 embedded_suite!(embedded_sqlite, Dialect::Sqlite);
 embedded_suite!(embedded_postgres, Dialect::Postgres);
+
+/// The broker `scripts/test` starts, unless `ATELIER_TEST_AMQP_URL` says otherwise.
+const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A RabbitMQ queue on its own connection; cancelling the token closes that
+/// connection, as a process dying would. Tests never delete queues: every
+/// test uses fresh names ([`qname`]).
+async fn rabbitmq_queue() -> (DynQueue, CancellationToken) {
+    let url =
+        std::env::var("ATELIER_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_string());
+    let stop = CancellationToken::new();
+    // Names are unique per test already; the namespace is exercised too.
+    let q = RabbitQueue::connect(&url, "conformance.", stop.clone()).await.expect(
+        "RabbitMQ must be reachable for tests (scripts/test starts it); set ATELIER_TEST_AMQP_URL",
+    );
+    (Arc::new(q) as Arc<dyn Queue>, stop)
+}
+
+mod rabbitmq {
+    use super::*;
+
+    #[tokio::test]
+    async fn publish_consume_ack() {
+        super::publish_consume_ack(rabbitmq_queue().await.0).await;
+    }
+
+    #[tokio::test]
+    async fn nack_redelivers() {
+        super::nack_redelivers(rabbitmq_queue().await.0).await;
+    }
+
+    #[tokio::test]
+    async fn prefetch_is_bounded() {
+        super::prefetch_is_bounded(rabbitmq_queue().await.0).await;
+    }
+
+    #[tokio::test]
+    async fn delayed_publish_waits() {
+        super::delayed_publish_waits(rabbitmq_queue().await.0).await;
+    }
+
+    #[tokio::test]
+    async fn poison_messages_are_dead_lettered() {
+        super::poison_messages_are_dead_lettered(rabbitmq_queue().await.0).await;
+    }
+
+    /// No lease to wait out: cancelling the first queue's token closes its
+    /// connection and the broker requeues what its channel held.
+    #[tokio::test]
+    async fn held_messages_survive_a_dead_consumer() {
+        let (first, crash) = rabbitmq_queue().await;
+        let (second, _keep) = rabbitmq_queue().await;
+        super::held_messages_survive_a_dead_consumer(first, crash, second).await;
+    }
+}

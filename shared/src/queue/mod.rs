@@ -17,6 +17,7 @@
 //! after [`MAX_DELIVERIES`] deliveries.
 
 pub mod embedded;
+pub mod rabbitmq;
 
 use async_trait::async_trait;
 use std::collections::BTreeMap;
