@@ -8,6 +8,7 @@ use atelier_shared::domain::Credits;
 use atelier_shared::queue::DynQueue;
 use atelier_shared::queue::embedded::EmbeddedQueue;
 use atelier_shared::storage::local::LocalStore;
+use atelier_shared::storage::s3::{S3Options, S3Store};
 use atelier_shared::storage::{DynObjectStore, Signer};
 use rand::RngCore;
 use std::net::SocketAddr;
@@ -58,17 +59,51 @@ pub struct Services {
     pub queue_stop: CancellationToken,
 }
 
-/// The object store `storage.url` names.
-pub fn open_objects(cfg: &Config) -> anyhow::Result<DynObjectStore> {
+/// The object store `storage.url` names. Async because the S3 store checks
+/// its bucket at start (a wrong bucket, endpoint or key fails here, not on
+/// the first job).
+pub async fn open_objects(cfg: &Config) -> anyhow::Result<DynObjectStore> {
     let storage_url = cfg.storage_url();
     if let Some(dir) = storage_url.strip_prefix("file://") {
         Ok(Arc::new(LocalStore::new(dir).with_context(|| {
             format!("cannot use the object directory {dir}")
         })?))
+    } else if let Some(rest) = storage_url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            bail!("storage.url {storage_url}: no bucket; use s3://bucket[/prefix]");
+        }
+        let st = &cfg.storage;
+        let (Some(access_key), Some(secret_key)) = (&st.s3_access_key, &st.s3_secret_key) else {
+            bail!("storage: s3:// needs storage.s3_access_key and storage.s3_secret_key");
+        };
+        let endpoint = st.s3_endpoint.clone().filter(|e| !e.is_empty());
+        let store = S3Store::new(S3Options {
+            endpoint: endpoint.clone(),
+            region: st
+                .s3_region
+                .clone()
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "us-east-1".into()),
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            access_key: access_key.clone(),
+            secret_key: secret_key.clone(),
+            path_style: st.s3_path_style,
+            // Buckets are provisioned by the operator (deploy/compose.yaml's
+            // minio-init, or the cloud account); a missing one is an error.
+            create_bucket: false,
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "cannot use the object store {storage_url} at {}",
+                endpoint.as_deref().unwrap_or("AWS")
+            )
+        })?;
+        Ok(Arc::new(store))
     } else {
-        bail!(
-            "storage.url {storage_url}: the S3 adapter is not part of this build yet; use file://<dir>"
-        );
+        bail!("storage.url {storage_url}: must be file://<dir> or s3://bucket[/prefix]");
     }
 }
 
@@ -102,7 +137,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Services> {
             })?,
         )
     };
-    let objects = open_objects(cfg)?;
+    let objects = open_objects(cfg).await?;
     let key = match &cfg.server.url_signing_key {
         Some(k) => k.clone(),
         None => store

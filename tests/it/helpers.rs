@@ -35,11 +35,60 @@ pub fn with_models(c: &mut Config) {
     c.models.required = true;
 }
 
+/// Tests that use RabbitMQ take this first: the broker drill restarts the
+/// one broker they share.
+pub async fn broker_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 /// RabbitMQ (`scripts/test` starts it) under a namespace of this test's own.
 pub fn with_rabbitmq(c: &mut Config) {
     c.queue.url = std::env::var("ATELIER_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     c.queue.namespace = format!("t{}.", ulid::Ulid::new().to_string().to_lowercase());
+}
+
+/// A fresh bucket on the S3-compatible server `scripts/test` starts (s3s-fs);
+/// `with_s3` points a configuration at it.
+pub async fn s3_bucket() -> String {
+    let bucket = format!(
+        "atelier-it-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    let (endpoint, access_key, secret_key) = s3_env();
+    atelier_shared::storage::s3::S3Store::new(atelier_shared::storage::s3::S3Options {
+        endpoint: Some(endpoint),
+        region: "us-east-1".into(),
+        bucket: bucket.clone(),
+        prefix: String::new(),
+        access_key,
+        secret_key,
+        path_style: true,
+        create_bucket: true,
+    })
+    .await
+    .expect("the S3 test server is up (scripts/test starts s3s-fs)");
+    bucket
+}
+
+fn s3_env() -> (String, String, String) {
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    (
+        var("ATELIER_TEST_S3_ENDPOINT", "http://127.0.0.1:9019"),
+        var("ATELIER_TEST_S3_ACCESS_KEY", "atelier-test"),
+        var("ATELIER_TEST_S3_SECRET_KEY", "atelier-test-secret"),
+    )
+}
+
+pub fn with_s3(c: &mut Config, bucket: &str) {
+    let (endpoint, access_key, secret_key) = s3_env();
+    c.storage.url = Some(format!("s3://{bucket}/objects"));
+    c.storage.s3_endpoint = Some(endpoint);
+    c.storage.s3_region = Some("us-east-1".into());
+    c.storage.s3_access_key = Some(access_key);
+    c.storage.s3_secret_key = Some(secret_key);
+    c.storage.s3_path_style = true;
 }
 
 /// A configuration for tests: port 0, fast ticks, short leases.

@@ -149,10 +149,17 @@ async fn packshot_end_to_end_on_postgres() {
     end_to_end(Dialect::Postgres, |_| {}).await;
 }
 
-/// The production queue: PostgreSQL and RabbitMQ (quorum queues, confirms).
+/// The production stack: PostgreSQL, RabbitMQ (quorum queues, confirms) and
+/// S3 (inputs, results and the presigned URLs clients download from).
 #[tokio::test]
-async fn packshot_end_to_end_on_postgres_and_rabbitmq() {
-    end_to_end(Dialect::Postgres, with_rabbitmq).await;
+async fn packshot_end_to_end_on_postgres_rabbitmq_and_s3() {
+    let _broker = broker_lock().await;
+    let bucket = s3_bucket().await;
+    end_to_end(Dialect::Postgres, |c| {
+        with_rabbitmq(c);
+        with_s3(c, &bucket);
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 //! from [`ObjectStore::presign_get`]/[`ObjectStore::presign_put`].
 
 pub mod local;
+pub mod s3;
 mod signer;
 
 pub use signer::{Capability, SignError, Signer};
