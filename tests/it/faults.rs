@@ -10,28 +10,12 @@ use serde_json::json;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::task::JoinHandle;
 
-/// Starts `atelier worker` as a child process on the app's database and objects.
+/// Starts `atelier worker` as a child process on the app's services.
 fn spawn_worker(app: &TestApp, fault_delay_ms: u64) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_atelier"))
-        .arg("worker")
-        .env("ATELIER_SERVER__LISTEN", "127.0.0.1:0")
-        .env("ATELIER_DATA_DIR", app.cfg.data_dir.as_os_str())
-        .env("ATELIER_DATABASE__URL", app.cfg.database_url())
-        .env("ATELIER_STORAGE__URL", app.cfg.storage_url())
-        .env("ATELIER_MODELS__DIR", &app.cfg.models.dir)
-        .env("ATELIER_MODELS__AUTO_FETCH", "false")
-        .env("ATELIER_BOOTSTRAP__ENABLED", "false")
-        .env("ATELIER_WORKER__HEARTBEAT_SECS", "1")
-        .env("ATELIER_WORKER__CONCURRENCY", "1")
-        .env("ATELIER_SCHEDULER__RUNNING_LEASE_SECS", "3")
-        .env("ATELIER_WORKER__FAULT_DELAY_MS", fault_delay_ms.to_string())
-        .env("ATELIER_LOG__LEVEL", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("worker process starts")
+    spawn_role(app, "worker", fault_delay_ms)
 }
 
 #[tokio::test]

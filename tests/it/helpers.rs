@@ -91,6 +91,48 @@ pub fn with_s3(c: &mut Config, bucket: &str) {
     c.storage.s3_path_style = true;
 }
 
+/// Starts `atelier <role>` as a child process on the app's database, queue
+/// and object store, with the test timings (1 s heartbeats, 3 s leases).
+pub fn spawn_role(app: &TestApp, role: &str, fault_delay_ms: u64) -> tokio::process::Child {
+    let c = &app.cfg;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier"));
+    cmd.arg(role)
+        .env("ATELIER_SERVER__LISTEN", "127.0.0.1:0")
+        .env("ATELIER_DATA_DIR", c.data_dir.as_os_str())
+        .env("ATELIER_DATABASE__URL", c.database_url())
+        .env("ATELIER_QUEUE__URL", &c.queue.url)
+        .env("ATELIER_QUEUE__NAMESPACE", &c.queue.namespace)
+        .env("ATELIER_STORAGE__URL", c.storage_url())
+        .env(
+            "ATELIER_STORAGE__S3_PATH_STYLE",
+            c.storage.s3_path_style.to_string(),
+        )
+        .env("ATELIER_MODELS__DIR", &c.models.dir)
+        .env("ATELIER_MODELS__AUTO_FETCH", "false")
+        .env("ATELIER_BOOTSTRAP__ENABLED", "false")
+        .env("ATELIER_WORKER__HEARTBEAT_SECS", "1")
+        .env("ATELIER_WORKER__CONCURRENCY", "1")
+        .env(
+            "ATELIER_SCHEDULER__TICK_MS",
+            c.scheduler.tick_ms.to_string(),
+        )
+        .env("ATELIER_SCHEDULER__RUNNING_LEASE_SECS", "3")
+        .env("ATELIER_WORKER__FAULT_DELAY_MS", fault_delay_ms.to_string())
+        .env("ATELIER_LOG__LEVEL", "warn")
+        .kill_on_drop(true);
+    for (k, v) in [
+        ("ATELIER_STORAGE__S3_ENDPOINT", &c.storage.s3_endpoint),
+        ("ATELIER_STORAGE__S3_REGION", &c.storage.s3_region),
+        ("ATELIER_STORAGE__S3_ACCESS_KEY", &c.storage.s3_access_key),
+        ("ATELIER_STORAGE__S3_SECRET_KEY", &c.storage.s3_secret_key),
+    ] {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    cmd.spawn().expect("atelier child process starts")
+}
+
 /// A configuration for tests: port 0, fast ticks, short leases.
 pub fn test_config(dir: &std::path::Path, database_url: String) -> Config {
     let mut c = Config::default();

@@ -7,5 +7,6 @@ mod api;
 mod cli;
 mod engines;
 mod faults;
+mod fleet;
 mod helpers;
 mod lifecycle;
