@@ -263,6 +263,16 @@ pub async fn start(
             services.objects.clone(),
             services.signer.clone(),
         );
+        if cfg.redis.url.is_some()
+            && !state
+                .limiter
+                .wait_shared(std::time::Duration::from_secs(3))
+                .await
+        {
+            tracing::warn!(
+                "Redis did not answer at start: rate limits are per replica until it does"
+            );
+        }
         tasks.spawn(atelier_api::serve(listener, state, shutdown.clone()));
     } else {
         tasks.spawn(serve_ops(listener, shutdown.clone()));

@@ -88,7 +88,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let decision = state.limiter.check(Bucket::General, &account.id);
+    let decision = state.limiter.check(Bucket::General, &account.id).await;
     if !decision.allowed {
         let mut r = ApiError::too_many(
             "rate_limited",

@@ -53,6 +53,20 @@ pub struct AppState {
     pub engines: Arc<EngineAvailability>,
 }
 
+/// In-process buckets, shared through Redis when `redis.url` is set.
+fn limiter(config: &Config) -> limits::Limiter {
+    let mut l = limits::Limiter::new(
+        config.limits.requests_per_minute,
+        config.limits.create_per_minute,
+    );
+    if let Some(url) = &config.redis.url
+        && let Err(e) = l.share_through_redis(url, &config.redis.prefix)
+    {
+        tracing::error!(error = %e, "rate limits stay per replica");
+    }
+    l
+}
+
 impl AppState {
     pub fn new(
         config: Arc<Config>,
@@ -64,10 +78,7 @@ impl AppState {
             store,
             objects,
             signer,
-            limiter: Arc::new(limits::Limiter::new(
-                config.limits.requests_per_minute,
-                config.limits.create_per_minute,
-            )),
+            limiter: Arc::new(limiter(&config)),
             engines: Arc::new(EngineAvailability {
                 configured: config
                     .engines

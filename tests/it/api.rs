@@ -282,3 +282,56 @@ async fn expired_upload_urls_are_refused() {
     );
     app.stop().await;
 }
+
+/// Two API replicas on one database and one Redis share the creation bucket
+/// (5 per minute per account): 3 through one and 2 through the other use it
+/// up. With Redis unreachable an API still serves and limits per replica.
+#[tokio::test]
+async fn rate_limits_are_shared_through_redis_and_degrade_without_it() {
+    let redis =
+        std::env::var("ATELIER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("t{}:", ulid::Ulid::new().to_string().to_lowercase());
+    let db = database_url(Dialect::Postgres, std::path::Path::new("/unused")).await;
+    let replica = |redis_url: String| {
+        let (db, prefix) = (db.clone(), prefix.clone());
+        async move {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut c = test_config(dir.path(), db);
+            c.redis.url = Some(redis_url);
+            c.redis.prefix = prefix;
+            TestApp::start(c, Roles::API, dir).await
+        }
+    };
+    let a = replica(redis.clone()).await;
+    let b = replica(redis).await;
+    // An invalid body still takes a token: the limit is checked first.
+    async fn create(app: &TestApp) -> StatusCode {
+        app.post("/create-packshot", json!({})).await.0
+    }
+    for app in [&a, &a, &a, &b, &b] {
+        assert_eq!(create(app).await, StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(
+        create(&b).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "b saw a's three"
+    );
+    assert_eq!(create(&a).await, StatusCode::TOO_MANY_REQUESTS);
+
+    // Redis unreachable (nothing listens on port 1): the API answers, and
+    // the replica enforces the limit on its own.
+    let c = replica("redis://127.0.0.1:1".into()).await;
+    let t = std::time::Instant::now();
+    assert_eq!(c.get("/project").await.0, StatusCode::OK);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "no long stall per request"
+    );
+    for _ in 0..5 {
+        assert_eq!(create(&c).await, StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(create(&c).await, StatusCode::TOO_MANY_REQUESTS);
+    for app in [a, b, c] {
+        app.stop().await;
+    }
+}

@@ -27,7 +27,8 @@ pub async fn create_packshot(
     // 5 creations per minute per account and endpoint (contract §1.9).
     let decision = s
         .limiter
-        .check(Bucket::Create, &format!("{}:create-packshot", acc.id));
+        .check(Bucket::Create, &format!("{}:create-packshot", acc.id))
+        .await;
     if !decision.allowed {
         let mut r = ApiError::too_many(
             "rate_limited",
