@@ -82,14 +82,34 @@ async fn stop(children: Vec<Child>) {
     }
 }
 
+/// … and one of the two schedulers is killed (SIGKILL) mid-batch: the other
+/// carries on, nothing is lost or charged twice.
 #[tokio::test]
 async fn two_schedulers_and_three_workers_complete_200_outputs_each_charged_once() {
-    let (app, children, _broker) = fleet().await;
+    let (app, mut children, _broker) = fleet().await;
     let mut jobs = Vec::new();
     for i in 0..5 {
         let key = app.account(&format!("acct{i}"), 150.0).await;
         jobs.push((key.clone(), submit(&app, &key, 40).await));
     }
+    let t = Instant::now();
+    loop {
+        let done: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM outputs WHERE status = 'completed'")
+                .fetch_one(app.store.pool())
+                .await
+                .expect("count");
+        if done >= 30 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the fleet is not progressing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut scheduler = children.remove(0);
+    scheduler.kill().await.expect("SIGKILL a scheduler");
     for (key, job) in &jobs {
         let j = wait_done(&app, job, Duration::from_secs(240)).await;
         assert_eq!(

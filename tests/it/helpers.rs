@@ -117,6 +117,9 @@ pub fn spawn_role(app: &TestApp, role: &str, fault_delay_ms: u64) -> tokio::proc
             c.scheduler.tick_ms.to_string(),
         )
         .env("ATELIER_SCHEDULER__RUNNING_LEASE_SECS", "3")
+        // A scheduler killed between claiming and publishing leaves its
+        // claim to this lease: short, so drills do not wait the default 600 s.
+        .env("ATELIER_SCHEDULER__DISPATCH_LEASE_SECS", "10")
         .env("ATELIER_WORKER__FAULT_DELAY_MS", fault_delay_ms.to_string())
         .env("ATELIER_LOG__LEVEL", "warn")
         .kill_on_drop(true);
