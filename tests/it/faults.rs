@@ -357,3 +357,142 @@ async fn a_broker_restart_mid_batch_loses_nothing_and_charges_once() {
     app.audit_clean().await;
     app.stop().await;
 }
+
+/// S3 unreachable for a while (every connection to it cut, through a TCP
+/// proxy) on PostgreSQL + RabbitMQ + S3: admission does not need it (202),
+/// the worker's attempts fail as retryable, and once S3 is back the next
+/// attempt succeeds; charged once.
+#[tokio::test]
+async fn an_s3_outage_is_retried_until_it_ends() {
+    let _broker = broker_lock().await;
+    let bucket = s3_bucket().await;
+    let endpoint = std::env::var("ATELIER_TEST_S3_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:9019".into());
+    let hostport = endpoint.trim_start_matches("http://").to_string();
+    let proxy = Proxy::start(&hostport).await;
+    let app = TestApp::with(Dialect::Postgres, Roles::ALL, |c| {
+        with_rabbitmq(c);
+        with_s3(c, &bucket);
+        c.storage.s3_endpoint = Some(format!("http://127.0.0.1:{}", proxy.port));
+        // Time to restore S3 between attempts.
+        c.scheduler.retry.base_ms = 1500;
+        c.scheduler.retry.cap_ms = 3000;
+    })
+    .await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(120, 120), "a.jpg").await;
+    let (before, _) = app.balance(&app.key).await;
+
+    proxy.cut();
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let t = Instant::now();
+    let failed_once = loop {
+        let o = app
+            .store
+            .latest_outputs(&job)
+            .await
+            .expect("outputs")
+            .remove(0);
+        if o.last_error.is_some() {
+            break o;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no failed attempt recorded: {o:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        failed_once
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("object store unavailable")),
+        "{failed_once:?}"
+    );
+    assert_ne!(failed_once.status, "failed", "an S3 outage is retryable");
+
+    proxy.restore().await;
+    let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    assert!(
+        app.store.latest_outputs(&job).await.expect("outputs")[0].attempt >= 2,
+        "it took another attempt"
+    );
+    assert_eq!(app.balance(&app.key).await, (before - 3.0, 0.0));
+    app.audit_clean().await;
+    app.stop().await;
+}
+
+/// PostgreSQL unreachable in the middle of a batch (every connection cut,
+/// through a TCP proxy) with every role running on it and RabbitMQ: the API
+/// answers 503 meanwhile, no role dies, and once the database is back the
+/// batch finishes with each output charged once.
+#[tokio::test]
+async fn a_database_outage_mid_batch_is_survived_by_every_role() {
+    let _broker = broker_lock().await;
+    let url = create_postgres_database().await;
+    let hostport = url
+        .split_once('@')
+        .and_then(|(_, r)| r.split_once('/'))
+        .map(|(h, _)| h.to_string())
+        .expect("url has a host");
+    let proxy = Proxy::start(&hostport).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = test_config(
+        dir.path(),
+        url.replace(&hostport, &format!("127.0.0.1:{}", proxy.port)),
+    );
+    with_rabbitmq(&mut cfg);
+    cfg.worker.fault_delay_ms = 200;
+    let app = TestApp::start(cfg, Roles::ALL, dir).await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(120, 160), "a.jpg").await;
+    let (before, _) = app.balance(&app.key).await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout", "num_variations": 6}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let t = Instant::now();
+    while app
+        .store
+        .job(&job)
+        .await
+        .expect("read")
+        .expect("job")
+        .completed_outputs
+        < 1
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the batch never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    proxy.cut();
+    let (s, _, h) = app
+        .call(reqwest::Method::GET, "/project", Some(&app.key), None)
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(h.contains_key("retry-after"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore().await;
+
+    let st = app.wait_for_job(&job, Duration::from_secs(90)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(st["processed_images"], 6, "{st}");
+    assert_eq!(app.balance(&app.key).await, (before - 18.0, 0.0));
+    app.audit_clean().await;
+    app.stop().await;
+}
