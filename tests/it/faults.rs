@@ -496,3 +496,62 @@ async fn a_database_outage_mid_batch_is_survived_by_every_role() {
     app.audit_clean().await;
     app.stop().await;
 }
+
+/// SIGTERM to a worker in the middle of a task: it stops taking work,
+/// finishes the task it holds within the grace period, reports it and exits
+/// cleanly; the output completes on its first attempt (nothing reclaimed).
+#[tokio::test]
+async fn a_worker_stopped_with_sigterm_finishes_its_task_then_exits() {
+    let app = TestApp::with(
+        Dialect::Sqlite,
+        Roles {
+            api: true,
+            scheduler: true,
+            worker: false,
+        },
+        |_| {},
+    )
+    .await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(120, 120), "a.jpg").await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let mut worker = spawn_worker(&app, 2_500);
+    let t = Instant::now();
+    while app.store.latest_outputs(&job).await.expect("outputs")[0].status != "running" {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the worker never started the task"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = worker.id().expect("pid").to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker exits within its grace period")
+        .expect("wait");
+    assert!(exit.success(), "clean exit: {exit:?}");
+    // Its outcome was published before it exited; the scheduler settles it.
+    let st = app.wait_for_job(&job, Duration::from_secs(20)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let o = app
+        .store
+        .latest_outputs(&job)
+        .await
+        .expect("outputs")
+        .remove(0);
+    assert_eq!((o.status.as_str(), o.attempt), ("completed", 1), "{o:?}");
+    app.audit_clean().await;
+    app.stop().await;
+}
