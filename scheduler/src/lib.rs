@@ -363,6 +363,9 @@ pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<
 }
 
 async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
+    // Accounts reported last round: one that has nothing in flight any more
+    // is set to 0, not left at its last value.
+    let mut reported: std::collections::HashSet<String> = Default::default();
     loop {
         for q in WORK_QUEUES.iter().chain([&OUTCOMES, &WAKE]) {
             if let Ok(n) = ctx.queue.depth(q).await {
@@ -373,9 +376,18 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
             metrics::gauge!("atelier_outbox_lag_seconds").set(lag as f64 / 1000.0);
         }
         if let Ok(m) = ctx.store.in_flight_by_account("packshot").await {
+            for gone in reported.iter().filter(|a| !m.contains_key(*a)) {
+                metrics::gauge!("atelier_in_flight", "account" => gone.clone()).set(0.0);
+            }
+            reported = m.keys().cloned().collect();
             for (acc, n) in m {
                 metrics::gauge!("atelier_in_flight", "account" => acc).set(f64::from(n));
             }
+        }
+        if let Ok(t) = ctx.store.credit_totals().await {
+            metrics::gauge!("atelier_credits_reserved").set(t.reserved as f64 / 1000.0);
+            metrics::gauge!("atelier_credits_charged").set(t.charged as f64 / 1000.0);
+            metrics::gauge!("atelier_credits_released").set(t.released as f64 / 1000.0);
         }
         if sleep_or_stop(Duration::from_secs(5), &stop).await {
             return;

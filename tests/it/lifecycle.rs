@@ -42,6 +42,39 @@ async fn end_to_end(dialect: Dialect, tweak: impl FnOnce(&mut atelier_shared::co
         "balance drops by exactly the completed outputs"
     );
 
+    // Operators see the queue, credits and outbox on /metrics (the
+    // scheduler refreshes its gauges every 5 s).
+    let t = std::time::Instant::now();
+    loop {
+        let m = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if [
+            "atelier_credits_charged",
+            "atelier_credits_reserved",
+            "atelier_queue_depth{queue=\"packshot\"}",
+            "atelier_outbox_lag_seconds",
+            "atelier_task_duration_seconds_bucket",
+            "atelier_tasks_total",
+        ]
+        .iter()
+        .all(|name| m.contains(name))
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(12),
+            "metrics missing: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     let (s, r) = app.get(&format!("/jobs/{job}/results")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(r["credits_used"], 16.0);

@@ -304,6 +304,15 @@ pub async fn outputs_are_recorded_and_charged_once(s: Store) {
         names.iter().filter(|n| *n == "batch_edit").count() >= 3,
         "{names:?}"
     );
+    assert_eq!(
+        s.credit_totals().await.expect("totals"),
+        super::outbox::CreditTotals {
+            reserved: 0,
+            charged: 3_000,
+            released: 5_000
+        },
+        "what the operators' gauges show"
+    );
     audit_clean(&s).await;
 }
 

@@ -89,6 +89,26 @@ impl Store {
         Ok(oldest.map(|t| (now_ms() - t).max(0)).unwrap_or(0))
     }
 
+    /// Credits (milli-credits) held in reservations now, and charged and
+    /// released since the beginning, for the operators' gauges.
+    pub async fn credit_totals(&self) -> Result<CreditTotals> {
+        let reserved: Option<i64> =
+            sqlx::query_scalar("SELECT CAST(SUM(reserved) AS BIGINT) FROM accounts")
+                .fetch_one(self.pool())
+                .await?;
+        let (charged, released): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT CAST(SUM(CASE WHEN kind = 'charge' THEN amount ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN kind = 'release' THEN amount ELSE 0 END) AS BIGINT) FROM credit_ledger",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(CreditTotals {
+            reserved: reserved.unwrap_or(0),
+            charged: charged.unwrap_or(0),
+            released: released.unwrap_or(0),
+        })
+    }
+
     /// Deletes sent rows older than `age_ms`.
     pub async fn prune_outbox(&self, age_ms: i64) -> Result<u64> {
         let r = sqlx::query("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1")
@@ -97,4 +117,12 @@ impl Store {
             .await?;
         Ok(r.rows_affected())
     }
+}
+
+/// See [`Store::credit_totals`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditTotals {
+    pub reserved: i64,
+    pub charged: i64,
+    pub released: i64,
 }
