@@ -30,6 +30,7 @@
 use atelier_shared::db::Store;
 use atelier_shared::domain::fair::{self, Candidate, Lane};
 use atelier_shared::domain::retry::RetryPolicy;
+use atelier_shared::domain::trace::TraceParent;
 use atelier_shared::domain::{FailureKind, Outcome, Task};
 use atelier_shared::queue::{DynQueue, Message};
 use atelier_shared::time::now_ms;
@@ -229,7 +230,7 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: &'static str) -> anyhow::
             output_id: c.output_id,
             ready_at: c.ready_at,
         });
-        jobs.insert(c.output_id, c.job_id);
+        jobs.insert(c.output_id, (c.job_id, c.traceparent));
     }
     for (_, pick) in fair::pick(lanes.into_values().collect(), slots) {
         let deadline = now_ms() + ctx.dispatch_lease.as_millis() as i64;
@@ -240,15 +241,20 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: &'static str) -> anyhow::
         else {
             continue; // another replica took it
         };
-        let job_id = jobs.get(&pick.output_id).cloned().unwrap_or_default();
+        let (job_id, parent) = jobs.get(&pick.output_id).cloned().unwrap_or_default();
+        // The dispatch is a hop of the job's trace (a new root for jobs
+        // created before traces were kept).
+        let trace = TraceParent::continue_or_start(parent.as_deref());
         let task = Task {
             job_id,
             output_id: pick.output_id,
             attempt,
             deadline_ms: deadline,
-            traceparent: None,
+            traceparent: Some(trace.to_string()),
         };
-        if let Err(e) = ctx.queue.publish(queue, Message::json(&task)?).await {
+        tracing::debug!(trace_id = %trace.trace_id_hex(), output_id = pick.output_id, attempt, "dispatching");
+        let message = Message::json(&task)?.with_header("traceparent", trace.to_string());
+        if let Err(e) = ctx.queue.publish(queue, message).await {
             ctx.store.unclaim(pick.output_id, attempt).await?;
             return Err(e.into());
         }

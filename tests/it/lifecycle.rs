@@ -404,3 +404,74 @@ async fn auto_falls_back_to_the_next_engine_when_one_refuses() {
     app.audit_clean().await;
     app.stop().await;
 }
+
+/// The client's W3C trace continues through the job: the scheduler's task
+/// message carries the same trace id (in the task and as an AMQP-style
+/// header) with a span id of its own; a request without one starts a trace.
+#[tokio::test]
+async fn trace_context_travels_from_the_request_to_the_task_message() {
+    use atelier_shared::domain::trace::TraceParent;
+    let app = TestApp::with(
+        Dialect::Sqlite,
+        Roles {
+            api: true,
+            scheduler: true,
+            worker: false,
+        },
+        |_| {},
+    )
+    .await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
+    let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]});
+    let r = app
+        .http
+        .post(app.url("/create-packshot"))
+        .bearer_auth(&app.key)
+        .header("traceparent", client)
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let (_, v) = app.post("/create-packshot", body).await;
+    let untraced = v["job_id"].as_str().expect("job").to_string();
+
+    // Stand in for a worker: read what the scheduler dispatched.
+    let mut consumer = app
+        .services
+        .queue
+        .consume("packshot", 4)
+        .await
+        .expect("consume");
+    let mut seen = std::collections::HashMap::new();
+    while seen.len() < 2 {
+        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .expect("a task within 20 s")
+            .expect("consumer open");
+        let task: atelier_shared::domain::Task = d.parse().expect("a task");
+        let header = d.headers.get("traceparent").cloned();
+        seen.insert(task.job_id.clone(), (task.traceparent.clone(), header));
+        d.ack().await.expect("ack");
+    }
+    let expected = TraceParent::parse(client).expect("valid");
+    let traced = seen
+        .iter()
+        .find(|(job, _)| **job != untraced)
+        .map(|(_, v)| v.clone())
+        .expect("the traced job's task");
+    for tp in [traced.0, traced.1] {
+        let tp = TraceParent::parse(tp.as_deref().expect("present")).expect("valid traceparent");
+        assert_eq!(tp.trace_id, expected.trace_id, "the client's trace");
+        assert_ne!(tp.span_id, expected.span_id, "a hop of its own");
+    }
+    let (own, _) = &seen[&untraced];
+    let own = TraceParent::parse(own.as_deref().expect("present")).expect("valid");
+    assert_ne!(
+        own.trace_id, expected.trace_id,
+        "a new trace for an untraced request"
+    );
+    app.stop().await;
+}

@@ -41,6 +41,7 @@ pub mod routes;
 
 use atelier_shared::db::Store;
 use atelier_shared::domain::packshot::PackshotSpec;
+use atelier_shared::domain::trace::TraceParent;
 use atelier_shared::domain::{FailureKind, Outcome, OutputResult, Task};
 use atelier_shared::queue::{Delivery, DynQueue, Message};
 use atelier_shared::storage::DynObjectStore;
@@ -168,11 +169,17 @@ async fn consume_queue(
     Ok(())
 }
 
+/// Reports to the scheduler, carrying the task's trace context.
 async fn publish_outcome(
     ctx: &WorkerContext,
     outcome: &Outcome,
+    trace: Option<TraceParent>,
 ) -> Result<(), atelier_shared::queue::QueueError> {
-    ctx.queue.publish(OUTCOMES, Message::json(outcome)?).await
+    let mut message = Message::json(outcome)?;
+    if let Some(t) = trace {
+        message = message.with_header("traceparent", t.to_string());
+    }
+    ctx.queue.publish(OUTCOMES, message).await
 }
 
 /// Settles one delivery. Never panics: every failure becomes an outcome or a nack.
@@ -190,7 +197,22 @@ async fn handle(
             return;
         }
     };
-    let span = tracing::info_span!("task", job.id = %task.job_id, output.id = task.output_id, attempt = task.attempt, job.r#type = queue);
+    // This task is a hop of the job's trace (the task's own field, else the
+    // message header).
+    let trace = task
+        .traceparent
+        .as_deref()
+        .or(delivery.headers.get("traceparent").map(String::as_str))
+        .and_then(TraceParent::parse)
+        .map(|t| t.child());
+    let span = tracing::info_span!(
+        "task",
+        job.id = %task.job_id,
+        output.id = task.output_id,
+        attempt = task.attempt,
+        job.r#type = queue,
+        trace_id = %trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+    );
     match ctx
         .store
         .is_live_attempt(task.output_id, task.attempt)
@@ -215,7 +237,7 @@ async fn handle(
         attempt: task.attempt,
         worker: ctx.worker_id.clone(),
     };
-    if let Err(e) = publish_outcome(&ctx, &started).await {
+    if let Err(e) = publish_outcome(&ctx, &started, trace).await {
         tracing::warn!(parent: &span, error = %e, "worker: cannot report start; requeueing");
         let _ = delivery.nack(Some(Duration::from_secs(2))).await;
         return;
@@ -231,7 +253,7 @@ async fn handle(
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(ctx.heartbeat) => {
-                        let _ = publish_outcome(&ctx, &Outcome::Heartbeat { output_id: id, attempt }).await;
+                        let _ = publish_outcome(&ctx, &Outcome::Heartbeat { output_id: id, attempt }, trace).await;
                     }
                 }
             }
@@ -281,7 +303,7 @@ async fn handle(
     metrics::histogram!("atelier_task_duration_seconds", "type" => queue, "stage" => "total")
         .record(t0.elapsed().as_secs_f64());
     // Ack only once the outcome is durably queued; otherwise run it again.
-    match publish_outcome(&ctx, &outcome).await {
+    match publish_outcome(&ctx, &outcome, trace).await {
         Ok(()) => {
             metrics::counter!("atelier_worker_tasks_total", "type" => queue, "outcome" => label)
                 .increment(1);

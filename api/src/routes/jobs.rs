@@ -11,6 +11,7 @@ use atelier_shared::db::jobs::{Admission, NewJob, NewOutput};
 use atelier_shared::domain::JobType;
 use atelier_shared::domain::credits::SizeClass;
 use atelier_shared::domain::packshot::{self, PackshotSpec};
+use atelier_shared::domain::trace::TraceParent;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -22,6 +23,7 @@ use std::time::Duration;
 pub async fn create_packshot(
     State(s): State<AppState>,
     Caller(acc): Caller,
+    headers: axum::http::HeaderMap,
     body: JsonValue,
 ) -> ApiResult<axum::response::Response> {
     // 5 creations per minute per account and endpoint (contract §1.9).
@@ -90,6 +92,10 @@ pub async fn create_packshot(
         })
         .collect::<Vec<_>>();
     let spec_json = serde_json::to_string(&spec).map_err(ApiError::internal)?;
+    // The job's work continues the client's trace when it sent one.
+    let trace =
+        TraceParent::continue_or_start(headers.get("traceparent").and_then(|v| v.to_str().ok()));
+    tracing::info!(trace_id = %trace.trace_id_hex(), account = %acc.id, "admitting create-packshot");
     let admission = s
         .store
         .create_job(NewJob {
@@ -102,6 +108,7 @@ pub async fn create_packshot(
             outputs,
             max_attempts: s.config.scheduler.retry.max_attempts,
             active_job_cap: (!acc.is_enterprise()).then_some(s.config.limits.active_jobs),
+            traceparent: Some(trace.to_string()),
         })
         .await?;
     let mut resp = match admission {

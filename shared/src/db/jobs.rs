@@ -123,6 +123,8 @@ pub struct NewJob<'a> {
     pub max_attempts: u32,
     /// `None`: exempt from the active-job cap (enterprise).
     pub active_job_cap: Option<u32>,
+    /// W3C `traceparent` the job's work continues (see `domain::trace`).
+    pub traceparent: Option<String>,
 }
 
 /// The result of admission, decided inside the creating transaction.
@@ -200,8 +202,8 @@ impl Store {
         let job_id = crate::domain::JobId::generate().0;
         sqlx::query(
             "INSERT INTO jobs (id, account_id, billing_account_id, project_id, job_type, status, spec, total_outputs, \
-             should_post_process, post_processing_status, counts_against_cap, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $11)",
+             should_post_process, post_processing_status, counts_against_cap, created_at, updated_at, traceparent) \
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $11, $12)",
         )
         .bind(&job_id)
         .bind(j.account_id)
@@ -214,6 +216,7 @@ impl Store {
         .bind(j.post_process.then_some("pending"))
         .bind(i64::from(counts))
         .bind(now)
+        .bind(j.traceparent.as_deref())
         .execute(&mut *tx)
         .await?;
         for o in &j.outputs {

@@ -25,6 +25,8 @@ pub struct DispatchCandidate {
     pub account_id: String,
     pub plan: String,
     pub ready_at: i64,
+    /// The job's W3C `traceparent`, for the task message.
+    pub traceparent: Option<String>,
 }
 
 /// What became of a failure report.
@@ -49,9 +51,9 @@ impl Store {
         queue: &str,
         per_account: i64,
     ) -> Result<Vec<DispatchCandidate>> {
-        let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
-            "SELECT id, job_id, account_id, plan, scheduled_at FROM ( \
-               SELECT o.id, o.job_id, j.account_id, a.plan, o.scheduled_at, \
+        let rows: Vec<(i64, String, String, String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT id, job_id, account_id, plan, scheduled_at, traceparent FROM ( \
+               SELECT o.id, o.job_id, j.account_id, a.plan, o.scheduled_at, j.traceparent, \
                       ROW_NUMBER() OVER (PARTITION BY j.account_id ORDER BY o.scheduled_at, o.id) AS rn \
                FROM outputs o JOIN jobs j ON j.id = o.job_id JOIN accounts a ON a.id = j.account_id \
                WHERE o.status = 'pending' AND o.queue = $1 AND o.scheduled_at <= $2) t \
@@ -65,12 +67,13 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(
-                |(output_id, job_id, account_id, plan, ready_at)| DispatchCandidate {
+                |(output_id, job_id, account_id, plan, ready_at, traceparent)| DispatchCandidate {
                     output_id,
                     job_id,
                     account_id,
                     plan,
                     ready_at,
+                    traceparent,
                 },
             )
             .collect())

@@ -8,6 +8,7 @@ pub mod ids;
 pub mod packshot;
 pub mod retry;
 pub mod state;
+pub mod trace;
 
 pub use credits::Credits;
 pub use ids::{AccountId, FileId, JobId, ProjectId};
