@@ -240,6 +240,9 @@ pub async fn start(
     roles: Roles,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
+    // The Prometheus recorder first: what a role counts before the first
+    // scrape (model loads, the first tasks) is kept, not dropped.
+    let _ = atelier_shared::telemetry::metrics();
     let listener = TcpListener::bind(&cfg.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;

@@ -75,7 +75,13 @@ struct RedisGcra {
     prefix: String,
     /// When degraded mode was last logged (ms), to log it once a minute.
     last_warned: AtomicI64,
+    /// After a failure Redis is not asked again before this (ms): a
+    /// blackholed Redis costs one request the budget, not every request.
+    skip_until: AtomicI64,
 }
+
+/// How long a replica decides alone after Redis failed to answer.
+const REDIS_COOLDOWN_MS: i64 = 5_000;
 
 impl RedisGcra {
     async fn check(&self, key: &str, per_minute: u32) -> Result<Decision, String> {
@@ -164,6 +170,7 @@ impl Limiter {
             script: redis::Script::new(GCRA),
             prefix: prefix.to_string(),
             last_warned: AtomicI64::new(0),
+            skip_until: AtomicI64::new(0),
         });
         Ok(())
     }
@@ -193,7 +200,9 @@ impl Limiter {
             Bucket::General => self.general_per_minute,
             Bucket::Create => self.create_per_minute,
         };
-        if let Some(r) = &self.redis {
+        if let Some(r) = &self.redis
+            && atelier_shared::time::now_ms() >= r.skip_until.load(Ordering::Relaxed)
+        {
             let bucket_key = match bucket {
                 Bucket::General => format!("g:{key}"),
                 Bucket::Create => format!("c:{key}"),
@@ -203,6 +212,8 @@ impl Limiter {
                 Err(e) => {
                     metrics::counter!("atelier_rate_limit_degraded_total").increment(1);
                     let now = atelier_shared::time::now_ms();
+                    r.skip_until
+                        .store(now + REDIS_COOLDOWN_MS, Ordering::Relaxed);
                     if now - r.last_warned.swap(now, Ordering::Relaxed) > 60_000 {
                         tracing::warn!(error = %e, "rate limits: Redis unavailable, deciding per replica (degraded)");
                     }

@@ -598,6 +598,23 @@ impl Config {
                 }
             }
         }
+        // A task timeout abandons, it cannot cancel, an engine call: the
+        // routes `auto` may try in a row must fit inside one task.
+        let chain: u64 = self
+            .engines
+            .auto
+            .iter()
+            .filter_map(|n| match self.engines.routes.get(n) {
+                Some(EngineRoute::Http { timeout_secs, .. }) => Some(*timeout_secs),
+                _ => None,
+            })
+            .sum();
+        if chain >= self.worker.task_timeout_secs {
+            e.push(format!(
+                "engines: the HTTP routes in engines.auto may take {chain} s in a row, not below worker.task_timeout_secs ({})",
+                self.worker.task_timeout_secs
+            ));
+        }
         if self.engines.auto.is_empty() {
             e.push("engines.auto: needs at least one engine (e.g. atelier)".into());
         }

@@ -50,6 +50,7 @@ impl From<atelier_shared::storage::StorageError> for TaskFailure {
             }
             S::InvalidKey(k) => TaskFailure::permanent(format!("invalid object key {k}")),
             S::Unavailable(m) => TaskFailure::retryable(format!("object store unavailable: {m}")),
+            S::Refused(m) => TaskFailure::permanent(format!("object store refused: {m}")),
         }
     }
 }

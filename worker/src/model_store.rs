@@ -91,6 +91,12 @@ pub async fn pull_missing(
     let known = manifest_hashes(dir);
     let mut report = PullReport::default();
     for file in files {
+        if !plain_relative(file) {
+            return Err(PullError::Rejected {
+                file: file.clone(),
+                reason: "not a relative path under models.dir".into(),
+            });
+        }
         let target = dir.join(file);
         if target.exists() {
             report.present.push(file.clone());
@@ -138,13 +144,34 @@ pub async fn pull_missing(
     Ok(report)
 }
 
+/// Writes to a temporary file of this call's own (workers sharing a models
+/// volume may pull at once), flushes it to disk, then renames it into place:
+/// a crash leaves either no file or the whole, checked one.
 fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let tmp: PathBuf = target.with_extension(format!("part-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, target)
+    use std::io::Write;
+    let parent = target.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let tmp: PathBuf =
+        target.with_extension(format!("part-{}-{}", std::process::id(), ulid::Ulid::new()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, target)?;
+    // The rename itself, durable.
+    std::fs::File::open(parent).and_then(|d| d.sync_all())
+}
+
+/// Model file names are relative paths of plain components (no `..`, no
+/// absolute paths): they name places under `models.dir` and `models/`.
+fn plain_relative(file: &str) -> bool {
+    !file.is_empty()
+        && Path::new(file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// Uploads each of `files` present in `dir` to the object store, with a
@@ -157,7 +184,7 @@ pub async fn push(
     let mut done = Vec::new();
     for file in files {
         let path = dir.join(file);
-        if !path.exists() {
+        if !plain_relative(file) || !path.exists() {
             continue;
         }
         let bytes = Bytes::from(tokio::fs::read(&path).await?);
@@ -253,6 +280,14 @@ mod tests {
             .await
             .expect("pull");
         assert_eq!(report.pulled, vec!["c.onnx".to_string()]);
+
+        // Names that would leave models.dir are refused.
+        for bad in ["../x.onnx", "/etc/passwd"] {
+            let err = pull_missing(&objects, worker.path(), &[bad.to_string()])
+                .await
+                .expect_err("refused");
+            assert!(err.to_string().contains("not a relative path"), "{err}");
+        }
     }
 
     #[test]

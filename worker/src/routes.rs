@@ -30,6 +30,8 @@ use std::time::Duration;
 
 /// Largest reply body an HTTP route may send.
 const MAX_REPLY_BYTES: usize = 64 << 20;
+/// Largest error reply read for its reason.
+const MAX_REASON_BYTES: usize = 64 << 10;
 /// Largest image (pixels) an HTTP route may send back.
 const MAX_REPLY_PIXELS: u64 = 64_000_000;
 
@@ -135,9 +137,28 @@ impl HttpEngine {
             .get("x-model-used")
             .and_then(|v| v.to_str().ok())
             .map(|s| s.chars().take(120).collect::<String>());
-        let bytes = read_limited(resp, MAX_REPLY_BYTES).await.map_err(|e| {
-            TaskFailure::retryable(format!("engine {who}: reading the reply failed: {e}"))
-        })?;
+        // An error reply is read only as far as its reason needs.
+        let limit = if status.is_success() {
+            MAX_REPLY_BYTES
+        } else {
+            MAX_REASON_BYTES
+        };
+        let bytes = match read_limited(resp, limit).await {
+            Ok(b) => b,
+            Err(ReadError::TooLarge) if status.is_success() => {
+                return Err(TaskFailure::permanent(format!(
+                    "engine {who} sent a reply larger than {} MiB",
+                    MAX_REPLY_BYTES >> 20
+                )));
+            }
+            Err(ReadError::TooLarge) => Vec::new(),
+            Err(ReadError::Failed(e)) if status.is_success() => {
+                return Err(TaskFailure::retryable(format!(
+                    "engine {who}: reading the reply failed: {e}"
+                )));
+            }
+            Err(ReadError::Failed(_)) => Vec::new(),
+        };
         if status.is_success() {
             return Ok((bytes, model));
         }
@@ -166,23 +187,38 @@ fn without_url(e: &reqwest::Error) -> String {
     kind.to_string()
 }
 
-async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+enum ReadError {
+    TooLarge,
+    Failed(String),
+}
+
+async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, ReadError> {
     let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| without_url(&e))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ReadError::Failed(without_url(&e)))?
+    {
         if out.len() + chunk.len() > limit {
-            return Err(format!("reply larger than {} MiB", limit >> 20));
+            return Err(ReadError::TooLarge);
         }
         out.extend_from_slice(&chunk);
     }
     Ok(out)
 }
 
-/// `{"error": "..."}` or the start of a text body.
+/// `{"error": "..."}` or the start of a text body, at most 300 characters
+/// (it ends up in `error_message`).
 fn reply_reason(bytes: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(bytes)
+    let reason = serde_json::from_slice::<serde_json::Value>(bytes)
         .ok()
         .and_then(|v| v["error"].as_str().map(String::from))
-        .unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned())
+        .unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(1200)]).into_owned());
+    let mut short: String = reason.chars().take(300).collect();
+    if short.len() < reason.len() {
+        short.push('…');
+    }
+    short
 }
 
 impl Engine for HttpEngine {

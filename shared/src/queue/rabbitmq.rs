@@ -39,7 +39,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind};
@@ -439,10 +440,19 @@ impl Inner {
         let what = format!("publish to `{target}`");
         let mut backoff = Backoff::new(RETRY_FOR);
         loop {
-            match self
-                .send_once(queue, &target, bucket, payload, &headers)
-                .await
-            {
+            // Bounded as a whole: a broker that stops reading (a memory or
+            // disk alarm) must not hold the publisher lock forever.
+            let left = backoff
+                .deadline
+                .saturating_duration_since(Instant::now())
+                .max(BACKOFF_START);
+            let attempt = tokio::time::timeout(
+                left,
+                self.send_once(queue, &target, bucket, payload, &headers),
+            )
+            .await
+            .unwrap_or_else(|_| Err(Fail::Retry(format!("no confirm within {left:?}"))));
+            match attempt {
                 Ok(()) => return Ok(()),
                 Err(fail) => backoff.wait(&self.shutdown, &what, fail).await?,
             }
@@ -815,8 +825,11 @@ impl RabbitAcker {
     async fn requeue(&self) -> Result<(), QueueError> {
         self.settled.store(true, Ordering::SeqCst);
         // `Ok(false)`: the channel closed, which requeues it just the same.
+        // `reject`, not `nack`: RabbitMQ 4.3+ counts a rejected return in
+        // `x-delivery-count` but no longer a nacked one, and the delivery
+        // limit depends on that count.
         self.acker
-            .nack(REQUEUE)
+            .reject(BasicRejectOptions { requeue: true })
             .await
             .map(|_| ())
             .map_err(queue_error)
@@ -831,6 +844,13 @@ impl RabbitAcker {
         delay: Option<Duration>,
     ) -> Result<(), QueueError> {
         self.settled.store(true, Ordering::SeqCst);
+        // The delivery's channel is gone: the broker has requeued the
+        // original already, and a copy would be a second one.
+        if !self.acker.usable() {
+            return Err(QueueError::Unavailable(
+                "the delivery's channel closed; the broker redelivers it".into(),
+            ));
+        }
         if let Err(e) = self.inner.send(queue, &self.payload, headers, delay).await {
             if let Err(requeue) = self.requeue().await {
                 tracing::debug!(queue = %self.queue, error = %requeue, "rabbitmq: requeue failed");

@@ -26,6 +26,10 @@ pub enum StorageError {
     InvalidKey(String),
     #[error("object store unavailable: {0}")]
     Unavailable(String),
+    /// The store answered and refused the request (credentials, policy, a
+    /// malformed request): trying again would not help.
+    #[error("object store refused the request: {0}")]
+    Refused(String),
 }
 
 #[async_trait]

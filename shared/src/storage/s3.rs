@@ -18,8 +18,10 @@
 //!   certificates) because the SDK is built without its default client,
 //!   which would pull aws-lc-sys and its C toolchain into the build.
 //! - Bounded waits: 5 s to connect, 60 s per operation (every attempt
-//!   included), standard retries with 3 attempts in all (throttling, 5xx and
-//!   connection failures are retried by the SDK's classifier).
+//!   included) up to the response headers, and 60 s more for a GET body;
+//!   standard retries with 3 attempts in all (throttling, 5xx and
+//!   connection failures are retried by the SDK's classifier). A 4xx other
+//!   than 408/429 is [`StorageError::Refused`] (not worth retrying).
 //!
 //! Errors: a missing object is [`StorageError::NotFound`] for `get`, `None`
 //! for `size`, and no error at all for `delete`; everything else (refused
@@ -263,14 +265,20 @@ impl S3Store {
     where
         E: std::error::Error + 'static,
     {
-        let status = status(&e)
-            .map(|s| format!(" (HTTP {s})"))
-            .unwrap_or_default();
-        StorageError::Unavailable(format!(
+        let code = status(&e);
+        let status = code.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+        let message = format!(
             "{op} s3://{}/{key}{status}: {}",
             self.bucket,
             DisplayErrorContext(e)
-        ))
+        );
+        // A 4xx other than timeout/throttling will not change on retry.
+        match code {
+            Some(c) if (400..500).contains(&c) && c != 408 && c != 429 => {
+                StorageError::Refused(message)
+            }
+            _ => StorageError::Unavailable(message),
+        }
     }
 }
 
@@ -338,13 +346,23 @@ impl ObjectStore for S3Store {
             }
             Err(e) => return Err(self.unavailable("GetObject", &k, e)),
         };
-        let body = out.body.collect().await.map_err(|e| {
-            StorageError::Unavailable(format!(
-                "GetObject s3://{}/{k}: reading the body: {}",
-                self.bucket,
-                DisplayErrorContext(e)
-            ))
-        })?;
+        // The SDK's operation timeout ends with the headers; a body that
+        // stalls must not hold the task (and its delivery) forever.
+        let body = tokio::time::timeout(OPERATION_TIMEOUT, out.body.collect())
+            .await
+            .map_err(|_| {
+                StorageError::Unavailable(format!(
+                    "GetObject s3://{}/{k}: the body did not arrive within {OPERATION_TIMEOUT:?}",
+                    self.bucket
+                ))
+            })?
+            .map_err(|e| {
+                StorageError::Unavailable(format!(
+                    "GetObject s3://{}/{k}: reading the body: {}",
+                    self.bucket,
+                    DisplayErrorContext(e)
+                ))
+            })?;
         Ok(body.into_bytes())
     }
 
