@@ -116,6 +116,11 @@ pub fn spawn_role(app: &TestApp, role: &str, fault_delay_ms: u64) -> tokio::proc
             "ATELIER_SCHEDULER__TICK_MS",
             c.scheduler.tick_ms.to_string(),
         )
+        // 0 = the default (twice the worker concurrency).
+        .env(
+            "ATELIER_SCHEDULER__QUEUE_TARGET",
+            c.scheduler.queue_target.to_string(),
+        )
         .env("ATELIER_SCHEDULER__RUNNING_LEASE_SECS", "3")
         // A scheduler killed between claiming and publishing leaves its
         // claim to this lease: short, so drills do not wait the default 600 s.
