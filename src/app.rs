@@ -36,6 +36,12 @@ impl Roles {
         scheduler: false,
         worker: false,
     };
+    /// API and scheduler without a worker (workers run as their own processes).
+    pub const API_AND_SCHEDULER: Roles = Roles {
+        api: true,
+        scheduler: true,
+        worker: false,
+    };
     pub const SCHEDULER: Roles = Roles {
         api: false,
         scheduler: true,

@@ -20,16 +20,7 @@ fn spawn_worker(app: &TestApp, fault_delay_ms: u64) -> Child {
 
 #[tokio::test]
 async fn a_worker_killed_mid_task_loses_nothing_and_charges_once() {
-    let app = TestApp::with(
-        Dialect::Sqlite,
-        Roles {
-            api: true,
-            scheduler: true,
-            worker: false,
-        },
-        |_| {},
-    )
-    .await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |_| {}).await;
     let p = app.project("p").await;
     let f = app.upload(garment_jpeg(200, 200), "a.jpg").await;
     let (before, _) = app.balance(&app.key).await;
@@ -224,23 +215,9 @@ async fn storage_failures_are_retried_with_backoff_then_succeed() {
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let job = v["job_id"].as_str().expect("job").to_string();
-    let t = Instant::now();
-    let failed_once = loop {
-        let o = app
-            .store
-            .latest_outputs(&job)
-            .await
-            .expect("outputs")
-            .remove(0);
-        if o.last_error.is_some() {
-            break o;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no failed attempt recorded: {o:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let failed_once = app
+        .wait_for_failed_attempt(&job, Duration::from_secs(30))
+        .await;
     assert!(
         failed_once
             .last_error
@@ -392,23 +369,9 @@ async fn an_s3_outage_is_retried_until_it_ends() {
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let job = v["job_id"].as_str().expect("job").to_string();
-    let t = Instant::now();
-    let failed_once = loop {
-        let o = app
-            .store
-            .latest_outputs(&job)
-            .await
-            .expect("outputs")
-            .remove(0);
-        if o.last_error.is_some() {
-            break o;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "no failed attempt recorded: {o:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let failed_once = app
+        .wait_for_failed_attempt(&job, Duration::from_secs(60))
+        .await;
     assert!(
         failed_once
             .last_error
@@ -502,16 +465,7 @@ async fn a_database_outage_mid_batch_is_survived_by_every_role() {
 /// cleanly; the output completes on its first attempt (nothing reclaimed).
 #[tokio::test]
 async fn a_worker_stopped_with_sigterm_finishes_its_task_then_exits() {
-    let app = TestApp::with(
-        Dialect::Sqlite,
-        Roles {
-            api: true,
-            scheduler: true,
-            worker: false,
-        },
-        |_| {},
-    )
-    .await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |_| {}).await;
     let p = app.project("p").await;
     let f = app.upload(garment_jpeg(120, 120), "a.jpg").await;
     let (s, v) = app

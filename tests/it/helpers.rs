@@ -381,6 +381,29 @@ impl TestApp {
         }
     }
 
+    /// Waits for the first failed attempt of `job`'s first output to be
+    /// recorded (`last_error` set) and returns the output as it then is.
+    pub async fn wait_for_failed_attempt(
+        &self,
+        job: &str,
+        within: Duration,
+    ) -> atelier_shared::db::jobs::OutputRow {
+        let t = Instant::now();
+        loop {
+            let o = self
+                .store
+                .latest_outputs(job)
+                .await
+                .expect("outputs")
+                .remove(0);
+            if o.last_error.is_some() {
+                return o;
+            }
+            assert!(t.elapsed() < within, "no failed attempt recorded: {o:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn audit_clean(&self) {
         let problems = self.store.audit_credits().await.expect("audit");
         assert!(

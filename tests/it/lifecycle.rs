@@ -338,16 +338,7 @@ impl atelier_worker::engine::Engine for Refuser {
 async fn auto_falls_back_to_the_next_engine_when_one_refuses() {
     use atelier_worker::engine::{BasicEngine, Engine, Pipeline};
     use std::sync::Arc;
-    let app = TestApp::with(
-        Dialect::Sqlite,
-        Roles {
-            api: true,
-            scheduler: true,
-            worker: false,
-        },
-        |_| {},
-    )
-    .await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |_| {}).await;
     let worker = |engines: Vec<Arc<dyn Engine>>| {
         let s = &app.services;
         let mut ctx = atelier_worker::WorkerContext::from_config(
@@ -411,16 +402,7 @@ async fn auto_falls_back_to_the_next_engine_when_one_refuses() {
 #[tokio::test]
 async fn trace_context_travels_from_the_request_to_the_task_message() {
     use atelier_shared::domain::trace::TraceParent;
-    let app = TestApp::with(
-        Dialect::Sqlite,
-        Roles {
-            api: true,
-            scheduler: true,
-            worker: false,
-        },
-        |_| {},
-    )
-    .await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |_| {}).await;
     let p = app.project("p").await;
     let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
     let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";

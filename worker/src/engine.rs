@@ -64,7 +64,9 @@ pub trait Engine: Send + Sync {
 pub struct BasicEngine;
 
 impl BasicEngine {
-    fn background(style: Style) -> [u8; 3] {
+    /// The plain canvas colour of a style, for engines that letterbox
+    /// (this one and the engine routes).
+    pub fn background(style: Style) -> [u8; 3] {
         match style {
             Style::WhiteCutout | Style::GhostMannequin => [255, 255, 255],
             Style::FlatLay => [240, 236, 228],
@@ -87,13 +89,9 @@ impl Engine for BasicEngine {
             ins.output.height,
             Self::background(ins.style),
         )?;
-        let post = crate::postprocess::PostContext {
-            reference: crate::postprocess::colour_stats(&src.image.to_rgba8(), None),
-            region: None,
-        };
         Ok(Rendered {
             image,
-            post,
+            post: crate::postprocess::PostContext::whole_source(&src.image),
             model_used: self.name().to_string(),
             description: serde_json::json!({
                 "engine": self.name(),

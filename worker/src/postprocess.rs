@@ -34,6 +34,17 @@ pub struct PostContext {
     pub region: Option<GrayImage>,
 }
 
+impl PostContext {
+    /// For engines that do not know where the garment is: the whole source
+    /// photo is the reference and the whole canvas the region.
+    pub fn whole_source(source: &image::DynamicImage) -> PostContext {
+        PostContext {
+            reference: colour_stats(&source.to_rgba8(), None),
+            region: None,
+        }
+    }
+}
+
 /// Largest mean shift per channel the transfer applies, in levels: enough to
 /// undo an engine's drift, not enough to repaint a garment.
 const MAX_SHIFT: f64 = 48.0;

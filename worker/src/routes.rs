@@ -14,11 +14,11 @@
 //! Both fit what comes back onto the requested canvas; `model_used` names
 //! the route and what the backend says really ran.
 
-use crate::engine::{Engine, RenderRequest, Rendered};
+use crate::engine::{BasicEngine, Engine, RenderRequest, Rendered};
 use crate::failure::TaskFailure;
 use crate::imaging;
 use crate::inference::Model;
-use crate::postprocess::{PostContext, colour_stats};
+use crate::postprocess::PostContext;
 use atelier_shared::domain::packshot::{
     DesignResolved, EngineChoice, ImageFormat, InstructionSpec, Style,
 };
@@ -34,14 +34,6 @@ const MAX_REPLY_BYTES: usize = 64 << 20;
 const MAX_REASON_BYTES: usize = 64 << 10;
 /// Largest image (pixels) an HTTP route may send back.
 const MAX_REPLY_PIXELS: u64 = 64_000_000;
-
-fn canvas_colour(style: Style) -> [u8; 3] {
-    match style {
-        Style::WhiteCutout | Style::GhostMannequin => [255, 255, 255],
-        Style::FlatLay => [240, 236, 228],
-        Style::MarketingReady | Style::Free => [236, 236, 236],
-    }
-}
 
 /// A prompt for a generative backend: what the instruction asks for, in
 /// words, followed by the client's own prompt.
@@ -265,7 +257,7 @@ impl Engine for HttpEngine {
             &got,
             ins.output.width,
             ins.output.height,
-            canvas_colour(ins.style),
+            BasicEngine::background(ins.style),
         )?;
         let model_used = match &model {
             Some(m) => format!("{} ({m})", self.name),
@@ -283,10 +275,7 @@ impl Engine for HttpEngine {
                 "style": ins.style,
                 "seed": seed,
             }),
-            post: PostContext {
-                reference: colour_stats(&src.image.to_rgba8(), None),
-                region: None,
-            },
+            post: PostContext::whole_source(&src.image),
         })
     }
 }
@@ -426,7 +415,7 @@ impl Engine for OnnxEngine {
             &DynamicImage::ImageRgba8(out),
             ins.output.width,
             ins.output.height,
-            canvas_colour(ins.style),
+            BasicEngine::background(ins.style),
         )?;
         Ok(Rendered {
             image,
@@ -440,10 +429,7 @@ impl Engine for OnnxEngine {
                 "source_file_id": src.file_id,
                 "style": ins.style,
             }),
-            post: PostContext {
-                reference: colour_stats(&src.image.to_rgba8(), None),
-                region: None,
-            },
+            post: PostContext::whole_source(&src.image),
         })
     }
 }
