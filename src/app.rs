@@ -5,11 +5,12 @@ use atelier_shared::config::Config;
 use atelier_shared::db::Store;
 use atelier_shared::db::accounts::NewAccount;
 use atelier_shared::domain::Credits;
+use atelier_shared::events::EventBus;
 use atelier_shared::queue::DynQueue;
 use atelier_shared::queue::embedded::EmbeddedQueue;
 use atelier_shared::storage::local::LocalStore;
 use atelier_shared::storage::s3::{S3Options, S3Store};
-use atelier_shared::storage::{DynObjectStore, Signer};
+use atelier_shared::storage::{DynObjectStore, Links, Signer};
 use rand::RngCore;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -265,12 +266,25 @@ pub async fn start(
         None
     };
     let mut tasks = JoinSet::new();
+    // Live notifications: the scheduler's relay publishes, API replicas
+    // stream. Through Redis when configured, so any replica serves any account.
+    let events = match &cfg.redis.url {
+        Some(url) => EventBus::through_redis(
+            url,
+            &cfg.redis.prefix,
+            roles.api,
+            services.queue_stop.clone(),
+        )
+        .map_err(anyhow::Error::msg)?,
+        None => EventBus::in_process(),
+    };
     if roles.api {
         let state = atelier_api::AppState::new(
             cfg.clone(),
             services.store.clone(),
             services.objects.clone(),
             services.signer.clone(),
+            events.clone(),
         );
         if cfg.redis.url.is_some()
             && !state
@@ -291,6 +305,13 @@ pub async fn start(
             &cfg,
             services.store.clone(),
             services.queue.clone(),
+            events.clone(),
+            Links::new(
+                services.objects.clone(),
+                services.signer.clone(),
+                &cfg.server.public_url,
+                &cfg.server.prefix,
+            ),
         );
         tasks.spawn(atelier_scheduler::run(ctx, shutdown.clone()));
     }

@@ -7,7 +7,7 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::limits::{Bucket, Decision};
 use atelier_shared::db::accounts::Account;
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
@@ -77,7 +77,23 @@ pub fn presented_token(headers: &HeaderMap, query_token: Option<&str>) -> Result
 }
 
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let token = match presented_token(req.headers(), None) {
+    // `?token=` only on the event stream: browser EventSource cannot send
+    // headers (contract §1.2). Anywhere else a query token would leak into
+    // access logs for no reason.
+    let is_stream = req
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|p| p.as_str().ends_with("/notifications/events"));
+    let query_token = if is_stream {
+        req.uri().query().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        })
+    } else {
+        None
+    };
+    let token = match presented_token(req.headers(), query_token.as_deref()) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };

@@ -29,8 +29,9 @@ pub mod views;
 use atelier_shared::config::Config;
 use atelier_shared::db::Store;
 use atelier_shared::domain::packshot::{EngineAvailability, EngineChoice};
-use atelier_shared::storage::{Capability, DynObjectStore, Signer};
-use atelier_shared::time::now_ms;
+use atelier_shared::egress::EgressPolicy;
+use atelier_shared::events::EventBus;
+use atelier_shared::storage::{DynObjectStore, Links, Signer};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware;
@@ -51,6 +52,11 @@ pub struct AppState {
     pub limiter: Arc<limits::Limiter>,
     pub config: Arc<Config>,
     pub engines: Arc<EngineAvailability>,
+    pub links: Links,
+    pub events: EventBus,
+    pub egress: EgressPolicy,
+    /// Fires when the server stops: long-lived responses (SSE) end with it.
+    pub shutdown: CancellationToken,
 }
 
 /// In-process buckets, shared through Redis when `redis.url` is set.
@@ -73,8 +79,19 @@ impl AppState {
         store: Store,
         objects: DynObjectStore,
         signer: Signer,
+        events: EventBus,
     ) -> AppState {
         AppState {
+            links: Links::new(
+                objects.clone(),
+                signer.clone(),
+                &config.server.public_url,
+                &config.server.prefix,
+            ),
+            events,
+            // Validated with the configuration.
+            egress: EgressPolicy::new(&config.egress.allow).unwrap_or_default(),
+            shutdown: CancellationToken::new(),
             store,
             objects,
             signer,
@@ -108,18 +125,7 @@ impl AppState {
         content_type: &str,
         ttl: Duration,
     ) -> Result<String, ApiError> {
-        if let Some(u) = self.objects.presign_get(key, ttl).await? {
-            return Ok(u);
-        }
-        let exp = now_ms() + ttl.as_millis() as i64;
-        let token = self.signer.sign(
-            &Capability::Get {
-                key: key.to_string(),
-                content_type: content_type.to_string(),
-            },
-            exp,
-        );
-        Ok(self.url(&format!("/files/{token}")))
+        Ok(self.links.object_url(key, content_type, ttl).await?)
     }
 }
 
@@ -141,6 +147,20 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{job_id}/abort", post(routes::jobs::abort))
         .route("/download", post(routes::downloads::issue))
         .route("/download/bulk", post(routes::downloads::issue_bulk))
+        .route("/notifications", post(routes::notifications::poll))
+        .route("/notifications/events", get(routes::notifications::stream))
+        .route(
+            "/notifications/{id}",
+            axum::routing::delete(routes::notifications::delete),
+        )
+        .route(
+            "/webhooks",
+            put(routes::webhooks::put)
+                .get(routes::webhooks::read)
+                .delete(routes::webhooks::delete),
+        )
+        .route("/webhooks/test", post(routes::webhooks::test))
+        .route("/webhooks/deliveries", get(routes::webhooks::deliveries))
         .route("/billing/balance", get(routes::billing::balance))
         .route("/admin/credits/grants", post(routes::billing::grant))
         .layer(middleware::from_fn_with_state(
@@ -193,9 +213,10 @@ async fn record_metrics(req: Request, next: middleware::Next) -> axum::response:
 /// Serves the API on `listener` until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
-    state: AppState,
+    mut state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    state.shutdown = shutdown.clone();
     let limiter = state.limiter.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {

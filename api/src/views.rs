@@ -5,6 +5,7 @@ use crate::error::ApiError;
 use atelier_shared::db::jobs::{JobRow, OutputRow};
 use atelier_shared::db::projects::Project;
 use atelier_shared::domain::OutputStatus;
+use atelier_shared::storage::content_type_of;
 use atelier_shared::time::iso8601;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -49,14 +50,6 @@ pub fn job_status(j: &JobRow) -> Value {
         "created_at": iso8601(j.created_at),
         "updated_at": iso8601(j.updated_at),
     })
-}
-
-fn content_type_of(key: &str) -> &'static str {
-    if key.ends_with(".png") {
-        "image/png"
-    } else {
-        "image/jpeg"
-    }
 }
 
 /// `ImageResult` (contract §3.10). URLs are signed for `ttl`.

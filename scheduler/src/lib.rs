@@ -19,6 +19,9 @@
 //! - **outcome consumer**: applies `started`/`heartbeat`/`completed`/`failed`
 //!   reports, each as one idempotent transaction, then acks.
 //! - **gauges**: queue depth, outbox lag and in-flight outputs per account.
+//! - **notifications** ([`notify`]): the relay that pushes stored
+//!   notifications to live listeners and queues webhook deliveries, the
+//!   webhook deliverer, and pruning.
 //!
 //! ## Guarantees
 //!
@@ -26,6 +29,8 @@
 //! attempt, so duplicate or stale reports are no-ops: an output is recorded,
 //! charged and notified once. Retries: `scheduler.retry` (defaults: 4
 //! attempts, waits of about 2 s, 4 s, 8 s ± 20 %).
+
+pub mod notify;
 
 use atelier_shared::db::Store;
 use atelier_shared::domain::fair::{self, Candidate, Lane};
@@ -57,6 +62,7 @@ pub struct SchedulerContext {
     pub retry: RetryPolicy,
     pub enterprise_weight: u32,
     pub instance: String,
+    pub notify: notify::NotifyContext,
 }
 
 impl SchedulerContext {
@@ -64,6 +70,8 @@ impl SchedulerContext {
         cfg: &atelier_shared::config::Config,
         store: Store,
         queue: DynQueue,
+        events: atelier_shared::events::EventBus,
+        links: atelier_shared::storage::Links,
     ) -> SchedulerContext {
         SchedulerContext {
             store,
@@ -75,6 +83,16 @@ impl SchedulerContext {
             retry: cfg.scheduler.retry,
             enterprise_weight: cfg.scheduler.enterprise_weight,
             instance: format!("sch_{}_{}", std::process::id(), ulid::Ulid::new()),
+            notify: notify::NotifyContext {
+                events,
+                links,
+                // Validated with the configuration.
+                egress: atelier_shared::egress::EgressPolicy::new(&cfg.egress.allow)
+                    .unwrap_or_default(),
+                notifications: cfg.notifications.clone(),
+                webhooks: cfg.webhooks.clone(),
+                result_url_ttl: Duration::from_secs(cfg.limits.result_url_ttl_secs),
+            },
         }
     }
 }
@@ -88,11 +106,14 @@ pub async fn run(ctx: SchedulerContext, shutdown: CancellationToken) -> anyhow::
         wake_consumer(ctx.clone(), wake.clone(), shutdown.clone()),
         outcome_consumer(ctx.clone(), wake.clone(), shutdown.clone()),
         gauges(ctx.clone(), shutdown.clone()),
+        notify::relay(ctx.clone(), shutdown.clone()),
+        notify::deliverer(ctx.clone(), shutdown.clone()),
+        notify::housekeeping(ctx.clone(), shutdown.clone()),
     );
     Ok(())
 }
 
-async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+pub(crate) async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         _ = stop.cancelled() => true,
         _ = tokio::time::sleep(d) => false,

@@ -25,6 +25,8 @@ pub struct Config {
     pub engines: EnginesConfig,
     pub bootstrap: BootstrapConfig,
     pub egress: EgressConfig,
+    pub notifications: NotificationsConfig,
+    pub webhooks: WebhooksConfig,
     pub worker: WorkerConfig,
     pub scheduler: SchedulerConfig,
     pub limits: LimitsConfig,
@@ -209,6 +211,69 @@ pub struct EgressConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
+pub struct NotificationsConfig {
+    /// How long a notification is replayed and kept (contract: 600 s).
+    pub retention_secs: u64,
+    /// Relay poll period: the bound on how late a live event is.
+    pub relay_ms: u64,
+    /// SSE keep-alive comment period.
+    pub keepalive_secs: u64,
+    /// An SSE stream is closed after this long; clients reconnect with
+    /// `Last-Event-ID`.
+    pub stream_max_secs: u64,
+    /// Streams re-read the store this often while live events flow (a safety
+    /// net for messages Redis pub/sub dropped); every second while they don't.
+    pub reconcile_secs: u64,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            retention_secs: 600,
+            relay_ms: 100,
+            keepalive_secs: 15,
+            stream_max_secs: 3600,
+            reconcile_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct WebhooksConfig {
+    /// An attempt that has no 2xx answer within this long failed.
+    pub timeout_secs: u64,
+    /// Waits after each failed attempt; attempts = len + 1 (contract: 30 s,
+    /// 2 min, 10 min, 30 min, 2 h).
+    pub retry_delays_ms: Vec<u64>,
+    /// Redirects followed (each checked against the egress rules).
+    pub max_redirects: usize,
+    /// Response bytes read (the rest is discarded).
+    pub max_response_bytes: usize,
+    /// Consecutive failed attempts after which a webhook is deactivated.
+    pub disable_after_failures: i64,
+    /// Deliveries attempted at once by one scheduler.
+    pub concurrency: usize,
+    /// Finished deliveries are kept this long for `GET /webhooks/deliveries`.
+    pub keep_deliveries_secs: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            timeout_secs: 10,
+            retry_delays_ms: vec![30_000, 120_000, 600_000, 1_800_000, 7_200_000],
+            max_redirects: 3,
+            max_response_bytes: 64 * 1024,
+            disable_after_failures: 50,
+            concurrency: 16,
+            keep_deliveries_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct WorkerConfig {
     /// Tasks run at once by one worker process.
     pub concurrency: usize,
@@ -289,6 +354,8 @@ impl Default for Config {
             engines: EnginesConfig::default(),
             bootstrap: BootstrapConfig::default(),
             egress: EgressConfig::default(),
+            notifications: NotificationsConfig::default(),
+            webhooks: WebhooksConfig::default(),
             worker: WorkerConfig::default(),
             scheduler: SchedulerConfig::default(),
             limits: LimitsConfig::default(),
@@ -532,6 +599,24 @@ impl Config {
             }
         } else if !st.starts_with("file://") {
             e.push("storage.url: must be file://<dir> or s3://bucket[/prefix]".into());
+        }
+        if let Err(msg) = crate::egress::EgressPolicy::new(&self.egress.allow) {
+            e.push(msg);
+        }
+        let n = &self.notifications;
+        if n.retention_secs == 0
+            || n.relay_ms == 0
+            || n.keepalive_secs == 0
+            || n.reconcile_secs == 0
+        {
+            e.push("notifications: retention_secs, relay_ms, keepalive_secs and reconcile_secs must be at least 1".into());
+        }
+        let w = &self.webhooks;
+        if w.timeout_secs == 0 || w.concurrency == 0 || w.disable_after_failures < 1 {
+            e.push(
+                "webhooks: timeout_secs, concurrency and disable_after_failures must be at least 1"
+                    .into(),
+            );
         }
         if let Some(k) = &self.bootstrap.api_key
             && k.len() < 32

@@ -18,6 +18,10 @@
 //!   embedded, durable implementation (a table in the same database).
 //! - [`storage`]: the [`storage::ObjectStore`] trait, the local-directory store
 //!   and the HMAC [`storage::Signer`] for capability URLs.
+//! - [`events`]: live fan-out of relayed notifications (in-process, or
+//!   through Redis pub/sub) and their wire form.
+//! - [`egress`]: the SSRF guard for outbound requests a client can aim
+//!   (webhooks, photo URLs).
 //! - [`telemetry`]: tracing subscriber and the Prometheus recorder.
 //!
 //! ## Runtime model
@@ -30,6 +34,8 @@
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod egress;
+pub mod events;
 pub mod queue;
 pub mod storage;
 pub mod telemetry;

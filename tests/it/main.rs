@@ -10,3 +10,4 @@ mod faults;
 mod fleet;
 mod helpers;
 mod lifecycle;
+mod notifications;

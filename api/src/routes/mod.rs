@@ -4,8 +4,10 @@ pub mod billing;
 pub mod downloads;
 pub mod health;
 pub mod jobs;
+pub mod notifications;
 pub mod projects;
 pub mod uploads;
+pub mod webhooks;
 
 use crate::error::ApiError;
 use serde::Deserialize;

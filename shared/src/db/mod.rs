@@ -19,6 +19,7 @@ pub mod outbox;
 pub mod projects;
 pub mod scheduling;
 pub mod settings;
+pub mod webhooks;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{Any, AnyPool, Executor, Transaction};

@@ -6,7 +6,7 @@ use super::jobs::{JOB_SELECT, JobRow, OutputRow};
 use super::{Result, Store, Tx, from_json, to_json};
 use crate::time::now_ms;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Notification {
     pub id: i64,
     pub account_id: String,
@@ -36,6 +36,14 @@ pub(crate) async fn insert(
     Ok(id)
 }
 
+/// What a webhook delivery of a notification needs besides its body.
+#[derive(Debug, Clone)]
+pub struct RelayedDelivery {
+    pub notification_id: i64,
+    /// The exact JSON every attempt sends and signs.
+    pub body: String,
+}
+
 /// `batch_edit` for the job's current state (read inside the transaction).
 pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
     let sql = format!("{JOB_SELECT} WHERE j.id = $1");
@@ -52,6 +60,7 @@ pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
         "total_images": job.total_outputs,
         "processed_images": job.processed(),
         "error_message": job.error_message,
+        "post_processing_status": job.post_processing_status,
     });
     insert(tx, &job.account_id, "batch_edit", Some(job_id), &data).await?;
     Ok(())
@@ -76,6 +85,18 @@ pub(crate) async fn notify_output(tx: &mut Tx, account_id: &str, o: &OutputRow) 
     Ok(())
 }
 
+type NotificationRow = (i64, String, String, String, i64);
+
+fn from_row((id, account_id, name, data, created_at): NotificationRow) -> Result<Notification> {
+    Ok(Notification {
+        id,
+        account_id,
+        name,
+        data: from_json(&data)?,
+        created_at,
+    })
+}
+
 impl Store {
     /// Undeleted notifications of an account newer than `after_id` and not
     /// older than `max_age_ms`, oldest first.
@@ -85,7 +106,7 @@ impl Store {
         after_id: i64,
         max_age_ms: i64,
     ) -> Result<Vec<Notification>> {
-        let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
+        let rows: Vec<NotificationRow> = sqlx::query_as(
             "SELECT id, account_id, name, data, created_at FROM notifications \
              WHERE account_id = $1 AND id > $2 AND deleted_at IS NULL AND created_at >= $3 ORDER BY id",
         )
@@ -94,16 +115,109 @@ impl Store {
         .bind(now_ms() - max_age_ms)
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|(id, account_id, name, data, created_at)| {
-                Ok(Notification {
-                    id,
-                    account_id,
-                    name,
-                    data: from_json(&data)?,
-                    created_at,
-                })
-            })
-            .collect()
+        rows.into_iter().map(from_row).collect()
+    }
+
+    /// Consumes (soft-deletes) one notification. `false` when it is unknown,
+    /// already deleted, expired or another account's.
+    pub async fn delete_notification(
+        &self,
+        account_id: &str,
+        id: i64,
+        max_age_ms: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE notifications SET deleted_at = $3 \
+             WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL AND created_at >= $4",
+        )
+        .bind(id)
+        .bind(account_id)
+        .bind(now_ms())
+        .bind(now_ms() - max_age_ms)
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The relay's backlog: notifications not yet relayed, oldest first.
+    pub async fn unrelayed_notifications(&self, limit: i64) -> Result<Vec<Notification>> {
+        let rows: Vec<NotificationRow> = sqlx::query_as(
+            "SELECT id, account_id, name, data, created_at FROM notifications \
+             WHERE relayed_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter().map(from_row).collect()
+    }
+
+    /// Marks notifications relayed and, in the same transaction, queues a
+    /// webhook delivery for each one whose account has an active webhook.
+    pub async fn finish_relay(&self, relayed: &[(Notification, RelayedDelivery)]) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        for (n, d) in relayed {
+            let r = sqlx::query(
+                "UPDATE notifications SET relayed_at = $2 WHERE id = $1 AND relayed_at IS NULL",
+            )
+            .bind(n.id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() == 0 {
+                continue; // another relay got there first
+            }
+            let job_id = n.data.get("id_task").and_then(|v| v.as_str());
+            super::webhooks::queue_delivery(
+                &mut tx,
+                &n.account_id,
+                d.notification_id,
+                job_id,
+                &n.name,
+                &d.body,
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Age of the oldest notification the relay has not handled, ms.
+    pub async fn relay_lag_ms(&self) -> Result<i64> {
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(created_at) FROM notifications WHERE relayed_at IS NULL",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(oldest.map_or(0, |t| (now_ms() - t).max(0)))
+    }
+
+    /// Deletes relayed notifications created before `before_ms`.
+    pub async fn prune_notifications(&self, before_ms: i64) -> Result<u64> {
+        let r = sqlx::query(
+            "DELETE FROM notifications WHERE created_at < $1 AND relayed_at IS NOT NULL",
+        )
+        .bind(before_ms)
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Takes or renews the named lease for `holder`; `true` while it holds it.
+    pub async fn try_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool> {
+        let now = now_ms();
+        let got: Option<String> = sqlx::query_scalar(
+            "INSERT INTO leases (name, holder, until) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+             WHERE leases.until < $4 OR leases.holder = excluded.holder RETURNING holder",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now + ttl_ms)
+        .bind(now)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(got.as_deref() == Some(holder))
     }
 }

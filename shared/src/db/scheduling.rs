@@ -463,7 +463,8 @@ async fn post_processing_progress(tx: &mut Tx, o: &OutputRow, post_processed: bo
 
 /// Finalises a job whose outputs are all terminal (or that is being
 /// aborted): terminal status, reservation closed, active-job slot freed,
-/// `batch_edit` notification. No-op while outputs remain open.
+/// `batch_edit` notification. While outputs remain open it only reports the
+/// progress (`batch_edit` with `processed_images`).
 pub(crate) async fn finalize_job(
     tx: &mut Tx,
     job_id: &str,
@@ -484,7 +485,9 @@ pub(crate) async fn finalize_job(
         Some(s) => s,
         None if completed + failed == total => JobStatus::finished(completed),
         None => {
+            // Progress: one more output is terminal.
             touch_job(tx, job_id, now).await?;
+            notify_job(tx, job_id).await?;
             return Ok(());
         }
     };

@@ -62,6 +62,57 @@ pub trait ObjectStore: Send + Sync + 'static {
 
 pub type DynObjectStore = Arc<dyn ObjectStore>;
 
+/// Turns stored object keys into URLs a client can fetch without
+/// credentials: the store's own presigned URL when it can sign (S3), else a
+/// `GET /files/{token}` capability on the API's public URL.
+#[derive(Clone)]
+pub struct Links {
+    pub objects: DynObjectStore,
+    pub signer: Signer,
+    /// Public base URL plus the optional route prefix, no trailing slash.
+    pub base: String,
+}
+
+impl Links {
+    pub fn new(objects: DynObjectStore, signer: Signer, public_url: &str, prefix: &str) -> Links {
+        Links {
+            objects,
+            signer,
+            base: format!("{}{}", public_url.trim_end_matches('/'), prefix),
+        }
+    }
+
+    /// A URL that reads one stored object for `ttl`.
+    pub async fn object_url(
+        &self,
+        key: &str,
+        content_type: &str,
+        ttl: Duration,
+    ) -> Result<String, StorageError> {
+        if let Some(u) = self.objects.presign_get(key, ttl).await? {
+            return Ok(u);
+        }
+        let exp = crate::time::now_ms() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let token = self.signer.sign(
+            &Capability::Get {
+                key: key.to_string(),
+                content_type: content_type.to_string(),
+            },
+            exp,
+        );
+        Ok(format!("{}/files/{token}", self.base))
+    }
+}
+
+/// Content type of a result object, from its key's extension.
+pub fn content_type_of(key: &str) -> &'static str {
+    if key.ends_with(".png") {
+        "image/png"
+    } else {
+        "image/jpeg"
+    }
+}
+
 /// Keys are `/`-separated relative paths of safe characters; no `..`,
 /// no leading `/`, no empty segment.
 pub fn validate_key(key: &str) -> Result<(), StorageError> {

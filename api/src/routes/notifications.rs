@@ -1,0 +1,404 @@
+//! Notifications (contract §4.2–4.4): the SSE stream with replay, polling,
+//! and consuming.
+//!
+//! A stream subscribes to the event bus first, then replays the account's
+//! stored notifications (after `Last-Event-ID`), then forwards live ones.
+//! Every id sent is remembered, so what arrives twice (the bus and a store
+//! re-read, or a relay that published again after a crash) is sent once.
+//! The store is re-read every `notifications.reconcile_secs` while the bus
+//! is live, every second while it is not, and at once after the bus lagged
+//! or reconnected: live events can be late but not lost.
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Json, Query};
+use atelier_shared::db::notifications::Notification;
+use atelier_shared::events::wire;
+use atelier_shared::time::now_ms;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamQuery {
+    /// Consumed by authentication.
+    #[allow(dead_code)]
+    pub token: Option<String>,
+    pub id_task: Option<String>,
+    pub id_image: Option<String>,
+    pub name_list: Option<String>,
+}
+
+/// Which notifications a stream or poll wants.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    tasks: Vec<String>,
+    image: Option<String>,
+    names: Vec<String>,
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+impl Filter {
+    fn matches(&self, n: &Notification) -> bool {
+        let text = |v: Option<&Value>| match v {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(x)) => Some(x.to_string()),
+            _ => None,
+        };
+        if !self.names.is_empty() && !self.names.contains(&n.name) {
+            return false;
+        }
+        if !self.tasks.is_empty() {
+            let task = text(n.data.get("id_task")).or_else(|| text(n.data.get("job_id")));
+            if !task.is_some_and(|t| self.tasks.contains(&t)) {
+                return false;
+            }
+        }
+        if let Some(img) = &self.image
+            && text(n.data.get("image_result_id")).as_ref() != Some(img)
+        {
+            return false;
+        }
+        true
+    }
+}
+
+fn retention_ms(s: &AppState) -> i64 {
+    i64::try_from(s.config.notifications.retention_secs).unwrap_or(600) * 1000
+}
+
+fn last_event_id(headers: &HeaderMap) -> ApiResult<i64> {
+    match headers.get("last-event-id") {
+        None => Ok(0),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+            .filter(|id| *id >= 0)
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    Some("Last-Event-ID"),
+                    "must be the integer id of a notification",
+                    "header",
+                )
+            }),
+    }
+}
+
+/// Counts open streams for the gauge; decremented when the stream ends.
+struct StreamGauge;
+
+impl StreamGauge {
+    fn open() -> StreamGauge {
+        metrics::gauge!("atelier_sse_connections").increment(1.0);
+        metrics::counter!("atelier_sse_streams_total").increment(1);
+        StreamGauge
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("atelier_sse_connections").decrement(1.0);
+    }
+}
+
+/// `GET /notifications/events`.
+pub async fn stream(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> ApiResult<Response> {
+    let after = last_event_id(&headers)?;
+    let filter = Filter {
+        tasks: q.id_task.as_deref().map(split_list).unwrap_or_default(),
+        image: q.id_image.filter(|s| !s.is_empty()),
+        names: q.name_list.as_deref().map(split_list).unwrap_or_default(),
+    };
+    // Subscribe before reading the replay so nothing falls in between.
+    let sub = s.events.subscribe();
+    let replay = s
+        .store
+        .notifications(&acc.id, after, retention_ms(&s))
+        .await?;
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let span = tracing::info_span!("sse_stream", account = %acc.id, after);
+    tokio::spawn(tracing::Instrument::instrument(
+        produce(s, acc.id, filter, after, replay, sub, tx),
+        span,
+    ));
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+fn frame(event: Option<&str>, id: Option<i64>, data: &str) -> Bytes {
+    let mut s = String::with_capacity(data.len() + 48);
+    if let Some(e) = event {
+        s.push_str("event: ");
+        s.push_str(e);
+        s.push('\n');
+    }
+    if let Some(id) = id {
+        s.push_str(&format!("id: {id}\n"));
+    }
+    s.push_str("data: ");
+    s.push_str(data);
+    s.push_str("\n\n");
+    Bytes::from(s)
+}
+
+/// Writes the stream until the client leaves, the server stops, or the
+/// stream's maximum age passes.
+async fn produce(
+    s: AppState,
+    account: String,
+    filter: Filter,
+    after: i64,
+    replay: Vec<Notification>,
+    mut sub: tokio::sync::broadcast::Receiver<std::sync::Arc<Notification>>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let _gauge = StreamGauge::open();
+    let cfg = s.config.notifications.clone();
+    let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
+    // Ids sent (with their creation time, to forget them after retention).
+    let mut sent: BTreeMap<i64, i64> = BTreeMap::new();
+    let send = |n: &Notification, event: Option<&'static str>| {
+        let s = s.clone();
+        let n = n.clone();
+        let tx = tx.clone();
+        async move {
+            let body = wire(&n, &s.links, ttl).await.to_string();
+            tx.send(frame(event, Some(n.id), &body)).await.is_ok()
+        }
+    };
+    for n in &replay {
+        sent.insert(n.id, n.created_at);
+        if filter.matches(n) && !send(n, Some("backfill")).await {
+            return;
+        }
+    }
+    if tx
+        .send(frame(Some("backfill_complete"), None, "{}"))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.stream_max_secs);
+    let mut keepalive = tokio::time::interval(Duration::from_secs(cfg.keepalive_secs));
+    keepalive.reset();
+    let mut generation = s.events.generation();
+    let mut last_reconcile = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let mut reconcile = false;
+        tokio::select! {
+            _ = s.shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = tx.closed() => return,
+            _ = keepalive.tick() => {
+                if tx.send(Bytes::from_static(b":keepalive\n\n")).await.is_err() {
+                    return;
+                }
+            }
+            _ = tick.tick() => {
+                let every = if s.events.live() {
+                    Duration::from_secs(cfg.reconcile_secs)
+                } else {
+                    Duration::from_secs(1)
+                };
+                let g = s.events.generation();
+                reconcile = g != generation || last_reconcile.elapsed() >= every;
+                generation = g;
+            }
+            got = sub.recv() => match got {
+                Ok(n) => {
+                    if n.account_id == account && n.id > after && !sent.contains_key(&n.id) {
+                        sent.insert(n.id, n.created_at);
+                        if filter.matches(&n) && !send(&n, None).await {
+                            return;
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "stream lagged behind the bus; re-reading the store");
+                    reconcile = true;
+                }
+                Err(RecvError::Closed) => return,
+            },
+        }
+        if reconcile {
+            last_reconcile = tokio::time::Instant::now();
+            let Ok(stored) = s
+                .store
+                .notifications(&account, after, retention_ms(&s))
+                .await
+            else {
+                continue; // the store is down; try again next round
+            };
+            for n in stored {
+                if sent.contains_key(&n.id) {
+                    continue;
+                }
+                sent.insert(n.id, n.created_at);
+                if filter.matches(&n) && !send(&n, None).await {
+                    return;
+                }
+            }
+            let horizon = now_ms() - retention_ms(&s) - 60_000;
+            sent.retain(|_, created| *created >= horizon);
+        }
+    }
+}
+
+/// `name_list`/`id_task` of `POST /notifications`: a string (comma-separated)
+/// or an array of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_list(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => split_list(&s),
+            OneOrMany::Many(v) => v.iter().flat_map(|s| split_list(s)).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PollBody {
+    pub id_task: Option<OneOrMany>,
+    pub name_list: Option<OneOrMany>,
+}
+
+/// `POST /notifications`.
+pub async fn poll(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Json(body): Json<PollBody>,
+) -> ApiResult<impl IntoResponse> {
+    let names = body.name_list.map(OneOrMany::into_list).unwrap_or_default();
+    if names.is_empty() {
+        return Err(ApiError::bad_request(
+            Some("name_list"),
+            "is required: one or more event names such as batch_edit, image_result",
+            "body",
+        ));
+    }
+    let filter = Filter {
+        tasks: body.id_task.map(OneOrMany::into_list).unwrap_or_default(),
+        image: None,
+        names,
+    };
+    let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
+    let mut out = Vec::new();
+    for n in s.store.notifications(&acc.id, 0, retention_ms(&s)).await? {
+        if filter.matches(&n) {
+            out.push(wire(&n, &s.links, ttl).await);
+        }
+    }
+    Ok(axum::Json(Value::Array(out)))
+}
+
+/// `DELETE /notifications/{id}`.
+pub async fn delete(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let missing = || ApiError::not_found(format!("Notification {id} not found"));
+    let n: i64 = id.trim().parse().map_err(|_| missing())?;
+    if s.store
+        .delete_notification(&acc.id, n, retention_ms(&s))
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(missing())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn note(name: &str, data: Value) -> Notification {
+        Notification {
+            id: 7,
+            account_id: "acc".into(),
+            name: name.into(),
+            data,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn frames_follow_the_contract() {
+        assert_eq!(
+            frame(Some("backfill"), Some(7), r#"{"a":1}"#),
+            Bytes::from("event: backfill\nid: 7\ndata: {\"a\":1}\n\n")
+        );
+        assert_eq!(
+            frame(None, Some(8), "{}"),
+            Bytes::from("id: 8\ndata: {}\n\n")
+        );
+        assert_eq!(
+            frame(Some("backfill_complete"), None, "{}"),
+            Bytes::from("event: backfill_complete\ndata: {}\n\n")
+        );
+    }
+
+    #[test]
+    fn filters_match_tasks_images_and_names() {
+        let n = note(
+            "image_result",
+            json!({"id_task": "job_1", "image_result_id": 42}),
+        );
+        let f = |tasks: &str, image: Option<&str>, names: &str| Filter {
+            tasks: split_list(tasks),
+            image: image.map(String::from),
+            names: split_list(names),
+        };
+        assert!(f("", None, "").matches(&n));
+        assert!(f("job_2, job_1", None, "").matches(&n));
+        assert!(!f("job_2", None, "").matches(&n));
+        assert!(f("", Some("42"), "image_result").matches(&n));
+        assert!(!f("", Some("43"), "").matches(&n));
+        assert!(!f("", None, "batch_edit").matches(&n));
+        let by_job_id = note("batch_edit", json!({"job_id": "job_1"}));
+        assert!(f("job_1", None, "batch_edit").matches(&by_job_id));
+    }
+}

@@ -1,0 +1,261 @@
+//! Live notification fan-out: every relayed notification reaches the SSE
+//! streams of every API process.
+//!
+//! The stored notification is the source of truth (written in the same
+//! transaction as the state change); the bus only makes it arrive without
+//! polling. In one process (embedded mode) the bus is a broadcast channel.
+//! With `redis.url` set, the relay publishes to one Redis channel and every
+//! process subscribes to it and re-broadcasts locally. Redis pub/sub drops
+//! what is published while a subscriber is disconnected, so streams also
+//! reconcile against the store: often while the bus is down
+//! ([`EventBus::live`] false) and after every reconnection
+//! ([`EventBus::generation`] changes).
+
+use crate::db::notifications::Notification;
+use crate::storage::{Links, content_type_of};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// Notifications buffered per local subscriber before it lags (and then
+/// reconciles from the store).
+const LOCAL_CAPACITY: usize = 4096;
+
+#[derive(Clone)]
+pub struct EventBus {
+    local: broadcast::Sender<Arc<Notification>>,
+    redis: Option<Arc<RedisSide>>,
+}
+
+struct RedisSide {
+    client: redis::Client,
+    channel: String,
+    publisher: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    subscribed: AtomicBool,
+    generation: AtomicU64,
+}
+
+impl EventBus {
+    /// The in-process bus (embedded mode, or one process running every role).
+    pub fn in_process() -> EventBus {
+        EventBus {
+            local: broadcast::channel(LOCAL_CAPACITY).0,
+            redis: None,
+        }
+    }
+
+    /// A bus shared through Redis channel `<prefix>:events`. With
+    /// `subscribe` (processes that serve streams) it listens in the
+    /// background, reconnecting with backoff, until `stop` fires; an
+    /// unreachable Redis is not an error here but is reported by
+    /// [`Self::live`]. Without it the bus only publishes.
+    pub fn through_redis(
+        url: &str,
+        prefix: &str,
+        subscribe: bool,
+        stop: CancellationToken,
+    ) -> Result<EventBus, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
+        let side = Arc::new(RedisSide {
+            client,
+            channel: format!("{prefix}:events"),
+            publisher: tokio::sync::Mutex::new(None),
+            subscribed: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        });
+        let bus = EventBus {
+            local: broadcast::channel(LOCAL_CAPACITY).0,
+            redis: Some(side.clone()),
+        };
+        if subscribe {
+            tokio::spawn(subscribe_loop(side, bus.local.clone(), stop));
+        }
+        Ok(bus)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Notification>> {
+        self.local.subscribe()
+    }
+
+    /// Whether notifications published anywhere reach this process now.
+    pub fn live(&self) -> bool {
+        self.redis
+            .as_ref()
+            .is_none_or(|r| r.subscribed.load(Ordering::Acquire))
+    }
+
+    /// Changes whenever the Redis subscription is (re)established: what was
+    /// published while it was down never arrives.
+    pub fn generation(&self) -> u64 {
+        self.redis
+            .as_ref()
+            .map_or(0, |r| r.generation.load(Ordering::Acquire))
+    }
+
+    /// Publishes relayed notifications, oldest first. Through Redis, a
+    /// failure is returned (the caller logs it; streams reconcile from the
+    /// store) and this process's own listeners still get them.
+    pub async fn publish(&self, batch: &[Notification]) -> Result<(), String> {
+        let Some(r) = &self.redis else {
+            for n in batch {
+                let _ = self.local.send(Arc::new(n.clone()));
+            }
+            return Ok(());
+        };
+        let result = r.publish(batch).await;
+        if result.is_err() {
+            for n in batch {
+                let _ = self.local.send(Arc::new(n.clone()));
+            }
+        }
+        result
+    }
+}
+
+impl RedisSide {
+    async fn publish(&self, batch: &[Notification]) -> Result<(), String> {
+        let mut slot = self.publisher.lock().await;
+        if slot.is_none() {
+            let conn = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.client.get_multiplexed_async_connection(),
+            )
+            .await
+            .map_err(|_| "Redis connect timed out".to_string())?
+            .map_err(|e| format!("Redis: {e}"))?;
+            *slot = Some(conn);
+        }
+        let Some(conn) = slot.as_mut() else {
+            return Err("Redis: no connection".into());
+        };
+        let mut pipe = redis::pipe();
+        for n in batch {
+            let body = serde_json::to_string(n).map_err(|e| e.to_string())?;
+            pipe.publish(&self.channel, body).ignore();
+        }
+        let sent: Result<Result<(), redis::RedisError>, _> =
+            tokio::time::timeout(Duration::from_secs(2), pipe.query_async(conn)).await;
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                *slot = None;
+                Err(format!("Redis publish: {e}"))
+            }
+            Err(_) => {
+                *slot = None;
+                Err("Redis publish timed out".into())
+            }
+        }
+    }
+}
+
+async fn subscribe_loop(
+    side: Arc<RedisSide>,
+    local: broadcast::Sender<Arc<Notification>>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let mut warned = false;
+    loop {
+        let attempt = async {
+            let mut ps = side.client.get_async_pubsub().await?;
+            ps.subscribe(&side.channel).await?;
+            Ok::<_, redis::RedisError>(ps)
+        };
+        let connected = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(Duration::from_secs(3), attempt) => r,
+        };
+        match connected {
+            Ok(Ok(ps)) => {
+                side.generation.fetch_add(1, Ordering::AcqRel);
+                side.subscribed.store(true, Ordering::Release);
+                metrics::gauge!("atelier_event_bus_live").set(1.0);
+                if warned {
+                    tracing::info!("live events: Redis subscription restored");
+                }
+                backoff = Duration::from_millis(200);
+                let mut messages = ps.into_on_message();
+                loop {
+                    let msg = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        m = messages.next() => m,
+                    };
+                    let Some(msg) = msg else { break };
+                    let Ok(payload) = msg.get_payload::<String>() else {
+                        continue;
+                    };
+                    match serde_json::from_str::<Notification>(&payload) {
+                        Ok(n) => {
+                            let _ = local.send(Arc::new(n));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "live events: unreadable message ignored")
+                        }
+                    }
+                }
+                side.subscribed.store(false, Ordering::Release);
+                metrics::gauge!("atelier_event_bus_live").set(0.0);
+                tracing::warn!(
+                    "live events: Redis subscription lost; streams poll the store until it is back"
+                );
+            }
+            Ok(Err(e)) => {
+                if !warned {
+                    tracing::warn!(error = %e, "live events: Redis unreachable; streams poll the store until it is back");
+                    warned = true;
+                }
+            }
+            Err(_) => {
+                if !warned {
+                    tracing::warn!(
+                        "live events: Redis did not answer; streams poll the store until it is back"
+                    );
+                    warned = true;
+                }
+            }
+        }
+        metrics::gauge!("atelier_event_bus_live").set(0.0);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The contract's notification object (§4.1). `image_result` events carry
+/// stored keys; here they become URLs signed for `ttl`.
+pub async fn wire(n: &Notification, links: &Links, ttl: Duration) -> Value {
+    let mut data = n.data.clone();
+    if let Some(obj) = data.as_object_mut()
+        && let Some(keys) = obj.remove("output_keys")
+    {
+        let mut output = serde_json::Map::new();
+        for field in ["full_size", "thumbnail"] {
+            let url = match keys.get(field).and_then(Value::as_str) {
+                Some(k) => match links.object_url(k, content_type_of(k), ttl).await {
+                    Ok(u) => Value::String(u),
+                    Err(e) => {
+                        tracing::warn!(error = %e, key = k, "cannot sign a result URL for a notification");
+                        Value::Null
+                    }
+                },
+                None => Value::Null,
+            };
+            output.insert(field.to_string(), url);
+        }
+        obj.insert("output".into(), Value::Object(output));
+    }
+    json!({
+        "id": n.id,
+        "name": n.name,
+        "data": data,
+        "timestamp": n.created_at as f64 / 1000.0,
+        "created_at": crate::time::iso8601(n.created_at),
+    })
+}
