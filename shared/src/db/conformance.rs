@@ -592,6 +592,245 @@ pub async fn outbox_is_claimed_once(s: Store) {
     assert_eq!(s.outbox_lag_ms().await.expect("lag"), 0);
 }
 
+/// Relays what a job's creation stored, queueing a delivery when the
+/// account has a webhook; returns the relayed ids.
+async fn relay_all(s: &Store) -> Vec<i64> {
+    let batch = s.unrelayed_notifications(100).await.expect("backlog");
+    let pairs: Vec<_> = batch
+        .into_iter()
+        .map(|n| {
+            let d = super::notifications::RelayedDelivery {
+                notification_id: n.id,
+                body: format!("{{\"id\":{}}}", n.id),
+            };
+            (n, d)
+        })
+        .collect();
+    s.finish_relay(&pairs).await.expect("relayed");
+    pairs.iter().map(|(n, _)| n.id).collect()
+}
+
+pub async fn notifications_are_relayed_once_consumed_and_pruned(s: Store) {
+    let a = account(&s, "nr", 5).await;
+    let b = account(&s, "other", 0).await;
+    created(&s, job(&a, &[1], None)).await;
+    let relayed = relay_all(&s).await;
+    assert_eq!(relayed.len(), 1, "the creation batch_edit");
+    assert!(relay_all(&s).await.is_empty(), "relayed twice");
+    assert_eq!(s.relay_lag_ms().await.expect("lag"), 0);
+    // Consuming is per account and once.
+    assert!(
+        !s.delete_notification(&b, relayed[0], 600_000)
+            .await
+            .expect("delete")
+    );
+    assert!(
+        s.delete_notification(&a, relayed[0], 600_000)
+            .await
+            .expect("delete")
+    );
+    assert!(
+        !s.delete_notification(&a, relayed[0], 600_000)
+            .await
+            .expect("delete")
+    );
+    assert!(
+        s.notifications(&a, 0, 600_000)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    // Pruning takes relayed notifications older than the horizon only.
+    created(&s, job(&a, &[1], None)).await;
+    assert_eq!(
+        s.prune_notifications(now_ms() + 1).await.expect("prune"),
+        1,
+        "only the relayed one"
+    );
+    relay_all(&s).await;
+    assert_eq!(
+        s.prune_notifications(now_ms() - 60_000)
+            .await
+            .expect("prune"),
+        0
+    );
+    assert_eq!(s.prune_notifications(now_ms() + 1).await.expect("prune"), 1);
+    // The relay lease has one holder at a time.
+    assert!(s.try_lease("relay", "one", 60_000).await.expect("lease"));
+    assert!(!s.try_lease("relay", "two", 60_000).await.expect("lease"));
+    assert!(s.try_lease("relay", "one", 60_000).await.expect("renew"));
+    assert!(s.try_lease("expired", "one", -1).await.expect("lease"));
+    assert!(
+        s.try_lease("expired", "two", 60_000)
+            .await
+            .expect("taken over")
+    );
+}
+
+pub async fn webhook_deliveries_retry_give_up_and_keep_job_order(s: Store) {
+    use super::webhooks::{AttemptResult, AttemptVerdict};
+    let a = account(&s, "wh", 10).await;
+    // Without a webhook nothing is queued.
+    created(&s, job(&a, &[1], None)).await;
+    relay_all(&s).await;
+    assert!(
+        s.claim_deliveries(10, 60_000)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+
+    let hook = s
+        .put_webhook(&a, "https://hooks.example/a", "s1")
+        .await
+        .expect("put");
+    assert!(hook.is_active);
+    // The ping is due at once.
+    let ping = s.claim_deliveries(10, 60_000).await.expect("claim");
+    assert_eq!(
+        (ping.len(), ping[0].event.as_str(), ping[0].attempt),
+        (1, "ping", 1)
+    );
+    assert_eq!(
+        (ping[0].url.as_str(), ping[0].secret.as_str()),
+        ("https://hooks.example/a", "s1")
+    );
+    assert!(
+        s.claim_deliveries(10, 60_000)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "claimed twice"
+    );
+    let fail = AttemptResult::Failed {
+        status: Some(500),
+        error: "receiver answered 500".into(),
+    };
+    let v = s
+        .record_attempt(&ping[0], &fail, &[0], 50)
+        .await
+        .expect("record");
+    assert!(matches!(v, AttemptVerdict::RetryAt(_)), "{v:?}");
+    assert_eq!(
+        s.record_attempt(&ping[0], &fail, &[0], 50)
+            .await
+            .expect("again"),
+        AttemptVerdict::Stale
+    );
+    let retry = s.claim_deliveries(10, 60_000).await.expect("claim");
+    assert_eq!(retry[0].attempt, 2);
+    assert_eq!(
+        s.record_attempt(&retry[0], &fail, &[0], 50)
+            .await
+            .expect("record"),
+        AttemptVerdict::GaveUp
+    );
+    let w = s.webhook(&a).await.expect("read").expect("exists");
+    assert_eq!(
+        (w.last_response_status, w.consecutive_failures, w.is_active),
+        (Some(500), 2, true)
+    );
+
+    // Two events of one job: the second waits for the first.
+    let j = created(&s, job(&a, &[1, 1], None)).await;
+    let out = s.latest_outputs(&j).await.expect("outputs");
+    let attempt = s
+        .claim_for_dispatch(out[0].id, now_ms() + 60_000, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert!(
+        s.record_started(out[0].id, attempt, now_ms() + 60_000, "w")
+            .await
+            .expect("start")
+    );
+    relay_all(&s).await; // the pending and processing batch_edits
+    // A scheduler that claimed and died: its claim expires (here at once).
+    let lost = s.claim_deliveries(10, -1).await.expect("claim");
+    assert_eq!(lost.len(), 1, "one at a time per job: {lost:?}");
+    let first = s.claim_deliveries(10, 60_000).await.expect("claim");
+    assert_eq!(
+        (first.len(), first[0].id, first[0].attempt),
+        (1, lost[0].id, 2),
+        "claimed again"
+    );
+    assert!(
+        s.claim_deliveries(10, 60_000)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the next waits"
+    );
+    let ok = AttemptResult::Delivered { status: 204 };
+    assert_eq!(
+        s.record_attempt(&lost[0], &ok, &[0], 50)
+            .await
+            .expect("late"),
+        AttemptVerdict::Stale
+    );
+    assert_eq!(
+        s.record_attempt(&first[0], &ok, &[0], 50)
+            .await
+            .expect("record"),
+        AttemptVerdict::Delivered
+    );
+    let second = s.claim_deliveries(10, 60_000).await.expect("claim");
+    assert_eq!(second.len(), 1);
+    assert!(second[0].id > first[0].id, "in order");
+    let w = s.webhook(&a).await.expect("read").expect("exists");
+    assert_eq!(
+        (w.last_response_status, w.consecutive_failures),
+        (Some(204), 0)
+    );
+
+    // Repeated failures deactivate the webhook; what is still owed is cancelled.
+    for _ in 0..2 {
+        let d = match s.claim_deliveries(10, 60_000).await.expect("claim").pop() {
+            Some(d) => d,
+            None => second[0].clone(),
+        };
+        let _ = s
+            .record_attempt(&d, &fail, &[0, 0, 0], 2)
+            .await
+            .expect("record");
+    }
+    assert!(
+        !s.webhook(&a)
+            .await
+            .expect("read")
+            .expect("exists")
+            .is_active
+    );
+    assert!(
+        s.claim_deliveries(10, 60_000)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let (list, total) = s.deliveries(&a, 1, 50).await.expect("list");
+    assert_eq!(total, 3);
+    assert!(list.iter().any(|d| d.status == "cancelled"), "{list:?}");
+    assert!(
+        list.iter().any(|d| d.status == "failed" && d.attempts == 2),
+        "{list:?}"
+    );
+    // Saving it again reactivates it; deleting cancels the backlog.
+    s.put_webhook(&a, "https://hooks.example/b", "s2")
+        .await
+        .expect("put");
+    assert!(
+        s.webhook(&a)
+            .await
+            .expect("read")
+            .expect("exists")
+            .is_active
+    );
+    assert!(s.test_webhook(&a).await.expect("test"));
+    assert!(s.delete_webhook(&a).await.expect("delete"));
+    assert!(!s.test_webhook(&a).await.expect("test"));
+    assert_eq!(s.delivery_backlog().await.expect("backlog"), 0);
+}
+
 pub async fn unavailable_database_is_typed(s: Store) {
     s.close().await;
     let e = s.ping().await.expect_err("closed pool");
@@ -623,6 +862,8 @@ macro_rules! store_suite {
             t!(ledger_is_append_only_and_states_are_checked);
             t!(projects_are_per_account);
             t!(outbox_is_claimed_once);
+            t!(notifications_are_relayed_once_consumed_and_pruned);
+            t!(webhook_deliveries_retry_give_up_and_keep_job_order);
             t!(unavailable_database_is_typed);
         }
     };

@@ -298,7 +298,8 @@ impl Store {
         Ok(due)
     }
 
-    /// Records one attempt of a claimed delivery. `retry_delays_ms[n]` is the
+    /// Records one attempt of a claimed delivery (once: a second report of
+    /// the same claim, or one whose claim was taken over, is `Stale`). `retry_delays_ms[n]` is the
     /// wait after the n-th failed attempt; after the last one it gives up.
     /// The webhook's `last_response_*` follow every attempt; it is
     /// deactivated after `disable_after` consecutive failed attempts.
@@ -337,7 +338,7 @@ impl Store {
         let r = sqlx::query(
             "UPDATE webhook_deliveries SET status = $2, next_attempt_at = $3, claimed_until = NULL, \
              last_status = $4, last_error = $5, finished_at = $6, updated_at = $7 \
-             WHERE id = $1 AND status = 'pending' AND attempts = $8",
+             WHERE id = $1 AND status = 'pending' AND attempts = $8 AND claimed_until IS NOT NULL",
         )
         .bind(d.id)
         .bind(new_status)
