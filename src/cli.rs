@@ -94,7 +94,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    atelier_shared::telemetry::init_tracing(&cfg.log.format, &cfg.log.level);
+    let service = match command {
+        Command::Api => "atelier-api",
+        Command::Scheduler => "atelier-scheduler",
+        Command::Worker => "atelier-worker",
+        _ => "atelier",
+    };
+    // Flushes buffered spans when main returns.
+    let _traces = atelier_shared::telemetry::init_tracing(&cfg.log, service);
     let roles = match command {
         Command::Serve => Roles::ALL,
         Command::Api => Roles::API,

@@ -189,10 +189,30 @@ pub fn router(state: AppState) -> Router {
             .fallback(routes::health::not_found)
     };
     app.layer(middleware::from_fn(record_metrics))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(ApiError::internal("handler panicked"))
         }))
+}
+
+/// The span of one request, a child of the client's `traceparent` when it
+/// sent one (exported over OTLP when configured).
+fn request_span(req: &Request) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        uri = %req.uri().path(),
+        version = ?req.version(),
+    );
+    if let Some(parent) = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(atelier_shared::domain::trace::TraceParent::parse)
+    {
+        atelier_shared::telemetry::adopt(&span, &parent);
+    }
+    span
 }
 
 async fn record_metrics(req: Request, next: middleware::Next) -> axum::response::Response {

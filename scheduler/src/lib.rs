@@ -45,6 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Work queues the dispatcher feeds.
 pub const WORK_QUEUES: &[&str] = &["packshot", "swap", "identity", "training"];
@@ -265,7 +266,12 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: &'static str) -> anyhow::
         let (job_id, parent) = jobs.get(&pick.output_id).cloned().unwrap_or_default();
         // The dispatch is a hop of the job's trace (a new root for jobs
         // created before traces were kept).
-        let trace = TraceParent::continue_or_start(parent.as_deref());
+        let parent = parent.as_deref().and_then(TraceParent::parse);
+        let span = tracing::info_span!("dispatch", job.id = %job_id, output.id = pick.output_id, attempt, queue);
+        if let Some(p) = &parent {
+            atelier_shared::telemetry::adopt(&span, p);
+        }
+        let trace = atelier_shared::telemetry::hop_of(&span, parent.as_ref());
         let task = Task {
             job_id,
             output_id: pick.output_id,
@@ -275,7 +281,7 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: &'static str) -> anyhow::
         };
         tracing::debug!(trace_id = %trace.trace_id_hex(), output_id = pick.output_id, attempt, "dispatching");
         let message = Message::json(&task)?.with_header("traceparent", trace.to_string());
-        if let Err(e) = ctx.queue.publish(queue, message).await {
+        if let Err(e) = ctx.queue.publish(queue, message).instrument(span).await {
             ctx.store.unclaim(pick.output_id, attempt).await?;
             return Err(e.into());
         }

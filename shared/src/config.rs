@@ -336,6 +336,12 @@ pub struct LogConfig {
     pub format: String,
     /// An `EnvFilter` directive; `RUST_LOG` wins when set.
     pub level: String,
+    /// OTLP/HTTP collector base URL (e.g. `http://otel-collector:4318`):
+    /// spans are exported there when set. Unset: traces stay in the logs
+    /// (`trace_id` on every line of a job's spans).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans; empty: `atelier-<roles>`.
+    pub service_name: String,
 }
 
 impl Default for Config {
@@ -478,6 +484,8 @@ impl Default for LogConfig {
         LogConfig {
             format: "pretty".into(),
             level: "info".into(),
+            otlp_endpoint: None,
+            service_name: String::new(),
         }
     }
 }
@@ -599,6 +607,11 @@ impl Config {
             }
         } else if !st.starts_with("file://") {
             e.push("storage.url: must be file://<dir> or s3://bucket[/prefix]".into());
+        }
+        if let Some(u) = &self.log.otlp_endpoint
+            && !url::Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        {
+            e.push(format!("log.otlp_endpoint: `{u}` must be an http(s) URL"));
         }
         if let Err(msg) = crate::egress::EgressPolicy::new(&self.egress.allow) {
             e.push(msg);

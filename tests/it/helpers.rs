@@ -94,6 +94,17 @@ pub fn with_s3(c: &mut Config, bucket: &str) {
 /// Starts `atelier <role>` as a child process on the app's database, queue
 /// and object store, with the test timings (1 s heartbeats, 3 s leases).
 pub fn spawn_role(app: &TestApp, role: &str, fault_delay_ms: u64) -> tokio::process::Child {
+    spawn_role_command(app, role, fault_delay_ms)
+        .spawn()
+        .expect("atelier child process starts")
+}
+
+/// The command `spawn_role` runs, for a test to add to its environment.
+pub fn spawn_role_command(
+    app: &TestApp,
+    role: &str,
+    fault_delay_ms: u64,
+) -> tokio::process::Command {
     let c = &app.cfg;
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier"));
     cmd.arg(role)
@@ -138,7 +149,7 @@ pub fn spawn_role(app: &TestApp, role: &str, fault_delay_ms: u64) -> tokio::proc
             cmd.env(k, v);
         }
     }
-    cmd.spawn().expect("atelier child process starts")
+    cmd
 }
 
 /// A configuration for tests: port 0, fast ticks, short leases.

@@ -3,8 +3,9 @@
 use crate::helpers::*;
 use atelier::app::Roles;
 use atelier_shared::db::Dialect;
+use atelier_shared::domain::trace::TraceParent;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::io::Read;
 use std::time::Duration;
 
@@ -401,7 +402,6 @@ async fn auto_falls_back_to_the_next_engine_when_one_refuses() {
 /// header) with a span id of its own; a request without one starts a trace.
 #[tokio::test]
 async fn trace_context_travels_from_the_request_to_the_task_message() {
-    use atelier_shared::domain::trace::TraceParent;
     let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |_| {}).await;
     let p = app.project("p").await;
     let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
@@ -455,5 +455,121 @@ async fn trace_context_travels_from_the_request_to_the_task_message() {
         own.trace_id, expected.trace_id,
         "a new trace for an untraced request"
     );
+    app.stop().await;
+}
+
+/// Spans exported over OTLP by a scheduler and a worker running as their
+/// own processes: one trace, the dispatch under the job's hop, the task
+/// under the dispatch.
+#[tokio::test]
+async fn spans_are_exported_over_otlp_as_one_trace_across_processes() {
+    use std::sync::{Arc, Mutex};
+    // An OTLP/HTTP (JSON) collector on 127.0.0.1 that keeps every span.
+    type Spans = Arc<Mutex<Vec<(String, Value)>>>;
+    let spans: Spans = Arc::default();
+    let sink = spans.clone();
+    let router = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let v: Value = serde_json::from_slice(&body).expect("OTLP JSON");
+                for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+                    let service = rs["resource"]["attributes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|a| a["key"] == "service.name")
+                        .and_then(|a| a["value"]["stringValue"].as_str())
+                        .unwrap_or("")
+                        .to_string();
+                    for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                        for span in ss["spans"].as_array().into_iter().flatten() {
+                            sink.lock()
+                                .expect("lock")
+                                .push((service.clone(), span.clone()));
+                        }
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let collector = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let app = TestApp::with(Dialect::Postgres, Roles::API, |_| {}).await;
+    let mut children = Vec::new();
+    for role in ["scheduler", "worker"] {
+        let mut cmd = spawn_role_command(&app, role, 0);
+        cmd.env("ATELIER_LOG__LEVEL", "info")
+            .env("ATELIER_LOG__OTLP_ENDPOINT", &collector)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200");
+        children.push(cmd.spawn().expect("child starts"));
+    }
+    let p = app.project("Traced").await;
+    let f = app.upload(garment_jpeg(200, 200), "a.jpg").await;
+    let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = app
+        .http
+        .post(app.url("/create-packshot"))
+        .bearer_auth(&app.key)
+        .header("traceparent", client)
+        .json(&json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout", "num_variations": 1}]}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let job = r.json::<Value>().await.expect("json")["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_eq!(
+        app.wait_for_job(&job, Duration::from_secs(60)).await["status"],
+        "completed"
+    );
+    let stored: Option<String> = sqlx::query_scalar("SELECT traceparent FROM jobs WHERE id = $1")
+        .bind(&job)
+        .fetch_one(app.store.pool())
+        .await
+        .expect("job row");
+    let job_hop = TraceParent::parse(&stored.expect("kept")).expect("valid");
+    let trace_hex = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+    let t = std::time::Instant::now();
+    let (dispatch, task) = loop {
+        let seen = spans.lock().expect("lock").clone();
+        let find = |service: &str, name: &str| {
+            seen.iter()
+                .find(|(s, sp)| s == service && sp["name"] == name && sp["traceId"] == trace_hex)
+                .map(|(_, sp)| sp.clone())
+        };
+        if let (Some(d), Some(w)) = (
+            find("atelier-scheduler", "dispatch"),
+            find("atelier-worker", "task"),
+        ) {
+            break (d, w);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "spans not exported: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        dispatch["parentSpanId"],
+        format!("{:016x}", job_hop.span_id),
+        "the dispatch continues the job's hop"
+    );
+    assert_eq!(
+        task["parentSpanId"], dispatch["spanId"],
+        "the task continues the dispatch"
+    );
+    for mut c in children {
+        let _ = c.kill().await;
+    }
     app.stop().await;
 }

@@ -199,20 +199,23 @@ async fn handle(
     };
     // This task is a hop of the job's trace (the task's own field, else the
     // message header).
-    let trace = task
+    let parent = task
         .traceparent
         .as_deref()
         .or(delivery.headers.get("traceparent").map(String::as_str))
-        .and_then(TraceParent::parse)
-        .map(|t| t.child());
+        .and_then(TraceParent::parse);
     let span = tracing::info_span!(
         "task",
         job.id = %task.job_id,
         output.id = task.output_id,
         attempt = task.attempt,
         job.r#type = queue,
-        trace_id = %trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        trace_id = %parent.map(|t| t.trace_id_hex()).unwrap_or_default(),
     );
+    if let Some(p) = &parent {
+        atelier_shared::telemetry::adopt(&span, p);
+    }
+    let trace = parent.map(|p| atelier_shared::telemetry::hop_of(&span, Some(&p)));
     match ctx
         .store
         .is_live_attempt(task.output_id, task.attempt)

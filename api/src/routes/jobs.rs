@@ -93,8 +93,12 @@ pub async fn create_packshot(
         .collect::<Vec<_>>();
     let spec_json = serde_json::to_string(&spec).map_err(ApiError::internal)?;
     // The job's work continues the client's trace when it sent one.
-    let trace =
-        TraceParent::continue_or_start(headers.get("traceparent").and_then(|v| v.to_str().ok()));
+    // (The request span already adopted it: see `router`.)
+    let client = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
+    let trace = atelier_shared::telemetry::hop_of(&tracing::Span::current(), client.as_ref());
     tracing::info!(trace_id = %trace.trace_id_hex(), account = %acc.id, "admitting create-packshot");
     let admission = s
         .store
