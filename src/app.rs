@@ -276,7 +276,14 @@ pub async fn start(
             services.queue_stop.clone(),
         )
         .map_err(anyhow::Error::msg)?,
-        None => EventBus::in_process(),
+        None => {
+            if roles.api && !roles.scheduler {
+                tracing::warn!(
+                    "no redis.url: this API process hears no live events; its SSE streams poll the store every second"
+                );
+            }
+            EventBus::in_process(roles.scheduler)
+        }
     };
     if roles.api {
         let state = atelier_api::AppState::new(

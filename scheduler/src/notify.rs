@@ -57,17 +57,25 @@ pub(crate) async fn relay(ctx: SchedulerContext, stop: CancellationToken) {
     let n = ctx.notify.clone();
     let period = Duration::from_millis(n.notifications.relay_ms);
     let mut holding = false;
+    let mut renewed = tokio::time::Instant::now();
     let mut bus_failing = false;
+    // Renewed a third into the lease, not on every poll.
+    let renew_every = Duration::from_millis(RELAY_LEASE_MS as u64 / 3);
     loop {
-        let leader = match ctx
-            .store
-            .try_lease(RELAY_LEASE, &ctx.instance, RELAY_LEASE_MS)
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(error = %e, "relay: store unavailable");
-                false
+        let leader = if holding && renewed.elapsed() < renew_every {
+            true
+        } else {
+            renewed = tokio::time::Instant::now();
+            match ctx
+                .store
+                .try_lease(RELAY_LEASE, &ctx.instance, RELAY_LEASE_MS)
+                .await
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(error = %e, "relay: store unavailable");
+                    false
+                }
             }
         };
         if leader != holding {

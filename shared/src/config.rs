@@ -222,7 +222,8 @@ pub struct NotificationsConfig {
     /// `Last-Event-ID`.
     pub stream_max_secs: u64,
     /// Streams re-read the store this often while live events flow (a safety
-    /// net for messages Redis pub/sub dropped); every second while they don't.
+    /// net for messages Redis pub/sub dropped); every second while they
+    /// don't (Redis down, or no Redis and no relay in this process).
     pub reconcile_secs: u64,
 }
 
@@ -233,7 +234,7 @@ impl Default for NotificationsConfig {
             relay_ms: 100,
             keepalive_secs: 15,
             stream_max_secs: 3600,
-            reconcile_secs: 30,
+            reconcile_secs: 10,
         }
     }
 }

@@ -52,17 +52,29 @@ pub fn forbidden_range(ip: IpAddr) -> Option<&'static str> {
                 return forbidden_v4(v4);
             }
             let seg = v6.segments();
+            let v4_of = |hi: u16, lo: u16| {
+                Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+            };
             // NAT64 (64:ff9b::/96) embeds an IPv4 address in the last 32 bits.
             if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0] {
-                let v4 = Ipv4Addr::new(
-                    (seg[6] >> 8) as u8,
-                    seg[6] as u8,
-                    (seg[7] >> 8) as u8,
-                    seg[7] as u8,
-                );
-                return forbidden_v4(v4);
+                return forbidden_v4(v4_of(seg[6], seg[7]));
             }
-            if v6.is_loopback() {
+            // 6to4 (2002::/16) embeds one in bits 16..48.
+            if seg[0] == 0x2002 {
+                return forbidden_v4(v4_of(seg[1], seg[2]));
+            }
+            if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
+                Some("local-use NAT64")
+            } else if seg[0] == 0x2001 && seg[1] == 0 {
+                Some("Teredo")
+            } else if seg[0] == 0x100 && seg[1..4] == [0, 0, 0] {
+                Some("discard-only")
+            } else if seg[0] & 0xffc0 == 0xfec0 {
+                Some("site-local")
+            } else if seg[..4] == [0, 0, 0, 0] && seg[4] == 0xffff && seg[5] == 0 {
+                // IPv4-translated (SIIT) ::ffff:0:a.b.c.d
+                Some("IPv4-translated")
+            } else if v6.is_loopback() {
                 Some("loopback")
             } else if v6.is_unspecified() {
                 Some("unspecified")
@@ -235,6 +247,8 @@ impl EgressPolicy {
     }
 
     /// A client that enforces the policy on every connection and redirect.
+    /// Only 307/308 redirects are followed (they keep a POST a POST); any
+    /// other 3xx is returned as the response.
     pub fn client(
         &self,
         timeout: Duration,
@@ -247,6 +261,11 @@ impl EgressPolicy {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .dns_resolver(Arc::new(GuardedResolver(self.clone())))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                // 301/302/303 would turn a POST into a bodiless GET: stop and
+                // let the caller see the 3xx. 307/308 keep method and body.
+                if !matches!(attempt.status().as_u16(), 307 | 308) {
+                    return attempt.stop();
+                }
                 if attempt.previous().len() > max_redirects {
                     return attempt.error(format!("more than {max_redirects} redirects"));
                 }
@@ -324,10 +343,23 @@ mod tests {
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
             "::7f00:1",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::",
+            "64:ff9b:1::1",
+            "2001:0:4136:e378::1",
+            "100::1",
+            "fec0::1",
+            "::ffff:0:8.8.8.8",
         ] {
             assert!(refused(&p, ip), "{ip} should be refused");
         }
-        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "100.128.0.1"] {
+        for ip in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "100.128.0.1",
+            "2002:808:808::1",
+        ] {
             assert!(!refused(&p, ip), "{ip} should be allowed");
         }
     }
@@ -387,8 +419,8 @@ mod tests {
         assert!(allowed.check_url("http://localhost:9/hook").await.is_ok());
     }
 
-    #[tokio::test]
-    async fn the_client_refuses_a_redirect_to_a_private_address() {
+    /// A server on 127.0.0.1 that answers every request with `reply`.
+    async fn answering(reply: &'static [u8]) -> SocketAddr {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -396,11 +428,36 @@ mod tests {
             while let Ok((mut s, _)) = listener.accept().await {
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 302 Found\r\nLocation: http://10.0.0.1/x\r\nContent-Length: 0\r\n\r\n")
-                    .await;
+                let _ = s.write_all(reply).await;
             }
         });
+        addr
+    }
+
+    #[tokio::test]
+    async fn redirects_that_would_drop_the_body_are_not_followed() {
+        let addr = answering(
+            b"HTTP/1.1 302 Found\r\nLocation: https://example.com/x\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        let p = EgressPolicy::new(&["127.0.0.1".into()]).unwrap();
+        let client = p.client(Duration::from_secs(5), 3).unwrap();
+        let resp = client
+            .post(format!("http://{addr}/hook"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status().as_u16(),
+            302,
+            "returned, not followed as a GET"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_client_refuses_a_redirect_to_a_private_address() {
+        let addr = answering(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://10.0.0.1/x\r\nContent-Length: 0\r\n\r\n").await;
         let p = EgressPolicy::new(&["127.0.0.1".into()]).unwrap();
         let client = p.client(Duration::from_secs(5), 3).unwrap();
         let err = client

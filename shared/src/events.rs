@@ -29,6 +29,9 @@ const LOCAL_CAPACITY: usize = 4096;
 pub struct EventBus {
     local: broadcast::Sender<Arc<Notification>>,
     redis: Option<Arc<RedisSide>>,
+    /// Without Redis: whether this process relays (runs the scheduler), so
+    /// that what it relays is all there is to hear.
+    relays_here: bool,
 }
 
 struct RedisSide {
@@ -40,11 +43,14 @@ struct RedisSide {
 }
 
 impl EventBus {
-    /// The in-process bus (embedded mode, or one process running every role).
-    pub fn in_process() -> EventBus {
+    /// The in-process bus. `relays_here`: this process runs the relay (the
+    /// scheduler role); an API process without it and without Redis hears
+    /// nothing live, so its streams poll the store ([`Self::live`] false).
+    pub fn in_process(relays_here: bool) -> EventBus {
         EventBus {
             local: broadcast::channel(LOCAL_CAPACITY).0,
             redis: None,
+            relays_here,
         }
     }
 
@@ -70,6 +76,7 @@ impl EventBus {
         let bus = EventBus {
             local: broadcast::channel(LOCAL_CAPACITY).0,
             redis: Some(side.clone()),
+            relays_here: false,
         };
         if subscribe {
             tokio::spawn(subscribe_loop(side, bus.local.clone(), stop));
@@ -83,9 +90,10 @@ impl EventBus {
 
     /// Whether notifications published anywhere reach this process now.
     pub fn live(&self) -> bool {
-        self.redis
-            .as_ref()
-            .is_none_or(|r| r.subscribed.load(Ordering::Acquire))
+        match &self.redis {
+            Some(r) => r.subscribed.load(Ordering::Acquire),
+            None => self.relays_here,
+        }
     }
 
     /// Changes whenever the Redis subscription is (re)established: what was
@@ -106,7 +114,11 @@ impl EventBus {
             }
             return Ok(());
         };
-        let result = r.publish(batch).await;
+        // One retry on a fresh connection rides out a dropped one.
+        let mut result = r.publish(batch).await;
+        if result.is_err() {
+            result = r.publish(batch).await;
+        }
         if result.is_err() {
             for n in batch {
                 let _ = self.local.send(Arc::new(n.clone()));
@@ -258,4 +270,44 @@ pub async fn wire(n: &Notification, links: &Links, ttl: Duration) -> Value {
         "timestamp": n.created_at as f64 / 1000.0,
         "created_at": crate::time::iso8601(n.created_at),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(id: i64) -> Notification {
+        Notification {
+            id,
+            account_id: "acc".into(),
+            name: "batch_edit".into(),
+            data: json!({"id_task": "job"}),
+            created_at: 1_700_000_000_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_in_process_bus_is_live_only_where_the_relay_runs() {
+        let here = EventBus::in_process(true);
+        let mut rx = here.subscribe();
+        here.publish(&[note(1), note(2)]).await.expect("published");
+        assert_eq!(rx.recv().await.expect("first").id, 1);
+        assert_eq!(rx.recv().await.expect("second").id, 2);
+        assert!(here.live());
+        // An API process without the relay and without Redis hears nothing:
+        // its streams must poll the store.
+        assert!(!EventBus::in_process(false).live());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_is_reported_not_live_and_publishing_falls_back_locally() {
+        let stop = CancellationToken::new();
+        let bus =
+            EventBus::through_redis("redis://127.0.0.1:1", "t", true, stop.clone()).expect("bus");
+        let mut rx = bus.subscribe();
+        assert!(bus.publish(&[note(7)]).await.is_err());
+        assert_eq!(rx.recv().await.expect("local copy").id, 7);
+        assert!(!bus.live());
+        stop.cancel();
+    }
 }

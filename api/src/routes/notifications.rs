@@ -83,22 +83,16 @@ fn retention_ms(s: &AppState) -> i64 {
     i64::try_from(s.config.notifications.retention_secs).unwrap_or(600) * 1000
 }
 
-fn last_event_id(headers: &HeaderMap) -> ApiResult<i64> {
-    match headers.get("last-event-id") {
-        None => Ok(0),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|t| t.trim().parse::<i64>().ok())
-            .filter(|id| *id >= 0)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    Some("Last-Event-ID"),
-                    "must be the integer id of a notification",
-                    "header",
-                )
-            }),
-    }
+/// Where a reconnecting client resumes. A value that is not a notification
+/// id is ignored (full replay): an error would stop a browser's
+/// EventSource from ever reconnecting.
+fn last_event_id(headers: &HeaderMap) -> i64 {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .filter(|id| *id >= 0)
+        .unwrap_or(0)
 }
 
 /// Counts open streams for the gauge; decremented when the stream ends.
@@ -125,7 +119,7 @@ pub async fn stream(
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> ApiResult<Response> {
-    let after = last_event_id(&headers)?;
+    let after = last_event_id(&headers);
     let filter = Filter {
         tasks: q.id_task.as_deref().map(split_list).unwrap_or_default(),
         image: q.id_image.filter(|s| !s.is_empty()),
@@ -190,13 +184,27 @@ async fn produce(
     let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
     // Ids sent (with their creation time, to forget them after retention).
     let mut sent: BTreeMap<i64, i64> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.stream_max_secs);
+    // A client that stops reading fills the channel: a send then waits, but
+    // never past the stream's deadline or the server's shutdown.
+    let push = |bytes: Bytes| {
+        let tx = tx.clone();
+        let stop = s.shutdown.clone();
+        async move {
+            tokio::select! {
+                r = tx.send(bytes) => r.is_ok(),
+                _ = stop.cancelled() => false,
+                _ = tokio::time::sleep_until(deadline) => false,
+            }
+        }
+    };
     let send = |n: &Notification, event: Option<&'static str>| {
         let s = s.clone();
         let n = n.clone();
-        let tx = tx.clone();
+        let push = &push;
         async move {
             let body = wire(&n, &s.links, ttl).await.to_string();
-            tx.send(frame(event, Some(n.id), &body)).await.is_ok()
+            push(frame(event, Some(n.id), &body)).await
         }
     };
     for n in &replay {
@@ -225,7 +233,7 @@ async fn produce(
             _ = tokio::time::sleep_until(deadline) => return,
             _ = tx.closed() => return,
             _ = keepalive.tick() => {
-                if tx.send(Bytes::from_static(b":keepalive\n\n")).await.is_err() {
+                if !push(Bytes::from_static(b":keepalive\n\n")).await {
                     return;
                 }
             }

@@ -8,7 +8,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Json, Query};
 use crate::views;
-use atelier_shared::db::webhooks::{Delivery, Webhook};
+use atelier_shared::db::webhooks::{Delivery, TestPing, Webhook};
 use atelier_shared::time::iso8601;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -95,8 +95,15 @@ pub async fn delete(State(s): State<AppState>, Caller(acc): Caller) -> ApiResult
 }
 
 pub async fn test(State(s): State<AppState>, Caller(acc): Caller) -> ApiResult<impl IntoResponse> {
-    if !s.store.test_webhook(&acc.id).await? {
-        return Err(no_webhook());
+    match s.store.test_webhook(&acc.id).await? {
+        TestPing::Queued => {}
+        TestPing::NoWebhook => return Err(no_webhook()),
+        TestPing::Inactive => {
+            return Err(ApiError::conflict(
+                "webhook_inactive",
+                "The webhook was deactivated after repeated failed deliveries; save it again with PUT /webhooks to reactivate it",
+            ));
+        }
     }
     Ok((
         StatusCode::ACCEPTED,

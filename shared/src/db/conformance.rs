@@ -728,7 +728,8 @@ pub async fn webhook_deliveries_retry_give_up_and_keep_job_order(s: Store) {
     let w = s.webhook(&a).await.expect("read").expect("exists");
     assert_eq!(
         (w.last_response_status, w.consecutive_failures, w.is_active),
-        (Some(500), 2, true)
+        (Some(500), 1, true),
+        "one delivery gave up (after two attempts)"
     );
 
     // Two events of one job: the second waits for the first.
@@ -783,24 +784,29 @@ pub async fn webhook_deliveries_retry_give_up_and_keep_job_order(s: Store) {
         (Some(204), 0)
     );
 
-    // Repeated failures deactivate the webhook; what is still owed is cancelled.
-    for _ in 0..2 {
-        let d = match s.claim_deliveries(10, 60_000).await.expect("claim").pop() {
-            Some(d) => d,
-            None => second[0].clone(),
-        };
-        let _ = s
-            .record_attempt(&d, &fail, &[0, 0, 0], 2)
+    // Deliveries that give up (not single failed attempts) deactivate the
+    // webhook; what is still owed to it is cancelled.
+    assert_eq!(
+        s.record_attempt(&second[0], &fail, &[], 2)
             .await
-            .expect("record");
-    }
-    assert!(
-        !s.webhook(&a)
-            .await
-            .expect("read")
-            .expect("exists")
-            .is_active
+            .expect("record"),
+        AttemptVerdict::GaveUp
     );
+    let w = s.webhook(&a).await.expect("read").expect("exists");
+    assert_eq!((w.consecutive_failures, w.is_active), (1, true));
+    use super::webhooks::TestPing;
+    assert_eq!(s.test_webhook(&a).await.expect("test"), TestPing::Queued);
+    assert_eq!(s.test_webhook(&a).await.expect("test"), TestPing::Queued);
+    let one = s.claim_deliveries(1, 60_000).await.expect("claim");
+    assert_eq!(
+        s.record_attempt(&one[0], &fail, &[], 2)
+            .await
+            .expect("record"),
+        AttemptVerdict::GaveUp
+    );
+    let w = s.webhook(&a).await.expect("read").expect("exists");
+    assert_eq!((w.consecutive_failures, w.is_active), (2, false));
+    assert_eq!(s.test_webhook(&a).await.expect("test"), TestPing::Inactive);
     assert!(
         s.claim_deliveries(10, 60_000)
             .await
@@ -808,11 +814,20 @@ pub async fn webhook_deliveries_retry_give_up_and_keep_job_order(s: Store) {
             .is_empty()
     );
     let (list, total) = s.deliveries(&a, 1, 50).await.expect("list");
-    assert_eq!(total, 3);
-    assert!(list.iter().any(|d| d.status == "cancelled"), "{list:?}");
-    assert!(
-        list.iter().any(|d| d.status == "failed" && d.attempts == 2),
-        "{list:?}"
+    assert_eq!(total, 5, "{list:?}");
+    let statuses: Vec<_> = list
+        .iter()
+        .map(|d| (d.event.as_str(), d.status.as_str(), d.attempts))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            ("ping", "cancelled", 0),
+            ("ping", "failed", 1),
+            ("batch_edit", "failed", 1),
+            ("batch_edit", "delivered", 2),
+            ("ping", "failed", 2),
+        ]
     );
     // Saving it again reactivates it; deleting cancels the backlog.
     s.put_webhook(&a, "https://hooks.example/b", "s2")
@@ -825,9 +840,9 @@ pub async fn webhook_deliveries_retry_give_up_and_keep_job_order(s: Store) {
             .expect("exists")
             .is_active
     );
-    assert!(s.test_webhook(&a).await.expect("test"));
+    assert_eq!(s.test_webhook(&a).await.expect("test"), TestPing::Queued);
     assert!(s.delete_webhook(&a).await.expect("delete"));
-    assert!(!s.test_webhook(&a).await.expect("test"));
+    assert_eq!(s.test_webhook(&a).await.expect("test"), TestPing::NoWebhook);
     assert_eq!(s.delivery_backlog().await.expect("backlog"), 0);
 }
 

@@ -82,6 +82,15 @@ pub struct DueDelivery {
     pub secret: String,
 }
 
+/// What `POST /webhooks/test` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestPing {
+    Queued,
+    NoWebhook,
+    /// Deactivated after repeated failures; saving it again reactivates it.
+    Inactive,
+}
+
 /// How one attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttemptResult {
@@ -207,22 +216,25 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Queues a test `ping`; `false` when the account has no webhook.
-    pub async fn test_webhook(&self, account_id: &str) -> Result<bool> {
+    /// Queues a test `ping` when the account has an active webhook.
+    pub async fn test_webhook(&self, account_id: &str) -> Result<TestPing> {
         let now = now_ms();
         let mut tx = self.begin().await?;
-        let exists: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM webhooks WHERE account_id = $1")
+        let active: Option<i64> =
+            sqlx::query_scalar("SELECT is_active FROM webhooks WHERE account_id = $1")
                 .bind(account_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        if exists.is_none() {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        queue_ping(&mut tx, account_id, now).await?;
+        let outcome = match active {
+            None => TestPing::NoWebhook,
+            Some(0) => TestPing::Inactive,
+            Some(_) => {
+                queue_ping(&mut tx, account_id, now).await?;
+                TestPing::Queued
+            }
+        };
         tx.commit().await?;
-        Ok(true)
+        Ok(outcome)
     }
 
     /// Claims up to `limit` due deliveries for `lease_ms`. A delivery waits
@@ -278,7 +290,7 @@ impl Store {
                 }),
                 other => {
                     let why = if other.is_some() {
-                        "webhook deactivated after repeated failures"
+                        "webhook deactivated after repeated failed deliveries"
                     } else {
                         "webhook removed"
                     };
@@ -302,7 +314,7 @@ impl Store {
     /// the same claim, or one whose claim was taken over, is `Stale`). `retry_delays_ms[n]` is the
     /// wait after the n-th failed attempt; after the last one it gives up.
     /// The webhook's `last_response_*` follow every attempt; it is
-    /// deactivated after `disable_after` consecutive failed attempts.
+    /// deactivated after `disable_after` consecutive deliveries that gave up.
     pub async fn record_attempt(
         &self,
         d: &DueDelivery,
@@ -354,11 +366,16 @@ impl Store {
             tx.rollback().await?;
             return Ok(AttemptVerdict::Stale);
         }
+        // A delivery that gave up is one failed delivery; retries in
+        // between do not count (a receiver down for a minute under load
+        // must not cost the webhook).
         let delivered = verdict == AttemptVerdict::Delivered;
+        let gave_up = verdict == AttemptVerdict::GaveUp;
         sqlx::query(
             "UPDATE webhooks SET last_response_status = $2, last_response_at = $3, \
-               consecutive_failures = CASE WHEN $4 = 1 THEN 0 ELSE consecutive_failures + 1 END, \
-               is_active = CASE WHEN $4 = 0 AND consecutive_failures + 1 >= $5 THEN 0 ELSE is_active END \
+               consecutive_failures = CASE WHEN $4 = 1 THEN 0 WHEN $6 = 1 THEN consecutive_failures + 1 \
+                 ELSE consecutive_failures END, \
+               is_active = CASE WHEN $6 = 1 AND consecutive_failures + 1 >= $5 THEN 0 ELSE is_active END \
              WHERE account_id = $1",
         )
         .bind(&d.account_id)
@@ -366,6 +383,7 @@ impl Store {
         .bind(now)
         .bind(i64::from(delivered))
         .bind(disable_after)
+        .bind(i64::from(gave_up))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
