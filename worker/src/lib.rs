@@ -30,6 +30,7 @@
 //! the scheduler, which records an outcome only for the live attempt.
 
 pub mod engine;
+pub mod face;
 pub mod failure;
 pub mod hanger;
 pub mod imaging;

@@ -186,14 +186,17 @@ impl Default for ModelOptions {
 
 struct Request {
     input: ArrayD<f32>,
-    reply: SyncSender<Result<ArrayD<f32>, InferenceError>>,
+    reply: SyncSender<Result<Vec<ArrayD<f32>>, InferenceError>>,
 }
 
 /// A loaded model and its runners.
 pub struct Model {
     pub name: String,
     pub input: String,
+    /// The first requested output (what [`Model::run`] returns).
     pub output: String,
+    /// Every requested output, in the order [`Model::run_all`] returns them.
+    pub outputs: Vec<String>,
     /// Input shape as the model declares it (`-1` for dynamic axes).
     pub input_shape: Vec<i64>,
     pub device: Device,
@@ -229,12 +232,25 @@ impl std::fmt::Debug for Model {
 
 impl Model {
     /// Loads `path` into `opts.sessions` sessions, warms each up with one run
-    /// on zeros when the input shape is static, and starts the runners.
+    /// on zeros when the input shape is static, and starts the runners. Only
+    /// the graph's first output is fetched; see [`Model::load_outputs`].
     pub fn load(
         rt: &Runtime,
         name: &str,
         path: &Path,
         opts: ModelOptions,
+    ) -> Result<Model, InferenceError> {
+        Model::load_outputs(rt, name, path, opts, &[])
+    }
+
+    /// As [`Model::load`], fetching the named outputs (detectors with score,
+    /// box and landmark heads); empty: the first output.
+    pub fn load_outputs(
+        rt: &Runtime,
+        name: &str,
+        path: &Path,
+        opts: ModelOptions,
+        wanted: &[&str],
     ) -> Result<Model, InferenceError> {
         let t = Instant::now();
         let mut sessions = Vec::new();
@@ -253,10 +269,25 @@ impl Model {
                 model: name.into(),
                 reason: "model has no input".into(),
             })?;
-        let output = first
+        let declared: Vec<String> = first
             .outputs()
-            .first()
+            .iter()
             .map(|o| o.name().to_string())
+            .collect();
+        let outputs: Vec<String> = if wanted.is_empty() {
+            declared.first().cloned().into_iter().collect()
+        } else {
+            wanted.iter().map(|w| w.to_string()).collect()
+        };
+        if let Some(missing) = outputs.iter().find(|o| !declared.contains(o)) {
+            return Err(InferenceError::Load {
+                model: name.into(),
+                reason: format!("no output named {missing} (the graph has {declared:?})"),
+            });
+        }
+        let output = outputs
+            .first()
+            .cloned()
             .ok_or_else(|| InferenceError::Load {
                 model: name.into(),
                 reason: "model has no output".into(),
@@ -275,14 +306,14 @@ impl Model {
             if input_shape.iter().all(|d| *d > 0) {
                 let shape: Vec<usize> = input_shape.iter().map(|d| *d as usize).collect();
                 let zeros = ArrayD::<f32>::zeros(IxDyn(&shape));
-                run_session(&mut s, name, &input, &output, &zeros)?;
+                run_session(&mut s, name, &input, &outputs, &zeros)?;
                 warm.push(i);
             }
-            let (rx, model, input, output, st) = (
+            let (rx, model, input, outs, st) = (
                 rx.clone(),
                 name.to_string(),
                 input.clone(),
-                output.clone(),
+                outputs.clone(),
                 stats.clone(),
             );
             let max_batch = if batching { opts.max_batch } else { 1 };
@@ -293,7 +324,7 @@ impl Model {
                         s,
                         &model,
                         &input,
-                        &output,
+                        &outs,
                         &rx,
                         max_batch,
                         opts.batch_window,
@@ -312,6 +343,7 @@ impl Model {
             name: name.into(),
             input,
             output,
+            outputs,
             input_shape,
             device,
             batching,
@@ -320,9 +352,20 @@ impl Model {
         })
     }
 
-    /// Runs one input (batch axis of size 1) and returns its output. Blocks:
-    /// call from the blocking pool.
+    /// Runs one input (batch axis of size 1) and returns its (first)
+    /// output. Blocks: call from the blocking pool.
     pub fn run(&self, input: ArrayD<f32>) -> Result<ArrayD<f32>, InferenceError> {
+        self.run_all(input)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| InferenceError::Run {
+                model: self.name.clone(),
+                reason: "no output".into(),
+            })
+    }
+
+    /// Runs one input and returns every requested output, in order.
+    pub fn run_all(&self, input: ArrayD<f32>) -> Result<Vec<ArrayD<f32>>, InferenceError> {
         let (reply, rx) = sync_channel(1);
         self.queue
             .send(Request { input, reply })
@@ -341,9 +384,9 @@ fn run_session(
     s: &mut Session,
     model: &str,
     input: &str,
-    output: &str,
+    wanted: &[String],
     x: &ArrayD<f32>,
-) -> Result<ArrayD<f32>, InferenceError> {
+) -> Result<Vec<ArrayD<f32>>, InferenceError> {
     let err = |e: String| InferenceError::Run {
         model: model.into(),
         reason: e,
@@ -353,15 +396,19 @@ fn run_session(
     let outputs = s
         .run(ort::inputs![input => tensor])
         .map_err(|e| err(e.to_string()))?;
-    let y = outputs
-        .get(output)
-        .ok_or_else(|| err(format!("no output named {output}")))?
-        .try_extract_array::<f32>()
-        .map_err(|e| err(e.to_string()))?
-        .to_owned();
+    let mut ys = Vec::with_capacity(wanted.len());
+    for output in wanted {
+        let y = outputs
+            .get(output.as_str())
+            .ok_or_else(|| err(format!("no output named {output}")))?
+            .try_extract_array::<f32>()
+            .map_err(|e| err(e.to_string()))?
+            .to_owned();
+        ys.push(y);
+    }
     metrics::histogram!("atelier_inference_seconds", "model" => model.to_string())
         .record(t.elapsed().as_secs_f64());
-    Ok(y)
+    Ok(ys)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -369,7 +416,7 @@ fn runner(
     mut s: Session,
     model: &str,
     input: &str,
-    output: &str,
+    output: &[String],
     rx: &Mutex<Receiver<Request>>,
     max_batch: usize,
     window: Duration,
@@ -409,7 +456,7 @@ fn run_batch(
     s: &mut Session,
     model: &str,
     input: &str,
-    output: &str,
+    output: &[String],
     mut batch: Vec<Request>,
     stats: &RunStats,
 ) {
@@ -443,10 +490,12 @@ fn run_batch(
         .map(|r| r.input.shape().first().copied().unwrap_or(1))
         .sum();
     match run_session(s, model, input, output, &stacked) {
-        Ok(y) if y.shape().first().copied() != Some(rows) => {
+        Ok(ys) if ys.iter().any(|y| y.shape().first().copied() != Some(rows)) => {
             let reason = format!(
-                "output batch axis {:?} does not match {rows} batched inputs",
-                y.shape().first()
+                "output batch axes {:?} do not match {rows} batched inputs",
+                ys.iter()
+                    .map(|y| y.shape().first().copied())
+                    .collect::<Vec<_>>()
             );
             for r in batch {
                 let _ = r.reply.send(Err(InferenceError::Run {
@@ -455,13 +504,17 @@ fn run_batch(
                 }));
             }
         }
-        Ok(y) => {
-            let per = y.shape()[0] / batch.len().max(1);
+        Ok(ys) => {
+            let per = rows / batch.len().max(1);
             for (i, r) in batch.into_iter().enumerate() {
-                let part = y
-                    .slice_axis(Axis(0), ndarray::Slice::from(i * per..(i + 1) * per))
-                    .to_owned();
-                let _ = r.reply.send(Ok(part));
+                let parts = ys
+                    .iter()
+                    .map(|y| {
+                        y.slice_axis(Axis(0), ndarray::Slice::from(i * per..(i + 1) * per))
+                            .to_owned()
+                    })
+                    .collect();
+                let _ = r.reply.send(Ok(parts));
             }
         }
         Err(e) => {
@@ -508,6 +561,17 @@ pub fn load_shared(
     path: &Path,
     opts: ModelOptions,
 ) -> Result<Arc<Model>, InferenceError> {
+    load_shared_outputs(rt, name, path, opts, &[])
+}
+
+/// As [`load_shared`], fetching the named outputs.
+pub fn load_shared_outputs(
+    rt: &Runtime,
+    name: &str,
+    path: &Path,
+    opts: ModelOptions,
+    outputs: &[&str],
+) -> Result<Arc<Model>, InferenceError> {
     let cache = LOADED.get_or_init(|| Mutex::new(HashMap::new()));
     let mut map = cache.lock().map_err(|_| InferenceError::Load {
         model: name.into(),
@@ -525,7 +589,7 @@ pub fn load_shared(
             ),
         });
     }
-    let m = Arc::new(Model::load(rt, name, path, opts)?);
+    let m = Arc::new(Model::load_outputs(rt, name, path, opts, outputs)?);
     map.insert(path.to_path_buf(), m.clone());
     Ok(m)
 }
