@@ -550,9 +550,10 @@ impl ModelRegistry {
     }
 }
 
-/// Models loaded by this process, by path: a model is loaded once per
-/// process however many pipelines ask for it.
-static LOADED: OnceLock<Mutex<HashMap<PathBuf, Arc<Model>>>> = OnceLock::new();
+/// Models loaded by this process, by path and requested outputs: a model is
+/// loaded once per process however many pipelines ask for it.
+type LoadedKey = (PathBuf, Vec<String>);
+static LOADED: OnceLock<Mutex<HashMap<LoadedKey, Arc<Model>>>> = OnceLock::new();
 
 /// Loads `path` once per process and shares it.
 pub fn load_shared(
@@ -577,7 +578,11 @@ pub fn load_shared_outputs(
         model: name.into(),
         reason: "model cache poisoned".into(),
     })?;
-    if let Some(m) = map.get(path) {
+    let key = (
+        path.to_path_buf(),
+        outputs.iter().map(|o| o.to_string()).collect::<Vec<_>>(),
+    );
+    if let Some(m) = map.get(&key) {
         return Ok(m.clone());
     }
     if !path.exists() {
@@ -590,7 +595,7 @@ pub fn load_shared_outputs(
         });
     }
     let m = Arc::new(Model::load_outputs(rt, name, path, opts, outputs)?);
-    map.insert(path.to_path_buf(), m.clone());
+    map.insert(key, m.clone());
     Ok(m)
 }
 
