@@ -315,7 +315,7 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inference::{Device, RuntimeOptions, default_models_dir};
+    use crate::inference::default_models_dir;
 
     fn face(bbox: [f32; 4], score: f32) -> Face {
         Face {
@@ -382,24 +382,14 @@ mod tests {
 
     fn detector() -> FaceDetector {
         let dir = default_models_dir();
-        let rt = Runtime::get(&RuntimeOptions {
-            library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")),
-            device: Device::Cpu,
-            intra_threads: 2,
-        })
-        .expect("ONNX Runtime (scripts/fetch-models)");
+        let rt = crate::inference::test_runtime();
         FaceDetector::load(&rt, &dir.join("scrfd.onnx"), ModelOptions::default())
             .expect("SCRFD (scripts/fetch-models)")
     }
 
     fn embedder() -> FaceEmbedder {
         let dir = default_models_dir();
-        let rt = Runtime::get(&RuntimeOptions {
-            library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")),
-            device: Device::Cpu,
-            intra_threads: 2,
-        })
-        .expect("ONNX Runtime (scripts/fetch-models)");
+        let rt = crate::inference::test_runtime();
         FaceEmbedder::load(
             &rt,
             &dir.join("arcface_faceplugin.onnx"),

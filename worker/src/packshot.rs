@@ -641,19 +641,14 @@ impl ValueNoise {
 mod tests {
     use super::*;
     use crate::engine::Input;
-    use crate::inference::{Device, ModelOptions, Runtime, RuntimeOptions, default_models_dir};
+    use crate::inference::{ModelOptions, default_models_dir};
     use atelier_shared::domain::packshot::{
         DesignCatalogue, EngineAvailability, parse_request, validate,
     };
 
     fn engine() -> AtelierEngine {
         let dir = default_models_dir();
-        let rt = Runtime::get(&RuntimeOptions {
-            library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")),
-            device: Device::Cpu,
-            intra_threads: 2,
-        })
-        .expect("ONNX Runtime (scripts/fetch-models)");
+        let rt = crate::inference::test_runtime();
         AtelierEngine::load(
             &rt,
             &dir,

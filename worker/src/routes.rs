@@ -438,7 +438,7 @@ impl Engine for OnnxEngine {
 mod tests {
     use super::*;
     use crate::engine::Input;
-    use crate::inference::{Device, ModelOptions, Runtime, RuntimeOptions, default_models_dir};
+    use crate::inference::{ModelOptions, default_models_dir};
     use atelier_shared::domain::packshot::{
         DesignCatalogue, EngineAvailability, parse_request, validate,
     };
@@ -483,12 +483,7 @@ mod tests {
     #[test]
     fn an_onnx_route_runs_the_operator_model_and_fits_its_output() {
         let dir = default_models_dir();
-        let rt = Runtime::get(&RuntimeOptions {
-            library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")),
-            device: Device::Cpu,
-            intra_threads: 1,
-        })
-        .expect("ONNX Runtime (scripts/fetch-models)");
+        let rt = crate::inference::test_runtime();
         let model = crate::inference::load_shared(
             &rt,
             "conv_sigmoid",

@@ -611,18 +611,26 @@ pub fn default_models_dir() -> PathBuf {
         })
 }
 
+/// The CPU runtime from this checkout's `models/` (scripts/fetch-models
+/// installs it), for the crate's tests. One per process: the first caller's
+/// options win, as with [`Runtime::get`].
+#[cfg(test)]
+pub(crate) fn test_runtime() -> Arc<Runtime> {
+    let lib = default_models_dir().join("onnxruntime/libonnxruntime.so.1.31.1");
+    Runtime::get(&RuntimeOptions {
+        library: Some(lib),
+        device: Device::Cpu,
+        intra_threads: 2,
+    })
+    .expect("ONNX Runtime loads (scripts/fetch-models installs it)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn runtime() -> Arc<Runtime> {
-        let lib = default_models_dir().join("onnxruntime/libonnxruntime.so.1.31.1");
-        Runtime::get(&RuntimeOptions {
-            library: Some(lib),
-            device: Device::Cpu,
-            intra_threads: 1,
-        })
-        .expect("ONNX Runtime loads (scripts/fetch-models installs it)")
+        test_runtime()
     }
 
     fn test_model(opts: ModelOptions) -> Model {
