@@ -109,9 +109,7 @@ impl EventBus {
     /// store) and this process's own listeners still get them.
     pub async fn publish(&self, batch: &[Notification]) -> Result<(), String> {
         let Some(r) = &self.redis else {
-            for n in batch {
-                let _ = self.local.send(Arc::new(n.clone()));
-            }
+            self.hand_to_local_listeners(batch);
             return Ok(());
         };
         // One retry on a fresh connection rides out a dropped one.
@@ -120,11 +118,15 @@ impl EventBus {
             result = r.publish(batch).await;
         }
         if result.is_err() {
-            for n in batch {
-                let _ = self.local.send(Arc::new(n.clone()));
-            }
+            self.hand_to_local_listeners(batch);
         }
         result
+    }
+
+    fn hand_to_local_listeners(&self, batch: &[Notification]) {
+        for n in batch {
+            let _ = self.local.send(Arc::new(n.clone()));
+        }
     }
 }
 

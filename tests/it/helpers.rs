@@ -286,6 +286,20 @@ impl TestApp {
         (s, v)
     }
 
+    pub async fn put_as(&self, key: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        let (s, v, _) = self
+            .call(reqwest::Method::PUT, path, Some(key), Some(body))
+            .await;
+        (s, v)
+    }
+
+    pub async fn delete_as(&self, key: &str, path: &str) -> (StatusCode, Value) {
+        let (s, v, _) = self
+            .call(reqwest::Method::DELETE, path, Some(key), None)
+            .await;
+        (s, v)
+    }
+
     pub async fn get_as(&self, key: &str, path: &str) -> (StatusCode, Value) {
         let (s, v, _) = self.call(reqwest::Method::GET, path, Some(key), None).await;
         (s, v)

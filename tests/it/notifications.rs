@@ -249,32 +249,15 @@ async fn the_stream_replays_then_follows_a_job_and_deletes_drop_from_the_replay(
 
     // Consume one notification: it is gone from the next replay and from polls.
     let gone = replay_ids[0];
-    let (s, _, _) = app
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/notifications/{gone}"),
-            Some(&app.key),
-            None,
-        )
+    let (s, _) = app
+        .delete_as(&app.key, &format!("/notifications/{gone}"))
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, v, _) = app
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/notifications/{gone}"),
-            Some(&app.key),
-            None,
-        )
+    let (s, v) = app
+        .delete_as(&app.key, &format!("/notifications/{gone}"))
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    let (s, _, _) = app
-        .call(
-            reqwest::Method::DELETE,
-            "/notifications/not-a-number",
-            Some(&app.key),
-            None,
-        )
-        .await;
+    let (s, _) = app.delete_as(&app.key, "/notifications/not-a-number").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let mut again =
         SseClient::connect(&app.url("/notifications/events"), Some(&app.key), None).await;
@@ -341,13 +324,8 @@ async fn the_stream_replays_then_follows_a_job_and_deletes_drop_from_the_replay(
         )
         .await;
     assert_eq!((s, v), (StatusCode::OK, json!([])));
-    let (s, _, _) = app
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/notifications/{}", replay_ids[1]),
-            Some(&other),
-            None,
-        )
+    let (s, _) = app
+        .delete_as(&other, &format!("/notifications/{}", replay_ids[1]))
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
@@ -587,13 +565,8 @@ async fn webhooks_are_signed_retried_after_failures_and_recorded() {
     })
     .await;
 
-    let (s, v, _) = app
-        .call(
-            reqwest::Method::PUT,
-            "/webhooks",
-            Some(&app.key),
-            Some(json!({"url": rx.url})),
-        )
+    let (s, v) = app
+        .put_as(&app.key, "/webhooks", json!({"url": rx.url}))
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let secret = v["secret"].as_str().expect("secret shown once").to_string();
@@ -702,13 +675,8 @@ async fn webhooks_are_signed_retried_after_failures_and_recorded() {
     );
 
     // Replacing rotates the secret; the old one no longer verifies.
-    let (_, v, _) = app
-        .call(
-            reqwest::Method::PUT,
-            "/webhooks",
-            Some(&app.key),
-            Some(json!({"url": rx.url})),
-        )
+    let (_, v) = app
+        .put_as(&app.key, "/webhooks", json!({"url": rx.url}))
         .await;
     let rotated = v["secret"].as_str().unwrap().to_string();
     assert_ne!(rotated, secret);
@@ -735,18 +703,14 @@ async fn webhooks_are_signed_retried_after_failures_and_recorded() {
     .await;
 
     // Removal: 204, then 404 for every webhook route.
-    let (s, _, _) = app
-        .call(reqwest::Method::DELETE, "/webhooks", Some(&app.key), None)
-        .await;
+    let (s, _) = app.delete_as(&app.key, "/webhooks").await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert_eq!(app.get("/webhooks").await.0, StatusCode::NOT_FOUND);
     assert_eq!(
         app.post("/webhooks/test", json!({})).await.0,
         StatusCode::NOT_FOUND
     );
-    let (s, _, _) = app
-        .call(reqwest::Method::DELETE, "/webhooks", Some(&app.key), None)
-        .await;
+    let (s, _) = app.delete_as(&app.key, "/webhooks").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     app.stop().await;
 }
@@ -764,26 +728,12 @@ async fn webhook_urls_aimed_at_private_networks_are_refused() {
         ("not a url", "absolute URL"),
         ("http://user:pw@example.com/hook", "credentials"),
     ] {
-        let (s, v, _) = app
-            .call(
-                reqwest::Method::PUT,
-                "/webhooks",
-                Some(&app.key),
-                Some(json!({"url": url})),
-            )
-            .await;
+        let (s, v) = app.put_as(&app.key, "/webhooks", json!({"url": url})).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{url}: {v}");
         assert!(v.to_string().contains(why), "{url}: {v}");
         assert_eq!(v["detail"][0]["field"], "url", "{v}");
     }
-    let (s, v, _) = app
-        .call(
-            reqwest::Method::PUT,
-            "/webhooks",
-            Some(&app.key),
-            Some(json!({})),
-        )
-        .await;
+    let (s, v) = app.put_as(&app.key, "/webhooks", json!({})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(
         app.get("/webhooks").await.0,
