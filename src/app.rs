@@ -364,6 +364,25 @@ pub async fn start(
                 .context("model loading panicked")?
                 .context("cannot load the models")?;
         tracing::info!(engines = ?ctx.pipeline.engine_names(), "worker pipeline ready");
+        let c = cfg.clone();
+        match tokio::task::spawn_blocking(move || {
+            atelier_worker::identity::FaceKit::from_config(&c)
+        })
+        .await
+        .context("face model loading panicked")?
+        {
+            Ok(kit) => {
+                ctx.faces = Some(std::sync::Arc::new(kit));
+                tracing::info!(
+                    "face models ready: this worker serves the identity and swap queues"
+                );
+            }
+            Err(e) if !cfg.models.required => tracing::warn!(
+                error = %e,
+                "face models unavailable: this worker does not serve the identity and swap queues (run scripts/fetch-models)"
+            ),
+            Err(e) => return Err(e).context("cannot load the face models"),
+        }
         tasks.spawn(atelier_worker::run(ctx, shutdown.clone()));
     }
     tracing::info!(%addr, ?roles, queue = services.queue.kind(), storage = services.objects.kind(), "atelier started");

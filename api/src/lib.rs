@@ -129,6 +129,31 @@ impl AppState {
     }
 }
 
+/// Profile routes (contract §9) under `base`: the canonical `/v1/phota`
+/// paths and the short aliases share the handlers.
+fn profile_routes(base: &str, max_upload: usize) -> Router<AppState> {
+    // A multipart profile carries many photos: up to 8 full-size uploads.
+    let limit = max_upload.saturating_mul(8).saturating_add(1 << 20);
+    Router::new()
+        .route(
+            &format!("{base}/add"),
+            post(routes::profiles::add).layer(DefaultBodyLimit::max(limit)),
+        )
+        .route(&format!("{base}/ids"), get(routes::profiles::ids))
+        .route(
+            &format!("{base}/{{profile_id}}"),
+            axum::routing::delete(routes::profiles::delete),
+        )
+        .route(
+            &format!("{base}/{{profile_id}}/status"),
+            get(routes::profiles::status),
+        )
+        .route(
+            &format!("{base}/{{profile_id}}/profile_picture"),
+            get(routes::profiles::picture),
+        )
+}
+
 pub fn router(state: AppState) -> Router {
     let max_upload = usize::try_from(state.config.limits.max_upload_bytes).unwrap_or(usize::MAX);
     let authed = Router::new()
@@ -142,6 +167,21 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/upload", post(routes::uploads::issue))
         .route("/create-packshot", post(routes::jobs::create_packshot))
+        .route("/model-swap", post(routes::swap::create))
+        .route(
+            "/identity/upload",
+            post(routes::identities::upload)
+                .layer(DefaultBodyLimit::max(max_upload.saturating_add(64 << 10))),
+        )
+        .route("/identity", get(routes::identities::list))
+        .route(
+            "/identity/{identity_code}",
+            get(routes::identities::read).delete(routes::identities::delete),
+        )
+        .route(
+            "/identity/{identity_code}/status",
+            get(routes::identities::status),
+        )
         .route("/jobs/{job_id}/status", get(routes::jobs::status))
         .route("/jobs/{job_id}/results", get(routes::jobs::results))
         .route("/jobs/{job_id}/abort", post(routes::jobs::abort))
@@ -162,6 +202,8 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/test", post(routes::webhooks::test))
         .route("/webhooks/deliveries", get(routes::webhooks::deliveries))
         .route("/billing/balance", get(routes::billing::balance))
+        .merge(profile_routes("/v1/phota/profiles", max_upload))
+        .merge(profile_routes("/profiles", max_upload))
         .route("/admin/credits/grants", post(routes::billing::grant))
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -40,7 +40,7 @@ pub fn job_status(j: &JobRow) -> Value {
         "post_processing_status": j.post_processing_status,
         "post_processing_error": j.post_processing_error,
         "error_message": j.error_message,
-        "identity_code": Value::Null,
+        "identity_code": j.identity_code,
         "identity_name": Value::Null,
         "project_id": j.project_id,
         "project_key": j.project_id,

@@ -30,6 +30,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub scheduler: SchedulerConfig,
     pub limits: LimitsConfig,
+    pub identity: IdentityConfig,
     pub prices: PriceTable,
     pub catalogue: DesignCatalogue,
     pub log: LogConfig,
@@ -120,6 +121,10 @@ pub struct ModelsConfig {
     /// At a worker's start, take model files missing from `dir` from the
     /// object store's `models/` prefix (checked by sha256; `atelier models push`).
     pub pull_from_store: bool,
+    /// Face detector (SCRFD, five landmarks) under `dir`.
+    pub face_detector: String,
+    /// Face embedder (ArcFace-style, 112×112 aligned in, 512-d out) under `dir`.
+    pub face_embedder: String,
 }
 
 /// Packshot engines beyond the built-in `atelier`: the contract's engine
@@ -330,6 +335,43 @@ pub struct LimitsConfig {
     pub default_max_size: String,
 }
 
+/// Identities and profiles (contract §5, §9).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct IdentityConfig {
+    /// Identities per non-enterprise account.
+    pub slots: u32,
+    /// How long `POST /identity/upload` waits for the face check of the
+    /// preprocessing job before answering `201` with `face_detected: null`
+    /// (0: never wait; the status endpoint tells the outcome).
+    pub upload_wait_ms: u64,
+    /// Smallest face (shorter side of its box, pixels) accepted.
+    pub min_face_px: u32,
+    /// Detector score a face needs.
+    pub min_face_score: f32,
+    /// Profile photos fetched from URLs: largest body and time per photo.
+    pub fetch_max_bytes: u64,
+    pub fetch_timeout_secs: u64,
+    /// Photos a profile takes, per training tier (contract §9.1).
+    pub standard_photos: (u32, u32),
+    pub fast_photos: (u32, u32),
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            slots: 50,
+            upload_wait_ms: 15_000,
+            min_face_px: 48,
+            min_face_score: 0.5,
+            fetch_max_bytes: 25 * 1024 * 1024,
+            fetch_timeout_secs: 20,
+            standard_photos: (10, 50),
+            fast_photos: (5, 10),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct LogConfig {
@@ -366,6 +408,7 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             scheduler: SchedulerConfig::default(),
             limits: LimitsConfig::default(),
+            identity: IdentityConfig::default(),
             prices: PriceTable::default(),
             catalogue: DesignCatalogue::default(),
             log: LogConfig::default(),
@@ -406,6 +449,8 @@ impl Default for ModelsConfig {
             auto_fetch: true,
             required: false,
             pull_from_store: true,
+            face_detector: "scrfd.onnx".into(),
+            face_embedder: "arcface_faceplugin.onnx".into(),
         }
     }
 }

@@ -377,6 +377,50 @@ impl TestApp {
         self.upload_as(&key, bytes, filename).await
     }
 
+    /// POSTs a `multipart/form-data` body: one file part and text parts.
+    pub async fn post_form(
+        &self,
+        path: &str,
+        file: (&str, &str, &[u8]),
+        text: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let boundary = format!("atelier-test-{}", ulid::Ulid::new());
+        let mut body = Vec::new();
+        let (field, filename, bytes) = file;
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+        for (name, value) in text {
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+            );
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.key)
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(body)
+            .send()
+            .await
+            .expect("post form");
+        let status = r.status();
+        let text = r.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
     pub async fn balance(&self, key: &str) -> (f64, f64) {
         let (s, v) = self.get_as(key, "/billing/balance").await;
         assert_eq!(s, StatusCode::OK, "{v}");

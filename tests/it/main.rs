@@ -9,5 +9,7 @@ mod engines;
 mod faults;
 mod fleet;
 mod helpers;
+mod identities;
 mod lifecycle;
 mod notifications;
+mod profiles;

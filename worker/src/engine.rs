@@ -170,22 +170,8 @@ impl Pipeline {
     pub fn from_config(
         cfg: &atelier_shared::config::Config,
     ) -> Result<Pipeline, crate::inference::InferenceError> {
-        use crate::inference::{Device, ModelOptions, Runtime, RuntimeOptions};
-        let device = if cfg.worker.device == "cuda" {
-            Device::Cuda
-        } else {
-            Device::Cpu
-        };
-        let rt = Runtime::get(&RuntimeOptions {
-            library: Some(cfg.models.onnxruntime_lib()),
-            device,
-            intra_threads: cfg.worker.inference_threads,
-        });
-        let opts = ModelOptions {
-            sessions: cfg.models.sessions,
-            batch_window: std::time::Duration::from_millis(cfg.models.batch_window_ms),
-            max_batch: cfg.models.max_batch,
-        };
+        let rt = runtime(cfg);
+        let opts = model_options(cfg);
         let loaded = rt.as_ref().map_err(Clone::clone).and_then(|rt| {
             crate::packshot::AtelierEngine::load(
                 rt,
@@ -359,4 +345,30 @@ impl Pipeline {
 pub(crate) fn stage(name: &'static str, since: Instant) {
     metrics::histogram!("atelier_task_duration_seconds", "type" => "packshot", "stage" => name)
         .record(since.elapsed().as_secs_f64());
+}
+
+/// The process's ONNX Runtime, as configured (`worker.device`, threads).
+pub fn runtime(
+    cfg: &atelier_shared::config::Config,
+) -> Result<Arc<crate::inference::Runtime>, crate::inference::InferenceError> {
+    use crate::inference::{Device, Runtime, RuntimeOptions};
+    let device = if cfg.worker.device == "cuda" {
+        Device::Cuda
+    } else {
+        Device::Cpu
+    };
+    Runtime::get(&RuntimeOptions {
+        library: Some(cfg.models.onnxruntime_lib()),
+        device,
+        intra_threads: cfg.worker.inference_threads,
+    })
+}
+
+/// Sessions and batching of every model, as configured.
+pub fn model_options(cfg: &atelier_shared::config::Config) -> crate::inference::ModelOptions {
+    crate::inference::ModelOptions {
+        sessions: cfg.models.sessions,
+        batch_window: std::time::Duration::from_millis(cfg.models.batch_window_ms),
+        max_batch: cfg.models.max_batch,
+    }
 }

@@ -213,34 +213,82 @@ pub fn similarity(from: &[[f32; 2]; 5], to: &[[f32; 2]; 5]) -> [[f32; 3]; 2] {
 /// The face cut out and aligned to [`ARCFACE_TEMPLATE`] (bilinear; black
 /// outside the photo).
 pub fn align(img: &RgbImage, face: &Face) -> RgbImage {
-    let m = similarity(&face.landmarks, &ARCFACE_TEMPLATE);
+    align_to(img, &face.landmarks, &ARCFACE_TEMPLATE, ALIGNED_SIZE)
+}
+
+/// Side of the face crop an identity keeps (the face with forehead, chin
+/// and some hair around it).
+pub const CROP_SIZE: u32 = 512;
+
+/// Where the five landmarks sit in a [`CROP_SIZE`] crop: the ArcFace
+/// template scaled so that its 112 px box fills the central half.
+pub fn crop_template() -> [[f32; 2]; 5] {
+    let s = CROP_SIZE as f32 / ALIGNED_SIZE as f32 * 0.5;
+    let o = CROP_SIZE as f32 / 2.0 - ALIGNED_SIZE as f32 / 2.0 * s;
+    ARCFACE_TEMPLATE.map(|[x, y]| [x * s + o, y * s + o])
+}
+
+/// The `size`×`size` image in which `landmarks` of `img` land on `template`.
+pub fn align_to(
+    img: &RgbImage,
+    landmarks: &[[f32; 2]; 5],
+    template: &[[f32; 2]; 5],
+    size: u32,
+) -> RgbImage {
+    let m = similarity(landmarks, template);
+    let inv = invert(&m);
+    RgbImage::from_fn(size, size, |u, v| {
+        let (x, y) = apply(&inv, u as f32, v as f32);
+        image::Rgb(
+            sample(img, x, y)
+                .unwrap_or([0.0; 3])
+                .map(|c| c.round().clamp(0.0, 255.0) as u8),
+        )
+    })
+}
+
+/// Applies a similarity (or any affine) transform to a point.
+pub fn apply(m: &[[f32; 3]; 2], x: f32, y: f32) -> (f32, f32) {
+    (
+        m[0][0] * x + m[0][1] * y + m[0][2],
+        m[1][0] * x + m[1][1] * y + m[1][2],
+    )
+}
+
+/// The inverse of a similarity transform `[[a, -b, tx], [b, a, ty]]`.
+pub fn invert(m: &[[f32; 3]; 2]) -> [[f32; 3]; 2] {
     let (a, b) = (m[0][0], m[1][0]);
     let det = (a * a + b * b).max(f32::EPSILON);
+    let (ia, ib) = (a / det, -b / det);
+    // x = R^-1 (p - t)
+    let (tx, ty) = (m[0][2], m[1][2]);
+    [
+        [ia, -ib, -(ia * tx - ib * ty)],
+        [ib, ia, -(ib * tx + ia * ty)],
+    ]
+}
+
+/// Bilinear sample of `img` at `(x, y)`; `None` outside the image.
+pub fn sample(img: &RgbImage, x: f32, y: f32) -> Option<[f32; 3]> {
     let (w, h) = (img.width() as f32, img.height() as f32);
-    RgbImage::from_fn(ALIGNED_SIZE, ALIGNED_SIZE, |u, v| {
-        // Inverse map: the photo point that lands on (u, v).
-        let (du, dv) = (u as f32 - m[0][2], v as f32 - m[1][2]);
-        let x = (a * du + b * dv) / det;
-        let y = (-b * du + a * dv) / det;
-        if x < 0.0 || y < 0.0 || x > w - 1.0 || y > h - 1.0 {
-            return image::Rgb([0, 0, 0]);
-        }
-        let (x0, y0) = (x.floor() as u32, y.floor() as u32);
-        let (x1, y1) = (
-            (x0 + 1).min(img.width() - 1),
-            (y0 + 1).min(img.height() - 1),
-        );
-        let (fx, fy) = (x - x0 as f32, y - y0 as f32);
-        let px = |xx, yy| img.get_pixel(xx, yy).0;
-        let (p00, p10, p01, p11) = (px(x0, y0), px(x1, y0), px(x0, y1), px(x1, y1));
-        let mut out = [0u8; 3];
-        for c in 0..3 {
-            let top = f32::from(p00[c]) * (1.0 - fx) + f32::from(p10[c]) * fx;
-            let bottom = f32::from(p01[c]) * (1.0 - fx) + f32::from(p11[c]) * fx;
-            out[c] = (top * (1.0 - fy) + bottom * fy).round().clamp(0.0, 255.0) as u8;
-        }
-        image::Rgb(out)
-    })
+    if !(x >= 0.0 && y >= 0.0 && x <= w - 1.0 && y <= h - 1.0) {
+        return None;
+    }
+    let (x0, y0) = (x.floor() as u32, y.floor() as u32);
+    let (x1, y1) = (
+        (x0 + 1).min(img.width() - 1),
+        (y0 + 1).min(img.height() - 1),
+    );
+    let (fx, fy) = (x - x0 as f32, y - y0 as f32);
+    let px = |xx, yy| img.get_pixel(xx, yy).0;
+    let (p00, p10, p01, p11) = (px(x0, y0), px(x1, y0), px(x0, y1), px(x1, y1));
+    let mut out = [0f32; 3];
+    for c in 0..3 {
+        let top = f32::from(p00[c]) * (1.0 - fx) + f32::from(p10[c]) * fx;
+        let bottom = f32::from(p01[c]) * (1.0 - fx) + f32::from(p11[c]) * fx;
+        out[c] = top * (1.0 - fy) + bottom * fy;
+    }
+    Some(out)
 }
 
 /// ArcFace-style identity embeddings (`models/arcface_faceplugin.onnx`).

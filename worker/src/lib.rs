@@ -33,12 +33,15 @@ pub mod engine;
 pub mod face;
 pub mod failure;
 pub mod hanger;
+pub mod identity;
 pub mod imaging;
 pub mod inference;
+mod jobs;
 pub mod model_store;
 pub mod packshot;
 pub mod postprocess;
 pub mod routes;
+pub mod swap;
 
 use atelier_shared::db::Store;
 use atelier_shared::domain::packshot::PackshotSpec;
@@ -54,8 +57,10 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// Queues a worker serves today.
+/// Queues every worker serves.
 pub const QUEUES: &[&str] = &["packshot"];
+/// Queues a worker serves when its face models are loaded.
+pub const FACE_QUEUES: &[&str] = &["identity", "swap"];
 
 /// Outcome queue read by the scheduler.
 pub const OUTCOMES: &str = "outcomes";
@@ -71,6 +76,13 @@ pub struct WorkerContext {
     pub task_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_input_pixels: u64,
+    /// Face models (identities, model swap); `None`: this worker does not
+    /// consume the `identity` and `swap` queues.
+    pub faces: Option<Arc<identity::FaceKit>>,
+    /// Outbound fetches of profile photos go through this guard.
+    pub egress: atelier_shared::egress::EgressPolicy,
+    pub fetch_max_bytes: u64,
+    pub fetch_timeout: Duration,
     /// `worker.fault_delay_ms`: fault drills only.
     pub fault_delay: Duration,
     /// Identifies this worker in leases and logs.
@@ -94,6 +106,11 @@ impl WorkerContext {
             task_timeout: Duration::from_secs(cfg.worker.task_timeout_secs),
             shutdown_grace: Duration::from_secs(cfg.worker.shutdown_grace_secs),
             max_input_pixels: cfg.worker.max_input_pixels,
+            faces: None,
+            egress: atelier_shared::egress::EgressPolicy::new(&cfg.egress.allow)
+                .unwrap_or_default(),
+            fetch_max_bytes: cfg.identity.fetch_max_bytes,
+            fetch_timeout: Duration::from_secs(cfg.identity.fetch_timeout_secs),
             fault_delay: Duration::from_millis(cfg.worker.fault_delay_ms),
             worker_id: format!("wrk_{}_{}", std::process::id(), ulid::Ulid::new()),
         }
@@ -103,7 +120,12 @@ impl WorkerContext {
 /// Runs the worker until `shutdown` fires, then drains as described above.
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut consumers = Vec::new();
-    for q in QUEUES {
+    let faces: &[&'static str] = if ctx.faces.is_some() {
+        FACE_QUEUES
+    } else {
+        &[]
+    };
+    for q in QUEUES.iter().chain(faces) {
         consumers.push(consume_queue(ctx.clone(), q, shutdown.clone()));
     }
     for r in futures::future::join_all(consumers).await {
@@ -322,7 +344,7 @@ async fn handle(
     }
 }
 
-/// Loads inputs, runs the pipeline off the async runtime and uploads results.
+/// Loads the task's output and job and runs the job type's pipeline.
 async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputResult, TaskFailure> {
     if !ctx.fault_delay.is_zero() {
         tokio::time::sleep(ctx.fault_delay).await;
@@ -337,6 +359,60 @@ async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputResult, TaskF
         .job(&output.job_id)
         .await?
         .ok_or_else(|| TaskFailure::permanent("job no longer exists"))?;
+    match job.job_type.as_str() {
+        "create_packshot" => execute_packshot(ctx, task, &output, &job).await,
+        "identity_preprocessing" => jobs::identity(ctx, task, &output, &job).await,
+        "model_swap" => jobs::swap(ctx, task, &output, &job).await,
+        other => Err(TaskFailure::permanent(format!(
+            "this worker cannot run {other} jobs"
+        ))),
+    }
+}
+
+/// Runs `work` on the blocking pool, bounded by `worker.task_timeout_secs`;
+/// a panic is a retryable failure.
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    ctx: &WorkerContext,
+    work: impl FnOnce() -> Result<T, TaskFailure> + Send + 'static,
+) -> Result<T, TaskFailure> {
+    match tokio::time::timeout(ctx.task_timeout, tokio::task::spawn_blocking(work)).await {
+        Err(_) => Err(TaskFailure::retryable(format!(
+            "pipeline exceeded {} s",
+            ctx.task_timeout.as_secs()
+        ))),
+        Ok(Err(join)) if join.is_panic() => Err(TaskFailure::retryable("pipeline panicked")),
+        Ok(Err(join)) => Err(TaskFailure::retryable(format!(
+            "pipeline task failed: {join}"
+        ))),
+        Ok(Ok(r)) => r,
+    }
+}
+
+/// Object keys of one run of an output: unique per run, not only per
+/// attempt, so a redelivered attempt never overwrites the objects of a run
+/// that was already recorded.
+pub(crate) fn run_base(
+    job: &atelier_shared::db::jobs::JobRow,
+    output: &atelier_shared::db::jobs::OutputRow,
+    task: &Task,
+) -> String {
+    format!(
+        "results/{}/{}/{}-a{}-{}",
+        job.account_id,
+        job.id,
+        output.id,
+        task.attempt,
+        ulid::Ulid::new().to_string().to_lowercase()
+    )
+}
+
+/// The packshot pipeline: decode the inputs, render, upload.
+async fn execute_packshot(
+    ctx: &WorkerContext,
+    task: &Task,
+    output: &atelier_shared::db::jobs::OutputRow,
+    job: &atelier_shared::db::jobs::JobRow,
+) -> Result<OutputResult, TaskFailure> {
     let spec: PackshotSpec = serde_json::from_str(&job.spec)
         .map_err(|e| TaskFailure::permanent(format!("unreadable job spec: {e}")))?;
 
@@ -363,7 +439,7 @@ async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputResult, TaskF
     let previous_refusal = (engine_index > 0)
         .then(|| output.last_error.clone())
         .flatten();
-    let work = tokio::task::spawn_blocking(move || {
+    let (out, format) = off_runtime(ctx, move || {
         let t = Instant::now();
         let inputs = raw
             .into_iter()
@@ -392,36 +468,11 @@ async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputResult, TaskF
         let out = pipeline.run(&req, engine_index, previous_refusal.as_deref())?;
         let format = spec.instructions[ins].output.format;
         Ok((out, format))
-    });
-    let (out, format) = match tokio::time::timeout(ctx.task_timeout, work).await {
-        Err(_) => {
-            return Err(TaskFailure::retryable(format!(
-                "pipeline exceeded {} s",
-                ctx.task_timeout.as_secs()
-            )));
-        }
-        Ok(Err(join)) if join.is_panic() => {
-            return Err(TaskFailure::retryable("pipeline panicked"));
-        }
-        Ok(Err(join)) => {
-            return Err(TaskFailure::retryable(format!(
-                "pipeline task failed: {join}"
-            )));
-        }
-        Ok(Ok(r)) => r?,
-    };
+    })
+    .await?;
 
     let t = Instant::now();
-    // Unique per run, not only per attempt: a redelivered attempt never
-    // overwrites the objects of a run that was already recorded.
-    let base = format!(
-        "results/{}/{}/{}-a{}-{}",
-        job.account_id,
-        job.id,
-        output.id,
-        task.attempt,
-        ulid::Ulid::new().to_string().to_lowercase()
-    );
+    let base = run_base(job, output, task);
     let full_key = format!("{base}.{}", format.ext());
     let thumb_key = format!("{base}-thumb.jpg");
     ctx.objects

@@ -27,6 +27,8 @@ pub fn needed_files(cfg: &Config) -> Vec<String> {
         files.push(rel.to_string_lossy().into_owned());
     }
     files.push(cfg.models.isnet.clone());
+    files.push(cfg.models.face_detector.clone());
+    files.push(cfg.models.face_embedder.clone());
     if !cfg.models.upscaler.is_empty() {
         files.push(cfg.models.upscaler.clone());
     }

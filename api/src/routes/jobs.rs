@@ -10,7 +10,7 @@ use crate::views;
 use atelier_shared::db::jobs::{Admission, NewJob, NewOutput};
 use atelier_shared::domain::JobType;
 use atelier_shared::domain::credits::SizeClass;
-use atelier_shared::domain::packshot::{self, PackshotSpec};
+use atelier_shared::domain::packshot;
 use atelier_shared::domain::trace::TraceParent;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -26,24 +26,10 @@ pub async fn create_packshot(
     headers: axum::http::HeaderMap,
     body: JsonValue,
 ) -> ApiResult<axum::response::Response> {
-    // 5 creations per minute per account and endpoint (contract §1.9).
-    let decision = s
-        .limiter
-        .check(Bucket::Create, &format!("{}:create-packshot", acc.id))
-        .await;
-    if !decision.allowed {
-        let mut r = ApiError::too_many(
-            "rate_limited",
-            format!(
-                "At most {} create-packshot requests per minute",
-                decision.limit
-            ),
-            decision.retry_after_secs,
-        )
-        .into_response();
-        stamp(r.headers_mut(), &decision);
-        return Ok(r);
-    }
+    let decision = match creation_limit(&s, &acc.id, "create-packshot").await {
+        Ok(d) => d,
+        Err(refused) => return Ok(refused),
+    };
 
     let req = packshot::parse_request(&body.0).map_err(|e| ApiError::invalid(vec![e]))?;
     let spec = packshot::validate(&req, &s.config.catalogue, &s.engines, || {
@@ -73,7 +59,7 @@ pub async fn create_packshot(
         .project(&acc.id, &req.project_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Project {} not found", req.project_id)))?;
-    check_images(&s, &acc.id, &spec).await?;
+    check_images(&s, &acc.id, &spec.images).await?;
 
     // Admission: cap, credits, job, outputs, reservation, outbox: one transaction.
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
@@ -113,6 +99,7 @@ pub async fn create_packshot(
             max_attempts: s.config.scheduler.retry.max_attempts,
             active_job_cap: (!acc.is_enterprise()).then_some(s.config.limits.active_jobs),
             traceparent: Some(trace.to_string()),
+            identity: None,
         })
         .await?;
     let mut resp = match admission {
@@ -133,35 +120,75 @@ pub async fn create_packshot(
             )
                 .into_response()
         }
-        Admission::ConcurrencyLimit { active, cap } => {
-            return Err(ApiError::too_many(
-                "concurrency_limit",
-                format!("{active} jobs are already pending or processing; at most {cap} at once"),
-                10,
-            ));
-        }
-        Admission::InsufficientCredits {
-            required,
-            in_progress,
-            user_credits,
-        } => {
-            return Err(ApiError::new(
-                StatusCode::PAYMENT_REQUIRED,
-                "insufficient_credits",
-                "Insufficient credits to create job",
-            )
-            .with("required_credits", required.as_f64())
-            .with("in_progress_credits", in_progress.as_f64())
-            .with("user_credits", user_credits.as_f64()));
-        }
+        refused => return Err(refusal(refused)),
     };
     stamp(resp.headers_mut(), &decision);
     Ok(resp)
 }
 
+/// The creation bucket of `endpoint` (contract §1.9: 5 per minute per
+/// account and endpoint): the decision to stamp on the answer, or the 429.
+pub(crate) async fn creation_limit(
+    s: &AppState,
+    account: &str,
+    endpoint: &str,
+) -> Result<crate::limits::Decision, axum::response::Response> {
+    let decision = s
+        .limiter
+        .check(Bucket::Create, &format!("{account}:{endpoint}"))
+        .await;
+    if decision.allowed {
+        return Ok(decision);
+    }
+    let mut r = ApiError::too_many(
+        "rate_limited",
+        format!("At most {} {endpoint} requests per minute", decision.limit),
+        decision.retry_after_secs,
+    )
+    .into_response();
+    stamp(r.headers_mut(), &decision);
+    Err(r)
+}
+
+/// The answer to an admission that did not create the job.
+pub(crate) fn refusal(a: Admission) -> ApiError {
+    match a {
+        Admission::ConcurrencyLimit { active, cap } => ApiError::too_many(
+            "concurrency_limit",
+            format!("{active} jobs are already pending or processing; at most {cap} at once"),
+            10,
+        ),
+        Admission::InsufficientCredits {
+            required,
+            in_progress,
+            user_credits,
+        } => ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_credits",
+            "Insufficient credits to create job",
+        )
+        .with("required_credits", required.as_f64())
+        .with("in_progress_credits", in_progress.as_f64())
+        .with("user_credits", user_credits.as_f64()),
+        Admission::IdentityNotFound => ApiError::not_found("Identity not found"),
+        Admission::IdentityNotReady { status } => ApiError::conflict(
+            "identity_not_ready",
+            format!("The identity's preprocessing is {status}, not completed"),
+        )
+        .with("preprocessing_status", status),
+        Admission::Created { job_id, .. } => {
+            ApiError::internal(format!("job {job_id} was created but reported as refused"))
+        }
+    }
+}
+
 /// Every image must be the caller's (404 otherwise) and uploaded (400).
-async fn check_images(s: &AppState, account: &str, spec: &PackshotSpec) -> ApiResult<()> {
-    let ids: Vec<String> = spec.images.iter().map(|i| i.file_id.clone()).collect();
+pub(crate) async fn check_images(
+    s: &AppState,
+    account: &str,
+    images: &[atelier_shared::domain::packshot::ImageSpec],
+) -> ApiResult<()> {
+    let ids: Vec<String> = images.iter().map(|i| i.file_id.clone()).collect();
     let found: HashMap<String, String> = s
         .store
         .files_of(account, &ids)
@@ -222,9 +249,15 @@ pub async fn results(
     let job = load(&s, &acc.id, &job_id).await?;
     let outputs = s.store.latest_outputs(&job.id).await?;
     let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
-    let spec: Option<PackshotSpec> = serde_json::from_str(&job.spec).ok();
+    // Every job type's spec lists its input images the same way.
+    let images: Vec<atelier_shared::domain::packshot::ImageSpec> =
+        serde_json::from_str::<Value>(&job.spec)
+            .ok()
+            .and_then(|v| v.get("images").cloned())
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
     let mut inputs = Vec::new();
-    for img in spec.iter().flat_map(|s| s.images.iter()) {
+    for img in &images {
         let url = match s.store.file(&img.file_id).await? {
             Some(f) if f.status == "uploaded" => {
                 Value::String(s.object_url(&f.object_key, &f.content_type, ttl).await?)
@@ -264,7 +297,7 @@ pub async fn results(
             Value::Null
         },
     );
-    obj.insert("identity".into(), Value::Null);
+    obj.insert("identity".into(), json!(job.identity_code));
     Ok(axum::Json(body))
 }
 

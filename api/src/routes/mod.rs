@@ -3,9 +3,12 @@
 pub mod billing;
 pub mod downloads;
 pub mod health;
+pub mod identities;
 pub mod jobs;
 pub mod notifications;
+pub mod profiles;
 pub mod projects;
+pub mod swap;
 pub mod uploads;
 pub mod webhooks;
 

@@ -145,6 +145,20 @@ pub async fn issue(
     ))
 }
 
+/// The type, extension and size of an image whose header decodes, whatever
+/// it was declared as: JPEG, PNG or WebP.
+pub(crate) fn sniff_any(bytes: &[u8]) -> Result<(&'static str, &'static str, u32, u32), String> {
+    let (ct, ext) = match image::guess_format(bytes) {
+        Ok(image::ImageFormat::Jpeg) => ("image/jpeg", "jpg"),
+        Ok(image::ImageFormat::Png) => ("image/png", "png"),
+        Ok(image::ImageFormat::WebP) => ("image/webp", "webp"),
+        Ok(other) => return Err(format!("{other:?} is not accepted; send JPEG, PNG or WebP")),
+        Err(_) => return Err("the bytes are not a JPEG, PNG or WebP image".into()),
+    };
+    let (w, h) = sniff(bytes, ct)?;
+    Ok((ct, ext, w, h))
+}
+
 /// Whether `bytes` are an image of the declared type whose header decodes.
 fn sniff(bytes: &[u8], content_type: &str) -> Result<(u32, u32), String> {
     let want = match content_type {

@@ -52,6 +52,7 @@ fn job<'a>(acc: &'a str, costs: &[i64], cap: Option<u32>) -> NewJob<'a> {
         max_attempts: 2,
         active_job_cap: cap,
         traceparent: None,
+        identity: None,
     }
 }
 

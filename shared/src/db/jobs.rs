@@ -30,6 +30,7 @@ pub struct JobRow {
     pub finalized_at: Option<i64>,
     pub credits_held: i64,
     pub credits_charged: i64,
+    pub identity_code: Option<String>,
 }
 
 impl JobRow {
@@ -61,7 +62,7 @@ impl JobRow {
 pub(crate) const JOB_SELECT: &str = "SELECT j.id, j.account_id, j.billing_account_id, j.project_id, p.name AS project_name, \
      j.job_type, j.status, j.spec, j.total_outputs, j.completed_outputs, j.failed_outputs, j.should_post_process, \
      j.post_processing_status, j.post_processing_error, j.error_message, j.created_at, j.updated_at, j.finalized_at, \
-     COALESCE(r.held, 0) AS credits_held, COALESCE(r.charged, 0) AS credits_charged \
+     COALESCE(r.held, 0) AS credits_held, COALESCE(r.charged, 0) AS credits_charged, j.identity_code \
      FROM jobs j LEFT JOIN projects p ON p.id = j.project_id LEFT JOIN reservations r ON r.job_id = j.id";
 
 #[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
@@ -125,6 +126,20 @@ pub struct NewJob<'a> {
     pub active_job_cap: Option<u32>,
     /// W3C `traceparent` the job's work continues (see `domain::trace`).
     pub traceparent: Option<String>,
+    /// The identity the job works with or builds.
+    pub identity: Option<IdentityUse<'a>>,
+}
+
+/// How a job relates to an identity (recorded in `jobs.identity_code`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityUse<'a> {
+    /// The job needs this identity of the caller, preprocessed: checked
+    /// inside the admitting transaction with the identity row locked, so a
+    /// concurrent delete either sees this job or makes admission fail.
+    Ready(&'a str),
+    /// The job preprocesses this identity (its row is written by the caller
+    /// in the same transaction).
+    Builds(&'a str),
 }
 
 /// The result of admission, decided inside the creating transaction.
@@ -144,6 +159,13 @@ pub enum Admission {
         in_progress: Credits,
         user_credits: Credits,
     },
+    /// [`IdentityUse::Ready`] names no identity of the caller.
+    IdentityNotFound,
+    /// [`IdentityUse::Ready`] names an identity whose preprocessing is in
+    /// this state (not `completed`).
+    IdentityNotReady {
+        status: String,
+    },
 }
 
 impl Store {
@@ -152,24 +174,35 @@ impl Store {
     /// the creation notification and the outbox row that wakes the scheduler.
     /// Either all of it is committed or none of it.
     pub async fn create_job(&self, j: NewJob<'_>) -> Result<Admission> {
+        let mut tx = self.begin().await?;
+        let admission = self.admit(&mut tx, &j).await?;
+        if matches!(admission, Admission::Created { .. }) {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(admission)
+    }
+
+    /// [`Store::create_job`] inside the caller's transaction, which the
+    /// caller commits on `Created` and rolls back otherwise.
+    pub(crate) async fn admit(&self, tx: &mut Tx, j: &NewJob<'_>) -> Result<Admission> {
         let required: Credits = j.outputs.iter().map(|o| o.cost).sum();
         let now = now_ms();
-        let mut tx = self.begin().await?;
 
         // Lock order everywhere: the billing account, then the member account
         // (settlement and finalisation take them in the same order).
         let r = sqlx::query("UPDATE accounts SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2")
             .bind(j.billing_account_id)
             .bind(required.0)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         if r.rows_affected() == 0 {
             let (balance, reserved): (i64, i64) =
                 sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
                     .bind(j.billing_account_id)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(&mut **tx)
                     .await?;
-            tx.rollback().await?;
             return Ok(Admission::InsufficientCredits {
                 required,
                 in_progress: Credits(reserved),
@@ -184,26 +217,47 @@ impl Store {
             let r = sqlx::query("UPDATE accounts SET active_jobs = active_jobs + 1 WHERE id = $1 AND active_jobs < $2")
                 .bind(j.account_id)
                 .bind(cap)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             if r.rows_affected() == 0 {
                 let active: i64 =
                     sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
                         .bind(j.account_id)
-                        .fetch_one(&mut *tx)
+                        .fetch_one(&mut **tx)
                         .await?;
-                tx.rollback().await?;
                 return Ok(Admission::ConcurrencyLimit {
                     active,
                     cap: j.active_job_cap.unwrap_or(u32::MAX),
                 });
             }
         }
+        if let Some(IdentityUse::Ready(code)) = j.identity {
+            let sql = format!(
+                "SELECT j.status FROM identities i LEFT JOIN jobs j ON j.id = i.job_id \
+                 WHERE i.code = $1 AND i.account_id = $2{}",
+                self.for_update_of("i")
+            );
+            let status: Option<Option<String>> = sqlx::query_scalar(&sql)
+                .bind(code)
+                .bind(j.account_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+            match status {
+                None => return Ok(Admission::IdentityNotFound),
+                Some(Some(s)) if s == "completed" => {}
+                Some(s) => {
+                    return Ok(Admission::IdentityNotReady {
+                        status: crate::domain::identity::preprocessing_status(s.as_deref())
+                            .to_string(),
+                    });
+                }
+            }
+        }
         let job_id = crate::domain::JobId::generate().0;
         sqlx::query(
             "INSERT INTO jobs (id, account_id, billing_account_id, project_id, job_type, status, spec, total_outputs, \
-             should_post_process, post_processing_status, counts_against_cap, created_at, updated_at, traceparent) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $11, $12)",
+             should_post_process, post_processing_status, counts_against_cap, created_at, updated_at, traceparent, identity_code) \
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $11, $12, $13)",
         )
         .bind(&job_id)
         .bind(j.account_id)
@@ -217,7 +271,10 @@ impl Store {
         .bind(i64::from(counts))
         .bind(now)
         .bind(j.traceparent.as_deref())
-        .execute(&mut *tx)
+        .bind(j.identity.map(|i| match i {
+            IdentityUse::Ready(c) | IdentityUse::Builds(c) => c,
+        }))
+        .execute(&mut **tx)
         .await?;
         for o in &j.outputs {
             sqlx::query(
@@ -234,7 +291,7 @@ impl Store {
             .bind(now)
             .bind(o.cost.0)
             .bind(&o.output_format)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         sqlx::query("INSERT INTO reservations (job_id, account_id, amount, held, created_at) VALUES ($1, $2, $3, $3, $4)")
@@ -242,10 +299,10 @@ impl Store {
             .bind(j.billing_account_id)
             .bind(required.0)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         ledger(
-            &mut tx,
+            tx,
             j.billing_account_id,
             Some(&job_id),
             None,
@@ -254,14 +311,13 @@ impl Store {
             None,
         )
         .await?;
-        notify_job(&mut tx, &job_id).await?;
+        notify_job(tx, &job_id).await?;
         enqueue_outbox(
-            &mut tx,
+            tx,
             "scheduler",
             &serde_json::json!({"event": "job_created", "job_id": job_id}),
         )
         .await?;
-        tx.commit().await?;
         Ok(Admission::Created {
             job_id,
             total_outputs: j.outputs.len() as i64,

@@ -13,6 +13,7 @@
 
 pub mod accounts;
 pub mod files;
+pub mod identities;
 pub mod jobs;
 pub mod notifications;
 pub mod outbox;
@@ -179,6 +180,15 @@ impl Store {
         match self.dialect {
             Dialect::Sqlite => "",
             Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// `FOR UPDATE OF <table>` (PostgreSQL): locks only that table's rows of
+    /// a join; SQLite serialises writers anyway.
+    pub fn for_update_of(&self, table: &str) -> String {
+        match self.dialect {
+            Dialect::Sqlite => String::new(),
+            Dialect::Postgres => format!(" FOR UPDATE OF {table}"),
         }
     }
 

@@ -198,6 +198,7 @@ impl SizeClass {
 /// Per-output prices for generation jobs (contract §3.4). Operator-configurable;
 /// the defaults are the contract's.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PriceTable {
     #[serde(rename = "1K")]
     pub k1: f64,
@@ -205,6 +206,12 @@ pub struct PriceTable {
     pub k2: f64,
     #[serde(rename = "4K")]
     pub k4: f64,
+    /// One model-swap output (per input image, flat).
+    pub model_swap: f64,
+    /// Preprocessing an uploaded identity photo.
+    pub identity: f64,
+    /// Building a profile from its photos.
+    pub profile: f64,
 }
 
 impl Default for PriceTable {
@@ -213,11 +220,19 @@ impl Default for PriceTable {
             k1: 3.0,
             k2: 5.0,
             k4: 10.0,
+            model_swap: 3.0,
+            identity: 50.0,
+            profile: 50.0,
         }
     }
 }
 
 impl PriceTable {
+    /// A flat price of this table (`model_swap`, `identity`, `profile`).
+    pub fn flat(v: f64) -> Credits {
+        Credits::from_f64(v).unwrap_or(Credits::ZERO)
+    }
+
     pub fn price(&self, size: SizeClass) -> Credits {
         let v = match size {
             SizeClass::K1 => self.k1,

@@ -4,6 +4,7 @@
 
 pub mod credits;
 pub mod fair;
+pub mod identity;
 pub mod ids;
 pub mod packshot;
 pub mod retry;

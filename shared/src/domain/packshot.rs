@@ -471,38 +471,18 @@ fn style_defaults(style: Style) -> (Option<Angle>, Option<Framing>, Shadow, Opti
     }
 }
 
-/// Engines the operator has configured, in `auto` fallback order.
-#[derive(Debug, Clone)]
-pub struct EngineAvailability {
-    pub configured: Vec<EngineChoice>,
-}
-
-/// Validates a parsed request and produces the normalised spec. Every
-/// problem is reported, not only the first. `random_seed` supplies seeds for
-/// instructions that have none (kept in the spec, so outputs reproduce).
-pub fn validate(
-    req: &PackshotRequest,
-    catalogue: &DesignCatalogue,
-    engines: &EngineAvailability,
-    mut random_seed: impl FnMut() -> u32,
-) -> Result<PackshotSpec, Vec<FieldError>> {
-    let mut errs = Vec::new();
-
-    if req.project_id.trim().is_empty() {
-        errs.push(FieldError::new("project_id", "must not be empty"));
-    }
-    if req.images.is_empty() || req.images.len() > MAX_IMAGES {
+/// The `images` field (contract §3.2): 1–10 entries, no duplicate, notes of
+/// at most 1000 characters. Problems are appended to `errs`.
+pub fn validate_images(refs: &[ImageRefIn], errs: &mut Vec<FieldError>) -> Vec<ImageSpec> {
+    if refs.is_empty() || refs.len() > MAX_IMAGES {
         errs.push(FieldError::new(
             "images",
-            format!(
-                "must hold 1 to {MAX_IMAGES} images, got {}",
-                req.images.len()
-            ),
+            format!("must hold 1 to {MAX_IMAGES} images, got {}", refs.len()),
         ));
     }
     let mut seen = HashSet::new();
     let mut images = Vec::new();
-    for (i, img) in req.images.iter().enumerate() {
+    for (i, img) in refs.iter().enumerate() {
         let (id, note) = match img {
             ImageRefIn::Id(id) => (id.clone(), None),
             ImageRefIn::Annotated { file_id, note } => (file_id.clone(), note.clone()),
@@ -526,6 +506,31 @@ pub fn validate(
         }
         images.push(ImageSpec { file_id: id, note });
     }
+
+    images
+}
+
+/// Engines the operator has configured, in `auto` fallback order.
+#[derive(Debug, Clone)]
+pub struct EngineAvailability {
+    pub configured: Vec<EngineChoice>,
+}
+
+/// Validates a parsed request and produces the normalised spec. Every
+/// problem is reported, not only the first. `random_seed` supplies seeds for
+/// instructions that have none (kept in the spec, so outputs reproduce).
+pub fn validate(
+    req: &PackshotRequest,
+    catalogue: &DesignCatalogue,
+    engines: &EngineAvailability,
+    mut random_seed: impl FnMut() -> u32,
+) -> Result<PackshotSpec, Vec<FieldError>> {
+    let mut errs = Vec::new();
+
+    if req.project_id.trim().is_empty() {
+        errs.push(FieldError::new("project_id", "must not be empty"));
+    }
+    let images = validate_images(&req.images, &mut errs);
 
     let n_ins = req.instructions.len();
     if n_ins == 0 || n_ins > MAX_INSTRUCTIONS {

@@ -1,0 +1,332 @@
+//! Profiles (contract §9.1–9.3, Phota-compatible): a subject built from
+//! several photos, given as public URLs (JSON) or uploaded files
+//! (multipart). The "training" is an `identity_preprocessing` job on the
+//! identity queue that keeps the photos of one person and builds a robust
+//! mean embedding and a best crop; the status reads `IN_PROGRESS`, then
+//! `READY` or `ERROR` with a message.
+//!
+//! URLs are checked here (syntax, scheme, credentials, and every address
+//! the host resolves to against the egress policy) so a private or
+//! unresolvable address is a 400 naming the item; the worker fetches them
+//! through the same guard again (DNS may change in between).
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::Query;
+use crate::routes::identities::{erase, read_form, traceparent};
+use crate::routes::jobs::refusal;
+use atelier_shared::db::identities::{
+    DeleteIdentity, IdentityAdmission, IdentityQuery, NewIdentity,
+};
+use atelier_shared::db::jobs::{IdentityUse, NewJob, NewOutput};
+use atelier_shared::domain::JobType;
+use atelier_shared::domain::credits::PriceTable;
+use atelier_shared::domain::identity::{IdentityKind, PhotoSource, PreprocessSpec, profile_status};
+use atelier_shared::time::iso8601;
+use axum::extract::multipart::Multipart;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Debug, Deserialize)]
+struct AddRequest {
+    #[serde(default)]
+    image_urls: Vec<String>,
+    #[serde(default)]
+    training_tier: Option<String>,
+    #[serde(default)]
+    tag: Option<String>,
+}
+
+/// A new profile id: a UUID, as the upstream API's ids look.
+fn new_profile_id() -> String {
+    atelier_shared::domain::FileId::generate().0
+}
+
+pub async fn add(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    headers: HeaderMap,
+    req: Request,
+) -> ApiResult<axum::response::Response> {
+    let max = s
+        .config
+        .identity
+        .fast_photos
+        .1
+        .max(s.config.identity.standard_photos.1);
+    let is_multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
+    let code = new_profile_id();
+    // (request fields, photo sources already stored)
+    let (body, stored): (AddRequest, Vec<String>) = if is_multipart {
+        let mp = Multipart::from_request(req, &s).await;
+        let form = read_form(&s, mp, "images", max as usize).await?;
+        let mut keys = Vec::new();
+        for img in &form.images {
+            let key = format!(
+                "profiles/{}/{}/photo-{}.{}",
+                acc.id,
+                code,
+                ulid::Ulid::new().to_string().to_lowercase(),
+                img.ext
+            );
+            if let Err(e) = s
+                .objects
+                .put(&key, img.bytes.clone(), img.content_type)
+                .await
+            {
+                erase(&s, &keys).await;
+                return Err(e.into());
+            }
+            keys.push(key);
+        }
+        (
+            AddRequest {
+                image_urls: Vec::new(),
+                training_tier: form.text.get("training_tier").cloned(),
+                tag: form.text.get("tag").cloned(),
+            },
+            keys,
+        )
+    } else {
+        let v = crate::extract::JsonValue::from_request(req, &s).await?.0;
+        let body: AddRequest = serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            ApiError::bad_request(
+                (path != ".").then_some(path.as_str()),
+                e.into_inner().to_string(),
+                "body",
+            )
+        })?;
+        (body, Vec::new())
+    };
+    let result = admit(&s, &acc, &headers, &code, &body, &stored).await;
+    if result.is_err() {
+        erase(&s, &stored).await;
+    }
+    result
+}
+
+async fn admit(
+    s: &AppState,
+    acc: &atelier_shared::db::accounts::Account,
+    headers: &HeaderMap,
+    code: &str,
+    body: &AddRequest,
+    stored: &[String],
+) -> ApiResult<axum::response::Response> {
+    let tier = body.training_tier.as_deref().unwrap_or("standard");
+    let (min, max) = match tier {
+        "standard" => s.config.identity.standard_photos,
+        "fast" => s.config.identity.fast_photos,
+        _ => {
+            return Err(ApiError::bad_request(
+                Some("training_tier"),
+                "must be standard or fast",
+                "body",
+            ));
+        }
+    };
+    if let Some(t) = &body.tag
+        && (t.is_empty() || t.chars().count() > 128)
+    {
+        return Err(ApiError::bad_request(
+            Some("tag"),
+            "must be 1 to 128 characters",
+            "body",
+        ));
+    }
+    let n = body.image_urls.len() + stored.len();
+    if n < min as usize || n > max as usize {
+        return Err(ApiError::bad_request(
+            Some(if stored.is_empty() {
+                "image_urls"
+            } else {
+                "images"
+            }),
+            format!("the {tier} tier takes {min} to {max} photos, got {n}"),
+            "body",
+        ));
+    }
+    let mut photos: Vec<PhotoSource> = stored
+        .iter()
+        .map(|k| PhotoSource::Object {
+            key: k.clone(),
+            filename: None,
+        })
+        .collect();
+    for (i, raw) in body.image_urls.iter().enumerate() {
+        let url = s.egress.check_url(raw).await.map_err(|e| {
+            ApiError::bad_request(
+                Some(&format!("image_urls[{i}]")),
+                format!("unusable URL: {e}"),
+                "body",
+            )
+        })?;
+        photos.push(PhotoSource::Url {
+            url: url.to_string(),
+        });
+    }
+    let count = photos.len() as u32;
+    let spec = PreprocessSpec {
+        identity_code: code.to_string(),
+        kind: IdentityKind::Profile,
+        photos: photos.clone(),
+        // Most of the photos must show the subject clearly.
+        min_usable: count.div_ceil(2),
+    };
+    let (billing, _) = s.store.billing_owner(&acc.id).await?;
+    let job = NewJob {
+        account_id: &acc.id,
+        billing_account_id: &billing,
+        project_id: None,
+        job_type: JobType::IdentityPreprocessing,
+        spec_json: serde_json::to_string(&spec).map_err(ApiError::internal)?,
+        post_process: false,
+        outputs: vec![NewOutput {
+            instruction_index: 0,
+            variation_index: 0,
+            cost: PriceTable::flat(s.config.prices.profile),
+            output_format: "jpg".into(),
+        }],
+        max_attempts: s.config.scheduler.retry.max_attempts,
+        active_job_cap: None,
+        traceparent: Some(traceparent(headers)),
+        identity: Some(IdentityUse::Builds(code)),
+    };
+    let ident = NewIdentity {
+        code,
+        account_id: &acc.id,
+        kind: IdentityKind::Profile,
+        name: code,
+        tag: body.tag.as_deref(),
+        original_filename: None,
+        photo_key: stored.first().map(String::as_str),
+        sources_json: serde_json::to_string(&photos).map_err(ApiError::internal)?,
+        training_tier: Some(tier),
+        slot_cap: None,
+    };
+    match s.store.create_identity(ident, job).await? {
+        IdentityAdmission::Created { job_id, .. } => {
+            metrics::counter!("atelier_jobs_created_total", "type" => "profile").increment(1);
+            tracing::info!(profile = %code, job.id = %job_id, photos = count, "profile accepted");
+            Ok((StatusCode::OK, axum::Json(json!({"profile_id": code}))).into_response())
+        }
+        IdentityAdmission::Refused(a) => Err(refusal(a)),
+        IdentityAdmission::NameTaken { .. } | IdentityAdmission::SlotsExhausted { .. } => {
+            Err(ApiError::internal("profile id collision"))
+        }
+    }
+}
+
+async fn load(
+    s: &AppState,
+    account: &str,
+    id: &str,
+) -> ApiResult<atelier_shared::db::identities::IdentityRow> {
+    s.store
+        .identity_for(account, IdentityKind::Profile, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Profile {id} not found")))
+}
+
+pub async fn status(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let p = load(&s, &acc.id, &id).await?;
+    Ok(axum::Json(json!({
+        "profile_id": p.code,
+        "status": profile_status(p.job_status.as_deref()),
+        "message": p.error_message(),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct IdsQuery {
+    pub tag: Option<String>,
+}
+
+pub async fn ids(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Query(q): Query<IdsQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let (rows, _) = s
+        .store
+        .list_identities(
+            &acc.id,
+            IdentityKind::Profile,
+            &IdentityQuery {
+                page: 1,
+                per_page: 1000,
+                ascending: false,
+                tag: q.tag.as_ref().map(|t| t.to_lowercase()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    // LIKE treats `_` and `%` as wildcards: keep exact matches only.
+    let profiles: Vec<Value> = rows
+        .iter()
+        .filter(|p| q.tag.is_none() || p.tag == q.tag)
+        .map(|p| {
+            json!({
+                "profile_id": p.code,
+                "status": profile_status(p.job_status.as_deref()),
+                "tag": p.tag,
+                "created_at": iso8601(p.created_at),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({"profiles": profiles})))
+}
+
+pub async fn picture(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::response::Response> {
+    let p = load(&s, &acc.id, &id).await?;
+    let Some(key) = p.crop_key.as_deref() else {
+        return Err(ApiError::conflict(
+            "profile_not_ready",
+            format!(
+                "The profile is {}; its picture exists once it is READY",
+                profile_status(p.job_status.as_deref())
+            ),
+        ));
+    };
+    let bytes = s.objects.get(key).await?;
+    Ok(([(header::CONTENT_TYPE, "image/jpeg")], bytes).into_response())
+}
+
+pub async fn delete(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    match s
+        .store
+        .delete_identity(&acc.id, IdentityKind::Profile, &id)
+        .await?
+    {
+        DeleteIdentity::NotFound => Err(ApiError::not_found(format!("Profile {id} not found"))),
+        DeleteIdentity::InUse { job_id } => Err(ApiError::conflict(
+            "profile_in_use",
+            format!("Job {job_id} is still working with this profile; abort it first"),
+        )
+        .with("job_id", job_id)),
+        DeleteIdentity::Deleted { keys } => {
+            erase(&s, &keys).await;
+            Ok(axum::Json(json!({"profile_id": id, "status": "ok"})))
+        }
+    }
+}

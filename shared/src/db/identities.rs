@@ -1,0 +1,401 @@
+//! Identities and profiles. An identity row names its preprocessing job;
+//! status, timing, crop and embedding are read through that job and its
+//! output, so they are recorded once, by the scheduler, like every result.
+
+use super::jobs::{Admission, NewJob};
+use super::{Result, Store, StoreError};
+use crate::domain::identity::{FaceRecord, IdentityKind, preprocessing_status};
+use crate::time::now_ms;
+
+#[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
+pub struct IdentityRow {
+    pub code: String,
+    pub account_id: String,
+    pub kind: String,
+    pub name: String,
+    pub tag: Option<String>,
+    pub original_filename: Option<String>,
+    pub photo_key: Option<String>,
+    pub sources: String,
+    pub training_tier: Option<String>,
+    pub job_id: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub created_by: String,
+    pub job_status: Option<String>,
+    pub job_error: Option<String>,
+    pub job_created_at: Option<i64>,
+    pub job_finalized_at: Option<i64>,
+    pub crop_key: Option<String>,
+    pub crop_thumb_key: Option<String>,
+    pub record: Option<String>,
+    pub output_error: Option<String>,
+}
+
+impl IdentityRow {
+    /// `pending`, `processing`, `completed` or `failed` (contract §5.1).
+    pub fn preprocessing_status(&self) -> &'static str {
+        preprocessing_status(self.job_status.as_deref())
+    }
+
+    /// Why the preprocessing failed, in the words of the step that failed
+    /// (`no face detected`), not the job's summary.
+    pub fn error_message(&self) -> Option<String> {
+        if self.preprocessing_status() != "failed" {
+            return None;
+        }
+        self.output_error.clone().or_else(|| self.job_error.clone())
+    }
+
+    /// What the preprocessing recorded, once it completed.
+    pub fn record(&self) -> Option<FaceRecord> {
+        self.record
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok())
+    }
+
+    /// Seconds from the preprocessing job's creation to its end.
+    pub fn preprocessing_time(&self) -> Option<f64> {
+        match (self.job_created_at, self.job_finalized_at) {
+            (Some(a), Some(b)) => Some((b - a).max(0) as f64 / 1000.0),
+            _ => None,
+        }
+    }
+
+    /// Every object this identity owns: its photos, crop, thumbnail and
+    /// embedding (what deleting it erases).
+    pub fn object_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.photo_key.iter().cloned().collect();
+        if let Ok(sources) =
+            serde_json::from_str::<Vec<crate::domain::identity::PhotoSource>>(&self.sources)
+        {
+            for s in sources {
+                if let crate::domain::identity::PhotoSource::Object { key, .. } = s {
+                    keys.push(key);
+                }
+            }
+        }
+        keys.extend(self.crop_key.iter().cloned());
+        keys.extend(self.crop_thumb_key.iter().cloned());
+        if let Some(r) = self.record() {
+            keys.push(r.embedding_key);
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+}
+
+const IDENTITY_SELECT: &str = "SELECT i.code, i.account_id, i.kind, i.name, i.tag, i.original_filename, i.photo_key, \
+     i.sources, i.training_tier, i.job_id, i.created_at, i.updated_at, a.name AS created_by, \
+     j.status AS job_status, j.error_message AS job_error, j.created_at AS job_created_at, \
+     j.finalized_at AS job_finalized_at, o.full_key AS crop_key, o.thumb_key AS crop_thumb_key, \
+     o.input_description AS record, o.error_message AS output_error \
+     FROM identities i JOIN accounts a ON a.id = i.account_id \
+     LEFT JOIN jobs j ON j.id = i.job_id \
+     LEFT JOIN outputs o ON o.job_id = i.job_id AND o.instruction_index = 0 AND o.variation_index = 0 AND o.version = 0";
+
+/// The status an identity shows, as SQL over the joined job (for filters).
+const STATUS_SQL: &str =
+    "COALESCE(CASE j.status WHEN 'aborted' THEN 'failed' ELSE j.status END, 'pending')";
+
+pub struct NewIdentity<'a> {
+    pub code: &'a str,
+    pub account_id: &'a str,
+    pub kind: IdentityKind,
+    pub name: &'a str,
+    pub tag: Option<&'a str>,
+    pub original_filename: Option<&'a str>,
+    pub photo_key: Option<&'a str>,
+    /// JSON list of [`crate::domain::identity::PhotoSource`].
+    pub sources_json: String,
+    pub training_tier: Option<&'a str>,
+    /// `None`: no cap (enterprise, or profiles).
+    pub slot_cap: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdentityAdmission {
+    Created {
+        code: String,
+        job_id: String,
+        required: crate::domain::Credits,
+    },
+    /// The account already has an identity of this name.
+    NameTaken {
+        existing_code: String,
+    },
+    SlotsExhausted {
+        used: i64,
+        cap: u32,
+    },
+    /// The preprocessing job was not admitted (credits).
+    Refused(Admission),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct IdentityQuery {
+    pub page: i64,
+    pub per_page: i64,
+    pub ascending: bool,
+    pub by_name: bool,
+    pub search: Option<String>,
+    pub status: Option<String>,
+    /// A `LIKE` pattern matched against the lower-cased tag.
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeleteIdentity {
+    NotFound,
+    /// A pending or processing job works with the identity.
+    InUse {
+        job_id: String,
+    },
+    /// Deleted; these objects are the caller's to erase.
+    Deleted {
+        keys: Vec<String>,
+    },
+}
+
+impl Store {
+    /// Records an identity and admits its preprocessing job in one
+    /// transaction: name clash, slot cap and credits are decided together,
+    /// and either all of it is committed or none of it.
+    pub async fn create_identity(
+        &self,
+        ident: NewIdentity<'_>,
+        job: NewJob<'_>,
+    ) -> Result<IdentityAdmission> {
+        // Friendly answers first (a clash is not a credit problem); the
+        // same checks are repeated under the account lock below.
+        if let Some(code) = self
+            .identity_named(ident.account_id, ident.kind, ident.name)
+            .await?
+        {
+            return Ok(IdentityAdmission::NameTaken {
+                existing_code: code,
+            });
+        }
+        if let Some(cap) = ident.slot_cap {
+            let used = self.identity_count(ident.account_id, ident.kind).await?;
+            if used >= i64::from(cap) {
+                return Ok(IdentityAdmission::SlotsExhausted { used, cap });
+            }
+        }
+        let mut tx = self.begin().await?;
+        let admission = self.admit(&mut tx, &job).await?;
+        let (job_id, required) = match admission {
+            Admission::Created {
+                job_id, required, ..
+            } => (job_id, required),
+            other => {
+                tx.rollback().await?;
+                return Ok(IdentityAdmission::Refused(other));
+            }
+        };
+        // Admission locked the billing account; the member account comes
+        // second (the lock order used everywhere) and serialises this
+        // account's identity creations, so the count cannot be overtaken.
+        sqlx::query("UPDATE accounts SET active_jobs = active_jobs WHERE id = $1")
+            .bind(ident.account_id)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(cap) = ident.slot_cap {
+            let used: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM identities WHERE account_id = $1 AND kind = $2",
+            )
+            .bind(ident.account_id)
+            .bind(ident.kind.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            if used >= i64::from(cap) {
+                tx.rollback().await?;
+                return Ok(IdentityAdmission::SlotsExhausted { used, cap });
+            }
+        }
+        let now = now_ms();
+        let inserted = sqlx::query(
+            "INSERT INTO identities (code, account_id, kind, name, tag, original_filename, photo_key, sources, \
+             training_tier, job_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)",
+        )
+        .bind(ident.code)
+        .bind(ident.account_id)
+        .bind(ident.kind.as_str())
+        .bind(ident.name)
+        .bind(ident.tag)
+        .bind(ident.original_filename)
+        .bind(ident.photo_key)
+        .bind(&ident.sources_json)
+        .bind(ident.training_tier)
+        .bind(&job_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) => {
+                let e = StoreError::from(e);
+                tx.rollback().await?;
+                if matches!(e, StoreError::Conflict(_))
+                    && let Some(code) = self
+                        .identity_named(ident.account_id, ident.kind, ident.name)
+                        .await?
+                {
+                    return Ok(IdentityAdmission::NameTaken {
+                        existing_code: code,
+                    });
+                }
+                return Err(e);
+            }
+        }
+        tx.commit().await?;
+        Ok(IdentityAdmission::Created {
+            code: ident.code.to_string(),
+            job_id,
+            required,
+        })
+    }
+
+    async fn identity_named(
+        &self,
+        account_id: &str,
+        kind: IdentityKind,
+        name: &str,
+    ) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT code FROM identities WHERE account_id = $1 AND kind = $2 AND name = $3",
+        )
+        .bind(account_id)
+        .bind(kind.as_str())
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    pub async fn identity_count(&self, account_id: &str, kind: IdentityKind) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM identities WHERE account_id = $1 AND kind = $2",
+        )
+        .bind(account_id)
+        .bind(kind.as_str())
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// An identity or profile of `account_id`; `None` for anything else (404).
+    pub async fn identity_for(
+        &self,
+        account_id: &str,
+        kind: IdentityKind,
+        code: &str,
+    ) -> Result<Option<IdentityRow>> {
+        let sql =
+            format!("{IDENTITY_SELECT} WHERE i.code = $1 AND i.account_id = $2 AND i.kind = $3");
+        Ok(sqlx::query_as::<_, IdentityRow>(&sql)
+            .bind(code)
+            .bind(account_id)
+            .bind(kind.as_str())
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    /// Any identity by code (workers read the one a job names).
+    pub async fn identity(&self, code: &str) -> Result<Option<IdentityRow>> {
+        let sql = format!("{IDENTITY_SELECT} WHERE i.code = $1");
+        Ok(sqlx::query_as::<_, IdentityRow>(&sql)
+            .bind(code)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    pub async fn list_identities(
+        &self,
+        account_id: &str,
+        kind: IdentityKind,
+        q: &IdentityQuery,
+    ) -> Result<(Vec<IdentityRow>, i64)> {
+        let pattern = q.search.as_ref().map(|s| format!("%{}%", s.to_lowercase()));
+        let tag = q.tag.as_deref();
+        let filter = format!(
+            "WHERE i.account_id = $1 AND i.kind = $2 AND ($3 IS NULL OR LOWER(i.name) LIKE $3) \
+             AND ($4 IS NULL OR {STATUS_SQL} = $4) AND ($5 IS NULL OR LOWER(i.tag) LIKE $5)"
+        );
+        let total: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM identities i LEFT JOIN jobs j ON j.id = i.job_id {filter}"
+        ))
+        .bind(account_id)
+        .bind(kind.as_str())
+        .bind(pattern.as_deref())
+        .bind(q.status.as_deref())
+        .bind(tag)
+        .fetch_one(self.pool())
+        .await?;
+        let order = if q.ascending { "ASC" } else { "DESC" };
+        let column = if q.by_name { "i.name" } else { "i.created_at" };
+        let sql = format!(
+            "{IDENTITY_SELECT} {filter} ORDER BY {column} {order}, i.code {order} LIMIT $6 OFFSET $7"
+        );
+        let rows = sqlx::query_as::<_, IdentityRow>(&sql)
+            .bind(account_id)
+            .bind(kind.as_str())
+            .bind(pattern.as_deref())
+            .bind(q.status.as_deref())
+            .bind(tag)
+            .bind(q.per_page)
+            .bind((q.page - 1).max(0) * q.per_page)
+            .fetch_all(self.pool())
+            .await?;
+        Ok((rows, total))
+    }
+
+    /// Deletes an identity no unfinished job works with. The row is removed
+    /// (its name and slot are free again); the returned object keys are the
+    /// caller's to erase after the commit. Jobs keep their history.
+    pub async fn delete_identity(
+        &self,
+        account_id: &str,
+        kind: IdentityKind,
+        code: &str,
+    ) -> Result<DeleteIdentity> {
+        let mut tx = self.begin().await?;
+        // Locking the row makes a concurrent model-swap admission (which
+        // locks it too) either finish first and be seen below, or find the
+        // identity gone.
+        let sql = format!(
+            "SELECT code FROM identities WHERE code = $1 AND account_id = $2 AND kind = $3{}",
+            self.for_update()
+        );
+        let found: Option<String> = sqlx::query_scalar(&sql)
+            .bind(code)
+            .bind(account_id)
+            .bind(kind.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if found.is_none() {
+            return Ok(DeleteIdentity::NotFound);
+        }
+        let busy: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE identity_code = $1 AND status IN ('pending', 'processing') ORDER BY created_at LIMIT 1",
+        )
+        .bind(code)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(job_id) = busy {
+            return Ok(DeleteIdentity::InUse { job_id });
+        }
+        let sql = format!("{IDENTITY_SELECT} WHERE i.code = $1");
+        let row = sqlx::query_as::<_, IdentityRow>(&sql)
+            .bind(code)
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM identities WHERE code = $1")
+            .bind(code)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(DeleteIdentity::Deleted {
+            keys: row.object_keys(),
+        })
+    }
+}

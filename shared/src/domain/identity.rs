@@ -1,0 +1,357 @@
+//! Identities (contract §5), profiles (§9) and model swap (§3.6): the job
+//! specs the API stores and workers read, request validation, and what a
+//! preprocessing run records about the face it built.
+
+use super::packshot::{FieldError, ImageRefIn, ImageSpec, validate_images};
+use serde::{Deserialize, Serialize};
+
+/// Longest identity name (contract §5.7).
+pub const MAX_NAME: usize = 128;
+
+/// An identity's `preprocessing_status` from its preprocessing job's status
+/// (`None`: no job yet). An aborted preprocessing is a failed one.
+pub fn preprocessing_status(job_status: Option<&str>) -> &'static str {
+    match job_status {
+        None | Some("pending") => "pending",
+        Some("processing") => "processing",
+        Some("completed") => "completed",
+        Some(_) => "failed",
+    }
+}
+
+/// A profile's `status` (contract §9.2) from its build job's status. The
+/// seed knows `IN_PROGRESS`, `READY` and `ERROR`; queued work is shown as
+/// `IN_PROGRESS` so that seed-era clients keep polling.
+pub fn profile_status(job_status: Option<&str>) -> &'static str {
+    match job_status {
+        None | Some("pending") | Some("processing") => "IN_PROGRESS",
+        Some("completed") => "READY",
+        Some(_) => "ERROR",
+    }
+}
+
+/// How preprocessing failures caused by the photo itself begin: these are
+/// the client's to fix (400), everything else is the platform's.
+pub const INPUT_PROBLEMS: [&str; 7] = [
+    "no face detected",
+    "several faces detected",
+    "face too small",
+    "unreadable image",
+    "image too large",
+    "no usable photo",
+    "photo unavailable",
+];
+
+/// Whether a preprocessing error is about the photo (see [`INPUT_PROBLEMS`]).
+pub fn is_input_problem(message: &str) -> bool {
+    INPUT_PROBLEMS.iter().any(|p| message.starts_with(p))
+}
+
+/// Whether an input problem means no single usable face was found
+/// (`face_detected: false` in the upload answer).
+pub fn is_face_problem(message: &str) -> bool {
+    INPUT_PROBLEMS[..3].iter().any(|p| message.starts_with(p))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityKind {
+    /// One photo, one clearly visible face (contract §5.2).
+    Identity,
+    /// Several photos of one subject (contract §9.1).
+    Profile,
+}
+
+impl IdentityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::Identity => "identity",
+            IdentityKind::Profile => "profile",
+        }
+    }
+}
+
+/// Where a photo to preprocess comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum PhotoSource {
+    /// Already in the object store (uploaded with the request).
+    Object {
+        key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filename: Option<String>,
+    },
+    /// A public URL the worker fetches through the egress guard.
+    Url { url: String },
+}
+
+/// The spec of an `identity_preprocessing` job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessSpec {
+    pub identity_code: String,
+    pub kind: IdentityKind,
+    pub photos: Vec<PhotoSource>,
+    /// Photos that must pass the face checks for the build to succeed
+    /// (1 for an identity; a profile needs most of its photos).
+    pub min_usable: u32,
+}
+
+/// What one photo of a build contributed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhotoReport {
+    pub index: u32,
+    pub accepted: bool,
+    /// Why the photo was not used (no face, several faces, too small,
+    /// blurred, another person, unreadable, unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub face_score: Option<f32>,
+    /// Shorter side of the face box, pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub face_px: Option<f32>,
+    /// Quality of the photo's face, 0–1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<f32>,
+    /// Cosine similarity to the identity's final embedding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f32>,
+}
+
+/// The description a completed preprocessing output carries: where the
+/// face crop's landmarks are and where the embedding is stored. The crop
+/// itself is the output's full-size image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaceRecord {
+    /// Object key of the embedding: `dims` little-endian f32, unit length.
+    pub embedding_key: String,
+    pub dims: u32,
+    /// Side of the square face crop (the output image), pixels.
+    pub crop_size: u32,
+    /// The five landmarks (eyes, nose, mouth corners) in crop pixels.
+    pub landmarks: [[f32; 2]; 5],
+    /// Overall quality, 0–1 (contract `quality_score`).
+    pub quality_score: f32,
+    /// The best face's box in its photo, and that photo's index and size.
+    pub photo_index: u32,
+    pub face_box: [f32; 4],
+    pub photo_width: u32,
+    pub photo_height: u32,
+    pub photos: Vec<PhotoReport>,
+}
+
+/// Model-swap engines a client can name (contract §3.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwapEngine {
+    Auto,
+    Onda,
+    NanoBananaPro,
+}
+
+impl SwapEngine {
+    pub fn parse(s: &str) -> Option<SwapEngine> {
+        match s {
+            "auto" => Some(SwapEngine::Auto),
+            "onda" => Some(SwapEngine::Onda),
+            "nano_banana_pro" => Some(SwapEngine::NanoBananaPro),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwapEngine::Auto => "auto",
+            SwapEngine::Onda => "onda",
+            SwapEngine::NanoBananaPro => "nano_banana_pro",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SwapRequest {
+    pub project_id: String,
+    pub images: Vec<ImageRefIn>,
+    pub identity_code: String,
+    #[serde(default)]
+    pub post_process: bool,
+    #[serde(default)]
+    pub swap_options: serde_json::Map<String, serde_json::Value>,
+    /// `{ "model": … }`, an alias of `swap_options.model` (contract §3.6).
+    #[serde(default)]
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The normalised model-swap job (stored as the job spec).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwapSpec {
+    pub identity_code: String,
+    pub images: Vec<ImageSpec>,
+    pub model: SwapEngine,
+    pub post_process: bool,
+    /// `swap_options` keys other than `model`, kept verbatim.
+    pub processing_options: serde_json::Map<String, serde_json::Value>,
+}
+
+pub fn parse_swap(body: &serde_json::Value) -> Result<SwapRequest, FieldError> {
+    serde_path_to_error::deserialize::<_, SwapRequest>(body).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let message = if inner.contains("untagged enum ImageRefIn") {
+            "must be a file_id string or an object {file_id, note}".to_string()
+        } else {
+            inner
+        };
+        FieldError {
+            field: (path != ".").then_some(path),
+            message,
+        }
+    })
+}
+
+/// Validates a swap request. `available` lists the engines this server
+/// runs for model swap (`auto` is always accepted).
+pub fn validate_swap(
+    req: &SwapRequest,
+    available: &[SwapEngine],
+) -> Result<SwapSpec, Vec<FieldError>> {
+    let mut errs = Vec::new();
+    if req.project_id.trim().is_empty() {
+        errs.push(FieldError::new("project_id", "must not be empty"));
+    }
+    if req.identity_code.trim().is_empty() {
+        errs.push(FieldError::new("identity_code", "must not be empty"));
+    }
+    let images = validate_images(&req.images, &mut errs);
+    let mut model = SwapEngine::Auto;
+    for (field, v) in [
+        ("swap_options.model", req.swap_options.get("model")),
+        ("options.model", req.options.get("model")),
+    ] {
+        let Some(v) = v else { continue };
+        match v.as_str().and_then(SwapEngine::parse) {
+            None => errs.push(FieldError::new(
+                field,
+                "must be one of auto, onda, nano_banana_pro",
+            )),
+            Some(SwapEngine::Auto) => {}
+            Some(e) if !available.contains(&e) => errs.push(FieldError::new(
+                field,
+                format!(
+                    "engine {} is not configured for model swap on this server; use auto",
+                    e.as_str()
+                ),
+            )),
+            // `swap_options.model` wins over the alias.
+            Some(e) if model == SwapEngine::Auto => model = e,
+            Some(_) => {}
+        }
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    let mut processing_options = req.swap_options.clone();
+    processing_options.remove("model");
+    Ok(SwapSpec {
+        identity_code: req.identity_code.trim().to_string(),
+        images,
+        model,
+        post_process: req.post_process,
+        processing_options,
+    })
+}
+
+/// A default identity name from an uploaded file name: its stem, trimmed to
+/// [`MAX_NAME`] characters (contract §5.2).
+pub fn name_from_filename(filename: &str) -> String {
+    let stem = filename
+        .rsplit(['/', '\\'])
+        .next()
+        .unwrap_or(filename)
+        .rsplit_once('.')
+        .map(|(s, _)| s)
+        .unwrap_or(filename)
+        .trim();
+    let stem = if stem.is_empty() { "identity" } else { stem };
+    stem.chars().take(MAX_NAME).collect()
+}
+
+/// Checks a client-given identity name.
+pub fn validate_name(name: &str) -> Result<String, FieldError> {
+    let n = name.trim();
+    if n.is_empty() {
+        return Err(FieldError::new("name", "must not be empty"));
+    }
+    if n.chars().count() > MAX_NAME {
+        return Err(FieldError::new(
+            "name",
+            format!("must be at most {MAX_NAME} characters"),
+        ));
+    }
+    if n.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            "name",
+            "must not contain control characters",
+        ));
+    }
+    Ok(n.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn statuses_follow_the_job() {
+        assert_eq!(preprocessing_status(None), "pending");
+        assert_eq!(preprocessing_status(Some("processing")), "processing");
+        assert_eq!(preprocessing_status(Some("aborted")), "failed");
+        assert_eq!(profile_status(Some("pending")), "IN_PROGRESS");
+        assert_eq!(profile_status(Some("completed")), "READY");
+        assert_eq!(profile_status(Some("failed")), "ERROR");
+    }
+
+    #[test]
+    fn swap_requests_are_validated() {
+        let all = [SwapEngine::Onda];
+        let req = parse_swap(&json!({
+            "project_id": "p", "identity_code": "idn_x",
+            "images": ["a", {"file_id": "b", "note": "back view"}],
+            "swap_options": {"model": "onda", "strength": 0.7},
+        }))
+        .expect("parses");
+        let spec = validate_swap(&req, &all).expect("valid");
+        assert_eq!(spec.model, SwapEngine::Onda);
+        assert_eq!(spec.images.len(), 2);
+        assert_eq!(spec.processing_options.get("strength"), Some(&json!(0.7)));
+        assert!(!spec.processing_options.contains_key("model"));
+
+        let req = parse_swap(&json!({
+            "project_id": "p", "identity_code": "", "images": ["a", "a"],
+            "options": {"model": "nano_banana_pro"},
+        }))
+        .expect("parses");
+        let errs = validate_swap(&req, &all).expect_err("invalid");
+        let fields: Vec<_> = errs.iter().filter_map(|e| e.field.clone()).collect();
+        assert!(fields.contains(&"identity_code".to_string()), "{fields:?}");
+        assert!(fields.contains(&"images[1]".to_string()), "{fields:?}");
+        assert!(fields.contains(&"options.model".to_string()), "{fields:?}");
+
+        let e = parse_swap(&json!({"project_id": "p", "identity_code": "x", "images": [3]}))
+            .expect_err("wrong image type");
+        assert_eq!(e.field.as_deref(), Some("images[0]"));
+        let e = parse_swap(&json!({"project_id": "p", "images": []})).expect_err("missing");
+        assert!(e.message.contains("identity_code"), "{}", e.message);
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(name_from_filename("photos/Anna B.jpeg"), "Anna B");
+        assert_eq!(name_from_filename(".jpg"), "identity");
+        assert_eq!(name_from_filename("noext"), "noext");
+        assert!(validate_name("  ").is_err());
+        assert!(validate_name(&"x".repeat(129)).is_err());
+        assert_eq!(validate_name(" Eva ").expect("ok"), "Eva");
+    }
+}

@@ -1,0 +1,380 @@
+//! Identities and model swap with the real face models (SCRFD, ArcFace):
+//! upload → preprocessing job → completed or a readable failure; model swap
+//! end to end on the embedded stack and on PostgreSQL + RabbitMQ + S3.
+
+use crate::helpers::*;
+use atelier::app::Roles;
+use atelier_shared::db::Dialect;
+use image::RgbImage;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+fn model_photo(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/testdata")
+            .join(name),
+    )
+    .expect("face test photo (scripts/fetch-models)")
+}
+
+fn garment_photo() -> Vec<u8> {
+    std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/garment.jpg")).expect("testdata")
+}
+
+async fn wait_for_identity(app: &TestApp, code: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let (s, v) = app.get(&format!("/identity/{code}/status")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        if matches!(
+            v["preprocessing_status"].as_str(),
+            Some("completed" | "failed")
+        ) {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "identity {code} stuck: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Upload waits for the face check: a face → 201 `completed`; no face,
+/// a corrupt photo → 400 and nothing kept; a name clash → 409 with both codes.
+#[tokio::test]
+async fn identity_upload_checks_the_face_before_answering() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, with_models).await;
+    let (before, _) = app.balance(&app.key.clone()).await;
+
+    let (s, v) = app
+        .post_form(
+            "/identity/upload",
+            ("image", "newton.png", &model_photo("newton.png")),
+            &[("name", "Isaac")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["success"], true);
+    assert_eq!(v["face_detected"], true, "{v}");
+    assert_eq!(v["preprocessing_status"], "completed", "{v}");
+    let code = v["identity_code"].as_str().expect("code").to_string();
+    let meta = &v["face_metadata"];
+    // The face SCRFD's own package marks at about (335, 89)–(439, 233).
+    assert!(
+        (meta["x"].as_f64().expect("x") - 335.0).abs() < 10.0,
+        "{meta}"
+    );
+    assert!(
+        meta["confidence"].as_f64().expect("confidence") > 0.5,
+        "{meta}"
+    );
+    let q = v["quality_score"].as_f64().expect("quality");
+    assert!(q > 0.0 && q <= 1.0, "{q}");
+    // The crop is a real 512×512 face image.
+    let crop = app.fetch(&v["face_link"]).await;
+    let crop = image::load_from_memory(&crop).expect("crop decodes");
+    assert_eq!((crop.width(), crop.height()), (512, 512));
+    let (after, reserved) = app.balance(&app.key.clone()).await;
+    assert_eq!((before - after, reserved), (50.0, 0.0));
+
+    let (s, v) = app.get(&format!("/identity/{code}")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["name"], "Isaac");
+    let (s, v) = app.get("/identity?search=isa").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["pagination"]["total"], 1, "{v}");
+
+    // Same name: 409 naming the existing identity twice; nothing charged.
+    let (s, v) = app
+        .post_form(
+            "/identity/upload",
+            ("image", "gauss.png", &model_photo("gauss.png")),
+            &[("name", "Isaac")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["existing_identity_code"], code.as_str());
+    assert_eq!(v["identity_code"], code.as_str());
+
+    // No face: 400 with the reason; the credits come back, nothing is listed.
+    let (s, v) = app
+        .post_form(
+            "/identity/upload",
+            ("image", "garment.jpg", &garment_photo()),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["face_detected"], false, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .expect("error")
+            .contains("no face detected"),
+        "{v}"
+    );
+    // Corrupt bytes behind a PNG signature: refused before any job.
+    let mut corrupt = b"\x89PNG\r\n\x1a\n".to_vec();
+    corrupt.extend_from_slice(&[7u8; 300]);
+    let (s, v) = app
+        .post_form("/identity/upload", ("image", "broken.png", &corrupt), &[])
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .expect("error")
+            .contains("unreadable image"),
+        "{v}"
+    );
+    // No image part at all.
+    let (s, v) = app
+        .post_form(
+            "/identity/upload",
+            ("photo", "x.png", &model_photo("gauss.png")),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    let (_, v) = app.get("/identity").await;
+    assert_eq!(v["pagination"]["total"], 1, "{v}");
+    let (after2, reserved) = app.balance(&app.key.clone()).await;
+    assert_eq!(
+        (after2, reserved),
+        (after, 0.0),
+        "the failed upload's credits are released"
+    );
+
+    // Delete frees the identity (and its objects).
+    let (s, _) = app
+        .delete_as(&app.key.clone(), &format!("/identity/{code}"))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = app.get(&format!("/identity/{code}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    app.audit_clean().await;
+    app.stop().await;
+}
+
+/// Without waiting, the outcome is the status endpoint's: `completed` for
+/// a face, `failed` with `no face detected` for a garment; a swap with the
+/// failed identity is a 409, and the slot cap is a 429.
+#[tokio::test]
+async fn identity_preprocessing_runs_on_the_identity_queue() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        with_models(c);
+        c.identity.upload_wait_ms = 0;
+        c.identity.slots = 2;
+    })
+    .await;
+    let (s, v) = app
+        .post_form(
+            "/identity/upload",
+            ("image", "gauss.png", &model_photo("gauss.png")),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["name"], "gauss", "default name: the file stem");
+    let good = v["identity_code"].as_str().expect("code").to_string();
+    let job = v["preprocessing_job_id"].as_str().expect("job").to_string();
+    let st = wait_for_identity(&app, &good).await;
+    assert_eq!(st["preprocessing_status"], "completed", "{st}");
+    assert!(st["preprocessing_time"].as_f64().is_some(), "{st}");
+    let (_, j) = app.get(&format!("/jobs/{job}/status")).await;
+    assert_eq!(j["job_type"], "identity_preprocessing", "{j}");
+
+    let (s, v) = app
+        .post_form(
+            "/identity/upload",
+            ("image", "garment.jpg", &garment_photo()),
+            &[("name", "shirt")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let bad = v["identity_code"].as_str().expect("code").to_string();
+    let st = wait_for_identity(&app, &bad).await;
+    assert_eq!(st["preprocessing_status"], "failed", "{st}");
+    assert_eq!(st["error_message"], "no face detected", "{st}");
+
+    // Two identities exist: the cap of 2 is reached.
+    let (s, v) = app
+        .post_form(
+            "/identity/upload",
+            ("image", "newton.png", &model_photo("newton.png")),
+            &[],
+        )
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["code"], "identity_slots_exhausted", "{v}");
+
+    // A swap needs a completed identity.
+    let p = app.project("swaps").await;
+    let f = app.upload(model_photo("newton.png"), "model.png").await;
+    let (s, v) = app
+        .post(
+            "/model-swap",
+            json!({"project_id": p, "images": [f], "identity_code": bad}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["code"], "identity_not_ready", "{v}");
+    let (s, v) = app
+        .post(
+            "/model-swap",
+            json!({"project_id": p, "images": [f], "identity_code": "idn_nope"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = app
+        .post("/model-swap", json!({"project_id": p, "images": [f], "identity_code": good, "swap_options": {"model": "nano_banana_pro"}}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    app.audit_clean().await;
+    app.stop().await;
+}
+
+fn mean_abs_diff(a: &RgbImage, b: &RgbImage, keep: impl Fn(u32, u32) -> bool) -> f64 {
+    let (mut sum, mut n) = (0.0f64, 0u64);
+    for (x, y, p) in a.enumerate_pixels() {
+        if !keep(x, y) {
+            continue;
+        }
+        let q = b.get_pixel(x, y);
+        sum += (0..3)
+            .map(|c| (f64::from(p[c]) - f64::from(q[c])).abs())
+            .sum::<f64>()
+            / 3.0;
+        n += 1;
+    }
+    assert!(n > 0, "no pixel compared");
+    sum / n as f64
+}
+
+async fn swap_end_to_end(
+    dialect: Dialect,
+    tweak: impl FnOnce(&mut atelier_shared::config::Config),
+) {
+    let app = TestApp::with(dialect, Roles::ALL, |c| {
+        with_models(c);
+        tweak(c);
+    })
+    .await;
+    let (s, v) = app
+        .post_form(
+            "/identity/upload",
+            ("image", "gauss.png", &model_photo("gauss.png")),
+            &[("name", "Carl")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let code = v["identity_code"].as_str().expect("code").to_string();
+    let st = wait_for_identity(&app, &code).await;
+    assert_eq!(st["preprocessing_status"], "completed", "{st}");
+
+    let (before, _) = app.balance(&app.key.clone()).await;
+    let p = app.project("swap").await;
+    let product = model_photo("newton.png");
+    let with_face = app.upload(product.clone(), "look.png").await;
+    let no_face = app.upload(garment_photo(), "flat.jpg").await;
+    let (s, v) = app
+        .post(
+            "/model-swap",
+            json!({"project_id": p, "images": [with_face, {"file_id": no_face, "note": "flat lay"}], "identity_code": code}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["total_outputs"], 2);
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let st = app.wait_for_job(&job, Duration::from_secs(120)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(st["identity_code"], code.as_str(), "{st}");
+
+    let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
+    let results = r["results"].as_array().expect("results");
+    let swapped = &results[0];
+    assert_eq!(swapped["status"], "completed", "{swapped}");
+    assert!(
+        swapped["model_used"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("atelier-swap")),
+        "{swapped}"
+    );
+    // The photo without a face fails alone, with the reason, and is not charged.
+    assert_eq!(results[1]["status"], "failed", "{}", results[1]);
+    assert!(
+        results[1]["error_message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no face detected in the product photo")),
+        "{}",
+        results[1]
+    );
+    let (after, reserved) = app.balance(&app.key.clone()).await;
+    assert_eq!((before - after, reserved), (3.0, 0.0));
+
+    let out = image::load_from_memory(&app.fetch(&swapped["output"]["full_size"]).await)
+        .expect("result decodes")
+        .to_rgb8();
+    let input = image::load_from_memory(&product).expect("input").to_rgb8();
+    assert_eq!(out.dimensions(), input.dimensions());
+    let fb: Vec<f64> = swapped["input_description"]["face_box"]
+        .as_array()
+        .expect("face_box")
+        .iter()
+        .map(|v| v.as_f64().expect("number"))
+        .collect();
+    let region: Vec<u32> = swapped["input_description"]["changed_region"]
+        .as_array()
+        .expect("region")
+        .iter()
+        .map(|v| v.as_u64().expect("number") as u32)
+        .collect();
+    let inside = |x: u32, y: u32| {
+        f64::from(x) >= fb[0]
+            && f64::from(x) < fb[2]
+            && f64::from(y) >= fb[1]
+            && f64::from(y) < fb[3]
+    };
+    let outside =
+        |x: u32, y: u32| x < region[0] || x >= region[2] || y < region[1] || y >= region[3];
+    let face_diff = mean_abs_diff(&out, &input, inside);
+    let far_diff = mean_abs_diff(&out, &input, outside);
+    eprintln!(
+        "model swap: mean |Δ| {face_diff:.2} inside the face box, {far_diff:.2} outside the changed region {region:?}"
+    );
+    if let Ok(dir) = std::env::var("ATELIER_TEST_SAVE_DIR") {
+        out.save(format!("{dir}/swap.png")).expect("save");
+    }
+    // Far outside the face the photo is the input up to JPEG re-encoding;
+    // inside it, another person's face.
+    assert!(
+        far_diff < 3.0,
+        "outside the face the result differs by {far_diff:.2} on average"
+    );
+    assert!(
+        face_diff > 8.0,
+        "inside the face box the result differs by only {face_diff:.2}"
+    );
+    app.audit_clean().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn model_swap_end_to_end_embedded() {
+    swap_end_to_end(Dialect::Sqlite, |_| {}).await;
+}
+
+#[tokio::test]
+async fn model_swap_end_to_end_on_postgres_rabbitmq_and_s3() {
+    let _broker = broker_lock().await;
+    let bucket = s3_bucket().await;
+    swap_end_to_end(Dialect::Postgres, |c| {
+        with_rabbitmq(c);
+        with_s3(c, &bucket);
+    })
+    .await;
+}
