@@ -10,6 +10,14 @@ NAME:
                 weight[0,c,ky,kx] = ((c*9 + ky*3 + kx) - 13) / 27, bias = 0.1,
                 so an all-zero input gives sigmoid(0.1) = 0.52497918 everywhere.
 
+  swap_invert   inputs `target` float32 [1,3,128,128] (an aligned face, RGB in
+                [0,1]) and `source` float32 [1,512] (an identity embedding)
+                -> output `output` float32 [1,3,128,128]
+                = clip(1 - target + mean(source), 0, 1): the signature of
+                the common 128x128 face-swap models, with arithmetic a test
+                can predict (the colour-inverted face, shifted by the mean of
+                the embedding). Not a face-swap model.
+
 The bytes are fixed (IR version, opset, names, no timestamps), so the sha256 in
 models/manifest.toml stays valid for a given `onnx` version (pinned by
 scripts/fetch-models). Needs `onnx` and `numpy`; `--check` also `onnxruntime`.
@@ -72,7 +80,48 @@ def check_conv_sigmoid(data: bytes) -> str:
     return f"onnxruntime {ort.__version__}: batch 2 x 3x17x23 -> {tuple(y.shape)}, max |err| vs numpy {err:.1e}"
 
 
-MODELS = {"conv_sigmoid": (conv_sigmoid, check_conv_sigmoid)}
+def swap_invert() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Sub", ["one", "target"], ["inverted"], name="invert"),
+        helper.make_node("ReduceMean", ["source"], ["mean"], name="mean", axes=[1], keepdims=1),
+        helper.make_node("Reshape", ["mean", "shape4"], ["mean4"], name="reshape"),
+        helper.make_node("Add", ["inverted", "mean4"], ["shifted"], name="shift"),
+        helper.make_node("Clip", ["shifted", "zero", "one"], ["output"], name="clip"),
+    ]
+    graph = helper.make_graph(
+        nodes, "swap_invert",
+        [helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
+         helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 128, 128])],
+        initializer=[numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+                     numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                     numpy_helper.from_array(np.array([1, 1, 1, 1], np.int64), "shape4")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="atelier-testmodels", producer_version="1")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def check_swap_invert(data: bytes) -> str:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(11)
+    t = rng.random((1, 3, 128, 128), dtype=np.float32)
+    e = rng.standard_normal((1, 512)).astype(np.float32) * 0.1
+    y = sess.run(["output"], {"target": t, "source": e})[0]
+    ref = np.clip(1.0 - t + e.mean(), 0.0, 1.0)
+    err = float(np.abs(y - ref).max())
+    assert y.shape == (1, 3, 128, 128) and err < 1e-6, (y.shape, err)
+    return f"onnxruntime {ort.__version__}: 128x128 face + 512-d embedding, max |err| vs numpy {err:.1e}"
+
+
+MODELS = {
+    "conv_sigmoid": (conv_sigmoid, check_conv_sigmoid),
+    "swap_invert": (swap_invert, check_swap_invert),
+}
 
 
 def main(argv=None) -> int:

@@ -125,6 +125,10 @@ pub struct ModelsConfig {
     pub face_detector: String,
     /// Face embedder (ArcFace-style, 112×112 aligned in, 512-d out) under `dir`.
     pub face_embedder: String,
+    /// Optional face-swap model under `dir` with the common signature
+    /// (aligned S×S face in RGB [0,1] + identity embedding in, face out);
+    /// empty: model swap blends the identity's own aligned crop.
+    pub face_swap: String,
 }
 
 /// Packshot engines beyond the built-in `atelier`: the contract's engine
@@ -451,6 +455,7 @@ impl Default for ModelsConfig {
             pull_from_store: true,
             face_detector: "scrfd.onnx".into(),
             face_embedder: "arcface_faceplugin.onnx".into(),
+            face_swap: String::new(),
         }
     }
 }

@@ -31,6 +31,8 @@ const MIN_QUALITY: f32 = 0.2;
 pub struct FaceKit {
     pub detector: FaceDetector,
     pub embedder: FaceEmbedder,
+    /// `models.face_swap`: draws swapped faces instead of the identity crop.
+    pub swapper: Option<Arc<crate::swap::OnnxSwapper>>,
     pub min_face_px: f32,
     pub min_score: f32,
 }
@@ -48,9 +50,18 @@ impl FaceKit {
         opts: ModelOptions,
     ) -> Result<FaceKit, InferenceError> {
         let dir: &Path = &cfg.models.dir;
+        let swapper = if cfg.models.face_swap.is_empty() {
+            None
+        } else {
+            Some(Arc::new(crate::swap::OnnxSwapper::load(
+                rt,
+                &dir.join(&cfg.models.face_swap),
+            )?))
+        };
         Ok(FaceKit {
             detector: FaceDetector::load(rt, &dir.join(&cfg.models.face_detector), opts)?,
             embedder: FaceEmbedder::load(rt, &dir.join(&cfg.models.face_embedder), opts)?,
+            swapper,
             min_face_px: cfg.identity.min_face_px as f32,
             min_score: cfg.identity.min_face_score,
         })
@@ -373,12 +384,12 @@ pub fn embedding_from_bytes(b: &[u8]) -> Result<Vec<f32>, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::inference::default_models_dir;
     use atelier_shared::domain::identity::PhotoSource;
 
-    fn kit() -> FaceKit {
+    pub(crate) fn kit() -> FaceKit {
         let dir = default_models_dir();
         let rt = crate::inference::test_runtime();
         let opts = ModelOptions::default();
@@ -387,12 +398,13 @@ mod tests {
                 .expect("SCRFD (scripts/fetch-models)"),
             embedder: FaceEmbedder::load(&rt, &dir.join("arcface_faceplugin.onnx"), opts)
                 .expect("ArcFace (scripts/fetch-models)"),
+            swapper: None,
             min_face_px: 48.0,
             min_score: 0.5,
         }
     }
 
-    fn photo(name: &str) -> DynamicImage {
+    pub(crate) fn photo(name: &str) -> DynamicImage {
         image::open(default_models_dir().join("testdata").join(name)).expect("test photo")
     }
 

@@ -191,6 +191,10 @@ pub(crate) async fn swap(
     })?;
     let photo = ctx.objects.get(&file.object_key).await?;
     let crop = ctx.objects.get(&crop_key).await?;
+    let embedding = identity::embedding_from_bytes(&ctx.objects.get(&record.embedding_key).await?)
+        .map_err(|e| {
+            TaskFailure::permanent(format!("the identity's embedding is unreadable: {e}"))
+        })?;
     let max_pixels = ctx.max_input_pixels;
     let equalise = spec.post_process;
     let file_id = image.file_id.clone();
@@ -201,14 +205,19 @@ pub(crate) async fn swap(
                 message: format!("input {file_id}: {}", f.message),
             })?
             .to_rgb8();
-        let crop = imaging::decode_limited(&crop, max_pixels)?.to_rgb8();
-        let s = swap::swap_face(&kit, &target, &crop, &record.landmarks, equalise)?;
+        let identity = swap::IdentityFace {
+            crop: imaging::decode_limited(&crop, max_pixels)?.to_rgb8(),
+            landmarks: record.landmarks,
+            embedding,
+        };
+        let (s, engine) = swap::swap_face(&kit, &target, &identity, equalise)?;
         let rgba = DynamicImage::ImageRgb8(s.image.clone()).to_rgba8();
         let full = imaging::encode(&rgba, ImageFormat::Jpg)?;
         let thumb = imaging::thumbnail(&rgba)?;
-        Ok((full, thumb, s))
+        Ok((full, thumb, (s, engine)))
     })
     .await?;
+    let (swapped, engine) = swapped;
     let base = run_base(job, output, task);
     let (full_key, thumb_key) = (format!("{base}.jpg"), format!("{base}-thumb.jpg"));
     ctx.objects
@@ -223,7 +232,7 @@ pub(crate) async fn swap(
         format: "jpg".into(),
         width: swapped.image.width(),
         height: swapped.image.height(),
-        model_used: format!("{} (scrfd + laplacian blend)", swap::ENGINE),
+        model_used: engine,
         processing_ms: 0,
         input_description: serde_json::json!({
             "file_id": image.file_id,

@@ -15,11 +15,23 @@
 //!
 //! Only a region of interest around the face is touched: every pixel
 //! outside it is copied unchanged, so the garment stays as photographed.
+//!
+//! Where the new face comes from is a [`FaceSource`]: by default the
+//! identity's own aligned crop; when `models.face_swap` names an
+//! operator-installed model with the common 128×128 signature, an
+//! [`OnnxSwapper`] that redraws the photo's face with the identity's
+//! embedding. Steps 3–5 are the same for both.
 
-use crate::face::{self, Face};
+use crate::face::{self, ARCFACE_TEMPLATE, Face};
 use crate::failure::TaskFailure;
 use crate::identity::FaceKit;
+use crate::inference::{InferenceError, Runtime};
 use image::RgbImage;
+use ndarray::{Array2, Array4};
+use ort::session::Session;
+use ort::value::TensorRef;
+use std::path::Path;
+use std::sync::Mutex;
 
 /// Name reported in `model_used`.
 pub const ENGINE: &str = "atelier-swap";
@@ -182,16 +194,218 @@ fn mask_at(centre: [f32; 2], rx: f32, ry: f32, u: f32, v: f32) -> f32 {
     1.0 - smoothstep(0.7, 1.0, r)
 }
 
-/// Swaps the largest face of `target` for the identity whose aligned crop
-/// is `crop` (landmarks `crop_landmarks`). `equalise` is the
-/// post-processing pass (skin equalisation inside the face).
+/// What a preprocessed identity brings to a swap.
+pub struct IdentityFace {
+    /// The 512×512 aligned crop and where its landmarks are.
+    pub crop: RgbImage,
+    pub landmarks: [[f32; 2]; 5],
+    /// Unit identity embedding.
+    pub embedding: Vec<f32>,
+}
+
+/// Produces the face to blend onto a photo's face, with its landmarks.
+pub trait FaceSource: Send + Sync {
+    /// What `model_used` reports.
+    fn name(&self) -> String;
+    fn face_for(
+        &self,
+        target: &RgbImage,
+        face: &Face,
+        identity: &IdentityFace,
+    ) -> Result<(RgbImage, [[f32; 2]; 5]), TaskFailure>;
+}
+
+/// The built-in source: the identity's own aligned crop.
+pub struct CropSource;
+
+impl FaceSource for CropSource {
+    fn name(&self) -> String {
+        format!("{ENGINE} (scrfd + laplacian blend)")
+    }
+
+    fn face_for(
+        &self,
+        _: &RgbImage,
+        _: &Face,
+        identity: &IdentityFace,
+    ) -> Result<(RgbImage, [[f32; 2]; 5]), TaskFailure> {
+        Ok((identity.crop.clone(), identity.landmarks))
+    }
+}
+
+/// Where the five landmarks sit in the 128×128 crop the common face-swap
+/// models take (InsightFace's convention: the ArcFace template shifted by
+/// 8 px to the right).
+pub fn swap_template() -> [[f32; 2]; 5] {
+    ARCFACE_TEMPLATE.map(|[x, y]| [x + 8.0, y])
+}
+
+/// An operator-installed face-swap model with the common signature: an
+/// aligned face `[1,3,S,S]` in RGB [0,1] and an identity embedding `[1,D]`
+/// in; the redrawn face `[1,3,S,S]` in [0,1] out (e.g. a 128×128 swapper
+/// whose embedding projection is part of the graph). Inputs are told apart
+/// by rank, whatever their names.
+pub struct OnnxSwapper {
+    name: String,
+    session: Mutex<Session>,
+    target_input: String,
+    source_input: String,
+    output: String,
+    size: u32,
+    dims: usize,
+}
+
+impl OnnxSwapper {
+    pub fn load(rt: &Runtime, path: &Path) -> Result<OnnxSwapper, InferenceError> {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "face_swap".into());
+        let bad = |reason: String| InferenceError::Load {
+            model: name.clone(),
+            reason,
+        };
+        let (session, _) = rt.session(&name, path)?;
+        let shape_of = |o: &ort::value::Outlet| -> Vec<i64> {
+            o.dtype()
+                .tensor_shape()
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        let inputs: Vec<(String, Vec<i64>)> = session
+            .inputs()
+            .iter()
+            .map(|o| (o.name().to_string(), shape_of(o)))
+            .collect();
+        if inputs.len() != 2 {
+            return Err(bad(format!(
+                "a face-swap model takes 2 inputs (face, embedding), this one {}",
+                inputs.len()
+            )));
+        }
+        let target = inputs
+            .iter()
+            .find(|(_, s)| s.len() == 4)
+            .ok_or_else(|| bad("no [1,3,S,S] face input".into()))?;
+        let source = inputs
+            .iter()
+            .find(|(_, s)| s.len() == 2)
+            .ok_or_else(|| bad("no [1,D] embedding input".into()))?;
+        if target.1[1] > 0 && target.1[1] != 3 {
+            return Err(bad(format!(
+                "face input has {} channels, not 3",
+                target.1[1]
+            )));
+        }
+        let size = match (target.1[2], target.1[3]) {
+            (h, w) if h > 0 && h == w => h as u32,
+            (h, w) if h <= 0 && w <= 0 => 128,
+            (h, w) => return Err(bad(format!("face input is {h}x{w}, not square"))),
+        };
+        let dims = if source.1[1] > 0 {
+            source.1[1] as usize
+        } else {
+            512
+        };
+        let output = session
+            .outputs()
+            .first()
+            .map(|o| o.name().to_string())
+            .ok_or_else(|| bad("no output".into()))?;
+        tracing::info!(model = %name, size, dims, "face-swap model loaded");
+        Ok(OnnxSwapper {
+            target_input: target.0.clone(),
+            source_input: source.0.clone(),
+            name,
+            session: Mutex::new(session),
+            output,
+            size,
+            dims,
+        })
+    }
+
+    /// The template scaled to this model's face size.
+    fn template(&self) -> [[f32; 2]; 5] {
+        let k = self.size as f32 / 128.0;
+        swap_template().map(|[x, y]| [x * k, y * k])
+    }
+
+    fn run(&self, aligned: &RgbImage, embedding: &[f32]) -> Result<RgbImage, TaskFailure> {
+        let fail =
+            |e: String| TaskFailure::retryable(format!("face-swap model {}: {e}", self.name));
+        if embedding.len() != self.dims {
+            return Err(TaskFailure::permanent(format!(
+                "the identity's embedding has {} values; the face-swap model {} takes {}",
+                embedding.len(),
+                self.name,
+                self.dims
+            )));
+        }
+        let n = self.size as usize;
+        let mut x = Array4::<f32>::zeros((1, 3, n, n));
+        for (px, py, p) in aligned.enumerate_pixels() {
+            for c in 0..3 {
+                x[[0, c, py as usize, px as usize]] = f32::from(p[c]) / 255.0;
+            }
+        }
+        let e = Array2::from_shape_vec((1, self.dims), embedding.to_vec())
+            .map_err(|e| fail(e.to_string()))?;
+        let mut session = self
+            .session
+            .lock()
+            .map_err(|_| fail("session lock poisoned".into()))?;
+        let tx = TensorRef::from_array_view(x.view()).map_err(|e| fail(e.to_string()))?;
+        let te = TensorRef::from_array_view(e.view()).map_err(|e| fail(e.to_string()))?;
+        let outputs = session
+            .run(ort::inputs![self.target_input.as_str() => tx, self.source_input.as_str() => te])
+            .map_err(|e| fail(e.to_string()))?;
+        let y = outputs
+            .get(self.output.as_str())
+            .ok_or_else(|| fail(format!("no output named {}", self.output)))?
+            .try_extract_array::<f32>()
+            .map_err(|e| fail(e.to_string()))?;
+        if y.shape() != [1, 3, n, n] {
+            return Err(fail(format!(
+                "output shape {:?}, expected [1, 3, {n}, {n}]",
+                y.shape()
+            )));
+        }
+        Ok(RgbImage::from_fn(self.size, self.size, |u, v| {
+            image::Rgb([0, 1, 2].map(|c| {
+                (y[[0, c, v as usize, u as usize]] * 255.0)
+                    .round()
+                    .clamp(0.0, 255.0) as u8
+            }))
+        }))
+    }
+}
+
+impl FaceSource for OnnxSwapper {
+    fn name(&self) -> String {
+        format!("{ENGINE} (scrfd + onnx {} + laplacian blend)", self.name)
+    }
+
+    fn face_for(
+        &self,
+        target: &RgbImage,
+        face: &Face,
+        identity: &IdentityFace,
+    ) -> Result<(RgbImage, [[f32; 2]; 5]), TaskFailure> {
+        let template = self.template();
+        let aligned = face::align_to(target, &face.landmarks, &template, self.size);
+        Ok((self.run(&aligned, &identity.embedding)?, template))
+    }
+}
+
+/// Swaps the largest face of `target` for `identity`, drawn by the kit's
+/// face source. `equalise` is the post-processing pass (skin equalisation
+/// inside the face). Returns the result and the source's name.
 pub fn swap_face(
     kit: &FaceKit,
     target: &RgbImage,
-    crop: &RgbImage,
-    crop_landmarks: &[[f32; 2]; 5],
+    identity: &IdentityFace,
     equalise: bool,
-) -> Result<Swapped, TaskFailure> {
+) -> Result<(Swapped, String), TaskFailure> {
     let faces = kit
         .detector
         .detect(target, kit.min_score)
@@ -205,13 +419,14 @@ pub fn swap_face(
             "no face detected in the product photo; model swap needs a visible face",
         ));
     };
-    Ok(blend_onto(
-        target,
-        &face,
-        crop,
-        crop_landmarks,
-        equalise,
-        faces.len(),
+    let source: &dyn FaceSource = match &kit.swapper {
+        Some(s) => s.as_ref(),
+        None => &CropSource,
+    };
+    let (new_face, landmarks) = source.face_for(target, &face, identity)?;
+    Ok((
+        blend_onto(target, &face, &new_face, &landmarks, equalise, faces.len()),
+        source.name(),
     ))
 }
 
@@ -343,6 +558,78 @@ mod tests {
                 ((x + y * 5) % 256) as u8,
             ])
         })
+    }
+
+    #[test]
+    fn an_onnx_swap_model_redraws_the_aligned_face_with_the_embedding() {
+        use crate::identity::tests::{kit, photo};
+        let dir = crate::inference::default_models_dir();
+        let rt = crate::inference::test_runtime();
+        let swapper = OnnxSwapper::load(&rt, &dir.join("test/swap_invert.onnx"))
+            .expect("generated test model (scripts/fetch-models --test-models)");
+        assert_eq!((swapper.size, swapper.dims), (128, 512));
+        // The model inverts the face and adds the embedding's mean: a
+        // constant embedding of 0.1 brightens the inverted face by 25 levels.
+        let target = photo("newton.png").to_rgb8();
+        let face = kit().single_face(&target).expect("a face");
+        let identity = IdentityFace {
+            crop: RgbImage::new(512, 512),
+            landmarks: face::crop_template(),
+            embedding: vec![0.1; 512],
+        };
+        let (drawn, landmarks) = swapper.face_for(&target, &face, &identity).expect("runs");
+        assert_eq!(landmarks, swap_template());
+        let aligned = face::align_to(&target, &face.landmarks, &swap_template(), 128);
+        for (u, v) in [(64, 64), (40, 52), (90, 100)] {
+            let (a, b) = (aligned.get_pixel(u, v), drawn.get_pixel(u, v));
+            for c in 0..3 {
+                let want = (255.0 - f32::from(a[c]) + 25.5).clamp(0.0, 255.0);
+                assert!(
+                    (f32::from(b[c]) - want).abs() <= 1.0,
+                    "({u},{v}) channel {c}: {b:?} vs {a:?}"
+                );
+            }
+        }
+        let wrong = IdentityFace {
+            embedding: vec![0.0; 128],
+            ..identity
+        };
+        let e = swapper
+            .face_for(&target, &face, &wrong)
+            .err()
+            .expect("refused");
+        assert!(e.message.contains("128 values"), "{}", e.message);
+
+        // Through the whole swap: the face region is the inverse of the
+        // photo's (negative correlation), everything far away is unchanged.
+        let mut k = kit();
+        k.swapper = Some(std::sync::Arc::new(swapper));
+        let id = IdentityFace {
+            embedding: vec![0.0; 512],
+            ..wrong
+        };
+        let (s, engine) = swap_face(&k, &target, &id, false).expect("swaps");
+        assert!(engine.contains("onnx swap_invert"), "{engine}");
+        let grey = |p: &image::Rgb<u8>| (f32::from(p[0]) + f32::from(p[1]) + f32::from(p[2])) / 3.0;
+        let [x0, y0, x1, y1] = face.bbox.map(|v| v as u32);
+        let (cx, cy, hw, hh) = ((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 5, (y1 - y0) / 5);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for y in cy - hh..cy + hh {
+            for x in cx - hw..cx + hw {
+                a.push(grey(target.get_pixel(x, y)));
+                b.push(grey(s.image.get_pixel(x, y)));
+            }
+        }
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        let (ma, mb) = (mean(&a), mean(&b));
+        let cov: f32 = a.iter().zip(&b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let var = |v: &[f32], m: f32| v.iter().map(|x| (x - m).powi(2)).sum::<f32>().sqrt();
+        let r = cov / (var(&a, ma) * var(&b, mb)).max(f32::EPSILON);
+        assert!(
+            r < -0.5,
+            "correlation {r} between the photo's face and the swapped one"
+        );
+        assert_eq!(s.image.get_pixel(5, 5), target.get_pixel(5, 5));
     }
 
     #[test]

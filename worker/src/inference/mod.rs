@@ -132,7 +132,11 @@ impl Runtime {
         })
     }
 
-    fn session(&self, model: &str, path: &Path) -> Result<(Session, Device), InferenceError> {
+    pub(crate) fn session(
+        &self,
+        model: &str,
+        path: &Path,
+    ) -> Result<(Session, Device), InferenceError> {
         let err = |e: String| InferenceError::Load {
             model: model.into(),
             reason: e,
