@@ -182,6 +182,11 @@ pub fn router(state: AppState) -> Router {
             "/identity/{identity_code}/status",
             get(routes::identities::status),
         )
+        .route(
+            "/identity/{identity_code}/pov",
+            post(routes::identities::replace_pov)
+                .layer(DefaultBodyLimit::max(max_upload.saturating_add(64 << 10))),
+        )
         .route("/jobs/{job_id}/status", get(routes::jobs::status))
         .route("/jobs/{job_id}/results", get(routes::jobs::results))
         .route("/jobs/{job_id}/abort", post(routes::jobs::abort))

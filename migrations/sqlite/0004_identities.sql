@@ -16,6 +16,10 @@ CREATE TABLE identities (
     sources            TEXT NOT NULL DEFAULT '[]',
     training_tier      TEXT,
     job_id             TEXT REFERENCES jobs(id),
+    -- A replacement face being preprocessed (POST /identity/{code}/pov):
+    -- it takes over from job_id once its job completes; until then, and if
+    -- it fails, the identity keeps the face it had.
+    pending_job_id     TEXT REFERENCES jobs(id),
     created_at         BIGINT NOT NULL,
     updated_at         BIGINT NOT NULL
 );

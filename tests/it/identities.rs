@@ -149,15 +149,81 @@ async fn identity_upload_checks_the_face_before_answering() {
         "the failed upload's credits are released"
     );
 
-    // Delete frees the identity (and its objects).
+    // Replacing the face (point of view 0) with Gauss's photo: free, and
+    // the identity then works with the new face.
+    let (s, v) = app
+        .post_form(
+            &format!("/identity/{code}/pov"),
+            ("image", "gauss.png", &model_photo("gauss.png")),
+            &[("pov_index", "0")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["processed_count"], 1, "{v}");
+    let replaced = v["preprocessing_job_id"].as_str().expect("job").to_string();
+    app.fetch(&v["processed_images"][0]["link"]).await;
+    let (_, st) = app.get(&format!("/identity/{code}/status")).await;
+    assert_eq!(st["preprocessing_job_id"], replaced.as_str(), "{st}");
+    assert_eq!(st["preprocessing_status"], "completed", "{st}");
+    // A replacement without a face is refused and changes nothing.
+    let (s, v) = app
+        .post_form(
+            &format!("/identity/{code}/pov"),
+            ("image", "garment.jpg", &garment_photo()),
+            &[("pov_index", "0")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .expect("error")
+            .contains("no face detected"),
+        "{v}"
+    );
+    let (_, st) = app.get(&format!("/identity/{code}/status")).await;
+    assert_eq!(st["preprocessing_job_id"], replaced.as_str(), "{st}");
+    assert_eq!(st["preprocessing_status"], "completed", "{st}");
+    let (s, v) = app
+        .post_form(
+            &format!("/identity/{code}/pov"),
+            ("image", "gauss.png", &model_photo("gauss.png")),
+            &[("pov_index", "3")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (after3, _) = app.balance(&app.key.clone()).await;
+    assert_eq!(after3, after, "replacing a point of view is free");
+    let objects_before_delete = count_files(&app.dir.path().join("objects"));
+
+    // Delete frees the identity and erases its objects: both photos' crops,
+    // thumbnails, embeddings and the photos themselves.
     let (s, _) = app
         .delete_as(&app.key.clone(), &format!("/identity/{code}"))
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, _) = app.get(&format!("/identity/{code}")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    let erased = objects_before_delete - count_files(&app.dir.path().join("objects"));
+    // Upload photo + 3 faces (upload, replacement, refused replacement's
+    // photo only) × (crop, thumbnail, embedding) where built.
+    assert_eq!(erased, 3 + 2 * 3, "objects erased by the delete");
     app.audit_clean().await;
     app.stop().await;
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() { count_files(&p) } else { 1 }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Without waiting, the outcome is the status endpoint's: `completed` for

@@ -153,6 +153,81 @@ pub(crate) fn traceparent(headers: &HeaderMap) -> String {
     atelier_shared::telemetry::hop_of(&tracing::Span::current(), client.as_ref()).to_string()
 }
 
+/// A form with exactly one `image` part; the image and the text fields.
+async fn one_photo(
+    s: &AppState,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> ApiResult<(FormImage, Form)> {
+    let mut form = read_form(s, multipart, "image", 1).await?;
+    let image = form.images.pop().ok_or_else(|| {
+        ApiError::bad_request(
+            Some("image"),
+            "missing: send the photo as the image part",
+            "form",
+        )
+    })?;
+    Ok((image, form))
+}
+
+/// Stores one photo of identity `code` under `identities/<account>/<code>/`
+/// and returns its key and the one-photo preprocessing spec.
+async fn store_photo(
+    s: &AppState,
+    account: &str,
+    code: &str,
+    what: &str,
+    image: &FormImage,
+) -> ApiResult<(String, PreprocessSpec)> {
+    let key = format!(
+        "identities/{account}/{code}/{what}-{}.{}",
+        ulid::Ulid::new().to_string().to_lowercase(),
+        image.ext
+    );
+    s.objects
+        .put(&key, image.bytes.clone(), image.content_type)
+        .await?;
+    let spec = PreprocessSpec {
+        identity_code: code.to_string(),
+        kind: IdentityKind::Identity,
+        photos: vec![PhotoSource::Object {
+            key: key.clone(),
+            filename: image.filename.clone(),
+        }],
+        min_usable: 1,
+    };
+    Ok((key, spec))
+}
+
+/// The one-output `identity_preprocessing` job that builds `code`.
+pub(crate) fn preprocessing_job<'a>(
+    s: &AppState,
+    account: &'a str,
+    billing: &'a str,
+    code: &'a str,
+    spec_json: String,
+    cost: atelier_shared::domain::Credits,
+    traceparent: String,
+) -> NewJob<'a> {
+    NewJob {
+        account_id: account,
+        billing_account_id: billing,
+        project_id: None,
+        job_type: JobType::IdentityPreprocessing,
+        spec_json,
+        post_process: false,
+        outputs: vec![NewOutput {
+            instruction_index: 0,
+            variation_index: 0,
+            cost,
+            output_format: "jpg".into(),
+        }],
+        max_attempts: s.config.scheduler.retry.max_attempts,
+        active_job_cap: None,
+        traceparent: Some(traceparent),
+        identity: Some(IdentityUse::Builds(code)),
+    }
+}
+
 /// A new identity code: `idn_` + 16 base32 characters.
 pub fn new_code() -> String {
     format!("idn_{}", atelier_shared::domain::ids::base32_lower(16))
@@ -250,14 +325,7 @@ pub async fn upload(
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<axum::response::Response> {
-    let form = read_form(&s, multipart, "image", 1).await?;
-    let image = form.images.into_iter().next().ok_or_else(|| {
-        ApiError::bad_request(
-            Some("image"),
-            "missing: send the photo as the image part",
-            "form",
-        )
-    })?;
+    let (image, form) = one_photo(&s, multipart).await?;
     let explicit = match form.text.get("name") {
         Some(n) => Some(identity::validate_name(n).map_err(|e| ApiError::invalid(vec![e]))?),
         None => None,
@@ -278,25 +346,7 @@ pub async fn upload(
     });
 
     let code = new_code();
-    let photo_key = format!(
-        "identities/{}/{}/photo-{}.{}",
-        acc.id,
-        code,
-        ulid::Ulid::new().to_string().to_lowercase(),
-        image.ext
-    );
-    s.objects
-        .put(&photo_key, image.bytes.clone(), image.content_type)
-        .await?;
-    let spec = PreprocessSpec {
-        identity_code: code.clone(),
-        kind: IdentityKind::Identity,
-        photos: vec![PhotoSource::Object {
-            key: photo_key.clone(),
-            filename: image.filename.clone(),
-        }],
-        min_usable: 1,
-    };
+    let (photo_key, spec) = store_photo(&s, &acc.id, &code, "photo", &image).await?;
     let spec_json = serde_json::to_string(&spec).map_err(ApiError::internal)?;
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
     let trace = traceparent(&headers);
@@ -314,24 +364,15 @@ pub async fn upload(
                 base_name.chars().take(keep).collect::<String>()
             )
         };
-        let job = NewJob {
-            account_id: &acc.id,
-            billing_account_id: &billing,
-            project_id: None,
-            job_type: JobType::IdentityPreprocessing,
-            spec_json: spec_json.clone(),
-            post_process: false,
-            outputs: vec![NewOutput {
-                instruction_index: 0,
-                variation_index: 0,
-                cost: PriceTable::flat(s.config.prices.identity),
-                output_format: "jpg".into(),
-            }],
-            max_attempts: s.config.scheduler.retry.max_attempts,
-            active_job_cap: None,
-            traceparent: Some(trace.clone()),
-            identity: Some(IdentityUse::Builds(&code)),
-        };
+        let job = preprocessing_job(
+            &s,
+            &acc.id,
+            &billing,
+            &code,
+            spec_json.clone(),
+            PriceTable::flat(s.config.prices.identity),
+            trace.clone(),
+        );
         let ident = NewIdentity {
             code: &code,
             account_id: &acc.id,
@@ -580,5 +621,130 @@ pub async fn delete(
             erase(&s, &keys).await;
             Ok(StatusCode::NO_CONTENT)
         }
+    }
+}
+
+/// `POST /identity/{code}/pov` (contract §5.8): replaces the identity's
+/// face with one from a new photo. This platform keeps one point of view
+/// per identity (index 0: the aligned face that model swap uses). The new
+/// face is preprocessed like an upload (free of charge); until its job
+/// completes, and if it fails, the identity keeps the face it had.
+pub async fn replace_pov(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(code): Path<String>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> ApiResult<axum::response::Response> {
+    let row = load(&s, &acc.id, &code).await?;
+    if row.preprocessing_status() != "completed" {
+        return Err(ApiError::conflict(
+            "identity_not_ready",
+            format!(
+                "The identity's preprocessing is {}; replace a point of view once it is completed",
+                row.preprocessing_status()
+            ),
+        ));
+    }
+    let (image, form) = one_photo(&s, multipart).await?;
+    let index: i64 = form
+        .text
+        .get("pov_index")
+        .ok_or_else(|| ApiError::bad_request(Some("pov_index"), "missing", "form"))?
+        .trim()
+        .parse()
+        .map_err(|_| ApiError::bad_request(Some("pov_index"), "must be an integer", "form"))?;
+    if index != 0 {
+        return Err(ApiError::bad_request(
+            Some("pov_index"),
+            format!("{index} is out of range: this identity has 1 point of view (index 0)"),
+            "form",
+        ));
+    }
+    let (key, spec) = store_photo(&s, &acc.id, &code, "pov", &image).await?;
+    let (billing, _) = s.store.billing_owner(&acc.id).await?;
+    let job = preprocessing_job(
+        &s,
+        &acc.id,
+        &billing,
+        &code,
+        serde_json::to_string(&spec).map_err(ApiError::internal)?,
+        atelier_shared::domain::Credits::ZERO,
+        traceparent(&headers),
+    );
+    let job_id = match s.store.start_face_replacement(&acc.id, &code, job).await {
+        Ok(Some(atelier_shared::db::jobs::Admission::Created { job_id, .. })) => job_id,
+        Ok(other) => {
+            erase(&s, std::slice::from_ref(&key)).await;
+            return Err(match other {
+                None => ApiError::not_found(format!("Identity {code} not found")),
+                Some(a) => refusal(a),
+            });
+        }
+        Err(e) => {
+            erase(&s, std::slice::from_ref(&key)).await;
+            return Err(e.into());
+        }
+    };
+    // Wait for the face check, as an upload does.
+    let limit = Duration::from_millis(s.config.identity.upload_wait_ms);
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(25);
+    let status = loop {
+        let job = s
+            .store
+            .job(&job_id)
+            .await?
+            .ok_or_else(|| ApiError::internal("the replacement job vanished"))?;
+        if job.status().is_terminal() || start.elapsed() >= limit || s.shutdown.is_cancelled() {
+            break job.status();
+        }
+        tokio::time::sleep(pause.min(limit.saturating_sub(start.elapsed()))).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    };
+    let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
+    match status {
+        atelier_shared::domain::JobStatus::Completed => {
+            let row = load(&s, &acc.id, &code).await?;
+            let (Some(full), Some(thumb)) = (&row.crop_key, &row.crop_thumb_key) else {
+                return Err(ApiError::internal("a completed face has no crop"));
+            };
+            Ok(axum::Json(json!({
+                "success": true,
+                "pov_index": index,
+                "processed_images": [{
+                    "original_filename": image.filename,
+                    "link": s.object_url(full, "image/jpeg", ttl).await?,
+                    "thumbnail_link": s.object_url(thumb, "image/jpeg", ttl).await?,
+                }],
+                "processed_count": 1,
+                "preprocessing_job_id": job_id,
+            }))
+            .into_response())
+        }
+        st if st.is_terminal() => {
+            let message = s
+                .store
+                .latest_outputs(&job_id)
+                .await?
+                .into_iter()
+                .find_map(|o| o.error_message)
+                .unwrap_or_else(|| "preprocessing failed".into());
+            Err(if is_input_problem(&message) {
+                ApiError::bad_request(Some("image"), message.clone(), "form")
+                    .with("face_detected", !is_face_problem(&message))
+            } else {
+                ApiError::unavailable(format!("face replacement failed: {message}; try again"), 5)
+            })
+        }
+        _ => Ok(axum::Json(json!({
+            "success": true,
+            "pov_index": index,
+            "processed_images": [],
+            "processed_count": 0,
+            "preprocessing_status": "processing",
+            "preprocessing_job_id": job_id,
+        }))
+        .into_response()),
     }
 }

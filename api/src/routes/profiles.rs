@@ -14,13 +14,11 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Query;
-use crate::routes::identities::{erase, read_form, traceparent};
+use crate::routes::identities::{erase, preprocessing_job, read_form, traceparent};
 use crate::routes::jobs::refusal;
 use atelier_shared::db::identities::{
     DeleteIdentity, IdentityAdmission, IdentityQuery, NewIdentity,
 };
-use atelier_shared::db::jobs::{IdentityUse, NewJob, NewOutput};
-use atelier_shared::domain::JobType;
 use atelier_shared::domain::credits::PriceTable;
 use atelier_shared::domain::identity::{IdentityKind, PhotoSource, PreprocessSpec, profile_status};
 use atelier_shared::time::iso8601;
@@ -182,24 +180,15 @@ async fn admit(
         min_usable: count.div_ceil(2),
     };
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
-    let job = NewJob {
-        account_id: &acc.id,
-        billing_account_id: &billing,
-        project_id: None,
-        job_type: JobType::IdentityPreprocessing,
-        spec_json: serde_json::to_string(&spec).map_err(ApiError::internal)?,
-        post_process: false,
-        outputs: vec![NewOutput {
-            instruction_index: 0,
-            variation_index: 0,
-            cost: PriceTable::flat(s.config.prices.profile),
-            output_format: "jpg".into(),
-        }],
-        max_attempts: s.config.scheduler.retry.max_attempts,
-        active_job_cap: None,
-        traceparent: Some(traceparent(headers)),
-        identity: Some(IdentityUse::Builds(code)),
-    };
+    let job = preprocessing_job(
+        s,
+        &acc.id,
+        &billing,
+        code,
+        serde_json::to_string(&spec).map_err(ApiError::internal)?,
+        PriceTable::flat(s.config.prices.profile),
+        traceparent(headers),
+    );
     let ident = NewIdentity {
         code,
         account_id: &acc.id,

@@ -847,6 +847,248 @@ pub async fn webhook_deliveries_retry_give_up_and_keep_job_order(s: Store) {
     assert_eq!(s.delivery_backlog().await.expect("backlog"), 0);
 }
 
+fn preprocess<'a>(acc: &'a str, code: &'a str, photo: &str, cost: i64) -> NewJob<'a> {
+    use crate::domain::identity::{IdentityKind, PhotoSource, PreprocessSpec};
+    let spec = PreprocessSpec {
+        identity_code: code.into(),
+        kind: IdentityKind::Identity,
+        photos: vec![PhotoSource::Object {
+            key: photo.into(),
+            filename: None,
+        }],
+        min_usable: 1,
+    };
+    NewJob {
+        job_type: JobType::IdentityPreprocessing,
+        spec_json: serde_json::to_string(&spec).expect("spec"),
+        identity: Some(super::jobs::IdentityUse::Builds(code)),
+        ..job(acc, &[cost], None)
+    }
+}
+
+/// Identities: admission with name clash and slot cap, status through the
+/// preprocessing job, model-swap admission only for a completed identity,
+/// face replacement that takes over only once it completes, deletion
+/// refused while a job uses the identity and erasing every object it had.
+pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
+    use super::identities::{DeleteIdentity, IdentityAdmission, IdentityQuery, NewIdentity};
+    use super::jobs::IdentityUse;
+    use crate::domain::identity::{FaceRecord, IdentityKind};
+    let a = account(&s, "ida", 200).await;
+    let new = |code: &'static str, name: &'static str| NewIdentity {
+        code,
+        account_id: &a,
+        kind: IdentityKind::Identity,
+        name,
+        tag: None,
+        original_filename: None,
+        photo_key: Some("photos/upload"),
+        sources_json: "[]".into(),
+        training_tier: None,
+        slot_cap: Some(2),
+    };
+    let admit = |code: &'static str, name: &'static str, photo: &'static str| {
+        let s = s.clone();
+        let ident = new(code, name);
+        let job = preprocess(&a, code, photo, 50);
+        async move { s.create_identity(ident, job).await.expect("create") }
+    };
+    let IdentityAdmission::Created { job_id: j1, .. } = admit("idn_a", "Ann", "photos/p1").await
+    else {
+        panic!("not created");
+    };
+    assert_eq!(
+        admit("idn_x", "Ann", "photos/px").await,
+        IdentityAdmission::NameTaken {
+            existing_code: "idn_a".into()
+        }
+    );
+    assert!(matches!(
+        admit("idn_b", "Bob", "photos/pb").await,
+        IdentityAdmission::Created { .. }
+    ));
+    assert_eq!(
+        admit("idn_c", "Cy", "photos/pc").await,
+        IdentityAdmission::SlotsExhausted { used: 2, cap: 2 }
+    );
+    let read = |code: &'static str| {
+        let (s, a) = (s.clone(), a.clone());
+        async move {
+            s.identity_for(&a, IdentityKind::Identity, code)
+                .await
+                .expect("read")
+        }
+    };
+    let row = read("idn_a").await.expect("identity");
+    assert_eq!(
+        (row.preprocessing_status(), row.job_id.as_deref()),
+        ("pending", Some(j1.as_str()))
+    );
+    assert_eq!(
+        s.delete_identity(&a, IdentityKind::Identity, "idn_a")
+            .await
+            .expect("delete"),
+        DeleteIdentity::InUse { job_id: j1.clone() }
+    );
+    let swap = |code: &'static str| NewJob {
+        job_type: JobType::ModelSwap,
+        identity: Some(IdentityUse::Ready(code)),
+        ..job(&a, &[1], None)
+    };
+    assert_eq!(
+        s.create_job(swap("idn_a")).await.expect("admit"),
+        Admission::IdentityNotReady {
+            status: "pending".into()
+        }
+    );
+    assert_eq!(
+        s.create_job(swap("idn_zz")).await.expect("admit"),
+        Admission::IdentityNotFound
+    );
+
+    let lease = now_ms() + 60_000;
+    let finish = |job: String, n: u32, ok: bool| {
+        let s = s.clone();
+        async move {
+            let o = s.latest_outputs(&job).await.expect("outputs").remove(0);
+            let at = s
+                .claim_for_dispatch(o.id, lease, "t")
+                .await
+                .expect("claim")
+                .expect("claimed");
+            assert!(s.record_started(o.id, at, lease, "w").await.expect("start"));
+            if ok {
+                let record = FaceRecord {
+                    embedding_key: format!("faces/e{n}"),
+                    dims: 512,
+                    crop_size: 512,
+                    landmarks: [[0.0; 2]; 5],
+                    quality_score: 0.8,
+                    photo_index: 0,
+                    face_box: [0.0; 4],
+                    photo_width: 8,
+                    photo_height: 8,
+                    photos: vec![],
+                };
+                let r = OutputResult {
+                    full_key: format!("faces/f{n}"),
+                    thumb_key: format!("faces/t{n}"),
+                    input_description: serde_json::to_value(record).expect("record"),
+                    ..result()
+                };
+                assert!(s.record_completed(o.id, at, &r).await.expect("complete"));
+            } else {
+                let policy = RetryPolicy::default();
+                s.record_failure(
+                    o.id,
+                    at,
+                    &FailureKind::Permanent,
+                    "no face detected",
+                    &policy,
+                    0.5,
+                )
+                .await
+                .expect("fail");
+            }
+        }
+    };
+    finish(j1.clone(), 1, true).await;
+    let row = read("idn_a").await.expect("identity");
+    assert_eq!(row.preprocessing_status(), "completed");
+    assert_eq!(row.crop_key.as_deref(), Some("faces/f1"));
+    assert_eq!(row.record().expect("record").embedding_key, "faces/e1");
+    let swap_job = created(&s, swap("idn_a")).await;
+
+    // A replacement shows only once it completed; a failed one changes nothing.
+    let replace = |photo: &'static str| {
+        let s = s.clone();
+        let job = preprocess(&a, "idn_a", photo, 0);
+        let a = a.clone();
+        async move {
+            match s
+                .start_face_replacement(&a, "idn_a", job)
+                .await
+                .expect("start")
+            {
+                Some(Admission::Created { job_id, .. }) => job_id,
+                other => panic!("not started: {other:?}"),
+            }
+        }
+    };
+    let j2 = replace("photos/p2").await;
+    assert_eq!(
+        read("idn_a").await.expect("row").job_id.as_deref(),
+        Some(j1.as_str())
+    );
+    finish(j2.clone(), 2, true).await;
+    let row = read("idn_a").await.expect("row");
+    assert_eq!(
+        (row.job_id.as_deref(), row.crop_key.as_deref()),
+        (Some(j2.as_str()), Some("faces/f2"))
+    );
+    let j3 = replace("photos/p3").await;
+    finish(j3, 3, false).await;
+    let row = read("idn_a").await.expect("row");
+    assert_eq!(
+        (row.job_id.as_deref(), row.preprocessing_status()),
+        (Some(j2.as_str()), "completed")
+    );
+    assert!(
+        s.start_face_replacement(&a, "idn_zz", preprocess(&a, "idn_zz", "p", 0))
+            .await
+            .expect("start")
+            .is_none()
+    );
+
+    // The swap job uses it: no delete until it ends.
+    assert_eq!(
+        s.delete_identity(&a, IdentityKind::Identity, "idn_a")
+            .await
+            .expect("delete"),
+        DeleteIdentity::InUse {
+            job_id: swap_job.clone()
+        }
+    );
+    assert_eq!(s.abort_job(&a, &swap_job).await.expect("abort"), Some(true));
+    let DeleteIdentity::Deleted { keys } = s
+        .delete_identity(&a, IdentityKind::Identity, "idn_a")
+        .await
+        .expect("delete")
+    else {
+        panic!("not deleted");
+    };
+    let want: Vec<String> = [
+        "faces/e1",
+        "faces/e2",
+        "faces/f1",
+        "faces/f2",
+        "faces/t1",
+        "faces/t2",
+        "photos/p1",
+        "photos/p2",
+        "photos/p3",
+        "photos/upload",
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_eq!(keys, want);
+    assert!(read("idn_a").await.is_none());
+    let (rows, total) = s
+        .list_identities(
+            &a,
+            IdentityKind::Identity,
+            &IdentityQuery {
+                page: 1,
+                per_page: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!((total, rows[0].code.as_str()), (1, "idn_b"));
+    audit_clean(&s).await;
+}
+
 pub async fn unavailable_database_is_typed(s: Store) {
     s.close().await;
     let e = s.ping().await.expect_err("closed pool");
@@ -880,6 +1122,7 @@ macro_rules! store_suite {
             t!(outbox_is_claimed_once);
             t!(notifications_are_relayed_once_consumed_and_pruned);
             t!(webhook_deliveries_retry_give_up_and_keep_job_order);
+            t!(identities_are_admitted_replaced_and_deleted);
             t!(unavailable_database_is_typed);
         }
     };

@@ -61,43 +61,28 @@ impl IdentityRow {
             _ => None,
         }
     }
-
-    /// Every object this identity owns: its photos, crop, thumbnail and
-    /// embedding (what deleting it erases).
-    pub fn object_keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self.photo_key.iter().cloned().collect();
-        if let Ok(sources) =
-            serde_json::from_str::<Vec<crate::domain::identity::PhotoSource>>(&self.sources)
-        {
-            for s in sources {
-                if let crate::domain::identity::PhotoSource::Object { key, .. } = s {
-                    keys.push(key);
-                }
-            }
-        }
-        keys.extend(self.crop_key.iter().cloned());
-        keys.extend(self.crop_thumb_key.iter().cloned());
-        if let Some(r) = self.record() {
-            keys.push(r.embedding_key);
-        }
-        keys.sort();
-        keys.dedup();
-        keys
-    }
 }
 
-const IDENTITY_SELECT: &str = "SELECT i.code, i.account_id, i.kind, i.name, i.tag, i.original_filename, i.photo_key, \
-     i.sources, i.training_tier, i.job_id, i.created_at, i.updated_at, a.name AS created_by, \
+/// The identity with its effective preprocessing job `j`: the pending
+/// replacement once it completed, the current one otherwise.
+const IDENTITY_FROM: &str = "FROM identities i JOIN accounts a ON a.id = i.account_id \
+     LEFT JOIN jobs pj ON pj.id = i.pending_job_id \
+     LEFT JOIN jobs j ON j.id = (CASE WHEN pj.status = 'completed' THEN pj.id ELSE i.job_id END) \
+     LEFT JOIN outputs o ON o.job_id = j.id AND o.instruction_index = 0 AND o.variation_index = 0 AND o.version = 0";
+
+const IDENTITY_COLUMNS: &str = "SELECT i.code, i.account_id, i.kind, i.name, i.tag, i.original_filename, i.photo_key, \
+     i.sources, i.training_tier, j.id AS job_id, i.created_at, i.updated_at, a.name AS created_by, \
      j.status AS job_status, j.error_message AS job_error, j.created_at AS job_created_at, \
      j.finalized_at AS job_finalized_at, o.full_key AS crop_key, o.thumb_key AS crop_thumb_key, \
-     o.input_description AS record, o.error_message AS output_error \
-     FROM identities i JOIN accounts a ON a.id = i.account_id \
-     LEFT JOIN jobs j ON j.id = i.job_id \
-     LEFT JOIN outputs o ON o.job_id = i.job_id AND o.instruction_index = 0 AND o.variation_index = 0 AND o.version = 0";
+     o.input_description AS record, o.error_message AS output_error";
 
 /// The status an identity shows, as SQL over the joined job (for filters).
 const STATUS_SQL: &str =
     "COALESCE(CASE j.status WHEN 'aborted' THEN 'failed' ELSE j.status END, 'pending')";
+
+fn identity_select(filter: &str) -> String {
+    format!("{IDENTITY_COLUMNS} {IDENTITY_FROM} {filter}")
+}
 
 pub struct NewIdentity<'a> {
     pub code: &'a str,
@@ -290,8 +275,7 @@ impl Store {
         kind: IdentityKind,
         code: &str,
     ) -> Result<Option<IdentityRow>> {
-        let sql =
-            format!("{IDENTITY_SELECT} WHERE i.code = $1 AND i.account_id = $2 AND i.kind = $3");
+        let sql = identity_select("WHERE i.code = $1 AND i.account_id = $2 AND i.kind = $3");
         Ok(sqlx::query_as::<_, IdentityRow>(&sql)
             .bind(code)
             .bind(account_id)
@@ -302,7 +286,7 @@ impl Store {
 
     /// Any identity by code (workers read the one a job names).
     pub async fn identity(&self, code: &str) -> Result<Option<IdentityRow>> {
-        let sql = format!("{IDENTITY_SELECT} WHERE i.code = $1");
+        let sql = identity_select("WHERE i.code = $1");
         Ok(sqlx::query_as::<_, IdentityRow>(&sql)
             .bind(code)
             .fetch_optional(self.pool())
@@ -321,21 +305,19 @@ impl Store {
             "WHERE i.account_id = $1 AND i.kind = $2 AND ($3 IS NULL OR LOWER(i.name) LIKE $3) \
              AND ($4 IS NULL OR {STATUS_SQL} = $4) AND ($5 IS NULL OR LOWER(i.tag) LIKE $5)"
         );
-        let total: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM identities i LEFT JOIN jobs j ON j.id = i.job_id {filter}"
-        ))
-        .bind(account_id)
-        .bind(kind.as_str())
-        .bind(pattern.as_deref())
-        .bind(q.status.as_deref())
-        .bind(tag)
-        .fetch_one(self.pool())
-        .await?;
+        let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {IDENTITY_FROM} {filter}"))
+            .bind(account_id)
+            .bind(kind.as_str())
+            .bind(pattern.as_deref())
+            .bind(q.status.as_deref())
+            .bind(tag)
+            .fetch_one(self.pool())
+            .await?;
         let order = if q.ascending { "ASC" } else { "DESC" };
         let column = if q.by_name { "i.name" } else { "i.created_at" };
-        let sql = format!(
-            "{IDENTITY_SELECT} {filter} ORDER BY {column} {order}, i.code {order} LIMIT $6 OFFSET $7"
-        );
+        let sql = identity_select(&format!(
+            "{filter} ORDER BY {column} {order}, i.code {order} LIMIT $6 OFFSET $7"
+        ));
         let rows = sqlx::query_as::<_, IdentityRow>(&sql)
             .bind(account_id)
             .bind(kind.as_str())
@@ -347,6 +329,41 @@ impl Store {
             .fetch_all(self.pool())
             .await?;
         Ok((rows, total))
+    }
+
+    /// Starts replacing an identity's face (`POST /identity/{code}/pov`):
+    /// admits the preprocessing job and makes it the identity's pending
+    /// one, folding an earlier replacement that completed into the
+    /// current face first. `None` when the identity is not the caller's.
+    pub async fn start_face_replacement(
+        &self,
+        account_id: &str,
+        code: &str,
+        job: NewJob<'_>,
+    ) -> Result<Option<Admission>> {
+        let mut tx = self.begin().await?;
+        let admission = self.admit(&mut tx, &job).await?;
+        let Admission::Created { job_id, .. } = &admission else {
+            tx.rollback().await?;
+            return Ok(Some(admission));
+        };
+        let r = sqlx::query(
+            "UPDATE identities SET job_id = COALESCE((SELECT pj.id FROM jobs pj WHERE pj.id = identities.pending_job_id \
+             AND pj.status = 'completed'), job_id), pending_job_id = $3, updated_at = $4 \
+             WHERE code = $1 AND account_id = $2",
+        )
+        .bind(code)
+        .bind(account_id)
+        .bind(job_id)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(admission))
     }
 
     /// Deletes an identity no unfinished job works with. The row is removed
@@ -384,18 +401,52 @@ impl Store {
         if let Some(job_id) = busy {
             return Ok(DeleteIdentity::InUse { job_id });
         }
-        let sql = format!("{IDENTITY_SELECT} WHERE i.code = $1");
-        let row = sqlx::query_as::<_, IdentityRow>(&sql)
-            .bind(code)
-            .fetch_one(&mut *tx)
-            .await?;
+        let keys = identity_objects(&mut tx, code).await?;
         sqlx::query("DELETE FROM identities WHERE code = $1")
             .bind(code)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(DeleteIdentity::Deleted {
-            keys: row.object_keys(),
-        })
+        Ok(DeleteIdentity::Deleted { keys })
     }
+}
+
+/// Every object an identity owns: its photo and, for each of its
+/// preprocessing jobs (the first and every face replacement), the photos
+/// it was given, the crop, the thumbnail and the embedding.
+async fn identity_objects(tx: &mut super::Tx, code: &str) -> Result<Vec<String>> {
+    use crate::domain::identity::{PhotoSource, PreprocessSpec};
+    let mut keys: Vec<String> =
+        sqlx::query_scalar::<_, Option<String>>("SELECT photo_key FROM identities WHERE code = $1")
+            .bind(code)
+            .fetch_optional(&mut **tx)
+            .await?
+            .flatten()
+            .into_iter()
+            .collect();
+    let rows: Vec<(String, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT j.spec, o.full_key, o.thumb_key, o.input_description FROM jobs j \
+         LEFT JOIN outputs o ON o.job_id = j.id \
+         WHERE j.identity_code = $1 AND j.job_type = 'identity_preprocessing'",
+    )
+    .bind(code)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (spec, full, thumb, description) in rows {
+        if let Ok(spec) = serde_json::from_str::<PreprocessSpec>(&spec) {
+            for p in spec.photos {
+                if let PhotoSource::Object { key, .. } = p {
+                    keys.push(key);
+                }
+            }
+        }
+        keys.extend(full);
+        keys.extend(thumb);
+        if let Some(r) = description.and_then(|d| serde_json::from_str::<FaceRecord>(&d).ok()) {
+            keys.push(r.embedding_key);
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
 }
