@@ -277,6 +277,42 @@ async fn identity_preprocessing_runs_on_the_identity_queue() {
     assert_eq!(st["preprocessing_status"], "failed", "{st}");
     assert_eq!(st["error_message"], "no face detected", "{st}");
 
+    // Each status change was notified as `identity_preprocessing`.
+    let (s, v) = app
+        .post(
+            "/notifications",
+            json!({"name_list": "identity_preprocessing"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let seen = |code: &str| -> Vec<Value> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .filter(|n| n["data"]["identity_code"] == code)
+            .map(|n| n["data"].clone())
+            .collect()
+    };
+    let good_events = seen(&good);
+    let statuses: Vec<&str> = good_events
+        .iter()
+        .filter_map(|d| d["preprocessing_status"].as_str())
+        .collect();
+    assert_eq!(statuses, ["pending", "processing", "completed"], "{v}");
+    assert_eq!(good_events[2]["preprocessing_job_id"], job.as_str());
+    assert!(good_events[2]["quality_score"].as_f64().is_some(), "{v}");
+    let bad_events = seen(&bad);
+    assert_eq!(
+        bad_events.last().expect("events")["preprocessing_status"],
+        "failed",
+        "{v}"
+    );
+    assert_eq!(
+        bad_events.last().expect("events")["error_message"],
+        "no face detected",
+        "{v}"
+    );
+
     // Two identities exist: the cap of 2 is reached.
     let (s, v) = app
         .post_form(

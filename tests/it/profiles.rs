@@ -31,6 +31,15 @@ async fn photo_server(files: HashMap<String, (String, Vec<u8>)>) -> String {
                 let files = files.clone();
                 async move {
                     match files.get(&name) {
+                        // `redirect:<status>` answers that redirect to the body.
+                        Some((ct, body)) if ct.starts_with("redirect:") => {
+                            let code: u16 = ct["redirect:".len()..].parse().expect("status");
+                            (
+                                StatusCode::from_u16(code).expect("status"),
+                                [(header::LOCATION, String::from_utf8_lossy(body).into_owned())],
+                            )
+                                .into_response()
+                        }
                         Some((ct, body)) => {
                             ([(header::CONTENT_TYPE, ct.clone())], body.clone()).into_response()
                         }
@@ -96,6 +105,24 @@ async fn a_profile_keeps_the_photos_of_one_person() {
         "notes.txt".into(),
         ("text/plain".into(), b"not a photo".to_vec()),
     );
+    files.insert("f.png".into(), (ct.clone(), png(&newton.brighten(-15))));
+    files.insert(
+        "g.png".into(),
+        (
+            ct.clone(),
+            png(&newton.resize(640, 640, image::imageops::FilterType::Triangle)),
+        ),
+    );
+    // A redirect to an address the policy refuses (only 127.0.0.1 is
+    // allowed here), and a 302, which is never followed.
+    files.insert(
+        "hop.png".into(),
+        ("redirect:307".into(), b"http://127.0.0.2/a.png".to_vec()),
+    );
+    files.insert(
+        "moved.png".into(),
+        ("redirect:302".into(), b"/a.png".to_vec()),
+    );
     let base = photo_server(files).await;
 
     let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
@@ -112,6 +139,10 @@ async fn a_profile_keeps_the_photos_of_one_person() {
         "e.png",
         "missing.png",
         "notes.txt",
+        "hop.png",
+        "moved.png",
+        "f.png",
+        "g.png",
     ]
     .iter()
     .map(|n| format!("{base}/{n}"))
@@ -119,7 +150,7 @@ async fn a_profile_keeps_the_photos_of_one_person() {
     let (s, v) = app
         .post(
             "/v1/phota/profiles/add",
-            json!({"image_urls": urls, "training_tier": "fast", "tag": "user_42"}),
+            json!({"image_urls": urls, "training_tier": "standard", "tag": "user_42"}),
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -141,7 +172,7 @@ async fn a_profile_keeps_the_photos_of_one_person() {
         .filter(|p| p.accepted)
         .map(|p| p.index)
         .collect();
-    assert_eq!(accepted, vec![0, 1, 2, 3], "{:#?}", record.photos);
+    assert_eq!(accepted, vec![0, 1, 2, 3, 9, 10], "{:#?}", record.photos);
     let reason = |i: usize| record.photos[i].reason.clone().unwrap_or_default();
     assert!(reason(4).contains("another person"), "{}", reason(4));
     assert!(
@@ -150,6 +181,12 @@ async fn a_profile_keeps_the_photos_of_one_person() {
         reason(5)
     );
     assert!(reason(6).contains("not an image"), "{}", reason(6));
+    assert!(
+        reason(7).contains("photo unavailable") && reason(7).contains("127.0.0.2"),
+        "{}",
+        reason(7)
+    );
+    assert!(reason(8).contains("302"), "{}", reason(8));
     assert!(record.photos[0].similarity.expect("similarity") > 0.9);
 
     // The picture is the best crop; the tag lists it; delete erases it.

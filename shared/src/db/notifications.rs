@@ -63,6 +63,48 @@ pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
         "post_processing_status": job.post_processing_status,
     });
     insert(tx, &job.account_id, "batch_edit", Some(job_id), &data).await?;
+    if job.job_type == "identity_preprocessing"
+        && let Some(code) = &job.identity_code
+    {
+        notify_identity(tx, &job, code).await?;
+    }
+    Ok(())
+}
+
+/// `identity_preprocessing` (contract §4.1) for a preprocessing job's
+/// status change: the identity's view of it.
+async fn notify_identity(tx: &mut Tx, job: &JobRow, code: &str) -> Result<()> {
+    let status = crate::domain::identity::preprocessing_status(Some(&job.status));
+    let (record, output_error): (Option<String>, Option<String>) = if job.status().is_terminal() {
+        sqlx::query_as(
+            "SELECT input_description, error_message FROM outputs WHERE job_id = $1 ORDER BY version DESC, id LIMIT 1",
+        )
+        .bind(&job.id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .unwrap_or((None, None))
+    } else {
+        (None, None)
+    };
+    let quality = record
+        .and_then(|r| serde_json::from_str::<crate::domain::identity::FaceRecord>(&r).ok())
+        .map(|r| r.quality_score);
+    let data = serde_json::json!({
+        "identity_code": code,
+        "preprocessing_job_id": job.id,
+        "id_task": job.id,
+        "preprocessing_status": status,
+        "quality_score": quality,
+        "error_message": (status == "failed").then(|| output_error.or_else(|| job.error_message.clone())).flatten(),
+    });
+    insert(
+        tx,
+        &job.account_id,
+        "identity_preprocessing",
+        Some(&job.id),
+        &data,
+    )
+    .await?;
     Ok(())
 }
 
