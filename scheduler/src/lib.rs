@@ -330,6 +330,14 @@ async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancel
     }
 }
 
+/// The work queue of an output, for metric labels (`unknown` if it is gone).
+async fn queue_of(ctx: &SchedulerContext, output_id: i64) -> String {
+    match ctx.store.output(output_id).await {
+        Ok(Some(o)) => o.queue,
+        _ => "unknown".into(),
+    }
+}
+
 /// Applies one report. Returns whether an output slot was freed.
 pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<bool> {
     let now = now_ms();
@@ -364,7 +372,8 @@ pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<
                 .record_completed(*output_id, *attempt, result)
                 .await?;
             let label = if recorded { "completed" } else { "stale" };
-            metrics::counter!("atelier_tasks_total", "type" => "packshot", "outcome" => label)
+            let queue = queue_of(ctx, *output_id).await;
+            metrics::counter!("atelier_tasks_total", "type" => queue, "outcome" => label)
                 .increment(1);
             recorded
         }
@@ -379,16 +388,18 @@ pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<
                 .store
                 .record_failure(*output_id, *attempt, failure, message, &ctx.retry, unit)
                 .await?;
+            let queue = queue_of(ctx, *output_id).await;
             let label = match r {
                 atelier_shared::db::scheduling::FailureOutcome::Retried { .. } => {
-                    metrics::counter!("atelier_retries_total", "type" => "packshot").increment(1);
+                    metrics::counter!("atelier_retries_total", "type" => queue.clone())
+                        .increment(1);
                     "retried"
                 }
                 atelier_shared::db::scheduling::FailureOutcome::FellBack { .. } => "fell_back",
                 atelier_shared::db::scheduling::FailureOutcome::Failed => "failed",
                 atelier_shared::db::scheduling::FailureOutcome::Ignored => "stale",
             };
-            metrics::counter!("atelier_tasks_total", "type" => "packshot", "outcome" => label)
+            metrics::counter!("atelier_tasks_total", "type" => queue, "outcome" => label)
                 .increment(1);
             true
         }

@@ -462,6 +462,22 @@ async fn swap_end_to_end(
     if let Ok(dir) = std::env::var("ATELIER_TEST_SAVE_DIR") {
         out.save(format!("{dir}/swap.png")).expect("save");
     }
+    // Tasks are counted per work queue.
+    let m = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        m.lines().any(|l| l.starts_with("atelier_tasks_total")
+            && l.contains("type=\"swap\"")
+            && l.contains("outcome=\"completed\"")),
+        "no swap tasks counted"
+    );
     // Far outside the face the photo is the input up to JPEG re-encoding;
     // inside it, another person's face.
     assert!(
