@@ -29,4 +29,8 @@ CREATE INDEX identities_account ON identities (account_id, kind, created_at);
 -- The identity a job works with (model swap) or builds (preprocessing):
 -- deleting an identity checks it against unfinished jobs.
 ALTER TABLE jobs ADD COLUMN identity_code TEXT;
+-- The preprocessing job whose face a model swap uses, fixed at admission:
+-- every output of the job (and every retry) uses the same face even if
+-- the identity's face is replaced meanwhile.
+ALTER TABLE jobs ADD COLUMN identity_face_job TEXT;
 CREATE INDEX jobs_identity ON jobs (identity_code);

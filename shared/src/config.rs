@@ -129,6 +129,11 @@ pub struct ModelsConfig {
     /// (aligned S×S face in RGB [0,1] + identity embedding in, face out);
     /// empty: model swap blends the identity's own aligned crop.
     pub face_swap: String,
+    /// Optional projection for `face_swap` under `dir`: a row-major matrix
+    /// of little-endian f32 (embedding size × the model's input size);
+    /// the model is fed `normalize(embedding · M)` (e.g. InsightFace's
+    /// `emap`, saved with `emap.astype('<f4').tofile(path)`).
+    pub face_swap_projection: String,
 }
 
 /// Packshot engines beyond the built-in `atelier`: the contract's engine
@@ -456,6 +461,7 @@ impl Default for ModelsConfig {
             face_detector: "scrfd.onnx".into(),
             face_embedder: "arcface_faceplugin.onnx".into(),
             face_swap: String::new(),
+            face_swap_projection: String::new(),
         }
     }
 }

@@ -248,11 +248,32 @@ impl EgressPolicy {
 
     /// A client that enforces the policy on every connection and redirect.
     /// Only 307/308 redirects are followed (they keep a POST a POST); any
-    /// other 3xx is returned as the response.
+    /// other 3xx is returned as the response. For webhooks.
     pub fn client(
         &self,
         timeout: Duration,
         max_redirects: usize,
+    ) -> reqwest::Result<reqwest::Client> {
+        // 301/302/303 would turn a POST into a bodiless GET: stop and let
+        // the caller see the 3xx. 307/308 keep method and body.
+        self.build_client(timeout, max_redirects, &[307, 308])
+    }
+
+    /// As [`EgressPolicy::client`], for GETs (photo fetches): every
+    /// redirect status is followed, each target checked like the first.
+    pub fn fetch_client(
+        &self,
+        timeout: Duration,
+        max_redirects: usize,
+    ) -> reqwest::Result<reqwest::Client> {
+        self.build_client(timeout, max_redirects, &[301, 302, 303, 307, 308])
+    }
+
+    fn build_client(
+        &self,
+        timeout: Duration,
+        max_redirects: usize,
+        follow: &'static [u16],
     ) -> reqwest::Result<reqwest::Client> {
         let redirect_policy = self.clone();
         reqwest::Client::builder()
@@ -261,9 +282,7 @@ impl EgressPolicy {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .dns_resolver(Arc::new(GuardedResolver(self.clone())))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                // 301/302/303 would turn a POST into a bodiless GET: stop and
-                // let the caller see the 3xx. 307/308 keep method and body.
-                if !matches!(attempt.status().as_u16(), 307 | 308) {
+                if !follow.contains(&attempt.status().as_u16()) {
                     return attempt.stop();
                 }
                 if attempt.previous().len() > max_redirects {

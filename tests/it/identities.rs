@@ -53,7 +53,7 @@ async fn identity_upload_checks_the_face_before_answering() {
         .post_form(
             "/identity/upload",
             ("image", "newton.png", &model_photo("newton.png")),
-            &[("name", "Isaac")],
+            &[("name", "Isaac"), ("tag", "team_1")],
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
@@ -86,6 +86,19 @@ async fn identity_upload_checks_the_face_before_answering() {
     let (s, v) = app.get("/identity?search=isa").await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["pagination"]["total"], 1, "{v}");
+    // Filters match text literally: `_` and `%` are not wildcards.
+    for (query, total) in [
+        ("tag=team_", 1),
+        ("tag=TEAM", 1),
+        ("tag=team%25", 0),
+        ("search=I_aac", 0),
+    ] {
+        let (s, v) = app.get(&format!("/identity?{query}")).await;
+        assert_eq!(s, StatusCode::OK, "{query}: {v}");
+        assert_eq!(v["pagination"]["total"], total, "{query}: {v}");
+    }
+    let (s, v) = app.get("/identity?tag=a%00b").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
 
     // Same name: 409 naming the existing identity twice; nothing charged.
     let (s, v) = app
@@ -184,6 +197,21 @@ async fn identity_upload_checks_the_face_before_answering() {
     let (_, st) = app.get(&format!("/identity/{code}/status")).await;
     assert_eq!(st["preprocessing_job_id"], replaced.as_str(), "{st}");
     assert_eq!(st["preprocessing_status"], "completed", "{st}");
+    // Replacements do not report the identity as failed (or pending).
+    let (_, n) = app
+        .post(
+            "/notifications",
+            json!({"name_list": "identity_preprocessing"}),
+        )
+        .await;
+    let statuses: Vec<&str> = n
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|e| e["data"]["identity_code"] == code.as_str())
+        .filter_map(|e| e["data"]["preprocessing_status"].as_str())
+        .collect();
+    assert_eq!(statuses, ["pending", "processing", "completed"], "{n}");
     let (s, v) = app
         .post_form(
             &format!("/identity/{code}/pov"),
@@ -205,9 +233,10 @@ async fn identity_upload_checks_the_face_before_answering() {
     let (s, _) = app.get(&format!("/identity/{code}")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let erased = objects_before_delete - count_files(&app.dir.path().join("objects"));
-    // Upload photo + 3 faces (upload, replacement, refused replacement's
-    // photo only) × (crop, thumbnail, embedding) where built.
-    assert_eq!(erased, 3 + 2 * 3, "objects erased by the delete");
+    // The uploaded and the replacement photo, and each of their faces'
+    // crop, thumbnail and embedding (the refused replacement's photo was
+    // not kept).
+    assert_eq!(erased, 2 + 2 * 3, "objects erased by the delete");
     app.audit_clean().await;
     app.stop().await;
 }
@@ -263,6 +292,10 @@ async fn identity_preprocessing_runs_on_the_identity_queue() {
     assert!(st["preprocessing_time"].as_f64().is_some(), "{st}");
     let (_, j) = app.get(&format!("/jobs/{job}/status")).await;
     assert_eq!(j["job_type"], "identity_preprocessing", "{j}");
+    let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
+    assert_eq!(r["identity"]["identity_code"], good.as_str(), "{r}");
+    assert_eq!(r["identity"]["preprocessing_status"], "completed", "{r}");
+    assert!(r["identity"]["quality_score"].as_f64().is_some(), "{r}");
 
     let (s, v) = app
         .post_form(
@@ -342,6 +375,23 @@ async fn identity_preprocessing_runs_on_the_identity_queue() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    // An account without credits is told the identity is unknown, not
+    // that it lacks credits: the identity is checked first.
+    let poor = app.account("poor", 0.0).await;
+    let (_, pp) = app
+        .post_as(&poor, "/project", json!({"project_name": "p"}))
+        .await;
+    let pf = app
+        .upload_as(&poor, model_photo("newton.png"), "m.png")
+        .await;
+    let (s, v) = app
+        .post_as(
+            &poor,
+            "/model-swap",
+            json!({"project_id": pp["project_id"], "images": [pf], "identity_code": good}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another account's identity: {v}");
     let (s, v) = app
         .post("/model-swap", json!({"project_id": p, "images": [f], "identity_code": good, "swap_options": {"model": "nano_banana_pro"}}))
         .await;

@@ -38,6 +38,7 @@ fn spec(kind: IdentityKind, n: usize) -> PreprocessSpec {
             })
             .collect(),
         min_usable: (n as u32).div_ceil(2),
+        replaces: false,
     }
 }
 

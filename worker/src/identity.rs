@@ -53,9 +53,12 @@ impl FaceKit {
         let swapper = if cfg.models.face_swap.is_empty() {
             None
         } else {
+            let projection = (!cfg.models.face_swap_projection.is_empty())
+                .then(|| dir.join(&cfg.models.face_swap_projection));
             Some(Arc::new(crate::swap::OnnxSwapper::load(
                 rt,
                 &dir.join(&cfg.models.face_swap),
+                projection.as_deref(),
             )?))
         };
         Ok(FaceKit {
@@ -148,12 +151,91 @@ pub struct Built {
     pub record: FaceRecord,
 }
 
-struct Candidate {
+/// A photo whose face can join the identity: what the build keeps of it
+/// (a 512×512 aligned crop, not the photo, so a profile of many large
+/// photos holds a few megabytes at a time).
+pub struct Candidate {
     index: usize,
     face: Face,
-    photo: RgbImage,
+    crop: RgbImage,
+    photo_size: (u32, u32),
     embedding: Vec<f32>,
     quality: f32,
+}
+
+/// Photos are analysed at most this large (long edge, contract §9.1).
+pub const MAX_EDGE: u32 = 4096;
+
+/// Analyses photo `index`: its report and, when usable, its candidate.
+/// `strict` (an identity's single photo) makes every problem the build's
+/// failure. Blocking (models run here).
+pub fn analyze(
+    kit: &FaceKit,
+    index: usize,
+    photo: PhotoInput,
+    strict: bool,
+) -> Result<(PhotoReport, Option<Candidate>), TaskFailure> {
+    let mut report = PhotoReport {
+        index: index as u32,
+        accepted: false,
+        reason: None,
+        face_score: None,
+        face_px: None,
+        quality: None,
+        similarity: None,
+    };
+    let img = match photo {
+        Ok(img) => img,
+        Err(reason) if strict => return Err(TaskFailure::permanent(reason)),
+        Err(reason) => {
+            report.reason = Some(reason);
+            return Ok((report, None));
+        }
+    };
+    let img = if img.width().max(img.height()) > MAX_EDGE {
+        img.resize(MAX_EDGE, MAX_EDGE, image::imageops::FilterType::Triangle)
+    } else {
+        img
+    };
+    let rgb = img.to_rgb8();
+    drop(img);
+    let face = match kit.single_face(&rgb) {
+        Ok(f) => f,
+        Err(f) if strict || f.kind != atelier_shared::domain::FailureKind::Permanent => {
+            return Err(f);
+        }
+        Err(f) => {
+            report.reason = Some(f.message);
+            return Ok((report, None));
+        }
+    };
+    let aligned = face::align(&rgb, &face);
+    let q = quality(&face, &aligned);
+    report.face_score = Some((face.score * 1000.0).round() / 1000.0);
+    report.face_px = Some(face.width().min(face.height()).round());
+    report.quality = Some(q);
+    if !strict && q < MIN_QUALITY {
+        report.reason = Some(format!(
+            "face quality {q:.2} below {MIN_QUALITY} (blurred or small)"
+        ));
+        return Ok((report, None));
+    }
+    let embedding = kit
+        .embedder
+        .embed(&aligned)
+        .map_err(|e| TaskFailure::retryable(format!("face embedder: {e}")))?;
+    let crop = face::align_to(&rgb, &face.landmarks, &face::crop_template(), CROP_SIZE);
+    Ok((
+        report,
+        Some(Candidate {
+            index,
+            face,
+            crop,
+            photo_size: rgb.dimensions(),
+            embedding,
+            quality: q,
+        }),
+    ))
 }
 
 /// Builds the identity from its photos. Blocking (models run here).
@@ -163,70 +245,29 @@ pub fn build(
     photos: Vec<PhotoInput>,
 ) -> Result<Built, TaskFailure> {
     let strict = spec.kind == IdentityKind::Identity;
-    let mut reports: Vec<PhotoReport> = Vec::with_capacity(photos.len());
-    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut reports = Vec::with_capacity(photos.len());
+    let mut candidates = Vec::new();
     for (index, photo) in photos.into_iter().enumerate() {
-        let mut report = PhotoReport {
-            index: index as u32,
-            accepted: false,
-            reason: None,
-            face_score: None,
-            face_px: None,
-            quality: None,
-            similarity: None,
-        };
-        let rgb = match photo {
-            Ok(img) => img.to_rgb8(),
-            Err(reason) => {
-                if strict {
-                    return Err(TaskFailure::permanent(reason));
-                }
-                report.reason = Some(reason);
-                reports.push(report);
-                continue;
-            }
-        };
-        let face = match kit.single_face(&rgb) {
-            Ok(f) => f,
-            Err(f) if strict || f.kind != atelier_shared::domain::FailureKind::Permanent => {
-                return Err(f);
-            }
-            Err(f) => {
-                report.reason = Some(f.message);
-                reports.push(report);
-                continue;
-            }
-        };
-        let aligned = face::align(&rgb, &face);
-        let q = quality(&face, &aligned);
-        report.face_score = Some((face.score * 1000.0).round() / 1000.0);
-        report.face_px = Some(face.width().min(face.height()).round());
-        report.quality = Some(q);
-        if !strict && q < MIN_QUALITY {
-            report.reason = Some(format!(
-                "face quality {q:.2} below {MIN_QUALITY} (blurred or small)"
-            ));
-            reports.push(report);
-            continue;
-        }
-        let embedding = kit
-            .embedder
-            .embed(&aligned)
-            .map_err(|e| TaskFailure::retryable(format!("face embedder: {e}")))?;
+        let (report, candidate) = analyze(kit, index, photo, strict)?;
         reports.push(report);
-        candidates.push(Candidate {
-            index,
-            face,
-            photo: rgb,
-            embedding,
-            quality: q,
-        });
+        candidates.extend(candidate);
     }
+    assemble(spec, reports, candidates)
+}
 
+/// Keeps the candidates that agree and makes the identity of them:
+/// robust mean embedding, best crop, reports. `reports[i]` is photo `i`'s.
+pub fn assemble(
+    spec: &PreprocessSpec,
+    mut reports: Vec<PhotoReport>,
+    candidates: Vec<Candidate>,
+) -> Result<Built, TaskFailure> {
     let (kept, mean) = robust_mean(&candidates);
     for c in &candidates {
         let sim = face::cosine(&c.embedding, &mean);
-        let r = &mut reports[c.index];
+        let Some(r) = reports.get_mut(c.index) else {
+            continue;
+        };
         r.similarity = Some((sim * 1000.0).round() / 1000.0);
         if kept.contains(&c.index) {
             r.accepted = true;
@@ -264,8 +305,7 @@ pub fn build(
         })
         .ok_or_else(|| TaskFailure::permanent("no usable photo"))?;
     let template = face::crop_template();
-    let crop = face::align_to(&best.photo, &best.face.landmarks, &template, CROP_SIZE);
-    let crop_rgba = DynamicImage::ImageRgb8(crop.clone()).to_rgba8();
+    let crop_rgba = DynamicImage::ImageRgb8(best.crop.clone()).to_rgba8();
     let crop_jpeg = imaging::encode(
         &crop_rgba,
         atelier_shared::domain::packshot::ImageFormat::Jpg,
@@ -288,8 +328,8 @@ pub fn build(
             quality_score: (quality_score * 1000.0).round() / 1000.0,
             photo_index: best.index as u32,
             face_box: best.face.bbox.map(|v| v.round()),
-            photo_width: best.photo.width(),
-            photo_height: best.photo.height(),
+            photo_width: best.photo_size.0,
+            photo_height: best.photo_size.1,
             photos: reports,
         },
     })
@@ -418,6 +458,7 @@ pub(crate) mod tests {
                 })
                 .collect(),
             min_usable,
+            replaces: false,
         }
     }
 
@@ -544,6 +585,17 @@ pub(crate) mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn large_photos_are_analysed_at_4096_pixels_and_only_a_crop_is_kept() {
+        let kit = kit();
+        let big = photo("newton.png").resize(6144, 6144, image::imageops::FilterType::Triangle);
+        assert_eq!(big.width(), 6144);
+        let (report, candidate) = analyze(&kit, 0, Ok(big), false).expect("analyses");
+        let c = candidate.expect("a usable face");
+        assert_eq!(c.photo_size.0, MAX_EDGE, "{report:?}");
+        assert_eq!(c.crop.dimensions(), (CROP_SIZE, CROP_SIZE));
     }
 
     #[test]

@@ -47,7 +47,7 @@ async fn fetch(ctx: &WorkerContext, url: &str) -> Result<Bytes, String> {
         .map_err(|e| e.to_string())?;
     let client = ctx
         .egress
-        .client(ctx.fetch_timeout, 3)
+        .fetch_client(ctx.fetch_timeout, 3)
         .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     let resp = client
         .get(parsed)
@@ -98,9 +98,14 @@ pub(crate) async fn identity(
     job: &JobRow,
 ) -> Result<OutputResult, TaskFailure> {
     let (kit, spec): (_, PreprocessSpec) = setup(ctx, job)?;
-    let mut raw: Vec<Result<Bytes, String>> = Vec::with_capacity(spec.photos.len());
-    for p in &spec.photos {
-        raw.push(match p {
+    // One photo at a time: fetched, decoded, analysed and dropped, so a
+    // profile of many large photos never holds more than one of them.
+    let strict = spec.kind == atelier_shared::domain::identity::IdentityKind::Identity;
+    let max_pixels = ctx.max_input_pixels;
+    let mut reports = Vec::with_capacity(spec.photos.len());
+    let mut candidates = Vec::new();
+    for (index, p) in spec.photos.iter().enumerate() {
+        let raw: Result<Bytes, String> = match p {
             PhotoSource::Object { key, .. } => match ctx.objects.get(key).await {
                 Ok(b) => Ok(b),
                 Err(StorageError::NotFound(_)) => Err("photo unavailable: it was deleted".into()),
@@ -109,20 +114,21 @@ pub(crate) async fn identity(
             PhotoSource::Url { url } => fetch(ctx, url)
                 .await
                 .map_err(|e| format!("photo unavailable: {url}: {e}")),
-        });
+        };
+        let kit = kit.clone();
+        let (report, candidate) = off_runtime(ctx, move || {
+            let photo: PhotoInput = raw.and_then(|bytes| {
+                imaging::decode_limited(&bytes, max_pixels).map_err(|f| unreadable(&f.message))
+            });
+            identity::analyze(&kit, index, photo, strict)
+        })
+        .await?;
+        reports.push(report);
+        candidates.extend(candidate);
     }
-    let max_pixels = ctx.max_input_pixels;
     let spec_for_build = spec.clone();
     let built = off_runtime(ctx, move || {
-        let photos: Vec<PhotoInput> = raw
-            .into_iter()
-            .map(|r| {
-                r.and_then(|bytes| {
-                    imaging::decode_limited(&bytes, max_pixels).map_err(|f| unreadable(&f.message))
-                })
-            })
-            .collect();
-        identity::build(&kit, &spec_for_build, photos)
+        identity::assemble(&spec_for_build, reports, candidates)
     })
     .await?;
 
@@ -176,16 +182,17 @@ pub(crate) async fn swap(
         .get(index)
         .ok_or_else(|| TaskFailure::permanent("image index out of range"))?
         .clone();
-    let ident = ctx
-        .store
-        .identity(&spec.identity_code)
-        .await?
-        .ok_or_else(|| TaskFailure::permanent("the identity was deleted"))?;
-    let (Some(record), Some(crop_key)) = (ident.record(), ident.crop_key.clone()) else {
-        return Err(TaskFailure::permanent(
-            "the identity has no preprocessed face (preprocessing did not complete)",
-        ));
-    };
+    if ctx.store.identity(&spec.identity_code).await?.is_none() {
+        return Err(TaskFailure::permanent("the identity was deleted"));
+    }
+    // The face fixed when the job was admitted, whatever replaced it since.
+    let face_job = job
+        .identity_face_job
+        .as_deref()
+        .ok_or_else(|| TaskFailure::permanent("the job names no identity face"))?;
+    let (crop_key, record) = ctx.store.face_of(face_job).await?.ok_or_else(|| {
+        TaskFailure::permanent("the identity's face is gone (its preprocessing did not complete)")
+    })?;
     let file = ctx.store.file(&image.file_id).await?.ok_or_else(|| {
         TaskFailure::permanent(format!("input image {} no longer exists", image.file_id))
     })?;

@@ -87,6 +87,10 @@ pub struct WorkerContext {
     pub fault_delay: Duration,
     /// Identifies this worker in leases and logs.
     pub worker_id: String,
+    /// `concurrency` task slots shared by every queue this worker serves,
+    /// so serving three queues never means three times the work (each
+    /// queue still prefetches up to `concurrency` deliveries).
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl WorkerContext {
@@ -113,6 +117,7 @@ impl WorkerContext {
             fetch_timeout: Duration::from_secs(cfg.identity.fetch_timeout_secs),
             fault_delay: Duration::from_millis(cfg.worker.fault_delay_ms),
             worker_id: format!("wrk_{}_{}", std::process::id(), ulid::Ulid::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(cfg.worker.concurrency.max(1))),
         }
     }
 }
@@ -212,6 +217,15 @@ async fn handle(
     delivery: Delivery,
     hard_stop: CancellationToken,
 ) {
+    // One of the worker's slots, shared by all its queues: a delivery of a
+    // busy worker waits here (unacked; released at shutdown).
+    let _slot = tokio::select! {
+        p = ctx.slots.clone().acquire_owned() => p.ok(),
+        _ = hard_stop.cancelled() => {
+            let _ = delivery.nack(None).await;
+            return;
+        }
+    };
     let task: Task = match delivery.parse() {
         Ok(t) => t,
         Err(e) => {

@@ -29,8 +29,10 @@ pub fn needed_files(cfg: &Config) -> Vec<String> {
     files.push(cfg.models.isnet.clone());
     files.push(cfg.models.face_detector.clone());
     files.push(cfg.models.face_embedder.clone());
-    if !cfg.models.face_swap.is_empty() {
-        files.push(cfg.models.face_swap.clone());
+    for f in [&cfg.models.face_swap, &cfg.models.face_swap_projection] {
+        if !f.is_empty() {
+            files.push(f.clone());
+        }
     }
     if !cfg.models.upscaler.is_empty() {
         files.push(cfg.models.upscaler.clone());

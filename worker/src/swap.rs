@@ -242,9 +242,10 @@ pub fn swap_template() -> [[f32; 2]; 5] {
 
 /// An operator-installed face-swap model with the common signature: an
 /// aligned face `[1,3,S,S]` in RGB [0,1] and an identity embedding `[1,D]`
-/// in; the redrawn face `[1,3,S,S]` in [0,1] out (e.g. a 128×128 swapper
-/// whose embedding projection is part of the graph). Inputs are told apart
-/// by rank, whatever their names.
+/// in; the redrawn face `[1,3,S,S]` in [0,1] out. Inputs are told apart
+/// by rank, whatever their names. Models that take a projected latent
+/// rather than the embedding itself (InsightFace's 128×128 swapper wants
+/// `normalize(embedding · emap)`) are given the matrix as a projection file.
 pub struct OnnxSwapper {
     name: String,
     session: Mutex<Session>,
@@ -253,10 +254,38 @@ pub struct OnnxSwapper {
     output: String,
     size: u32,
     dims: usize,
+    /// `rows`×`dims` matrix, row-major: latent = normalize(embedding · M).
+    projection: Option<(usize, Vec<f32>)>,
+}
+
+/// Reads a projection matrix: little-endian f32, row-major, `rows`×`cols`
+/// where `cols` is the model's embedding input size.
+fn read_projection(path: &Path, cols: usize) -> Result<(usize, Vec<f32>), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.is_empty() || bytes.len() % 4 != 0 || (bytes.len() / 4) % cols != 0 {
+        return Err(format!(
+            "{}: {} bytes is not a matrix of little-endian f32 with {cols} columns",
+            path.display(),
+            bytes.len()
+        ));
+    }
+    let m: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if m.iter().any(|v| !v.is_finite()) {
+        return Err(format!("{}: holds non-finite values", path.display()));
+    }
+    Ok((m.len() / cols, m))
 }
 
 impl OnnxSwapper {
-    pub fn load(rt: &Runtime, path: &Path) -> Result<OnnxSwapper, InferenceError> {
+    /// Loads the model at `path`, with the optional projection file.
+    pub fn load(
+        rt: &Runtime,
+        path: &Path,
+        projection: Option<&Path>,
+    ) -> Result<OnnxSwapper, InferenceError> {
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -312,8 +341,13 @@ impl OnnxSwapper {
             .first()
             .map(|o| o.name().to_string())
             .ok_or_else(|| bad("no output".into()))?;
-        tracing::info!(model = %name, size, dims, "face-swap model loaded");
+        let projection = match projection {
+            Some(p) => Some(read_projection(p, dims).map_err(bad)?),
+            None => None,
+        };
+        tracing::info!(model = %name, size, dims, projected = projection.is_some(), "face-swap model loaded");
         Ok(OnnxSwapper {
+            projection,
             target_input: target.0.clone(),
             source_input: source.0.clone(),
             name,
@@ -333,14 +367,36 @@ impl OnnxSwapper {
     fn run(&self, aligned: &RgbImage, embedding: &[f32]) -> Result<RgbImage, TaskFailure> {
         let fail =
             |e: String| TaskFailure::retryable(format!("face-swap model {}: {e}", self.name));
-        if embedding.len() != self.dims {
+        let wanted = self
+            .projection
+            .as_ref()
+            .map_or(self.dims, |(rows, _)| *rows);
+        if embedding.len() != wanted {
             return Err(TaskFailure::permanent(format!(
-                "the identity's embedding has {} values; the face-swap model {} takes {}",
+                "the identity's embedding has {} values; the face-swap model {} takes {wanted}",
                 embedding.len(),
                 self.name,
-                self.dims
             )));
         }
+        let latent: Vec<f32> = match &self.projection {
+            None => embedding.to_vec(),
+            Some((_, m)) => {
+                let mut out = vec![0.0f32; self.dims];
+                for (r, e) in embedding.iter().enumerate() {
+                    let row = &m[r * self.dims..(r + 1) * self.dims];
+                    for (o, v) in out.iter_mut().zip(row) {
+                        *o += e * v;
+                    }
+                }
+                let n = out
+                    .iter()
+                    .map(|v| v * v)
+                    .sum::<f32>()
+                    .sqrt()
+                    .max(f32::EPSILON);
+                out.into_iter().map(|v| v / n).collect()
+            }
+        };
         let n = self.size as usize;
         let mut x = Array4::<f32>::zeros((1, 3, n, n));
         for (px, py, p) in aligned.enumerate_pixels() {
@@ -348,8 +404,7 @@ impl OnnxSwapper {
                 x[[0, c, py as usize, px as usize]] = f32::from(p[c]) / 255.0;
             }
         }
-        let e = Array2::from_shape_vec((1, self.dims), embedding.to_vec())
-            .map_err(|e| fail(e.to_string()))?;
+        let e = Array2::from_shape_vec((1, self.dims), latent).map_err(|e| fail(e.to_string()))?;
         let mut session = self
             .session
             .lock()
@@ -565,7 +620,7 @@ mod tests {
         use crate::identity::tests::{kit, photo};
         let dir = crate::inference::default_models_dir();
         let rt = crate::inference::test_runtime();
-        let swapper = OnnxSwapper::load(&rt, &dir.join("test/swap_invert.onnx"))
+        let swapper = OnnxSwapper::load(&rt, &dir.join("test/swap_invert.onnx"), None)
             .expect("generated test model (scripts/fetch-models --test-models)");
         assert_eq!((swapper.size, swapper.dims), (128, 512));
         // The model inverts the face and adds the embedding's mean: a
@@ -599,6 +654,43 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.message.contains("128 values"), "{}", e.message);
+
+        // With a projection (here every entry 1/512: any positive embedding
+        // becomes the unit vector of equal entries, 1/sqrt(512) each), the
+        // model sees the latent, not the embedding: +11.3 levels, not +25.5.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let m = tmp.path().join("emap.f32");
+        std::fs::write(
+            &m,
+            (0..512 * 512)
+                .flat_map(|_| (1.0f32 / 512.0).to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .expect("write");
+        let projected =
+            OnnxSwapper::load(&rt, &dir.join("test/swap_invert.onnx"), Some(&m)).expect("loads");
+        let who = IdentityFace {
+            crop: RgbImage::new(512, 512),
+            landmarks: face::crop_template(),
+            embedding: vec![0.1; 512],
+        };
+        let (drawn, _) = projected.face_for(&target, &face, &who).expect("runs");
+        let shift = 255.0 / (512.0f32).sqrt();
+        for (u, v) in [(64, 64), (40, 52)] {
+            let (a, b) = (aligned.get_pixel(u, v), drawn.get_pixel(u, v));
+            for c in 0..3 {
+                let want = (255.0 - f32::from(a[c]) + shift).clamp(0.0, 255.0);
+                assert!(
+                    (f32::from(b[c]) - want).abs() <= 1.0,
+                    "({u},{v}) channel {c}: {b:?} vs {a:?}"
+                );
+            }
+        }
+        std::fs::write(&m, [0u8; 12]).expect("write");
+        let bad = OnnxSwapper::load(&rt, &dir.join("test/swap_invert.onnx"), Some(&m))
+            .err()
+            .expect("refused");
+        assert!(bad.to_string().contains("512 columns"), "{bad}");
 
         // Through the whole swap: the face region is the inverse of the
         // photo's (negative correlation), everything far away is unchanged.

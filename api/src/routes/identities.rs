@@ -178,6 +178,7 @@ async fn store_photo(
     what: &str,
     image: &FormImage,
 ) -> ApiResult<(String, PreprocessSpec)> {
+    let replaces = what == "pov";
     let key = format!(
         "identities/{account}/{code}/{what}-{}.{}",
         ulid::Ulid::new().to_string().to_lowercase(),
@@ -194,6 +195,7 @@ async fn store_photo(
             filename: image.filename.clone(),
         }],
         min_usable: 1,
+        replaces,
     };
     Ok((key, spec))
 }
@@ -225,6 +227,18 @@ pub(crate) fn preprocessing_job<'a>(
         active_job_cap: None,
         traceparent: Some(traceparent),
         identity: Some(IdentityUse::Builds(code)),
+    }
+}
+
+/// The 400 for a photo that cannot become (or replace) a face. Says
+/// `face_detected: false` when the problem is the face; other problems
+/// (unreadable, too large) leave it out: no face was looked for.
+fn photo_problem(message: &str) -> ApiError {
+    let e = ApiError::bad_request(Some("image"), message.to_string(), "form");
+    if is_face_problem(message) {
+        e.with("face_detected", false)
+    } else {
+        e
     }
 }
 
@@ -331,15 +345,8 @@ pub async fn upload(
         None => None,
     };
     let tag = match form.text.get("tag").map(|t| t.trim()) {
-        Some(t) if t.chars().count() > identity::MAX_NAME => {
-            return Err(ApiError::bad_request(
-                Some("tag"),
-                format!("must be at most {} characters", identity::MAX_NAME),
-                "form",
-            ));
-        }
         Some("") | None => None,
-        Some(t) => Some(t.to_string()),
+        Some(t) => Some(identity::validate_tag(t).map_err(|e| ApiError::invalid(vec![e]))?),
     };
     let base_name = explicit.clone().unwrap_or_else(|| {
         identity::name_from_filename(image.filename.as_deref().unwrap_or("identity"))
@@ -450,9 +457,7 @@ pub async fn upload(
                 erase(&s, &keys).await;
             }
             return Err(if is_input_problem(&message) {
-                ApiError::bad_request(Some("image"), message.clone(), "form")
-                    .with("face_detected", !is_face_problem(&message))
-                    .with("preprocessing_job_id", admitted)
+                photo_problem(&message).with("preprocessing_job_id", admitted)
             } else {
                 ApiError::unavailable(
                     format!("identity preprocessing failed: {message}; try again"),
@@ -521,6 +526,11 @@ pub async fn list(
             "query",
         ));
     }
+    for (field, v) in [("search", &q.search), ("tag", &q.tag)] {
+        if let Some(v) = v {
+            identity::validate_text(field, v).map_err(|e| ApiError::invalid(vec![e]))?;
+        }
+    }
     // Only private identities exist on this platform (no group sharing or
     // platform defaults yet): `shared` and `default` list nothing.
     let empty = match q.ownership.as_deref() {
@@ -550,11 +560,8 @@ pub async fn list(
                     by_name,
                     search: q.search.clone().filter(|x| !x.is_empty()),
                     status: q.preprocessing_status.clone(),
-                    tag: q
-                        .tag
-                        .as_ref()
-                        .filter(|x| !x.is_empty())
-                        .map(|t| format!("%{}%", t.to_lowercase())),
+                    tag: q.tag.clone().filter(|x| !x.is_empty()),
+                    tag_exact: None,
                 },
             )
             .await?
@@ -730,9 +737,10 @@ pub async fn replace_pov(
                 .into_iter()
                 .find_map(|o| o.error_message)
                 .unwrap_or_else(|| "preprocessing failed".into());
+            // The refused photo is not kept (the identity keeps its face).
+            erase(&s, std::slice::from_ref(&key)).await;
             Err(if is_input_problem(&message) {
-                ApiError::bad_request(Some("image"), message.clone(), "form")
-                    .with("face_detected", !is_face_problem(&message))
+                photo_problem(&message)
             } else {
                 ApiError::unavailable(format!("face replacement failed: {message}; try again"), 5)
             })

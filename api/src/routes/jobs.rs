@@ -297,7 +297,24 @@ pub async fn results(
             Value::Null
         },
     );
-    obj.insert("identity".into(), json!(job.identity_code));
+    // For preprocessing jobs: what this job made of the identity (§3.10).
+    let identity = match (&job.identity_code, job.job_type.as_str()) {
+        (Some(code), "identity_preprocessing") => {
+            let record = outputs.first().and_then(|o| {
+                o.input_description.as_deref().and_then(|d| {
+                    serde_json::from_str::<atelier_shared::domain::identity::FaceRecord>(d).ok()
+                })
+            });
+            json!({
+                "identity_code": code,
+                "preprocessing_status": atelier_shared::domain::identity::preprocessing_status(Some(&job.status)),
+                "quality_score": record.map(|r| r.quality_score),
+                "preprocessing_time": job.finalized_at.map(|f| (f - job.created_at).max(0) as f64 / 1000.0),
+            })
+        }
+        _ => Value::Null,
+    };
+    obj.insert("identity".into(), identity);
     Ok(axum::Json(body))
 }
 

@@ -20,7 +20,9 @@ use atelier_shared::db::identities::{
     DeleteIdentity, IdentityAdmission, IdentityQuery, NewIdentity,
 };
 use atelier_shared::domain::credits::PriceTable;
-use atelier_shared::domain::identity::{IdentityKind, PhotoSource, PreprocessSpec, profile_status};
+use atelier_shared::domain::identity::{
+    self, IdentityKind, PhotoSource, PreprocessSpec, profile_status,
+};
 use atelier_shared::time::iso8601;
 use axum::extract::multipart::Multipart;
 use axum::extract::{FromRequest, Path, Request, State};
@@ -131,14 +133,8 @@ async fn admit(
             ));
         }
     };
-    if let Some(t) = &body.tag
-        && (t.is_empty() || t.chars().count() > 128)
-    {
-        return Err(ApiError::bad_request(
-            Some("tag"),
-            "must be 1 to 128 characters",
-            "body",
-        ));
+    if let Some(t) = &body.tag {
+        identity::validate_tag(t).map_err(|e| ApiError::invalid(vec![e]))?;
     }
     let n = body.image_urls.len() + stored.len();
     if n < min as usize || n > max as usize {
@@ -178,6 +174,7 @@ async fn admit(
         photos: photos.clone(),
         // Most of the photos must show the subject clearly.
         min_usable: count.div_ceil(2),
+        replaces: false,
     };
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
     let job = preprocessing_job(

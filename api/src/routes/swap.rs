@@ -9,7 +9,7 @@ use crate::routes::jobs::{check_images, creation_limit, refusal};
 use atelier_shared::db::jobs::{Admission, IdentityUse, NewJob, NewOutput};
 use atelier_shared::domain::JobType;
 use atelier_shared::domain::credits::PriceTable;
-use atelier_shared::domain::identity::{self, SwapEngine};
+use atelier_shared::domain::identity::{self, IdentityKind, SwapEngine};
 use atelier_shared::domain::trace::TraceParent;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -38,6 +38,18 @@ pub async fn create(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Project {} not found", req.project_id)))?;
     check_images(&s, &acc.id, &spec.images).await?;
+    // The identity's 404/409 come before the cap and credits (DESIGN.md's
+    // order); admission checks it again with the identity row locked.
+    let ident = s
+        .store
+        .identity_for(&acc.id, IdentityKind::Identity, &spec.identity_code)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Identity {} not found", spec.identity_code)))?;
+    if ident.preprocessing_status() != "completed" {
+        return Err(refusal(Admission::IdentityNotReady {
+            status: ident.preprocessing_status().to_string(),
+        }));
+    }
 
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
     let outputs = (0..spec.images.len() as u32)

@@ -857,6 +857,7 @@ fn preprocess<'a>(acc: &'a str, code: &'a str, photo: &str, cost: i64) -> NewJob
             filename: None,
         }],
         min_usable: 1,
+        replaces: false,
     };
     NewJob {
         job_type: JobType::IdentityPreprocessing,
@@ -1026,6 +1027,22 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
         (row.job_id.as_deref(), row.crop_key.as_deref()),
         (Some(j2.as_str()), Some("faces/f2"))
     );
+    // A swap admitted before the replacement keeps the face it was
+    // admitted with; one admitted now gets the new face.
+    let face = |j: String| {
+        let s = s.clone();
+        async move {
+            s.job(&j)
+                .await
+                .expect("job")
+                .expect("exists")
+                .identity_face_job
+        }
+    };
+    assert_eq!(face(swap_job.clone()).await, Some(j1.clone()));
+    let later = created(&s, swap("idn_a")).await;
+    assert_eq!(face(later.clone()).await, Some(j2.clone()));
+    assert_eq!(s.abort_job(&a, &later).await.expect("abort"), Some(true));
     let j3 = replace("photos/p3").await;
     finish(j3, 3, false).await;
     let row = read("idn_a").await.expect("row");

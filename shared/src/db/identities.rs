@@ -124,10 +124,28 @@ pub struct IdentityQuery {
     pub per_page: i64,
     pub ascending: bool,
     pub by_name: bool,
+    /// Text the name contains (case-insensitive for ASCII).
     pub search: Option<String>,
     pub status: Option<String>,
-    /// A `LIKE` pattern matched against the lower-cased tag.
+    /// Text the tag contains (case-insensitive for ASCII).
     pub tag: Option<String>,
+    /// The exact tag.
+    pub tag_exact: Option<String>,
+}
+
+/// A `LIKE` pattern (escape `\`) matching values that contain `text`
+/// literally: `%`, `_` and `\` in it are not wildcards.
+fn contains_pattern(text: &str) -> String {
+    let mut p = String::with_capacity(text.len() + 2);
+    p.push('%');
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -284,6 +302,22 @@ impl Store {
             .await?)
     }
 
+    /// The face a completed preprocessing job built: its crop's key and
+    /// record (`None` if the job has no completed output).
+    pub async fn face_of(&self, job_id: &str) -> Result<Option<(String, FaceRecord)>> {
+        let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT full_key, input_description FROM outputs WHERE job_id = $1 AND status = 'completed' \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(job_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(match row {
+            Some((Some(key), Some(d))) => serde_json::from_str(&d).ok().map(|r| (key, r)),
+            _ => None,
+        })
+    }
+
     /// Any identity by code (workers read the one a job names).
     pub async fn identity(&self, code: &str) -> Result<Option<IdentityRow>> {
         let sql = identity_select("WHERE i.code = $1");
@@ -299,31 +333,36 @@ impl Store {
         kind: IdentityKind,
         q: &IdentityQuery,
     ) -> Result<(Vec<IdentityRow>, i64)> {
-        let pattern = q.search.as_ref().map(|s| format!("%{}%", s.to_lowercase()));
-        let tag = q.tag.as_deref();
+        let name_like = q.search.as_deref().map(contains_pattern);
+        let tag_like = q.tag.as_deref().map(contains_pattern);
         let filter = format!(
-            "WHERE i.account_id = $1 AND i.kind = $2 AND ($3 IS NULL OR LOWER(i.name) LIKE $3) \
-             AND ($4 IS NULL OR {STATUS_SQL} = $4) AND ($5 IS NULL OR LOWER(i.tag) LIKE $5)"
+            "WHERE i.account_id = $1 AND i.kind = $2 \
+             AND ($3 IS NULL OR LOWER(i.name) LIKE LOWER($3) ESCAPE '\\') \
+             AND ($4 IS NULL OR {STATUS_SQL} = $4) \
+             AND ($5 IS NULL OR LOWER(i.tag) LIKE LOWER($5) ESCAPE '\\') \
+             AND ($6 IS NULL OR i.tag = $6)"
         );
         let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {IDENTITY_FROM} {filter}"))
             .bind(account_id)
             .bind(kind.as_str())
-            .bind(pattern.as_deref())
+            .bind(name_like.as_deref())
             .bind(q.status.as_deref())
-            .bind(tag)
+            .bind(tag_like.as_deref())
+            .bind(q.tag_exact.as_deref())
             .fetch_one(self.pool())
             .await?;
         let order = if q.ascending { "ASC" } else { "DESC" };
         let column = if q.by_name { "i.name" } else { "i.created_at" };
         let sql = identity_select(&format!(
-            "{filter} ORDER BY {column} {order}, i.code {order} LIMIT $6 OFFSET $7"
+            "{filter} ORDER BY {column} {order}, i.code {order} LIMIT $7 OFFSET $8"
         ));
         let rows = sqlx::query_as::<_, IdentityRow>(&sql)
             .bind(account_id)
             .bind(kind.as_str())
-            .bind(pattern.as_deref())
+            .bind(name_like.as_deref())
             .bind(q.status.as_deref())
-            .bind(tag)
+            .bind(tag_like.as_deref())
+            .bind(q.tag_exact.as_deref())
             .bind(q.per_page)
             .bind((q.page - 1).max(0) * q.per_page)
             .fetch_all(self.pool())

@@ -31,6 +31,8 @@ pub struct JobRow {
     pub credits_held: i64,
     pub credits_charged: i64,
     pub identity_code: Option<String>,
+    /// The preprocessing job whose face a model swap uses.
+    pub identity_face_job: Option<String>,
 }
 
 impl JobRow {
@@ -62,7 +64,7 @@ impl JobRow {
 pub(crate) const JOB_SELECT: &str = "SELECT j.id, j.account_id, j.billing_account_id, j.project_id, p.name AS project_name, \
      j.job_type, j.status, j.spec, j.total_outputs, j.completed_outputs, j.failed_outputs, j.should_post_process, \
      j.post_processing_status, j.post_processing_error, j.error_message, j.created_at, j.updated_at, j.finalized_at, \
-     COALESCE(r.held, 0) AS credits_held, COALESCE(r.charged, 0) AS credits_charged, j.identity_code \
+     COALESCE(r.held, 0) AS credits_held, COALESCE(r.charged, 0) AS credits_charged, j.identity_code, j.identity_face_job \
      FROM jobs j LEFT JOIN projects p ON p.id = j.project_id LEFT JOIN reservations r ON r.job_id = j.id";
 
 #[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
@@ -231,21 +233,26 @@ impl Store {
                 });
             }
         }
+        // The identity's current face (a completed replacement counts),
+        // with the identity row locked against a concurrent delete.
+        let mut face_job: Option<String> = None;
         if let Some(IdentityUse::Ready(code)) = j.identity {
             let sql = format!(
-                "SELECT j.status FROM identities i LEFT JOIN jobs j ON j.id = i.job_id \
+                "SELECT j.status, j.id FROM identities i \
+                 LEFT JOIN jobs pj ON pj.id = i.pending_job_id \
+                 LEFT JOIN jobs j ON j.id = (CASE WHEN pj.status = 'completed' THEN pj.id ELSE i.job_id END) \
                  WHERE i.code = $1 AND i.account_id = $2{}",
                 self.for_update_of("i")
             );
-            let status: Option<Option<String>> = sqlx::query_scalar(&sql)
+            let found: Option<(Option<String>, Option<String>)> = sqlx::query_as(&sql)
                 .bind(code)
                 .bind(j.account_id)
                 .fetch_optional(&mut **tx)
                 .await?;
-            match status {
+            match found {
                 None => return Ok(Admission::IdentityNotFound),
-                Some(Some(s)) if s == "completed" => {}
-                Some(s) => {
+                Some((Some(s), id)) if s == "completed" => face_job = id,
+                Some((s, _)) => {
                     return Ok(Admission::IdentityNotReady {
                         status: crate::domain::identity::preprocessing_status(s.as_deref())
                             .to_string(),
@@ -256,8 +263,8 @@ impl Store {
         let job_id = crate::domain::JobId::generate().0;
         sqlx::query(
             "INSERT INTO jobs (id, account_id, billing_account_id, project_id, job_type, status, spec, total_outputs, \
-             should_post_process, post_processing_status, counts_against_cap, created_at, updated_at, traceparent, identity_code) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $11, $12, $13)",
+             should_post_process, post_processing_status, counts_against_cap, created_at, updated_at, traceparent, identity_code, identity_face_job) \
+             VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $11, $12, $13, $14)",
         )
         .bind(&job_id)
         .bind(j.account_id)
@@ -274,6 +281,7 @@ impl Store {
         .bind(j.identity.map(|i| match i {
             IdentityUse::Ready(c) | IdentityUse::Builds(c) => c,
         }))
+        .bind(face_job.as_deref())
         .execute(&mut **tx)
         .await?;
         for o in &j.outputs {

@@ -63,8 +63,12 @@ pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
         "post_processing_status": job.post_processing_status,
     });
     insert(tx, &job.account_id, "batch_edit", Some(job_id), &data).await?;
+    // A face replacement leaves the identity's status as it is: only the
+    // job's own batch_edit events tell its progress.
     if job.job_type == "identity_preprocessing"
         && let Some(code) = &job.identity_code
+        && !serde_json::from_str::<crate::domain::identity::PreprocessSpec>(&job.spec)
+            .is_ok_and(|s| s.replaces)
     {
         notify_identity(tx, &job, code).await?;
     }

@@ -94,6 +94,10 @@ pub struct PreprocessSpec {
     /// Photos that must pass the face checks for the build to succeed
     /// (1 for an identity; a profile needs most of its photos).
     pub min_usable: u32,
+    /// A face replacement (`POST /identity/{code}/pov`): the identity's
+    /// status does not follow this job's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replaces: bool,
 }
 
 /// What one photo of a build contributed.
@@ -297,6 +301,34 @@ pub fn validate_name(name: &str) -> Result<String, FieldError> {
     Ok(n.to_string())
 }
 
+/// Checks a tag (1–128 characters, no control characters).
+pub fn validate_tag(tag: &str) -> Result<String, FieldError> {
+    let t = tag.trim();
+    if t.is_empty() || t.chars().count() > MAX_NAME {
+        return Err(FieldError::new(
+            "tag",
+            format!("must be 1 to {MAX_NAME} characters"),
+        ));
+    }
+    validate_text("tag", t)?;
+    Ok(t.to_string())
+}
+
+/// Free text a filter or field may hold: no control characters (NUL
+/// cannot even be stored), at most 1000 characters.
+pub fn validate_text(field: &str, text: &str) -> Result<(), FieldError> {
+    if text.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    if text.chars().count() > 1000 {
+        return Err(FieldError::new(field, "must be at most 1000 characters"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +385,9 @@ mod tests {
         assert!(validate_name("  ").is_err());
         assert!(validate_name(&"x".repeat(129)).is_err());
         assert_eq!(validate_name(" Eva ").expect("ok"), "Eva");
+        assert!(validate_tag("a\u{0}b").is_err());
+        assert!(validate_tag("").is_err());
+        assert_eq!(validate_tag(" user_42 ").expect("ok"), "user_42");
+        assert!(validate_text("search", "x\ny").is_err());
     }
 }
