@@ -73,6 +73,10 @@ async fn identity_upload_checks_the_face_before_answering() {
     );
     let q = v["quality_score"].as_f64().expect("quality");
     assert!(q > 0.0 && q <= 1.0, "{q}");
+    assert!(
+        ((q * 1000.0).round() - q * 1000.0).abs() < 1e-6,
+        "three decimals: {q}"
+    );
     // The crop is a real 512×512 face image.
     let crop = app.fetch(&v["face_link"]).await;
     let crop = image::load_from_memory(&crop).expect("crop decodes");

@@ -276,7 +276,7 @@ pub async fn view(s: &AppState, i: &IdentityRow) -> ApiResult<Value> {
         "preprocessing_status": i.preprocessing_status(),
         "preprocessing_job_id": i.job_id,
         "preprocessing_time": i.preprocessing_time(),
-        "quality_score": record.as_ref().map(|r| r.quality_score),
+        "quality_score": record.as_ref().map(|r| r.quality()),
         "error_message": i.error_message(),
         "tier": Value::Null,
         "created_at": iso8601(i.created_at),
@@ -288,11 +288,11 @@ pub async fn view(s: &AppState, i: &IdentityRow) -> ApiResult<Value> {
 fn face_metadata(i: &IdentityRow) -> Value {
     match i.record() {
         Some(r) => json!({
-            "confidence": r.photos.first().and_then(|p| p.face_score),
+            "confidence": r.photos.first().and_then(|p| p.face_score).map(identity::round3),
             "x": r.face_box[0], "y": r.face_box[1],
             "width": r.face_box[2] - r.face_box[0], "height": r.face_box[3] - r.face_box[1],
             "image_width": r.photo_width, "image_height": r.photo_height,
-            "quality_score": r.quality_score,
+            "quality_score": r.quality(),
         }),
         None => json!({}),
     }
@@ -603,7 +603,7 @@ pub async fn status(
         "preprocessing_status": row.preprocessing_status(),
         "preprocessing_job_id": row.job_id,
         "preprocessing_time": row.preprocessing_time(),
-        "quality_score": row.record().map(|r| r.quality_score),
+        "quality_score": row.record().map(|r| r.quality()),
         "error_message": row.error_message(),
     })))
 }

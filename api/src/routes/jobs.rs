@@ -308,7 +308,7 @@ pub async fn results(
             json!({
                 "identity_code": code,
                 "preprocessing_status": atelier_shared::domain::identity::preprocessing_status(Some(&job.status)),
-                "quality_score": record.map(|r| r.quality_score),
+                "quality_score": record.map(|r| r.quality()),
                 "preprocessing_time": job.finalized_at.map(|f| (f - job.created_at).max(0) as f64 / 1000.0),
             })
         }

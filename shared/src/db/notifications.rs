@@ -92,7 +92,7 @@ async fn notify_identity(tx: &mut Tx, job: &JobRow, code: &str) -> Result<()> {
     };
     let quality = record
         .and_then(|r| serde_json::from_str::<crate::domain::identity::FaceRecord>(&r).ok())
-        .map(|r| r.quality_score);
+        .map(|r| r.quality());
     let data = serde_json::json!({
         "identity_code": code,
         "preprocessing_job_id": job.id,

@@ -144,6 +144,19 @@ pub struct FaceRecord {
     pub photos: Vec<PhotoReport>,
 }
 
+impl FaceRecord {
+    /// `quality_score` as shown to clients (three decimals).
+    pub fn quality(&self) -> f64 {
+        round3(self.quality_score)
+    }
+}
+
+/// An `f32` score as a clean JSON number with three decimals (`0.799`, not
+/// `0.7990000247955322`).
+pub fn round3(v: f32) -> f64 {
+    (f64::from(v) * 1000.0).round() / 1000.0
+}
+
 /// Model-swap engines a client can name (contract §3.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
