@@ -421,6 +421,18 @@ impl TestApp {
         )
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub async fn balance(&self, key: &str) -> (f64, f64) {
         let (s, v) = self.get_as(key, "/billing/balance").await;
         assert_eq!(s, StatusCode::OK, "{v}");

@@ -517,15 +517,7 @@ async fn swap_end_to_end(
         out.save(format!("{dir}/swap.png")).expect("save");
     }
     // Tasks are counted per work queue.
-    let m = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = app.metrics().await;
     assert!(
         m.lines().any(|l| l.starts_with("atelier_tasks_total")
             && l.contains("type=\"swap\"")

@@ -47,15 +47,7 @@ async fn end_to_end(dialect: Dialect, tweak: impl FnOnce(&mut atelier_shared::co
     // scheduler refreshes its gauges every 5 s).
     let t = std::time::Instant::now();
     loop {
-        let m = app
-            .http
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let m = app.metrics().await;
         if [
             "atelier_credits_charged",
             "atelier_credits_reserved",

@@ -6,12 +6,12 @@
 //! profile build from ten photos, and a model swap of one product photo
 //! (detection + built-in blend), plus the blend alone.
 
+mod common;
+
 use atelier_shared::domain::identity::{IdentityKind, PhotoSource, PreprocessSpec};
 use atelier_worker::face::{self, FaceDetector, FaceEmbedder};
 use atelier_worker::identity::{self, FaceKit};
-use atelier_worker::inference::{
-    Device, ModelOptions, Runtime, RuntimeOptions, default_models_dir,
-};
+use atelier_worker::inference::ModelOptions;
 use atelier_worker::swap::{self, IdentityFace};
 use std::time::Instant;
 
@@ -43,22 +43,7 @@ fn spec(kind: IdentityKind, n: usize) -> PreprocessSpec {
 }
 
 fn main() {
-    let dir = default_models_dir();
-    let device = if std::env::var("ATELIER_WORKER__DEVICE").as_deref() == Ok("cuda") {
-        Device::Cuda
-    } else {
-        Device::Cpu
-    };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let rt = Runtime::get(&RuntimeOptions {
-        library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")),
-        device,
-        intra_threads: threads,
-    })
-    .expect("ONNX Runtime: run scripts/fetch-models first");
-    println!("device: {:?}, cores: {threads}", rt.device);
+    let (dir, rt) = common::runtime();
     let opts = ModelOptions::default();
     let kit = FaceKit {
         detector: FaceDetector::load(&rt, &dir.join("scrfd.onnx"), opts).expect("scrfd"),

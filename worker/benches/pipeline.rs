@@ -5,14 +5,14 @@
 //! images/s with 1 and 2 concurrent tasks, and the effect of dynamic
 //! batching on a model with a dynamic batch axis.
 
+mod common;
+
 use atelier_shared::domain::packshot::{
     DesignCatalogue, EngineAvailability, PackshotSpec, parse_request, validate,
 };
 use atelier_worker::engine::{Input, RenderRequest};
 use atelier_worker::imaging;
-use atelier_worker::inference::{
-    Device, Model, ModelOptions, Runtime, RuntimeOptions, default_models_dir,
-};
+use atelier_worker::inference::{Model, ModelOptions};
 use atelier_worker::packshot::AtelierEngine;
 use ndarray::{ArrayD, IxDyn};
 use std::sync::Arc;
@@ -35,22 +35,7 @@ fn spec(size: &str) -> PackshotSpec {
 }
 
 fn main() {
-    let dir = default_models_dir();
-    let device = if std::env::var("ATELIER_WORKER__DEVICE").as_deref() == Ok("cuda") {
-        Device::Cuda
-    } else {
-        Device::Cpu
-    };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let rt = Runtime::get(&RuntimeOptions {
-        library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")),
-        device,
-        intra_threads: threads,
-    })
-    .expect("ONNX Runtime: run scripts/fetch-models first");
-    println!("device: {:?}, cores: {threads}", rt.device);
+    let (dir, rt) = common::runtime();
 
     for (name, file) in [
         ("isnet_fp16", "isnet_fp16.onnx"),

@@ -10,7 +10,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Query;
-use crate::routes::jobs::refusal;
+use crate::routes::jobs::{job_trace, refusal};
 use atelier_shared::db::identities::{
     DeleteIdentity, IdentityAdmission, IdentityQuery, IdentityRow, NewIdentity,
 };
@@ -20,7 +20,6 @@ use atelier_shared::domain::credits::PriceTable;
 use atelier_shared::domain::identity::{
     self, IdentityKind, PhotoSource, PreprocessSpec, is_face_problem, is_input_problem,
 };
-use atelier_shared::domain::trace::TraceParent;
 use atelier_shared::time::iso8601;
 use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::extract::{Path, State};
@@ -143,14 +142,6 @@ pub async fn read_form(
         }
     }
     Ok(form)
-}
-
-pub(crate) fn traceparent(headers: &HeaderMap) -> String {
-    let client = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceParent::parse);
-    atelier_shared::telemetry::hop_of(&tracing::Span::current(), client.as_ref()).to_string()
 }
 
 /// A form with exactly one `image` part; the image and the text fields.
@@ -306,28 +297,25 @@ pub(crate) async fn erase(s: &AppState, keys: &[String]) {
     }
 }
 
-/// Waits until the preprocessing job ends or `limit` passes.
-async fn settle(
-    s: &AppState,
-    account: &str,
-    code: &str,
-    limit: Duration,
-) -> ApiResult<IdentityRow> {
+/// Waits, up to `identity.upload_wait_ms`, for a preprocessing job to end
+/// (the face check is done then); its status when it ended or the wait did.
+async fn wait_for_job(s: &AppState, job_id: &str) -> ApiResult<atelier_shared::domain::JobStatus> {
+    let limit = Duration::from_millis(s.config.identity.upload_wait_ms);
     let start = Instant::now();
     let mut pause = Duration::from_millis(25);
     loop {
-        let row = s
+        let status = s
             .store
-            .identity_for(account, IdentityKind::Identity, code)
+            .job(job_id)
             .await?
-            .ok_or_else(|| ApiError::not_found(format!("Identity {code} not found")))?;
-        let done = matches!(row.preprocessing_status(), "completed" | "failed");
-        if done || start.elapsed() >= limit {
-            return Ok(row);
+            .ok_or_else(|| ApiError::internal(format!("preprocessing job {job_id} vanished")))?
+            .status();
+        if status.is_terminal() || start.elapsed() >= limit {
+            return Ok(status);
         }
         tokio::select! {
             _ = tokio::time::sleep(pause.min(limit.saturating_sub(start.elapsed()))) => {}
-            _ = s.shutdown.cancelled() => return Ok(row),
+            _ = s.shutdown.cancelled() => return Ok(status),
         }
         pause = (pause * 2).min(Duration::from_millis(250));
     }
@@ -356,7 +344,7 @@ pub async fn upload(
     let (photo_key, spec) = store_photo(&s, &acc.id, &code, "photo", &image).await?;
     let spec_json = serde_json::to_string(&spec).map_err(ApiError::internal)?;
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
-    let trace = traceparent(&headers);
+    let trace = job_trace(&headers).to_string();
     // The default name (the file stem) is made unique with a suffix; an
     // explicit name that is taken is the client's conflict (409).
     let mut attempt = 1;
@@ -430,8 +418,8 @@ pub async fn upload(
         .increment(1);
     tracing::info!(identity = %code, job.id = %admitted, account.id = %acc.id, "identity accepted");
 
-    let wait = Duration::from_millis(s.config.identity.upload_wait_ms);
-    let row = settle(&s, &acc.id, &code, wait).await?;
+    wait_for_job(&s, &admitted).await?;
+    let row = load(&s, &acc.id, &code).await?;
     let mut body = view(&s, &row).await?;
     let obj = body
         .as_object_mut()
@@ -677,7 +665,7 @@ pub async fn replace_pov(
         &code,
         serde_json::to_string(&spec).map_err(ApiError::internal)?,
         atelier_shared::domain::Credits::ZERO,
-        traceparent(&headers),
+        job_trace(&headers).to_string(),
     );
     let job_id = match s.store.start_face_replacement(&acc.id, &code, job).await {
         Ok(Some(atelier_shared::db::jobs::Admission::Created { job_id, .. })) => job_id,
@@ -694,21 +682,7 @@ pub async fn replace_pov(
         }
     };
     // Wait for the face check, as an upload does.
-    let limit = Duration::from_millis(s.config.identity.upload_wait_ms);
-    let start = Instant::now();
-    let mut pause = Duration::from_millis(25);
-    let status = loop {
-        let job = s
-            .store
-            .job(&job_id)
-            .await?
-            .ok_or_else(|| ApiError::internal("the replacement job vanished"))?;
-        if job.status().is_terminal() || start.elapsed() >= limit || s.shutdown.is_cancelled() {
-            break job.status();
-        }
-        tokio::time::sleep(pause.min(limit.saturating_sub(start.elapsed()))).await;
-        pause = (pause * 2).min(Duration::from_millis(250));
-    };
+    let status = wait_for_job(&s, &job_id).await?;
     let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
     match status {
         atelier_shared::domain::JobStatus::Completed => {

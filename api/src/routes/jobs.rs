@@ -78,13 +78,7 @@ pub async fn create_packshot(
         })
         .collect::<Vec<_>>();
     let spec_json = serde_json::to_string(&spec).map_err(ApiError::internal)?;
-    // The job's work continues the client's trace when it sent one.
-    // (The request span already adopted it: see `router`.)
-    let client = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceParent::parse);
-    let trace = atelier_shared::telemetry::hop_of(&tracing::Span::current(), client.as_ref());
+    let trace = job_trace(&headers);
     tracing::info!(trace_id = %trace.trace_id_hex(), account = %acc.id, "admitting create-packshot");
     let admission = s
         .store
@@ -124,6 +118,17 @@ pub async fn create_packshot(
     };
     stamp(resp.headers_mut(), &decision);
     Ok(resp)
+}
+
+/// The trace a new job's work continues: a hop of the request span, in the
+/// client's trace when it sent a `traceparent` (the request span already
+/// adopted it: see `router`).
+pub(crate) fn job_trace(headers: &axum::http::HeaderMap) -> TraceParent {
+    let client = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
+    atelier_shared::telemetry::hop_of(&tracing::Span::current(), client.as_ref())
 }
 
 /// The creation bucket of `endpoint` (contract §1.9: 5 per minute per

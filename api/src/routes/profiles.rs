@@ -14,8 +14,8 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Query;
-use crate::routes::identities::{erase, preprocessing_job, read_form, traceparent};
-use crate::routes::jobs::refusal;
+use crate::routes::identities::{erase, preprocessing_job, read_form};
+use crate::routes::jobs::{job_trace, refusal};
 use atelier_shared::db::identities::{
     DeleteIdentity, IdentityAdmission, IdentityQuery, NewIdentity,
 };
@@ -184,7 +184,7 @@ async fn admit(
         code,
         serde_json::to_string(&spec).map_err(ApiError::internal)?,
         PriceTable::flat(s.config.prices.profile),
-        traceparent(headers),
+        job_trace(headers).to_string(),
     );
     let ident = NewIdentity {
         code,

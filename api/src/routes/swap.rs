@@ -5,12 +5,11 @@ use crate::AppState;
 use crate::auth::{Caller, stamp};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonValue;
-use crate::routes::jobs::{check_images, creation_limit, refusal};
+use crate::routes::jobs::{check_images, creation_limit, job_trace, refusal};
 use atelier_shared::db::jobs::{Admission, IdentityUse, NewJob, NewOutput};
 use atelier_shared::domain::JobType;
 use atelier_shared::domain::credits::PriceTable;
 use atelier_shared::domain::identity::{self, IdentityKind, SwapEngine};
-use atelier_shared::domain::trace::TraceParent;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -61,11 +60,7 @@ pub async fn create(
         })
         .collect::<Vec<_>>();
     let spec_json = serde_json::to_string(&spec).map_err(ApiError::internal)?;
-    let client = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(TraceParent::parse);
-    let trace = atelier_shared::telemetry::hop_of(&tracing::Span::current(), client.as_ref());
+    let trace = job_trace(&headers);
     let admission = s
         .store
         .create_job(NewJob {

@@ -181,7 +181,7 @@ impl Store {
             });
         }
         if let Some(cap) = ident.slot_cap {
-            let used = self.identity_count(ident.account_id, ident.kind).await?;
+            let used = count_identities(self.pool(), ident.account_id, ident.kind).await?;
             if used >= i64::from(cap) {
                 return Ok(IdentityAdmission::SlotsExhausted { used, cap });
             }
@@ -205,13 +205,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if let Some(cap) = ident.slot_cap {
-            let used: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM identities WHERE account_id = $1 AND kind = $2",
-            )
-            .bind(ident.account_id)
-            .bind(ident.kind.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
+            let used = count_identities(&mut *tx, ident.account_id, ident.kind).await?;
             if used >= i64::from(cap) {
                 tx.rollback().await?;
                 return Ok(IdentityAdmission::SlotsExhausted { used, cap });
@@ -273,16 +267,6 @@ impl Store {
         .bind(kind.as_str())
         .bind(name)
         .fetch_optional(self.pool())
-        .await?)
-    }
-
-    pub async fn identity_count(&self, account_id: &str, kind: IdentityKind) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM identities WHERE account_id = $1 AND kind = $2",
-        )
-        .bind(account_id)
-        .bind(kind.as_str())
-        .fetch_one(self.pool())
         .await?)
     }
 
@@ -488,4 +472,19 @@ async fn identity_objects(tx: &mut super::Tx, code: &str) -> Result<Vec<String>>
     keys.sort();
     keys.dedup();
     Ok(keys)
+}
+
+/// Identities of one kind an account has (the slot count), on the pool or
+/// inside a transaction.
+async fn count_identities<'e, E>(e: E, account_id: &str, kind: IdentityKind) -> Result<i64>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM identities WHERE account_id = $1 AND kind = $2")
+            .bind(account_id)
+            .bind(kind.as_str())
+            .fetch_one(e)
+            .await?,
+    )
 }
