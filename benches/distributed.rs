@@ -19,9 +19,10 @@
 use atelier::app::{self, Roles};
 use atelier_shared::config::Config;
 use atelier_shared::db::testing::create_postgres_database;
+use atelier_shared::domain::JobStatus;
 use atelier_shared::queue::rabbitmq::RabbitQueue;
 use atelier_shared::queue::{Message, Queue};
-use atelier_worker::engine::{Engine, Pipeline, RenderRequest, Rendered};
+use atelier_worker::engines::{Engine, Pipeline, RenderRequest, Rendered};
 use atelier_worker::failure::TaskFailure;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -115,7 +116,7 @@ async fn platform(jobs: usize) -> anyhow::Result<()> {
     for _ in 0..WORKERS {
         let mut ctx = atelier_worker::WorkerContext::from_config(
             &cfg,
-            s.store.clone(),
+            Default::default(),
             s.queue.clone(),
             s.objects.clone(),
         );
@@ -176,13 +177,16 @@ async fn platform(jobs: usize) -> anyhow::Result<()> {
         ids.extend(s.await??);
     }
     let admitted = started.elapsed();
-    let store = &s.store;
+    let store = s
+        .store
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the API role has the database"))?;
     loop {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'processing')",
-        )
-        .fetch_one(store.pool())
-        .await?;
+        let sql = format!(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ({})",
+            JobStatus::sql_in(&JobStatus::OPEN)
+        );
+        let open: i64 = sqlx::query_scalar(&sql).fetch_one(store.pool()).await?;
         if open == 0 {
             break;
         }

@@ -5,7 +5,7 @@ use anyhow::{Context, anyhow, bail};
 use atelier_shared::config::Config;
 use atelier_shared::db::Store;
 use atelier_shared::db::accounts::{Account, NewAccount};
-use atelier_shared::domain::Credits;
+use atelier_shared::domain::{Credits, Plan};
 use clap::Subcommand;
 use serde_json::json;
 
@@ -27,13 +27,21 @@ pub enum AdminCommand {
     Audit,
 }
 
+/// `--plan`: a plan name (`standard`, `enterprise`).
+fn plan_arg(s: &str) -> Result<Plan, String> {
+    Plan::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Plan::ALL.iter().map(|p| p.as_str()).collect();
+        format!("must be one of {}", names.join(", "))
+    })
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AccountCmd {
     Create {
         #[arg(long)]
         name: String,
-        #[arg(long, default_value = "standard", value_parser = ["standard", "enterprise"])]
-        plan: String,
+        #[arg(long, default_value_t = Plan::Standard, value_parser = plan_arg)]
+        plan: Plan,
         /// Credits granted at creation.
         #[arg(long, default_value_t = 0.0)]
         credits: f64,
@@ -53,8 +61,8 @@ pub enum AccountCmd {
         /// Account id or name.
         #[arg(long)]
         account: String,
-        #[arg(long, value_parser = ["standard", "enterprise"])]
-        plan: Option<String>,
+        #[arg(long, value_parser = plan_arg)]
+        plan: Option<Plan>,
         #[arg(long, value_parser = ["1K", "2K", "4K"])]
         max_size: Option<String>,
         #[arg(long)]
@@ -154,7 +162,7 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
             let a = store
                 .create_account(NewAccount {
                     name: &name,
-                    plan: &plan,
+                    plan,
                     max_size: &max_size,
                     custom_dimensions,
                     is_operator: operator,
@@ -196,12 +204,7 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
             let a = find(&store, &account).await?;
             show(
                 &store
-                    .set_account_policy(
-                        &a.id,
-                        plan.as_deref(),
-                        max_size.as_deref(),
-                        custom_dimensions,
-                    )
+                    .set_account_policy(&a.id, plan, max_size.as_deref(), custom_dimensions)
                     .await?,
             )
         }

@@ -1,7 +1,7 @@
 //! Wiring: adapters from configuration, bootstrap, roles.
 
 use anyhow::{Context, bail};
-use atelier_shared::config::Config;
+use atelier_shared::config::{Config, QueueTarget, StorageTarget, Targets};
 use atelier_shared::db::Store;
 use atelier_shared::db::accounts::NewAccount;
 use atelier_shared::domain::Credits;
@@ -55,13 +55,18 @@ impl Roles {
     };
 }
 
-/// The adapters every role shares.
+/// The adapters the roles share.
 #[derive(Clone)]
 pub struct Services {
-    pub store: Store,
+    /// The database: `None` in a worker-only process on a broker (workers
+    /// hold no database credentials; the embedded queue lives in the
+    /// database, so a worker on it connects).
+    pub store: Option<Store>,
     pub queue: DynQueue,
     pub objects: DynObjectStore,
-    pub signer: Signer,
+    /// Signs object URLs (API and scheduler); its key comes from the
+    /// database unless configured.
+    pub signer: Option<Signer>,
     /// Stops the queue's own background tasks; cancelled after the roles stop.
     pub queue_stop: CancellationToken,
 }
@@ -69,98 +74,100 @@ pub struct Services {
 /// The object store `storage.url` names. Async because the S3 store checks
 /// its bucket at start (a wrong bucket, endpoint or key fails here, not on
 /// the first job).
-pub async fn open_objects(cfg: &Config) -> anyhow::Result<DynObjectStore> {
-    let storage_url = cfg.storage_url();
-    if let Some(dir) = storage_url.strip_prefix("file://") {
-        Ok(Arc::new(LocalStore::new(dir).with_context(|| {
-            format!("cannot use the object directory {dir}")
-        })?))
-    } else if let Some(rest) = storage_url.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.is_empty() {
-            bail!("storage.url {storage_url}: no bucket; use s3://bucket[/prefix]");
+pub async fn open_objects(target: &StorageTarget) -> anyhow::Result<DynObjectStore> {
+    match target {
+        StorageTarget::Local { dir } => {
+            Ok(Arc::new(LocalStore::new(dir).with_context(|| {
+                format!("cannot use the object directory {}", dir.display())
+            })?))
         }
-        let st = &cfg.storage;
-        let (Some(access_key), Some(secret_key)) = (&st.s3_access_key, &st.s3_secret_key) else {
-            bail!("storage: s3:// needs storage.s3_access_key and storage.s3_secret_key");
-        };
-        let endpoint = st.s3_endpoint.clone().filter(|e| !e.is_empty());
-        let store = S3Store::new(S3Options {
-            endpoint: endpoint.clone(),
-            region: st
-                .s3_region
-                .clone()
-                .filter(|r| !r.is_empty())
-                .unwrap_or_else(|| "us-east-1".into()),
-            bucket: bucket.to_string(),
-            prefix: prefix.to_string(),
-            access_key: access_key.clone(),
-            secret_key: secret_key.clone(),
-            path_style: st.s3_path_style,
-            // Buckets are provisioned by the operator (deploy/compose.yaml's
-            // minio-init, or the cloud account); a missing one is an error.
-            create_bucket: false,
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "cannot use the object store {storage_url} at {}",
-                endpoint.as_deref().unwrap_or("AWS")
-            )
-        })?;
-        Ok(Arc::new(store))
-    } else {
-        bail!("storage.url {storage_url}: must be file://<dir> or s3://bucket[/prefix]");
+        StorageTarget::S3(s3) => {
+            let store = S3Store::new(S3Options {
+                endpoint: s3.endpoint.clone(),
+                region: s3.region.clone(),
+                bucket: s3.bucket.clone(),
+                prefix: s3.prefix.clone(),
+                access_key: s3.access_key.clone(),
+                secret_key: s3.secret_key.clone(),
+                path_style: s3.path_style,
+                // Buckets are provisioned by the operator (deploy/compose.yaml's
+                // minio-init, or the cloud account); a missing one is an error.
+                create_bucket: false,
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot use the object store s3://{} at {}",
+                    s3.bucket,
+                    s3.endpoint.as_deref().unwrap_or("AWS")
+                )
+            })?;
+            Ok(Arc::new(store))
+        }
     }
 }
 
-/// Connects the store (and migrates it), the queue and the object store.
-pub async fn connect(cfg: &Config) -> anyhow::Result<Services> {
-    let store = Store::connect(&cfg.database_url(), cfg.database.max_connections)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open the database {}",
-                atelier_shared::config::redact_url(&cfg.database_url())
-            )
-        })?;
-    store.migrate().await.context("database migration failed")?;
-    let queue_stop = CancellationToken::new();
-    let queue: DynQueue = if cfg.queue.url == "embedded" {
-        Arc::new(EmbeddedQueue::new(store.clone(), queue_stop.clone()))
+/// Connects the store (and migrates it) when `roles` need it, the queue
+/// and the object store.
+pub async fn connect(cfg: &Config, targets: &Targets, roles: Roles) -> anyhow::Result<Services> {
+    let embedded_queue = targets.queue == QueueTarget::Embedded;
+    let store = if roles.api || roles.scheduler || embedded_queue {
+        let store = Store::connect(&cfg.database_url(), cfg.database.max_connections)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the database {}",
+                    atelier_shared::config::redact_url(&cfg.database_url())
+                )
+            })?;
+        store.migrate().await.context("database migration failed")?;
+        Some(store)
     } else {
-        Arc::new(
+        None
+    };
+    let queue_stop = CancellationToken::new();
+    let queue: DynQueue = match (&targets.queue, &store) {
+        (QueueTarget::Embedded, Some(store)) => {
+            Arc::new(EmbeddedQueue::new(store.clone(), queue_stop.clone()))
+        }
+        (QueueTarget::Embedded, None) => {
+            bail!("internal: the embedded queue needs the database")
+        }
+        (QueueTarget::Amqp { url, namespace }, _) => Arc::new(
             atelier_shared::queue::rabbitmq::RabbitQueue::connect(
-                &cfg.queue.url,
-                &cfg.queue.namespace,
+                url,
+                namespace,
                 queue_stop.clone(),
             )
             .await
             .with_context(|| {
                 format!(
                     "cannot reach RabbitMQ at {}",
-                    atelier_shared::config::redact_url(&cfg.queue.url)
+                    atelier_shared::config::redact_url(url)
                 )
             })?,
-        )
+        ),
     };
-    let objects = open_objects(cfg).await?;
-    let key = match &cfg.server.url_signing_key {
-        Some(k) => k.clone(),
-        None => store
-            .setting_or_init("url_signing_key", || {
-                let mut b = [0u8; 32];
-                rand::rng().fill_bytes(&mut b);
-                hex::encode(b)
-            })
-            .await
-            .context("cannot read the URL signing key")?,
+    let objects = open_objects(&targets.storage).await?;
+    let key = match (&cfg.server.url_signing_key, &store) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(store)) => Some(
+            store
+                .setting_or_init("url_signing_key", || {
+                    let mut b = [0u8; 32];
+                    rand::rng().fill_bytes(&mut b);
+                    hex::encode(b)
+                })
+                .await
+                .context("cannot read the URL signing key")?,
+        ),
+        (None, None) => None,
     };
     Ok(Services {
         store,
         queue,
         objects,
-        signer: Signer::new(key.as_bytes()),
+        signer: key.map(|k| Signer::new(k.as_bytes())),
         queue_stop,
     })
 }
@@ -173,7 +180,7 @@ pub async fn bootstrap(cfg: &Config, store: &Store) -> anyhow::Result<Option<Str
     let account = match store
         .create_account(NewAccount {
             name: "dev",
-            plan: "standard",
+            plan: atelier_shared::domain::Plan::Standard,
             max_size: &cfg.limits.default_max_size,
             custom_dimensions: false,
             is_operator: true,
@@ -236,7 +243,9 @@ impl Running {
             }
         }
         self.services.queue_stop.cancel();
-        self.services.store.close().await;
+        if let Some(store) = &self.services.store {
+            store.close().await;
+        }
         first_err.map_or(Ok(()), Err)
     }
 }
@@ -259,11 +268,16 @@ pub async fn start(
         cfg.server.public_url = format!("http://{addr}");
     }
     let cfg = Arc::new(cfg);
-    let services = connect(&cfg).await?;
-    let bootstrap_key = if roles.api {
-        bootstrap(&cfg, &services.store).await?
-    } else {
-        None
+    // The one parse of the values roles use (the same checks `Config::load`
+    // made); what is invalid has been refused there.
+    let targets = cfg.targets()?;
+    let services = connect(&cfg, &targets, roles).await?;
+    // The roles that need the database and signed URLs have them (see `connect`).
+    let needs =
+        |what: &str| anyhow::anyhow!("internal: the {what} was not connected for {roles:?}");
+    let bootstrap_key = match (&services.store, roles.api) {
+        (Some(store), true) => bootstrap(&cfg, store).await?,
+        _ => None,
     };
     let mut tasks = JoinSet::new();
     // Live notifications: the scheduler's relay publishes, API replicas
@@ -285,12 +299,28 @@ pub async fn start(
             EventBus::in_process(roles.scheduler)
         }
     };
+    // Signed object URLs, for the API's answers and the scheduler's
+    // notifications.
+    let links = match &services.signer {
+        Some(signer) => Some(Links::new(
+            services.objects.clone(),
+            signer.clone(),
+            &cfg.server.public_url,
+            &cfg.server.prefix,
+        )),
+        None => None,
+    };
     if roles.api {
         let state = atelier_api::AppState::new(
             cfg.clone(),
-            services.store.clone(),
+            atelier_api::state::Edge {
+                egress: targets.egress.clone(),
+                links: links.clone().ok_or_else(|| needs("URL signer"))?,
+                engines: targets.engines.routable(),
+            },
+            services.store.clone().ok_or_else(|| needs("database"))?,
             services.objects.clone(),
-            services.signer.clone(),
+            services.signer.clone().ok_or_else(|| needs("URL signer"))?,
             events.clone(),
         );
         if cfg.redis.url.is_some()
@@ -310,22 +340,18 @@ pub async fn start(
     if roles.scheduler {
         let ctx = atelier_scheduler::SchedulerContext::from_config(
             &cfg,
-            services.store.clone(),
+            services.store.clone().ok_or_else(|| needs("database"))?,
             services.queue.clone(),
             events.clone(),
-            Links::new(
-                services.objects.clone(),
-                services.signer.clone(),
-                &cfg.server.public_url,
-                &cfg.server.prefix,
-            ),
+            links.clone().ok_or_else(|| needs("URL signer"))?,
+            targets.egress.clone(),
         );
         tasks.spawn(atelier_scheduler::run(ctx, shutdown.clone()));
     }
     if roles.worker {
         let mut ctx = atelier_worker::WorkerContext::from_config(
             &cfg,
-            services.store.clone(),
+            targets.egress.clone(),
             services.queue.clone(),
             services.objects.clone(),
         );
@@ -357,19 +383,18 @@ pub async fn start(
         tokio::task::spawn_blocking(move || ensure_models(&c))
             .await
             .context("model fetch panicked")?;
-        let c = cfg.clone();
-        ctx.pipeline =
-            tokio::task::spawn_blocking(move || atelier_worker::engine::Pipeline::from_config(&c))
-                .await
-                .context("model loading panicked")?
-                .context("cannot load the models")?;
-        tracing::info!(engines = ?ctx.pipeline.engine_names(), "worker pipeline ready");
-        let c = cfg.clone();
-        match tokio::task::spawn_blocking(move || {
-            atelier_worker::identity::FaceKit::from_config(&c)
+        let (c, engines) = (cfg.clone(), targets.engines.clone());
+        ctx.pipeline = tokio::task::spawn_blocking(move || {
+            atelier_worker::engines::Pipeline::from_config(&c, &engines)
         })
         .await
-        .context("face model loading panicked")?
+        .context("model loading panicked")?
+        .context("cannot load the models")?;
+        tracing::info!(engines = ?ctx.pipeline.engine_names(), "worker pipeline ready");
+        let c = cfg.clone();
+        match tokio::task::spawn_blocking(move || atelier_worker::faces::FaceKit::from_config(&c))
+            .await
+            .context("face model loading panicked")?
         {
             Ok(kit) => {
                 ctx.faces = Some(std::sync::Arc::new(kit));

@@ -54,7 +54,7 @@ pub enum ModelsCommand {
 
 async fn models(cfg: &Config, cmd: ModelsCommand) -> anyhow::Result<()> {
     use atelier_worker::model_store;
-    let objects = app::open_objects(cfg).await?;
+    let objects = app::open_objects(&cfg.targets()?.storage).await?;
     let files = model_store::needed_files(cfg);
     match cmd {
         ModelsCommand::Push => {

@@ -7,14 +7,42 @@ use atelier_shared::db::StoreError;
 use atelier_shared::domain::packshot::FieldError;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+/// The error envelope every refusal answers with (contract §1.4).
+/// Endpoint-specific members (`required_credits`, `retry_after`,
+/// `existing_identity_code`, …) may follow the three fixed ones.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Short human-readable summary.
+    pub error: String,
+    pub detail: Vec<ErrorDetail>,
+    /// Stable machine-readable code (`invalid_request`, `not_found`,
+    /// `insufficient_credits`, `rate_limited`, …).
+    pub code: String,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: Map<String, Value>,
+}
+
+/// One problem of a request.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// The field as the client wrote it (`instructions[0].options.width`).
+    pub field: Option<String>,
+    pub message: String,
+    /// `body`, `query`, `path`, `header` or `form`.
+    pub position: Option<String>,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub error: String,
-    pub detail: Vec<Value>,
+    pub detail: Vec<ErrorDetail>,
     pub extra: Map<String, Value>,
     pub headers: Vec<(HeaderName, String)>,
 }
@@ -39,8 +67,11 @@ impl ApiError {
         message: impl Into<String>,
         position: &str,
     ) -> ApiError {
-        self.detail
-            .push(json!({"field": field, "message": message.into(), "position": position}));
+        self.detail.push(ErrorDetail {
+            field: field.map(str::to_string),
+            message: message.into(),
+            position: Some(position.to_string()),
+        });
         self
     }
 
@@ -151,14 +182,13 @@ impl From<atelier_shared::storage::StorageError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = Map::new();
-        body.insert("error".into(), Value::String(self.error));
-        body.insert("detail".into(), Value::Array(self.detail));
-        body.insert("code".into(), Value::String(self.code.into()));
-        for (k, v) in self.extra {
-            body.insert(k, v);
-        }
-        let mut resp = (self.status, axum::Json(Value::Object(body))).into_response();
+        let body = ErrorBody {
+            error: self.error,
+            detail: self.detail,
+            code: self.code.into(),
+            extra: self.extra,
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
         for (k, v) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&v) {
                 resp.headers_mut().insert(k, v);

@@ -33,10 +33,12 @@
 pub mod notify;
 
 use atelier_shared::db::Store;
+use atelier_shared::db::scheduling::{FailureOutcome, JobWork};
 use atelier_shared::domain::fair::{self, Candidate, Lane};
 use atelier_shared::domain::retry::RetryPolicy;
+use atelier_shared::domain::task::{OUTCOME_QUEUE, WAKE_QUEUE};
 use atelier_shared::domain::trace::TraceParent;
-use atelier_shared::domain::{FailureKind, Outcome, Task};
+use atelier_shared::domain::{FailureKind, Outcome, Plan, Task, WorkQueue};
 use atelier_shared::queue::{DynQueue, Message};
 use atelier_shared::time::now_ms;
 use rand::Rng;
@@ -46,11 +48,6 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-
-/// Work queues the dispatcher feeds.
-pub const WORK_QUEUES: &[&str] = &["packshot", "swap", "identity", "training"];
-pub const OUTCOMES: &str = "outcomes";
-pub const WAKE: &str = "scheduler";
 
 #[derive(Clone)]
 pub struct SchedulerContext {
@@ -73,6 +70,7 @@ impl SchedulerContext {
         queue: DynQueue,
         events: atelier_shared::events::EventBus,
         links: atelier_shared::storage::Links,
+        egress: atelier_shared::egress::EgressPolicy,
     ) -> SchedulerContext {
         SchedulerContext {
             store,
@@ -88,8 +86,7 @@ impl SchedulerContext {
                 events,
                 links,
                 // Validated with the configuration.
-                egress: atelier_shared::egress::EgressPolicy::new(&cfg.egress.allow)
-                    .unwrap_or_default(),
+                egress,
                 notifications: cfg.notifications.clone(),
                 webhooks: cfg.webhooks.clone(),
                 result_url_ttl: Duration::from_secs(cfg.limits.result_url_ttl_secs),
@@ -162,7 +159,7 @@ async fn outbox_relay(ctx: SchedulerContext, stop: CancellationToken) {
 
 async fn wake_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
     let mut c = loop {
-        match ctx.queue.consume(WAKE, 32).await {
+        match ctx.queue.consume(WAKE_QUEUE, 32).await {
             Ok(c) => break c,
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler: cannot consume wake-ups yet");
@@ -188,9 +185,9 @@ async fn dispatcher(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancellation
         if let Err(e) = reap(&ctx).await {
             tracing::warn!(error = %e, "scheduler: reaping failed");
         }
-        for q in WORK_QUEUES {
+        for q in WorkQueue::ALL {
             if let Err(e) = dispatch_queue(&ctx, q).await {
-                tracing::warn!(queue = q, error = %e, "scheduler: dispatch failed");
+                tracing::warn!(queue = %q, error = %e, "scheduler: dispatch failed");
             }
         }
         tokio::select! {
@@ -222,8 +219,10 @@ async fn reap(ctx: &SchedulerContext) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tops the queue up to its target with a fair pick across accounts.
-async fn dispatch_queue(ctx: &SchedulerContext, queue: &'static str) -> anyhow::Result<()> {
+/// Tops the queue up to its target with a fair pick across accounts. Each
+/// task carries its job's spec and resolved inputs, read once per job and
+/// round.
+async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Result<()> {
     let queued = usize::try_from(ctx.store.queued_count(queue).await?).unwrap_or(usize::MAX);
     let slots = ctx.queue_target.saturating_sub(queued);
     if slots == 0 {
@@ -237,10 +236,9 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: &'static str) -> anyhow::
     let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
     let mut jobs = std::collections::HashMap::new();
     for c in candidates {
-        let weight = if c.plan == "enterprise" {
-            ctx.enterprise_weight
-        } else {
-            1
+        let weight = match c.plan {
+            Plan::Enterprise => ctx.enterprise_weight,
+            Plan::Standard => 1,
         };
         let lane = lanes.entry(c.account_id.clone()).or_insert_with(|| Lane {
             account: c.account_id.clone(),
@@ -252,47 +250,94 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: &'static str) -> anyhow::
             output_id: c.output_id,
             ready_at: c.ready_at,
         });
-        jobs.insert(c.output_id, (c.job_id, c.traceparent));
+        jobs.insert(c.output_id, c.job_id);
     }
+    // What every task of a job carries, read once per job this round.
+    let mut work: std::collections::HashMap<String, Option<JobWork>> = Default::default();
     for (_, pick) in fair::pick(lanes.into_values().collect(), slots) {
+        let Some(job_id) = jobs.get(&pick.output_id).cloned() else {
+            continue;
+        };
+        if !work.contains_key(&job_id) {
+            work.insert(job_id.clone(), ctx.store.job_work(&job_id).await?);
+        }
+        let Some(Some(job)) = work.get(&job_id) else {
+            // Its job is gone, or an input of a job admitted before inputs
+            // were resolved at admission is: fail the output for good.
+            fail_unrunnable(ctx, pick.output_id).await?;
+            continue;
+        };
         let deadline = now_ms() + ctx.dispatch_lease.as_millis() as i64;
-        let Some(attempt) = ctx
+        let Some(claim) = ctx
             .store
             .claim_for_dispatch(pick.output_id, deadline, &ctx.instance)
             .await?
         else {
             continue; // another replica took it
         };
-        let (job_id, parent) = jobs.get(&pick.output_id).cloned().unwrap_or_default();
+        let attempt = claim.attempt;
         // The dispatch is a hop of the job's trace (a new root for jobs
         // created before traces were kept).
-        let parent = parent.as_deref().and_then(TraceParent::parse);
-        let span = tracing::info_span!("dispatch", job.id = %job_id, output.id = pick.output_id, attempt, queue);
+        let parent = job.traceparent.as_deref().and_then(TraceParent::parse);
+        let span = tracing::info_span!("dispatch", job.id = %job_id, output.id = pick.output_id, attempt, queue = %queue);
         if let Some(p) = &parent {
             atelier_shared::telemetry::adopt(&span, p);
         }
         let trace = atelier_shared::telemetry::hop_of(&span, parent.as_ref());
         let task = Task {
             job_id,
+            account_id: job.account_id.clone(),
             output_id: pick.output_id,
             attempt,
             deadline_ms: deadline,
             traceparent: Some(trace.to_string()),
+            output: claim.output,
+            work: job.spec.clone(),
+            inputs: job.inputs.clone(),
         };
         tracing::debug!(trace_id = %trace.trace_id_hex(), output_id = pick.output_id, attempt, "dispatching");
         let message = Message::json(&task)?.with_header("traceparent", trace.to_string());
-        if let Err(e) = ctx.queue.publish(queue, message).instrument(span).await {
+        if let Err(e) = ctx
+            .queue
+            .publish(queue.as_str(), message)
+            .instrument(span)
+            .await
+        {
             ctx.store.unclaim(pick.output_id, attempt).await?;
             return Err(e.into());
         }
-        metrics::counter!("atelier_tasks_dispatched_total", "type" => queue).increment(1);
+        metrics::counter!("atelier_tasks_dispatched_total", "type" => queue.as_str()).increment(1);
+    }
+    Ok(())
+}
+
+/// Fails an output whose job can no longer run (its inputs are gone): it
+/// is claimed like a dispatch and its attempt recorded as a permanent
+/// failure, so it is released, counted and notified like any other.
+async fn fail_unrunnable(ctx: &SchedulerContext, output_id: i64) -> anyhow::Result<()> {
+    let deadline = now_ms() + ctx.dispatch_lease.as_millis() as i64;
+    if let Some(claim) = ctx
+        .store
+        .claim_for_dispatch(output_id, deadline, &ctx.instance)
+        .await?
+    {
+        ctx.store
+            .record_failure(
+                output_id,
+                claim.attempt,
+                &FailureKind::Permanent,
+                "an input of this job no longer exists",
+                &ctx.retry,
+                0.0,
+            )
+            .await?;
     }
     Ok(())
 }
 
 async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
     let mut c = loop {
-        match ctx.queue.consume(OUTCOMES, 64).await {
+        match ctx.queue.consume(OUTCOME_QUEUE, 64).await {
             Ok(c) => break c,
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler: cannot consume outcomes yet");
@@ -331,10 +376,10 @@ async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancel
 }
 
 /// The work queue of an output, for metric labels (`unknown` if it is gone).
-async fn queue_of(ctx: &SchedulerContext, output_id: i64) -> String {
+async fn queue_of(ctx: &SchedulerContext, output_id: i64) -> &'static str {
     match ctx.store.output(output_id).await {
-        Ok(Some(o)) => o.queue,
-        _ => "unknown".into(),
+        Ok(Some(o)) => o.queue.as_str(),
+        _ => "unknown",
     }
 }
 
@@ -390,14 +435,13 @@ pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<
                 .await?;
             let queue = queue_of(ctx, *output_id).await;
             let label = match r {
-                atelier_shared::db::scheduling::FailureOutcome::Retried { .. } => {
-                    metrics::counter!("atelier_retries_total", "type" => queue.clone())
-                        .increment(1);
+                FailureOutcome::Retried { .. } => {
+                    metrics::counter!("atelier_retries_total", "type" => queue).increment(1);
                     "retried"
                 }
-                atelier_shared::db::scheduling::FailureOutcome::FellBack { .. } => "fell_back",
-                atelier_shared::db::scheduling::FailureOutcome::Failed => "failed",
-                atelier_shared::db::scheduling::FailureOutcome::Ignored => "stale",
+                FailureOutcome::FellBack { .. } => "fell_back",
+                FailureOutcome::Failed => "failed",
+                FailureOutcome::Ignored => "stale",
             };
             metrics::counter!("atelier_tasks_total", "type" => queue, "outcome" => label)
                 .increment(1);
@@ -411,7 +455,8 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
     // is set to 0, not left at its last value.
     let mut reported: std::collections::HashSet<String> = Default::default();
     loop {
-        for q in WORK_QUEUES.iter().chain([&OUTCOMES, &WAKE]) {
+        let queues = WorkQueue::ALL.map(WorkQueue::as_str);
+        for q in queues.iter().chain([&OUTCOME_QUEUE, &WAKE_QUEUE]) {
             if let Ok(n) = ctx.queue.depth(q).await {
                 metrics::gauge!("atelier_queue_depth", "queue" => *q).set(n as f64);
             }
@@ -419,7 +464,20 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
         if let Ok(lag) = ctx.store.outbox_lag_ms().await {
             metrics::gauge!("atelier_outbox_lag_seconds").set(lag as f64 / 1000.0);
         }
-        if let Ok(m) = ctx.store.in_flight_by_account("packshot").await {
+        // Outputs holding a lease, per account, over every work queue.
+        let mut m: std::collections::HashMap<String, u32> = Default::default();
+        let mut complete = true;
+        for q in WorkQueue::ALL {
+            match ctx.store.in_flight_by_account(q).await {
+                Ok(per) => {
+                    for (acc, n) in per {
+                        *m.entry(acc).or_default() += n;
+                    }
+                }
+                Err(_) => complete = false,
+            }
+        }
+        if complete {
             for gone in reported.iter().filter(|a| !m.contains_key(*a)) {
                 metrics::gauge!("atelier_in_flight", "account" => gone.clone()).set(0.0);
             }

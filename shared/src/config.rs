@@ -5,7 +5,7 @@
 //! "Configuration surface": operators' scripts rely on them.
 
 use crate::domain::credits::PriceTable;
-use crate::domain::packshot::DesignCatalogue;
+use crate::domain::packshot::{DesignCatalogue, EngineChoice};
 use crate::domain::retry::RetryPolicy;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -136,6 +136,86 @@ pub struct ModelsConfig {
     pub face_swap_projection: String,
 }
 
+/// `queue.url` of the embedded queue (a table of the database).
+pub const EMBEDDED_QUEUE: &str = "embedded";
+/// The built-in packshot engine's name in `engines.auto`.
+pub const BUILTIN_ENGINE: &str = "atelier";
+
+/// What the configuration resolves to: the values roles use, each parsed
+/// and checked once by [`Config::targets`].
+#[derive(Debug, Clone)]
+pub struct Targets {
+    pub queue: QueueTarget,
+    pub storage: StorageTarget,
+    /// What outbound fetches and webhooks may reach.
+    pub egress: crate::egress::EgressPolicy,
+    pub engines: EngineTargets,
+}
+
+/// How roles exchange work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueTarget {
+    /// The durable in-process queue, a table of the database.
+    Embedded,
+    /// RabbitMQ; `namespace` prefixes every queue name.
+    Amqp { url: String, namespace: String },
+}
+
+/// Where objects (uploads, results, models) live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageTarget {
+    Local { dir: PathBuf },
+    S3(S3Target),
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Target {
+    pub bucket: String,
+    /// Key prefix inside the bucket (may be empty).
+    pub prefix: String,
+    /// `None`: AWS.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub path_style: bool,
+}
+
+impl std::fmt::Debug for S3Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Target")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The packshot engines beyond the built-in one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineTargets {
+    /// Each route under the engine name clients send.
+    pub routes: Vec<(EngineChoice, EngineRoute)>,
+    /// What `model: auto` tries, in order.
+    pub auto: Vec<AutoEngine>,
+}
+
+impl EngineTargets {
+    /// The engine names clients may send besides `auto`.
+    pub fn routable(&self) -> Vec<EngineChoice> {
+        self.routes.iter().map(|(c, _)| *c).collect()
+    }
+}
+
+/// One step of the `model: auto` order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoEngine {
+    Builtin,
+    Route(EngineChoice),
+}
+
 /// Packshot engines beyond the built-in `atelier`: the contract's engine
 /// names (`nano_banana_pro`, `seedream`) are logical routes that the operator
 /// maps to concrete backends. A name without a route is refused at job
@@ -153,14 +233,34 @@ pub struct EnginesConfig {
 impl Default for EnginesConfig {
     fn default() -> Self {
         EnginesConfig {
-            auto: vec!["atelier".into()],
+            auto: vec![BUILTIN_ENGINE.into()],
             routes: Default::default(),
         }
     }
 }
 
-/// Engine names a route may take: those clients can send as `options.model`.
-pub const ROUTABLE_ENGINES: [&str; 2] = ["nano_banana_pro", "seedream"];
+/// Where models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The CUDA execution provider (a build with `--features cuda`).
+    Cuda,
+}
+
+/// The value range of an operator model's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueRange {
+    /// [0, 1]
+    #[default]
+    Unit,
+    /// [-1, 1]
+    Signed,
+    /// [0, 255]
+    Byte,
+}
 
 /// One engine route.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -183,10 +283,10 @@ pub enum EngineRoute {
         file: String,
         /// Value range of the input and output tensors: `unit` [0,1],
         /// `signed` [-1,1] or `byte` [0,255].
-        #[serde(default = "default_range")]
-        input_range: String,
-        #[serde(default = "default_range")]
-        output_range: String,
+        #[serde(default)]
+        input_range: ValueRange,
+        #[serde(default)]
+        output_range: ValueRange,
         /// Long edge fed to a model with dynamic height and width.
         #[serde(default = "default_route_edge")]
         max_edge: u32,
@@ -195,9 +295,6 @@ pub enum EngineRoute {
 
 fn default_route_timeout() -> u64 {
     120
-}
-fn default_range() -> String {
-    "unit".into()
 }
 fn default_route_edge() -> u32 {
     1024
@@ -302,7 +399,7 @@ pub struct WorkerConfig {
     pub max_input_pixels: u64,
     /// `cpu` or `cuda` (needs a build with `--features cuda`; falls back to
     /// CPU with a warning when no GPU is usable).
-    pub device: String,
+    pub device: Device,
     /// Threads ONNX Runtime may use inside one model run.
     pub inference_threads: usize,
     /// Fault drills only: sleep this long inside every task before the
@@ -499,7 +596,7 @@ impl Default for WorkerConfig {
             task_timeout_secs: 600,
             shutdown_grace_secs: 30,
             max_input_pixels: 64_000_000,
-            device: "cpu".into(),
+            device: Device::Cpu,
             inference_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
@@ -594,7 +691,10 @@ impl Config {
         }
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every key (an error names each bad one) and parses the values
+    /// roles use as typed targets. The one place they are parsed: roles get
+    /// the [`Targets`], never the raw strings.
+    pub fn targets(&self) -> Result<Targets, ConfigError> {
         let mut e = Vec::new();
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             e.push(format!(
@@ -632,15 +732,20 @@ impl Config {
         if self.database.max_connections == 0 {
             e.push("database.max_connections: must be at least 1".into());
         }
-        if !(self.queue.url == "embedded"
-            || self.queue.url.starts_with("amqp://")
-            || self.queue.url.starts_with("amqps://"))
-        {
+        let queue = if self.queue.url == EMBEDDED_QUEUE {
+            Some(QueueTarget::Embedded)
+        } else if self.queue.url.starts_with("amqp://") || self.queue.url.starts_with("amqps://") {
+            Some(QueueTarget::Amqp {
+                url: self.queue.url.clone(),
+                namespace: self.queue.namespace.clone(),
+            })
+        } else {
             e.push(format!(
-                "queue.url: `{}` must be `embedded` or an amqp:// URL",
+                "queue.url: `{}` must be `{EMBEDDED_QUEUE}` or an amqp:// URL",
                 self.queue.url
             ));
-        }
+            None
+        };
         if !self
             .queue
             .namespace
@@ -655,24 +760,25 @@ impl Config {
         {
             e.push("redis.url: must be a redis:// URL".into());
         }
-        let st = self.storage_url();
-        if st.starts_with("s3://") {
-            if self.storage.s3_access_key.is_none() || self.storage.s3_secret_key.is_none() {
-                e.push(
-                    "storage: s3:// needs storage.s3_access_key and storage.s3_secret_key".into(),
-                );
+        let storage = match self.storage_target() {
+            Ok(t) => Some(t),
+            Err(msg) => {
+                e.push(msg);
+                None
             }
-        } else if !st.starts_with("file://") {
-            e.push("storage.url: must be file://<dir> or s3://bucket[/prefix]".into());
-        }
+        };
         if let Some(u) = &self.log.otlp_endpoint
             && !url::Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
         {
             e.push(format!("log.otlp_endpoint: `{u}` must be an http(s) URL"));
         }
-        if let Err(msg) = crate::egress::EgressPolicy::new(&self.egress.allow) {
-            e.push(msg);
-        }
+        let egress = match crate::egress::EgressPolicy::new(&self.egress.allow) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                e.push(msg);
+                None
+            }
+        };
         let n = &self.notifications;
         if n.retention_secs == 0
             || n.relay_ms == 0
@@ -696,21 +802,24 @@ impl Config {
         if crate::domain::Credits::from_f64(self.bootstrap.credits).is_none_or(|c| c.0 < 0) {
             e.push("bootstrap.credits: must be a non-negative number".into());
         }
-        if !matches!(self.worker.device.as_str(), "cpu" | "cuda") {
-            e.push(format!(
-                "worker.device: `{}` must be `cpu` or `cuda`",
-                self.worker.device
-            ));
-        }
         if self.models.sessions == 0 || self.models.max_batch == 0 {
             e.push("models.sessions and models.max_batch: must be at least 1".into());
         }
+        let mut routes = Vec::new();
         for (name, route) in &self.engines.routes {
-            if !ROUTABLE_ENGINES.contains(&name.as_str()) {
-                e.push(format!(
-                    "engines.routes.{name}: routes are named after the engines clients may ask for: {}",
-                    ROUTABLE_ENGINES.join(", ")
-                ));
+            match EngineChoice::parse(name).filter(|c| *c != EngineChoice::Auto) {
+                Some(choice) => routes.push((choice, route.clone())),
+                None => {
+                    let names: Vec<&str> = EngineChoice::ALL
+                        .iter()
+                        .filter(|c| **c != EngineChoice::Auto)
+                        .map(|c| c.as_str())
+                        .collect();
+                    e.push(format!(
+                        "engines.routes.{name}: routes are named after the engines clients may ask for: {}",
+                        names.join(", ")
+                    ));
+                }
             }
             match route {
                 EngineRoute::Http {
@@ -727,23 +836,11 @@ impl Config {
                         ));
                     }
                 }
-                EngineRoute::Onnx {
-                    file,
-                    input_range,
-                    output_range,
-                    max_edge,
-                } => {
+                EngineRoute::Onnx { file, max_edge, .. } => {
                     if file.is_empty() {
                         e.push(format!(
                             "engines.routes.{name}.file: names a model file under models.dir"
                         ));
-                    }
-                    for (k, v) in [("input_range", input_range), ("output_range", output_range)] {
-                        if !matches!(v.as_str(), "unit" | "signed" | "byte") {
-                            e.push(format!(
-                                "engines.routes.{name}.{k}: `{v}` must be unit, signed or byte"
-                            ));
-                        }
                     }
                     if !(16..=8192).contains(max_edge) {
                         e.push(format!(
@@ -771,12 +868,19 @@ impl Config {
             ));
         }
         if self.engines.auto.is_empty() {
-            e.push("engines.auto: needs at least one engine (e.g. atelier)".into());
+            e.push(format!(
+                "engines.auto: needs at least one engine (e.g. {BUILTIN_ENGINE})"
+            ));
         }
+        let mut auto = Vec::new();
         for n in &self.engines.auto {
-            if n != "atelier" && !self.engines.routes.contains_key(n) {
+            if n == BUILTIN_ENGINE {
+                auto.push(AutoEngine::Builtin);
+            } else if let Some((choice, _)) = routes.iter().find(|(c, _)| c.as_str() == n) {
+                auto.push(AutoEngine::Route(*choice));
+            } else {
                 e.push(format!(
-                    "engines.auto: `{n}` is neither `atelier` nor a configured route"
+                    "engines.auto: `{n}` is neither `{BUILTIN_ENGINE}` nor a configured route"
                 ));
             }
         }
@@ -809,11 +913,58 @@ impl Config {
         if !matches!(self.log.format.as_str(), "pretty" | "json") {
             e.push("log.format: must be `pretty` or `json`".into());
         }
-        if e.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(e))
+        match (queue, storage, egress) {
+            (Some(queue), Some(storage), Some(egress)) if e.is_empty() => Ok(Targets {
+                queue,
+                storage,
+                egress,
+                engines: EngineTargets { routes, auto },
+            }),
+            _ => Err(ConfigError::Invalid(e)),
         }
+    }
+
+    /// Checks every key, with a message naming each bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.targets().map(drop)
+    }
+
+    /// `storage.url` (or its default) with its keys, parsed.
+    fn storage_target(&self) -> Result<StorageTarget, String> {
+        let url = self.storage_url();
+        if let Some(dir) = url.strip_prefix("file://") {
+            return Ok(StorageTarget::Local {
+                dir: PathBuf::from(dir),
+            });
+        }
+        let Some(rest) = url.strip_prefix("s3://") else {
+            return Err("storage.url: must be file://<dir> or s3://bucket[/prefix]".into());
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!(
+                "storage.url {url}: no bucket; use s3://bucket[/prefix]"
+            ));
+        }
+        let st = &self.storage;
+        let (Some(access_key), Some(secret_key)) = (&st.s3_access_key, &st.s3_secret_key) else {
+            return Err(
+                "storage: s3:// needs storage.s3_access_key and storage.s3_secret_key".into(),
+            );
+        };
+        Ok(StorageTarget::S3(S3Target {
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            endpoint: st.s3_endpoint.clone().filter(|e| !e.is_empty()),
+            region: st
+                .s3_region
+                .clone()
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "us-east-1".into()),
+            access_key: access_key.clone(),
+            secret_key: secret_key.clone(),
+            path_style: st.s3_path_style,
+        }))
     }
 
     /// The effective configuration with every secret replaced, for `atelier config`.
@@ -875,10 +1026,54 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_embedded() {
         let c = Config::default();
-        c.validate().expect("default config is valid");
+        let t = c.targets().expect("default config is valid");
         assert!(c.database_url().starts_with("sqlite://./data/atelier.db"));
-        assert_eq!(c.storage_url(), "file://./data/objects");
-        assert_eq!(c.queue.url, "embedded");
+        assert_eq!(
+            t.storage,
+            StorageTarget::Local {
+                dir: PathBuf::from("./data/objects")
+            }
+        );
+        assert_eq!(t.queue, QueueTarget::Embedded);
+        assert_eq!(t.engines.auto, vec![AutoEngine::Builtin]);
+        assert_eq!(c.worker.device, Device::Cpu);
+    }
+
+    #[test]
+    fn targets_are_parsed_with_every_problem_named() {
+        let mut c = Config::default();
+        c.storage.url = Some("s3://media/atelier".into());
+        c.storage.s3_access_key = Some("ak".into());
+        c.storage.s3_secret_key = Some("sk".into());
+        c.queue.url = "amqp://u:p@rabbit:5672/%2f".into();
+        c.queue.namespace = "prod.".into();
+        let t = c.targets().expect("valid");
+        let StorageTarget::S3(s3) = &t.storage else {
+            panic!("{:?}", t.storage)
+        };
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str()),
+            ("media", "atelier")
+        );
+        assert_eq!(s3.region, "us-east-1");
+        assert!(
+            !format!("{s3:?}").contains("sk"),
+            "the secret stays out of logs"
+        );
+        assert_eq!(
+            t.queue,
+            QueueTarget::Amqp {
+                url: "amqp://u:p@rabbit:5672/%2f".into(),
+                namespace: "prod.".into()
+            }
+        );
+        c.storage.url = Some("s3:///nobucket".into());
+        c.egress.allow = vec!["not a/cidr".into()];
+        c.queue.url = "kafka://x".into();
+        let err = c.targets().expect_err("invalid").to_string();
+        for key in ["storage.url", "egress", "queue.url"] {
+            assert!(err.contains(key), "{key} in {err}");
+        }
     }
 
     #[test]
@@ -931,9 +1126,22 @@ input_range = "signed"
             );
             assert!(matches!(
                 &c.engines.routes["nano_banana_pro"],
-                EngineRoute::Onnx { input_range, output_range, max_edge: 1024, .. }
-                    if input_range == "signed" && output_range == "unit"
+                EngineRoute::Onnx {
+                    input_range: ValueRange::Signed,
+                    output_range: ValueRange::Unit,
+                    max_edge: 1024,
+                    ..
+                }
             ));
+            let t = c.targets().expect("valid");
+            assert_eq!(
+                t.engines.auto,
+                vec![
+                    AutoEngine::Route(EngineChoice::Seedream),
+                    AutoEngine::Builtin
+                ]
+            );
+            assert_eq!(t.engines.routable().len(), 2);
             jail.create_file(
                 "bad.toml",
                 r#"

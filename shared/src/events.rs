@@ -14,7 +14,7 @@
 use crate::db::notifications::Notification;
 use crate::storage::{Links, content_type_of};
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -244,7 +244,33 @@ async fn subscribe_loop(
 
 /// The contract's notification object (§4.1). `image_result` events carry
 /// stored keys; here they become URLs signed for `ttl`.
-pub async fn wire(n: &Notification, links: &Links, ttl: Duration) -> Value {
+/// A notification as clients receive it (contract §4.1): over SSE, from
+/// `POST /notifications` and in webhook deliveries.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct WireNotification {
+    /// Strictly increasing per server; the SSE event id.
+    pub id: i64,
+    /// `batch_edit`, `image_result`, `identity_preprocessing`, …
+    pub name: String,
+    /// The event's own members; result object keys become signed `output` URLs.
+    #[schema(value_type = Object)]
+    pub data: Value,
+    /// Unix epoch seconds.
+    pub timestamp: f64,
+    pub created_at: String,
+}
+
+impl std::fmt::Display for WireNotification {
+    /// The JSON every transport sends.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match serde_json::to_string(self) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => Err(std::fmt::Error),
+        }
+    }
+}
+
+pub async fn wire(n: &Notification, links: &Links, ttl: Duration) -> WireNotification {
     let mut data = n.data.clone();
     if let Some(obj) = data.as_object_mut()
         && let Some(keys) = obj.remove("output_keys")
@@ -265,18 +291,19 @@ pub async fn wire(n: &Notification, links: &Links, ttl: Duration) -> Value {
         }
         obj.insert("output".into(), Value::Object(output));
     }
-    json!({
-        "id": n.id,
-        "name": n.name,
-        "data": data,
-        "timestamp": n.created_at as f64 / 1000.0,
-        "created_at": crate::time::iso8601(n.created_at),
-    })
+    WireNotification {
+        id: n.id,
+        name: n.name.clone(),
+        data,
+        timestamp: n.created_at as f64 / 1000.0,
+        created_at: crate::time::iso8601(n.created_at),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn note(id: i64) -> Notification {
         Notification {

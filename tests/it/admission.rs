@@ -338,7 +338,12 @@ async fn credits_plan_ownership_and_caps() {
     assert!(h.contains_key("retry-after"));
     // Enterprise accounts are exempt.
     app.store
-        .set_account_policy(&acc, Some("enterprise"), None, None)
+        .set_account_policy(
+            &acc,
+            Some(atelier_shared::domain::Plan::Enterprise),
+            None,
+            None,
+        )
         .await
         .expect("policy");
     let (s, _) = app

@@ -4,7 +4,7 @@ use crate::helpers::*;
 use atelier::app::Roles;
 use atelier_shared::db::Dialect;
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn assert_envelope(v: &serde_json::Value, code: &str) {
     assert!(v["error"].is_string(), "{v}");
@@ -191,6 +191,13 @@ async fn uploads_are_checked_and_single_use() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["content_type"], "image/png");
     assert_eq!(v["project_name"], "default");
+    // The default project keeps the uploads of deleted projects: it stays
+    // (deleting it was a 500: a second `default` could not be created).
+    let default_project = v["project_id"].as_str().expect("project").to_string();
+    let (s, body) = app
+        .delete_as(&app.key, &format!("/project/{default_project}"))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
     let url = v["upload_url"].as_str().expect("url").to_string();
     let put = |ct: &'static str, body: Vec<u8>| {
         let (http, url) = (app.http.clone(), url.clone());
@@ -334,4 +341,191 @@ async fn rate_limits_are_shared_through_redis_and_degrade_without_it() {
     for app in [a, b, c] {
         app.stop().await;
     }
+}
+
+/// The OpenAPI document and the live router agree: every documented path
+/// answers (a method it does not route is a 405 whose `Allow` lists
+/// exactly the documented methods), and the routes outside the document are
+/// only the docs page and its assets. A route added without its
+/// documentation, or documentation without its route, fails here.
+#[tokio::test]
+async fn the_openapi_document_covers_every_route() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::OK);
+    let doc: Value = r.json().await.expect("json");
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() > 30, "{} paths", paths.len());
+    let methods = ["get", "put", "post", "delete", "patch"];
+    let mut ids = std::collections::HashSet::new();
+    for (path, item) in paths {
+        let documented: std::collections::BTreeSet<String> = methods
+            .iter()
+            .filter(|m| item.get(**m).is_some())
+            .map(|m| m.to_uppercase())
+            .collect();
+        for m in methods {
+            if let Some(op) = item.get(m) {
+                let id = op["operationId"].as_str().expect("operationId");
+                assert!(ids.insert(id.to_string()), "duplicate operationId {id}");
+                assert!(
+                    op["responses"]["default"].is_object(),
+                    "{m} {path}: no default (error envelope) answer"
+                );
+            }
+        }
+        // Any value fills a path parameter: routing does not look at it.
+        let concrete: String = path
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        let r = app
+            .http
+            .request(reqwest::Method::TRACE, app.url(&concrete))
+            .bearer_auth(&app.key)
+            .send()
+            .await
+            .expect("probe");
+        assert_eq!(
+            r.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{path} is documented but not routed"
+        );
+        let allow: std::collections::BTreeSet<String> = r
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .split(',')
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty() && m != "HEAD")
+            .collect();
+        assert_eq!(
+            allow, documented,
+            "{path}: routed methods vs documented ones"
+        );
+    }
+    for path in atelier_api::router::UNDOCUMENTED {
+        assert!(!paths.contains_key(path), "{path} is documented");
+        let r = app.http.get(app.url(path)).send().await.expect("get");
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+    // The docs page works offline: its assets come from this server.
+    let page = app
+        .http
+        .get(app.url("/docs"))
+        .send()
+        .await
+        .expect("docs")
+        .text()
+        .await
+        .expect("html");
+    assert!(page.contains("docs/ui/swagger-ui-bundle.js") && !page.contains("https://"));
+    let js = app
+        .http
+        .get(app.url("/docs/ui/swagger-ui-bundle.js"))
+        .send()
+        .await
+        .expect("asset");
+    assert!(js.bytes().await.expect("bytes").len() > 100_000);
+    app.stop().await;
+}
+
+/// What the framework refuses by itself answers in the envelope too: an
+/// unknown path, a method the path does not allow (with `Allow`), a body
+/// over the limit, a wrong content type, a body that does not parse, a
+/// bad path parameter.
+#[tokio::test]
+async fn every_refusal_is_an_envelope() {
+    let app = TestApp::spawn().await;
+    let envelope = |what: &str, v: &Value, code: &str| {
+        assert!(v["error"].is_string(), "{what}: {v}");
+        assert!(v["detail"].is_array(), "{what}: {v}");
+        assert_eq!(v["code"], code, "{what}: {v}");
+    };
+    // `/identity/{identity_code}` takes GET and DELETE: POST is a 405 in
+    // the envelope, with `Allow` (it was a bare 405 with an empty body).
+    let (s, v, h) = app
+        .call(
+            reqwest::Method::POST,
+            "/identity/create",
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    envelope("POST /identity/create", &v, "method_not_allowed");
+    let allow = h.get("allow").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(allow.contains("GET") && allow.contains("DELETE"), "{allow}");
+    let (s, v, h) = app
+        .call(reqwest::Method::PUT, "/jobs/x/status", Some(&app.key), None)
+        .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    envelope("405", &v, "method_not_allowed");
+    assert_eq!(
+        h.get("allow").and_then(|v| v.to_str().ok()),
+        Some("GET,HEAD")
+    );
+    let (s, v, _) = app
+        .call(reqwest::Method::GET, "/no/such/route", Some(&app.key), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    envelope("404", &v, "not_found");
+    let big = vec![b'x'; 3 << 20];
+    let r = app
+        .http
+        .post(app.url("/project"))
+        .bearer_auth(&app.key)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    envelope("413", &r.json().await.expect("json"), "payload_too_large");
+    let r = app
+        .http
+        .post(app.url("/identity/upload"))
+        .bearer_auth(&app.key)
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    envelope(
+        "415",
+        &r.json().await.expect("json"),
+        "unsupported_media_type",
+    );
+    let r = app
+        .http
+        .post(app.url("/download"))
+        .bearer_auth(&app.key)
+        .header("content-type", "application/json")
+        .body(r#"{"job_id": 5}"#)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.expect("json");
+    envelope("bad body", &v, "invalid_request");
+    assert_eq!(v["detail"][0]["field"], "job_id", "{v}");
+    let r = app
+        .http
+        .delete(app.url("/notifications/not-a-number"))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    envelope("bad id", &r.json().await.expect("json"), "not_found");
+    app.stop().await;
 }

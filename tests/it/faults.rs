@@ -5,6 +5,7 @@ use crate::helpers::*;
 use atelier::app::Roles;
 use atelier_shared::db::Dialect;
 use atelier_shared::db::testing::create_postgres_database;
+use atelier_shared::domain::OutputStatus;
 use reqwest::StatusCode;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
@@ -43,7 +44,7 @@ async fn a_worker_killed_mid_task_loses_nothing_and_charges_once() {
             .await
             .expect("outputs")
             .remove(0);
-        if o.status == "running" {
+        if o.status == OutputStatus::Running {
             break o;
         }
         assert!(
@@ -226,7 +227,8 @@ async fn storage_failures_are_retried_with_backoff_then_succeed() {
         "{failed_once:?}"
     );
     assert_ne!(
-        failed_once.status, "failed",
+        failed_once.status,
+        OutputStatus::Failed,
         "a storage outage is retryable"
     );
     // Storage comes back; the next attempt succeeds.
@@ -307,7 +309,7 @@ async fn a_broker_restart_mid_batch_loses_nothing_and_charges_once() {
         .expect("read")
         .expect("job")
         .status
-        == "pending"
+        == atelier_shared::domain::JobStatus::Pending
     {
         assert!(
             t.elapsed() < Duration::from_secs(30),
@@ -379,7 +381,11 @@ async fn an_s3_outage_is_retried_until_it_ends() {
             .is_some_and(|e| e.contains("object store unavailable")),
         "{failed_once:?}"
     );
-    assert_ne!(failed_once.status, "failed", "an S3 outage is retryable");
+    assert_ne!(
+        failed_once.status,
+        OutputStatus::Failed,
+        "an S3 outage is retryable"
+    );
 
     proxy.restore().await;
     let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
@@ -478,7 +484,8 @@ async fn a_worker_stopped_with_sigterm_finishes_its_task_then_exits() {
     let job = v["job_id"].as_str().expect("job").to_string();
     let mut worker = spawn_worker(&app, 2_500);
     let t = Instant::now();
-    while app.store.latest_outputs(&job).await.expect("outputs")[0].status != "running" {
+    while app.store.latest_outputs(&job).await.expect("outputs")[0].status != OutputStatus::Running
+    {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "the worker never started the task"
@@ -505,7 +512,7 @@ async fn a_worker_stopped_with_sigterm_finishes_its_task_then_exits() {
         .await
         .expect("outputs")
         .remove(0);
-    assert_eq!((o.status.as_str(), o.attempt), ("completed", 1), "{o:?}");
+    assert_eq!((o.status, o.attempt), (OutputStatus::Completed, 1), "{o:?}");
     app.audit_clean().await;
     app.stop().await;
 }

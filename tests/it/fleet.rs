@@ -1,10 +1,12 @@
 //! The distributed deployment as separate processes: one API (in the test),
 //! two schedulers and three workers as child processes, on PostgreSQL,
-//! RabbitMQ and S3.
+//! RabbitMQ and S3. The workers are given no database URL: they run every
+//! job from what the task carries.
 
 use crate::helpers::*;
 use atelier::app::Roles;
 use atelier_shared::db::Dialect;
+use atelier_shared::domain::JobStatus;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -56,11 +58,11 @@ async fn submit(app: &TestApp, key: &str, outputs: usize) -> String {
     v["job_id"].as_str().expect("job").to_string()
 }
 
-async fn wait_done(app: &TestApp, job: &str, within: Duration) -> atelier_shared::db::jobs::JobRow {
+async fn wait_done(app: &TestApp, job: &str, within: Duration) -> atelier_shared::db::rows::JobRow {
     let t = Instant::now();
     loop {
         let j = app.store.job(job).await.expect("read").expect("job");
-        if matches!(j.status.as_str(), "completed" | "failed" | "cancelled") {
+        if j.status.is_terminal() {
             return j;
         }
         assert!(
@@ -72,7 +74,7 @@ async fn wait_done(app: &TestApp, job: &str, within: Duration) -> atelier_shared
     }
 }
 
-async fn stop(children: Vec<Child>) {
+async fn stop(app: &TestApp, children: Vec<Child>) {
     for mut c in children {
         assert!(
             c.try_wait().expect("child status").is_none(),
@@ -80,6 +82,12 @@ async fn stop(children: Vec<Child>) {
         );
         c.kill().await.expect("kill");
     }
+    // The workers ran with no database.url: had one opened a database
+    // anyway, it would be the embedded default under the shared data_dir.
+    assert!(
+        !app.cfg.data_dir.join("atelier.db").exists(),
+        "a process of the fleet opened the embedded default database"
+    );
 }
 
 /// … and one of the two schedulers is killed (SIGKILL) mid-batch: the other
@@ -113,8 +121,8 @@ async fn two_schedulers_and_three_workers_complete_200_outputs_each_charged_once
     for (key, job) in &jobs {
         let j = wait_done(&app, job, Duration::from_secs(240)).await;
         assert_eq!(
-            (j.status.as_str(), j.completed_outputs, j.failed_outputs),
-            ("completed", 40, 0)
+            (j.status, j.completed_outputs, j.failed_outputs),
+            (JobStatus::Completed, 40, 0)
         );
         assert_eq!(
             app.balance(key).await,
@@ -141,7 +149,7 @@ async fn two_schedulers_and_three_workers_complete_200_outputs_each_charged_once
     .expect("notifications");
     assert_eq!(completions, 200, "each output recorded (and notified) once");
     app.audit_clean().await;
-    stop(children).await;
+    stop(&app, children).await;
     app.stop().await;
 }
 
@@ -179,7 +187,7 @@ async fn a_one_output_job_is_not_stuck_behind_another_accounts_flood() {
     let arrived = atelier_shared::time::now_ms();
     let job = submit(&app, &small, 1).await;
     let done = wait_done(&app, &job, Duration::from_secs(120)).await;
-    assert_eq!(done.status, "completed");
+    assert_eq!(done.status, JobStatus::Completed);
     let finished = done.finalized_at.expect("finalised");
     let overtaking: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM outputs o JOIN jobs j ON j.id = o.job_id \
@@ -215,6 +223,6 @@ async fn a_one_output_job_is_not_stuck_behind_another_accounts_flood() {
         left > 100,
         "the flood was still mostly waiting ({left} open)"
     );
-    stop(children).await;
+    stop(&app, children).await;
     app.stop().await;
 }

@@ -110,7 +110,6 @@ pub fn spawn_role_command(
     cmd.arg(role)
         .env("ATELIER_SERVER__LISTEN", "127.0.0.1:0")
         .env("ATELIER_DATA_DIR", c.data_dir.as_os_str())
-        .env("ATELIER_DATABASE__URL", c.database_url())
         .env("ATELIER_QUEUE__URL", &c.queue.url)
         .env("ATELIER_QUEUE__NAMESPACE", &c.queue.namespace)
         .env("ATELIER_STORAGE__URL", c.storage_url())
@@ -138,7 +137,13 @@ pub fn spawn_role_command(
         .env("ATELIER_SCHEDULER__DISPATCH_LEASE_SECS", "10")
         .env("ATELIER_WORKER__FAULT_DELAY_MS", fault_delay_ms.to_string())
         .env("ATELIER_LOG__LEVEL", "warn")
+        .env_remove("ATELIER_DATABASE__URL")
         .kill_on_drop(true);
+    // Workers on a broker get no database credentials (DESIGN.md, flow
+    // step 3); on the embedded queue the queue lives in the database.
+    if role != "worker" || c.queue.url == "embedded" {
+        cmd.env("ATELIER_DATABASE__URL", c.database_url());
+    }
     for (k, v) in [
         ("ATELIER_STORAGE__S3_ENDPOINT", &c.storage.s3_endpoint),
         ("ATELIER_STORAGE__S3_REGION", &c.storage.s3_region),
@@ -197,7 +202,11 @@ impl TestApp {
             .await
             .expect("app starts");
         let base = format!("http://{}", running.addr);
-        let store = running.services.store.clone();
+        let store = running
+            .services
+            .store
+            .clone()
+            .expect("the API role has the database");
         let services = running.services.clone();
         let mut cfg = cfg;
         cfg.server.public_url = base.clone();
@@ -311,7 +320,7 @@ impl TestApp {
             .store
             .create_account(NewAccount {
                 name,
-                plan: "standard",
+                plan: atelier_shared::domain::Plan::Standard,
                 max_size: "4K",
                 custom_dimensions: false,
                 is_operator: false,
@@ -468,7 +477,7 @@ impl TestApp {
         &self,
         job: &str,
         within: Duration,
-    ) -> atelier_shared::db::jobs::OutputRow {
+    ) -> atelier_shared::db::rows::OutputRow {
         let t = Instant::now();
         loop {
             let o = self

@@ -312,15 +312,15 @@ async fn real_models_cut_out_a_garment_on_pure_white() {
 /// An engine that refuses everything, like a generative backend's content filter.
 struct Refuser;
 
-impl atelier_worker::engine::Engine for Refuser {
+impl atelier_worker::engines::Engine for Refuser {
     fn name(&self) -> &'static str {
         "refuser"
     }
 
     fn render(
         &self,
-        _: &atelier_worker::engine::RenderRequest<'_>,
-    ) -> Result<atelier_worker::engine::Rendered, atelier_worker::failure::TaskFailure> {
+        _: &atelier_worker::engines::RenderRequest<'_>,
+    ) -> Result<atelier_worker::engines::Rendered, atelier_worker::failure::TaskFailure> {
         Err(atelier_worker::failure::TaskFailure::refused(
             "content policy: refused by the test engine",
         ))
@@ -329,14 +329,14 @@ impl atelier_worker::engine::Engine for Refuser {
 
 #[tokio::test]
 async fn auto_falls_back_to_the_next_engine_when_one_refuses() {
-    use atelier_worker::engine::{BasicEngine, Engine, Pipeline};
+    use atelier_worker::engines::{BasicEngine, Engine, Pipeline};
     use std::sync::Arc;
     let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |_| {}).await;
     let worker = |engines: Vec<Arc<dyn Engine>>| {
         let s = &app.services;
         let mut ctx = atelier_worker::WorkerContext::from_config(
             &app.cfg,
-            s.store.clone(),
+            Default::default(),
             s.queue.clone(),
             s.objects.clone(),
         );

@@ -9,10 +9,11 @@
 mod common;
 
 use atelier_shared::domain::identity::{IdentityKind, PhotoSource, PreprocessSpec};
-use atelier_worker::face::{self, FaceDetector, FaceEmbedder};
-use atelier_worker::identity::{self, FaceKit};
+use atelier_worker::faces::align::{self, FaceEmbedder};
+use atelier_worker::faces::detect::FaceDetector;
+use atelier_worker::faces::swapper::IdentityFace;
+use atelier_worker::faces::{FaceKit, identity, swap};
 use atelier_worker::inference::ModelOptions;
-use atelier_worker::swap::{self, IdentityFace};
 use std::time::Instant;
 
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
@@ -62,7 +63,7 @@ fn main() {
         kit.detector.detect(&rgb, 0.5).expect("detects");
     });
     let face = kit.single_face(&rgb).expect("one face");
-    let aligned = face::align(&rgb, &face);
+    let aligned = align::align(&rgb, &face);
     let embed = median_ms(10, || {
         kit.embedder.embed(&aligned).expect("embeds");
     });

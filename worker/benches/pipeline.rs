@@ -10,10 +10,10 @@ mod common;
 use atelier_shared::domain::packshot::{
     DesignCatalogue, EngineAvailability, PackshotSpec, parse_request, validate,
 };
-use atelier_worker::engine::{Input, RenderRequest};
+use atelier_worker::engines::atelier::AtelierEngine;
+use atelier_worker::engines::{Input, RenderRequest};
 use atelier_worker::imaging;
 use atelier_worker::inference::{Model, ModelOptions};
-use atelier_worker::packshot::AtelierEngine;
 use ndarray::{ArrayD, IxDyn};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

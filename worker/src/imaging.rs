@@ -127,6 +127,20 @@ pub fn thumbnail(img: &RgbaImage) -> Result<Vec<u8>, TaskFailure> {
     encode(&small, atelier_shared::domain::packshot::ImageFormat::Jpg)
 }
 
+/// Bounding box of pixels at or above `threshold`.
+pub fn bbox(alpha: &image::GrayImage, threshold: u8) -> Option<(u32, u32, u32, u32)> {
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    for (x, y, p) in alpha.enumerate_pixels() {
+        if p.0[0] >= threshold {
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x);
+            y1 = y1.max(y);
+        }
+    }
+    (x0 != u32::MAX).then_some((x0, y0, x1, y1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

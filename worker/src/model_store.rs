@@ -304,8 +304,8 @@ mod tests {
             "seedream".into(),
             EngineRoute::Onnx {
                 file: "ops/gen.onnx".into(),
-                input_range: "unit".into(),
-                output_range: "unit".into(),
+                input_range: Default::default(),
+                output_range: Default::default(),
                 max_edge: 512,
             },
         );

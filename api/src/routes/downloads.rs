@@ -1,11 +1,11 @@
 //! ZIP export (contract §3.13): a signed, expiring link to a streamed ZIP of
 //! the latest completed version of every output, plus `manifest.json`.
 
-use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Json;
-use crate::views;
+use crate::state::AppState;
+use crate::views::{DownloadLink, ImageResult};
 use async_zip::base::write::ZipFileWriter;
 use async_zip::{Compression, ZipEntryBuilder};
 use atelier_shared::storage::{Capability, SignError};
@@ -15,23 +15,34 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
 use tokio_util::io::ReaderStream;
 
 /// At most this many images in one archive.
 pub const MAX_ZIP_IMAGES: usize = 100;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct One {
     pub job_id: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct Bulk {
+    /// 1–100 jobs with at most 100 completed images together.
     pub job_ids: Vec<String>,
 }
 
+/// A signed link to a ZIP of a job's completed outputs and a
+/// `manifest.json`.
+#[utoipa::path(
+    post, path = "/download", tag = "downloads",
+    request_body = One,
+    responses(
+        (status = 200, description = "The link", body = DownloadLink),
+        (status = 409, description = "No completed output yet", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn issue(
     State(s): State<AppState>,
     Caller(acc): Caller,
@@ -51,6 +62,15 @@ pub async fn issue(
     link(&s, &acc.id, vec![job.id])
 }
 
+/// A signed link to one ZIP of several jobs' outputs.
+#[utoipa::path(
+    post, path = "/download/bulk", tag = "downloads",
+    request_body = Bulk,
+    responses(
+        (status = 200, description = "The link", body = DownloadLink),
+        (status = 409, description = "No completed output yet", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn issue_bulk(
     State(s): State<AppState>,
     Caller(acc): Caller,
@@ -92,7 +112,7 @@ pub async fn issue_bulk(
     link(&s, &acc.id, ids)
 }
 
-fn link(s: &AppState, account: &str, job_ids: Vec<String>) -> ApiResult<axum::Json<Value>> {
+fn link(s: &AppState, account: &str, job_ids: Vec<String>) -> ApiResult<axum::Json<DownloadLink>> {
     let exp =
         now_ms() + Duration::from_secs(s.config.limits.download_url_ttl_secs).as_millis() as i64;
     let token = s.signer.sign(
@@ -102,11 +122,21 @@ fn link(s: &AppState, account: &str, job_ids: Vec<String>) -> ApiResult<axum::Js
         },
         exp,
     );
-    Ok(axum::Json(
-        json!({"download_url": s.url(&format!("/download/{token}")), "expires": iso8601(exp)}),
-    ))
+    Ok(axum::Json(DownloadLink {
+        download_url: s.url(&format!("/download/{token}")),
+        expires: iso8601(exp),
+    }))
 }
 
+/// The signed ZIP (no credentials; expires: 410).
+#[utoipa::path(
+    get, path = "/download/{token}", tag = "downloads", security(()),
+    params(("token" = String, Path, description = "The signature in `download_url`")),
+    responses(
+        (status = 200, description = "The archive", content_type = "application/zip", body = crate::views::Binary),
+        (status = 410, description = "The link has expired", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn stream(
     State(s): State<AppState>,
     Path(token): Path<String>,
@@ -126,7 +156,6 @@ pub async fn stream(
     };
     // Collect everything before streaming, so a missing job is a 404, not a broken ZIP.
     let bulk = job_ids.len() > 1;
-    let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
     let mut entries = Vec::new();
     let mut manifest = Vec::new();
     for id in &job_ids {
@@ -136,8 +165,10 @@ pub async fn stream(
             .await?
             .ok_or_else(|| ApiError::not_found(format!("Job {id} not found")))?;
         for o in s.store.latest_outputs(&job.id).await? {
-            manifest.push(views::image_result(&s, &job, &o, &Value::Array(vec![]), ttl).await?);
-            if let (Some(key), "completed") = (o.full_key.clone(), o.status.as_str()) {
+            manifest.push(ImageResult::build(&s, &job, &o, &[]).await?);
+            if let (Some(key), atelier_shared::domain::OutputStatus::Completed) =
+                (o.full_key.clone(), o.status)
+            {
                 let name = format!(
                     "{}_{}_v{}.{}",
                     o.instruction_index, o.variation_index, o.version, o.output_format

@@ -6,28 +6,30 @@
 //! while the job goes on.
 
 use super::PageQuery;
-use crate::AppState;
+use crate::admission::{job_trace, refusal};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Query;
-use crate::routes::jobs::{job_trace, refusal};
+use crate::state::AppState;
+use crate::views::{
+    FaceMetadata, IdentityList, IdentityStatus, IdentityUploaded, IdentityView, Pagination,
+    PovReplaced, ProcessedImage,
+};
 use atelier_shared::db::identities::{
     DeleteIdentity, IdentityAdmission, IdentityQuery, IdentityRow, NewIdentity,
 };
-use atelier_shared::db::jobs::{IdentityUse, NewJob, NewOutput};
-use atelier_shared::domain::JobType;
-use atelier_shared::domain::credits::PriceTable;
+use atelier_shared::db::jobs::NewJob;
+use atelier_shared::domain::JobStatus;
 use atelier_shared::domain::identity::{
     self, IdentityKind, PhotoSource, PreprocessSpec, is_face_problem, is_input_problem,
 };
-use atelier_shared::time::iso8601;
+use atelier_shared::domain::packshot::ImageFormat;
 use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 /// An image part of a multipart form, checked.
@@ -191,33 +193,23 @@ async fn store_photo(
     Ok((key, spec))
 }
 
-/// The one-output `identity_preprocessing` job that builds `code`.
+/// The `identity_preprocessing` job that builds `code` from `spec`.
 pub(crate) fn preprocessing_job<'a>(
-    s: &AppState,
+    s: &'a AppState,
     account: &'a str,
     billing: &'a str,
-    code: &'a str,
-    spec_json: String,
-    cost: atelier_shared::domain::Credits,
+    spec: PreprocessSpec,
     traceparent: String,
 ) -> NewJob<'a> {
     NewJob {
         account_id: account,
         billing_account_id: billing,
         project_id: None,
-        job_type: JobType::IdentityPreprocessing,
-        spec_json,
-        post_process: false,
-        outputs: vec![NewOutput {
-            instruction_index: 0,
-            variation_index: 0,
-            cost,
-            output_format: "jpg".into(),
-        }],
+        spec: spec.into(),
+        prices: &s.config.prices,
         max_attempts: s.config.scheduler.retry.max_attempts,
         active_job_cap: None,
         traceparent: Some(traceparent),
-        identity: Some(IdentityUse::Builds(code)),
     }
 }
 
@@ -233,60 +225,17 @@ fn photo_problem(message: &str) -> ApiError {
     }
 }
 
+/// The statuses `preprocessing_status` may filter on.
+const PREPROCESSING_STATUSES: [JobStatus; 4] = [
+    JobStatus::Pending,
+    JobStatus::Processing,
+    JobStatus::Completed,
+    JobStatus::Failed,
+];
+
 /// A new identity code: `idn_` + 16 base32 characters.
 pub fn new_code() -> String {
     format!("idn_{}", atelier_shared::domain::ids::base32_lower(16))
-}
-
-/// The identity object (contract §5.1). URLs are signed.
-pub async fn view(s: &AppState, i: &IdentityRow) -> ApiResult<Value> {
-    let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
-    let link = match &i.photo_key {
-        Some(k) => Value::String(
-            s.object_url(k, atelier_shared::storage::content_type_of(k), ttl)
-                .await?,
-        ),
-        None => Value::Null,
-    };
-    let face_link = match &i.crop_key {
-        Some(k) => Value::String(s.object_url(k, "image/jpeg", ttl).await?),
-        None => Value::Null,
-    };
-    let record = i.record();
-    Ok(json!({
-        "identity_code": i.code,
-        "name": i.name,
-        "link": link,
-        "face_link": face_link,
-        "original_filename": i.original_filename,
-        "visibility": "private",
-        "groups": [],
-        "created_by": i.created_by,
-        "image_description": i.tag.as_ref().map(|t| json!({"tags": [t]})),
-        "tag": i.tag,
-        "preprocessing_status": i.preprocessing_status(),
-        "preprocessing_job_id": i.job_id,
-        "preprocessing_time": i.preprocessing_time(),
-        "quality_score": record.as_ref().map(|r| r.quality()),
-        "error_message": i.error_message(),
-        "tier": Value::Null,
-        "created_at": iso8601(i.created_at),
-        "updated_at": iso8601(i.job_finalized_at.unwrap_or(i.updated_at).max(i.updated_at)),
-    }))
-}
-
-/// `face_metadata` of the upload answer: the face found, in photo pixels.
-fn face_metadata(i: &IdentityRow) -> Value {
-    match i.record() {
-        Some(r) => json!({
-            "confidence": r.photos.first().and_then(|p| p.face_score).map(identity::round3),
-            "x": r.face_box[0], "y": r.face_box[1],
-            "width": r.face_box[2] - r.face_box[0], "height": r.face_box[3] - r.face_box[1],
-            "image_width": r.photo_width, "image_height": r.photo_height,
-            "quality_score": r.quality(),
-        }),
-        None => json!({}),
-    }
 }
 
 pub(crate) async fn erase(s: &AppState, keys: &[String]) {
@@ -299,7 +248,7 @@ pub(crate) async fn erase(s: &AppState, keys: &[String]) {
 
 /// Waits, up to `identity.upload_wait_ms`, for a preprocessing job to end
 /// (the face check is done then); its status when it ended or the wait did.
-async fn wait_for_job(s: &AppState, job_id: &str) -> ApiResult<atelier_shared::domain::JobStatus> {
+async fn wait_for_job(s: &AppState, job_id: &str) -> ApiResult<JobStatus> {
     let limit = Duration::from_millis(s.config.identity.upload_wait_ms);
     let start = Instant::now();
     let mut pause = Duration::from_millis(25);
@@ -309,7 +258,7 @@ async fn wait_for_job(s: &AppState, job_id: &str) -> ApiResult<atelier_shared::d
             .job(job_id)
             .await?
             .ok_or_else(|| ApiError::internal(format!("preprocessing job {job_id} vanished")))?
-            .status();
+            .status;
         if status.is_terminal() || start.elapsed() >= limit {
             return Ok(status);
         }
@@ -321,6 +270,31 @@ async fn wait_for_job(s: &AppState, job_id: &str) -> ApiResult<atelier_shared::d
     }
 }
 
+/// The form of `POST /identity/upload`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct IdentityUploadForm {
+    /// The photo: JPEG, PNG or WebP showing one face clearly.
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+    /// Unique per account; default: the file name's stem (made unique).
+    name: Option<String>,
+    tag: Option<String>,
+}
+
+/// Create an identity from one photo. Answers once the face check ran (up
+/// to `identity.upload_wait_ms`): a photo without one clear face is a 400
+/// and nothing is kept.
+#[utoipa::path(
+    post, path = "/identity/upload", tag = "identities",
+    request_body(content = IdentityUploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "The identity; `face_detected` is null while the check still runs", body = IdentityUploaded),
+        (status = 400, description = "No face, several faces, a face too small, or an unreadable image (`face_detected: false` when the problem is the face)", body = crate::error::ErrorBody),
+        (status = 409, description = "An identity of that name exists (`existing_identity_code`)", body = crate::error::ErrorBody),
+        (status = 429, description = "Identity slots exhausted or rate limited", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn upload(
     State(s): State<AppState>,
     Caller(acc): Caller,
@@ -342,7 +316,6 @@ pub async fn upload(
 
     let code = new_code();
     let (photo_key, spec) = store_photo(&s, &acc.id, &code, "photo", &image).await?;
-    let spec_json = serde_json::to_string(&spec).map_err(ApiError::internal)?;
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
     let trace = job_trace(&headers).to_string();
     // The default name (the file stem) is made unique with a suffix; an
@@ -359,15 +332,7 @@ pub async fn upload(
                 base_name.chars().take(keep).collect::<String>()
             )
         };
-        let job = preprocessing_job(
-            &s,
-            &acc.id,
-            &billing,
-            &code,
-            spec_json.clone(),
-            PriceTable::flat(s.config.prices.identity),
-            trace.clone(),
-        );
+        let job = preprocessing_job(&s, &acc.id, &billing, spec.clone(), trace.clone());
         let ident = NewIdentity {
             code: &code,
             account_id: &acc.id,
@@ -414,23 +379,15 @@ pub async fn upload(
             }
         }
     };
-    metrics::counter!("atelier_jobs_created_total", "type" => "identity_preprocessing")
+    metrics::counter!("atelier_jobs_created_total", "type" => atelier_shared::domain::JobType::IdentityPreprocessing.as_str())
         .increment(1);
     tracing::info!(identity = %code, job.id = %admitted, account.id = %acc.id, "identity accepted");
 
     wait_for_job(&s, &admitted).await?;
     let row = load(&s, &acc.id, &code).await?;
-    let mut body = view(&s, &row).await?;
-    let obj = body
-        .as_object_mut()
-        .ok_or_else(|| ApiError::internal("identity view is not an object"))?;
-    match row.preprocessing_status() {
-        "completed" => {
-            obj.insert("success".into(), json!(true));
-            obj.insert("face_detected".into(), json!(true));
-            obj.insert("face_metadata".into(), face_metadata(&row));
-        }
-        "failed" => {
+    let face_detected = match row.job_status {
+        Some(JobStatus::Completed) => Some(true),
+        Some(JobStatus::Failed | JobStatus::Aborted) => {
             // Nothing is kept of a photo that cannot become an identity:
             // the name and slot are free again (its credits were released
             // when the job failed).
@@ -453,17 +410,28 @@ pub async fn upload(
                 )
             });
         }
-        _ => {
-            // Still running: the status endpoint tells the outcome.
-            obj.insert("success".into(), json!(true));
-            obj.insert("face_detected".into(), Value::Null);
-            obj.insert("face_metadata".into(), json!({}));
-        }
-    }
+        // Still running: the status endpoint tells the outcome.
+        _ => None,
+    };
+    let face_metadata = match face_detected {
+        Some(true) => row
+            .record()
+            .as_ref()
+            .map(FaceMetadata::of)
+            .unwrap_or_default(),
+        _ => FaceMetadata::default(),
+    };
+    let body = IdentityUploaded {
+        identity: IdentityView::build(&s, &row).await?,
+        success: true,
+        face_detected,
+        face_metadata,
+    };
     Ok((StatusCode::CREATED, axum::Json(body)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     pub page: Option<i64>,
     pub per_page: Option<i64>,
@@ -479,11 +447,17 @@ pub struct ListQuery {
     pub age_max: Option<i64>,
 }
 
+/// The caller's identities.
+#[utoipa::path(
+    get, path = "/identity", tag = "identities",
+    params(ListQuery),
+    responses((status = 200, description = "A page of identities", body = IdentityList)),
+)]
 pub async fn list(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Query(q): Query<ListQuery>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<IdentityList>> {
     let (page, per_page, ascending) = PageQuery {
         page: q.page,
         per_page: q.per_page,
@@ -503,10 +477,9 @@ pub async fn list(
         }
     };
     if let Some(st) = &q.preprocessing_status
-        && !matches!(
-            st.as_str(),
-            "pending" | "processing" | "completed" | "failed"
-        )
+        && !PREPROCESSING_STATUSES
+            .iter()
+            .any(|s| s.as_str() == st.as_str())
     {
         return Err(ApiError::bad_request(
             Some("preprocessing_status"),
@@ -556,12 +529,12 @@ pub async fn list(
     };
     let mut identities = Vec::with_capacity(rows.len());
     for r in &rows {
-        identities.push(view(&s, r).await?);
+        identities.push(IdentityView::build(&s, r).await?);
     }
-    Ok(axum::Json(json!({
-        "identities": identities,
-        "pagination": crate::views::pagination(page, per_page, total),
-    })))
+    Ok(axum::Json(IdentityList {
+        identities,
+        pagination: Pagination::new(page, per_page, total),
+    }))
 }
 
 async fn load(s: &AppState, account: &str, code: &str) -> ApiResult<IdentityRow> {
@@ -571,36 +544,50 @@ async fn load(s: &AppState, account: &str, code: &str) -> ApiResult<IdentityRow>
         .ok_or_else(|| ApiError::not_found(format!("Identity {code} not found")))
 }
 
+/// One identity.
+#[utoipa::path(
+    get, path = "/identity/{identity_code}", tag = "identities",
+    params(("identity_code" = String, Path, description = "The identity's code")),
+    responses((status = 200, description = "The identity", body = IdentityView)),
+)]
 pub async fn read(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(code): Path<String>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<IdentityView>> {
     let row = load(&s, &acc.id, &code).await?;
-    Ok(axum::Json(view(&s, &row).await?))
+    Ok(axum::Json(IdentityView::build(&s, &row).await?))
 }
 
+/// An identity's preprocessing status (contract §5.5).
+#[utoipa::path(
+    get, path = "/identity/{identity_code}/status", tag = "identities",
+    params(("identity_code" = String, Path, description = "The identity's code")),
+    responses((status = 200, description = "Its preprocessing", body = IdentityStatus)),
+)]
 pub async fn status(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(code): Path<String>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<IdentityStatus>> {
     let row = load(&s, &acc.id, &code).await?;
-    Ok(axum::Json(json!({
-        "identity_code": row.code,
-        "preprocessing_status": row.preprocessing_status(),
-        "preprocessing_job_id": row.job_id,
-        "preprocessing_time": row.preprocessing_time(),
-        "quality_score": row.record().map(|r| r.quality()),
-        "error_message": row.error_message(),
-    })))
+    Ok(axum::Json(IdentityStatus::from(&row)))
 }
 
+/// Deletes an identity and every photo, crop and embedding it had.
+#[utoipa::path(
+    delete, path = "/identity/{identity_code}", tag = "identities",
+    params(("identity_code" = String, Path, description = "The identity's code")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 409, description = "A pending or processing job uses it (`identity_in_use`)", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn delete(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(code): Path<String>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<StatusCode> {
     match s
         .store
         .delete_identity(&acc.id, IdentityKind::Identity, &code)
@@ -624,15 +611,36 @@ pub async fn delete(
 /// per identity (index 0: the aligned face that model swap uses). The new
 /// face is preprocessed like an upload (free of charge); until its job
 /// completes, and if it fails, the identity keeps the face it had.
+/// The form of `POST /identity/{identity_code}/pov`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PovForm {
+    /// The new photo of the same person.
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+    /// The point of view to replace; this platform keeps one (index 0).
+    pov_index: i64,
+}
+
+#[utoipa::path(
+    post, path = "/identity/{identity_code}/pov", tag = "identities",
+    params(("identity_code" = String, Path, description = "The identity's code")),
+    request_body(content = PovForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Replaced (or still being checked: `preprocessing_status: processing`)", body = PovReplaced),
+        (status = 400, description = "The new photo cannot become the face", body = crate::error::ErrorBody),
+        (status = 409, description = "The identity is not completed", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn replace_pov(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(code): Path<String>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
-) -> ApiResult<axum::response::Response> {
+) -> ApiResult<axum::Json<PovReplaced>> {
     let row = load(&s, &acc.id, &code).await?;
-    if row.preprocessing_status() != "completed" {
+    if row.job_status != Some(JobStatus::Completed) {
         return Err(ApiError::conflict(
             "identity_not_ready",
             format!(
@@ -658,15 +666,7 @@ pub async fn replace_pov(
     }
     let (key, spec) = store_photo(&s, &acc.id, &code, "pov", &image).await?;
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
-    let job = preprocessing_job(
-        &s,
-        &acc.id,
-        &billing,
-        &code,
-        serde_json::to_string(&spec).map_err(ApiError::internal)?,
-        atelier_shared::domain::Credits::ZERO,
-        job_trace(&headers).to_string(),
-    );
+    let job = preprocessing_job(&s, &acc.id, &billing, spec, job_trace(&headers).to_string());
     let job_id = match s.store.start_face_replacement(&acc.id, &code, job).await {
         Ok(Some(atelier_shared::db::jobs::Admission::Created { job_id, .. })) => job_id,
         Ok(other) => {
@@ -683,25 +683,26 @@ pub async fn replace_pov(
     };
     // Wait for the face check, as an upload does.
     let status = wait_for_job(&s, &job_id).await?;
-    let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
+    let ttl = s.result_ttl();
     match status {
-        atelier_shared::domain::JobStatus::Completed => {
+        JobStatus::Completed => {
             let row = load(&s, &acc.id, &code).await?;
             let (Some(full), Some(thumb)) = (&row.crop_key, &row.crop_thumb_key) else {
                 return Err(ApiError::internal("a completed face has no crop"));
             };
-            Ok(axum::Json(json!({
-                "success": true,
-                "pov_index": index,
-                "processed_images": [{
-                    "original_filename": image.filename,
-                    "link": s.object_url(full, "image/jpeg", ttl).await?,
-                    "thumbnail_link": s.object_url(thumb, "image/jpeg", ttl).await?,
+            let jpeg = ImageFormat::Jpg.content_type();
+            Ok(axum::Json(PovReplaced {
+                success: true,
+                pov_index: index,
+                processed_images: vec![ProcessedImage {
+                    original_filename: image.filename.clone(),
+                    link: s.object_url(full, jpeg, ttl).await?,
+                    thumbnail_link: s.object_url(thumb, jpeg, ttl).await?,
                 }],
-                "processed_count": 1,
-                "preprocessing_job_id": job_id,
+                processed_count: 1,
+                preprocessing_status: None,
+                preprocessing_job_id: job_id,
             }))
-            .into_response())
         }
         st if st.is_terminal() => {
             let message = s
@@ -719,14 +720,13 @@ pub async fn replace_pov(
                 ApiError::unavailable(format!("face replacement failed: {message}; try again"), 5)
             })
         }
-        _ => Ok(axum::Json(json!({
-            "success": true,
-            "pov_index": index,
-            "processed_images": [],
-            "processed_count": 0,
-            "preprocessing_status": "processing",
-            "preprocessing_job_id": job_id,
-        }))
-        .into_response()),
+        _ => Ok(axum::Json(PovReplaced {
+            success: true,
+            pov_index: index,
+            processed_images: Vec::new(),
+            processed_count: 0,
+            preprocessing_status: Some(JobStatus::Processing),
+            preprocessing_job_id: job_id,
+        })),
     }
 }

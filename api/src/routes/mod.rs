@@ -16,11 +16,16 @@ use crate::error::ApiError;
 use serde::Deserialize;
 
 /// `page`/`per_page`/`order` of On-Model list endpoints (contract §1.6).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// 1-based page (default 1).
     pub page: Option<i64>,
+    /// 1–100 (default 20).
     pub per_page: Option<i64>,
+    /// `asc` or `desc` (default `desc`).
     pub order: Option<String>,
+    /// Text the name contains.
     pub search: Option<String>,
 }
 

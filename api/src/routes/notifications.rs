@@ -9,12 +9,12 @@
 //! is live, every second while it is not, and at once after the bus lagged
 //! or reconnected: live events can be late but not lost.
 
-use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Json, Query};
+use crate::state::AppState;
 use atelier_shared::db::notifications::Notification;
-use atelier_shared::events::wire;
+use atelier_shared::events::{WireNotification, wire};
 use atelier_shared::time::now_ms;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
@@ -28,13 +28,18 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
-    /// Consumed by authentication.
+    /// The API key, for clients that cannot send headers (browser
+    /// EventSource). Consumed by authentication.
     #[allow(dead_code)]
     pub token: Option<String>,
+    /// Only these jobs (comma-separated ids).
     pub id_task: Option<String>,
+    /// Only this image result.
     pub id_image: Option<String>,
+    /// Only these event names (comma-separated).
     pub name_list: Option<String>,
 }
 
@@ -112,7 +117,17 @@ impl Drop for StreamGauge {
     }
 }
 
-/// `GET /notifications/events`.
+/// The account's notifications as Server-Sent Events: a replay of the
+/// stored ones (`event: backfill`, after `Last-Event-ID`), then
+/// `backfill_complete`, then live events, with `:keepalive` comments.
+#[utoipa::path(
+    get, path = "/notifications/events", tag = "notifications",
+    params(
+        StreamQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this notification id"),
+    ),
+    responses((status = 200, description = "The event stream (each `data:` is a notification)", content_type = "text/event-stream", body = String)),
+)]
 pub async fn stream(
     State(s): State<AppState>,
     Caller(acc): Caller,
@@ -289,7 +304,7 @@ async fn produce(
 
 /// `name_list`/`id_task` of `POST /notifications`: a string (comma-separated)
 /// or an array of strings.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -305,18 +320,27 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PollBody {
+    /// Only these jobs.
     pub id_task: Option<OneOrMany>,
+    /// The event names wanted, e.g. `batch_edit, image_result`.
+    #[schema(required = true, value_type = OneOrMany)]
     pub name_list: Option<OneOrMany>,
 }
 
-/// `POST /notifications`.
+/// The account's stored notifications (kept `notifications.retention_secs`
+/// or until deleted) that match.
+#[utoipa::path(
+    post, path = "/notifications", tag = "notifications",
+    request_body = PollBody,
+    responses((status = 200, description = "Matching notifications, oldest first", body = Vec<WireNotification>)),
+)]
 pub async fn poll(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Json(body): Json<PollBody>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<Vec<WireNotification>>> {
     let names = body.name_list.map(OneOrMany::into_list).unwrap_or_default();
     if names.is_empty() {
         return Err(ApiError::bad_request(
@@ -337,10 +361,15 @@ pub async fn poll(
             out.push(wire(&n, &s.links, ttl).await);
         }
     }
-    Ok(axum::Json(Value::Array(out)))
+    Ok(axum::Json(out))
 }
 
-/// `DELETE /notifications/{id}`.
+/// Consumes a notification (it is no longer replayed).
+#[utoipa::path(
+    delete, path = "/notifications/{id}", tag = "notifications",
+    params(("id" = String, Path, description = "The notification's id")),
+    responses((status = 204, description = "Deleted")),
+)]
 pub async fn delete(
     State(s): State<AppState>,
     Caller(acc): Caller,

@@ -10,16 +10,16 @@
 //! unresolvable address is a 400 naming the item; the worker fetches them
 //! through the same guard again (DNS may change in between).
 
-use crate::AppState;
+use crate::admission::{job_trace, refusal};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Query;
 use crate::routes::identities::{erase, preprocessing_job, read_form};
-use crate::routes::jobs::{job_trace, refusal};
+use crate::state::AppState;
+use crate::views::{ProfileAdded, ProfileDeleted, ProfileEntry, ProfileIds, ProfileStatus};
 use atelier_shared::db::identities::{
     DeleteIdentity, IdentityAdmission, IdentityQuery, NewIdentity,
 };
-use atelier_shared::domain::credits::PriceTable;
 use atelier_shared::domain::identity::{
     self, IdentityKind, PhotoSource, PreprocessSpec, profile_status,
 };
@@ -27,17 +27,30 @@ use atelier_shared::time::iso8601;
 use axum::extract::multipart::Multipart;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
-#[derive(Debug, Deserialize)]
-struct AddRequest {
+/// `POST …/profiles/add` as JSON: photos by public URL.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct AddRequest {
+    /// Public http(s) URLs of the photos (10–50 for `standard`, 5–10 for `fast`).
     #[serde(default)]
     image_urls: Vec<String>,
+    /// `standard` (default) or `fast`.
     #[serde(default)]
     training_tier: Option<String>,
     #[serde(default)]
+    tag: Option<String>,
+}
+
+/// `POST …/profiles/add` as a form: uploaded photos.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct AddForm {
+    /// The photos (`images` or `images[]` parts).
+    #[schema(value_type = Vec<String>, format = Binary)]
+    images: Vec<Vec<u8>>,
+    training_tier: Option<String>,
     tag: Option<String>,
 }
 
@@ -51,7 +64,7 @@ pub async fn add(
     Caller(acc): Caller,
     headers: HeaderMap,
     req: Request,
-) -> ApiResult<axum::response::Response> {
+) -> ApiResult<Response> {
     let max = s
         .config
         .identity
@@ -120,7 +133,7 @@ async fn admit(
     code: &str,
     body: &AddRequest,
     stored: &[String],
-) -> ApiResult<axum::response::Response> {
+) -> ApiResult<Response> {
     let tier = body.training_tier.as_deref().unwrap_or("standard");
     let (min, max) = match tier {
         "standard" => s.config.identity.standard_photos,
@@ -177,15 +190,7 @@ async fn admit(
         replaces: false,
     };
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
-    let job = preprocessing_job(
-        s,
-        &acc.id,
-        &billing,
-        code,
-        serde_json::to_string(&spec).map_err(ApiError::internal)?,
-        PriceTable::flat(s.config.prices.profile),
-        job_trace(headers).to_string(),
-    );
+    let job = preprocessing_job(s, &acc.id, &billing, spec, job_trace(headers).to_string());
     let ident = NewIdentity {
         code,
         account_id: &acc.id,
@@ -200,9 +205,15 @@ async fn admit(
     };
     match s.store.create_identity(ident, job).await? {
         IdentityAdmission::Created { job_id, .. } => {
-            metrics::counter!("atelier_jobs_created_total", "type" => "profile").increment(1);
+            metrics::counter!("atelier_jobs_created_total", "type" => IdentityKind::Profile.as_str()).increment(1);
             tracing::info!(profile = %code, job.id = %job_id, photos = count, "profile accepted");
-            Ok((StatusCode::OK, axum::Json(json!({"profile_id": code}))).into_response())
+            Ok((
+                StatusCode::OK,
+                axum::Json(ProfileAdded {
+                    profile_id: code.to_string(),
+                }),
+            )
+                .into_response())
         }
         IdentityAdmission::Refused(a) => Err(refusal(a)),
         IdentityAdmission::NameTaken { .. } | IdentityAdmission::SlotsExhausted { .. } => {
@@ -226,17 +237,19 @@ pub async fn status(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(id): Path<String>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<ProfileStatus>> {
     let p = load(&s, &acc.id, &id).await?;
-    Ok(axum::Json(json!({
-        "profile_id": p.code,
-        "status": profile_status(p.job_status.as_deref()),
-        "message": p.error_message(),
-    })))
+    Ok(axum::Json(ProfileStatus {
+        profile_id: p.code.clone(),
+        status: profile_status(p.job_status),
+        message: p.error_message(),
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct IdsQuery {
+    /// Only profiles with exactly this tag.
     pub tag: Option<String>,
 }
 
@@ -244,7 +257,7 @@ pub async fn ids(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Query(q): Query<IdsQuery>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<ProfileIds>> {
     let (rows, _) = s
         .store
         .list_identities(
@@ -260,45 +273,50 @@ pub async fn ids(
         )
         .await?;
     // LIKE treats `_` and `%` as wildcards: keep exact matches only.
-    let profiles: Vec<Value> = rows
+    let profiles = rows
         .iter()
         .filter(|p| q.tag.is_none() || p.tag == q.tag)
-        .map(|p| {
-            json!({
-                "profile_id": p.code,
-                "status": profile_status(p.job_status.as_deref()),
-                "tag": p.tag,
-                "created_at": iso8601(p.created_at),
-            })
+        .map(|p| ProfileEntry {
+            profile_id: p.code.clone(),
+            status: profile_status(p.job_status),
+            tag: p.tag.clone(),
+            created_at: iso8601(p.created_at),
         })
         .collect();
-    Ok(axum::Json(json!({"profiles": profiles})))
+    Ok(axum::Json(ProfileIds { profiles }))
 }
 
 pub async fn picture(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(id): Path<String>,
-) -> ApiResult<axum::response::Response> {
+) -> ApiResult<Response> {
     let p = load(&s, &acc.id, &id).await?;
     let Some(key) = p.crop_key.as_deref() else {
         return Err(ApiError::conflict(
             "profile_not_ready",
             format!(
                 "The profile is {}; its picture exists once it is READY",
-                profile_status(p.job_status.as_deref())
+                profile_status(p.job_status)
             ),
         ));
     };
     let bytes = s.objects.get(key).await?;
-    Ok(([(header::CONTENT_TYPE, "image/jpeg")], bytes).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            atelier_shared::storage::content_type_of(key),
+        )],
+        bytes,
+    )
+        .into_response())
 }
 
 pub async fn delete(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(id): Path<String>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<ProfileDeleted>> {
     match s
         .store
         .delete_identity(&acc.id, IdentityKind::Profile, &id)
@@ -312,7 +330,115 @@ pub async fn delete(
         .with("job_id", job_id)),
         DeleteIdentity::Deleted { keys } => {
             erase(&s, &keys).await;
-            Ok(axum::Json(json!({"profile_id": id, "status": "ok"})))
+            Ok(axum::Json(ProfileDeleted {
+                profile_id: id,
+                status: "ok",
+            }))
         }
     }
 }
+
+/// The profile routes under one base path: the canonical `/v1/phota/profiles`
+/// and the short `/profiles` alias share the handlers above; each base
+/// gets its own documented operations.
+macro_rules! profile_routes {
+    ($module:ident, $add:literal, $ids:literal, $one:literal, $status:literal, $picture:literal) => {
+        pub mod $module {
+            use super::*;
+
+            /// Create a profile from 10–50 photos (`standard`) or 5–10
+            /// (`fast`), as public URLs (JSON) or uploads (multipart), and
+            /// start building it.
+            #[utoipa::path(
+                post, path = $add, tag = "profiles",
+                request_body(content(
+                    (AddRequest = "application/json"),
+                    (AddForm = "multipart/form-data"),
+                )),
+                responses((status = 200, description = "The profile; poll its status", body = ProfileAdded)),
+            )]
+            pub async fn add(
+                s: State<AppState>,
+                c: Caller,
+                h: HeaderMap,
+                r: Request,
+            ) -> ApiResult<Response> {
+                super::add(s, c, h, r).await
+            }
+
+            /// Every profile of the caller (unpaginated, contract §1.6).
+            #[utoipa::path(
+                get, path = $ids, tag = "profiles", params(IdsQuery),
+                responses((status = 200, description = "The profiles", body = ProfileIds)),
+            )]
+            pub async fn ids(
+                s: State<AppState>,
+                c: Caller,
+                q: Query<IdsQuery>,
+            ) -> ApiResult<axum::Json<ProfileIds>> {
+                super::ids(s, c, q).await
+            }
+
+            /// Deletes a profile and every photo, crop and embedding it had.
+            #[utoipa::path(
+                delete, path = $one, tag = "profiles",
+                params(("profile_id" = String, Path, description = "The profile's id")),
+                responses(
+                    (status = 200, description = "Deleted", body = ProfileDeleted),
+                    (status = 409, description = "A job still works with it", body = crate::error::ErrorBody),
+                ),
+            )]
+            pub async fn delete(
+                s: State<AppState>,
+                c: Caller,
+                p: Path<String>,
+            ) -> ApiResult<axum::Json<ProfileDeleted>> {
+                super::delete(s, c, p).await
+            }
+
+            /// A profile's build status: `IN_PROGRESS`, `READY` or `ERROR`.
+            #[utoipa::path(
+                get, path = $status, tag = "profiles",
+                params(("profile_id" = String, Path, description = "The profile's id")),
+                responses((status = 200, description = "Its status", body = ProfileStatus)),
+            )]
+            pub async fn status(
+                s: State<AppState>,
+                c: Caller,
+                p: Path<String>,
+            ) -> ApiResult<axum::Json<ProfileStatus>> {
+                super::status(s, c, p).await
+            }
+
+            /// The profile's picture: its best face, aligned (JPEG).
+            #[utoipa::path(
+                get, path = $picture, tag = "profiles",
+                params(("profile_id" = String, Path, description = "The profile's id")),
+                responses(
+                    (status = 200, description = "The picture", content_type = "image/jpeg", body = crate::views::Binary),
+                    (status = 409, description = "The profile is not READY", body = crate::error::ErrorBody),
+                ),
+            )]
+            pub async fn picture(s: State<AppState>, c: Caller, p: Path<String>) -> ApiResult<Response> {
+                super::picture(s, c, p).await
+            }
+        }
+    };
+}
+
+profile_routes!(
+    phota,
+    "/v1/phota/profiles/add",
+    "/v1/phota/profiles/ids",
+    "/v1/phota/profiles/{profile_id}",
+    "/v1/phota/profiles/{profile_id}/status",
+    "/v1/phota/profiles/{profile_id}/profile_picture"
+);
+profile_routes!(
+    short,
+    "/profiles/add",
+    "/profiles/ids",
+    "/profiles/{profile_id}",
+    "/profiles/{profile_id}/status",
+    "/profiles/{profile_id}/profile_picture"
+);

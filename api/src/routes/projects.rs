@@ -1,20 +1,21 @@
 //! Projects (contract §2.1–§2.3).
 
 use super::PageQuery;
-use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Json, Query};
-use crate::views;
+use crate::state::AppState;
+use crate::views::{Pagination, ProjectCreated, ProjectList, ProjectView};
 use atelier_shared::db::projects::{CreateProject, DeleteProject, ProjectQuery};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
-use serde_json::json;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct CreateBody {
+    /// 1–128 characters, unique per account.
+    #[schema(required = true, value_type = String)]
     pub project_name: Option<String>,
 }
 
@@ -38,6 +39,15 @@ pub fn project_name(raw: Option<&str>, field: &str) -> ApiResult<String> {
     Ok(name.to_string())
 }
 
+/// Create a project.
+#[utoipa::path(
+    post, path = "/project", tag = "projects",
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "Created", body = ProjectCreated),
+        (status = 409, description = "A project of that name exists (`project_id`, `project_name`)", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn create(
     State(s): State<AppState>,
     Caller(acc): Caller,
@@ -47,9 +57,12 @@ pub async fn create(
     match s.store.create_project(&acc.id, &name).await? {
         CreateProject::Created(p) => Ok((
             StatusCode::CREATED,
-            axum::Json(
-                json!({"project_id": p.id, "project_name": p.name, "project_key": p.id, "created_at": atelier_shared::time::iso8601(p.created_at)}),
-            ),
+            axum::Json(ProjectCreated {
+                project_key: p.id.clone(),
+                project_id: p.id,
+                project_name: p.name,
+                created_at: atelier_shared::time::iso8601(p.created_at),
+            }),
         )),
         CreateProject::Exists(p) => Err(ApiError::conflict(
             "conflict",
@@ -60,11 +73,16 @@ pub async fn create(
     }
 }
 
+/// The caller's projects.
+#[utoipa::path(
+    get, path = "/project", tag = "projects", params(PageQuery),
+    responses((status = 200, description = "A page of projects", body = ProjectList)),
+)]
 pub async fn list(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Query(q): Query<PageQuery>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<ProjectList>> {
     let (page, per_page, ascending) = q.resolve(20)?;
     let query = ProjectQuery {
         page,
@@ -73,35 +91,55 @@ pub async fn list(
         search: q.search.clone().filter(|s| !s.is_empty()),
     };
     let (rows, total) = s.store.list_projects(&acc.id, &query).await?;
-    Ok(axum::Json(json!({
-        "projects": rows.iter().map(views::project).collect::<Vec<_>>(),
-        "pagination": views::pagination(page, per_page, total),
-    })))
+    Ok(axum::Json(ProjectList {
+        projects: rows.iter().map(ProjectView::from).collect(),
+        pagination: Pagination::new(page, per_page, total),
+    }))
 }
 
+/// One project.
+#[utoipa::path(
+    get, path = "/project/{project_id}", tag = "projects",
+    params(("project_id" = String, Path, description = "The project's id")),
+    responses((status = 200, description = "The project", body = ProjectView)),
+)]
 pub async fn read(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(id): Path<String>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<ProjectView>> {
     let p = s
         .store
         .project(&acc.id, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("Project not found"))?;
-    Ok(axum::Json(views::project(&p)))
+    Ok(axum::Json(ProjectView::from(&p)))
 }
 
+/// Deletes a project with its finished jobs and their results; its files
+/// move to the default project.
+#[utoipa::path(
+    delete, path = "/project/{project_id}", tag = "projects",
+    params(("project_id" = String, Path, description = "The project's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 409, description = "The project has pending or processing jobs, or is the default project", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn delete(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(id): Path<String>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<StatusCode> {
     match s.store.delete_project(&acc.id, &id).await? {
         DeleteProject::NotFound => Err(ApiError::not_found("Project not found")),
         DeleteProject::HasActiveJobs => Err(ApiError::conflict(
             "conflict",
             "The project has pending or processing jobs",
+        )),
+        DeleteProject::IsDefault => Err(ApiError::conflict(
+            "conflict",
+            "The default project keeps the account's uploads and cannot be deleted",
         )),
         DeleteProject::Deleted { object_keys } => {
             // The rows are gone; the files follow (a leftover file is harmless, a

@@ -1,10 +1,11 @@
 //! Upload slots (contract §2.4), the signed `PUT` target (§2.5) and signed
 //! reads of stored objects.
 
-use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Json;
+use crate::state::AppState;
+use crate::views::UploadSlot;
 use atelier_shared::storage::{Capability, SignError};
 use atelier_shared::time::now_ms;
 use axum::body::Bytes;
@@ -12,12 +13,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
-use serde_json::json;
 use std::time::Duration;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 pub struct IssueBody {
+    /// `.jpg`, `.jpeg`, `.png` or `.webp`; default: a generated `.jpg` name.
     pub filename: Option<String>,
+    /// An existing project; default: the account's `default` project.
     pub project_name: Option<String>,
 }
 
@@ -63,6 +65,13 @@ fn validate_filename(raw: Option<&str>) -> ApiResult<String> {
     Ok(name.to_string())
 }
 
+/// An upload slot: a signed, single-use `PUT` target for the bytes. The
+/// body is optional (both fields have defaults).
+#[utoipa::path(
+    post, path = "/upload", tag = "uploads",
+    request_body(content = IssueBody, content_type = "application/json", description = "Optional"),
+    responses((status = 200, description = "The slot", body = UploadSlot)),
+)]
 pub async fn issue(
     State(s): State<AppState>,
     Caller(acc): Caller,
@@ -97,7 +106,11 @@ pub async fn issue(
                 .await?
                 .ok_or_else(|| ApiError::not_found(format!("Project {name:?} not found")))?
         }
-        None => s.store.ensure_project(&acc.id, "default").await?,
+        None => {
+            s.store
+                .ensure_project(&acc.id, atelier_shared::db::projects::DEFAULT_PROJECT)
+                .await?
+        }
     };
     let file_id = atelier_shared::domain::FileId::generate().0;
     let ext = filename
@@ -138,10 +151,15 @@ pub async fn issue(
     ));
     Ok((
         StatusCode::OK,
-        axum::Json(json!({
-            "upload_url": upload_url, "download_url": download_url, "file_id": file_id, "filename": filename,
-            "content_type": content_type, "project_id": project.id, "project_name": project.name,
-        })),
+        axum::Json(UploadSlot {
+            upload_url,
+            download_url,
+            file_id,
+            filename,
+            content_type: content_type.to_string(),
+            project_id: project.id,
+            project_name: project.name,
+        }),
     ))
 }
 
@@ -179,6 +197,23 @@ fn sniff(bytes: &[u8], content_type: &str) -> Result<(u32, u32), String> {
         .map_err(|e| format!("the {content_type} header does not decode: {e}"))
 }
 
+/// The signed upload target: the image bytes, with the `Content-Type` the
+/// slot named (no credentials; single use; checked to be that image type).
+#[utoipa::path(
+    put, path = "/upload/{token}", tag = "uploads", security(()),
+    params(("token" = String, Path, description = "The signature in `upload_url`")),
+    request_body(content(
+        (crate::views::Binary = "image/jpeg"),
+        (crate::views::Binary = "image/png"),
+        (crate::views::Binary = "image/webp"),
+    )),
+    responses(
+        (status = 200, description = "Stored"),
+        (status = 403, description = "Expired, invalid or already used URL", body = crate::error::ErrorBody),
+        (status = 413, description = "Larger than `limits.max_upload_bytes`", body = crate::error::ErrorBody),
+        (status = 415, description = "Not the declared image type", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn receive(
     State(s): State<AppState>,
     Path(token): Path<String>,
@@ -248,7 +283,7 @@ pub async fn receive(
         .file(&file_id)
         .await?
         .ok_or_else(|| ApiError::forbidden("The upload slot no longer exists"))?;
-    if file.status != "pending" {
+    if file.is_uploaded() {
         return Err(ApiError::forbidden("The upload URL was already used"));
     }
     // Each PUT writes under its own key; only the one recorded below wins.
@@ -282,6 +317,15 @@ pub async fn receive(
     Ok(StatusCode::OK)
 }
 
+/// A signed read of a stored file (no credentials; expires).
+#[utoipa::path(
+    get, path = "/files/{token}", tag = "uploads", security(()),
+    params(("token" = String, Path, description = "The signature in the URL")),
+    responses(
+        (status = 200, description = "The file", content_type = "image/*", body = crate::views::Binary),
+        (status = 403, description = "Expired link", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn serve_file(
     State(s): State<AppState>,
     Path(token): Path<String>,
@@ -298,7 +342,7 @@ pub async fn serve_file(
                 .file(&file_id)
                 .await?
                 .ok_or_else(|| ApiError::not_found("The file no longer exists"))?;
-            if f.status != "uploaded" {
+            if !f.is_uploaded() {
                 return Err(ApiError::not_found("The file has not been uploaded yet"));
             }
             (f.object_key, f.content_type)

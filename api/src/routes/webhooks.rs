@@ -3,11 +3,11 @@
 //! from a request.
 
 use super::PageQuery;
-use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Json, Query};
-use crate::views;
+use crate::state::AppState;
+use crate::views::{DeliveryList, DeliveryView, Pagination, Queued, WebhookView};
 use atelier_shared::db::webhooks::{Delivery, TestPing, Webhook};
 use atelier_shared::time::iso8601;
 use axum::extract::State;
@@ -15,55 +15,61 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use rand::RngCore;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PutBody {
+    /// Where deliveries go: a public http(s) URL.
+    #[schema(required = true, value_type = String)]
     pub url: Option<String>,
 }
 
-fn view(w: &Webhook, secret: Option<&str>) -> Value {
-    json!({
-        "id": w.id,
-        "url": w.url,
-        "secret": secret,
-        "is_active": w.is_active,
-        "created_at": iso8601(w.created_at),
-        "updated_at": iso8601(w.updated_at),
-        "last_response_status": w.last_response_status,
-        "last_response_at": w.last_response_at.map(iso8601),
-        "consecutive_failures": w.consecutive_failures,
-    })
+fn view(w: &Webhook, secret: Option<&str>) -> WebhookView {
+    WebhookView {
+        id: w.id,
+        url: w.url.clone(),
+        secret: secret.map(str::to_string),
+        is_active: w.is_active,
+        created_at: iso8601(w.created_at),
+        updated_at: iso8601(w.updated_at),
+        last_response_status: w.last_response_status,
+        last_response_at: w.last_response_at.map(iso8601),
+        consecutive_failures: w.consecutive_failures,
+    }
 }
 
-fn delivery_view(d: &Delivery) -> Value {
-    json!({
-        "id": d.id,
-        "notification_id": d.notification_id,
-        "event": d.event,
-        "job_id": d.job_id,
-        "delivery_id": d.delivery_uuid,
-        "status": d.status,
-        "attempts": d.attempts,
-        "next_attempt_at": d.next_attempt_at.map(iso8601),
-        "last_response_status": d.last_status,
-        "last_error": d.last_error,
-        "created_at": iso8601(d.created_at),
-        "finished_at": d.finished_at.map(iso8601),
-    })
+fn delivery_view(d: &Delivery) -> DeliveryView {
+    DeliveryView {
+        id: d.id,
+        notification_id: d.notification_id,
+        event: d.event.clone(),
+        job_id: d.job_id.clone(),
+        delivery_id: d.delivery_uuid.clone(),
+        status: d.status.clone(),
+        attempts: d.attempts,
+        next_attempt_at: d.next_attempt_at.map(iso8601),
+        last_response_status: d.last_status,
+        last_error: d.last_error.clone(),
+        created_at: iso8601(d.created_at),
+        finished_at: d.finished_at.map(iso8601),
+    }
 }
 
 fn no_webhook() -> ApiError {
     ApiError::not_found("No webhook is configured; create one with PUT /webhooks")
 }
 
-/// `PUT /webhooks`: creates or replaces the webhook; every call rotates the
-/// secret, which this response shows once.
+/// Creates or replaces the webhook; every call rotates the signing secret,
+/// which this answer shows once.
+#[utoipa::path(
+    put, path = "/webhooks", tag = "webhooks",
+    request_body = PutBody,
+    responses((status = 200, description = "The webhook with its new secret", body = WebhookView)),
+)]
 pub async fn put(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Json(body): Json<PutBody>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<WebhookView>> {
     let raw = body.url.as_deref().map(str::trim).unwrap_or("");
     if raw.is_empty() {
         return Err(ApiError::bad_request(Some("url"), "is required", "body"));
@@ -81,11 +87,24 @@ pub async fn put(
     Ok(axum::Json(view(&hook, Some(&secret))))
 }
 
-pub async fn read(State(s): State<AppState>, Caller(acc): Caller) -> ApiResult<impl IntoResponse> {
+/// The webhook (without its secret).
+#[utoipa::path(
+    get, path = "/webhooks", tag = "webhooks",
+    responses((status = 200, description = "The webhook", body = WebhookView)),
+)]
+pub async fn read(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+) -> ApiResult<axum::Json<WebhookView>> {
     let hook = s.store.webhook(&acc.id).await?.ok_or_else(no_webhook)?;
     Ok(axum::Json(view(&hook, None)))
 }
 
+/// Removes the webhook; its pending deliveries are cancelled.
+#[utoipa::path(
+    delete, path = "/webhooks", tag = "webhooks",
+    responses((status = 204, description = "Removed")),
+)]
 pub async fn delete(State(s): State<AppState>, Caller(acc): Caller) -> ApiResult<StatusCode> {
     if s.store.delete_webhook(&acc.id).await? {
         Ok(StatusCode::NO_CONTENT)
@@ -94,6 +113,14 @@ pub async fn delete(State(s): State<AppState>, Caller(acc): Caller) -> ApiResult
     }
 }
 
+/// Queues a signed `ping` delivery to the webhook.
+#[utoipa::path(
+    post, path = "/webhooks/test", tag = "webhooks",
+    responses(
+        (status = 202, description = "Queued", body = Queued),
+        (status = 409, description = "The webhook was deactivated", body = crate::error::ErrorBody),
+    ),
+)]
 pub async fn test(State(s): State<AppState>, Caller(acc): Caller) -> ApiResult<impl IntoResponse> {
     match s.store.test_webhook(&acc.id).await? {
         TestPing::Queued => {}
@@ -107,20 +134,26 @@ pub async fn test(State(s): State<AppState>, Caller(acc): Caller) -> ApiResult<i
     }
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(json!({"message": "A ping delivery was queued for your webhook"})),
+        axum::Json(Queued {
+            message: "A ping delivery was queued for your webhook".into(),
+        }),
     ))
 }
 
-/// `GET /webhooks/deliveries`: newest first, with attempts and last status.
+/// Webhook deliveries, newest first, with attempts and last status.
+#[utoipa::path(
+    get, path = "/webhooks/deliveries", tag = "webhooks", params(PageQuery),
+    responses((status = 200, description = "A page of deliveries", body = DeliveryList)),
+)]
 pub async fn deliveries(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Query(q): Query<PageQuery>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<axum::Json<DeliveryList>> {
     let (page, per_page, _) = q.resolve(20)?;
     let (rows, total) = s.store.deliveries(&acc.id, page, per_page).await?;
-    Ok(axum::Json(json!({
-        "deliveries": rows.iter().map(delivery_view).collect::<Vec<_>>(),
-        "pagination": views::pagination(page, per_page, total),
-    })))
+    Ok(axum::Json(DeliveryList {
+        deliveries: rows.iter().map(delivery_view).collect(),
+        pagination: Pagination::new(page, per_page, total),
+    }))
 }

@@ -1,6 +1,7 @@
 //! Accounts, API keys, groups and credit grants.
 
 use super::{Result, Store, StoreError, Tx};
+use crate::domain::Plan;
 use crate::domain::credits::{Balance, Credits};
 use crate::time::now_ms;
 use base64::Engine;
@@ -11,7 +12,7 @@ use sha2::{Digest, Sha256};
 pub struct Account {
     pub id: String,
     pub name: String,
-    pub plan: String,
+    pub plan: Plan,
     pub max_size: String,
     pub custom_dimensions: i64,
     pub is_operator: i64,
@@ -23,7 +24,7 @@ pub struct Account {
 
 impl Account {
     pub fn is_enterprise(&self) -> bool {
-        self.plan == "enterprise"
+        self.plan == Plan::Enterprise
     }
 
     pub fn credits(&self) -> Balance {
@@ -55,7 +56,7 @@ pub fn generate_token() -> String {
 #[derive(Debug, Clone)]
 pub struct NewAccount<'a> {
     pub name: &'a str,
-    pub plan: &'a str,
+    pub plan: Plan,
     pub max_size: &'a str,
     pub custom_dimensions: bool,
     pub is_operator: bool,
@@ -107,7 +108,7 @@ impl Store {
     pub async fn set_account_policy(
         &self,
         id: &str,
-        plan: Option<&str>,
+        plan: Option<Plan>,
         max_size: Option<&str>,
         custom_dimensions: Option<bool>,
     ) -> Result<Account> {

@@ -1,21 +1,22 @@
 //! Store conformance suite: the same checks on SQLite and on PostgreSQL.
 
 use super::accounts::NewAccount;
-use super::jobs::{Admission, NewJob, NewOutput};
+use super::jobs::{Admission, NewJob};
 use super::projects::{CreateProject, ProjectQuery};
 use super::scheduling::FailureOutcome;
 use super::testing::TestDb;
 use super::{Dialect, Store, StoreError};
-use crate::domain::credits::Credits;
+use crate::domain::credits::{Credits, PriceTable};
+use crate::domain::packshot::{DesignCatalogue, EngineAvailability, EngineChoice, PackshotSpec};
 use crate::domain::retry::RetryPolicy;
-use crate::domain::{FailureKind, JobType, OutputResult};
+use crate::domain::{FailureKind, JobStatus, OutputResult, OutputStatus, Plan};
 use crate::time::now_ms;
 
 async fn account(s: &Store, name: &str, credits: i64) -> String {
     let a = s
         .create_account(NewAccount {
             name,
-            plan: "standard",
+            plan: Plan::Standard,
             max_size: "4K",
             custom_dimensions: false,
             is_operator: false,
@@ -31,28 +32,58 @@ async fn account(s: &Store, name: &str, credits: i64) -> String {
     a.id
 }
 
+/// Prices of the suite: an output's size class names its cost (1K: 1,
+/// 2K: 3, 4K: 5 credits; every flat price 1).
+static PRICES: PriceTable = PriceTable {
+    k1: 1.0,
+    k2: 3.0,
+    k4: 5.0,
+    model_swap: 1.0,
+    identity: 1.0,
+    profile: 1.0,
+};
+
+/// A packshot with one output per cost (1, 3 or 5 credits under [`PRICES`]).
+fn packshot(costs: &[i64], post_process: bool) -> PackshotSpec {
+    let instructions: Vec<serde_json::Value> = costs
+        .iter()
+        .map(|c| {
+            let size = match c {
+                1 => "1K",
+                3 => "2K",
+                5 => "4K",
+                other => panic!("no size costs {other} in the suite's prices"),
+            };
+            serde_json::json!({"style": "white_cutout", "options": {"size": size}})
+        })
+        .collect();
+    let body = serde_json::json!({
+        "project_id": "p", "images": ["f"], "instructions": instructions,
+        "post_process": post_process,
+    });
+    let req = crate::domain::packshot::parse_request(&body).expect("parses");
+    crate::domain::packshot::validate(
+        &req,
+        &DesignCatalogue::default(),
+        &EngineAvailability { configured: vec![] },
+        || 7,
+    )
+    .expect("valid")
+}
+
 fn job<'a>(acc: &'a str, costs: &[i64], cap: Option<u32>) -> NewJob<'a> {
+    let mut spec = packshot(costs, false);
+    // The suite's jobs read no files.
+    spec.images.clear();
     NewJob {
         account_id: acc,
         billing_account_id: acc,
         project_id: None,
-        job_type: JobType::CreatePackshot,
-        spec_json: "{}".into(),
-        post_process: false,
-        outputs: costs
-            .iter()
-            .enumerate()
-            .map(|(i, c)| NewOutput {
-                instruction_index: 0,
-                variation_index: i as u32,
-                cost: Credits::whole(*c),
-                output_format: "jpg".into(),
-            })
-            .collect(),
+        spec: spec.into(),
+        prices: &PRICES,
         max_attempts: 2,
         active_job_cap: cap,
         traceparent: None,
-        identity: None,
     }
 }
 
@@ -146,9 +177,13 @@ pub async fn admission_reserves_and_refuses(s: Store) {
 /// back without the pass fails it for good; a failed job fails it.
 pub async fn post_processing_status_follows_the_outputs(s: Store) {
     let a = account(&s, "pia", 50).await;
-    let post = |costs: &'static [i64]| NewJob {
-        post_process: true,
-        ..job(&a, costs, None)
+    let post = |costs: &'static [i64]| {
+        let mut spec = packshot(costs, true);
+        spec.images.clear();
+        NewJob {
+            spec: spec.into(),
+            ..job(&a, costs, None)
+        }
     };
     let status = |j: String| {
         let s = s.clone();
@@ -165,7 +200,8 @@ pub async fn post_processing_status_follows_the_outputs(s: Store) {
                 .claim_for_dispatch(o, lease, "t")
                 .await
                 .expect("claim")
-                .expect("claimed");
+                .expect("claimed")
+                .attempt;
             assert!(s.record_started(o, at, lease, "w").await.expect("start"));
             let r = OutputResult {
                 post_processed: processed,
@@ -176,23 +212,23 @@ pub async fn post_processing_status_follows_the_outputs(s: Store) {
     };
 
     let j = created(&s, post(&[1, 1])).await;
-    assert_eq!(status(j.clone()).await, (Some("pending".into()), None));
+    assert_eq!(status(j.clone()).await, (Some(JobStatus::Pending), None));
     let outs = s.latest_outputs(&j).await.expect("outputs");
     run(outs[0].id, true).await;
-    assert_eq!(status(j.clone()).await, (Some("processing".into()), None));
+    assert_eq!(status(j.clone()).await, (Some(JobStatus::Processing), None));
     run(outs[1].id, true).await;
-    assert_eq!(status(j.clone()).await, (Some("completed".into()), None));
+    assert_eq!(status(j.clone()).await, (Some(JobStatus::Completed), None));
 
     let j = created(&s, post(&[1, 1])).await;
     let outs = s.latest_outputs(&j).await.expect("outputs");
     run(outs[0].id, false).await;
     run(outs[1].id, true).await;
     let (st, err) = status(j.clone()).await;
-    assert_eq!(st.as_deref(), Some("failed"));
+    assert_eq!(st, Some(JobStatus::Failed));
     assert!(err.is_some_and(|e| e.contains("without the post-processing pass")));
     assert_eq!(
         s.job(&j).await.expect("read").expect("job").status,
-        "completed"
+        JobStatus::Completed
     );
 
     let j = created(&s, post(&[1])).await;
@@ -201,7 +237,8 @@ pub async fn post_processing_status_follows_the_outputs(s: Store) {
         .claim_for_dispatch(o, lease, "t")
         .await
         .expect("claim")
-        .expect("claimed");
+        .expect("claimed")
+        .attempt;
     s.record_failure(
         o,
         at,
@@ -214,8 +251,8 @@ pub async fn post_processing_status_follows_the_outputs(s: Store) {
     .expect("fail");
     let (st, err) = status(j.clone()).await;
     assert_eq!(
-        (st.as_deref(), err.as_deref()),
-        (Some("failed"), Some("the job did not complete"))
+        (st, err.as_deref()),
+        (Some(JobStatus::Failed), Some("the job did not complete"))
     );
 
     let j = created(&s, job(&a, &[1], None)).await;
@@ -238,7 +275,8 @@ pub async fn outputs_are_recorded_and_charged_once(s: Store) {
         .claim_for_dispatch(o1, lease, "t")
         .await
         .expect("claim")
-        .expect("claimed");
+        .expect("claimed")
+        .attempt;
     assert_eq!(at1, 1);
     assert_eq!(
         s.claim_for_dispatch(o1, lease, "t2").await.expect("claim"),
@@ -248,7 +286,7 @@ pub async fn outputs_are_recorded_and_charged_once(s: Store) {
     assert!(s.record_started(o1, at1, lease, "w").await.expect("start"));
     assert_eq!(
         s.job(&j).await.expect("read").expect("job").status,
-        "processing"
+        JobStatus::Processing
     );
     assert!(
         s.record_completed(o1, at1, &result())
@@ -268,7 +306,8 @@ pub async fn outputs_are_recorded_and_charged_once(s: Store) {
         .claim_for_dispatch(o2, lease, "t")
         .await
         .expect("claim")
-        .expect("claimed");
+        .expect("claimed")
+        .attempt;
     let r = s
         .record_failure(
             o2,
@@ -332,7 +371,8 @@ pub async fn retries_then_gives_up(s: Store) {
         .claim_for_dispatch(o, now_ms() + 60_000, "t")
         .await
         .expect("claim")
-        .expect("claimed");
+        .expect("claimed")
+        .attempt;
     let r = s
         .record_failure(o, at, &FailureKind::Retryable, "s3 timeout", &policy, 0.5)
         .await
@@ -347,7 +387,7 @@ pub async fn retries_then_gives_up(s: Store) {
     );
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let cands = s
-        .dispatch_candidates("packshot", 10)
+        .dispatch_candidates(crate::domain::WorkQueue::Packshot, 10)
         .await
         .expect("candidates");
     assert_eq!(cands.len(), 1);
@@ -355,7 +395,8 @@ pub async fn retries_then_gives_up(s: Store) {
         .claim_for_dispatch(o, now_ms() + 60_000, "t")
         .await
         .expect("claim")
-        .expect("claimed");
+        .expect("claimed")
+        .attempt;
     assert_eq!(at, 2);
     let r = s
         .record_failure(o, at, &FailureKind::Retryable, "s3 timeout", &policy, 0.5)
@@ -363,7 +404,7 @@ pub async fn retries_then_gives_up(s: Store) {
         .expect("fail");
     assert_eq!(r, FailureOutcome::Failed);
     let jr = s.job(&j).await.expect("read").expect("job");
-    assert_eq!(jr.status, "failed");
+    assert_eq!(jr.status, JobStatus::Failed);
     assert!(
         jr.error_message
             .as_deref()
@@ -381,16 +422,25 @@ pub async fn retries_then_gives_up(s: Store) {
 pub async fn refusals_fall_back_only_under_auto(s: Store) {
     let a = account(&s, "rita", 20).await;
     let policy = RetryPolicy::default();
-    for (model, expect_fallback) in [("auto", true), ("seedream", false)] {
-        let mut j = job(&a, &[3], None);
-        j.spec_json = serde_json::json!({"model": model}).to_string();
-        let id = created(&s, j).await;
+    for (model, expect_fallback) in [(EngineChoice::Auto, true), (EngineChoice::Seedream, false)] {
+        let mut spec = packshot(&[3], false);
+        spec.images.clear();
+        spec.model = model;
+        let id = created(
+            &s,
+            NewJob {
+                spec: spec.into(),
+                ..job(&a, &[3], None)
+            },
+        )
+        .await;
         let o = s.latest_outputs(&id).await.expect("outputs")[0].id;
         let at = s
             .claim_for_dispatch(o, now_ms() + 60_000, "t")
             .await
             .expect("claim")
-            .expect("claimed");
+            .expect("claimed")
+            .attempt;
         let r = s
             .record_failure(
                 o,
@@ -405,13 +455,82 @@ pub async fn refusals_fall_back_only_under_auto(s: Store) {
         let row = s.output(o).await.expect("read").expect("row");
         if expect_fallback {
             assert_eq!(r, FailureOutcome::FellBack { engine_index: 1 });
-            assert_eq!((row.status.as_str(), row.engine_index), ("pending", 1));
+            assert_eq!((row.status, row.engine_index), (OutputStatus::Pending, 1));
             assert_eq!(row.last_error.as_deref(), Some("content refused"));
         } else {
             assert_eq!(r, FailureOutcome::Failed);
             assert_eq!(row.error_message.as_deref(), Some("content refused"));
         }
     }
+    audit_clean(&s).await;
+}
+
+/// The check workers no longer make: a report of an attempt the scheduler
+/// has superseded (reclaimed, then dispatched again) is ignored where it is
+/// recorded. Neither its start, its heartbeat, its completion nor its
+/// failure changes the output; the live attempt's completion is recorded
+/// and charged once.
+pub async fn superseded_attempts_are_ignored_when_recorded(s: Store) {
+    let a = account(&s, "sam", 20).await;
+    let j = created(&s, job(&a, &[3], None)).await;
+    let o = s.latest_outputs(&j).await.expect("outputs")[0].id;
+    let policy = RetryPolicy {
+        max_attempts: 3,
+        base_ms: 1,
+        cap_ms: 1,
+        jitter: 0.0,
+    };
+    let lease = now_ms() + 60_000;
+    let first = s
+        .claim_for_dispatch(o, lease, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert_eq!(first.attempt, 1);
+    assert_eq!(first.output.engine_index, 0);
+    // The first attempt's lease ran out: the reaper's retry supersedes it.
+    assert!(matches!(
+        s.record_failure(o, 1, &FailureKind::Retryable, "lease expired", &policy, 0.0)
+            .await
+            .expect("reap"),
+        FailureOutcome::Retried { .. }
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let second = s
+        .claim_for_dispatch(o, lease, "t")
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert_eq!(second.attempt, 2);
+
+    // The worker of attempt 1 was only slow: everything it reports is stale.
+    assert!(!s.record_started(o, 1, lease, "slow").await.expect("start"));
+    assert!(!s.extend_lease(o, 1, lease).await.expect("beat"));
+    assert!(!s.record_completed(o, 1, &result()).await.expect("complete"));
+    assert_eq!(
+        s.record_failure(o, 1, &FailureKind::Permanent, "late", &policy, 0.0)
+            .await
+            .expect("fail"),
+        FailureOutcome::Ignored
+    );
+    let row = s.output(o).await.expect("read").expect("output");
+    assert_eq!((row.status, row.attempt), (OutputStatus::Dispatched, 2));
+    let balance = |s: Store, a: String| async move {
+        s.account(&a).await.expect("read").expect("account").balance
+    };
+    assert_eq!(balance(s.clone(), a.clone()).await, 20_000);
+
+    // The live attempt is recorded, once.
+    assert!(s.record_started(o, 2, lease, "live").await.expect("start"));
+    assert!(s.record_completed(o, 2, &result()).await.expect("complete"));
+    assert!(
+        !s.record_completed(o, 2, &result())
+            .await
+            .expect("duplicate")
+    );
+    let row = s.output(o).await.expect("read").expect("output");
+    assert_eq!((row.status, row.attempt), (OutputStatus::Completed, 2));
+    assert_eq!(balance(s.clone(), a.clone()).await, 17_000);
     audit_clean(&s).await;
 }
 
@@ -423,7 +542,8 @@ pub async fn expired_leases_are_found(s: Store) {
         .claim_for_dispatch(o, now_ms() - 1, "t")
         .await
         .expect("claim")
-        .expect("claimed");
+        .expect("claimed")
+        .attempt;
     assert_eq!(
         s.expired_leases(now_ms(), 10).await.expect("leases"),
         vec![(o, at)]
@@ -455,7 +575,8 @@ pub async fn abort_cancels_open_outputs_only(s: Store) {
         .claim_for_dispatch(outs[0].id, now_ms() + 60_000, "t")
         .await
         .expect("claim")
-        .expect("claimed");
+        .expect("claimed")
+        .attempt;
     assert!(
         s.record_completed(outs[0].id, at, &result())
             .await
@@ -740,7 +861,8 @@ pub async fn webhook_deliveries_retry_give_up_and_keep_job_order(s: Store) {
         .claim_for_dispatch(out[0].id, now_ms() + 60_000, "t")
         .await
         .expect("claim")
-        .expect("claimed");
+        .expect("claimed")
+        .attempt;
     assert!(
         s.record_started(out[0].id, attempt, now_ms() + 60_000, "w")
             .await
@@ -847,6 +969,7 @@ pub async fn webhook_deliveries_retry_give_up_and_keep_job_order(s: Store) {
     assert_eq!(s.delivery_backlog().await.expect("backlog"), 0);
 }
 
+/// A preprocessing job; `cost` 0 is a face replacement (free).
 fn preprocess<'a>(acc: &'a str, code: &'a str, photo: &str, cost: i64) -> NewJob<'a> {
     use crate::domain::identity::{IdentityKind, PhotoSource, PreprocessSpec};
     let spec = PreprocessSpec {
@@ -857,13 +980,11 @@ fn preprocess<'a>(acc: &'a str, code: &'a str, photo: &str, cost: i64) -> NewJob
             filename: None,
         }],
         min_usable: 1,
-        replaces: false,
+        replaces: cost == 0,
     };
     NewJob {
-        job_type: JobType::IdentityPreprocessing,
-        spec_json: serde_json::to_string(&spec).expect("spec"),
-        identity: Some(super::jobs::IdentityUse::Builds(code)),
-        ..job(acc, &[cost], None)
+        spec: spec.into(),
+        ..job(acc, &[1], None)
     }
 }
 
@@ -873,7 +994,6 @@ fn preprocess<'a>(acc: &'a str, code: &'a str, photo: &str, cost: i64) -> NewJob
 /// refused while a job uses the identity and erasing every object it had.
 pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
     use super::identities::{DeleteIdentity, IdentityAdmission, IdentityQuery, NewIdentity};
-    use super::jobs::IdentityUse;
     use crate::domain::identity::{FaceRecord, IdentityKind};
     let a = account(&s, "ida", 200).await;
     let new = |code: &'static str, name: &'static str| NewIdentity {
@@ -931,16 +1051,43 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
             .expect("delete"),
         DeleteIdentity::InUse { job_id: j1.clone() }
     );
+    // A product photo for the swaps.
+    let CreateProject::Created(project) = s.create_project(&a, "swaps").await.expect("project")
+    else {
+        panic!("a new project");
+    };
+    s.create_file(
+        "file-swap",
+        &a,
+        &project.id,
+        "model.jpg",
+        "image/jpeg",
+        "uploads/model.jpg",
+    )
+    .await
+    .expect("file");
+    assert!(
+        s.mark_file_uploaded("file-swap", "uploads/model.jpg", 10, 8, 8)
+            .await
+            .expect("uploaded")
+    );
     let swap = |code: &'static str| NewJob {
-        job_type: JobType::ModelSwap,
-        identity: Some(IdentityUse::Ready(code)),
+        spec: crate::domain::swap::SwapSpec {
+            identity_code: code.into(),
+            images: vec![crate::domain::packshot::ImageSpec {
+                file_id: "file-swap".into(),
+                note: None,
+            }],
+            model: crate::domain::swap::SwapEngine::Auto,
+            post_process: false,
+            processing_options: Default::default(),
+        }
+        .into(),
         ..job(&a, &[1], None)
     };
     assert_eq!(
         s.create_job(swap("idn_a")).await.expect("admit"),
-        Admission::IdentityNotReady {
-            status: "pending".into()
-        }
+        Admission::IdentityNotReady { status: "pending" }
     );
     assert_eq!(
         s.create_job(swap("idn_zz")).await.expect("admit"),
@@ -956,7 +1103,8 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
                 .claim_for_dispatch(o.id, lease, "t")
                 .await
                 .expect("claim")
-                .expect("claimed");
+                .expect("claimed")
+                .attempt;
             assert!(s.record_started(o.id, at, lease, "w").await.expect("start"));
             if ok {
                 let record = FaceRecord {
@@ -1106,6 +1254,39 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
     audit_clean(&s).await;
 }
 
+/// Rows decode into the domain enums: a job of a kind or in a state this
+/// version does not know is a read error, never read as some default. The
+/// schema itself no longer lists the kinds (a new kind needs no migration).
+pub async fn unknown_kinds_and_states_are_read_errors(s: Store) {
+    let a = account(&s, "una", 20).await;
+    let j = created(&s, job(&a, &[1], None)).await;
+    assert!(s.job(&j).await.expect("read").is_some());
+    sqlx::query("UPDATE jobs SET job_type = 'from_a_later_version' WHERE id = $1")
+        .bind(&j)
+        .execute(s.pool())
+        .await
+        .expect("the schema accepts any kind name");
+    let err = s.job(&j).await.expect_err("an unknown kind");
+    assert!(
+        matches!(&err, StoreError::Corrupt(m) if m.contains("from_a_later_version")),
+        "{err:?}"
+    );
+    sqlx::query(
+        "UPDATE jobs SET job_type = 'create_packshot', spec = '{\"images\": 3}' WHERE id = $1",
+    )
+    .bind(&j)
+    .execute(s.pool())
+    .await
+    .expect("update");
+    assert!(matches!(
+        s.job(&j).await.expect_err("a spec that does not parse"),
+        StoreError::Corrupt(_)
+    ));
+    // The outputs survived the SQLite rebuild that dropped the kind list,
+    // and still belong to their job.
+    assert_eq!(s.latest_outputs(&j).await.expect("outputs").len(), 1);
+}
+
 pub async fn unavailable_database_is_typed(s: Store) {
     s.close().await;
     let e = s.ping().await.expect_err("closed pool");
@@ -1131,6 +1312,7 @@ macro_rules! store_suite {
             t!(outputs_are_recorded_and_charged_once);
             t!(post_processing_status_follows_the_outputs);
             t!(retries_then_gives_up);
+            t!(superseded_attempts_are_ignored_when_recorded);
             t!(expired_leases_are_found);
             t!(refusals_fall_back_only_under_auto);
             t!(abort_cancels_open_outputs_only);
@@ -1140,6 +1322,7 @@ macro_rules! store_suite {
             t!(notifications_are_relayed_once_consumed_and_pruned);
             t!(webhook_deliveries_retry_give_up_and_keep_job_order);
             t!(identities_are_admitted_replaced_and_deleted);
+            t!(unknown_kinds_and_states_are_read_errors);
             t!(unavailable_database_is_typed);
         }
     };

@@ -3,6 +3,12 @@
 
 use super::{Result, Store};
 use crate::time::now_ms;
+use sqlx::AnyConnection;
+
+/// `files.status` while the upload slot waits for its bytes.
+const PENDING: &str = "pending";
+/// `files.status` once the bytes are stored.
+const UPLOADED: &str = "uploaded";
 
 #[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
 pub struct FileRow {
@@ -20,6 +26,13 @@ pub struct FileRow {
     pub uploaded_at: Option<i64>,
 }
 
+impl FileRow {
+    /// The bytes are stored: the file can be an input.
+    pub fn is_uploaded(&self) -> bool {
+        self.status == UPLOADED
+    }
+}
+
 const FILE_COLUMNS: &str = "id, account_id, project_id, filename, content_type, object_key, status, size_bytes, width, height, created_at, uploaded_at";
 
 impl Store {
@@ -34,7 +47,7 @@ impl Store {
     ) -> Result<FileRow> {
         let sql = format!(
             "INSERT INTO files (id, account_id, project_id, filename, content_type, object_key, status, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7) RETURNING {FILE_COLUMNS}"
+             VALUES ($1, $2, $3, $4, $5, $6, $8, $7) RETURNING {FILE_COLUMNS}"
         );
         Ok(sqlx::query_as::<_, FileRow>(&sql)
             .bind(id)
@@ -44,6 +57,7 @@ impl Store {
             .bind(content_type)
             .bind(object_key)
             .bind(now_ms())
+            .bind(PENDING)
             .fetch_one(self.pool())
             .await?)
     }
@@ -86,8 +100,8 @@ impl Store {
         height: i64,
     ) -> Result<bool> {
         let r = sqlx::query(
-            "UPDATE files SET status = 'uploaded', size_bytes = $2, width = $3, height = $4, uploaded_at = $5, object_key = $6 \
-             WHERE id = $1 AND status = 'pending'",
+            "UPDATE files SET status = $7, size_bytes = $2, width = $3, height = $4, uploaded_at = $5, object_key = $6 \
+             WHERE id = $1 AND status = $8",
         )
         .bind(id)
         .bind(size)
@@ -95,8 +109,39 @@ impl Store {
         .bind(height)
         .bind(now_ms())
         .bind(object_key)
+        .bind(UPLOADED)
+        .bind(PENDING)
         .execute(self.pool())
         .await?;
         Ok(r.rows_affected() == 1)
     }
+}
+
+/// The object keys of `ids`, uploaded files of `account_id`, in the order
+/// given; `Err(id)` names the first that is not (deleted, another
+/// account's, or never uploaded).
+pub(crate) async fn uploaded_keys(
+    conn: &mut AnyConnection,
+    account_id: &str,
+    ids: &[&str],
+) -> Result<std::result::Result<Vec<crate::domain::task::InputFile>, String>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let key: Option<String> = sqlx::query_scalar(
+            "SELECT object_key FROM files WHERE id = $1 AND account_id = $2 AND status = $3",
+        )
+        .bind(*id)
+        .bind(account_id)
+        .bind(UPLOADED)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match key {
+            Some(object_key) => out.push(crate::domain::task::InputFile {
+                file_id: id.to_string(),
+                object_key,
+            }),
+            None => return Ok(Err(id.to_string())),
+        }
+    }
+    Ok(Ok(out))
 }

@@ -4,8 +4,10 @@
 
 use super::jobs::{Admission, NewJob};
 use super::{Result, Store, StoreError};
+use crate::domain::JobStatus;
 use crate::domain::identity::{FaceRecord, IdentityKind, preprocessing_status};
 use crate::time::now_ms;
+use std::sync::LazyLock;
 
 #[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
 pub struct IdentityRow {
@@ -22,7 +24,7 @@ pub struct IdentityRow {
     pub created_at: i64,
     pub updated_at: i64,
     pub created_by: String,
-    pub job_status: Option<String>,
+    pub job_status: Option<JobStatus>,
     pub job_error: Option<String>,
     pub job_created_at: Option<i64>,
     pub job_finalized_at: Option<i64>,
@@ -35,13 +37,16 @@ pub struct IdentityRow {
 impl IdentityRow {
     /// `pending`, `processing`, `completed` or `failed` (contract §5.1).
     pub fn preprocessing_status(&self) -> &'static str {
-        preprocessing_status(self.job_status.as_deref())
+        preprocessing_status(self.job_status)
     }
 
     /// Why the preprocessing failed, in the words of the step that failed
     /// (`no face detected`), not the job's summary.
     pub fn error_message(&self) -> Option<String> {
-        if self.preprocessing_status() != "failed" {
+        if !matches!(
+            self.job_status,
+            Some(JobStatus::Failed | JobStatus::Aborted)
+        ) {
             return None;
         }
         self.output_error.clone().or_else(|| self.job_error.clone())
@@ -65,10 +70,15 @@ impl IdentityRow {
 
 /// The identity with its effective preprocessing job `j`: the pending
 /// replacement once it completed, the current one otherwise.
-const IDENTITY_FROM: &str = "FROM identities i JOIN accounts a ON a.id = i.account_id \
-     LEFT JOIN jobs pj ON pj.id = i.pending_job_id \
-     LEFT JOIN jobs j ON j.id = (CASE WHEN pj.status = 'completed' THEN pj.id ELSE i.job_id END) \
-     LEFT JOIN outputs o ON o.job_id = j.id AND o.instruction_index = 0 AND o.variation_index = 0 AND o.version = 0";
+static IDENTITY_FROM: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "FROM identities i JOIN accounts a ON a.id = i.account_id \
+         LEFT JOIN jobs pj ON pj.id = i.pending_job_id \
+         LEFT JOIN jobs j ON j.id = (CASE WHEN pj.status = '{}' THEN pj.id ELSE i.job_id END) \
+         LEFT JOIN outputs o ON o.job_id = j.id AND o.instruction_index = 0 AND o.variation_index = 0 AND o.version = 0",
+        JobStatus::Completed
+    )
+});
 
 const IDENTITY_COLUMNS: &str = "SELECT i.code, i.account_id, i.kind, i.name, i.tag, i.original_filename, i.photo_key, \
      i.sources, i.training_tier, j.id AS job_id, i.created_at, i.updated_at, a.name AS created_by, \
@@ -77,11 +87,17 @@ const IDENTITY_COLUMNS: &str = "SELECT i.code, i.account_id, i.kind, i.name, i.t
      o.input_description AS record, o.error_message AS output_error";
 
 /// The status an identity shows, as SQL over the joined job (for filters).
-const STATUS_SQL: &str =
-    "COALESCE(CASE j.status WHEN 'aborted' THEN 'failed' ELSE j.status END, 'pending')";
+static STATUS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "COALESCE(CASE j.status WHEN '{}' THEN '{}' ELSE j.status END, '{}')",
+        JobStatus::Aborted,
+        JobStatus::Failed,
+        JobStatus::Pending
+    )
+});
 
 fn identity_select(filter: &str) -> String {
-    format!("{IDENTITY_COLUMNS} {IDENTITY_FROM} {filter}")
+    format!("{IDENTITY_COLUMNS} {} {filter}", *IDENTITY_FROM)
 }
 
 pub struct NewIdentity<'a> {
@@ -286,22 +302,6 @@ impl Store {
             .await?)
     }
 
-    /// The face a completed preprocessing job built: its crop's key and
-    /// record (`None` if the job has no completed output).
-    pub async fn face_of(&self, job_id: &str) -> Result<Option<(String, FaceRecord)>> {
-        let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT full_key, input_description FROM outputs WHERE job_id = $1 AND status = 'completed' \
-             ORDER BY version DESC LIMIT 1",
-        )
-        .bind(job_id)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(match row {
-            Some((Some(key), Some(d))) => serde_json::from_str(&d).ok().map(|r| (key, r)),
-            _ => None,
-        })
-    }
-
     /// Any identity by code (workers read the one a job names).
     pub async fn identity(&self, code: &str) -> Result<Option<IdentityRow>> {
         let sql = identity_select("WHERE i.code = $1");
@@ -322,19 +322,21 @@ impl Store {
         let filter = format!(
             "WHERE i.account_id = $1 AND i.kind = $2 \
              AND ($3 IS NULL OR LOWER(i.name) LIKE LOWER($3) ESCAPE '\\') \
-             AND ($4 IS NULL OR {STATUS_SQL} = $4) \
+             AND ($4 IS NULL OR {} = $4) \
              AND ($5 IS NULL OR LOWER(i.tag) LIKE LOWER($5) ESCAPE '\\') \
-             AND ($6 IS NULL OR i.tag = $6)"
+             AND ($6 IS NULL OR i.tag = $6)",
+            *STATUS_SQL
         );
-        let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {IDENTITY_FROM} {filter}"))
-            .bind(account_id)
-            .bind(kind.as_str())
-            .bind(name_like.as_deref())
-            .bind(q.status.as_deref())
-            .bind(tag_like.as_deref())
-            .bind(q.tag_exact.as_deref())
-            .fetch_one(self.pool())
-            .await?;
+        let total: i64 =
+            sqlx::query_scalar(&format!("SELECT COUNT(*) {} {filter}", *IDENTITY_FROM))
+                .bind(account_id)
+                .bind(kind.as_str())
+                .bind(name_like.as_deref())
+                .bind(q.status.as_deref())
+                .bind(tag_like.as_deref())
+                .bind(q.tag_exact.as_deref())
+                .fetch_one(self.pool())
+                .await?;
         let order = if q.ascending { "ASC" } else { "DESC" };
         let column = if q.by_name { "i.name" } else { "i.created_at" };
         let sql = identity_select(&format!(
@@ -372,13 +374,14 @@ impl Store {
         };
         let r = sqlx::query(
             "UPDATE identities SET job_id = COALESCE((SELECT pj.id FROM jobs pj WHERE pj.id = identities.pending_job_id \
-             AND pj.status = 'completed'), job_id), pending_job_id = $3, updated_at = $4 \
+             AND pj.status = $5), job_id), pending_job_id = $3, updated_at = $4 \
              WHERE code = $1 AND account_id = $2",
         )
         .bind(code)
         .bind(account_id)
         .bind(job_id)
         .bind(now_ms())
+        .bind(JobStatus::Completed)
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() == 0 {
@@ -415,12 +418,14 @@ impl Store {
         if found.is_none() {
             return Ok(DeleteIdentity::NotFound);
         }
-        let busy: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE identity_code = $1 AND status IN ('pending', 'processing') ORDER BY created_at LIMIT 1",
-        )
-        .bind(code)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let sql = format!(
+            "SELECT id FROM jobs WHERE identity_code = $1 AND status IN ({}) ORDER BY created_at LIMIT 1",
+            JobStatus::sql_in(&JobStatus::OPEN)
+        );
+        let busy: Option<String> = sqlx::query_scalar(&sql)
+            .bind(code)
+            .fetch_optional(&mut *tx)
+            .await?;
         if let Some(job_id) = busy {
             return Ok(DeleteIdentity::InUse { job_id });
         }

@@ -12,14 +12,17 @@
 //! an upload or any network call other than the database itself.
 
 pub mod accounts;
+mod codec;
 pub mod files;
 pub mod identities;
 pub mod jobs;
 pub mod notifications;
 pub mod outbox;
 pub mod projects;
+pub mod rows;
 pub mod scheduling;
 pub mod settings;
+mod transitions;
 pub mod webhooks;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -82,6 +85,11 @@ impl From<sqlx::Error> for StoreError {
                 }
             }
             sqlx::Error::Protocol(_) => StoreError::Unavailable(e),
+            // A stored value this version cannot read (an unknown status,
+            // kind or queue; a spec that no longer parses).
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+                StoreError::Corrupt(e.to_string())
+            }
             _ => StoreError::Other(e),
         }
     }
@@ -97,6 +105,11 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub type Tx = Transaction<'static, Any>;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// The rebuild of `jobs` without the CHECK on `job_type` (see
+/// [`Store::migrate`]): every column and constraint of migrations 0001–0005
+/// but that one.
+const SQLITE_OPEN_JOB_TYPES: &str = include_str!("sqlite_open_job_types.sql");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 /// Handle to the database; cheap to clone.
@@ -144,9 +157,56 @@ impl Store {
 
     pub async fn migrate(&self) -> Result<()> {
         match self.dialect {
-            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
+            Dialect::Sqlite => {
+                SQLITE_MIGRATIONS.run(&self.pool).await?;
+                self.sqlite_open_job_types().await?;
+            }
             Dialect::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
         }
+        Ok(())
+    }
+
+    /// Drops the CHECK that listed the job kinds in `jobs.job_type` (what
+    /// PostgreSQL's migration 0006 does): the kinds are the code's
+    /// (`domain::kinds`), a row decodes into the kind enum and an unknown
+    /// name is a read error, so a new kind needs no schema change. SQLite
+    /// cannot drop a CHECK in place, and its rebuild must run with foreign
+    /// keys off (else dropping the old table would cascade into the
+    /// outputs), which a migration's transaction cannot switch: hence this
+    /// step, on one connection, idempotent and serialised by `BEGIN
+    /// IMMEDIATE`.
+    async fn sqlite_open_job_types(&self) -> Result<()> {
+        const CLOSED: &str = "CHECK (job_type IN (";
+        let mut conn = self.pool.acquire().await?;
+        let has_check = |sql: Option<String>| sql.is_some_and(|s| s.contains(CLOSED));
+        let sql: Option<String> = sqlx::query_scalar(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        if !has_check(sql) {
+            return Ok(());
+        }
+        conn.execute("PRAGMA foreign_keys = OFF").await?;
+        let rebuilt = async {
+            conn.execute("BEGIN IMMEDIATE").await?;
+            let sql: Option<String> = sqlx::query_scalar(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
+            )
+            .fetch_optional(&mut *conn)
+            .await?;
+            if has_check(sql) {
+                conn.execute(SQLITE_OPEN_JOB_TYPES).await?;
+            }
+            conn.execute("COMMIT").await?;
+            Ok::<_, sqlx::Error>(())
+        }
+        .await;
+        if rebuilt.is_err() {
+            let _ = conn.execute("ROLLBACK").await;
+        }
+        conn.execute("PRAGMA foreign_keys = ON").await?;
+        rebuilt?;
         Ok(())
     }
 

@@ -2,8 +2,9 @@
 //! transaction as the state change it reports, so a notification exists if
 //! and only if the change committed.
 
-use super::jobs::{JOB_SELECT, JobRow, OutputRow};
+use super::rows::{JOB_SELECT, JobRow, OutputRow};
 use super::{Result, Store, Tx, from_json, to_json};
+use crate::domain::JobSpec;
 use crate::time::now_ms;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -65,10 +66,9 @@ pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
     insert(tx, &job.account_id, "batch_edit", Some(job_id), &data).await?;
     // A face replacement leaves the identity's status as it is: only the
     // job's own batch_edit events tell its progress.
-    if job.job_type == "identity_preprocessing"
+    if let JobSpec::IdentityPreprocessing(spec) = &job.spec
+        && !spec.replaces
         && let Some(code) = &job.identity_code
-        && !serde_json::from_str::<crate::domain::identity::PreprocessSpec>(&job.spec)
-            .is_ok_and(|s| s.replaces)
     {
         notify_identity(tx, &job, code).await?;
     }
@@ -78,8 +78,8 @@ pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
 /// `identity_preprocessing` (contract §4.1) for a preprocessing job's
 /// status change: the identity's view of it.
 async fn notify_identity(tx: &mut Tx, job: &JobRow, code: &str) -> Result<()> {
-    let status = crate::domain::identity::preprocessing_status(Some(&job.status));
-    let (record, output_error): (Option<String>, Option<String>) = if job.status().is_terminal() {
+    let status = crate::domain::identity::preprocessing_status(Some(job.status));
+    let (record, output_error): (Option<String>, Option<String>) = if job.status.is_terminal() {
         sqlx::query_as(
             "SELECT input_description, error_message FROM outputs WHERE job_id = $1 ORDER BY version DESC, id LIMIT 1",
         )
@@ -99,7 +99,8 @@ async fn notify_identity(tx: &mut Tx, job: &JobRow, code: &str) -> Result<()> {
         "id_task": job.id,
         "preprocessing_status": status,
         "quality_score": quality,
-        "error_message": (status == "failed").then(|| output_error.or_else(|| job.error_message.clone())).flatten(),
+        "error_message": job.status.is_terminal().then_some(()).filter(|_| job.status != crate::domain::JobStatus::Completed)
+            .and_then(|_| output_error.or_else(|| job.error_message.clone())),
     });
     insert(
         tx,
@@ -122,7 +123,7 @@ pub(crate) async fn notify_output(tx: &mut Tx, account_id: &str, o: &OutputRow) 
         "image_index": o.instruction_index,
         "group_index": o.variation_index,
         "version": o.version,
-        "status": o.status().public(),
+        "status": o.status.public(),
         "model_used": o.model_used,
         "error_message": o.error_message,
         "output_keys": {"full_size": o.full_key, "thumbnail": o.thumb_key},

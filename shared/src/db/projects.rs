@@ -1,6 +1,7 @@
 //! Projects: named folders of an account's jobs.
 
 use super::{Result, Store, StoreError};
+use crate::domain::JobStatus;
 use crate::time::now_ms;
 
 #[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
@@ -120,23 +121,27 @@ impl Store {
         // foreign-key check needs a share lock), so the active-job check below
         // cannot be overtaken by a job created in between.
         let sql = format!(
-            "SELECT id FROM projects WHERE id = $1 AND account_id = $2{}",
+            "SELECT name FROM projects WHERE id = $1 AND account_id = $2{}",
             self.for_update()
         );
-        let exists: Option<String> = sqlx::query_scalar(&sql)
+        let name: Option<String> = sqlx::query_scalar(&sql)
             .bind(id)
             .bind(account_id)
             .fetch_optional(&mut *tx)
             .await?;
-        if exists.is_none() {
-            return Ok(DeleteProject::NotFound);
+        match name.as_deref() {
+            None => return Ok(DeleteProject::NotFound),
+            Some(DEFAULT_PROJECT) => return Ok(DeleteProject::IsDefault),
+            Some(_) => {}
         }
-        let active: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE project_id = $1 AND status IN ('pending', 'processing')",
-        )
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
+        let sql = format!(
+            "SELECT COUNT(*) FROM jobs WHERE project_id = $1 AND status IN ({})",
+            JobStatus::sql_in(&JobStatus::OPEN)
+        );
+        let active: i64 = sqlx::query_scalar(&sql)
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
         if active > 0 {
             return Ok(DeleteProject::HasActiveJobs);
         }
@@ -147,37 +152,36 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         // Uploaded assets are kept (contract §2.3): move them to the default project.
-        let default_id: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM projects WHERE account_id = $1 AND name = 'default' AND id <> $2",
-        )
-        .bind(account_id)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let default_id: Option<String> =
+            sqlx::query_scalar("SELECT id FROM projects WHERE account_id = $1 AND name = $2")
+                .bind(account_id)
+                .bind(DEFAULT_PROJECT)
+                .fetch_optional(&mut *tx)
+                .await?;
         let default_id = match default_id {
             Some(d) => d,
             None => {
                 let d = crate::domain::ProjectId::generate().0;
-                sqlx::query("INSERT INTO projects (id, account_id, name, created_at) VALUES ($1, $2, 'default', $3)")
+                sqlx::query("INSERT INTO projects (id, account_id, name, created_at) VALUES ($1, $2, $4, $3)")
                     .bind(&d)
                     .bind(account_id)
                     .bind(now_ms())
+                    .bind(DEFAULT_PROJECT)
                     .execute(&mut *tx)
                     .await?;
                 d
             }
         };
-        if default_id != id {
-            sqlx::query("UPDATE files SET project_id = $1 WHERE project_id = $2")
-                .bind(&default_id)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query("DELETE FROM jobs WHERE project_id = $1 AND status IN ('completed', 'failed', 'aborted')")
+        sqlx::query("UPDATE files SET project_id = $1 WHERE project_id = $2")
+            .bind(&default_id)
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        let sql = format!(
+            "DELETE FROM jobs WHERE project_id = $1 AND status NOT IN ({})",
+            JobStatus::sql_in(&JobStatus::OPEN)
+        );
+        sqlx::query(&sql).bind(id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM projects WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -194,7 +198,16 @@ impl Store {
 }
 
 pub enum DeleteProject {
-    Deleted { object_keys: Vec<String> },
+    Deleted {
+        object_keys: Vec<String>,
+    },
     NotFound,
     HasActiveJobs,
+    /// The account's default project holds the uploads of every deleted
+    /// project (contract §2.3 keeps uploaded assets): it stays.
+    IsDefault,
 }
+
+/// The project uploads land in when no project is named, and where the
+/// files of deleted projects move.
+pub const DEFAULT_PROJECT: &str = "default";

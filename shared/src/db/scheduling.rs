@@ -7,13 +7,13 @@
 //! notifications, job finalisation) happens in the same transaction only if
 //! that update touched a row. A duplicate or stale report changes nothing.
 
-use super::accounts::ledger;
-use super::jobs::{OUTPUT_COLUMNS, OutputRow, touch_job};
-use super::notifications::{notify_job, notify_output};
-use super::{Result, Store, Tx, to_json};
-use crate::domain::credits::Credits;
+use super::notifications::notify_job;
+use super::rows::{JOB_SELECT, JobRow, OUTPUT_COLUMNS, OutputRow};
+use super::transitions::{finalize_job, finish_output, live_output, post_processing_progress};
+use super::{Result, Store};
 use crate::domain::retry::RetryPolicy;
-use crate::domain::{FailureKind, JobStatus, OutputResult, OutputStatus};
+use crate::domain::task::{JobInputs, TaskOutput};
+use crate::domain::{FailureKind, JobSpec, JobStatus, OutputResult, OutputStatus, Plan, WorkQueue};
 use crate::time::now_ms;
 use std::collections::HashMap;
 
@@ -23,9 +23,25 @@ pub struct DispatchCandidate {
     pub output_id: i64,
     pub job_id: String,
     pub account_id: String,
-    pub plan: String,
+    pub plan: Plan,
     pub ready_at: i64,
     /// The job's W3C `traceparent`, for the task message.
+    pub traceparent: Option<String>,
+}
+
+/// A claimed output: the attempt it now runs and which output it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub attempt: i64,
+    pub output: TaskOutput,
+}
+
+/// What every task of a job carries: its typed spec and resolved inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobWork {
+    pub account_id: String,
+    pub spec: JobSpec,
+    pub inputs: JobInputs,
     pub traceparent: Option<String>,
 }
 
@@ -48,20 +64,21 @@ impl Store {
     /// oldest first within an account.
     pub async fn dispatch_candidates(
         &self,
-        queue: &str,
+        queue: WorkQueue,
         per_account: i64,
     ) -> Result<Vec<DispatchCandidate>> {
-        let rows: Vec<(i64, String, String, String, i64, Option<String>)> = sqlx::query_as(
+        let rows: Vec<(i64, String, String, Plan, i64, Option<String>)> = sqlx::query_as(
             "SELECT id, job_id, account_id, plan, scheduled_at, traceparent FROM ( \
                SELECT o.id, o.job_id, j.account_id, a.plan, o.scheduled_at, j.traceparent, \
                       ROW_NUMBER() OVER (PARTITION BY j.account_id ORDER BY o.scheduled_at, o.id) AS rn \
                FROM outputs o JOIN jobs j ON j.id = o.job_id JOIN accounts a ON a.id = j.account_id \
-               WHERE o.status = 'pending' AND o.queue = $1 AND o.scheduled_at <= $2) t \
+               WHERE o.status = $4 AND o.queue = $1 AND o.scheduled_at <= $2) t \
              WHERE rn <= $3 ORDER BY scheduled_at, id",
         )
         .bind(queue)
         .bind(now_ms())
         .bind(per_account)
+        .bind(OutputStatus::Pending)
         .fetch_all(self.pool())
         .await?;
         Ok(rows
@@ -80,14 +97,16 @@ impl Store {
     }
 
     /// Outputs of `queue` holding a lease, per account (`dispatched` + `running`).
-    pub async fn in_flight_by_account(&self, queue: &str) -> Result<HashMap<String, u32>> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
+    pub async fn in_flight_by_account(&self, queue: WorkQueue) -> Result<HashMap<String, u32>> {
+        let sql = format!(
             "SELECT j.account_id, COUNT(*) FROM outputs o JOIN jobs j ON j.id = o.job_id \
-             WHERE o.queue = $1 AND o.status IN ('dispatched', 'running') GROUP BY j.account_id",
-        )
-        .bind(queue)
-        .fetch_all(self.pool())
-        .await?;
+             WHERE o.queue = $1 AND o.status IN ({}) GROUP BY j.account_id",
+            OutputStatus::sql_in(&OutputStatus::LEASED)
+        );
+        let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
+            .bind(queue)
+            .fetch_all(self.pool())
+            .await?;
         Ok(rows
             .into_iter()
             .map(|(a, n)| (a, u32::try_from(n).unwrap_or(u32::MAX)))
@@ -95,63 +114,99 @@ impl Store {
     }
 
     /// Tasks published to `queue` that no worker has started yet.
-    pub async fn queued_count(&self, queue: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM outputs WHERE queue = $1 AND status = 'dispatched'",
+    pub async fn queued_count(&self, queue: WorkQueue) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM outputs WHERE queue = $1 AND status = $2")
+                .bind(queue)
+                .bind(OutputStatus::Dispatched)
+                .fetch_one(self.pool())
+                .await?,
         )
-        .bind(queue)
-        .fetch_one(self.pool())
-        .await?)
     }
 
     /// Claims a pending output for dispatch: `pending → dispatched`, the
     /// attempt counter incremented, leased until `lease_until`. Returns the
-    /// new attempt number, or `None` if another scheduler got it first.
+    /// new attempt and what the task must produce, or `None` if another
+    /// scheduler got it first.
     pub async fn claim_for_dispatch(
         &self,
         output_id: i64,
         lease_until: i64,
         owner: &str,
-    ) -> Result<Option<i64>> {
+    ) -> Result<Option<Claim>> {
         let sql = format!(
-            "UPDATE outputs SET status = 'dispatched', attempt = attempt + 1, lease_expires_at = $2, lease_owner = $3, updated_at = $4 \
-             WHERE id = $1 AND status IN ({}) AND attempt < max_attempts RETURNING attempt",
+            "UPDATE outputs SET status = $5, attempt = attempt + 1, lease_expires_at = $2, lease_owner = $3, updated_at = $4 \
+             WHERE id = $1 AND status IN ({}) AND attempt < max_attempts \
+             RETURNING attempt, instruction_index, variation_index, engine_index, last_error",
             OutputStatus::sql_sources_of(OutputStatus::Dispatched)
         );
-        Ok(sqlx::query_scalar(&sql)
+        let row: Option<(i64, i64, i64, i64, Option<String>)> = sqlx::query_as(&sql)
             .bind(output_id)
             .bind(lease_until)
             .bind(owner)
             .bind(now_ms())
+            .bind(OutputStatus::Dispatched)
             .fetch_optional(self.pool())
-            .await?)
+            .await?;
+        let index =
+            |v: i64| u32::try_from(v).map_err(|e| super::StoreError::Corrupt(e.to_string()));
+        row.map(|(attempt, ins, var, engine, last_error)| {
+            Ok(Claim {
+                attempt,
+                output: TaskOutput {
+                    instruction_index: index(ins)?,
+                    variation_index: index(var)?,
+                    engine_index: index(engine)?,
+                    // Only a fallback engine needs to know why the one
+                    // before it refused.
+                    previous_refusal: (engine > 0).then_some(last_error).flatten(),
+                },
+            })
+        })
+        .transpose()
+    }
+
+    /// The spec and resolved inputs every task of `job_id` carries; `None`
+    /// if the job is gone, or (for a job admitted before inputs were
+    /// resolved at admission) one of its inputs is.
+    pub async fn job_work(&self, job_id: &str) -> Result<Option<JobWork>> {
+        let sql = format!("{JOB_SELECT} WHERE j.id = $1");
+        let Some(job) = sqlx::query_as::<_, JobRow>(&sql)
+            .bind(job_id)
+            .fetch_optional(self.pool())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let inputs = match job.inputs.clone() {
+            Some(inputs) => inputs,
+            None => match self.resolve_job_inputs(&job).await? {
+                Some(inputs) => inputs,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(JobWork {
+            account_id: job.account_id,
+            spec: job.spec,
+            inputs,
+            traceparent: job.traceparent,
+        }))
     }
 
     /// Undoes a claim whose task could not be published (the attempt never ran).
     pub async fn unclaim(&self, output_id: i64, attempt: i64) -> Result<bool> {
         let r = sqlx::query(
-            "UPDATE outputs SET status = 'pending', attempt = attempt - 1, lease_expires_at = NULL, lease_owner = NULL, updated_at = $3 \
-             WHERE id = $1 AND attempt = $2 AND status = 'dispatched'",
+            "UPDATE outputs SET status = $4, attempt = attempt - 1, lease_expires_at = NULL, lease_owner = NULL, updated_at = $3 \
+             WHERE id = $1 AND attempt = $2 AND status = $5",
         )
         .bind(output_id)
         .bind(attempt)
         .bind(now_ms())
+        .bind(OutputStatus::Pending)
+        .bind(OutputStatus::Dispatched)
         .execute(self.pool())
         .await?;
         Ok(r.rows_affected() == 1)
-    }
-
-    /// Whether `attempt` is the live attempt of a leased output: workers skip
-    /// stale deliveries (an older attempt redelivered after a reclaim).
-    pub async fn is_live_attempt(&self, output_id: i64, attempt: i64) -> Result<bool> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM outputs WHERE id = $1 AND attempt = $2 AND status IN ('dispatched', 'running')",
-        )
-        .bind(output_id)
-        .bind(attempt)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(n == 1)
     }
 
     /// A worker started `attempt`: `dispatched → running` (or a renewed
@@ -165,26 +220,33 @@ impl Store {
     ) -> Result<bool> {
         let now = now_ms();
         let mut tx = self.begin().await?;
-        let job_id: Option<String> = sqlx::query_scalar(
-            "UPDATE outputs SET status = 'running', lease_expires_at = $3, lease_owner = $4, started_at = $5, updated_at = $5 \
-             WHERE id = $1 AND attempt = $2 AND status IN ('dispatched', 'running') RETURNING job_id",
-        )
-        .bind(output_id)
-        .bind(attempt)
-        .bind(lease_until)
-        .bind(worker)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let sql = format!(
+            "UPDATE outputs SET status = $6, lease_expires_at = $3, lease_owner = $4, started_at = $5, updated_at = $5 \
+             WHERE id = $1 AND attempt = $2 AND status IN ({}) RETURNING job_id",
+            OutputStatus::sql_in(&OutputStatus::LEASED)
+        );
+        let job_id: Option<String> = sqlx::query_scalar(&sql)
+            .bind(output_id)
+            .bind(attempt)
+            .bind(lease_until)
+            .bind(worker)
+            .bind(now)
+            .bind(OutputStatus::Running)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(job_id) = job_id else {
             tx.rollback().await?;
             return Ok(false);
         };
-        let r = sqlx::query("UPDATE jobs SET status = 'processing', updated_at = $2 WHERE id = $1 AND status = 'pending'")
-            .bind(&job_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        let r = sqlx::query(
+            "UPDATE jobs SET status = $3, updated_at = $2 WHERE id = $1 AND status = $4",
+        )
+        .bind(&job_id)
+        .bind(now)
+        .bind(JobStatus::Processing)
+        .bind(JobStatus::Pending)
+        .execute(&mut *tx)
+        .await?;
         if r.rows_affected() == 1 {
             notify_job(&mut tx, &job_id).await?;
         }
@@ -199,15 +261,17 @@ impl Store {
         attempt: i64,
         lease_until: i64,
     ) -> Result<bool> {
-        let r = sqlx::query(
-            "UPDATE outputs SET lease_expires_at = $3, updated_at = $4 WHERE id = $1 AND attempt = $2 AND status IN ('dispatched', 'running')",
-        )
-        .bind(output_id)
-        .bind(attempt)
-        .bind(lease_until)
-        .bind(now_ms())
-        .execute(self.pool())
-        .await?;
+        let sql = format!(
+            "UPDATE outputs SET lease_expires_at = $3, updated_at = $4 WHERE id = $1 AND attempt = $2 AND status IN ({})",
+            OutputStatus::sql_in(&OutputStatus::LEASED)
+        );
+        let r = sqlx::query(&sql)
+            .bind(output_id)
+            .bind(attempt)
+            .bind(lease_until)
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -257,17 +321,16 @@ impl Store {
         // server choose (`model: auto`); a named engine's refusal is final.
         let fallback_allowed =
             matches!(kind, FailureKind::Refused) && attempt < o.max_attempts && {
-                let spec: String = sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1")
+                let sql = format!("{JOB_SELECT} WHERE j.id = $1");
+                let job = sqlx::query_as::<_, JobRow>(&sql)
                     .bind(&o.job_id)
                     .fetch_one(&mut *tx)
                     .await?;
-                serde_json::from_str::<serde_json::Value>(&spec)
-                    .ok()
-                    .is_some_and(|v| v["model"] == "auto")
+                job.spec.engine_fallback()
             };
         let outcome = if fallback_allowed {
             let sql = format!(
-                "UPDATE outputs SET status = 'pending', engine_index = engine_index + 1, scheduled_at = $3, lease_expires_at = NULL, \
+                "UPDATE outputs SET status = $5, engine_index = engine_index + 1, scheduled_at = $3, lease_expires_at = NULL, \
                  lease_owner = NULL, last_error = $4, updated_at = $3 WHERE id = $1 AND attempt = $2 AND status IN ({})",
                 OutputStatus::sql_sources_of(OutputStatus::Pending)
             );
@@ -276,6 +339,7 @@ impl Store {
                 .bind(attempt)
                 .bind(now_ms())
                 .bind(message)
+                .bind(OutputStatus::Pending)
                 .execute(&mut *tx)
                 .await?;
             FailureOutcome::FellBack {
@@ -285,7 +349,7 @@ impl Store {
             let delay = policy.delay(u32::try_from(attempt).unwrap_or(u32::MAX), unit);
             let at = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
             let sql = format!(
-                "UPDATE outputs SET status = 'pending', scheduled_at = $3, lease_expires_at = NULL, lease_owner = NULL, \
+                "UPDATE outputs SET status = $6, scheduled_at = $3, lease_expires_at = NULL, lease_owner = NULL, \
                  last_error = $4, updated_at = $5 WHERE id = $1 AND attempt = $2 AND status IN ({})",
                 OutputStatus::sql_sources_of(OutputStatus::Pending)
             );
@@ -295,6 +359,7 @@ impl Store {
                 .bind(at)
                 .bind(message)
                 .bind(now_ms())
+                .bind(OutputStatus::Pending)
                 .execute(&mut *tx)
                 .await?;
             FailureOutcome::Retried { at }
@@ -314,236 +379,26 @@ impl Store {
 
     /// Leased outputs whose lease ended before `now`: `(output_id, attempt)`.
     pub async fn expired_leases(&self, now: i64, limit: i64) -> Result<Vec<(i64, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT id, attempt FROM outputs WHERE status IN ('dispatched', 'running') AND lease_expires_at < $1 ORDER BY lease_expires_at LIMIT $2",
-        )
-        .bind(now)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?)
+        let sql = format!(
+            "SELECT id, attempt FROM outputs WHERE status IN ({}) AND lease_expires_at < $1 ORDER BY lease_expires_at LIMIT $2",
+            OutputStatus::sql_in(&OutputStatus::LEASED)
+        );
+        Ok(sqlx::query_as(&sql)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?)
     }
 
     /// Non-terminal outputs of one job (used by tests and the CLI).
     pub async fn open_outputs(&self, job_id: &str) -> Result<Vec<OutputRow>> {
         let sql = format!(
-            "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE job_id = $1 AND status IN ('pending', 'dispatched', 'running')"
+            "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE job_id = $1 AND status IN ({})",
+            OutputStatus::sql_in(&OutputStatus::OPEN)
         );
         Ok(sqlx::query_as::<_, OutputRow>(&sql)
             .bind(job_id)
             .fetch_all(self.pool())
             .await?)
     }
-}
-
-async fn live_output(tx: &mut Tx, output_id: i64, attempt: i64) -> Result<Option<OutputRow>> {
-    let sql = format!(
-        "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE id = $1 AND attempt = $2 AND status IN ('dispatched', 'running')"
-    );
-    Ok(sqlx::query_as::<_, OutputRow>(&sql)
-        .bind(output_id)
-        .bind(attempt)
-        .fetch_optional(&mut **tx)
-        .await?)
-}
-
-/// Moves one output to a terminal state and settles its credits: a charge
-/// for `completed`, a release otherwise. No-op if the guard does not match.
-pub(crate) async fn finish_output(
-    tx: &mut Tx,
-    o: &OutputRow,
-    to: OutputStatus,
-    message: &str,
-    result: Option<&OutputResult>,
-    charge: bool,
-) -> Result<bool> {
-    debug_assert!(to.is_terminal());
-    let now = now_ms();
-    let sql = format!(
-        "UPDATE outputs SET status = $3, lease_expires_at = NULL, lease_owner = NULL, finalized_at = $4, updated_at = $4, \
-         error_message = $5, full_key = $6, thumb_key = $7, model_used = $8, width = $9, height = $10, \
-         processing_ms = $11, input_description = $12, output_format = COALESCE($13, output_format) \
-         WHERE id = $1 AND attempt = $2 AND status IN ({})",
-        OutputStatus::sql_sources_of(to)
-    );
-    let description = result.map(|r| to_json(&r.input_description)).transpose()?;
-    let r = sqlx::query(&sql)
-        .bind(o.id)
-        .bind(o.attempt)
-        .bind(to.as_str())
-        .bind(now)
-        .bind((!message.is_empty()).then_some(message))
-        .bind(result.map(|r| r.full_key.as_str()))
-        .bind(result.map(|r| r.thumb_key.as_str()))
-        .bind(result.map(|r| r.model_used.as_str()))
-        .bind(result.map(|r| i64::from(r.width)))
-        .bind(result.map(|r| i64::from(r.height)))
-        .bind(result.map(|r| r.processing_ms))
-        .bind(description)
-        .bind(result.map(|r| r.format.as_str()))
-        .execute(&mut **tx)
-        .await?;
-    if r.rows_affected() == 0 {
-        return Ok(false);
-    }
-    let cost = Credits(o.cost);
-    let account_sql = if charge {
-        "UPDATE accounts SET balance = balance - $2, reserved = reserved - $2 WHERE id = $1"
-    } else {
-        "UPDATE accounts SET reserved = reserved - $2 WHERE id = $1"
-    };
-    sqlx::query(account_sql)
-        .bind(&o.billing_account_id)
-        .bind(cost.0)
-        .execute(&mut **tx)
-        .await?;
-    let res_sql = if charge {
-        "UPDATE reservations SET held = held - $2, charged = charged + $2 WHERE job_id = $1"
-    } else {
-        "UPDATE reservations SET held = held - $2, released = released + $2 WHERE job_id = $1"
-    };
-    sqlx::query(res_sql)
-        .bind(&o.job_id)
-        .bind(cost.0)
-        .execute(&mut **tx)
-        .await?;
-    ledger(
-        tx,
-        &o.billing_account_id,
-        Some(&o.job_id),
-        Some(o.id),
-        if charge { "charge" } else { "release" },
-        cost,
-        None,
-    )
-    .await?;
-    let counter = if to == OutputStatus::Completed {
-        "completed_outputs"
-    } else {
-        "failed_outputs"
-    };
-    sqlx::query(&format!(
-        "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1"
-    ))
-    .bind(&o.job_id)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    let sql = format!("SELECT {OUTPUT_COLUMNS} FROM outputs WHERE id = $1");
-    let after = sqlx::query_as::<_, OutputRow>(&sql)
-        .bind(o.id)
-        .fetch_one(&mut **tx)
-        .await?;
-    let account: String = sqlx::query_scalar("SELECT account_id FROM jobs WHERE id = $1")
-        .bind(&o.job_id)
-        .fetch_one(&mut **tx)
-        .await?;
-    notify_output(tx, &account, &after).await?;
-    Ok(true)
-}
-
-/// Tracks the post-processing pass of a job that asked for one: the first
-/// post-processed output moves it to `processing`; an output completed
-/// without the pass (a worker that lacks it) marks it `failed`, for good.
-async fn post_processing_progress(tx: &mut Tx, o: &OutputRow, post_processed: bool) -> Result<()> {
-    sqlx::query(
-        "UPDATE jobs SET post_processing_status = CASE WHEN $2 = 1 THEN 'processing' ELSE 'failed' END, \
-         post_processing_error = CASE WHEN $2 = 1 THEN post_processing_error ELSE $3 END \
-         WHERE id = $1 AND should_post_process = 1 AND post_processing_status IN ('pending', 'processing')",
-    )
-    .bind(&o.job_id)
-    .bind(i64::from(post_processed))
-    .bind(format!(
-        "output {} (instruction {}, variation {}) completed without the post-processing pass",
-        o.id, o.instruction_index, o.variation_index
-    ))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Finalises a job whose outputs are all terminal (or that is being
-/// aborted): terminal status, reservation closed, active-job slot freed,
-/// `batch_edit` notification. While outputs remain open it only reports the
-/// progress (`batch_edit` with `processed_images`).
-pub(crate) async fn finalize_job(
-    tx: &mut Tx,
-    job_id: &str,
-    forced: Option<JobStatus>,
-) -> Result<()> {
-    let now = now_ms();
-    let (status, total, completed, failed, account, counts): (String, i64, i64, i64, String, i64) = sqlx::query_as(
-        "SELECT status, total_outputs, completed_outputs, failed_outputs, account_id, counts_against_cap \
-         FROM jobs WHERE id = $1",
-    )
-    .bind(job_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    if JobStatus::parse(&status).is_none_or(|s| s.is_terminal()) {
-        return Ok(());
-    }
-    let next = match forced {
-        Some(s) => s,
-        None if completed + failed == total => JobStatus::finished(completed),
-        None => {
-            // Progress: one more output is terminal.
-            touch_job(tx, job_id, now).await?;
-            notify_job(tx, job_id).await?;
-            return Ok(());
-        }
-    };
-    let error = match next {
-        JobStatus::Failed => {
-            let last: Option<String> = sqlx::query_scalar(
-                "SELECT error_message FROM outputs WHERE job_id = $1 AND error_message IS NOT NULL ORDER BY finalized_at DESC, id DESC LIMIT 1",
-            )
-            .bind(job_id)
-            .fetch_optional(&mut **tx)
-            .await?
-            .flatten();
-            Some(format!(
-                "all {total} outputs failed; last error: {}",
-                last.unwrap_or_else(|| "unknown".into())
-            ))
-        }
-        _ => None,
-    };
-    // The pass runs inside each output's task; the job's pass is complete
-    // when the job is, unless an output came back without it.
-    let (post_status, post_error) = if next == JobStatus::Completed {
-        ("completed", None)
-    } else {
-        ("failed", Some("the job did not complete"))
-    };
-    let finalized = sqlx::query(
-        "UPDATE jobs SET status = $2, finalized_at = $3, updated_at = $3, error_message = COALESCE($4, error_message), \
-         post_processing_status = CASE WHEN should_post_process = 1 THEN \
-           CASE WHEN post_processing_status = 'failed' THEN 'failed' ELSE $5 END ELSE NULL END, \
-         post_processing_error = CASE WHEN should_post_process = 1 THEN COALESCE(post_processing_error, $6) ELSE NULL END \
-         WHERE id = $1 AND status IN ('pending', 'processing')",
-    )
-    .bind(job_id)
-    .bind(next.as_str())
-    .bind(now)
-    .bind(error)
-    .bind(post_status)
-    .bind(post_error)
-    .execute(&mut **tx)
-    .await?;
-    if finalized.rows_affected() == 0 {
-        // Someone else finalised it first: its slot and reservation are settled.
-        return Ok(());
-    }
-    sqlx::query("UPDATE reservations SET closed_at = $2 WHERE job_id = $1 AND closed_at IS NULL")
-        .bind(job_id)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-    if counts == 1 {
-        sqlx::query("UPDATE accounts SET active_jobs = active_jobs - 1 WHERE id = $1")
-            .bind(&account)
-            .execute(&mut **tx)
-            .await?;
-    }
-    notify_job(tx, job_id).await?;
-    Ok(())
 }

@@ -148,7 +148,19 @@ impl Balance {
 }
 
 /// Output size classes of the contract (§3.3, §3.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 pub enum SizeClass {
     #[serde(rename = "1K")]
     K1,

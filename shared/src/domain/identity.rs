@@ -1,8 +1,12 @@
-//! Identities (contract §5), profiles (§9) and model swap (§3.6): the job
-//! specs the API stores and workers read, request validation, and what a
-//! preprocessing run records about the face it built.
+//! Identities (contract §5) and profiles (§9): the `identity_preprocessing`
+//! job kind that builds them, request validation, and what a preprocessing
+//! run records about the face it built.
 
-use super::packshot::{FieldError, ImageRefIn, ImageSpec, validate_images};
+use super::JobStatus;
+use super::credits::PriceTable;
+use super::kinds::{IdentityUse, JobKind, PlannedOutput, Requirements};
+use super::packshot::{FieldError, ImageFormat};
+use super::task::WorkQueue;
 use serde::{Deserialize, Serialize};
 
 /// Longest identity name (contract §5.7).
@@ -10,23 +14,22 @@ pub const MAX_NAME: usize = 128;
 
 /// An identity's `preprocessing_status` from its preprocessing job's status
 /// (`None`: no job yet). An aborted preprocessing is a failed one.
-pub fn preprocessing_status(job_status: Option<&str>) -> &'static str {
+pub fn preprocessing_status(job_status: Option<JobStatus>) -> &'static str {
     match job_status {
-        None | Some("pending") => "pending",
-        Some("processing") => "processing",
-        Some("completed") => "completed",
-        Some(_) => "failed",
+        None => JobStatus::Pending.as_str(),
+        Some(s @ (JobStatus::Pending | JobStatus::Processing | JobStatus::Completed)) => s.as_str(),
+        Some(JobStatus::Failed | JobStatus::Aborted) => JobStatus::Failed.as_str(),
     }
 }
 
 /// A profile's `status` (contract §9.2) from its build job's status. The
 /// seed knows `IN_PROGRESS`, `READY` and `ERROR`; queued work is shown as
 /// `IN_PROGRESS` so that seed-era clients keep polling.
-pub fn profile_status(job_status: Option<&str>) -> &'static str {
+pub fn profile_status(job_status: Option<JobStatus>) -> &'static str {
     match job_status {
-        None | Some("pending") | Some("processing") => "IN_PROGRESS",
-        Some("completed") => "READY",
-        Some(_) => "ERROR",
+        None | Some(JobStatus::Pending | JobStatus::Processing) => "IN_PROGRESS",
+        Some(JobStatus::Completed) => "READY",
+        Some(JobStatus::Failed | JobStatus::Aborted) => "ERROR",
     }
 }
 
@@ -100,6 +103,47 @@ pub struct PreprocessSpec {
     pub replaces: bool,
 }
 
+/// The `identity_preprocessing` kind: builds an identity or a profile from
+/// its photos on the `identity` queue. It holds no active-job slot (the
+/// identity slots cap identities instead).
+pub struct IdentityPreprocessing;
+
+impl JobKind for IdentityPreprocessing {
+    const NAME: &'static str = "identity_preprocessing";
+    const QUEUE: WorkQueue = WorkQueue::Identity;
+    const COUNTS_AGAINST_CAP: bool = false;
+    type Spec = PreprocessSpec;
+
+    /// One output (the face crop) at the identity price; a face
+    /// replacement is free (contract §5.8).
+    fn plan(spec: &PreprocessSpec, prices: &PriceTable) -> Vec<PlannedOutput> {
+        let price = match (spec.kind, spec.replaces) {
+            (_, true) => 0.0,
+            (IdentityKind::Identity, false) => prices.identity,
+            (IdentityKind::Profile, false) => prices.profile,
+        };
+        vec![PlannedOutput {
+            instruction_index: 0,
+            variation_index: 0,
+            cost: PriceTable::flat(price),
+            format: ImageFormat::Jpg,
+        }]
+    }
+
+    /// Its photos are its own objects (or public URLs): nothing to check
+    /// but the identity it builds.
+    fn requirements(spec: &PreprocessSpec) -> Requirements<'_> {
+        Requirements {
+            files: Vec::new(),
+            identity: Some(IdentityUse::Builds(&spec.identity_code)),
+        }
+    }
+
+    fn post_process(_: &PreprocessSpec) -> bool {
+        false
+    }
+}
+
 /// What one photo of a build contributed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhotoReport {
@@ -155,127 +199,6 @@ impl FaceRecord {
 /// `0.7990000247955322`).
 pub fn round3(v: f32) -> f64 {
     (f64::from(v) * 1000.0).round() / 1000.0
-}
-
-/// Model-swap engines a client can name (contract §3.6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SwapEngine {
-    Auto,
-    Onda,
-    NanoBananaPro,
-}
-
-impl SwapEngine {
-    pub fn parse(s: &str) -> Option<SwapEngine> {
-        match s {
-            "auto" => Some(SwapEngine::Auto),
-            "onda" => Some(SwapEngine::Onda),
-            "nano_banana_pro" => Some(SwapEngine::NanoBananaPro),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SwapEngine::Auto => "auto",
-            SwapEngine::Onda => "onda",
-            SwapEngine::NanoBananaPro => "nano_banana_pro",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct SwapRequest {
-    pub project_id: String,
-    pub images: Vec<ImageRefIn>,
-    pub identity_code: String,
-    #[serde(default)]
-    pub post_process: bool,
-    #[serde(default)]
-    pub swap_options: serde_json::Map<String, serde_json::Value>,
-    /// `{ "model": … }`, an alias of `swap_options.model` (contract §3.6).
-    #[serde(default)]
-    pub options: serde_json::Map<String, serde_json::Value>,
-}
-
-/// The normalised model-swap job (stored as the job spec).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SwapSpec {
-    pub identity_code: String,
-    pub images: Vec<ImageSpec>,
-    pub model: SwapEngine,
-    pub post_process: bool,
-    /// `swap_options` keys other than `model`, kept verbatim.
-    pub processing_options: serde_json::Map<String, serde_json::Value>,
-}
-
-pub fn parse_swap(body: &serde_json::Value) -> Result<SwapRequest, FieldError> {
-    serde_path_to_error::deserialize::<_, SwapRequest>(body).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        let message = if inner.contains("untagged enum ImageRefIn") {
-            "must be a file_id string or an object {file_id, note}".to_string()
-        } else {
-            inner
-        };
-        FieldError {
-            field: (path != ".").then_some(path),
-            message,
-        }
-    })
-}
-
-/// Validates a swap request. `available` lists the engines this server
-/// runs for model swap (`auto` is always accepted).
-pub fn validate_swap(
-    req: &SwapRequest,
-    available: &[SwapEngine],
-) -> Result<SwapSpec, Vec<FieldError>> {
-    let mut errs = Vec::new();
-    if req.project_id.trim().is_empty() {
-        errs.push(FieldError::new("project_id", "must not be empty"));
-    }
-    if req.identity_code.trim().is_empty() {
-        errs.push(FieldError::new("identity_code", "must not be empty"));
-    }
-    let images = validate_images(&req.images, &mut errs);
-    let mut model = SwapEngine::Auto;
-    for (field, v) in [
-        ("swap_options.model", req.swap_options.get("model")),
-        ("options.model", req.options.get("model")),
-    ] {
-        let Some(v) = v else { continue };
-        match v.as_str().and_then(SwapEngine::parse) {
-            None => errs.push(FieldError::new(
-                field,
-                "must be one of auto, onda, nano_banana_pro",
-            )),
-            Some(SwapEngine::Auto) => {}
-            Some(e) if !available.contains(&e) => errs.push(FieldError::new(
-                field,
-                format!(
-                    "engine {} is not configured for model swap on this server; use auto",
-                    e.as_str()
-                ),
-            )),
-            // `swap_options.model` wins over the alias.
-            Some(e) if model == SwapEngine::Auto => model = e,
-            Some(_) => {}
-        }
-    }
-    if !errs.is_empty() {
-        return Err(errs);
-    }
-    let mut processing_options = req.swap_options.clone();
-    processing_options.remove("model");
-    Ok(SwapSpec {
-        identity_code: req.identity_code.trim().to_string(),
-        images,
-        model,
-        post_process: req.post_process,
-        processing_options,
-    })
 }
 
 /// A default identity name from an uploaded file name: its stem, trimmed to
@@ -345,49 +268,18 @@ pub fn validate_text(field: &str, text: &str) -> Result<(), FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn statuses_follow_the_job() {
         assert_eq!(preprocessing_status(None), "pending");
-        assert_eq!(preprocessing_status(Some("processing")), "processing");
-        assert_eq!(preprocessing_status(Some("aborted")), "failed");
-        assert_eq!(profile_status(Some("pending")), "IN_PROGRESS");
-        assert_eq!(profile_status(Some("completed")), "READY");
-        assert_eq!(profile_status(Some("failed")), "ERROR");
-    }
-
-    #[test]
-    fn swap_requests_are_validated() {
-        let all = [SwapEngine::Onda];
-        let req = parse_swap(&json!({
-            "project_id": "p", "identity_code": "idn_x",
-            "images": ["a", {"file_id": "b", "note": "back view"}],
-            "swap_options": {"model": "onda", "strength": 0.7},
-        }))
-        .expect("parses");
-        let spec = validate_swap(&req, &all).expect("valid");
-        assert_eq!(spec.model, SwapEngine::Onda);
-        assert_eq!(spec.images.len(), 2);
-        assert_eq!(spec.processing_options.get("strength"), Some(&json!(0.7)));
-        assert!(!spec.processing_options.contains_key("model"));
-
-        let req = parse_swap(&json!({
-            "project_id": "p", "identity_code": "", "images": ["a", "a"],
-            "options": {"model": "nano_banana_pro"},
-        }))
-        .expect("parses");
-        let errs = validate_swap(&req, &all).expect_err("invalid");
-        let fields: Vec<_> = errs.iter().filter_map(|e| e.field.clone()).collect();
-        assert!(fields.contains(&"identity_code".to_string()), "{fields:?}");
-        assert!(fields.contains(&"images[1]".to_string()), "{fields:?}");
-        assert!(fields.contains(&"options.model".to_string()), "{fields:?}");
-
-        let e = parse_swap(&json!({"project_id": "p", "identity_code": "x", "images": [3]}))
-            .expect_err("wrong image type");
-        assert_eq!(e.field.as_deref(), Some("images[0]"));
-        let e = parse_swap(&json!({"project_id": "p", "images": []})).expect_err("missing");
-        assert!(e.message.contains("identity_code"), "{}", e.message);
+        assert_eq!(
+            preprocessing_status(Some(JobStatus::Processing)),
+            "processing"
+        );
+        assert_eq!(preprocessing_status(Some(JobStatus::Aborted)), "failed");
+        assert_eq!(profile_status(Some(JobStatus::Pending)), "IN_PROGRESS");
+        assert_eq!(profile_status(Some(JobStatus::Completed)), "READY");
+        assert_eq!(profile_status(Some(JobStatus::Failed)), "ERROR");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! ever read the normalised form.
 
 use super::credits::{PriceTable, SizeClass};
+use super::kinds::{JobKind, PlannedOutput, Requirements};
+use super::task::WorkQueue;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 
@@ -30,7 +32,7 @@ pub const MAX_VARIATIONS: u32 = 8;
 pub const MAX_PROMPT: usize = 4000;
 pub const MAX_NOTE: usize = 1000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Style {
     FlatLay,
@@ -40,7 +42,7 @@ pub enum Style {
     Free,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Framing {
     SquarePackshot,
@@ -51,7 +53,7 @@ pub enum Framing {
     FullFrame,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Angle {
     Front,
@@ -61,7 +63,7 @@ pub enum Angle {
     DetailMacro,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Shadow {
     Auto,
@@ -71,7 +73,7 @@ pub enum Shadow {
     Natural,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum AspectRatio {
     #[serde(rename = "1:1")]
     Square,
@@ -109,7 +111,7 @@ impl AspectRatio {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageFormat {
     Jpg,
@@ -133,7 +135,7 @@ impl ImageFormat {
 }
 
 /// Engines a client may name (`options.model`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EngineChoice {
     Auto,
@@ -142,14 +144,14 @@ pub enum EngineChoice {
 }
 
 impl EngineChoice {
+    pub const ALL: [EngineChoice; 3] = [
+        EngineChoice::Auto,
+        EngineChoice::NanoBananaPro,
+        EngineChoice::Seedream,
+    ];
+
     pub fn parse(name: &str) -> Option<EngineChoice> {
-        [
-            EngineChoice::Auto,
-            EngineChoice::NanoBananaPro,
-            EngineChoice::Seedream,
-        ]
-        .into_iter()
-        .find(|e| e.as_str() == name)
+        Self::ALL.into_iter().find(|e| e.as_str() == name)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -162,7 +164,7 @@ impl EngineChoice {
 }
 
 /// `string | integer | object` fields (background, surface, …).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum DesignValue {
     Text(String),
@@ -170,7 +172,7 @@ pub enum DesignValue {
     Object(DesignObject),
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DesignObject {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
@@ -185,7 +187,7 @@ pub struct DesignObject {
     pub complexity: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 pub struct OutputOptionsIn {
     pub size: Option<SizeClass>,
     pub ar: Option<AspectRatio>,
@@ -195,7 +197,7 @@ pub struct OutputOptionsIn {
     pub seed: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 pub struct JobOptionsIn {
     pub model: Option<EngineChoice>,
     pub use_anchor: Option<bool>,
@@ -208,7 +210,7 @@ pub struct JobOptionsIn {
     pub seed: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 pub struct InstructionIn {
     pub style: Style,
     pub background: Option<DesignValue>,
@@ -231,7 +233,7 @@ pub struct InstructionIn {
 }
 
 /// An entry of `images`: a bare `file_id` or `{file_id, note}` (§3.2).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ImageRefIn {
     Id(String),
@@ -241,7 +243,7 @@ pub enum ImageRefIn {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 pub struct PackshotRequest {
     pub project_id: String,
     pub images: Vec<ImageRefIn>,
@@ -399,17 +401,6 @@ impl PackshotSpec {
         self.instructions.iter().map(|i| i.num_variations).sum()
     }
 
-    /// `(instruction_index, variation_index, price)` for every planned output.
-    pub fn planned_outputs(&self, prices: &PriceTable) -> Vec<(u32, u32, super::Credits)> {
-        let mut v = Vec::new();
-        for (i, ins) in self.instructions.iter().enumerate() {
-            for var in 0..ins.num_variations {
-                v.push((i as u32, var, prices.price(ins.output.size)));
-            }
-        }
-        v
-    }
-
     pub fn largest_size(&self) -> SizeClass {
         self.instructions
             .iter()
@@ -420,6 +411,46 @@ impl PackshotSpec {
 
     pub fn uses_custom_dimensions(&self) -> bool {
         self.instructions.iter().any(|i| i.output.custom)
+    }
+}
+
+/// The `create_packshot` kind (contract §3.5), on the `packshot` queue.
+pub struct CreatePackshot;
+
+impl JobKind for CreatePackshot {
+    const NAME: &'static str = "create_packshot";
+    const QUEUE: WorkQueue = WorkQueue::Packshot;
+    type Spec = PackshotSpec;
+
+    /// Instructions × variations, each at the price of its size class.
+    fn plan(spec: &PackshotSpec, prices: &PriceTable) -> Vec<PlannedOutput> {
+        let mut v = Vec::new();
+        for (i, ins) in spec.instructions.iter().enumerate() {
+            for var in 0..ins.num_variations {
+                v.push(PlannedOutput {
+                    instruction_index: i as u32,
+                    variation_index: var,
+                    cost: prices.price(ins.output.size),
+                    format: ins.output.format,
+                });
+            }
+        }
+        v
+    }
+
+    fn requirements(spec: &PackshotSpec) -> Requirements<'_> {
+        Requirements {
+            files: spec.images.iter().map(|i| i.file_id.as_str()).collect(),
+            identity: None,
+        }
+    }
+
+    fn post_process(spec: &PackshotSpec) -> bool {
+        spec.post_process
+    }
+
+    fn engine_fallback(spec: &PackshotSpec) -> bool {
+        spec.model == EngineChoice::Auto
     }
 }
 
@@ -800,10 +831,9 @@ mod tests {
     fn contract_example_normalises() {
         let s = check(base()).expect("valid");
         assert_eq!(s.total_outputs(), 3);
-        let cost: super::super::Credits = s
-            .planned_outputs(&PriceTable::default())
+        let cost: super::super::Credits = CreatePackshot::plan(&s, &PriceTable::default())
             .iter()
-            .map(|p| p.2)
+            .map(|p| p.cost)
             .sum();
         assert_eq!(cost.as_f64(), 13.0);
         assert_eq!(

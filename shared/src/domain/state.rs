@@ -1,59 +1,11 @@
-//! Job and output state machines. The store's CHECK constraints and the
-//! `WHERE status IN (..)` guards of every state-changing query are derived
-//! from [`OutputStatus::sources_of`], so the SQL and this file cannot drift.
+//! Job and output state machines, and account plans. The `WHERE status IN
+//! (..)` guards of every state-changing query are derived from
+//! [`OutputStatus::sources_of`], so the SQL and this file cannot drift.
+//! Rows decode into these enums; an unknown stored name is an error.
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobType {
-    CreatePackshot,
-    ModelSwap,
-    Flat2Model,
-    IdentityCreation,
-    IdentityPreprocessing,
-}
-
-impl JobType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobType::CreatePackshot => "create_packshot",
-            JobType::ModelSwap => "model_swap",
-            JobType::Flat2Model => "flat_2_model",
-            JobType::IdentityCreation => "identity_creation",
-            JobType::IdentityPreprocessing => "identity_preprocessing",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<JobType> {
-        [
-            JobType::CreatePackshot,
-            JobType::ModelSwap,
-            JobType::Flat2Model,
-            JobType::IdentityCreation,
-            JobType::IdentityPreprocessing,
-        ]
-        .into_iter()
-        .find(|t| t.as_str() == s)
-    }
-
-    /// The work queue that carries this job type's tasks (DESIGN.md).
-    pub fn queue(self) -> &'static str {
-        match self {
-            JobType::CreatePackshot => "packshot",
-            JobType::ModelSwap | JobType::Flat2Model => "swap",
-            JobType::IdentityCreation | JobType::IdentityPreprocessing => "identity",
-        }
-    }
-
-    /// Whether jobs of this type count against the account's active-job cap
-    /// (contract §1.9, §11 #5).
-    pub fn counts_against_cap(self) -> bool {
-        !matches!(self, JobType::IdentityPreprocessing)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Pending,
@@ -86,6 +38,10 @@ impl JobStatus {
         Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
+    /// The states of a job that is not finished (holds its slot and
+    /// reservation).
+    pub const OPEN: [JobStatus; 2] = [JobStatus::Pending, JobStatus::Processing];
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -116,7 +72,7 @@ impl JobStatus {
 /// Internal output states. The contract shows four (`pending`, `processing`,
 /// `completed`, `failed`); `dispatched` is shown as `pending` (queued, not
 /// started) and `cancelled` as `failed` with the reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputStatus {
     /// Waiting for dispatch; eligible once `scheduled_at` has passed.
@@ -154,6 +110,15 @@ impl OutputStatus {
     pub fn parse(s: &str) -> Option<OutputStatus> {
         Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
+
+    /// Not terminal: its cost is still reserved.
+    pub const OPEN: [OutputStatus; 3] = [
+        OutputStatus::Pending,
+        OutputStatus::Dispatched,
+        OutputStatus::Running,
+    ];
+    /// Holding a lease.
+    pub const LEASED: [OutputStatus; 2] = [OutputStatus::Dispatched, OutputStatus::Running];
 
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -210,11 +175,68 @@ impl OutputStatus {
 
     /// `'a','b'` for an SQL `IN (..)` list of the sources of `to`.
     pub fn sql_sources_of(to: OutputStatus) -> String {
-        Self::sources_of(to)
-            .iter()
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect::<Vec<_>>()
-            .join(",")
+        Self::sql_in(&Self::sources_of(to))
+    }
+}
+
+/// Implements `TryFrom<String>` (row decoding) for a state enum with `parse`.
+macro_rules! decode_from_text {
+    ($t:ty, $what:literal) => {
+        impl TryFrom<String> for $t {
+            type Error = super::UnknownName;
+
+            fn try_from(s: String) -> Result<$t, Self::Error> {
+                <$t>::parse(&s).ok_or(super::UnknownName {
+                    what: $what,
+                    name: s,
+                })
+            }
+        }
+
+        impl $t {
+            /// `'a','b'` for an SQL `IN (..)` list of these values.
+            pub fn sql_in(items: &[$t]) -> String {
+                items
+                    .iter()
+                    .map(|s| format!("'{}'", s.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+decode_from_text!(JobStatus, "job status");
+decode_from_text!(OutputStatus, "output status");
+decode_from_text!(Plan, "plan");
+
+/// An account's plan: enterprise accounts are exempt from the caps and
+/// weigh more in the fair share (contract §1.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Plan {
+    Standard,
+    Enterprise,
+}
+
+impl Plan {
+    pub const ALL: [Plan; 2] = [Plan::Standard, Plan::Enterprise];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plan::Standard => "standard",
+            Plan::Enterprise => "enterprise",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Plan> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
     }
 }
 

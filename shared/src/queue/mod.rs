@@ -6,9 +6,9 @@
 //!
 //! | queue | producer | consumer | message |
 //! |---|---|---|---|
-//! | `scheduler` | outbox relay | scheduler | wake-ups (`job_created`, …) |
-//! | `packshot`, `swap`, `identity`, `training` | scheduler | workers | [`crate::domain::Task`] |
-//! | `outcomes` | workers | scheduler | [`crate::domain::Outcome`] |
+//! | `scheduler` ([`crate::domain::task::WAKE_QUEUE`]) | outbox relay | scheduler | wake-ups (`job_created`, …) |
+//! | one per [`crate::domain::WorkQueue`] (`packshot`, `swap`, `identity`) | scheduler | workers | [`crate::domain::Task`] |
+//! | `outcomes` ([`crate::domain::task::OUTCOME_QUEUE`]) | workers | scheduler | [`crate::domain::Outcome`] |
 //!
 //! Semantics every implementation keeps (one conformance suite checks them):
 //! durable publish (returns only once the message is safe), at-least-once

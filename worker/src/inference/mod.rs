@@ -36,13 +36,8 @@ pub enum InferenceError {
     Missing(String),
 }
 
-/// Where inference runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
+/// Where inference runs (`worker.device`).
+pub use atelier_shared::config::Device;
 
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
@@ -176,6 +171,17 @@ pub struct ModelOptions {
     pub batch_window: Duration,
     /// Largest batch; 1 disables batching.
     pub max_batch: usize,
+}
+
+impl ModelOptions {
+    /// Sessions and batching of every model, as configured.
+    pub fn from_config(cfg: &atelier_shared::config::Config) -> ModelOptions {
+        ModelOptions {
+            sessions: cfg.models.sessions,
+            batch_window: Duration::from_millis(cfg.models.batch_window_ms),
+            max_batch: cfg.models.max_batch,
+        }
+    }
 }
 
 impl Default for ModelOptions {
@@ -605,6 +611,15 @@ pub fn load_shared_outputs(
 
 /// The models directory of this checkout, for tests and benches:
 /// `ATELIER_MODELS__DIR`, else `<workspace>/models`.
+/// The process's ONNX Runtime, as configured (`worker.device`, threads).
+pub fn runtime_for(cfg: &atelier_shared::config::Config) -> Result<Arc<Runtime>, InferenceError> {
+    Runtime::get(&RuntimeOptions {
+        library: Some(cfg.models.onnxruntime_lib()),
+        device: cfg.worker.device,
+        intra_threads: cfg.worker.inference_threads,
+    })
+}
+
 pub fn default_models_dir() -> PathBuf {
     std::env::var_os("ATELIER_MODELS__DIR")
         .map(PathBuf::from)

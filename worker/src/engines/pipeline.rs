@@ -1,107 +1,16 @@
-//! The pipeline seam. An [`Engine`] turns one planned output into pixels;
-//! the [`Pipeline`] around it picks the engine, decodes inputs, encodes the
-//! result and its thumbnail and times every stage. The ONNX stages of the
-//! inference issue are further engines behind the same trait.
+//! The [`Pipeline`]: the engines of one worker, picked per output (the
+//! `auto` chain with fallback on refusals, or the route a client named),
+//! and the stages around the engine: post-processing, encoding, thumbnail.
 
+use super::atelier::AtelierEngine;
+use super::engine::{BasicEngine, Engine, RenderRequest, stage};
+use super::routes::{HttpEngine, OnnxEngine};
 use crate::failure::TaskFailure;
 use crate::imaging;
-use atelier_shared::config::EngineRoute;
-use atelier_shared::domain::packshot::{EngineChoice, InstructionSpec, PackshotSpec, Style};
-use image::{DynamicImage, RgbaImage};
+use atelier_shared::config::{AutoEngine, EngineRoute, EngineTargets};
+use atelier_shared::domain::packshot::EngineChoice;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// One input image, decoded.
-pub struct Input {
-    pub file_id: String,
-    pub image: DynamicImage,
-}
-
-/// What an engine is asked to produce: output `(instruction, variation)` of a packshot job.
-pub struct RenderRequest<'a> {
-    pub spec: &'a PackshotSpec,
-    pub instruction_index: usize,
-    pub variation_index: u32,
-    pub inputs: &'a [Input],
-}
-
-impl RenderRequest<'_> {
-    /// The instruction this output belongs to.
-    pub fn instruction(&self) -> Result<&InstructionSpec, TaskFailure> {
-        self.spec
-            .instructions
-            .get(self.instruction_index)
-            .ok_or_else(|| TaskFailure::permanent("instruction index out of range"))
-    }
-
-    /// The input this variation works from: variations cycle through the
-    /// inputs (several views of one garment).
-    pub fn source(&self) -> Result<&Input, TaskFailure> {
-        if self.inputs.is_empty() {
-            return Err(TaskFailure::permanent("the job has no input image"));
-        }
-        Ok(&self.inputs[self.variation_index as usize % self.inputs.len()])
-    }
-}
-
-pub struct Rendered {
-    pub image: RgbaImage,
-    /// What really ran, reported to clients as `model_used`.
-    pub model_used: String,
-    pub description: serde_json::Value,
-    /// What the post-processing pass needs (reference colours, garment region).
-    pub post: crate::postprocess::PostContext,
-}
-
-pub trait Engine: Send + Sync {
-    fn name(&self) -> &'static str;
-    fn render(&self, req: &RenderRequest<'_>) -> Result<Rendered, TaskFailure>;
-}
-
-/// The built-in engine without a model stage: it frames the chosen input on
-/// the style's background at the requested size. It says so in
-/// `model_used` and `input_description` instead of claiming a cutout.
-pub struct BasicEngine;
-
-impl BasicEngine {
-    /// The plain canvas colour of a style, for engines that letterbox
-    /// (this one and the engine routes).
-    pub fn background(style: Style) -> [u8; 3] {
-        match style {
-            Style::WhiteCutout | Style::GhostMannequin => [255, 255, 255],
-            Style::FlatLay => [240, 236, 228],
-            Style::MarketingReady | Style::Free => [236, 236, 236],
-        }
-    }
-}
-
-impl Engine for BasicEngine {
-    fn name(&self) -> &'static str {
-        "atelier-basic"
-    }
-
-    fn render(&self, req: &RenderRequest<'_>) -> Result<Rendered, TaskFailure> {
-        let ins = req.instruction()?;
-        let src = req.source()?;
-        let image = imaging::fit(
-            &src.image,
-            ins.output.width,
-            ins.output.height,
-            Self::background(ins.style),
-        )?;
-        Ok(Rendered {
-            image,
-            post: crate::postprocess::PostContext::whole_source(&src.image),
-            model_used: self.name().to_string(),
-            description: serde_json::json!({
-                "engine": self.name(),
-                "note": "geometric framing only: the input is scaled onto the style background; no segmentation or generative model ran",
-                "source_file_id": src.file_id,
-                "style": ins.style,
-            }),
-        })
-    }
-}
 
 /// Encoded artefacts of one output.
 pub struct PipelineOutput {
@@ -169,11 +78,12 @@ impl Pipeline {
     /// Blocking (loads and warms models): call from the blocking pool.
     pub fn from_config(
         cfg: &atelier_shared::config::Config,
+        engines: &EngineTargets,
     ) -> Result<Pipeline, crate::inference::InferenceError> {
-        let rt = runtime(cfg);
-        let opts = model_options(cfg);
+        let rt = crate::inference::runtime_for(cfg);
+        let opts = crate::inference::ModelOptions::from_config(cfg);
         let loaded = rt.as_ref().map_err(Clone::clone).and_then(|rt| {
-            crate::packshot::AtelierEngine::load(
+            AtelierEngine::load(
                 rt,
                 &cfg.models.dir,
                 &cfg.models.isnet,
@@ -192,15 +102,13 @@ impl Pipeline {
 
         // Routes the operator configured; one that cannot be set up stops
         // the worker (the API accepts jobs for it).
-        let mut routes: Vec<(String, EngineChoice, Arc<dyn Engine>)> = Vec::new();
-        for (name, route) in &cfg.engines.routes {
+        let mut routes: Vec<(EngineChoice, Arc<dyn Engine>)> = Vec::new();
+        for (choice, route) in &engines.routes {
+            let choice = *choice;
             let bad = |reason: String| crate::inference::InferenceError::Load {
-                model: format!("engines.routes.{name}"),
+                model: format!("engines.routes.{}", choice.as_str()),
                 reason,
             };
-            let choice = EngineChoice::parse(name)
-                .filter(|c| *c != EngineChoice::Auto)
-                .ok_or_else(|| bad("not an engine name clients can send".into()))?;
             let engine: Arc<dyn Engine> = match route {
                 EngineRoute::Http {
                     url,
@@ -218,7 +126,7 @@ impl Pipeline {
                     let handle = tokio::runtime::Handle::try_current()
                         .map_err(|_| bad("HTTP routes need a Tokio runtime".into()))?;
                     Arc::new(
-                        crate::routes::HttpEngine::new(
+                        HttpEngine::new(
                             choice,
                             url,
                             token,
@@ -241,39 +149,27 @@ impl Pipeline {
                         &cfg.models.dir.join(file),
                         opts,
                     )?;
-                    let range = |r: &str| {
-                        crate::routes::Range::parse(r)
-                            .ok_or_else(|| bad(format!("unknown range {r}")))
-                    };
                     Arc::new(
-                        crate::routes::OnnxEngine::new(
-                            choice,
-                            model,
-                            range(input_range)?,
-                            range(output_range)?,
-                            *max_edge,
-                        )
-                        .map_err(bad)?,
+                        OnnxEngine::new(choice, model, *input_range, *output_range, *max_edge)
+                            .map_err(bad)?,
                     )
                 }
             };
-            routes.push((name.clone(), choice, engine));
+            routes.push((choice, engine));
         }
-        let mut auto = Vec::new();
-        for name in &cfg.engines.auto {
-            if name == "atelier" {
-                auto.push(builtin.clone());
-            } else if let Some((_, _, e)) = routes.iter().find(|(n, _, _)| n == name) {
-                auto.push(e.clone());
-            }
-        }
-        if auto.is_empty() {
-            auto.push(builtin);
-        }
-        Ok(Pipeline {
-            auto,
-            routes: routes.into_iter().map(|(_, c, e)| (c, e)).collect(),
-        })
+        let auto = engines
+            .auto
+            .iter()
+            .filter_map(|a| match a {
+                AutoEngine::Builtin => Some(builtin.clone()),
+                AutoEngine::Route(choice) => routes
+                    .iter()
+                    .find(|(c, _)| c == choice)
+                    .map(|(_, e)| e.clone()),
+            })
+            .collect::<Vec<_>>();
+        let auto = if auto.is_empty() { vec![builtin] } else { auto };
+        Ok(Pipeline { auto, routes })
     }
 
     /// Names of the engines, in `auto` order, then the named routes.
@@ -339,36 +235,5 @@ impl Pipeline {
             description: rendered.description,
             post_processed,
         })
-    }
-}
-
-pub(crate) fn stage(name: &'static str, since: Instant) {
-    metrics::histogram!("atelier_task_duration_seconds", "type" => "packshot", "stage" => name)
-        .record(since.elapsed().as_secs_f64());
-}
-
-/// The process's ONNX Runtime, as configured (`worker.device`, threads).
-pub fn runtime(
-    cfg: &atelier_shared::config::Config,
-) -> Result<Arc<crate::inference::Runtime>, crate::inference::InferenceError> {
-    use crate::inference::{Device, Runtime, RuntimeOptions};
-    let device = if cfg.worker.device == "cuda" {
-        Device::Cuda
-    } else {
-        Device::Cpu
-    };
-    Runtime::get(&RuntimeOptions {
-        library: Some(cfg.models.onnxruntime_lib()),
-        device,
-        intra_threads: cfg.worker.inference_threads,
-    })
-}
-
-/// Sessions and batching of every model, as configured.
-pub fn model_options(cfg: &atelier_shared::config::Config) -> crate::inference::ModelOptions {
-    crate::inference::ModelOptions {
-        sessions: cfg.models.sessions,
-        batch_window: std::time::Duration::from_millis(cfg.models.batch_window_ms),
-        max_batch: cfg.models.max_batch,
     }
 }

@@ -14,7 +14,7 @@
 //! Both fit what comes back onto the requested canvas; `model_used` names
 //! the route and what the backend says really ran.
 
-use crate::engine::{BasicEngine, Engine, RenderRequest, Rendered};
+use super::engine::{BasicEngine, Engine, RenderRequest, Rendered};
 use crate::failure::TaskFailure;
 use crate::imaging;
 use crate::inference::Model;
@@ -280,24 +280,16 @@ impl Engine for HttpEngine {
     }
 }
 
-/// Tensor value range of an ONNX route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Range {
-    Unit,
-    Signed,
-    Byte,
+/// Tensor value range of an ONNX route (`input_range`, `output_range`).
+pub use atelier_shared::config::ValueRange as Range;
+
+/// Conversions between pixel bytes and a range's tensor values.
+trait RangeValues {
+    fn tensor_value(self, v: u8) -> f32;
+    fn byte_value(self, v: f32) -> u8;
 }
 
-impl Range {
-    pub fn parse(s: &str) -> Option<Range> {
-        match s {
-            "unit" => Some(Range::Unit),
-            "signed" => Some(Range::Signed),
-            "byte" => Some(Range::Byte),
-            _ => None,
-        }
-    }
-
+impl RangeValues for Range {
     fn tensor_value(self, v: u8) -> f32 {
         let v = f32::from(v);
         match self {
@@ -437,7 +429,7 @@ impl Engine for OnnxEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Input;
+    use crate::engines::Input;
     use crate::inference::{ModelOptions, default_models_dir};
     use atelier_shared::domain::packshot::{
         DesignCatalogue, EngineAvailability, parse_request, validate,

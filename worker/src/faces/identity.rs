@@ -11,104 +11,18 @@
 //! aligned crop (known landmark positions, used by model swap) and the unit
 //! mean embedding.
 
-use crate::face::{self, CROP_SIZE, Face, FaceDetector, FaceEmbedder};
+use super::align::{self, CROP_SIZE};
+use super::detect::Face;
+use super::kit::FaceKit;
 use crate::failure::TaskFailure;
 use crate::imaging;
-use crate::inference::{InferenceError, ModelOptions, Runtime};
 use atelier_shared::domain::identity::{FaceRecord, IdentityKind, PhotoReport, PreprocessSpec};
 use image::{DynamicImage, GrayImage, RgbImage};
-use std::path::Path;
-use std::sync::Arc;
 
 /// Similarity to the profile's mean below which a photo shows someone else.
 const SAME_PERSON: f32 = 0.35;
-/// A second face at least this large (relative area) makes a photo ambiguous.
-const SECOND_FACE_AREA: f32 = 0.3;
 /// Quality below which a profile photo is not used (too blurred or small).
 const MIN_QUALITY: f32 = 0.2;
-
-/// The face models a worker serving `identity` and `swap` loads once.
-pub struct FaceKit {
-    pub detector: FaceDetector,
-    pub embedder: FaceEmbedder,
-    /// `models.face_swap`: draws swapped faces instead of the identity crop.
-    pub swapper: Option<Arc<crate::swap::OnnxSwapper>>,
-    pub min_face_px: f32,
-    pub min_score: f32,
-}
-
-impl FaceKit {
-    /// Loads the configured face models. Blocking: call from the blocking pool.
-    pub fn from_config(cfg: &atelier_shared::config::Config) -> Result<FaceKit, InferenceError> {
-        let rt = crate::engine::runtime(cfg)?;
-        FaceKit::load(&rt, cfg, crate::engine::model_options(cfg))
-    }
-
-    pub fn load(
-        rt: &Arc<Runtime>,
-        cfg: &atelier_shared::config::Config,
-        opts: ModelOptions,
-    ) -> Result<FaceKit, InferenceError> {
-        let dir: &Path = &cfg.models.dir;
-        let swapper = if cfg.models.face_swap.is_empty() {
-            None
-        } else {
-            let projection = (!cfg.models.face_swap_projection.is_empty())
-                .then(|| dir.join(&cfg.models.face_swap_projection));
-            Some(Arc::new(crate::swap::OnnxSwapper::load(
-                rt,
-                &dir.join(&cfg.models.face_swap),
-                projection.as_deref(),
-            )?))
-        };
-        Ok(FaceKit {
-            detector: FaceDetector::load(rt, &dir.join(&cfg.models.face_detector), opts)?,
-            embedder: FaceEmbedder::load(rt, &dir.join(&cfg.models.face_embedder), opts)?,
-            swapper,
-            min_face_px: cfg.identity.min_face_px as f32,
-            min_score: cfg.identity.min_face_score,
-        })
-    }
-
-    /// The one face of a photo, or why there is none usable. `strict`
-    /// (identity uploads) refuses any second clear face; otherwise the
-    /// largest face wins unless another is nearly as large.
-    pub fn single_face(&self, img: &RgbImage) -> Result<Face, TaskFailure> {
-        let faces = self
-            .detector
-            .detect(img, self.min_score)
-            .map_err(|e| TaskFailure::retryable(format!("face detector: {e}")))?;
-        let Some(largest) = faces
-            .iter()
-            .max_by(|a, b| area(a).total_cmp(&area(b)))
-            .cloned()
-        else {
-            return Err(TaskFailure::permanent("no face detected"));
-        };
-        let others = faces
-            .iter()
-            .filter(|f| *f != &largest && area(f) >= SECOND_FACE_AREA * area(&largest))
-            .count();
-        if others > 0 {
-            return Err(TaskFailure::permanent(format!(
-                "several faces detected ({}); use a photo of one person",
-                others + 1
-            )));
-        }
-        let side = largest.width().min(largest.height());
-        if side < self.min_face_px {
-            return Err(TaskFailure::permanent(format!(
-                "face too small ({side:.0} px; at least {:.0} px)",
-                self.min_face_px
-            )));
-        }
-        Ok(largest)
-    }
-}
-
-fn area(f: &Face) -> f32 {
-    f.width().max(0.0) * f.height().max(0.0)
-}
 
 /// Sharpness of an aligned face: variance of the Laplacian of its grey
 /// image (blur lowers it), mapped to 0–1.
@@ -209,7 +123,7 @@ pub fn analyze(
             return Ok((report, None));
         }
     };
-    let aligned = face::align(&rgb, &face);
+    let aligned = align::align(&rgb, &face);
     let q = quality(&face, &aligned);
     report.face_score = Some((face.score * 1000.0).round() / 1000.0);
     report.face_px = Some(face.width().min(face.height()).round());
@@ -224,7 +138,7 @@ pub fn analyze(
         .embedder
         .embed(&aligned)
         .map_err(|e| TaskFailure::retryable(format!("face embedder: {e}")))?;
-    let crop = face::align_to(&rgb, &face.landmarks, &face::crop_template(), CROP_SIZE);
+    let crop = align::align_to(&rgb, &face.landmarks, &align::crop_template(), CROP_SIZE);
     Ok((
         report,
         Some(Candidate {
@@ -264,7 +178,7 @@ pub fn assemble(
 ) -> Result<Built, TaskFailure> {
     let (kept, mean) = robust_mean(&candidates);
     for c in &candidates {
-        let sim = face::cosine(&c.embedding, &mean);
+        let sim = align::cosine(&c.embedding, &mean);
         let Some(r) = reports.get_mut(c.index) else {
             continue;
         };
@@ -300,11 +214,12 @@ pub fn assemble(
         .iter()
         .filter(|c| kept.contains(&c.index))
         .max_by(|a, b| {
-            let score = |c: &Candidate| c.quality * (0.5 + 0.5 * face::cosine(&c.embedding, &mean));
+            let score =
+                |c: &Candidate| c.quality * (0.5 + 0.5 * align::cosine(&c.embedding, &mean));
             score(a).total_cmp(&score(b))
         })
         .ok_or_else(|| TaskFailure::permanent("no usable photo"))?;
-    let template = face::crop_template();
+    let template = align::crop_template();
     let crop_rgba = DynamicImage::ImageRgb8(best.crop.clone()).to_rgba8();
     let crop_jpeg = imaging::encode(
         &crop_rgba,
@@ -345,7 +260,7 @@ fn robust_mean(candidates: &[Candidate]) -> (Vec<usize>, Vec<f32>) {
         }
         let sims: Vec<f32> = kept
             .iter()
-            .map(|&i| face::cosine(&candidates[i].embedding, &mean))
+            .map(|&i| align::cosine(&candidates[i].embedding, &mean))
             .collect();
         let med = median(&sims);
         let mad = median(&sims.iter().map(|s| (s - med).abs()).collect::<Vec<_>>());
@@ -364,7 +279,7 @@ fn robust_mean(candidates: &[Candidate]) -> (Vec<usize>, Vec<f32>) {
     }
     // Two photos that disagree: nothing says which one is the subject.
     if kept.len() == 2
-        && face::cosine(
+        && align::cosine(
             &candidates[kept[0]].embedding,
             &candidates[kept[1]].embedding,
         ) < SAME_PERSON
@@ -426,7 +341,9 @@ pub fn embedding_from_bytes(b: &[u8]) -> Result<Vec<f32>, String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::inference::default_models_dir;
+    use crate::faces::align::FaceEmbedder;
+    use crate::faces::detect::FaceDetector;
+    use crate::inference::{ModelOptions, default_models_dir};
     use atelier_shared::domain::identity::PhotoSource;
 
     pub(crate) fn kit() -> FaceKit {
@@ -481,9 +398,9 @@ pub(crate) mod tests {
         let again = kit.single_face(&crop.to_rgb8()).expect("face in the crop");
         let e = kit
             .embedder
-            .embed(&face::align(&crop.to_rgb8(), &again))
+            .embed(&align::align(&crop.to_rgb8(), &again))
             .expect("embeds");
-        assert!(face::cosine(&e, &built.embedding) > 0.9);
+        assert!(align::cosine(&e, &built.embedding) > 0.9);
 
         // Two faces side by side.
         let (a, b) = (

@@ -45,7 +45,7 @@ const MIN_CONTRAST: f64 = 48.0;
 pub fn remove(alpha: &GrayImage, photo: &RgbaImage) -> (GrayImage, HangerReport) {
     let mut out = alpha.clone();
     let mut report = HangerReport::default();
-    let Some((x0, y0, x1, y1)) = crate::packshot::bbox(alpha, SOLID) else {
+    let Some((x0, y0, x1, y1)) = crate::imaging::bbox(alpha, SOLID) else {
         return (out, report);
     };
     let (w, h) = alpha.dimensions();

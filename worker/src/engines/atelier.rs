@@ -7,9 +7,10 @@
 //! softness) derives from the instruction seed plus the variation index, so
 //! the same job reproduces the same pixels and variations differ.
 
-use crate::engine::{Engine, RenderRequest, Rendered};
+use super::engine::{Engine, RenderRequest, Rendered};
 use crate::failure::TaskFailure;
 use crate::imaging;
+use crate::imaging::bbox;
 use crate::inference::Model;
 use atelier_shared::domain::packshot::{DesignResolved, Framing, InstructionSpec, Shadow, Style};
 use image::{DynamicImage, GrayImage, Luma, Rgba, RgbaImage};
@@ -38,7 +39,7 @@ pub struct StageTimes(pub Vec<(&'static str, f64)>);
 impl StageTimes {
     fn record(&mut self, stage: &'static str, since: Instant) {
         let s = since.elapsed().as_secs_f64();
-        metrics::histogram!("atelier_task_duration_seconds", "type" => "packshot", "stage" => stage).record(s);
+        metrics::histogram!("atelier_task_duration_seconds", "type" => atelier_shared::domain::WorkQueue::Packshot.as_str(), "stage" => stage).record(s);
         self.0.push((stage, s));
     }
 }
@@ -124,7 +125,7 @@ impl AtelierEngine {
         let mut alpha = refine(&mask);
         let mut hanger = None;
         if ins.style == Style::GhostMannequin {
-            let (cleaned, report) = crate::hanger::remove(&alpha, &rgba);
+            let (cleaned, report) = super::hanger::remove(&alpha, &rgba);
             alpha = cleaned;
             hanger = Some(report);
         }
@@ -303,20 +304,6 @@ pub fn refine(mask: &GrayImage) -> GrayImage {
     }
     let sigma = (w.max(h) as f32 / 1500.0).clamp(0.6, 2.0);
     image::imageops::fast_blur(&eroded, sigma)
-}
-
-/// Bounding box of pixels at or above `threshold`.
-pub fn bbox(alpha: &GrayImage, threshold: u8) -> Option<(u32, u32, u32, u32)> {
-    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
-    for (x, y, p) in alpha.enumerate_pixels() {
-        if p.0[0] >= threshold {
-            x0 = x0.min(x);
-            y0 = y0.min(y);
-            x1 = x1.max(x);
-            y1 = y1.max(y);
-        }
-    }
-    (x0 != u32::MAX).then_some((x0, y0, x1, y1))
 }
 
 /// Share of the canvas the garment may fill, by framing.
@@ -640,7 +627,7 @@ impl ValueNoise {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Input;
+    use crate::engines::Input;
     use crate::inference::{ModelOptions, default_models_dir};
     use atelier_shared::domain::packshot::{
         DesignCatalogue, EngineAvailability, parse_request, validate,
@@ -723,7 +710,7 @@ mod tests {
         let img = garment();
         let rgba = img.to_rgba8();
         let alpha = refine(&engine().mask(&img).expect("mask"));
-        let (cleaned, report) = crate::hanger::remove(&alpha, &rgba);
+        let (cleaned, report) = crate::engines::hanger::remove(&alpha, &rgba);
         let gt = truth(img.width(), img.height());
         let iou = |a: &GrayImage| {
             let (mut inter, mut union) = (0u64, 0u64);

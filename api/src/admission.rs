@@ -1,0 +1,189 @@
+//! Admission: what every job-creating route does around its own
+//! validation. The creation rate limit, the ownership of input files, the
+//! one transaction that records the job (cap, credits, outputs,
+//! reservation, outbox: the store's [`Store::create_job`]), the answer to a
+//! refusal, the trace the job's work continues.
+//!
+//! A route parses and validates its request into its kind's typed spec,
+//! checks what only it knows (plan policy, the identity's readiness), and
+//! hands the spec to [`admit`].
+//!
+//! [`Store::create_job`]: atelier_shared::db::Store::create_job
+
+use crate::auth::stamp;
+use crate::error::{ApiError, ApiResult};
+use crate::limits::{Bucket, Decision};
+use crate::state::AppState;
+use crate::views::JobAccepted;
+use atelier_shared::db::accounts::Account;
+use atelier_shared::db::jobs::{Admission, NewJob};
+use atelier_shared::domain::trace::TraceParent;
+use atelier_shared::domain::{JobSpec, JobStatus};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+/// The creation bucket of `endpoint` (contract §1.9: 5 per minute per
+/// account and endpoint): the decision to stamp on the answer, or the 429.
+pub async fn creation_limit(
+    s: &AppState,
+    account: &str,
+    endpoint: &str,
+) -> Result<Decision, Response> {
+    let decision = s
+        .limiter
+        .check(Bucket::Create, &format!("{account}:{endpoint}"))
+        .await;
+    if decision.allowed {
+        return Ok(decision);
+    }
+    let mut r = ApiError::too_many(
+        "rate_limited",
+        format!("At most {} {endpoint} requests per minute", decision.limit),
+        decision.retry_after_secs,
+    )
+    .into_response();
+    stamp(r.headers_mut(), &decision);
+    Err(r)
+}
+
+/// The trace a new job's work continues: a hop of the request span, in the
+/// client's trace when it sent a `traceparent` (the request span already
+/// adopted it: see `router`).
+pub fn job_trace(headers: &HeaderMap) -> TraceParent {
+    let client = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
+    atelier_shared::telemetry::hop_of(&tracing::Span::current(), client.as_ref())
+}
+
+/// Every input file of `spec` must be the caller's (404 otherwise) and
+/// uploaded (400), answered before the cap and the credits with the field
+/// that names it (`images[1]`). Admission resolves them again inside its
+/// transaction.
+pub async fn check_files(s: &AppState, account: &str, spec: &JobSpec) -> ApiResult<()> {
+    let ids: Vec<String> = spec
+        .requirements()
+        .files
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    let found = s.store.files_of(account, &ids).await?;
+    for (i, id) in ids.iter().enumerate() {
+        match found.iter().find(|f| &f.id == id) {
+            None => {
+                return Err(
+                    ApiError::not_found(format!("File {id} not found")).with_detail(
+                        Some(&format!("images[{i}]")),
+                        "file not found",
+                        "body",
+                    ),
+                );
+            }
+            Some(f) if f.is_uploaded() => {}
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    Some(&format!("images[{i}]")),
+                    format!("missing or invalid image: the upload of {id} has not completed"),
+                    "body",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The answer to an admission that did not create the job.
+pub fn refusal(a: Admission) -> ApiError {
+    match a {
+        Admission::ConcurrencyLimit { active, cap } => ApiError::too_many(
+            "concurrency_limit",
+            format!("{active} jobs are already pending or processing; at most {cap} at once"),
+            10,
+        ),
+        Admission::InsufficientCredits {
+            required,
+            in_progress,
+            user_credits,
+        } => ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_credits",
+            "Insufficient credits to create job",
+        )
+        .with("required_credits", required.as_f64())
+        .with("in_progress_credits", in_progress.as_f64())
+        .with("user_credits", user_credits.as_f64()),
+        Admission::FileUnavailable { file_id } => {
+            ApiError::not_found(format!("File {file_id} not found"))
+        }
+        Admission::IdentityNotFound => ApiError::not_found("Identity not found"),
+        Admission::IdentityNotReady { status } => ApiError::conflict(
+            "identity_not_ready",
+            format!("The identity's preprocessing is {status}, not completed"),
+        )
+        .with("preprocessing_status", status),
+        Admission::Created { job_id, .. } => {
+            ApiError::internal(format!("job {job_id} was created but reported as refused"))
+        }
+    }
+}
+
+/// A job to admit for `caller`.
+pub struct Request<'a> {
+    pub caller: &'a Account,
+    pub project_id: Option<&'a str>,
+    pub spec: JobSpec,
+    /// The decision of the route's creation bucket, stamped on the answer.
+    pub decision: Decision,
+    pub headers: &'a HeaderMap,
+    /// How the answer's `message` names the job (`Packshot job`).
+    pub noun: &'static str,
+}
+
+/// Records the job in one transaction and answers `202` with
+/// [`JobAccepted`], or the refusal.
+pub async fn admit(s: &AppState, r: Request<'_>) -> ApiResult<Response> {
+    let (billing, _) = s.store.billing_owner(&r.caller.id).await?;
+    let job_type = r.spec.job_type();
+    let trace = job_trace(r.headers);
+    tracing::info!(trace_id = %trace.trace_id_hex(), account = %r.caller.id, %job_type, "admitting");
+    let admission = s
+        .store
+        .create_job(NewJob {
+            account_id: &r.caller.id,
+            billing_account_id: &billing,
+            project_id: r.project_id,
+            spec: r.spec,
+            prices: &s.config.prices,
+            max_attempts: s.config.scheduler.retry.max_attempts,
+            active_job_cap: (!r.caller.is_enterprise()).then_some(s.config.limits.active_jobs),
+            traceparent: Some(trace.to_string()),
+        })
+        .await?;
+    let Admission::Created {
+        job_id,
+        total_outputs,
+        required,
+    } = admission
+    else {
+        return Err(refusal(admission));
+    };
+    metrics::counter!("atelier_jobs_created_total", "type" => job_type.as_str()).increment(1);
+    tracing::info!(job.id = %job_id, account.id = %r.caller.id, %job_type, outputs = total_outputs, credits = required.as_f64(), "job accepted");
+    let mut resp = (
+        StatusCode::ACCEPTED,
+        axum::Json(JobAccepted {
+            job_id,
+            status: JobStatus::Pending,
+            total_outputs,
+            message: format!(
+                "{} accepted: {total_outputs} outputs, {} credits reserved",
+                r.noun,
+                required.as_f64()
+            ),
+        }),
+    )
+        .into_response();
+    stamp(resp.headers_mut(), &r.decision);
+    Ok(resp)
+}

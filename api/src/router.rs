@@ -1,0 +1,264 @@
+//! The route table, grouped by caller, and the layers every request passes.
+//!
+//! Every route is registered with its documented handler (`routes!`), so
+//! the router and the OpenAPI document are built from the same calls; the
+//! only routes outside the document are the interactive docs page and its
+//! assets ([`UNDOCUMENTED`]). A test compares the document with the live
+//! router, method by method.
+
+use crate::auth;
+use crate::error::ApiError;
+use crate::openapi;
+use crate::routes::{
+    billing, downloads, health, identities, jobs, notifications, profiles, projects, swap, uploads,
+    webhooks,
+};
+use crate::state::AppState;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+use std::time::Instant;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
+
+/// Where the interactive API docs are served (not part of the document).
+pub const DOCS: &str = "/docs";
+/// Routes that are not operations of the API: the docs page and its assets.
+pub const UNDOCUMENTED: [&str; 2] = [DOCS, "/docs/ui/swagger-ui-bundle.js"];
+
+/// A route whose request bodies may be up to `limit` bytes.
+fn limited(
+    (schemas, paths, method): UtoipaMethodRouter<AppState>,
+    limit: usize,
+) -> UtoipaMethodRouter<AppState> {
+    (schemas, paths, method.layer(DefaultBodyLimit::max(limit)))
+}
+
+/// What API clients call with their key.
+fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
+    // A photo plus the form's text parts.
+    let photo_form = max_upload.saturating_add(64 << 10);
+    // A multipart profile carries many photos: up to 8 full-size uploads.
+    let profile_form = max_upload.saturating_mul(8).saturating_add(1 << 20);
+    OpenApiRouter::new()
+        .routes(routes!(projects::create, projects::list))
+        .routes(routes!(projects::read, projects::delete))
+        .routes(routes!(uploads::issue))
+        .routes(routes!(jobs::create_packshot))
+        .routes(routes!(swap::create))
+        .routes(routes!(jobs::status))
+        .routes(routes!(jobs::results))
+        .routes(routes!(jobs::abort))
+        .routes(routes!(downloads::issue))
+        .routes(routes!(downloads::issue_bulk))
+        .routes(limited(routes!(identities::upload), photo_form))
+        .routes(routes!(identities::list))
+        .routes(routes!(identities::read, identities::delete))
+        .routes(routes!(identities::status))
+        .routes(limited(routes!(identities::replace_pov), photo_form))
+        .routes(routes!(notifications::poll))
+        .routes(routes!(notifications::stream))
+        .routes(routes!(notifications::delete))
+        .routes(routes!(webhooks::put, webhooks::read, webhooks::delete))
+        .routes(routes!(webhooks::test))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(billing::balance))
+        .routes(limited(routes!(profiles::phota::add), profile_form))
+        .routes(routes!(profiles::phota::ids))
+        .routes(routes!(profiles::phota::delete))
+        .routes(routes!(profiles::phota::status))
+        .routes(routes!(profiles::phota::picture))
+        .routes(limited(routes!(profiles::short::add), profile_form))
+        .routes(routes!(profiles::short::ids))
+        .routes(routes!(profiles::short::delete))
+        .routes(routes!(profiles::short::status))
+        .routes(routes!(profiles::short::picture))
+}
+
+/// What operators call with an operator account's key.
+fn operators() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(billing::grant))
+}
+
+/// Signed, expiring capabilities: no credentials, the URL is the grant.
+fn capabilities(max_upload: usize) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(limited(
+            routes!(uploads::receive),
+            max_upload.saturating_add(1),
+        ))
+        .routes(routes!(uploads::serve_file))
+        .routes(routes!(downloads::stream))
+}
+
+/// What probes, scrapers and tooling read without credentials.
+fn operations() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::metrics))
+        .routes(routes!(openapi::document))
+}
+
+/// Every documented route, and the document they make.
+pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let max_upload = usize::try_from(state.config.limits.max_upload_bytes).unwrap_or(usize::MAX);
+    let authed = clients(max_upload)
+        .merge(operators())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    let (router, doc) = OpenApiRouter::with_openapi(openapi::base())
+        .merge(authed)
+        .merge(capabilities(max_upload))
+        .merge(operations())
+        .split_for_parts();
+    (router, openapi::finish(doc, &state.config))
+}
+
+pub fn router(state: AppState) -> Router {
+    let (api, doc) = api(&state);
+    let doc = Arc::new(openapi::Document::new(&doc));
+    let app = api
+        .fallback(health::not_found)
+        .layer(axum::Extension(doc))
+        .with_state(state.clone())
+        .merge(openapi::docs_routes());
+    let app = if state.config.server.prefix.is_empty() {
+        app
+    } else {
+        Router::new()
+            .nest(&state.config.server.prefix, app)
+            .fallback(health::not_found)
+    };
+    app.layer(middleware::from_fn(envelope))
+        .layer(middleware::from_fn(record_metrics))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("handler panicked").into_response()
+        }))
+}
+
+/// The span of one request, a child of the client's `traceparent` when it
+/// sent one (exported over OTLP when configured).
+fn request_span(req: &Request) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        uri = %req.uri().path(),
+        version = ?req.version(),
+    );
+    if let Some(parent) = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(atelier_shared::domain::trace::TraceParent::parse)
+    {
+        atelier_shared::telemetry::adopt(&span, &parent);
+    }
+    span
+}
+
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let t = Instant::now();
+    let resp = next.run(req).await;
+    metrics::counter!("atelier_http_requests_total", "route" => route.clone(), "status" => resp.status().as_u16().to_string())
+        .increment(1);
+    metrics::histogram!("atelier_http_request_duration_seconds", "route" => route)
+        .record(t.elapsed().as_secs_f64());
+    resp
+}
+
+/// Every refusal in the contract's envelope (§1.4): what the framework
+/// answers by itself (405 with its `Allow`, 413 from a body limit, a 400 or
+/// 415 of an extractor, a 404 of a path parameter) comes as plain text;
+/// this rewrites any error answer that is not JSON, keeping its status and
+/// headers. The framework's text becomes the envelope's `detail` message.
+async fn envelope(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Framework rejections are short texts; never buffer more than that.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let (code, summary) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "This method is not allowed on this path; see the Allow header",
+        ),
+        StatusCode::NOT_FOUND => ("not_found", "No such route"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "Request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "Unsupported media type"),
+        StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST => {
+            ("invalid_request", "Invalid request")
+        }
+        s if s.is_server_error() => ("internal_error", "Internal server error"),
+        _ => ("error", "The request was refused"),
+    };
+    // A 422 of an extractor is a validation failure: 400 in every family
+    // (contract §11).
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    let mut e = ApiError::new(status, code, summary);
+    if !text.is_empty() && !status.is_server_error() {
+        e = e.with_detail(None, text, "request");
+    }
+    let fresh = e.into_response();
+    parts.status = fresh.status();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, fresh.into_body())
+}
+
+/// Serves the API on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    mut state: AppState,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    state.shutdown = shutdown.clone();
+    let limiter = state.limiter.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => limiter.shrink(),
+            }
+        }
+    });
+    tracing::info!(addr = %listener.local_addr()?, "api listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

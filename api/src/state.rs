@@ -1,0 +1,106 @@
+//! What every handler reads: the adapters, the configuration and the
+//! values built from it once at start.
+
+use crate::error::ApiError;
+use crate::limits::Limiter;
+use atelier_shared::config::Config;
+use atelier_shared::db::Store;
+use atelier_shared::domain::packshot::{EngineAvailability, EngineChoice};
+use atelier_shared::egress::EgressPolicy;
+use atelier_shared::events::EventBus;
+use atelier_shared::storage::{DynObjectStore, Links, Signer};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub objects: DynObjectStore,
+    pub signer: Signer,
+    pub limiter: Arc<Limiter>,
+    pub config: Arc<Config>,
+    /// Engines clients may name (`options.model`): the configured routes.
+    pub engines: Arc<EngineAvailability>,
+    pub links: Links,
+    pub events: EventBus,
+    /// Outbound URLs a client gives (webhooks, profile photos) are checked
+    /// against it at the edge.
+    pub egress: EgressPolicy,
+    /// Fires when the server stops: long-lived responses (SSE) end with it.
+    pub shutdown: CancellationToken,
+}
+
+/// In-process buckets, shared through Redis when `redis.url` is set.
+fn limiter(config: &Config) -> Limiter {
+    let mut l = Limiter::new(
+        config.limits.requests_per_minute,
+        config.limits.create_per_minute,
+    );
+    if let Some(url) = &config.redis.url
+        && let Err(e) = l.share_through_redis(url, &config.redis.prefix)
+    {
+        tracing::error!(error = %e, "rate limits stay per replica");
+    }
+    l
+}
+
+/// What the API takes from the configuration's targets (parsed once, by
+/// `Config::targets`).
+pub struct Edge {
+    pub egress: EgressPolicy,
+    pub links: Links,
+    /// The engines clients may name besides `auto`.
+    pub engines: Vec<EngineChoice>,
+}
+
+impl AppState {
+    pub fn new(
+        config: Arc<Config>,
+        edge: Edge,
+        store: Store,
+        objects: DynObjectStore,
+        signer: Signer,
+        events: EventBus,
+    ) -> AppState {
+        AppState {
+            links: edge.links,
+            events,
+            egress: edge.egress,
+            shutdown: CancellationToken::new(),
+            store,
+            objects,
+            signer,
+            limiter: Arc::new(limiter(&config)),
+            engines: Arc::new(EngineAvailability {
+                configured: edge.engines,
+            }),
+            config,
+        }
+    }
+
+    /// Absolute URL of an API path (public base + optional prefix).
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "{}{}{}",
+            self.config.server.public_url.trim_end_matches('/'),
+            self.config.server.prefix,
+            path
+        )
+    }
+
+    /// A URL that reads one stored object without credentials, valid `ttl`.
+    pub async fn object_url(
+        &self,
+        key: &str,
+        content_type: &str,
+        ttl: Duration,
+    ) -> Result<String, ApiError> {
+        Ok(self.links.object_url(key, content_type, ttl).await?)
+    }
+
+    /// How long result URLs in answers stay valid.
+    pub fn result_ttl(&self) -> Duration {
+        Duration::from_secs(self.config.limits.result_url_ttl_secs)
+    }
+}

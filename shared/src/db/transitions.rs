@@ -1,0 +1,259 @@
+//! The transitions every role shares: an output reaching a terminal state
+//! (with its settlement) and a job being finalised. Each runs inside the
+//! caller's transaction, guarded so that a duplicate or stale call changes
+//! nothing; everything the transition causes (charge or release, counters,
+//! notifications, the freed active-job slot) happens in the same
+//! transaction only if the guarded update touched a row.
+
+use super::accounts::ledger;
+use super::notifications::{notify_job, notify_output};
+use super::rows::{OUTPUT_COLUMNS, OutputRow};
+use super::{Result, Tx, to_json};
+use crate::domain::credits::Credits;
+use crate::domain::{JobStatus, OutputResult, OutputStatus};
+use crate::time::now_ms;
+
+/// The output if `attempt` is its live (leased) attempt: reports of any
+/// other attempt (superseded by a retry, or duplicates of a recorded one)
+/// find nothing here and change nothing.
+pub(crate) async fn live_output(
+    tx: &mut Tx,
+    output_id: i64,
+    attempt: i64,
+) -> Result<Option<OutputRow>> {
+    let sql = format!(
+        "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE id = $1 AND attempt = $2 AND status IN ({})",
+        OutputStatus::sql_in(&OutputStatus::LEASED)
+    );
+    Ok(sqlx::query_as::<_, OutputRow>(&sql)
+        .bind(output_id)
+        .bind(attempt)
+        .fetch_optional(&mut **tx)
+        .await?)
+}
+
+/// Moves one output to a terminal state and settles its credits: a charge
+/// for `completed`, a release otherwise. No-op if the guard does not match.
+pub(crate) async fn finish_output(
+    tx: &mut Tx,
+    o: &OutputRow,
+    to: OutputStatus,
+    message: &str,
+    result: Option<&OutputResult>,
+    charge: bool,
+) -> Result<bool> {
+    debug_assert!(to.is_terminal());
+    let now = now_ms();
+    let sql = format!(
+        "UPDATE outputs SET status = $3, lease_expires_at = NULL, lease_owner = NULL, finalized_at = $4, updated_at = $4, \
+         error_message = $5, full_key = $6, thumb_key = $7, model_used = $8, width = $9, height = $10, \
+         processing_ms = $11, input_description = $12, output_format = COALESCE($13, output_format) \
+         WHERE id = $1 AND attempt = $2 AND status IN ({})",
+        OutputStatus::sql_sources_of(to)
+    );
+    let description = result.map(|r| to_json(&r.input_description)).transpose()?;
+    let r = sqlx::query(&sql)
+        .bind(o.id)
+        .bind(o.attempt)
+        .bind(to.as_str())
+        .bind(now)
+        .bind((!message.is_empty()).then_some(message))
+        .bind(result.map(|r| r.full_key.as_str()))
+        .bind(result.map(|r| r.thumb_key.as_str()))
+        .bind(result.map(|r| r.model_used.as_str()))
+        .bind(result.map(|r| i64::from(r.width)))
+        .bind(result.map(|r| i64::from(r.height)))
+        .bind(result.map(|r| r.processing_ms))
+        .bind(description)
+        .bind(result.map(|r| r.format.as_str()))
+        .execute(&mut **tx)
+        .await?;
+    if r.rows_affected() == 0 {
+        return Ok(false);
+    }
+    let cost = Credits(o.cost);
+    let account_sql = if charge {
+        "UPDATE accounts SET balance = balance - $2, reserved = reserved - $2 WHERE id = $1"
+    } else {
+        "UPDATE accounts SET reserved = reserved - $2 WHERE id = $1"
+    };
+    sqlx::query(account_sql)
+        .bind(&o.billing_account_id)
+        .bind(cost.0)
+        .execute(&mut **tx)
+        .await?;
+    let res_sql = if charge {
+        "UPDATE reservations SET held = held - $2, charged = charged + $2 WHERE job_id = $1"
+    } else {
+        "UPDATE reservations SET held = held - $2, released = released + $2 WHERE job_id = $1"
+    };
+    sqlx::query(res_sql)
+        .bind(&o.job_id)
+        .bind(cost.0)
+        .execute(&mut **tx)
+        .await?;
+    ledger(
+        tx,
+        &o.billing_account_id,
+        Some(&o.job_id),
+        Some(o.id),
+        if charge { "charge" } else { "release" },
+        cost,
+        None,
+    )
+    .await?;
+    let counter = if to == OutputStatus::Completed {
+        "completed_outputs"
+    } else {
+        "failed_outputs"
+    };
+    sqlx::query(&format!(
+        "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1"
+    ))
+    .bind(&o.job_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    let sql = format!("SELECT {OUTPUT_COLUMNS} FROM outputs WHERE id = $1");
+    let after = sqlx::query_as::<_, OutputRow>(&sql)
+        .bind(o.id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let account: String = sqlx::query_scalar("SELECT account_id FROM jobs WHERE id = $1")
+        .bind(&o.job_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    notify_output(tx, &account, &after).await?;
+    Ok(true)
+}
+
+/// Tracks the post-processing pass of a job that asked for one: the first
+/// post-processed output moves it to `processing`; an output completed
+/// without the pass (a worker that lacks it) marks it `failed`, for good.
+pub(crate) async fn post_processing_progress(
+    tx: &mut Tx,
+    o: &OutputRow,
+    post_processed: bool,
+) -> Result<()> {
+    let sql = format!(
+        "UPDATE jobs SET post_processing_status = $4, \
+         post_processing_error = CASE WHEN $2 = 1 THEN post_processing_error ELSE $3 END \
+         WHERE id = $1 AND should_post_process = 1 AND post_processing_status IN ({})",
+        JobStatus::sql_in(&JobStatus::OPEN)
+    );
+    sqlx::query(&sql)
+        .bind(&o.job_id)
+        .bind(i64::from(post_processed))
+        .bind(format!(
+            "output {} (instruction {}, variation {}) completed without the post-processing pass",
+            o.id, o.instruction_index, o.variation_index
+        ))
+        .bind(if post_processed {
+            JobStatus::Processing
+        } else {
+            JobStatus::Failed
+        })
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Finalises a job whose outputs are all terminal (or that is being
+/// aborted): terminal status, reservation closed, active-job slot freed,
+/// `batch_edit` notification. While outputs remain open it only reports the
+/// progress (`batch_edit` with `processed_images`).
+pub(crate) async fn finalize_job(
+    tx: &mut Tx,
+    job_id: &str,
+    forced: Option<JobStatus>,
+) -> Result<()> {
+    let now = now_ms();
+    let (status, total, completed, failed, account, counts): (JobStatus, i64, i64, i64, String, i64) = sqlx::query_as(
+        "SELECT status, total_outputs, completed_outputs, failed_outputs, account_id, counts_against_cap \
+         FROM jobs WHERE id = $1",
+    )
+    .bind(job_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    if status.is_terminal() {
+        return Ok(());
+    }
+    let next = match forced {
+        Some(s) => s,
+        None if completed + failed == total => JobStatus::finished(completed),
+        None => {
+            // Progress: one more output is terminal.
+            touch_job(tx, job_id, now).await?;
+            notify_job(tx, job_id).await?;
+            return Ok(());
+        }
+    };
+    let error = match next {
+        JobStatus::Failed => {
+            let last: Option<String> = sqlx::query_scalar(
+                "SELECT error_message FROM outputs WHERE job_id = $1 AND error_message IS NOT NULL ORDER BY finalized_at DESC, id DESC LIMIT 1",
+            )
+            .bind(job_id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .flatten();
+            Some(format!(
+                "all {total} outputs failed; last error: {}",
+                last.unwrap_or_else(|| "unknown".into())
+            ))
+        }
+        _ => None,
+    };
+    // The pass runs inside each output's task; the job's pass is complete
+    // when the job is, unless an output came back without it.
+    let (post_status, post_error) = if next == JobStatus::Completed {
+        (JobStatus::Completed, None)
+    } else {
+        (JobStatus::Failed, Some("the job did not complete"))
+    };
+    let sql = format!(
+        "UPDATE jobs SET status = $2, finalized_at = $3, updated_at = $3, error_message = COALESCE($4, error_message), \
+         post_processing_status = CASE WHEN should_post_process = 1 THEN \
+           CASE WHEN post_processing_status = $7 THEN $7 ELSE $5 END ELSE NULL END, \
+         post_processing_error = CASE WHEN should_post_process = 1 THEN COALESCE(post_processing_error, $6) ELSE NULL END \
+         WHERE id = $1 AND status IN ({})",
+        JobStatus::sql_in(&JobStatus::OPEN)
+    );
+    let finalized = sqlx::query(&sql)
+        .bind(job_id)
+        .bind(next)
+        .bind(now)
+        .bind(error)
+        .bind(post_status)
+        .bind(post_error)
+        .bind(JobStatus::Failed)
+        .execute(&mut **tx)
+        .await?;
+    if finalized.rows_affected() == 0 {
+        // Someone else finalised it first: its slot and reservation are settled.
+        return Ok(());
+    }
+    sqlx::query("UPDATE reservations SET closed_at = $2 WHERE job_id = $1 AND closed_at IS NULL")
+        .bind(job_id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    if counts == 1 {
+        sqlx::query("UPDATE accounts SET active_jobs = active_jobs - 1 WHERE id = $1")
+            .bind(&account)
+            .execute(&mut **tx)
+            .await?;
+    }
+    notify_job(tx, job_id).await?;
+    Ok(())
+}
+
+/// Bumps `updated_at` of a job (every state change does).
+pub(crate) async fn touch_job(tx: &mut Tx, job_id: &str, now: i64) -> Result<()> {
+    sqlx::query("UPDATE jobs SET updated_at = $2 WHERE id = $1")
+        .bind(job_id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! What a worker runs with: the broker, the object store, its engines and
+//! face models, and its limits, from configuration.
+
+use crate::engines::Pipeline;
+use crate::faces::FaceKit;
+use atelier_shared::config::Config;
+use atelier_shared::domain::WorkQueue;
+use atelier_shared::egress::EgressPolicy;
+use atelier_shared::queue::DynQueue;
+use atelier_shared::storage::DynObjectStore;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub queue: DynQueue,
+    pub objects: DynObjectStore,
+    pub pipeline: Pipeline,
+    pub concurrency: usize,
+    pub heartbeat: Duration,
+    pub task_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_input_pixels: u64,
+    /// Face models (identities, model swap); `None`: this worker does not
+    /// consume the queues whose jobs need them.
+    pub faces: Option<Arc<FaceKit>>,
+    /// Outbound fetches of profile photos go through this guard.
+    pub egress: EgressPolicy,
+    pub fetch_max_bytes: u64,
+    pub fetch_timeout: Duration,
+    /// `worker.fault_delay_ms`: fault drills only.
+    pub fault_delay: Duration,
+    /// Identifies this worker in leases and logs.
+    pub worker_id: String,
+    /// `concurrency` task slots shared by every queue this worker serves,
+    /// so serving three queues never means three times the work (each
+    /// queue still prefetches up to `concurrency` deliveries).
+    pub slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl WorkerContext {
+    pub fn from_config(
+        cfg: &Config,
+        egress: EgressPolicy,
+        queue: DynQueue,
+        objects: DynObjectStore,
+    ) -> WorkerContext {
+        WorkerContext {
+            queue,
+            objects,
+            pipeline: Pipeline::default(),
+            concurrency: cfg.worker.concurrency,
+            heartbeat: Duration::from_secs(cfg.worker.heartbeat_secs),
+            task_timeout: Duration::from_secs(cfg.worker.task_timeout_secs),
+            shutdown_grace: Duration::from_secs(cfg.worker.shutdown_grace_secs),
+            max_input_pixels: cfg.worker.max_input_pixels,
+            faces: None,
+            egress,
+            fetch_max_bytes: cfg.identity.fetch_max_bytes,
+            fetch_timeout: Duration::from_secs(cfg.identity.fetch_timeout_secs),
+            fault_delay: Duration::from_millis(cfg.worker.fault_delay_ms),
+            worker_id: format!("wrk_{}_{}", std::process::id(), ulid::Ulid::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(cfg.worker.concurrency.max(1))),
+        }
+    }
+
+    /// The work queues this worker can serve with what it has loaded.
+    pub fn queues(&self) -> Vec<WorkQueue> {
+        WorkQueue::ALL
+            .into_iter()
+            .filter(|q| crate::jobs::serves(self, *q))
+            .collect()
+    }
+}
