@@ -17,6 +17,7 @@ use crate::state::AppState;
 use crate::views::JobAccepted;
 use atelier_shared::db::accounts::Account;
 use atelier_shared::db::jobs::{Admission, NewJob};
+use atelier_shared::db::projects::Project;
 use atelier_shared::domain::trace::TraceParent;
 use atelier_shared::domain::{JobSpec, JobStatus};
 use axum::http::{HeaderMap, StatusCode};
@@ -55,6 +56,14 @@ pub fn job_trace(headers: &HeaderMap) -> TraceParent {
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse);
     atelier_shared::telemetry::hop_of(&tracing::Span::current(), client.as_ref())
+}
+
+/// The project a job is created in: the caller's (404 for anything else).
+pub async fn project(s: &AppState, account: &str, project_id: &str) -> ApiResult<Project> {
+    s.store
+        .project(account, project_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Project {project_id} not found")))
 }
 
 /// Every input file of `spec` must be the caller's (404 otherwise) and

@@ -64,11 +64,7 @@ pub async fn create_packshot(
     }
 
     // Ownership (404 for anything of another account).
-    let project = s
-        .store
-        .project(&acc.id, &req.project_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("Project {} not found", req.project_id)))?;
+    let project = admission::project(&s, &acc.id, &req.project_id).await?;
     let spec = spec.into();
     admission::check_files(&s, &acc.id, &spec).await?;
     admission::admit(

@@ -42,11 +42,7 @@ pub async fn create(
     };
     let req = swap::parse_swap(&body.0).map_err(|e| ApiError::invalid(vec![e]))?;
     let spec = swap::validate_swap(&req, &AVAILABLE).map_err(ApiError::invalid)?;
-    let project = s
-        .store
-        .project(&acc.id, &req.project_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("Project {} not found", req.project_id)))?;
+    let project = admission::project(&s, &acc.id, &req.project_id).await?;
     let code = spec.identity_code.clone();
     let spec = spec.into();
     admission::check_files(&s, &acc.id, &spec).await?;

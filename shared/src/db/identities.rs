@@ -302,15 +302,6 @@ impl Store {
             .await?)
     }
 
-    /// Any identity by code (workers read the one a job names).
-    pub async fn identity(&self, code: &str) -> Result<Option<IdentityRow>> {
-        let sql = identity_select("WHERE i.code = $1");
-        Ok(sqlx::query_as::<_, IdentityRow>(&sql)
-            .bind(code)
-            .fetch_optional(self.pool())
-            .await?)
-    }
-
     pub async fn list_identities(
         &self,
         account_id: &str,

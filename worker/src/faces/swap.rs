@@ -60,25 +60,26 @@ impl Plane {
 
     /// Separable [1 4 6 4 1]/16 blur with clamped edges.
     fn blur(&self) -> Plane {
+        self.blur_pass(true).blur_pass(false)
+    }
+
+    /// One direction of [`Plane::blur`]: along rows or along columns.
+    fn blur_pass(&self, along_rows: bool) -> Plane {
         const K: [f32; 5] = [1.0 / 16.0, 4.0 / 16.0, 6.0 / 16.0, 4.0 / 16.0, 1.0 / 16.0];
-        let mut tmp = Plane::new(self.w, self.h);
-        for y in 0..self.h {
-            for x in 0..self.w {
-                let mut s = 0.0;
-                for (k, wgt) in K.iter().enumerate() {
-                    let xx = (x as isize + k as isize - 2).clamp(0, self.w as isize - 1) as usize;
-                    s += wgt * self.at(xx, y);
-                }
-                tmp.v[y * self.w + x] = s;
-            }
-        }
         let mut out = Plane::new(self.w, self.h);
+        let clamp = |i: usize, k: usize, n: usize| {
+            (i as isize + k as isize - 2).clamp(0, n as isize - 1) as usize
+        };
         for y in 0..self.h {
             for x in 0..self.w {
                 let mut s = 0.0;
                 for (k, wgt) in K.iter().enumerate() {
-                    let yy = (y as isize + k as isize - 2).clamp(0, self.h as isize - 1) as usize;
-                    s += wgt * tmp.at(x, yy);
+                    s += wgt
+                        * if along_rows {
+                            self.at(clamp(x, k, self.w), y)
+                        } else {
+                            self.at(x, clamp(y, k, self.h))
+                        };
                 }
                 out.v[y * self.w + x] = s;
             }
