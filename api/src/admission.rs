@@ -125,7 +125,9 @@ pub fn refusal(a: Admission) -> ApiError {
         Admission::FileUnavailable { file_id } => {
             ApiError::not_found(format!("File {file_id} not found"))
         }
-        Admission::IdentityNotFound => ApiError::not_found("Identity not found"),
+        Admission::IdentityNotFound { code } => {
+            ApiError::not_found(format!("Identity {code} not found"))
+        }
         Admission::IdentityNotReady { status } => ApiError::conflict(
             "identity_not_ready",
             format!("The identity's preprocessing is {status}, not completed"),

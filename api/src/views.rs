@@ -469,43 +469,51 @@ impl IdentityView {
     }
 }
 
-/// The face an upload found, in photo pixels (`{}` while unknown).
+/// The face an upload found, in photo pixels; `{}` while it is unknown.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum FaceMetadata {
+    Found(FaceFound),
+    Unknown(Empty),
+}
+
+/// An empty JSON object.
 #[derive(Debug, Default, Serialize, ToSchema)]
-pub struct FaceMetadata {
-    #[serde(skip_serializing_if = "Option::is_none")]
+pub struct Empty {}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FaceFound {
+    /// The detector's score of the face, when the photo recorded one.
     pub confidence: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub x: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub y: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub width: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub height: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub image_width: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub image_height: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub quality_score: Option<f64>,
+    pub x: f32,
+    pub y: f32,
+    pub width: f32,
+    pub height: f32,
+    pub image_width: u32,
+    pub image_height: u32,
+    pub quality_score: f64,
 }
 
 impl FaceMetadata {
+    pub fn unknown() -> FaceMetadata {
+        FaceMetadata::Unknown(Empty {})
+    }
+
     pub fn of(r: &FaceRecord) -> FaceMetadata {
-        FaceMetadata {
+        FaceMetadata::Found(FaceFound {
             confidence: r
                 .photos
                 .first()
                 .and_then(|p| p.face_score)
                 .map(atelier_shared::domain::identity::round3),
-            x: Some(r.face_box[0]),
-            y: Some(r.face_box[1]),
-            width: Some(r.face_box[2] - r.face_box[0]),
-            height: Some(r.face_box[3] - r.face_box[1]),
-            image_width: Some(r.photo_width),
-            image_height: Some(r.photo_height),
-            quality_score: Some(r.quality()),
-        }
+            x: r.face_box[0],
+            y: r.face_box[1],
+            width: r.face_box[2] - r.face_box[0],
+            height: r.face_box[3] - r.face_box[1],
+            image_width: r.photo_width,
+            image_height: r.photo_height,
+            quality_score: r.quality(),
+        })
     }
 }
 

@@ -32,8 +32,8 @@
 
 pub mod notify;
 
-use atelier_shared::db::Store;
 use atelier_shared::db::scheduling::{FailureOutcome, JobWork};
+use atelier_shared::db::{Store, StoreError};
 use atelier_shared::domain::fair::{self, Candidate, Lane};
 use atelier_shared::domain::retry::RetryPolicy;
 use atelier_shared::domain::task::{OUTCOME_QUEUE, WAKE_QUEUE};
@@ -212,9 +212,19 @@ async fn reap(ctx: &SchedulerContext) -> anyhow::Result<()> {
                 &ctx.retry,
                 unit,
             )
-            .await?;
-        tracing::warn!(output_id, attempt, outcome = ?r, "scheduler: reclaimed an expired lease");
-        metrics::counter!("atelier_leases_reaped_total").increment(1);
+            .await;
+        match r {
+            Ok(r) => {
+                tracing::warn!(output_id, attempt, outcome = ?r, "scheduler: reclaimed an expired lease");
+                metrics::counter!("atelier_leases_reaped_total").increment(1);
+            }
+            // A job this version cannot read stays as it is for one that
+            // can; the other expired leases are still reaped.
+            Err(e @ StoreError::Corrupt(_)) => {
+                tracing::error!(output_id, error = %e, "scheduler: cannot reap an output of an unreadable job");
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -253,19 +263,36 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
         jobs.insert(c.output_id, c.job_id);
     }
     // What every task of a job carries, read once per job this round.
-    let mut work: std::collections::HashMap<String, Option<JobWork>> = Default::default();
+    let mut work: std::collections::HashMap<String, Work> = Default::default();
     for (_, pick) in fair::pick(lanes.into_values().collect(), slots) {
         let Some(job_id) = jobs.get(&pick.output_id).cloned() else {
             continue;
         };
         if !work.contains_key(&job_id) {
-            work.insert(job_id.clone(), ctx.store.job_work(&job_id).await?);
+            let w = match ctx.store.job_work(&job_id).await {
+                Ok(Some(w)) => Work::Ready(w),
+                Ok(None) => Work::Gone,
+                // A kind or spec this version cannot read (a newer API
+                // admitted it during an upgrade): left pending for a
+                // scheduler that can, without holding up the others.
+                Err(e @ StoreError::Corrupt(_)) => {
+                    tracing::error!(job.id = %job_id, error = %e, "scheduler: cannot read this job; leaving it pending");
+                    metrics::counter!("atelier_unreadable_jobs_total").increment(1);
+                    Work::Unreadable
+                }
+                Err(e) => return Err(e.into()),
+            };
+            work.insert(job_id.clone(), w);
         }
-        let Some(Some(job)) = work.get(&job_id) else {
-            // Its job is gone, or an input of a job admitted before inputs
-            // were resolved at admission is: fail the output for good.
-            fail_unrunnable(ctx, pick.output_id).await?;
-            continue;
+        let job = match work.get(&job_id) {
+            Some(Work::Ready(job)) => job,
+            Some(Work::Unreadable) | None => continue,
+            Some(Work::Gone) => {
+                // Its job is gone, or an input of a job admitted before
+                // inputs were resolved at admission is: fail it for good.
+                fail_unrunnable(ctx, pick.output_id).await?;
+                continue;
+            }
         };
         let deadline = now_ms() + ctx.dispatch_lease.as_millis() as i64;
         let Some(claim) = ctx
@@ -309,6 +336,15 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
         metrics::counter!("atelier_tasks_dispatched_total", "type" => queue.as_str()).increment(1);
     }
     Ok(())
+}
+
+/// What dispatch found of a job.
+enum Work {
+    Ready(JobWork),
+    /// The job or one of its inputs no longer exists.
+    Gone,
+    /// Stored in a form this version cannot read.
+    Unreadable,
 }
 
 /// Fails an output whose job can no longer run (its inputs are gone): it

@@ -565,3 +565,76 @@ async fn spans_are_exported_over_otlp_as_one_trace_across_processes() {
     }
     app.stop().await;
 }
+
+/// A task in a format the worker does not read (a scheduler of another
+/// version published it during a rolling upgrade) is handed back as a
+/// retryable failure: the scheduler dispatches the output again, in its own
+/// format, at once, and the job completes, charged once.
+#[tokio::test]
+async fn a_task_of_another_format_is_handed_back_and_dispatched_again() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |_| {}).await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
+    let (before, _) = app.balance(&app.key).await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    // Take the task the scheduler dispatched and put back what an older
+    // scheduler would have sent for it: ids only.
+    let queue = app.services.queue.clone();
+    let mut consumer = queue
+        .consume(atelier_shared::domain::WorkQueue::Packshot.as_str(), 1)
+        .await
+        .expect("consume");
+    let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("a task within 20 s")
+        .expect("consumer open");
+    let task: atelier_shared::domain::Task = d.parse().expect("a task");
+    d.ack().await.expect("ack");
+    drop(consumer);
+    let old = json!({"job_id": task.job_id, "output_id": task.output_id, "attempt": task.attempt, "deadline_ms": task.deadline_ms});
+    queue
+        .publish(
+            atelier_shared::domain::WorkQueue::Packshot.as_str(),
+            atelier_shared::queue::Message::json(&old).expect("message"),
+        )
+        .await
+        .expect("publish");
+
+    let ctx = atelier_worker::WorkerContext::from_config(
+        &app.cfg,
+        Default::default(),
+        queue.clone(),
+        app.services.objects.clone(),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(atelier_worker::run(ctx, stop.clone()));
+    let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let o = app
+        .store
+        .latest_outputs(&job)
+        .await
+        .expect("outputs")
+        .remove(0);
+    assert_eq!(o.attempt, 2, "the handed-back attempt, then the new one");
+    assert!(
+        o.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("format")),
+        "{:?}",
+        o.last_error
+    );
+    let (after, _) = app.balance(&app.key).await;
+    assert_eq!(before - after, 3.0, "charged once");
+    app.audit_clean().await;
+    stop.cancel();
+    worker.await.expect("joins").expect("worker stops");
+    app.stop().await;
+}

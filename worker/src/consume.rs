@@ -109,6 +109,47 @@ fn reclaimed(task: &Task, deliveries: i64, now: i64) -> bool {
     deliveries <= 1 && now > task.deadline_ms + DEADLINE_SKEW_MS
 }
 
+/// What every task message names, whatever its format.
+#[derive(serde::Deserialize)]
+struct TaskHeader {
+    output_id: i64,
+    attempt: i64,
+}
+
+/// A delivery that is not a task this worker reads. One that still names
+/// its output and attempt (a scheduler of another version published it,
+/// e.g. during a rolling upgrade) is reported as a retryable failure, so
+/// the scheduler dispatches it again at once in its own format instead of
+/// waiting for the dispatch lease to run out; anything else is poison and
+/// is dead-lettered.
+async fn unreadable(
+    ctx: &WorkerContext,
+    queue: WorkQueue,
+    delivery: Delivery,
+    e: serde_json::Error,
+) {
+    let Ok(h) = delivery.parse::<TaskHeader>() else {
+        tracing::error!(%queue, error = %e, "worker: malformed task; dead-lettering");
+        let _ = delivery.dead_letter(&format!("malformed task: {e}")).await;
+        return;
+    };
+    tracing::warn!(%queue, output_id = h.output_id, error = %e, "worker: a task in a format this worker does not read; handing it back");
+    let outcome = Outcome::Failed {
+        output_id: h.output_id,
+        attempt: h.attempt,
+        failure: FailureKind::Retryable,
+        message: format!("the task's format is not this worker's ({e}); dispatched again"),
+    };
+    match publish_outcome(ctx, &outcome, None).await {
+        Ok(()) => {
+            let _ = delivery.ack().await;
+        }
+        Err(_) => {
+            let _ = delivery.nack(Some(Duration::from_secs(2))).await;
+        }
+    }
+}
+
 /// Settles one delivery. Never panics: every failure becomes an outcome or a nack.
 async fn handle(
     ctx: WorkerContext,
@@ -127,11 +168,7 @@ async fn handle(
     };
     let task: Task = match delivery.parse() {
         Ok(t) => t,
-        Err(e) => {
-            tracing::error!(%queue, error = %e, "worker: malformed task; dead-lettering");
-            let _ = delivery.dead_letter(&format!("malformed task: {e}")).await;
-            return;
-        }
+        Err(e) => return unreadable(&ctx, queue, delivery, e).await,
     };
     // This task is a hop of the job's trace (the task's own field, else the
     // message header).

@@ -413,13 +413,9 @@ pub async fn upload(
         // Still running: the status endpoint tells the outcome.
         _ => None,
     };
-    let face_metadata = match face_detected {
-        Some(true) => row
-            .record()
-            .as_ref()
-            .map(FaceMetadata::of)
-            .unwrap_or_default(),
-        _ => FaceMetadata::default(),
+    let face_metadata = match (face_detected, row.record()) {
+        (Some(true), Some(r)) => FaceMetadata::of(&r),
+        _ => FaceMetadata::unknown(),
     };
     let body = IdentityUploaded {
         identity: IdentityView::build(&s, &row).await?,

@@ -1091,7 +1091,9 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
     );
     assert_eq!(
         s.create_job(swap("idn_zz")).await.expect("admit"),
-        Admission::IdentityNotFound
+        Admission::IdentityNotFound {
+            code: "idn_zz".into()
+        }
     );
 
     let lease = now_ms() + 60_000;

@@ -52,7 +52,9 @@ pub enum Admission {
         file_id: String,
     },
     /// [`IdentityUse::Ready`] names no identity of the caller.
-    IdentityNotFound,
+    IdentityNotFound {
+        code: String,
+    },
     /// [`IdentityUse::Ready`] names an identity whose preprocessing is in
     /// this state (not `completed`).
     IdentityNotReady {
@@ -89,15 +91,18 @@ async fn resolve_inputs(
             .bind(OutputStatus::Completed)
             .fetch_optional(&mut *conn)
             .await?;
-            match row {
-                Some((Some(crop_key), Some(d))) => {
-                    let record: FaceRecord = super::from_json(&d)?;
-                    Some(FaceRef {
-                        job_id: job_id.to_string(),
-                        crop_key,
-                        record,
-                    })
-                }
+            let record = row.as_ref().and_then(|(_, d)| {
+                d.as_deref()
+                    .and_then(|d| serde_json::from_str::<FaceRecord>(d).ok())
+            });
+            match (row, record) {
+                (Some((Some(crop_key), _)), Some(record)) => Some(FaceRef {
+                    job_id: job_id.to_string(),
+                    crop_key,
+                    record,
+                }),
+                // No usable face (missing, or recorded in a form this
+                // version cannot read): the identity cannot be used.
                 _ => return Ok(Err(Missing::Face)),
             }
         }
@@ -190,7 +195,11 @@ impl Store {
                 .fetch_optional(&mut **tx)
                 .await?;
             match found {
-                None => return Ok(Admission::IdentityNotFound),
+                None => {
+                    return Ok(Admission::IdentityNotFound {
+                        code: code.to_string(),
+                    });
+                }
                 Some((Some(JobStatus::Completed), id)) => face_job = id,
                 Some((s, _)) => {
                     return Ok(Admission::IdentityNotReady {

@@ -106,10 +106,77 @@ pub type Tx = Transaction<'static, Any>;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
-/// The rebuild of `jobs` without the CHECK on `job_type` (see
-/// [`Store::migrate`]): every column and constraint of migrations 0001–0005
-/// but that one.
-const SQLITE_OPEN_JOB_TYPES: &str = include_str!("sqlite_open_job_types.sql");
+/// The stored definition of SQLite's `jobs` table.
+async fn jobs_ddl(conn: &mut sqlx::AnyConnection) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'")
+        .fetch_optional(conn)
+        .await
+}
+
+/// `ddl` (SQLite's `CREATE TABLE jobs …`) without the CHECK that lists the
+/// job kinds, as `jobs_new`; `None` when it has no such CHECK.
+fn without_kind_check(ddl: &str) -> Option<String> {
+    const CHECK: &str = "CHECK (job_type IN (";
+    let start = ddl.find(CHECK)?;
+    // The CHECK ends where its opening parenthesis closes.
+    let open = start + "CHECK ".len();
+    let mut depth = 0usize;
+    let mut end = None;
+    for (i, c) in ddl[open..].char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    end = Some(open + i + 1);
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = format!("{}{}", &ddl[..start], &ddl[end?..]);
+    let name = out.find("jobs")?;
+    out.replace_range(name..name + "jobs".len(), "jobs_new");
+    Some(out)
+}
+
+/// The rebuild of [`Store::sqlite_open_job_types`]: foreign keys off, then
+/// in one `BEGIN IMMEDIATE` transaction (re-checked inside it, as another
+/// process may have done it meanwhile) the new table, the copy, the swap
+/// and the table's indexes again; foreign keys back on.
+async fn rebuild_jobs_without_kind_check(conn: &mut sqlx::AnyConnection) -> sqlx::Result<()> {
+    conn.execute("PRAGMA foreign_keys = OFF").await?;
+    conn.execute("BEGIN IMMEDIATE").await?;
+    let rebuilt = async {
+        let Some(new_ddl) = jobs_ddl(conn).await?.and_then(|d| without_kind_check(&d)) else {
+            return Ok(());
+        };
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs' AND sql IS NOT NULL",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        conn.execute(new_ddl.as_str()).await?;
+        conn.execute("INSERT INTO jobs_new SELECT * FROM jobs").await?;
+        conn.execute("DROP TABLE jobs").await?;
+        conn.execute("ALTER TABLE jobs_new RENAME TO jobs").await?;
+        for index in &indexes {
+            conn.execute(index.as_str()).await?;
+        }
+        Ok::<_, sqlx::Error>(())
+    }
+    .await;
+    match rebuilt {
+        Ok(()) => conn.execute("COMMIT").await?,
+        Err(e) => {
+            let _ = conn.execute("ROLLBACK").await;
+            return Err(e);
+        }
+    };
+    conn.execute("PRAGMA foreign_keys = ON").await?;
+    Ok(())
+}
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 /// Handle to the database; cheap to clone.
@@ -174,40 +241,25 @@ impl Store {
     /// keys off (else dropping the old table would cascade into the
     /// outputs), which a migration's transaction cannot switch: hence this
     /// step, on one connection, idempotent and serialised by `BEGIN
-    /// IMMEDIATE`.
+    /// IMMEDIATE`. The new table is the stored definition without that
+    /// CHECK, so columns that later migrations add are kept. A connection
+    /// that fails midway is closed, never returned to the pool with foreign
+    /// keys off.
     async fn sqlite_open_job_types(&self) -> Result<()> {
-        const CLOSED: &str = "CHECK (job_type IN (";
         let mut conn = self.pool.acquire().await?;
-        let has_check = |sql: Option<String>| sql.is_some_and(|s| s.contains(CLOSED));
-        let sql: Option<String> = sqlx::query_scalar(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
-        )
-        .fetch_optional(&mut *conn)
-        .await?;
-        if !has_check(sql) {
+        if !jobs_ddl(&mut conn)
+            .await?
+            .is_some_and(|ddl| without_kind_check(&ddl).is_some())
+        {
             return Ok(());
         }
-        conn.execute("PRAGMA foreign_keys = OFF").await?;
-        let rebuilt = async {
-            conn.execute("BEGIN IMMEDIATE").await?;
-            let sql: Option<String> = sqlx::query_scalar(
-                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
-            )
-            .fetch_optional(&mut *conn)
-            .await?;
-            if has_check(sql) {
-                conn.execute(SQLITE_OPEN_JOB_TYPES).await?;
+        match rebuild_jobs_without_kind_check(&mut conn).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = conn.close().await;
+                Err(e.into())
             }
-            conn.execute("COMMIT").await?;
-            Ok::<_, sqlx::Error>(())
         }
-        .await;
-        if rebuilt.is_err() {
-            let _ = conn.execute("ROLLBACK").await;
-        }
-        conn.execute("PRAGMA foreign_keys = ON").await?;
-        rebuilt?;
-        Ok(())
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -286,6 +338,24 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+
+#[cfg(test)]
+mod tests {
+    use super::without_kind_check;
+
+    #[test]
+    fn the_kind_check_is_cut_out_of_the_stored_definition() {
+        let ddl = "CREATE TABLE jobs (\n    id TEXT PRIMARY KEY,\n    job_type TEXT NOT NULL CHECK (job_type IN ('a', 'b')),\n    \
+                   status TEXT NOT NULL CHECK (status IN ('pending')), inputs TEXT)";
+        let open = without_kind_check(ddl).expect("has the check");
+        assert_eq!(
+            open,
+            "CREATE TABLE jobs_new (\n    id TEXT PRIMARY KEY,\n    job_type TEXT NOT NULL ,\n    \
+             status TEXT NOT NULL CHECK (status IN ('pending')), inputs TEXT)"
+        );
+        assert_eq!(without_kind_check(&open.replace("jobs_new", "jobs")), None);
+    }
+}
 
 #[cfg(test)]
 mod conformance;
