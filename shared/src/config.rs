@@ -4,12 +4,14 @@
 //! then [`Config::validate`]. Key names are those of DESIGN.md's
 //! "Configuration surface": operators' scripts rely on them.
 
+use crate::domain::JobType;
 use crate::domain::credits::PriceTable;
 use crate::domain::packshot::{DesignCatalogue, EngineChoice};
 use crate::domain::retry::RetryPolicy;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -227,7 +229,7 @@ pub struct EnginesConfig {
     /// Engines `model: auto` tries, in order: `atelier` (built in) and route names.
     #[serde(deserialize_with = "string_or_list")]
     pub auto: Vec<String>,
-    pub routes: std::collections::BTreeMap<String, EngineRoute>,
+    pub routes: BTreeMap<String, EngineRoute>,
 }
 
 impl Default for EnginesConfig {
@@ -291,9 +293,90 @@ pub enum EngineRoute {
         #[serde(default = "default_route_edge")]
         max_edge: u32,
     },
+    /// An operator-installed model container speaking Cog's HTTP API (the
+    /// format most published generative models ship in): one prediction
+    /// per output, the job's fields mapped onto the container's inputs
+    /// (README, "Engine routes").
+    Cog {
+        /// The container's base URL (`http://gen:5000`).
+        url: String,
+        /// Longest prediction; past it the prediction is cancelled and the
+        /// output retried.
+        #[serde(default = "default_cog_timeout")]
+        timeout_secs: u64,
+        /// Predictions the container runs at once (its slots): a worker
+        /// sends it at most this many.
+        #[serde(default = "default_cog_slots")]
+        slots: usize,
+        /// How long a starting worker waits for the container to be READY.
+        #[serde(default = "default_cog_startup")]
+        startup_secs: u64,
+        /// Per job kind (`create_packshot`): container input name → a
+        /// field of the job (`"$prompt"`) or a constant (`7.5`, `"euler"`;
+        /// `"$$x"` is the literal `"$x"`).
+        #[serde(default)]
+        inputs: BTreeMap<JobType, BTreeMap<String, CogInput>>,
+    },
+}
+
+impl EngineRoute {
+    /// How long one call of a remote route may take (`None`: in process).
+    pub fn timeout_secs(&self) -> Option<u64> {
+        match self {
+            EngineRoute::Http { timeout_secs, .. } | EngineRoute::Cog { timeout_secs, .. } => {
+                Some(*timeout_secs)
+            }
+            EngineRoute::Onnx { .. } => None,
+        }
+    }
+}
+
+/// A value a Cog route sends for one container input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CogInput {
+    /// A field of the job, by the name its kind gives it.
+    Field(String),
+    /// The same value for every prediction.
+    Constant(serde_json::Value),
+}
+
+impl Serialize for CogInput {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            CogInput::Field(f) => s.serialize_str(&format!("${f}")),
+            CogInput::Constant(serde_json::Value::String(t)) if t.starts_with('$') => {
+                s.serialize_str(&format!("${t}"))
+            }
+            CogInput::Constant(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CogInput {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => match s.strip_prefix('$') {
+                Some(rest) if rest.starts_with('$') => {
+                    CogInput::Constant(serde_json::Value::String(rest.to_string()))
+                }
+                Some(field) => CogInput::Field(field.to_string()),
+                None => CogInput::Constant(serde_json::Value::String(s)),
+            },
+            other => CogInput::Constant(other),
+        })
+    }
 }
 
 fn default_route_timeout() -> u64 {
+    120
+}
+fn default_cog_timeout() -> u64 {
+    300
+}
+fn default_cog_slots() -> usize {
+    1
+}
+fn default_cog_startup() -> u64 {
     120
 }
 fn default_route_edge() -> u32 {
@@ -836,6 +919,44 @@ impl Config {
                         ));
                     }
                 }
+                EngineRoute::Cog {
+                    url,
+                    timeout_secs,
+                    slots,
+                    inputs,
+                    ..
+                } => {
+                    if !url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) {
+                        e.push(format!(
+                            "engines.routes.{name}.url: `{url}` must be an http(s) URL"
+                        ));
+                    }
+                    if *timeout_secs == 0 || *slots == 0 {
+                        e.push(format!(
+                            "engines.routes.{name}: timeout_secs and slots must be at least 1"
+                        ));
+                    }
+                    // Routes draw packshots today: that kind needs a mapping.
+                    if !inputs.contains_key(&JobType::CreatePackshot) {
+                        e.push(format!(
+                            "engines.routes.{name}.inputs.{}: a Cog route needs the mapping of the kind it serves",
+                            JobType::CreatePackshot
+                        ));
+                    }
+                    for (kind, mapping) in inputs {
+                        let fields = kind.generator_fields();
+                        for (input, value) in mapping {
+                            if let CogInput::Field(f) = value
+                                && !fields.contains(&f.as_str())
+                            {
+                                e.push(format!(
+                                    "engines.routes.{name}.inputs.{kind}.{input}: `${f}` is not a field of {kind}; it has {}",
+                                    fields.iter().map(|f| format!("${f}")).collect::<Vec<_>>().join(", ")
+                                ));
+                            }
+                        }
+                    }
+                }
                 EngineRoute::Onnx { file, max_edge, .. } => {
                     if file.is_empty() {
                         e.push(format!(
@@ -857,15 +978,25 @@ impl Config {
             .auto
             .iter()
             .filter_map(|n| match self.engines.routes.get(n) {
-                Some(EngineRoute::Http { timeout_secs, .. }) => Some(*timeout_secs),
-                _ => None,
+                Some(r) => r.timeout_secs(),
+                None => None,
             })
             .sum();
         if chain >= self.worker.task_timeout_secs {
             e.push(format!(
-                "engines: the HTTP routes in engines.auto may take {chain} s in a row, not below worker.task_timeout_secs ({})",
+                "engines: the remote routes in engines.auto may take {chain} s in a row, not below worker.task_timeout_secs ({})",
                 self.worker.task_timeout_secs
             ));
+        }
+        for (name, route) in &self.engines.routes {
+            if let Some(t) = route.timeout_secs()
+                && t >= self.worker.task_timeout_secs
+            {
+                e.push(format!(
+                    "engines.routes.{name}.timeout_secs: {t} s must be below worker.task_timeout_secs ({})",
+                    self.worker.task_timeout_secs
+                ));
+            }
         }
         if self.engines.auto.is_empty() {
             e.push(format!(
@@ -982,7 +1113,7 @@ impl Config {
         c.redis.url = c.redis.url.as_deref().map(redact_url);
         c.queue.url = redact_url(&c.queue.url);
         for route in c.engines.routes.values_mut() {
-            if let EngineRoute::Http { url, .. } = route {
+            if let EngineRoute::Http { url, .. } | EngineRoute::Cog { url, .. } = route {
                 *url = redact_url(url);
             }
         }
@@ -1160,6 +1291,66 @@ url = "ftp://x"
                 "{err}"
             );
             assert!(err.contains("engines.routes.dalle.url"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn cog_routes_map_fields_and_constants() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                r#"
+[engines.routes.seedream]
+kind = "cog"
+url = "http://gen:5000"
+[engines.routes.seedream.inputs.create_packshot]
+image = "$image"
+steps = 30
+scheduler = "euler"
+literal = "$$money"
+"#,
+            )?;
+            let c = Config::load(Some(Path::new("c.toml"))).expect("loads");
+            let EngineRoute::Cog {
+                inputs,
+                timeout_secs,
+                slots,
+                ..
+            } = &c.engines.routes["seedream"]
+            else {
+                panic!("a cog route")
+            };
+            assert_eq!((*timeout_secs, *slots), (300, 1));
+            let m = &inputs[&JobType::CreatePackshot];
+            assert_eq!(m["image"], CogInput::Field("image".into()));
+            assert_eq!(m["steps"], CogInput::Constant(serde_json::json!(30)));
+            assert_eq!(
+                m["scheduler"],
+                CogInput::Constant(serde_json::json!("euler"))
+            );
+            assert_eq!(
+                m["literal"],
+                CogInput::Constant(serde_json::json!("$money"))
+            );
+            // What is printed reads back the same.
+            let back: Config = toml::from_str(&toml::to_string(&c).expect("toml")).expect("parses");
+            assert_eq!(back.engines.routes, c.engines.routes);
+            jail.create_file(
+                "bad.toml",
+                r#"
+[engines.routes.seedream]
+kind = "cog"
+url = "http://gen:5000"
+[engines.routes.seedream.inputs.model_swap]
+image = "$image"
+"#,
+            )?;
+            let err = Config::load(Some(Path::new("bad.toml")))
+                .expect_err("invalid")
+                .to_string();
+            assert!(err.contains("inputs.create_packshot"), "{err}");
+            assert!(err.contains("inputs.model_swap.image"), "{err}");
             Ok(())
         });
     }

@@ -4,8 +4,9 @@
 
 use crate::helpers::*;
 use atelier::app::Roles;
-use atelier_shared::config::EngineRoute;
+use atelier_shared::config::{CogInput, EngineRoute};
 use atelier_shared::db::Dialect;
+use atelier_shared::domain::JobType;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode as AxStatus};
@@ -181,4 +182,145 @@ async fn http_routes_serve_named_engines_and_refusals_fall_back_under_auto() {
     assert_eq!(app.balance(&app.key).await, (before - 6.0, 0.0));
     app.audit_clean().await;
     app.stop().await;
+}
+
+/// The packshot mapping of the fixture: its inputs from the job's fields.
+fn cog_route(url: &str, extra: &[(&str, &str)]) -> EngineRoute {
+    let mut mapping: std::collections::BTreeMap<String, CogInput> = [
+        ("image", "$image"),
+        ("prompt", "$client_prompt"),
+        ("seed", "$seed"),
+        ("width", "$width"),
+        ("height", "$height"),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| {
+        (
+            k.to_string(),
+            serde_json::from_value(json!(v)).expect("a mapping value"),
+        )
+    })
+    .collect();
+    mapping.insert("delay".into(), CogInput::Constant(json!(0.05)));
+    EngineRoute::Cog {
+        url: url.to_string(),
+        timeout_secs: 60,
+        slots: 1,
+        startup_secs: 60,
+        inputs: [(JobType::CreatePackshot, mapping)].into(),
+    }
+}
+
+/// A model container speaking Cog's HTTP API (the real Cog runtime serving
+/// a fixture predictor): the job's fields reach the container's inputs as
+/// mapped (seed and prompt are read back from the pixels it drew), the
+/// output is stored and charged once; garbage bytes and a content refusal
+/// fail the output with the reason and charge nothing.
+#[tokio::test]
+async fn cog_containers_serve_named_engines() {
+    let fixture = CogFixture::start("packshot").await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        c.engines
+            .routes
+            .insert("seedream".into(), cog_route(&fixture.url, &[]));
+    })
+    .await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(120, 160), "g.jpg").await;
+    let (before, _) = app.balance(&app.key).await;
+    let create = |prompt: &str, seed: u32| {
+        json!({"project_id": p, "images": [f], "options": {"model": "seedream"},
+               "instructions": [{"style": "marketing_ready", "prompt": prompt, "seed": seed,
+                                 "options": {"width": 512, "height": 512}}]})
+    };
+    // Custom dimensions need the account policy.
+    let dev = app.dev_account_id().await;
+    app.store
+        .set_account_policy(&dev, None, None, Some(true))
+        .await
+        .expect("policy");
+    let (s, v) = app
+        .post("/create-packshot", create("linen dress", 77))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
+    let out = &r["results"][0];
+    assert_eq!(out["model_used"], "seedream (cog)", "{out}");
+    assert_eq!(out["input_description"]["route"], "cog");
+    assert!(
+        out["input_description"]["predict_time"].as_f64().is_some(),
+        "{out}"
+    );
+    let bytes = app.fetch(&out["output"]["full_size"]).await;
+    let img = image::load_from_memory(&bytes).expect("an image").to_rgb8();
+    assert_eq!((img.width(), img.height()), (512, 512));
+    // The canvas colour says what the container was given: red = seed
+    // (77 for variation 0) mod 251, green = the client prompt's length.
+    let corner = img.get_pixel(4, 4).0;
+    let near = |a: u8, b: u8| a.abs_diff(b) <= 6;
+    assert!(
+        near(corner[0], 77) && near(corner[1], "linen dress".len() as u8),
+        "{corner:?}"
+    );
+    // The garment sits in the middle (dark blue in the fixture's photo).
+    let mid = img.get_pixel(256, 256).0;
+    assert!(mid[2] > 100 && mid[0] < 90, "{mid:?}");
+    let (after, _) = app.balance(&app.key).await;
+    assert_eq!(before - after, 3.0, "one 1K output, charged once");
+
+    for (prompt, reason) in [
+        ("garbage please", "unusable image"),
+        ("refuse-me", "refused the content"),
+    ] {
+        let (s, v) = app.post("/create-packshot", create(prompt, 1)).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let job = v["job_id"].as_str().expect("job").to_string();
+        let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
+        assert_eq!(st["status"], "failed", "{st}");
+        let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
+        let msg = r["results"][0]["error_message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(msg.contains(reason), "{prompt}: {msg}");
+    }
+    let (last, _) = app.balance(&app.key).await;
+    assert_eq!(last, after, "failed outputs cost nothing");
+    app.audit_clean().await;
+    app.stop().await;
+}
+
+/// A mapping that names an input the container lacks is refused when the
+/// worker starts, with a message naming both; so is a mapping of an
+/// unknown job field, when the configuration loads.
+#[tokio::test]
+async fn cog_mappings_are_checked_against_the_container_and_the_kind() {
+    let fixture = CogFixture::start("packshot").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cfg = test_config(dir.path(), database_url(Dialect::Sqlite, dir.path()).await);
+    cfg.engines.routes.insert(
+        "seedream".into(),
+        cog_route(&fixture.url, &[("steps", "$seed")]),
+    );
+    let err = match atelier::app::start(cfg.clone(), Roles::ALL, Default::default()).await {
+        Ok(_) => panic!("a worker with a bad mapping started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("`steps`") && err.contains(&fixture.url) && err.contains("seed"),
+        "{err}"
+    );
+    cfg.engines.routes.insert(
+        "seedream".into(),
+        cog_route(&fixture.url, &[("seed", "$sed")]),
+    );
+    let err = cfg.validate().expect_err("unknown field").to_string();
+    assert!(
+        err.contains("engines.routes.seedream.inputs.create_packshot.seed"),
+        "{err}"
+    );
+    assert!(err.contains("$sed") && err.contains("$seed"), "{err}");
 }

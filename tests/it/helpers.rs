@@ -537,3 +537,51 @@ pub fn packshot_body(project: &str, files: &[&str]) -> Value {
         ]
     })
 }
+
+/// A fixture predictor of `tests/fixtures/cog/<name>` served by the real
+/// Cog runtime from PyPI (the venv `scripts/test` installs), on a free
+/// port of 127.0.0.1. Killed when dropped.
+pub struct CogFixture {
+    pub url: String,
+    _child: tokio::process::Child,
+}
+
+impl CogFixture {
+    pub async fn start(name: &str) -> CogFixture {
+        let venv = std::env::var("ATELIER_TEST_COG_VENV").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/atelier/cog-venv",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        let python = std::path::Path::new(&venv).join("bin/python");
+        assert!(
+            python.exists(),
+            "no Cog runtime at {venv}: scripts/test installs it (ATELIER_TEST_COG_VENV)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/cog")
+            .join(name);
+        let path = format!("{}/bin:{}", venv, std::env::var("PATH").unwrap_or_default());
+        let child = tokio::process::Command::new(&python)
+            .args(["-m", "cog.server.http", "--host", "127.0.0.1"])
+            .current_dir(&dir)
+            .env("PORT", port.to_string())
+            .env("COG_PREDICT_TYPE_STUB", "predict.py:Predictor")
+            .env("PATH", path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the Cog runtime starts");
+        CogFixture {
+            url: format!("http://127.0.0.1:{port}"),
+            _child: child,
+        }
+    }
+}

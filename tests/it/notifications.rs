@@ -596,8 +596,17 @@ async fn webhooks_are_signed_retried_after_failures_and_recorded() {
         seen.windows(2)
             .all(|w| w[0].delivery == w[1].delivery && w[0].body == w[1].body)
     );
-    let (s, v) = app.get("/webhooks").await;
-    assert_eq!(s, StatusCode::OK);
+    // The receiver saw the 200 before the scheduler recorded it: wait
+    // for the record.
+    let t = std::time::Instant::now();
+    let v = loop {
+        let (s, v) = app.get("/webhooks").await;
+        assert_eq!(s, StatusCode::OK);
+        if v["last_response_status"] == json!(200) || t.elapsed() > Duration::from_secs(10) {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         (v["secret"].clone(), v["last_response_status"].clone()),
         (Value::Null, json!(200))

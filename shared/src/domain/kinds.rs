@@ -54,6 +54,11 @@ pub trait JobKind: 'static {
     fn engine_fallback(_spec: &Self::Spec) -> bool {
         false
     }
+
+    /// The fields of one output a generator engine can be given (a Cog
+    /// route maps them onto its container's inputs); empty for kinds no
+    /// generator serves.
+    const GENERATOR_FIELDS: &'static [&'static str] = &[];
 }
 
 /// One output a spec asks for.
@@ -117,6 +122,13 @@ macro_rules! job_kinds {
             pub fn queue(self) -> WorkQueue {
                 match self {
                     $(JobType::$variant => <$kind as JobKind>::QUEUE),*
+                }
+            }
+
+            /// What a generator engine can be given for one output.
+            pub fn generator_fields(self) -> &'static [&'static str] {
+                match self {
+                    $(JobType::$variant => <$kind as JobKind>::GENERATOR_FIELDS),*
                 }
             }
 

@@ -421,6 +421,22 @@ impl JobKind for CreatePackshot {
     const NAME: &'static str = "create_packshot";
     const QUEUE: WorkQueue = WorkQueue::Packshot;
     type Spec = PackshotSpec;
+    /// `image`: the output's source image (a data URL); `images`: every
+    /// input; `prompt`: the instruction in words with the client's prompt;
+    /// `client_prompt`; `seed` (of this variation); `width`, `height`;
+    /// `style`; `variation`; `format`.
+    const GENERATOR_FIELDS: &'static [&'static str] = &[
+        "image",
+        "images",
+        "prompt",
+        "client_prompt",
+        "seed",
+        "width",
+        "height",
+        "style",
+        "variation",
+        "format",
+    ];
 
     /// Instructions × variations, each at the price of its size class.
     fn plan(spec: &PackshotSpec, prices: &PriceTable) -> Vec<PlannedOutput> {

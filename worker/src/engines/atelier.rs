@@ -625,7 +625,7 @@ impl ValueNoise {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engines::Input;
     use crate::inference::{ModelOptions, default_models_dir};
@@ -760,7 +760,7 @@ mod tests {
         );
     }
 
-    fn spec(body: serde_json::Value) -> atelier_shared::domain::packshot::PackshotSpec {
+    pub(crate) fn spec(body: serde_json::Value) -> atelier_shared::domain::packshot::PackshotSpec {
         let req = parse_request(&body).expect("parses");
         validate(
             &req,

@@ -5,6 +5,7 @@
 //! after it.
 
 pub mod atelier;
+pub mod cog;
 pub mod engine;
 pub mod hanger;
 pub mod pipeline;

@@ -3,6 +3,7 @@
 //! and the stages around the engine: post-processing, encoding, thumbnail.
 
 use super::atelier::AtelierEngine;
+use super::cog::CogEngine;
 use super::engine::{BasicEngine, Engine, RenderRequest, stage};
 use super::routes::{HttpEngine, OnnxEngine};
 use crate::failure::TaskFailure;
@@ -134,6 +135,28 @@ impl Pipeline {
                             handle,
                         )
                         .map_err(bad)?,
+                    )
+                }
+                EngineRoute::Cog {
+                    url,
+                    timeout_secs,
+                    slots,
+                    startup_secs,
+                    inputs,
+                } => {
+                    let handle = tokio::runtime::Handle::try_current()
+                        .map_err(|_| bad("Cog routes need a Tokio runtime".into()))?;
+                    Arc::new(
+                        CogEngine::connect(
+                            choice,
+                            url,
+                            inputs,
+                            std::time::Duration::from_secs(*timeout_secs),
+                            *slots,
+                            std::time::Duration::from_secs(*startup_secs),
+                            handle,
+                        )
+                        .map_err(|e| bad(e.to_string()))?,
                     )
                 }
                 EngineRoute::Onnx {
