@@ -316,7 +316,7 @@ pub async fn start(
             atelier_api::state::Edge {
                 egress: targets.egress.clone(),
                 links: links.clone().ok_or_else(|| needs("URL signer"))?,
-                engines: targets.engines.routable(),
+                engines: targets.engines.availability(),
             },
             services.store.clone().ok_or_else(|| needs("database"))?,
             services.objects.clone(),
@@ -384,13 +384,13 @@ pub async fn start(
             .await
             .context("model fetch panicked")?;
         let (c, engines) = (cfg.clone(), targets.engines.clone());
-        ctx.pipeline = tokio::task::spawn_blocking(move || {
+        (ctx.pipeline, ctx.generators) = tokio::task::spawn_blocking(move || {
             atelier_worker::engines::Pipeline::from_config(&c, &engines)
         })
         .await
         .context("model loading panicked")?
         .context("cannot load the models")?;
-        tracing::info!(engines = ?ctx.pipeline.engine_names(), "worker pipeline ready");
+        tracing::info!(engines = ?ctx.pipeline.engine_names(), generators = ?ctx.generators.describe(), "worker pipeline ready");
         let c = cfg.clone();
         match tokio::task::spawn_blocking(move || atelier_worker::faces::FaceKit::from_config(&c))
             .await

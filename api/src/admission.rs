@@ -102,6 +102,50 @@ pub async fn check_files(s: &AppState, account: &str, spec: &JobSpec) -> ApiResu
     Ok(())
 }
 
+/// The account's plan must allow the job's largest output size and, when
+/// it asks for them, custom dimensions (403 otherwise).
+pub fn plan_policy(
+    caller: &Account,
+    largest: atelier_shared::domain::credits::SizeClass,
+    custom_dimensions: bool,
+) -> ApiResult<()> {
+    use atelier_shared::domain::credits::SizeClass;
+    let max = SizeClass::parse(&caller.max_size).unwrap_or(SizeClass::K1);
+    if largest > max {
+        return Err(ApiError::forbidden(format!(
+            "Output size {} exceeds your plan's maximum of {}",
+            largest.as_str(),
+            max.as_str()
+        ))
+        .with("max_size", max.as_str()));
+    }
+    if custom_dimensions && caller.custom_dimensions != 1 {
+        return Err(ApiError::forbidden(
+            "Custom width/height requires the OUTPUT_CUSTOM_DIMENSIONS policy on your account",
+        ));
+    }
+    Ok(())
+}
+
+/// The identity a job uses must be the caller's (404) and preprocessed
+/// (409 `identity_not_ready`): answered before the cap and the credits
+/// (DESIGN.md's order); admission checks it again with the identity row
+/// locked.
+pub async fn ready_identity(s: &AppState, account: &str, code: &str) -> ApiResult<()> {
+    use atelier_shared::domain::identity::IdentityKind;
+    let ident = s
+        .store
+        .identity_for(account, IdentityKind::Identity, code)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Identity {code} not found")))?;
+    if ident.job_status != Some(JobStatus::Completed) {
+        return Err(refusal(Admission::IdentityNotReady {
+            status: ident.preprocessing_status(),
+        }));
+    }
+    Ok(())
+}
+
 /// The answer to an admission that did not create the job.
 pub fn refusal(a: Admission) -> ApiError {
     match a {

@@ -10,7 +10,7 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::openapi;
 use crate::routes::{
-    billing, downloads, health, identities, jobs, notifications, profiles, projects, swap, uploads,
+    billing, downloads, flat, health, identities, jobs, notifications, profiles, projects, swap, uploads,
     webhooks,
 };
 use crate::state::AppState;
@@ -51,6 +51,7 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(uploads::issue))
         .routes(routes!(jobs::create_packshot))
         .routes(routes!(swap::create))
+        .routes(routes!(flat::create))
         .routes(routes!(jobs::status))
         .routes(routes!(jobs::results))
         .routes(routes!(jobs::abort))

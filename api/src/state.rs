@@ -5,7 +5,7 @@ use crate::error::ApiError;
 use crate::limits::Limiter;
 use atelier_shared::config::Config;
 use atelier_shared::db::Store;
-use atelier_shared::domain::packshot::{EngineAvailability, EngineChoice};
+use atelier_shared::domain::engines::EngineAvailability;
 use atelier_shared::egress::EgressPolicy;
 use atelier_shared::events::EventBus;
 use atelier_shared::storage::{DynObjectStore, Links, Signer};
@@ -20,7 +20,8 @@ pub struct AppState {
     pub signer: Signer,
     pub limiter: Arc<Limiter>,
     pub config: Arc<Config>,
-    /// Engines clients may name (`options.model`): the configured routes.
+    /// Per job kind, the engines clients may name (`options.model`) and
+    /// what `auto` tries.
     pub engines: Arc<EngineAvailability>,
     pub links: Links,
     pub events: EventBus,
@@ -50,8 +51,8 @@ fn limiter(config: &Config) -> Limiter {
 pub struct Edge {
     pub egress: EgressPolicy,
     pub links: Links,
-    /// The engines clients may name besides `auto`.
-    pub engines: Vec<EngineChoice>,
+    /// Per job kind, the engines this server runs.
+    pub engines: EngineAvailability,
 }
 
 impl AppState {
@@ -72,9 +73,7 @@ impl AppState {
             objects,
             signer,
             limiter: Arc::new(limiter(&config)),
-            engines: Arc::new(EngineAvailability {
-                configured: edge.engines,
-            }),
+            engines: Arc::new(edge.engines),
             config,
         }
     }

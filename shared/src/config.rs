@@ -6,7 +6,9 @@
 
 use crate::domain::JobType;
 use crate::domain::credits::PriceTable;
+use crate::domain::engines::{EngineAvailability, KindEngines};
 use crate::domain::packshot::{DesignCatalogue, EngineChoice};
+use serde::de::Error as _;
 use crate::domain::retry::RetryPolicy;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -195,19 +197,54 @@ impl std::fmt::Debug for S3Target {
     }
 }
 
-/// The packshot engines beyond the built-in one.
+/// The engines beyond the built-in one, and which kinds each draws.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineTargets {
     /// Each route under the engine name clients send.
     pub routes: Vec<(EngineChoice, EngineRoute)>,
-    /// What `model: auto` tries, in order.
-    pub auto: Vec<AutoEngine>,
+    /// Per job kind, what `model: auto` tries, in order. A kind that is
+    /// absent has nothing to draw it.
+    pub auto: BTreeMap<JobType, Vec<AutoEngine>>,
 }
 
 impl EngineTargets {
-    /// The engine names clients may send besides `auto`.
-    pub fn routable(&self) -> Vec<EngineChoice> {
-        self.routes.iter().map(|(c, _)| *c).collect()
+    /// What `model: auto` tries for `kind`, in order.
+    pub fn auto_for(&self, kind: JobType) -> &[AutoEngine] {
+        self.auto.get(&kind).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The routes that draw `kind`.
+    pub fn serving(&self, kind: JobType) -> Vec<EngineChoice> {
+        self.routes
+            .iter()
+            .filter(|(_, r)| r.serves(kind))
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// What admission needs to know: per kind, the engines clients may
+    /// name and what `auto` tries.
+    pub fn availability(&self) -> EngineAvailability {
+        let mut kinds = BTreeMap::new();
+        for kind in JobType::ALL.iter().copied() {
+            let named: Vec<EngineChoice> = self
+                .serving(kind)
+                .into_iter()
+                .filter(|c| kind.engine_names().contains(c))
+                .collect();
+            let auto: Vec<String> = self
+                .auto_for(kind)
+                .iter()
+                .map(|a| match a {
+                    AutoEngine::Builtin => BUILTIN_ENGINE.to_string(),
+                    AutoEngine::Route(c) => c.as_str().to_string(),
+                })
+                .collect();
+            if !named.is_empty() || !auto.is_empty() {
+                kinds.insert(kind, KindEngines { named, auto });
+            }
+        }
+        EngineAvailability::new(kinds)
     }
 }
 
@@ -218,27 +255,86 @@ pub enum AutoEngine {
     Route(EngineChoice),
 }
 
-/// Packshot engines beyond the built-in `atelier`: the contract's engine
-/// names (`nano_banana_pro`, `seedream`) are logical routes that the operator
+/// Engines beyond the built-in `atelier`: the contract's engine names
+/// (`nano_banana_pro`, `seedream`, …) are logical routes that the operator
 /// maps to concrete backends. A name without a route is refused at job
-/// creation (400); `model: auto` tries `auto` in order, falling back on a
-/// refusal.
+/// creation (400); `model: auto` tries the kind's `auto` list in order,
+/// falling back on a refusal.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct EnginesConfig {
-    /// Engines `model: auto` tries, in order: `atelier` (built in) and route names.
-    #[serde(deserialize_with = "string_or_list")]
-    pub auto: Vec<String>,
+    /// What `model: auto` tries, in order, per job kind: `atelier` (built
+    /// in) and route names. A plain list is the `create_packshot` order; a
+    /// table names kinds (`flat_2_model = ["seedream"]`). A generative
+    /// kind left out tries the routes that map it, by name.
+    #[serde(deserialize_with = "auto_orders")]
+    pub auto: BTreeMap<JobType, Vec<String>>,
     pub routes: BTreeMap<String, EngineRoute>,
 }
 
 impl Default for EnginesConfig {
     fn default() -> Self {
         EnginesConfig {
-            auto: vec![BUILTIN_ENGINE.into()],
+            auto: default_auto(),
             routes: Default::default(),
         }
     }
+}
+
+fn default_auto() -> BTreeMap<JobType, Vec<String>> {
+    [(JobType::CreatePackshot, vec![BUILTIN_ENGINE.to_string()])].into()
+}
+
+/// `engines.auto`: a name, a list (both the packshot order) or a table of
+/// kinds; the packshot order defaults to the built-in engine.
+fn auto_orders<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<JobType, Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        One(String),
+        Many(Vec<String>),
+    }
+    impl Names {
+        fn list(self) -> Vec<String> {
+            match self {
+                Names::One(s) => s
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
+                Names::Many(v) => v,
+            }
+        }
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Packshot(Names),
+        PerKind(BTreeMap<String, Names>),
+    }
+    let mut out = default_auto();
+    match Either::deserialize(d)? {
+        Either::Packshot(n) => {
+            out.insert(JobType::CreatePackshot, n.list());
+        }
+        Either::PerKind(m) => {
+            for (kind, names) in m {
+                let kind = JobType::parse(&kind).ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "engines.auto.{kind}: not a job kind (kinds: {})",
+                        JobType::ALL
+                            .iter()
+                            .map(|k| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+                out.insert(kind, names.list());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Where models run.
@@ -327,6 +423,17 @@ impl EngineRoute {
                 Some(*timeout_secs)
             }
             EngineRoute::Onnx { .. } => None,
+        }
+    }
+
+    /// Whether this route draws `kind`: HTTP and ONNX routes draw
+    /// packshots; a Cog route draws the kinds it has a mapping for.
+    pub fn serves(&self, kind: JobType) -> bool {
+        match self {
+            EngineRoute::Http { .. } | EngineRoute::Onnx { .. } => {
+                kind == JobType::CreatePackshot
+            }
+            EngineRoute::Cog { inputs, .. } => inputs.contains_key(&kind),
         }
     }
 }
@@ -936,15 +1043,20 @@ impl Config {
                             "engines.routes.{name}: timeout_secs and slots must be at least 1"
                         ));
                     }
-                    // Routes draw packshots today: that kind needs a mapping.
-                    if !inputs.contains_key(&JobType::CreatePackshot) {
+                    if inputs.is_empty() {
                         e.push(format!(
-                            "engines.routes.{name}.inputs.{}: a Cog route needs the mapping of the kind it serves",
+                            "engines.routes.{name}.inputs: a Cog route maps the inputs of at least one job kind (e.g. inputs.{})",
                             JobType::CreatePackshot
                         ));
                     }
                     for (kind, mapping) in inputs {
                         let fields = kind.generator_fields();
+                        if fields.is_empty() {
+                            e.push(format!(
+                                "engines.routes.{name}.inputs.{kind}: generators do not draw {kind}"
+                            ));
+                            continue;
+                        }
                         for (input, value) in mapping {
                             if let CogInput::Field(f) = value
                                 && !fields.contains(&f.as_str())
@@ -971,23 +1083,60 @@ impl Config {
                 }
             }
         }
-        // A task timeout abandons, it cannot cancel, an engine call: the
-        // routes `auto` may try in a row must fit inside one task.
-        let chain: u64 = self
-            .engines
-            .auto
-            .iter()
-            .filter_map(|n| match self.engines.routes.get(n) {
-                Some(r) => r.timeout_secs(),
-                None => None,
-            })
-            .sum();
-        if chain >= self.worker.task_timeout_secs {
-            e.push(format!(
-                "engines: the remote routes in engines.auto may take {chain} s in a row, not below worker.task_timeout_secs ({})",
-                self.worker.task_timeout_secs
-            ));
+        let mut auto = BTreeMap::new();
+        let mut orders: BTreeMap<JobType, Vec<String>> = self.engines.auto.clone();
+        // A generative kind without an order tries the routes that map it.
+        for kind in JobType::ALL.iter().copied() {
+            if !orders.contains_key(&kind) {
+                let serving: Vec<String> = self
+                    .engines
+                    .routes
+                    .iter()
+                    .filter(|(_, r)| r.serves(kind))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                if !serving.is_empty() {
+                    orders.insert(kind, serving);
+                }
+            }
         }
+        for (kind, names) in &orders {
+            let kind = *kind;
+            if kind == JobType::CreatePackshot && names.is_empty() {
+                e.push(format!(
+                    "engines.auto: needs at least one engine (e.g. {BUILTIN_ENGINE})"
+                ));
+            }
+            let mut order = Vec::new();
+            for n in names {
+                if n == BUILTIN_ENGINE {
+                    if kind.builtin_engine() {
+                        order.push(AutoEngine::Builtin);
+                    } else {
+                        e.push(format!(
+                            "engines.auto.{kind}: the built-in engine `{BUILTIN_ENGINE}` does not draw {kind}; name a generator route"
+                        ));
+                    }
+                } else if let Some((choice, route)) = routes.iter().find(|(c, _)| c.as_str() == n) {
+                    if route.serves(kind) {
+                        order.push(AutoEngine::Route(*choice));
+                    } else {
+                        e.push(format!(
+                            "engines.auto.{kind}: route `{n}` does not draw {kind} (it has no inputs.{kind} mapping)"
+                        ));
+                    }
+                } else {
+                    e.push(format!(
+                        "engines.auto.{kind}: `{n}` is neither `{BUILTIN_ENGINE}` nor a configured route"
+                    ));
+                }
+            }
+            if !order.is_empty() {
+                auto.insert(kind, order);
+            }
+        }
+        // Each engine of a fallback order runs in its own attempt: one
+        // route's call must fit inside one task.
         for (name, route) in &self.engines.routes {
             if let Some(t) = route.timeout_secs()
                 && t >= self.worker.task_timeout_secs
@@ -995,23 +1144,6 @@ impl Config {
                 e.push(format!(
                     "engines.routes.{name}.timeout_secs: {t} s must be below worker.task_timeout_secs ({})",
                     self.worker.task_timeout_secs
-                ));
-            }
-        }
-        if self.engines.auto.is_empty() {
-            e.push(format!(
-                "engines.auto: needs at least one engine (e.g. {BUILTIN_ENGINE})"
-            ));
-        }
-        let mut auto = Vec::new();
-        for n in &self.engines.auto {
-            if n == BUILTIN_ENGINE {
-                auto.push(AutoEngine::Builtin);
-            } else if let Some((choice, _)) = routes.iter().find(|(c, _)| c.as_str() == n) {
-                auto.push(AutoEngine::Route(*choice));
-            } else {
-                e.push(format!(
-                    "engines.auto: `{n}` is neither `{BUILTIN_ENGINE}` nor a configured route"
                 ));
             }
         }
@@ -1166,7 +1298,11 @@ mod tests {
             }
         );
         assert_eq!(t.queue, QueueTarget::Embedded);
-        assert_eq!(t.engines.auto, vec![AutoEngine::Builtin]);
+        assert_eq!(
+            t.engines.auto_for(JobType::CreatePackshot),
+            [AutoEngine::Builtin]
+        );
+        assert!(t.engines.auto_for(JobType::Flat2Model).is_empty());
         assert_eq!(c.worker.device, Device::Cpu);
     }
 
@@ -1246,7 +1382,10 @@ input_range = "signed"
 "#,
             )?;
             let c = Config::load(Some(Path::new("e.toml"))).expect("loads");
-            assert_eq!(c.engines.auto, vec!["seedream", "atelier"]);
+            assert_eq!(
+                c.engines.auto[&JobType::CreatePackshot],
+                vec!["seedream", "atelier"]
+            );
             assert_eq!(
                 c.engines.routes["seedream"],
                 EngineRoute::Http {
@@ -1266,13 +1405,13 @@ input_range = "signed"
             ));
             let t = c.targets().expect("valid");
             assert_eq!(
-                t.engines.auto,
-                vec![
+                t.engines.auto_for(JobType::CreatePackshot),
+                [
                     AutoEngine::Route(EngineChoice::Seedream),
                     AutoEngine::Builtin
                 ]
             );
-            assert_eq!(t.engines.routable().len(), 2);
+            assert_eq!(t.engines.serving(JobType::CreatePackshot).len(), 2);
             jail.create_file(
                 "bad.toml",
                 r#"
@@ -1349,8 +1488,130 @@ image = "$image"
             let err = Config::load(Some(Path::new("bad.toml")))
                 .expect_err("invalid")
                 .to_string();
-            assert!(err.contains("inputs.create_packshot"), "{err}");
-            assert!(err.contains("inputs.model_swap.image"), "{err}");
+            assert!(
+                err.contains("inputs.model_swap: generators do not draw model_swap"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn auto_orders_are_per_kind_and_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "k.toml",
+                r#"
+[engines.routes.seedream]
+kind = "cog"
+url = "http://gen:5000"
+[engines.routes.seedream.inputs.flat_2_model]
+identity = "$identity"
+[engines.routes.nano_banana_pro]
+kind = "cog"
+url = "http://edit:5000"
+[engines.routes.nano_banana_pro.inputs.flat_2_model]
+garments = "$garments"
+[engines.routes.nano_banana_pro.inputs.create_packshot]
+image = "$image"
+"#,
+            )?;
+            let c = Config::load(Some(Path::new("k.toml"))).expect("loads");
+            let t = c.targets().expect("valid");
+            // No order for flat-2-model: the routes that map it, by name.
+            assert_eq!(
+                t.engines.auto_for(JobType::Flat2Model),
+                [
+                    AutoEngine::Route(EngineChoice::NanoBananaPro),
+                    AutoEngine::Route(EngineChoice::Seedream)
+                ]
+            );
+            assert_eq!(
+                t.engines.auto_for(JobType::CreatePackshot),
+                [AutoEngine::Builtin]
+            );
+            let a = t.engines.availability();
+            assert_eq!(
+                a.of(JobType::CreatePackshot).named,
+                vec![EngineChoice::NanoBananaPro]
+            );
+            assert_eq!(a.of(JobType::Flat2Model).named.len(), 2);
+            jail.create_file(
+                "o.toml",
+                r#"
+[engines.auto]
+create_packshot = ["nano_banana_pro", "atelier"]
+flat_2_model = "seedream"
+[engines.routes.seedream]
+kind = "cog"
+url = "http://gen:5000"
+[engines.routes.seedream.inputs.flat_2_model]
+identity = "$identity"
+[engines.routes.nano_banana_pro]
+kind = "cog"
+url = "http://edit:5000"
+[engines.routes.nano_banana_pro.inputs.create_packshot]
+image = "$image"
+"#,
+            )?;
+            let t = Config::load(Some(Path::new("o.toml")))
+                .expect("loads")
+                .targets()
+                .expect("valid");
+            assert_eq!(
+                t.engines.auto_for(JobType::Flat2Model),
+                [AutoEngine::Route(EngineChoice::Seedream)]
+            );
+            assert_eq!(
+                t.engines.auto_for(JobType::CreatePackshot),
+                [
+                    AutoEngine::Route(EngineChoice::NanoBananaPro),
+                    AutoEngine::Builtin
+                ]
+            );
+            jail.create_file(
+                "bad.toml",
+                r#"
+[engines.auto]
+flat_2_model = ["atelier", "nano_banana_pro"]
+create_packshots = ["atelier"]
+[engines.routes.nano_banana_pro]
+kind = "cog"
+url = "http://edit:5000"
+[engines.routes.nano_banana_pro.inputs.create_packshot]
+image = "$image"
+"#,
+            )?;
+            let err = Config::load(Some(Path::new("bad.toml")))
+                .expect_err("invalid")
+                .to_string();
+            assert!(
+                err.contains("engines.auto.create_packshots: not a job kind"),
+                "{err}"
+            );
+            jail.create_file(
+                "bad2.toml",
+                r#"
+[engines.auto]
+flat_2_model = ["atelier", "nano_banana_pro"]
+[engines.routes.nano_banana_pro]
+kind = "cog"
+url = "http://edit:5000"
+[engines.routes.nano_banana_pro.inputs.create_packshot]
+image = "$image"
+"#,
+            )?;
+            let err = Config::load(Some(Path::new("bad2.toml")))
+                .expect_err("invalid")
+                .to_string();
+            assert!(
+                err.contains("engines.auto.flat_2_model: the built-in engine `atelier` does not draw flat_2_model"),
+                "{err}"
+            );
+            assert!(
+                err.contains("engines.auto.flat_2_model: route `nano_banana_pro` does not draw flat_2_model"),
+                "{err}"
+            );
             Ok(())
         });
     }

@@ -114,7 +114,10 @@ async fn http_routes_serve_named_engines_and_refusals_fall_back_under_auto() {
         c.engines
             .routes
             .insert("nano_banana_pro".into(), route("/refuse"));
-        c.engines.auto = vec!["nano_banana_pro".into(), "atelier".into()];
+        c.engines.auto.insert(
+            JobType::CreatePackshot,
+            vec!["nano_banana_pro".into(), "atelier".into()],
+        );
     })
     .await;
     let p = app.project("p").await;

@@ -543,6 +543,9 @@ pub fn packshot_body(project: &str, files: &[&str]) -> Value {
 /// port of 127.0.0.1. Killed when dropped.
 pub struct CogFixture {
     pub url: String,
+    /// Where fixtures that notice cancellations record them.
+    cancel_log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
     _child: tokio::process::Child,
 }
 
@@ -568,11 +571,14 @@ impl CogFixture {
             .join("tests/fixtures/cog")
             .join(name);
         let path = format!("{}/bin:{}", venv, std::env::var("PATH").unwrap_or_default());
+        let scratch = tempfile::tempdir().expect("dir");
+        let cancel_log = scratch.path().join("cancelled.log");
         let child = tokio::process::Command::new(&python)
             .args(["-m", "cog.server.http", "--host", "127.0.0.1"])
             .current_dir(&dir)
             .env("PORT", port.to_string())
             .env("COG_PREDICT_TYPE_STUB", "predict.py:Predictor")
+            .env("FIXTURE_CANCEL_LOG", &cancel_log)
             .env("PATH", path)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -581,7 +587,18 @@ impl CogFixture {
             .expect("the Cog runtime starts");
         CogFixture {
             url: format!("http://127.0.0.1:{port}"),
+            cancel_log,
+            _dir: scratch,
             _child: child,
         }
+    }
+
+    /// The lines the fixture wrote for the predictions it saw cancelled.
+    pub fn cancelled(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.cancel_log)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
     }
 }

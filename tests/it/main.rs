@@ -8,6 +8,7 @@ mod cli;
 mod engines;
 mod faults;
 mod fleet;
+mod generate;
 mod helpers;
 mod identities;
 mod lifecycle;

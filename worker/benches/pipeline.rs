@@ -7,9 +7,8 @@
 
 mod common;
 
-use atelier_shared::domain::packshot::{
-    DesignCatalogue, EngineAvailability, PackshotSpec, parse_request, validate,
-};
+use atelier_shared::domain::engines::EngineAvailability;
+use atelier_shared::domain::packshot::{DesignCatalogue, PackshotSpec, parse_request, validate};
 use atelier_worker::engines::atelier::AtelierEngine;
 use atelier_worker::engines::{Input, RenderRequest};
 use atelier_worker::imaging;
@@ -28,7 +27,7 @@ fn spec(size: &str) -> PackshotSpec {
     validate(
         &parse_request(&body).expect("parses"),
         &DesignCatalogue::default(),
-        &EngineAvailability { configured: vec![] },
+        &EngineAvailability::builtin_packshots(vec![]),
         || 7,
     )
     .expect("valid")

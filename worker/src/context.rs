@@ -1,7 +1,7 @@
 //! What a worker runs with: the broker, the object store, its engines and
 //! face models, and its limits, from configuration.
 
-use crate::engines::Pipeline;
+use crate::engines::{Generators, Pipeline};
 use crate::faces::FaceKit;
 use atelier_shared::config::Config;
 use atelier_shared::domain::WorkQueue;
@@ -16,6 +16,9 @@ pub struct WorkerContext {
     pub queue: DynQueue,
     pub objects: DynObjectStore,
     pub pipeline: Pipeline,
+    /// The operator's model containers, which draw the generative kinds;
+    /// empty: this worker does not consume the `generate` queue.
+    pub generators: Generators,
     pub concurrency: usize,
     pub heartbeat: Duration,
     pub task_timeout: Duration,
@@ -49,6 +52,7 @@ impl WorkerContext {
             queue,
             objects,
             pipeline: Pipeline::default(),
+            generators: Generators::default(),
             concurrency: cfg.worker.concurrency,
             heartbeat: Duration::from_secs(cfg.worker.heartbeat_secs),
             task_timeout: Duration::from_secs(cfg.worker.task_timeout_secs),

@@ -78,6 +78,24 @@ pub fn fit(
     Ok(canvas)
 }
 
+/// Scales `img` to cover `width`×`height` (aspect preserved) and crops the
+/// centre: a photo keeps its framing, with no bars.
+pub fn cover(img: &DynamicImage, width: u32, height: u32) -> Result<RgbaImage, TaskFailure> {
+    let (sw, sh) = (img.width().max(1), img.height().max(1));
+    if (sw, sh) == (width, height) {
+        return Ok(img.to_rgba8());
+    }
+    let scale = f64::max(
+        f64::from(width) / f64::from(sw),
+        f64::from(height) / f64::from(sh),
+    );
+    let tw = ((f64::from(sw) * scale).round() as u32).max(width);
+    let th = ((f64::from(sh) * scale).round() as u32).max(height);
+    let scaled = resize(img, tw, th)?;
+    let (ox, oy) = ((tw - width) / 2, (th - height) / 2);
+    Ok(image::imageops::crop_imm(&scaled, ox, oy, width, height).to_image())
+}
+
 /// High-quality resize (Lanczos3, alpha-aware).
 pub fn resize(img: &DynamicImage, width: u32, height: u32) -> Result<RgbaImage, TaskFailure> {
     let src = DynamicImage::ImageRgba8(img.to_rgba8());
@@ -195,5 +213,27 @@ mod tests {
         let t = thumbnail(&fit(&img, 1024, 768, [0, 0, 0]).expect("fits")).expect("thumb");
         let ti = image::load_from_memory(&t).expect("thumb decodes");
         assert_eq!((ti.width(), ti.height()), (512, 384));
+    }
+
+    #[test]
+    fn cover_fills_the_canvas_and_keeps_the_centre() {
+        // Left half red, right half blue, 200×100 → 100×100: the centre
+        // column band stays, both colours present, no padding.
+        let img = RgbaImage::from_fn(200, 100, |x, _| {
+            if x < 100 {
+                Rgba([255, 0, 0, 255])
+            } else {
+                Rgba([0, 0, 255, 255])
+            }
+        });
+        let out = cover(&DynamicImage::ImageRgba8(img), 100, 100).expect("covers");
+        assert_eq!(out.dimensions(), (100, 100));
+        assert!(out.get_pixel(10, 50).0[0] > 200, "left of centre is red");
+        assert!(out.get_pixel(90, 50).0[2] > 200, "right of centre is blue");
+        let same = RgbaImage::from_pixel(8, 8, Rgba([1, 2, 3, 255]));
+        assert_eq!(
+            cover(&DynamicImage::ImageRgba8(same.clone()), 8, 8).expect("same"),
+            same
+        );
     }
 }

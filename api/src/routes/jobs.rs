@@ -12,7 +12,6 @@ use crate::views::{
 };
 use atelier_shared::db::rows::JobRow;
 use atelier_shared::domain::JobStatus;
-use atelier_shared::domain::credits::SizeClass;
 use atelier_shared::domain::packshot::{self, PackshotRequest};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -47,21 +46,7 @@ pub async fn create_packshot(
     })
     .map_err(ApiError::invalid)?;
 
-    // Plan policy (403).
-    let max = SizeClass::parse(&acc.max_size).unwrap_or(SizeClass::K1);
-    if spec.largest_size() > max {
-        return Err(ApiError::forbidden(format!(
-            "Output size {} exceeds your plan's maximum of {}",
-            spec.largest_size().as_str(),
-            max.as_str()
-        ))
-        .with("max_size", max.as_str()));
-    }
-    if spec.uses_custom_dimensions() && acc.custom_dimensions != 1 {
-        return Err(ApiError::forbidden(
-            "Custom width/height requires the OUTPUT_CUSTOM_DIMENSIONS policy on your account",
-        ));
-    }
+    admission::plan_policy(&acc, spec.largest_size(), spec.uses_custom_dimensions())?;
 
     // Ownership (404 for anything of another account).
     let project = admission::project(&s, &acc.id, &req.project_id).await?;

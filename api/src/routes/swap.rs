@@ -1,15 +1,12 @@
 //! `POST /model-swap` (contract §3.6): one output per product photo, in
 //! which the person's face is replaced by a preprocessed identity's.
 
-use crate::admission::{self, creation_limit, refusal};
+use crate::admission::{self, creation_limit};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonValue;
 use crate::state::AppState;
 use crate::views::JobAccepted;
-use atelier_shared::db::jobs::Admission;
-use atelier_shared::domain::JobStatus;
-use atelier_shared::domain::identity::IdentityKind;
 use atelier_shared::domain::swap::{self, SwapEngine, SwapRequest};
 use axum::extract::State;
 use axum::response::Response;
@@ -46,18 +43,7 @@ pub async fn create(
     let code = spec.identity_code.clone();
     let spec = spec.into();
     admission::check_files(&s, &acc.id, &spec).await?;
-    // The identity's 404/409 come before the cap and credits (DESIGN.md's
-    // order); admission checks it again with the identity row locked.
-    let ident = s
-        .store
-        .identity_for(&acc.id, IdentityKind::Identity, &code)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("Identity {code} not found")))?;
-    if ident.job_status != Some(JobStatus::Completed) {
-        return Err(refusal(Admission::IdentityNotReady {
-            status: ident.preprocessing_status(),
-        }));
-    }
+    admission::ready_identity(&s, &acc.id, &code).await?;
     admission::admit(
         &s,
         admission::Request {

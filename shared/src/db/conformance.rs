@@ -7,7 +7,8 @@ use super::scheduling::FailureOutcome;
 use super::testing::TestDb;
 use super::{Dialect, Store, StoreError};
 use crate::domain::credits::{Credits, PriceTable};
-use crate::domain::packshot::{DesignCatalogue, EngineAvailability, EngineChoice, PackshotSpec};
+use crate::domain::packshot::{DesignCatalogue, EngineChoice, PackshotSpec};
+use crate::domain::engines::EngineAvailability;
 use crate::domain::retry::RetryPolicy;
 use crate::domain::{FailureKind, JobStatus, OutputResult, OutputStatus, Plan};
 use crate::time::now_ms;
@@ -65,7 +66,7 @@ fn packshot(costs: &[i64], post_process: bool) -> PackshotSpec {
     crate::domain::packshot::validate(
         &req,
         &DesignCatalogue::default(),
-        &EngineAvailability { configured: vec![] },
+        &EngineAvailability::builtin_packshots(vec![]),
         || 7,
     )
     .expect("valid")

@@ -19,7 +19,7 @@
 //! | the HTTP route and result view | `atelier-api`'s `routes/` and `views` |
 
 use super::credits::{Credits, PriceTable};
-use super::packshot::ImageFormat;
+use super::packshot::{EngineChoice, ImageFormat};
 use super::task::WorkQueue;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::ser::SerializeStruct;
@@ -59,6 +59,14 @@ pub trait JobKind: 'static {
     /// route maps them onto its container's inputs); empty for kinds no
     /// generator serves.
     const GENERATOR_FIELDS: &'static [&'static str] = &[];
+
+    /// The engine names clients may send in `options.model` for this kind
+    /// (besides `auto`).
+    const ENGINE_NAMES: &'static [EngineChoice] = &[];
+
+    /// Whether the built-in engine (`atelier` in `engines.auto`) draws
+    /// this kind.
+    const BUILTIN_ENGINE: bool = false;
 }
 
 /// One output a spec asks for.
@@ -129,6 +137,20 @@ macro_rules! job_kinds {
             pub fn generator_fields(self) -> &'static [&'static str] {
                 match self {
                     $(JobType::$variant => <$kind as JobKind>::GENERATOR_FIELDS),*
+                }
+            }
+
+            /// The engine names clients may send for this kind.
+            pub fn engine_names(self) -> &'static [EngineChoice] {
+                match self {
+                    $(JobType::$variant => <$kind as JobKind>::ENGINE_NAMES),*
+                }
+            }
+
+            /// Whether the built-in engine draws this kind.
+            pub fn builtin_engine(self) -> bool {
+                match self {
+                    $(JobType::$variant => <$kind as JobKind>::BUILTIN_ENGINE),*
                 }
             }
 
@@ -214,6 +236,7 @@ job_kinds! {
     CreatePackshot => super::packshot::CreatePackshot,
     ModelSwap => super::swap::ModelSwap,
     IdentityPreprocessing => super::identity::IdentityPreprocessing,
+    Flat2Model => super::flat::Flat2Model,
 }
 
 impl JobType {

@@ -4,7 +4,9 @@
 //! property-tested in isolation.
 
 pub mod credits;
+pub mod engines;
 pub mod fair;
+pub mod flat;
 pub mod identity;
 pub mod ids;
 pub mod kinds;

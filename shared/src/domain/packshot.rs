@@ -4,7 +4,8 @@
 //! ever read the normalised form.
 
 use super::credits::{PriceTable, SizeClass};
-use super::kinds::{JobKind, PlannedOutput, Requirements};
+use super::engines::EngineAvailability;
+use super::kinds::{JobKind, JobType, PlannedOutput, Requirements};
 use super::task::WorkQueue;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -85,6 +86,15 @@ pub enum AspectRatio {
     R9x16,
     #[serde(rename = "16:9")]
     R16x9,
+    /// Identity creation only (contract §3.8).
+    #[serde(rename = "4:5")]
+    R4x5,
+    /// Identity creation only.
+    #[serde(rename = "5:4")]
+    R5x4,
+    /// Identity creation only.
+    #[serde(rename = "21:9")]
+    R21x9,
 }
 
 impl AspectRatio {
@@ -95,6 +105,27 @@ impl AspectRatio {
             AspectRatio::R4x3 => (4, 3),
             AspectRatio::R9x16 => (9, 16),
             AspectRatio::R16x9 => (16, 9),
+            AspectRatio::R4x5 => (4, 5),
+            AspectRatio::R5x4 => (5, 4),
+            AspectRatio::R21x9 => (21, 9),
+        }
+    }
+
+    /// The ratios only identity creation accepts.
+    pub fn identity_only(self) -> bool {
+        matches!(self, AspectRatio::R4x5 | AspectRatio::R5x4 | AspectRatio::R21x9)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AspectRatio::Square => "1:1",
+            AspectRatio::R3x4 => "3:4",
+            AspectRatio::R4x3 => "4:3",
+            AspectRatio::R9x16 => "9:16",
+            AspectRatio::R16x9 => "16:9",
+            AspectRatio::R4x5 => "4:5",
+            AspectRatio::R5x4 => "5:4",
+            AspectRatio::R21x9 => "21:9",
         }
     }
 
@@ -141,13 +172,20 @@ pub enum EngineChoice {
     Auto,
     NanoBananaPro,
     Seedream,
+    /// Identity drafts only (contract §3.8).
+    #[serde(rename = "nano_banana_2")]
+    NanoBanana2,
+    /// Identity drafts only: 1K, no `input_assets`, no 4:5, 5:4 or 21:9.
+    Orbita,
 }
 
 impl EngineChoice {
-    pub const ALL: [EngineChoice; 3] = [
+    pub const ALL: [EngineChoice; 5] = [
         EngineChoice::Auto,
         EngineChoice::NanoBananaPro,
         EngineChoice::Seedream,
+        EngineChoice::NanoBanana2,
+        EngineChoice::Orbita,
     ];
 
     pub fn parse(name: &str) -> Option<EngineChoice> {
@@ -159,6 +197,8 @@ impl EngineChoice {
             EngineChoice::Auto => "auto",
             EngineChoice::NanoBananaPro => "nano_banana_pro",
             EngineChoice::Seedream => "seedream",
+            EngineChoice::NanoBanana2 => "nano_banana_2",
+            EngineChoice::Orbita => "orbita",
         }
     }
 }
@@ -437,6 +477,9 @@ impl JobKind for CreatePackshot {
         "variation",
         "format",
     ];
+    const ENGINE_NAMES: &'static [EngineChoice] =
+        &[EngineChoice::NanoBananaPro, EngineChoice::Seedream];
+    const BUILTIN_ENGINE: bool = true;
 
     /// Instructions × variations, each at the price of its size class.
     fn plan(spec: &PackshotSpec, prices: &PriceTable) -> Vec<PlannedOutput> {
@@ -557,12 +600,6 @@ pub fn validate_images(refs: &[ImageRefIn], errs: &mut Vec<FieldError>) -> Vec<I
     images
 }
 
-/// Engines the operator has configured, in `auto` fallback order.
-#[derive(Debug, Clone)]
-pub struct EngineAvailability {
-    pub configured: Vec<EngineChoice>,
-}
-
 /// Validates a parsed request and produces the normalised spec. Every
 /// problem is reported, not only the first. `random_seed` supplies seeds for
 /// instructions that have none (kept in the spec, so outputs reproduce).
@@ -589,14 +626,8 @@ pub fn validate(
 
     let opts = &req.options;
     let model = opts.model.unwrap_or(EngineChoice::Auto);
-    if model != EngineChoice::Auto && !engines.configured.contains(&model) {
-        errs.push(FieldError::new(
-            "options.model",
-            format!(
-                "engine {} is not configured on this server; use auto",
-                model.as_str()
-            ),
-        ));
+    if let Some(e) = engines.check(JobType::CreatePackshot, model, "options.model") {
+        errs.push(e);
     }
     let use_anchor = opts.use_anchor.unwrap_or(false);
     let anchor_index = opts.anchor_index.unwrap_or(0);
@@ -634,79 +665,11 @@ pub fn validate(
             ));
         }
         let o = &ins.options;
-        check_dimensions(&at("options"), o.width, o.height, &mut errs);
-        let (w, h) = match (o.width.or(opts.width), o.height.or(opts.height)) {
-            (Some(w), Some(h)) if o.width.is_some() == o.height.is_some() => (Some(w), Some(h)),
-            _ => (None, None),
-        };
-        let format = o.format.or(opts.format).unwrap_or(ImageFormat::Jpg);
-        let output = match (w, h) {
-            (Some(w), Some(h)) => OutputSpec {
-                size: SizeClass::for_custom(w, h),
-                width: w,
-                height: h,
-                format,
-                custom: true,
-                ar: None,
-            },
-            _ => {
-                let size = o.size.or(opts.size).unwrap_or(SizeClass::K1);
-                let ar = o.ar.or(opts.ar).unwrap_or(AspectRatio::Square);
-                let (w, h) = ar.pixels(size.long_edge());
-                OutputSpec {
-                    size,
-                    width: w,
-                    height: h,
-                    format,
-                    custom: false,
-                    ar: Some(ar),
-                }
-            }
-        };
+        let output = resolve_output(&at("options"), &OutputDefaults::from(opts), o, &mut errs);
 
         let (d_angle, d_framing, d_shadow, d_background) = style_defaults(ins.style);
-        let mut resolve = |name: &str, v: &Option<DesignValue>| -> Option<DesignResolved> {
-            let v = v.as_ref()?;
-            match v {
-                DesignValue::Text(t) => Some(DesignResolved {
-                    text: Some(t.clone()),
-                    image: None,
-                    attributes: BTreeMap::new(),
-                }),
-                DesignValue::Index(idx) => {
-                    match catalogue.0.get(name).and_then(|l| l.get(*idx as usize)) {
-                        Some(t) => Some(DesignResolved {
-                            text: Some(t.clone()),
-                            image: None,
-                            attributes: BTreeMap::new(),
-                        }),
-                        None => {
-                            errs.push(FieldError::new(
-                                at(name),
-                                format!("unknown Design-Value index {idx}"),
-                            ));
-                            None
-                        }
-                    }
-                }
-                DesignValue::Object(o) => {
-                    let mut attributes = BTreeMap::new();
-                    for (k, v) in [
-                        ("direction", &o.direction),
-                        ("quality", &o.quality),
-                        ("complexity", &o.complexity),
-                    ] {
-                        if let Some(v) = v {
-                            attributes.insert(k.to_string(), v.clone());
-                        }
-                    }
-                    Some(DesignResolved {
-                        text: o.text.clone(),
-                        image: o.image.clone(),
-                        attributes,
-                    })
-                }
-            }
+        let mut resolve = |name: &str, v: &Option<DesignValue>| {
+            resolve_design(catalogue, &at(name), name, v.as_ref(), &mut errs)
         };
         let mut background = resolve("background", &ins.background);
         let composition = resolve("composition", &ins.composition);
@@ -780,9 +743,146 @@ pub fn validate(
     })
 }
 
+/// Job-level output options (`options`), the defaults each instruction's
+/// own `options` override key by key (contract §3.3).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OutputDefaults {
+    pub size: Option<SizeClass>,
+    pub ar: Option<AspectRatio>,
+    pub format: Option<ImageFormat>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+}
+
+impl From<&JobOptionsIn> for OutputDefaults {
+    fn from(o: &JobOptionsIn) -> Self {
+        OutputDefaults {
+            size: o.size,
+            ar: o.ar,
+            format: o.format,
+            width: o.width,
+            height: o.height,
+        }
+    }
+}
+
+/// An instruction's output geometry and encoding (contract §3.3): its own
+/// options over the job's defaults; custom `width`/`height` (checked, and
+/// billed by their long edge) or a size class with an aspect ratio.
+/// Problems are appended to `errs`, named under `at` (`instructions[0].options`).
+pub fn resolve_output(
+    at: &str,
+    job: &OutputDefaults,
+    o: &OutputOptionsIn,
+    errs: &mut Vec<FieldError>,
+) -> OutputSpec {
+    for (where_, ar) in [(at.to_string(), o.ar), ("options".to_string(), job.ar)] {
+        if let Some(ar) = ar.filter(|a| a.identity_only()) {
+            let e = FieldError::new(
+                format!("{where_}.ar"),
+                format!(
+                    "{} is accepted for identity creation only; use one of 1:1, 3:4, 4:3, 9:16, 16:9",
+                    ar.as_str()
+                ),
+            );
+            // A job-level default is named once, not once per instruction.
+            if !errs.iter().any(|x| x.field == e.field && x.message == e.message) {
+                errs.push(e);
+            }
+        }
+    }
+    resolve_output_any_ar(at, job, o, errs)
+}
+
+/// [`resolve_output`] accepting every ratio (identity creation).
+pub fn resolve_output_any_ar(
+    at: &str,
+    job: &OutputDefaults,
+    o: &OutputOptionsIn,
+    errs: &mut Vec<FieldError>,
+) -> OutputSpec {
+    check_dimensions(at, o.width, o.height, errs);
+    let (w, h) = match (o.width.or(job.width), o.height.or(job.height)) {
+        (Some(w), Some(h)) if o.width.is_some() == o.height.is_some() => (Some(w), Some(h)),
+        _ => (None, None),
+    };
+    let format = o.format.or(job.format).unwrap_or(ImageFormat::Jpg);
+    match (w, h) {
+        (Some(w), Some(h)) => OutputSpec {
+            size: SizeClass::for_custom(w, h),
+            width: w,
+            height: h,
+            format,
+            custom: true,
+            ar: None,
+        },
+        _ => {
+            let size = o.size.or(job.size).unwrap_or(SizeClass::K1);
+            let ar = o.ar.or(job.ar).unwrap_or(AspectRatio::Square);
+            let (w, h) = ar.pixels(size.long_edge());
+            OutputSpec {
+                size,
+                width: w,
+                height: h,
+                format,
+                custom: false,
+                ar: Some(ar),
+            }
+        }
+    }
+}
+
+/// A design field (`background`, `lighting`, …: text, a Design-Value index
+/// into the catalogue's list for `name`, or an object), resolved; an
+/// unknown index is a problem named `at`.
+pub fn resolve_design(
+    catalogue: &DesignCatalogue,
+    at: &str,
+    name: &str,
+    v: Option<&DesignValue>,
+    errs: &mut Vec<FieldError>,
+) -> Option<DesignResolved> {
+    let text = |t: &str| DesignResolved {
+        text: Some(t.to_string()),
+        image: None,
+        attributes: BTreeMap::new(),
+    };
+    match v? {
+        DesignValue::Text(t) => Some(text(t)),
+        DesignValue::Index(idx) => match catalogue.0.get(name).and_then(|l| l.get(*idx as usize))
+        {
+            Some(t) => Some(text(t)),
+            None => {
+                errs.push(FieldError::new(
+                    at,
+                    format!("unknown Design-Value index {idx}"),
+                ));
+                None
+            }
+        },
+        DesignValue::Object(o) => {
+            let mut attributes = BTreeMap::new();
+            for (k, v) in [
+                ("direction", &o.direction),
+                ("quality", &o.quality),
+                ("complexity", &o.complexity),
+            ] {
+                if let Some(v) = v {
+                    attributes.insert(k.to_string(), v.clone());
+                }
+            }
+            Some(DesignResolved {
+                text: o.text.clone(),
+                image: o.image.clone(),
+                attributes,
+            })
+        }
+    }
+}
+
 /// Custom dimension rules (§3.3): together, 256–7000, multiples of 8,
 /// ratio within 1:4…4:1.
-fn check_dimensions(
+pub(crate) fn check_dimensions(
     prefix: &str,
     width: Option<u32>,
     height: Option<u32>,
@@ -829,7 +929,7 @@ mod tests {
     use serde_json::json;
 
     fn engines() -> EngineAvailability {
-        EngineAvailability { configured: vec![] }
+        EngineAvailability::builtin_packshots(vec![])
     }
 
     fn check(body: serde_json::Value) -> Result<PackshotSpec, Vec<FieldError>> {

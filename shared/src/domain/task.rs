@@ -28,16 +28,25 @@ pub enum WorkQueue {
     Swap,
     /// Identity and profile preprocessing (face models).
     Identity,
+    /// Generative kinds (flat-2-model, …): workers in front of the
+    /// operator's generator containers.
+    Generate,
 }
 
 impl WorkQueue {
-    pub const ALL: [WorkQueue; 3] = [WorkQueue::Packshot, WorkQueue::Swap, WorkQueue::Identity];
+    pub const ALL: [WorkQueue; 4] = [
+        WorkQueue::Packshot,
+        WorkQueue::Swap,
+        WorkQueue::Identity,
+        WorkQueue::Generate,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             WorkQueue::Packshot => "packshot",
             WorkQueue::Swap => "swap",
             WorkQueue::Identity => "identity",
+            WorkQueue::Generate => "generate",
         }
     }
 

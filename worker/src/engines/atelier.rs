@@ -629,9 +629,8 @@ pub(crate) mod tests {
     use super::*;
     use crate::engines::Input;
     use crate::inference::{ModelOptions, default_models_dir};
-    use atelier_shared::domain::packshot::{
-        DesignCatalogue, EngineAvailability, parse_request, validate,
-    };
+    use atelier_shared::domain::engines::EngineAvailability;
+    use atelier_shared::domain::packshot::{DesignCatalogue, parse_request, validate};
 
     fn engine() -> AtelierEngine {
         let dir = default_models_dir();
@@ -765,7 +764,7 @@ pub(crate) mod tests {
         validate(
             &req,
             &DesignCatalogue::default(),
-            &EngineAvailability { configured: vec![] },
+            &EngineAvailability::builtin_packshots(vec![]),
             || 42,
         )
         .expect("valid")

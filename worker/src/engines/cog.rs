@@ -44,7 +44,8 @@ const REFUSAL_MARKERS: [&str; 5] = ["nsfw", "content policy", "refused", "refusa
 pub struct CogEngine {
     name: &'static str,
     base: reqwest::Url,
-    inputs: BTreeMap<String, CogInput>,
+    /// Per job kind, container input → field or constant.
+    inputs: BTreeMap<JobType, BTreeMap<String, CogInput>>,
     timeout: Duration,
     slots: Arc<Semaphore>,
     client: reqwest::Client,
@@ -61,9 +62,10 @@ pub enum CogSetupError {
         last: String,
     },
     #[error(
-        "the mapping names input `{input}`, which the container at {url} does not have (it has: {has})"
+        "the {kind} mapping names input `{input}`, which the container at {url} does not have (it has: {has})"
     )]
     UnknownInput {
+        kind: JobType,
         input: String,
         url: String,
         has: String,
@@ -73,9 +75,9 @@ pub enum CogSetupError {
 }
 
 impl CogEngine {
-    /// Connects to the container: waits for it to be READY and checks the
-    /// packshot mapping against its input schema. Blocking (it waits on
-    /// `runtime`): call it from the blocking pool.
+    /// Connects to the container: waits for it to be READY and checks
+    /// every kind's mapping against its input schema. Blocking (it waits
+    /// on `runtime`): call it from the blocking pool.
     #[allow(clippy::too_many_arguments)]
     pub fn connect(
         choice: EngineChoice,
@@ -93,14 +95,10 @@ impl CogEngine {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| CogSetupError::Other(e.to_string()))?;
-        let inputs = inputs
-            .get(&JobType::CreatePackshot)
-            .cloned()
-            .unwrap_or_default();
         let engine = CogEngine {
             name: choice.as_str(),
             base,
-            inputs,
+            inputs: inputs.clone(),
             timeout,
             slots: Arc::new(Semaphore::new(slots.max(1))),
             client,
@@ -139,13 +137,16 @@ impl CogEngine {
             tracing::warn!(engine = self.name, url = %self.base, "the container serves no input schema: the mapping is not checked");
             return Ok(());
         };
-        for input in self.inputs.keys() {
-            if !have.iter().any(|h| h == input) {
-                return Err(CogSetupError::UnknownInput {
-                    input: input.clone(),
-                    url: self.base.to_string(),
-                    has: have.join(", "),
-                });
+        for (kind, mapping) in &self.inputs {
+            for input in mapping.keys() {
+                if !have.iter().any(|h| h == input) {
+                    return Err(CogSetupError::UnknownInput {
+                        kind: *kind,
+                        input: input.clone(),
+                        url: self.base.to_string(),
+                        has: have.join(", "),
+                    });
+                }
             }
         }
         Ok(())
@@ -168,7 +169,9 @@ impl CogEngine {
         Some(props.keys().cloned().collect())
     }
 
-    /// One prediction, waiting for its result; cancelled past the timeout.
+    /// One prediction, waiting for its result. One that does not finish
+    /// (past the timeout, or its task stopped: shutdown, abort) is
+    /// cancelled in the container.
     async fn predict(&self, id: &str, input: Map<String, Value>) -> Result<Value, TaskFailure> {
         let who = self.name;
         let _slot = self
@@ -176,6 +179,12 @@ impl CogEngine {
             .acquire()
             .await
             .map_err(|_| TaskFailure::retryable(format!("engine {who}: no slot")))?;
+        let mut unfinished = CancelOnDrop {
+            client: self.client.clone(),
+            url: self.endpoint(&format!("/predictions/{id}/cancel")),
+            runtime: self.runtime.clone(),
+            armed: true,
+        };
         let call = async {
             let resp = self
                 .client
@@ -212,18 +221,14 @@ impl CogEngine {
             }
         };
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(r) => r,
-            Err(_) => {
-                let _ = self
-                    .client
-                    .post(self.endpoint(&format!("/predictions/{id}/cancel")))
-                    .send()
-                    .await;
-                Err(TaskFailure::retryable(format!(
-                    "engine {who}: the prediction took longer than {} s and was cancelled",
-                    self.timeout.as_secs()
-                )))
+            Ok(r) => {
+                unfinished.armed = false;
+                r
             }
+            Err(_) => Err(TaskFailure::retryable(format!(
+                "engine {who}: the prediction took longer than {} s and was cancelled",
+                self.timeout.as_secs()
+            ))),
         }
     }
 
@@ -296,6 +301,105 @@ impl CogEngine {
         read_limited(resp, MAX_REPLY_BYTES)
             .await
             .map_err(|e| TaskFailure::retryable(format!("engine {who}: reading its output: {e}")))
+    }
+}
+
+/// Cancels its prediction in the container unless disarmed: a prediction
+/// whose call is dropped unfinished (timeout, shutdown, abort) does not
+/// keep the container's slot busy.
+struct CancelOnDrop {
+    client: reqwest::Client,
+    url: String,
+    runtime: tokio::runtime::Handle,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let (client, url) = (self.client.clone(), std::mem::take(&mut self.url));
+            self.runtime.spawn(async move {
+                if let Err(e) = client.post(&url).send().await {
+                    tracing::warn!(error = %e.without_url(), "cannot cancel an unfinished prediction");
+                }
+            });
+        }
+    }
+}
+
+/// What a generator drew for one output.
+pub struct Generated {
+    pub image: image::DynamicImage,
+    /// `"<engine> (cog)"`: the route that drew the pixels.
+    pub model_used: String,
+    /// `engine`, `route`, `prediction_id`, `predict_time` (the container's
+    /// own figure), `round_trip` (seconds, as the worker saw it) and
+    /// `returned_size`; kinds add their own keys.
+    pub description: Map<String, Value>,
+}
+
+impl CogEngine {
+    /// The engine name this route serves under.
+    pub fn engine_name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Whether this route has a mapping for `kind`.
+    pub fn serves(&self, kind: JobType) -> bool {
+        self.inputs.contains_key(&kind)
+    }
+
+    /// One prediction for one output of `kind`: the kind's `fields` mapped
+    /// onto the container's inputs, its answer decoded by the guarded
+    /// decoder. Each call is a new prediction (a retried output never
+    /// re-attaches to an earlier one).
+    pub async fn generate(
+        &self,
+        kind: JobType,
+        fields: &Map<String, Value>,
+    ) -> Result<Generated, TaskFailure> {
+        let who = self.name;
+        let mapping = self.inputs.get(&kind).ok_or_else(|| {
+            TaskFailure::permanent(format!(
+                "engine {who} has no mapping for {kind} (engines.routes.{who}.inputs.{kind})"
+            ))
+        })?;
+        let input = container_inputs(mapping, fields)?;
+        let id = format!("atl-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let started = Instant::now();
+        let prediction = self.predict(&id, input).await?;
+        let bytes = self.output_image(&prediction).await?;
+        let round_trip = started.elapsed().as_secs_f64();
+        let got = tokio::task::spawn_blocking(move || {
+            imaging::decode_limited(&bytes, MAX_REPLY_PIXELS)
+        })
+        .await
+        .map_err(|_| TaskFailure::retryable("decoding the engine's image panicked"))?
+        .map_err(|f| {
+            TaskFailure::permanent(format!(
+                "engine {who} returned an unusable image: {}",
+                f.message
+            ))
+        })?;
+        let predict_time = prediction["metrics"]["predict_time"].as_f64();
+        if let Some(p) = predict_time {
+            metrics::histogram!("atelier_generator_seconds", "engine" => who, "type" => kind.as_str(), "part" => "predict")
+                .record(p);
+            metrics::histogram!("atelier_generator_seconds", "engine" => who, "type" => kind.as_str(), "part" => "overhead")
+                .record((round_trip - p).max(0.0));
+        }
+        let mut description = Map::new();
+        description.insert("engine".into(), json!(who));
+        description.insert("route".into(), json!("cog"));
+        description.insert("prediction_id".into(), json!(id));
+        description.insert("predict_time".into(), json!(predict_time));
+        description.insert("round_trip".into(), json!(round_trip));
+        description.insert("returned_size".into(), json!([got.width(), got.height()]));
+        Ok(Generated {
+            image: got,
+            model_used: format!("{who} (cog)"),
+            description,
+        })
     }
 }
 
@@ -383,44 +487,24 @@ impl Engine for CogEngine {
     fn render(&self, req: &RenderRequest<'_>) -> Result<Rendered, TaskFailure> {
         let ins = req.instruction()?;
         let src = req.source()?;
-        let input = container_inputs(&self.inputs, &packshot_fields(req)?)?;
-        // Unique per call: a retried output is a new prediction.
-        let id = format!("atl-{}", ulid::Ulid::new().to_string().to_lowercase());
-        let started = Instant::now();
-        let (prediction, bytes) = self.runtime.block_on(async {
-            let p = self.predict(&id, input).await?;
-            let bytes = self.output_image(&p).await?;
-            Ok::<_, TaskFailure>((p, bytes))
-        })?;
-        let hop = started.elapsed().as_secs_f64();
-        let got = imaging::decode_limited(&bytes, MAX_REPLY_PIXELS).map_err(|f| {
-            TaskFailure::permanent(format!(
-                "engine {} returned an unusable image: {}",
-                self.name, f.message
-            ))
-        })?;
-        let got_size = (got.width(), got.height());
+        let fields = packshot_fields(req)?;
+        let got = self
+            .runtime
+            .block_on(self.generate(JobType::CreatePackshot, &fields))?;
         let image = imaging::fit(
-            &got,
+            &got.image,
             ins.output.width,
             ins.output.height,
             BasicEngine::background(ins.style),
         )?;
-        let predict_time = prediction["metrics"]["predict_time"].as_f64();
+        let mut description = got.description;
+        description.insert("source_file_id".into(), json!(src.file_id));
+        description.insert("style".into(), json!(ins.style));
+        description.insert("seed".into(), json!(ins.variation_seed(req.variation_index)));
         Ok(Rendered {
             image,
-            model_used: format!("{} (cog)", self.name),
-            description: json!({
-                "engine": self.name,
-                "route": "cog",
-                "prediction_id": id,
-                "predict_time": predict_time,
-                "round_trip": hop,
-                "source_file_id": src.file_id,
-                "returned_size": [got_size.0, got_size.1],
-                "style": ins.style,
-                "seed": ins.variation_seed(req.variation_index),
-            }),
+            model_used: got.model_used,
+            description: Value::Object(description),
             post: PostContext::whole_source(&src.image),
         })
     }

@@ -5,10 +5,12 @@
 use super::atelier::AtelierEngine;
 use super::cog::CogEngine;
 use super::engine::{BasicEngine, Engine, RenderRequest, stage};
+use super::generators::Generators;
 use super::routes::{HttpEngine, OnnxEngine};
 use crate::failure::TaskFailure;
 use crate::imaging;
 use atelier_shared::config::{AutoEngine, EngineRoute, EngineTargets};
+use atelier_shared::domain::JobType;
 use atelier_shared::domain::packshot::EngineChoice;
 use std::sync::Arc;
 use std::time::Instant;
@@ -77,10 +79,12 @@ impl Pipeline {
     /// engine when ONNX Runtime and the ISNet model load, otherwise the
     /// model-free `atelier-basic` (or an error when `models.required`).
     /// Blocking (loads and warms models): call from the blocking pool.
+    /// Also returns the generator routes (every Cog route), which draw the
+    /// generative kinds.
     pub fn from_config(
         cfg: &atelier_shared::config::Config,
         engines: &EngineTargets,
-    ) -> Result<Pipeline, crate::inference::InferenceError> {
+    ) -> Result<(Pipeline, Generators), crate::inference::InferenceError> {
         let rt = crate::inference::runtime_for(cfg);
         let opts = crate::inference::ModelOptions::from_config(cfg);
         let loaded = rt.as_ref().map_err(Clone::clone).and_then(|rt| {
@@ -104,6 +108,7 @@ impl Pipeline {
         // Routes the operator configured; one that cannot be set up stops
         // the worker (the API accepts jobs for it).
         let mut routes: Vec<(EngineChoice, Arc<dyn Engine>)> = Vec::new();
+        let mut generators: Vec<(EngineChoice, Arc<CogEngine>)> = Vec::new();
         for (choice, route) in &engines.routes {
             let choice = *choice;
             let bad = |reason: String| crate::inference::InferenceError::Load {
@@ -146,7 +151,7 @@ impl Pipeline {
                 } => {
                     let handle = tokio::runtime::Handle::try_current()
                         .map_err(|_| bad("Cog routes need a Tokio runtime".into()))?;
-                    Arc::new(
+                    let engine = Arc::new(
                         CogEngine::connect(
                             choice,
                             url,
@@ -157,7 +162,12 @@ impl Pipeline {
                             handle,
                         )
                         .map_err(|e| bad(e.to_string()))?,
-                    )
+                    );
+                    generators.push((choice, engine.clone()));
+                    if !route.serves(JobType::CreatePackshot) {
+                        continue;
+                    }
+                    engine
                 }
                 EngineRoute::Onnx {
                     file,
@@ -180,8 +190,9 @@ impl Pipeline {
             };
             routes.push((choice, engine));
         }
+        let generators = Generators::new(generators, engines);
         let auto = engines
-            .auto
+            .auto_for(JobType::CreatePackshot)
             .iter()
             .filter_map(|a| match a {
                 AutoEngine::Builtin => Some(builtin.clone()),
@@ -192,7 +203,7 @@ impl Pipeline {
             })
             .collect::<Vec<_>>();
         let auto = if auto.is_empty() { vec![builtin] } else { auto };
-        Ok(Pipeline { auto, routes })
+        Ok((Pipeline { auto, routes }, generators))
     }
 
     /// Names of the engines, in `auto` order, then the named routes.

@@ -431,17 +431,14 @@ mod tests {
     use super::*;
     use crate::engines::Input;
     use crate::inference::{ModelOptions, default_models_dir};
-    use atelier_shared::domain::packshot::{
-        DesignCatalogue, EngineAvailability, parse_request, validate,
-    };
+    use atelier_shared::domain::engines::EngineAvailability;
+    use atelier_shared::domain::packshot::{DesignCatalogue, parse_request, validate};
 
     fn spec(body: serde_json::Value) -> atelier_shared::domain::packshot::PackshotSpec {
         validate(
             &parse_request(&body).expect("parses"),
             &DesignCatalogue::default(),
-            &EngineAvailability {
-                configured: vec![EngineChoice::Seedream],
-            },
+            &EngineAvailability::builtin_packshots(vec![EngineChoice::Seedream]),
             || 3,
         )
         .expect("valid")

@@ -7,6 +7,8 @@
 //! [`off_runtime`], and stores its results with [`store_result`] under keys
 //! unique to the run.
 
+mod flat;
+mod generate;
 mod identity;
 mod packshot;
 mod swap;
@@ -26,15 +28,18 @@ pub(crate) async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputRe
         JobSpec::CreatePackshot(spec) => packshot::run(ctx, task, spec).await,
         JobSpec::ModelSwap(spec) => swap::run(ctx, task, spec).await,
         JobSpec::IdentityPreprocessing(spec) => identity::run(ctx, task, spec).await,
+        JobSpec::Flat2Model(spec) => flat::run(ctx, task, spec).await,
     }
 }
 
 /// Whether this worker can run the kinds of `queue` with what it has
-/// loaded: the face queues need the face models.
+/// loaded: the face queues need the face models, the generative queue a
+/// generator route.
 pub(crate) fn serves(ctx: &WorkerContext, queue: WorkQueue) -> bool {
     match queue {
         WorkQueue::Packshot => true,
         WorkQueue::Swap | WorkQueue::Identity => ctx.faces.is_some(),
+        WorkQueue::Generate => !ctx.generators.is_empty(),
     }
 }
 
