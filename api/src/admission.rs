@@ -200,6 +200,12 @@ pub struct Request<'a> {
 pub async fn admit(s: &AppState, r: Request<'_>) -> ApiResult<Response> {
     let (billing, _) = s.store.billing_owner(&r.caller.id).await?;
     let job_type = r.spec.job_type();
+    let drafts = match &r.spec {
+        JobSpec::IdentityCreation(d) => {
+            Some((d.instructions.len() as i64, i64::from(d.total_variations())))
+        }
+        _ => None,
+    };
     let trace = job_trace(r.headers);
     tracing::info!(trace_id = %trace.trace_id_hex(), account = %r.caller.id, %job_type, "admitting");
     let admission = s
@@ -236,6 +242,8 @@ pub async fn admit(s: &AppState, r: Request<'_>) -> ApiResult<Response> {
                 r.noun,
                 required.as_f64()
             ),
+            num_instructions: drafts.map(|d| d.0),
+            total_variations: drafts.map(|d| d.1),
         }),
     )
         .into_response();

@@ -10,8 +10,8 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::openapi;
 use crate::routes::{
-    billing, downloads, flat, health, identities, jobs, notifications, profiles, projects, swap, uploads,
-    webhooks,
+    billing, downloads, drafts, flat, health, identities, jobs, notifications, profiles, projects,
+    swap, uploads, webhooks,
 };
 use crate::state::AppState;
 use axum::Router;
@@ -55,12 +55,15 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::status))
         .routes(routes!(jobs::results))
         .routes(routes!(jobs::abort))
+        .routes(routes!(jobs::regenerate))
         .routes(routes!(downloads::issue))
         .routes(routes!(downloads::issue_bulk))
         .routes(limited(routes!(identities::upload), photo_form))
         .routes(routes!(identities::list))
         .routes(routes!(identities::read, identities::delete))
         .routes(routes!(identities::status))
+        .routes(routes!(drafts::create))
+        .routes(routes!(drafts::promote))
         .routes(limited(routes!(identities::replace_pov), photo_form))
         .routes(routes!(notifications::poll))
         .routes(routes!(notifications::stream))

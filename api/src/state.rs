@@ -6,6 +6,7 @@ use crate::limits::Limiter;
 use atelier_shared::config::Config;
 use atelier_shared::db::Store;
 use atelier_shared::domain::engines::EngineAvailability;
+use atelier_shared::domain::policy::ContentPolicy;
 use atelier_shared::egress::EgressPolicy;
 use atelier_shared::events::EventBus;
 use atelier_shared::storage::{DynObjectStore, Links, Signer};
@@ -23,6 +24,8 @@ pub struct AppState {
     /// Per job kind, the engines clients may name (`options.model`) and
     /// what `auto` tries.
     pub engines: Arc<EngineAvailability>,
+    /// What generative prompts may not name (real people).
+    pub policy: Arc<ContentPolicy>,
     pub links: Links,
     pub events: EventBus,
     /// Outbound URLs a client gives (webhooks, profile photos) are checked
@@ -74,6 +77,7 @@ impl AppState {
             signer,
             limiter: Arc::new(limiter(&config)),
             engines: Arc::new(edge.engines),
+            policy: Arc::new(ContentPolicy::new(&config.identity.blocked_terms)),
             config,
         }
     }

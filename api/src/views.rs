@@ -121,6 +121,12 @@ pub struct JobAccepted {
     pub status: JobStatus,
     pub total_outputs: i64,
     pub message: String,
+    /// Identity creation: the instructions of the job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_instructions: Option<i64>,
+    /// Identity creation: Σ `num_variations` (the drafts asked for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_variations: Option<i64>,
 }
 
 /// An output's status as the contract shows it (`dispatched` is still
@@ -659,4 +665,25 @@ pub struct DeliveryList {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Queued {
     pub message: String,
+}
+
+/// `201` of `POST /identity/promote-generated` (contract §5.7).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IdentityPromoted {
+    pub identity_code: String,
+    pub preprocessing_job_id: String,
+    /// `pending`: preprocessing has started.
+    pub status: JobStatus,
+    pub message: String,
+}
+
+/// `202` of `POST /jobs/{job_id}/regenerate/{image_index}` (§3.11).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Regenerated {
+    pub success: bool,
+    pub message: String,
+    pub image_index: i64,
+    pub group_index: i64,
+    /// The new version's number.
+    pub version: i64,
 }

@@ -8,10 +8,10 @@ use crate::domain::JobType;
 use crate::domain::credits::PriceTable;
 use crate::domain::engines::{EngineAvailability, KindEngines};
 use crate::domain::packshot::{DesignCatalogue, EngineChoice};
-use serde::de::Error as _;
 use crate::domain::retry::RetryPolicy;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -287,7 +287,9 @@ fn default_auto() -> BTreeMap<JobType, Vec<String>> {
 
 /// `engines.auto`: a name, a list (both the packshot order) or a table of
 /// kinds; the packshot order defaults to the built-in engine.
-fn auto_orders<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<JobType, Vec<String>>, D::Error> {
+fn auto_orders<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<JobType, Vec<String>>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Names {
@@ -430,9 +432,7 @@ impl EngineRoute {
     /// packshots; a Cog route draws the kinds it has a mapping for.
     pub fn serves(&self, kind: JobType) -> bool {
         match self {
-            EngineRoute::Http { .. } | EngineRoute::Onnx { .. } => {
-                kind == JobType::CreatePackshot
-            }
+            EngineRoute::Http { .. } | EngineRoute::Onnx { .. } => kind == JobType::CreatePackshot,
             EngineRoute::Cog { inputs, .. } => inputs.contains_key(&kind),
         }
     }
@@ -581,6 +581,10 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Interval of the heartbeats that extend a running output's lease.
     pub heartbeat_secs: u64,
+    /// How often a running task looks for the sign that its job was
+    /// aborted (then its work stops: a container's prediction is
+    /// cancelled); the bound on how long aborted work keeps running.
+    pub abort_check_ms: u64,
     /// Hard limit for one pipeline run.
     pub task_timeout_secs: u64,
     /// On SIGTERM: how long in-flight tasks may take before they are released.
@@ -651,6 +655,9 @@ pub struct IdentityConfig {
     /// Photos a profile takes, per training tier (contract §9.1).
     pub standard_photos: (u32, u32),
     pub fast_photos: (u32, u32),
+    /// Names of real people that identity-creation prompts may not depict,
+    /// added to the list the release ships (contract §3.8).
+    pub blocked_terms: Vec<String>,
 }
 
 impl Default for IdentityConfig {
@@ -664,6 +671,7 @@ impl Default for IdentityConfig {
             fetch_timeout_secs: 20,
             standard_photos: (10, 50),
             fast_photos: (5, 10),
+            blocked_terms: Vec::new(),
         }
     }
 }
@@ -783,6 +791,7 @@ impl Default for WorkerConfig {
                 .map(|n| n.get())
                 .unwrap_or(2),
             heartbeat_secs: 10,
+            abort_check_ms: 1_000,
             task_timeout_secs: 600,
             shutdown_grace_secs: 30,
             max_input_pixels: 64_000_000,
@@ -1609,7 +1618,9 @@ image = "$image"
                 "{err}"
             );
             assert!(
-                err.contains("engines.auto.flat_2_model: route `nano_banana_pro` does not draw flat_2_model"),
+                err.contains(
+                    "engines.auto.flat_2_model: route `nano_banana_pro` does not draw flat_2_model"
+                ),
                 "{err}"
             );
             Ok(())

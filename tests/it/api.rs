@@ -450,18 +450,18 @@ async fn every_refusal_is_an_envelope() {
         assert!(v["detail"].is_array(), "{what}: {v}");
         assert_eq!(v["code"], code, "{what}: {v}");
     };
-    // `/identity/{identity_code}` takes GET and DELETE: POST is a 405 in
+    // `/identity/{identity_code}` takes GET and DELETE: PUT is a 405 in
     // the envelope, with `Allow` (it was a bare 405 with an empty body).
     let (s, v, h) = app
         .call(
-            reqwest::Method::POST,
-            "/identity/create",
+            reqwest::Method::PUT,
+            "/identity/idn_someone",
             Some(&app.key),
             None,
         )
         .await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
-    envelope("POST /identity/create", &v, "method_not_allowed");
+    envelope("PUT /identity/idn_someone", &v, "method_not_allowed");
     let allow = h.get("allow").and_then(|v| v.to_str().ok()).unwrap_or("");
     assert!(allow.contains("GET") && allow.contains("DELETE"), "{allow}");
     let (s, v, h) = app

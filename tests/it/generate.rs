@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
-fn face_photo(name: &str) -> Vec<u8> {
+pub fn face_photo(name: &str) -> Vec<u8> {
     std::fs::read(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("models/testdata")
@@ -86,7 +86,7 @@ pub async fn ready_identity(app: &TestApp, photo: &str, name: &str) -> String {
     }
 }
 
-fn near(a: u8, b: u8) -> bool {
+pub fn near(a: u8, b: u8) -> bool {
     a.abs_diff(b) <= 6
 }
 
@@ -317,7 +317,11 @@ async fn flat_2_model_refusals_and_failures() {
             body(json!({"options": {"width": 1024, "height": 768}})),
         )
         .await;
-    assert_eq!(s, StatusCode::FORBIDDEN, "custom dimensions need the policy: {v}");
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "custom dimensions need the policy: {v}"
+    );
     let (s, v) = app
         .post("/flat-2-model", body(json!({"identity_code": "idn_nope"})))
         .await;
@@ -330,11 +334,18 @@ async fn flat_2_model_refusals_and_failures() {
         .post("/flat-2-model", body(json!({"images": ["file_nope"]})))
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    assert_eq!(app.balance(&app.key).await.0, before, "refusals cost nothing");
+    assert_eq!(
+        app.balance(&app.key).await.0,
+        before,
+        "refusals cost nothing"
+    );
 
     // Under auto the refusing route goes first and the next one draws.
     let (s, v) = app
-        .post("/flat-2-model", body(json!({"instructions": [{"seed": 5}]})))
+        .post(
+            "/flat-2-model",
+            body(json!({"instructions": [{"seed": 5}]})),
+        )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let job = v["job_id"].as_str().expect("job").to_string();
@@ -360,7 +371,9 @@ async fn flat_2_model_refusals_and_failures() {
         let st = app.wait_for_job(&job, Duration::from_secs(60)).await;
         assert_eq!(st["status"], "failed", "{st}");
         let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
-        let msg = r["results"][0]["error_message"].as_str().unwrap_or_default();
+        let msg = r["results"][0]["error_message"]
+            .as_str()
+            .unwrap_or_default();
         assert!(msg.contains(reason), "{model}: {msg}");
     }
     assert_eq!(

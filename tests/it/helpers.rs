@@ -579,6 +579,10 @@ impl CogFixture {
             .env("PORT", port.to_string())
             .env("COG_PREDICT_TYPE_STUB", "predict.py:Predictor")
             .env("FIXTURE_CANCEL_LOG", &cancel_log)
+            .env(
+                "FIXTURE_FACES",
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/testdata"),
+            )
             .env("PATH", path)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -2,7 +2,7 @@
 
 use crate::context::WorkerContext;
 use crate::jobs;
-use atelier_shared::domain::task::OUTCOME_QUEUE;
+use atelier_shared::domain::task::{OUTCOME_QUEUE, cancel_marker};
 use atelier_shared::domain::trace::TraceParent;
 use atelier_shared::domain::{FailureKind, Outcome, Task, WorkQueue};
 use atelier_shared::queue::{Delivery, Message};
@@ -150,6 +150,17 @@ async fn unreadable(
     }
 }
 
+/// Resolves once the abort marker of the running task exists (checked
+/// every `worker.abort_check_ms`); never while the store cannot say.
+async fn aborted(ctx: &WorkerContext, marker: &str) {
+    loop {
+        tokio::time::sleep(ctx.abort_check).await;
+        if let Ok(Some(_)) = ctx.objects.size(marker).await {
+            return;
+        }
+    }
+}
+
 /// Settles one delivery. Never panics: every failure becomes an outcome or a nack.
 async fn handle(
     ctx: WorkerContext,
@@ -226,9 +237,22 @@ async fn handle(
     };
 
     let t0 = Instant::now();
+    let marker = cancel_marker(task.output_id, task.attempt);
     let result = tokio::select! {
         r = jobs::execute(&ctx, &task) => Some(r),
         _ = hard_stop.cancelled() => None,
+        _ = aborted(&ctx, &marker) => {
+            // Dropping the work stops it (a container's prediction is
+            // cancelled); the output is already cancelled and released.
+            beat_stop.cancel();
+            let _ = beat.await;
+            tracing::info!(parent: &span, "worker: the job was aborted; work stopped");
+            metrics::counter!("atelier_worker_tasks_total", "type" => queue.as_str(), "outcome" => "aborted")
+                .increment(1);
+            let _ = ctx.objects.delete(&marker).await;
+            let _ = delivery.ack().await;
+            return;
+        }
     };
     beat_stop.cancel();
     let _ = beat.await;
@@ -300,6 +324,7 @@ mod tests {
             output: TaskOutput {
                 instruction_index: 0,
                 variation_index: 0,
+                version: 0,
                 engine_index: 0,
                 previous_refusal: None,
             },

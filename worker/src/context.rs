@@ -21,6 +21,8 @@ pub struct WorkerContext {
     pub generators: Generators,
     pub concurrency: usize,
     pub heartbeat: Duration,
+    /// How often a running task looks for its abort marker.
+    pub abort_check: Duration,
     pub task_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_input_pixels: u64,
@@ -55,6 +57,7 @@ impl WorkerContext {
             generators: Generators::default(),
             concurrency: cfg.worker.concurrency,
             heartbeat: Duration::from_secs(cfg.worker.heartbeat_secs),
+            abort_check: Duration::from_millis(cfg.worker.abort_check_ms.max(50)),
             task_timeout: Duration::from_secs(cfg.worker.task_timeout_secs),
             shutdown_grace: Duration::from_secs(cfg.worker.shutdown_grace_secs),
             max_input_pixels: cfg.worker.max_input_pixels,

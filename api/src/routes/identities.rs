@@ -15,6 +15,7 @@ use crate::views::{
     FaceMetadata, IdentityList, IdentityStatus, IdentityUploaded, IdentityView, Pagination,
     PovReplaced, ProcessedImage,
 };
+use atelier_shared::db::accounts::Account;
 use atelier_shared::db::identities::{
     DeleteIdentity, IdentityAdmission, IdentityQuery, IdentityRow, NewIdentity,
 };
@@ -171,26 +172,52 @@ async fn store_photo(
     what: &str,
     image: &FormImage,
 ) -> ApiResult<(String, PreprocessSpec)> {
-    let replaces = what == "pov";
+    let key = put_identity_photo(
+        s,
+        account,
+        code,
+        what,
+        image.bytes.clone(),
+        image.content_type,
+        image.ext,
+    )
+    .await?;
+    let spec = one_photo_spec(code, key.clone(), image.filename.clone(), what == "pov");
+    Ok((key, spec))
+}
+
+/// Puts `bytes` under `identities/<account>/<code>/<what>-<ulid>.<ext>`.
+pub(crate) async fn put_identity_photo(
+    s: &AppState,
+    account: &str,
+    code: &str,
+    what: &str,
+    bytes: Bytes,
+    content_type: &'static str,
+    ext: &str,
+) -> ApiResult<String> {
     let key = format!(
-        "identities/{account}/{code}/{what}-{}.{}",
+        "identities/{account}/{code}/{what}-{}.{ext}",
         ulid::Ulid::new().to_string().to_lowercase(),
-        image.ext
     );
-    s.objects
-        .put(&key, image.bytes.clone(), image.content_type)
-        .await?;
-    let spec = PreprocessSpec {
+    s.objects.put(&key, bytes, content_type).await?;
+    Ok(key)
+}
+
+/// The preprocessing of identity `code` from its one stored photo.
+pub(crate) fn one_photo_spec(
+    code: &str,
+    key: String,
+    filename: Option<String>,
+    replaces: bool,
+) -> PreprocessSpec {
+    PreprocessSpec {
         identity_code: code.to_string(),
         kind: IdentityKind::Identity,
-        photos: vec![PhotoSource::Object {
-            key: key.clone(),
-            filename: image.filename.clone(),
-        }],
+        photos: vec![PhotoSource::Object { key, filename }],
         min_usable: 1,
         replaces,
-    };
-    Ok((key, spec))
+    }
 }
 
 /// The `identity_preprocessing` job that builds `code` from `spec`.
@@ -210,6 +237,114 @@ pub(crate) fn preprocessing_job<'a>(
         max_attempts: s.config.scheduler.retry.max_attempts,
         active_job_cap: None,
         traceparent: Some(traceparent),
+    }
+}
+
+/// A new identity's row, before its name is made unique.
+pub(crate) struct Named<'a> {
+    pub code: &'a str,
+    /// The name asked for, or the default one.
+    pub base_name: &'a str,
+    /// Whether the client chose the name: a clash is then its conflict
+    /// (409); a default name is made unique with " (2)", " (3)", ….
+    pub explicit: bool,
+    pub tag: Option<&'a str>,
+    pub original_filename: Option<&'a str>,
+    /// The canonical photo, already stored; erased if nothing is recorded.
+    pub photo_key: &'a str,
+    /// The draft it is promoted from (contract §5.7).
+    pub promoted_from: Option<i64>,
+}
+
+/// Records identity `n` with its preprocessing job (slot, name and credits
+/// decided in one transaction); the preprocessing job's id. A refusal is
+/// the contract's answer, and the stored photo is erased with it.
+pub(crate) async fn admit_named(
+    s: &AppState,
+    acc: &Account,
+    n: Named<'_>,
+    spec: PreprocessSpec,
+    trace: String,
+) -> ApiResult<String> {
+    let (billing, _) = s.store.billing_owner(&acc.id).await?;
+    let mut attempt = 1;
+    loop {
+        let name = if attempt == 1 {
+            n.base_name.to_string()
+        } else {
+            let suffix = format!(" ({attempt})");
+            let keep = identity::MAX_NAME - suffix.chars().count();
+            format!(
+                "{}{suffix}",
+                n.base_name.chars().take(keep).collect::<String>()
+            )
+        };
+        let job = preprocessing_job(s, &acc.id, &billing, spec.clone(), trace.clone());
+        let ident = NewIdentity {
+            code: n.code,
+            account_id: &acc.id,
+            kind: IdentityKind::Identity,
+            name: &name,
+            tag: n.tag,
+            original_filename: n.original_filename,
+            photo_key: Some(n.photo_key),
+            sources_json: "[]".into(),
+            training_tier: None,
+            slot_cap: (!acc.is_enterprise()).then_some(s.config.identity.slots),
+            promoted_from: n.promoted_from,
+        };
+        let admitted = match s.store.create_identity(ident, job).await {
+            Ok(a) => a,
+            Err(e) => {
+                erase(s, &[n.photo_key.to_string()]).await;
+                return Err(e.into());
+            }
+        };
+        let refused = match admitted {
+            IdentityAdmission::Created { job_id, .. } => {
+                metrics::counter!("atelier_jobs_created_total", "type" => atelier_shared::domain::JobType::IdentityPreprocessing.as_str())
+                    .increment(1);
+                tracing::info!(identity = %n.code, job.id = %job_id, account.id = %acc.id, "identity accepted");
+                return Ok(job_id);
+            }
+            IdentityAdmission::NameTaken { .. } if !n.explicit && attempt < 50 => {
+                attempt += 1;
+                continue;
+            }
+            other => other,
+        };
+        erase(s, &[n.photo_key.to_string()]).await;
+        return Err(match refused {
+            // An upload names the clash both ways (the scripts read either);
+            // a promotion only as `existing_identity_code`, so that a client
+            // cannot mistake it for "already promoted" (§5.7, §11 #44).
+            IdentityAdmission::NameTaken { existing_code } => {
+                let e = ApiError::conflict(
+                    "identity_exists",
+                    format!("An identity named {name:?} already exists"),
+                )
+                .with("existing_identity_code", existing_code.clone());
+                if n.promoted_from.is_some() {
+                    e
+                } else {
+                    e.with("identity_code", existing_code)
+                }
+            }
+            IdentityAdmission::AlreadyPromoted { code } => ApiError::conflict(
+                "already_promoted",
+                format!("This draft was already promoted: identity {code}"),
+            )
+            .with("identity_code", code),
+            IdentityAdmission::SlotsExhausted { used, cap } => ApiError::too_many(
+                "identity_slots_exhausted",
+                format!(
+                    "Maximum identities reached: {used} exist, at most {cap} per account (delete one to free a slot)"
+                ),
+                60,
+            ),
+            IdentityAdmission::Refused(a) => refusal(a),
+            IdentityAdmission::Created { .. } => unreachable!("returned above"),
+        });
     }
 }
 
@@ -316,72 +451,22 @@ pub async fn upload(
 
     let code = new_code();
     let (photo_key, spec) = store_photo(&s, &acc.id, &code, "photo", &image).await?;
-    let (billing, _) = s.store.billing_owner(&acc.id).await?;
-    let trace = job_trace(&headers).to_string();
-    // The default name (the file stem) is made unique with a suffix; an
-    // explicit name that is taken is the client's conflict (409).
-    let mut attempt = 1;
-    let admitted = loop {
-        let name = if attempt == 1 {
-            base_name.clone()
-        } else {
-            let suffix = format!(" ({attempt})");
-            let keep = identity::MAX_NAME - suffix.chars().count();
-            format!(
-                "{}{suffix}",
-                base_name.chars().take(keep).collect::<String>()
-            )
-        };
-        let job = preprocessing_job(&s, &acc.id, &billing, spec.clone(), trace.clone());
-        let ident = NewIdentity {
+    let admitted = admit_named(
+        &s,
+        &acc,
+        Named {
             code: &code,
-            account_id: &acc.id,
-            kind: IdentityKind::Identity,
-            name: &name,
+            base_name: &base_name,
+            explicit: explicit.is_some(),
             tag: tag.as_deref(),
             original_filename: image.filename.as_deref(),
-            photo_key: Some(&photo_key),
-            sources_json: "[]".into(),
-            training_tier: None,
-            slot_cap: (!acc.is_enterprise()).then_some(s.config.identity.slots),
-        };
-        let refused = match s.store.create_identity(ident, job).await {
-            Ok(a) => a,
-            Err(e) => {
-                erase(&s, std::slice::from_ref(&photo_key)).await;
-                return Err(e.into());
-            }
-        };
-        match refused {
-            IdentityAdmission::Created { job_id, .. } => break job_id,
-            IdentityAdmission::NameTaken { .. } if explicit.is_none() && attempt < 50 => {
-                attempt += 1;
-            }
-            other => {
-                erase(&s, std::slice::from_ref(&photo_key)).await;
-                return Err(match other {
-                    IdentityAdmission::NameTaken { existing_code } => ApiError::conflict(
-                        "identity_exists",
-                        format!("An identity named {name:?} already exists"),
-                    )
-                    .with("existing_identity_code", existing_code.clone())
-                    .with("identity_code", existing_code),
-                    IdentityAdmission::SlotsExhausted { used, cap } => ApiError::too_many(
-                        "identity_slots_exhausted",
-                        format!(
-                            "{used} identities exist; at most {cap} per account (delete one to free a slot)"
-                        ),
-                        60,
-                    ),
-                    IdentityAdmission::Refused(a) => refusal(a),
-                    IdentityAdmission::Created { .. } => unreachable!("handled above"),
-                });
-            }
-        }
-    };
-    metrics::counter!("atelier_jobs_created_total", "type" => atelier_shared::domain::JobType::IdentityPreprocessing.as_str())
-        .increment(1);
-    tracing::info!(identity = %code, job.id = %admitted, account.id = %acc.id, "identity accepted");
+            photo_key: &photo_key,
+            promoted_from: None,
+        },
+        spec,
+        job_trace(&headers).to_string(),
+    )
+    .await?;
 
     wait_for_job(&s, &admitted).await?;
     let row = load(&s, &acc.id, &code).await?;

@@ -4,19 +4,22 @@
 use crate::admission::{self, creation_limit};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonValue;
+use crate::extract::{JsonValue, Query};
 use crate::state::AppState;
 use crate::views::{
     ImageLinks, ImageResult, JobAborted, JobAccepted, JobIdentity, JobResults, JobStatusView,
-    ResultSummary,
+    Regenerated, ResultSummary,
 };
+use atelier_shared::db::jobs::Regeneration;
 use atelier_shared::db::rows::JobRow;
-use atelier_shared::domain::JobStatus;
 use atelier_shared::domain::packshot::{self, PackshotRequest};
+use atelier_shared::domain::task::cancel_marker;
+use atelier_shared::domain::{JobStatus, JobType};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use rand::Rng;
+use serde::Deserialize;
 
 /// Create packshots of garment photos: every instruction × variation is an
 /// output, priced by its size class.
@@ -89,19 +92,34 @@ pub async fn status(
     )))
 }
 
-/// A job's results: the latest version of every output, with signed URLs.
+/// Query of `GET /jobs/{job_id}/results`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ResultsQuery {
+    /// Also list the earlier versions of regenerated outputs (default
+    /// false: the latest version of each output, contract §3.10).
+    pub all_versions: Option<bool>,
+}
+
+/// A job's results: the latest version of every output (every version
+/// with `all_versions=true`), with signed URLs.
 #[utoipa::path(
     get, path = "/jobs/{job_id}/results", tag = "jobs",
-    params(("job_id" = String, Path, description = "The job's id")),
+    params(("job_id" = String, Path, description = "The job's id"), ResultsQuery),
     responses((status = 200, description = "The job and its outputs", body = JobResults)),
 )]
 pub async fn results(
     State(s): State<AppState>,
     Caller(acc): Caller,
     Path(job_id): Path<String>,
+    Query(q): Query<ResultsQuery>,
 ) -> ApiResult<axum::Json<JobResults>> {
     let job = load(&s, &acc.id, &job_id).await?;
-    let outputs = s.store.latest_outputs(&job.id).await?;
+    let outputs = if q.all_versions.unwrap_or(false) {
+        s.store.all_outputs(&job.id).await?
+    } else {
+        s.store.latest_outputs(&job.id).await?
+    };
     let ttl = s.result_ttl();
     let mut inputs = Vec::new();
     for file_id in job.spec.requirements().files {
@@ -149,16 +167,130 @@ pub async fn abort(
 ) -> ApiResult<impl IntoResponse> {
     match s.store.abort_job(&acc.id, &job_id).await? {
         None => Err(ApiError::not_found(format!("Job {job_id} not found"))),
-        Some(false) => Err(ApiError::conflict(
+        Some(a) if !a.aborted => Err(ApiError::conflict(
             "conflict",
             "The job has already finished",
         )),
-        Some(true) => Ok((
-            StatusCode::ACCEPTED,
-            axum::Json(JobAborted {
-                job_id,
-                status: JobStatus::Aborted,
-            }),
+        Some(a) => {
+            // Running work is told to stop (a model container's prediction
+            // is cancelled); if this fails, the work runs out and its result
+            // is ignored: the outputs are already cancelled and released.
+            for (output, attempt) in a.running {
+                let marker = cancel_marker(output, attempt);
+                if let Err(e) = s
+                    .objects
+                    .put(&marker, bytes::Bytes::from_static(b"aborted"), "text/plain")
+                    .await
+                {
+                    tracing::warn!(%marker, error = %e, "cannot signal the abort to the worker");
+                }
+            }
+            Ok((
+                StatusCode::ACCEPTED,
+                axum::Json(JobAborted {
+                    job_id,
+                    status: JobStatus::Aborted,
+                }),
+            ))
+        }
+    }
+}
+
+/// Query of `POST /jobs/{job_id}/regenerate/{image_index}`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RegenerateQuery {
+    /// The variation (default 0).
+    pub group_index: Option<i64>,
+}
+
+/// Regenerates one output of a finished job with its original parameters
+/// (a generator draws it with a new seed): a new version, priced as the
+/// original and reserved now; earlier versions are kept.
+#[utoipa::path(
+    post, path = "/jobs/{job_id}/regenerate/{image_index}", tag = "jobs",
+    params(
+        ("job_id" = String, Path, description = "The job's id"),
+        ("image_index" = i64, Path, description = "The instruction (the input image for model swap)"),
+        RegenerateQuery,
+    ),
+    responses(
+        (status = 202, description = "The new version is queued", body = Regenerated),
+        (status = 400, description = "An identity-preprocessing job, or no output at that index", body = crate::error::ErrorBody),
+        (status = 402, description = "Not enough credits", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown job", body = crate::error::ErrorBody),
+        (status = 409, description = "The job is still pending or processing", body = crate::error::ErrorBody),
+        (status = 429, description = "Rate limit or active-job cap", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn regenerate(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path((job_id, image_index)): Path<(String, i64)>,
+    Query(q): Query<RegenerateQuery>,
+) -> ApiResult<Response> {
+    let decision = match creation_limit(&s, &acc.id, "regenerate").await {
+        Ok(d) => d,
+        Err(refused) => return Ok(refused),
+    };
+    let group_index = q.group_index.unwrap_or(0);
+    let job = load(&s, &acc.id, &job_id).await?;
+    if job.job_type == JobType::IdentityPreprocessing {
+        return Err(ApiError::bad_request(
+            Some("job_id"),
+            "identity-preprocessing jobs have no outputs to regenerate",
+            "path",
+        ));
+    }
+    let out_of_range = || {
+        ApiError::bad_request(
+            Some("image_index"),
+            format!(
+                "job {job_id} has no output at image_index {image_index}, group_index {group_index}"
+            ),
+            "path",
+        )
+    };
+    if image_index < 0 || group_index < 0 {
+        return Err(out_of_range());
+    }
+    let cap = (!acc.is_enterprise()).then_some(s.config.limits.active_jobs);
+    let done = s
+        .store
+        .regenerate(&acc.id, &job.id, image_index, group_index, cap)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))?;
+    match done {
+        Regeneration::Queued {
+            output_id,
+            version,
+            cost,
+        } => {
+            metrics::counter!("atelier_regenerations_total", "type" => job.job_type.as_str())
+                .increment(1);
+            tracing::info!(job.id = %job.id, output = output_id, version, "output regenerated");
+            let mut resp = (
+                StatusCode::ACCEPTED,
+                axum::Json(Regenerated {
+                    success: true,
+                    message: format!(
+                        "Output {image_index}/{group_index} queued as version {version}; {} credits reserved",
+                        cost.as_f64()
+                    ),
+                    image_index,
+                    group_index,
+                    version,
+                }),
+            )
+                .into_response();
+            crate::auth::stamp(resp.headers_mut(), &decision);
+            Ok(resp)
+        }
+        Regeneration::NotFinished(status) => Err(ApiError::conflict(
+            "job_not_finished",
+            format!("The job is {status}: only finished jobs can be regenerated"),
         )),
+        Regeneration::NoSuchOutput => Err(out_of_range()),
+        Regeneration::Refused(a) => Err(admission::refusal(a)),
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod billing;
 pub mod downloads;
+pub mod drafts;
 pub mod flat;
 pub mod health;
 pub mod identities;

@@ -202,6 +202,7 @@ async fn admit(
         sources_json: serde_json::to_string(&photos).map_err(ApiError::internal)?,
         training_tier: Some(tier),
         slot_cap: None,
+        promoted_from: None,
     };
     match s.store.create_identity(ident, job).await? {
         IdentityAdmission::Created { job_id, .. } => {
@@ -216,7 +217,9 @@ async fn admit(
                 .into_response())
         }
         IdentityAdmission::Refused(a) => Err(refusal(a)),
-        IdentityAdmission::NameTaken { .. } | IdentityAdmission::SlotsExhausted { .. } => {
+        IdentityAdmission::NameTaken { .. }
+        | IdentityAdmission::SlotsExhausted { .. }
+        | IdentityAdmission::AlreadyPromoted { .. } => {
             Err(ApiError::internal("profile id collision"))
         }
     }

@@ -7,8 +7,8 @@ use super::scheduling::FailureOutcome;
 use super::testing::TestDb;
 use super::{Dialect, Store, StoreError};
 use crate::domain::credits::{Credits, PriceTable};
-use crate::domain::packshot::{DesignCatalogue, EngineChoice, PackshotSpec};
 use crate::domain::engines::EngineAvailability;
+use crate::domain::packshot::{DesignCatalogue, EngineChoice, PackshotSpec};
 use crate::domain::retry::RetryPolicy;
 use crate::domain::{FailureKind, JobStatus, OutputResult, OutputStatus, Plan};
 use crate::time::now_ms;
@@ -583,9 +583,12 @@ pub async fn abort_cancels_open_outputs_only(s: Store) {
             .await
             .expect("complete")
     );
-    assert_eq!(s.abort_job(&a, &j).await.expect("abort"), Some(true));
     assert_eq!(
-        s.abort_job(&a, &j).await.expect("abort"),
+        s.abort_job(&a, &j).await.expect("abort").map(|a| a.aborted),
+        Some(true)
+    );
+    assert_eq!(
+        s.abort_job(&a, &j).await.expect("abort").map(|a| a.aborted),
         Some(false),
         "already terminal"
     );
@@ -1008,6 +1011,7 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
         sources_json: "[]".into(),
         training_tier: None,
         slot_cap: Some(2),
+        promoted_from: None,
     };
     let admit = |code: &'static str, name: &'static str, photo: &'static str| {
         let s = s.clone();
@@ -1193,7 +1197,13 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
     assert_eq!(face(swap_job.clone()).await, Some(j1.clone()));
     let later = created(&s, swap("idn_a")).await;
     assert_eq!(face(later.clone()).await, Some(j2.clone()));
-    assert_eq!(s.abort_job(&a, &later).await.expect("abort"), Some(true));
+    assert_eq!(
+        s.abort_job(&a, &later)
+            .await
+            .expect("abort")
+            .map(|a| a.aborted),
+        Some(true)
+    );
     let j3 = replace("photos/p3").await;
     finish(j3, 3, false).await;
     let row = read("idn_a").await.expect("row");
@@ -1217,7 +1227,13 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
             job_id: swap_job.clone()
         }
     );
-    assert_eq!(s.abort_job(&a, &swap_job).await.expect("abort"), Some(true));
+    assert_eq!(
+        s.abort_job(&a, &swap_job)
+            .await
+            .expect("abort")
+            .map(|a| a.aborted),
+        Some(true)
+    );
     let DeleteIdentity::Deleted { keys } = s
         .delete_identity(&a, IdentityKind::Identity, "idn_a")
         .await

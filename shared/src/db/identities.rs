@@ -113,6 +113,8 @@ pub struct NewIdentity<'a> {
     pub training_tier: Option<&'a str>,
     /// `None`: no cap (enterprise, or profiles).
     pub slot_cap: Option<u32>,
+    /// The draft (output id) it is promoted from.
+    pub promoted_from: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -129,6 +131,10 @@ pub enum IdentityAdmission {
     SlotsExhausted {
         used: i64,
         cap: u32,
+    },
+    /// The draft was promoted before, into identity `code`.
+    AlreadyPromoted {
+        code: String,
     },
     /// The preprocessing job was not admitted (credits).
     Refused(Admission),
@@ -188,6 +194,11 @@ impl Store {
     ) -> Result<IdentityAdmission> {
         // Friendly answers first (a clash is not a credit problem); the
         // same checks are repeated under the account lock below.
+        if let Some(draft) = ident.promoted_from
+            && let Some(code) = self.promoted_from(draft).await?
+        {
+            return Ok(IdentityAdmission::AlreadyPromoted { code });
+        }
         if let Some(code) = self
             .identity_named(ident.account_id, ident.kind, ident.name)
             .await?
@@ -230,7 +241,8 @@ impl Store {
         let now = now_ms();
         let inserted = sqlx::query(
             "INSERT INTO identities (code, account_id, kind, name, tag, original_filename, photo_key, sources, \
-             training_tier, job_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)",
+             training_tier, job_id, created_at, updated_at, promoted_from) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12)",
         )
         .bind(ident.code)
         .bind(ident.account_id)
@@ -243,6 +255,7 @@ impl Store {
         .bind(ident.training_tier)
         .bind(&job_id)
         .bind(now)
+        .bind(ident.promoted_from)
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -250,6 +263,13 @@ impl Store {
             Err(e) => {
                 let e = StoreError::from(e);
                 tx.rollback().await?;
+                // A concurrent promotion of the same draft won the index.
+                if matches!(e, StoreError::Conflict(_))
+                    && let Some(draft) = ident.promoted_from
+                    && let Some(code) = self.promoted_from(draft).await?
+                {
+                    return Ok(IdentityAdmission::AlreadyPromoted { code });
+                }
                 if matches!(e, StoreError::Conflict(_))
                     && let Some(code) = self
                         .identity_named(ident.account_id, ident.kind, ident.name)
@@ -268,6 +288,16 @@ impl Store {
             job_id,
             required,
         })
+    }
+
+    /// The identity promoted from draft `output_id`, if any.
+    pub async fn promoted_from(&self, output_id: i64) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT code FROM identities WHERE promoted_from = $1")
+                .bind(output_id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
     }
 
     async fn identity_named(

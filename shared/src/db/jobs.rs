@@ -62,6 +62,33 @@ pub enum Admission {
     },
 }
 
+/// What [`Store::abort_job`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Abort {
+    /// False when the job had already finished.
+    pub aborted: bool,
+    /// `(output_id, attempt)` of the outputs a worker was running: their
+    /// work is told to stop ([`crate::domain::task::cancel_marker`]).
+    pub running: Vec<(i64, i64)>,
+}
+
+/// What [`Store::regenerate`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Regeneration {
+    /// The new version is queued, its cost reserved.
+    Queued {
+        output_id: i64,
+        version: i64,
+        cost: Credits,
+    },
+    /// Only finished jobs are regenerated; the job is in this state.
+    NotFinished(JobStatus),
+    /// The job has no output at that index.
+    NoSuchOutput,
+    /// Credits or the active-job cap.
+    Refused(Admission),
+}
+
 /// What resolving a job's inputs found missing.
 enum Missing {
     File(String),
@@ -331,6 +358,18 @@ impl Store {
     }
 
     /// The latest version of every output of a job, in index order.
+    /// Every version of every output of `job_id`, oldest version first.
+    pub async fn all_outputs(&self, job_id: &str) -> Result<Vec<OutputRow>> {
+        let sql = format!(
+            "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE job_id = $1 \
+             ORDER BY instruction_index, variation_index, version"
+        );
+        Ok(sqlx::query_as::<_, OutputRow>(&sql)
+            .bind(job_id)
+            .fetch_all(self.pool())
+            .await?)
+    }
+
     pub async fn latest_outputs(&self, job_id: &str) -> Result<Vec<OutputRow>> {
         let sql = format!(
             "SELECT {OUTPUT_COLUMNS} FROM outputs o WHERE o.job_id = $1 AND o.version = \
@@ -355,7 +394,7 @@ impl Store {
     /// and its reservation released; completed outputs stay billed.
     /// Returns `None` when the job is unknown to the account, `Some(false)`
     /// when it was already terminal.
-    pub async fn abort_job(&self, account_id: &str, job_id: &str) -> Result<Option<bool>> {
+    pub async fn abort_job(&self, account_id: &str, job_id: &str) -> Result<Option<Abort>> {
         let mut tx = self.begin().await?;
         let status: Option<JobStatus> =
             sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND account_id = $2")
@@ -367,7 +406,7 @@ impl Store {
             return Ok(None);
         };
         if status.is_terminal() {
-            return Ok(Some(false));
+            return Ok(Some(Abort::default()));
         }
         // Lock the open outputs first (in id order), so neither a dispatch nor
         // a completing worker can change them between this read and the cancel.
@@ -380,8 +419,9 @@ impl Store {
             .bind(job_id)
             .fetch_all(&mut *tx)
             .await?;
+        let mut running = Vec::new();
         for o in &open {
-            finish_output(
+            if finish_output(
                 &mut tx,
                 o,
                 OutputStatus::Cancelled,
@@ -389,11 +429,167 @@ impl Store {
                 None,
                 false,
             )
-            .await?;
+            .await?
+                && o.status == OutputStatus::Running
+            {
+                running.push((o.id, o.attempt));
+            }
         }
         finalize_job(&mut tx, job_id, Some(JobStatus::Aborted)).await?;
         tx.commit().await?;
-        Ok(Some(true))
+        Ok(Some(Abort {
+            aborted: true,
+            running,
+        }))
+    }
+
+    /// Regenerates one output of a finished job (contract §3.11) in ONE
+    /// transaction: the cost of the output's latest version reserved, the
+    /// job reopened (`processing`, holding an active-job slot again when its
+    /// kind counts against the cap) and a new output row with `version + 1`
+    /// queued; earlier versions are kept. `None` when the job is not the
+    /// caller's.
+    pub async fn regenerate(
+        &self,
+        account_id: &str,
+        job_id: &str,
+        instruction_index: i64,
+        variation_index: i64,
+        active_job_cap: Option<u32>,
+    ) -> Result<Option<Regeneration>> {
+        let Some(job) = self.job_for(account_id, job_id).await? else {
+            return Ok(None);
+        };
+        if !job.status.is_terminal() {
+            return Ok(Some(Regeneration::NotFinished(job.status)));
+        }
+        let sql = format!(
+            "SELECT {OUTPUT_COLUMNS} FROM outputs WHERE job_id = $1 AND instruction_index = $2 \
+             AND variation_index = $3 ORDER BY version DESC LIMIT 1"
+        );
+        let Some(latest) = sqlx::query_as::<_, OutputRow>(&sql)
+            .bind(job_id)
+            .bind(instruction_index)
+            .bind(variation_index)
+            .fetch_optional(self.pool())
+            .await?
+        else {
+            return Ok(Some(Regeneration::NoSuchOutput));
+        };
+        let cost = Credits(latest.cost);
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        // Lock order everywhere: the billing account, then the member
+        // account, then the job.
+        let r = sqlx::query("UPDATE accounts SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2")
+            .bind(&job.billing_account_id)
+            .bind(cost.0)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            let (balance, reserved): (i64, i64) =
+                sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
+                    .bind(&job.billing_account_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.rollback().await?;
+            return Ok(Some(Regeneration::Refused(
+                Admission::InsufficientCredits {
+                    required: cost,
+                    in_progress: Credits(reserved),
+                    user_credits: Credits(balance),
+                },
+            )));
+        }
+        let counts = job.job_type.counts_against_cap();
+        if counts {
+            let cap = active_job_cap.map(i64::from).unwrap_or(i64::MAX);
+            let r = sqlx::query("UPDATE accounts SET active_jobs = active_jobs + 1 WHERE id = $1 AND active_jobs < $2")
+                .bind(account_id)
+                .bind(cap)
+                .execute(&mut *tx)
+                .await?;
+            if r.rows_affected() == 0 {
+                let active: i64 =
+                    sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
+                        .bind(account_id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                tx.rollback().await?;
+                return Ok(Some(Regeneration::Refused(Admission::ConcurrencyLimit {
+                    active,
+                    cap: active_job_cap.unwrap_or(u32::MAX),
+                })));
+            }
+        }
+        // Reopened only if still finished: a concurrent regeneration of the
+        // same job that committed first makes this one a conflict.
+        let sql = format!(
+            "UPDATE jobs SET status = $2, finalized_at = NULL, error_message = NULL, updated_at = $3, \
+             total_outputs = total_outputs + 1, counts_against_cap = $4 \
+             WHERE id = $1 AND status IN ({})",
+            JobStatus::sql_in(&[JobStatus::Completed, JobStatus::Failed, JobStatus::Aborted])
+        );
+        let reopened = sqlx::query(&sql)
+            .bind(job_id)
+            .bind(JobStatus::Processing)
+            .bind(now)
+            .bind(i64::from(counts))
+            .execute(&mut *tx)
+            .await?;
+        if reopened.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(Some(Regeneration::NotFinished(JobStatus::Processing)));
+        }
+        let version = latest.version + 1;
+        let output_id: i64 = sqlx::query_scalar(
+            "INSERT INTO outputs (job_id, billing_account_id, queue, instruction_index, variation_index, version, status, \
+             max_attempts, scheduled_at, cost, output_format, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9) RETURNING id",
+        )
+        .bind(job_id)
+        .bind(&job.billing_account_id)
+        .bind(job.job_type.queue())
+        .bind(instruction_index)
+        .bind(variation_index)
+        .bind(version)
+        .bind(OutputStatus::Pending)
+        .bind(latest.max_attempts)
+        .bind(now)
+        .bind(cost.0)
+        .bind(&latest.output_format)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE reservations SET amount = amount + $2, held = held + $2, closed_at = NULL WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .bind(cost.0)
+        .execute(&mut *tx)
+        .await?;
+        ledger(
+            &mut tx,
+            &job.billing_account_id,
+            Some(job_id),
+            Some(output_id),
+            "reserve",
+            cost,
+            None,
+        )
+        .await?;
+        notify_job(&mut tx, job_id).await?;
+        enqueue_outbox(
+            &mut tx,
+            crate::domain::task::WAKE_QUEUE,
+            &serde_json::json!({"event": "output_regenerated", "job_id": job_id}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(Regeneration::Queued {
+            output_id,
+            version,
+            cost,
+        }))
     }
 
     /// Invariant check used by tests and `atelier admin audit`: every

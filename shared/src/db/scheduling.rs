@@ -137,10 +137,10 @@ impl Store {
         let sql = format!(
             "UPDATE outputs SET status = $5, attempt = attempt + 1, lease_expires_at = $2, lease_owner = $3, updated_at = $4 \
              WHERE id = $1 AND status IN ({}) AND attempt < max_attempts \
-             RETURNING attempt, instruction_index, variation_index, engine_index, last_error",
+             RETURNING attempt, instruction_index, variation_index, engine_index, last_error, version",
             OutputStatus::sql_sources_of(OutputStatus::Dispatched)
         );
-        let row: Option<(i64, i64, i64, i64, Option<String>)> = sqlx::query_as(&sql)
+        let row: Option<(i64, i64, i64, i64, Option<String>, i64)> = sqlx::query_as(&sql)
             .bind(output_id)
             .bind(lease_until)
             .bind(owner)
@@ -150,12 +150,13 @@ impl Store {
             .await?;
         let index =
             |v: i64| u32::try_from(v).map_err(|e| super::StoreError::Corrupt(e.to_string()));
-        row.map(|(attempt, ins, var, engine, last_error)| {
+        row.map(|(attempt, ins, var, engine, last_error, version)| {
             Ok(Claim {
                 attempt,
                 output: TaskOutput {
                     instruction_index: index(ins)?,
                     variation_index: index(var)?,
+                    version: index(version)?,
                     engine_index: index(engine)?,
                     // Only a fallback engine needs to know why the one
                     // before it refused.

@@ -128,15 +128,25 @@ mod tests {
                 "options.model",
             )
             .expect("not configured");
-        assert!(e.message.contains("nano_banana_pro is not configured for flat_2_model"));
+        assert!(
+            e.message
+                .contains("nano_banana_pro is not configured for flat_2_model")
+        );
         let e = a
             .check(JobType::Flat2Model, EngineChoice::Orbita, "options.model")
             .expect("not a flat-2-model engine");
-        assert!(e.message.contains("use one of: auto, nano_banana_pro, seedream"), "{e:?}");
+        assert!(
+            e.message
+                .contains("use one of: auto, nano_banana_pro, seedream"),
+            "{e:?}"
+        );
         let e = a
             .check(JobType::CreatePackshot, EngineChoice::Auto, "options.model")
             .expect("nothing draws packshots in this set");
-        assert!(e.message.contains("no engine draws create_packshot"), "{e:?}");
+        assert!(
+            e.message.contains("no engine draws create_packshot"),
+            "{e:?}"
+        );
         let b = EngineAvailability::builtin_packshots(vec![]);
         assert_eq!(
             b.check(JobType::CreatePackshot, EngineChoice::Auto, "options.model"),

@@ -4,16 +4,16 @@
 //! images, drawn by a generator engine (a model container).
 
 use super::credits::PriceTable;
-use super::kinds::{IdentityUse, JobKind, PlannedOutput, Requirements};
+use super::credits::SizeClass;
+use super::engines::EngineAvailability;
+use super::kinds::JobType;
+use super::kinds::{IdentityUse, JobKind, PlannedOutput, Requirements, per_variation};
+use super::packshot::AspectRatio;
 use super::packshot::{
     DesignCatalogue, DesignResolved, DesignValue, EngineChoice, FieldError, ImageFormat,
     ImageRefIn, ImageSpec, MAX_INSTRUCTIONS, MAX_PROMPT, MAX_VARIATIONS, OutputDefaults,
     OutputOptionsIn, OutputSpec, resolve_design, resolve_output, validate_images,
 };
-use super::credits::SizeClass;
-use super::packshot::AspectRatio;
-use super::engines::EngineAvailability;
-use super::kinds::JobType;
 use super::task::WorkQueue;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -54,18 +54,12 @@ impl JobKind for Flat2Model {
     /// Instructions × variations, each at the price of its size class
     /// (flat-2-model prices as packshots, contract §3.4).
     fn plan(spec: &FlatSpec, prices: &PriceTable) -> Vec<PlannedOutput> {
-        let mut v = Vec::new();
-        for (i, ins) in spec.instructions.iter().enumerate() {
-            for var in 0..ins.num_variations {
-                v.push(PlannedOutput {
-                    instruction_index: i as u32,
-                    variation_index: var,
-                    cost: prices.price(ins.output.size),
-                    format: ins.output.format,
-                });
-            }
-        }
-        v
+        per_variation(
+            spec.instructions
+                .iter()
+                .map(|i| (i.num_variations, &i.output)),
+            prices,
+        )
     }
 
     fn requirements(spec: &FlatSpec) -> Requirements<'_> {
@@ -381,7 +375,11 @@ pub fn prompt_for(spec: &FlatSpec, ins: &FlatInstructionSpec) -> String {
     for (k, v) in &ins.scene {
         parts.push(format!("{}: {v}.", k.replace('_', " ")));
     }
-    let notes: Vec<&str> = spec.images.iter().filter_map(|i| i.note.as_deref()).collect();
+    let notes: Vec<&str> = spec
+        .images
+        .iter()
+        .filter_map(|i| i.note.as_deref())
+        .collect();
     if !notes.is_empty() {
         parts.push(format!("Garment notes: {}.", notes.join("; ")));
     }
@@ -410,12 +408,7 @@ mod tests {
 
     fn check(v: serde_json::Value) -> Result<FlatSpec, Vec<FieldError>> {
         let req = parse_request(&v).map_err(|e| vec![e])?;
-        validate(
-            &req,
-            &DesignCatalogue::default(),
-            &seedream(),
-            || 5,
-        )
+        validate(&req, &DesignCatalogue::default(), &seedream(), || 5)
     }
 
     #[test]
@@ -443,10 +436,20 @@ mod tests {
         }))
         .expect("valid");
         let ins = &s.instructions[0];
-        assert_eq!(ins.scene.get("lighting").map(String::as_str), Some("golden hour"));
+        assert_eq!(
+            ins.scene.get("lighting").map(String::as_str),
+            Some("golden hour")
+        );
         assert_eq!((ins.output.width, ins.variation_seed(1)), (2048, 41));
         let p = prompt_for(&s, ins);
-        for part in ["Barefoot", "walking", "city", "golden hour", "tucked", "street"] {
+        for part in [
+            "Barefoot",
+            "walking",
+            "city",
+            "golden hour",
+            "tucked",
+            "street",
+        ] {
             assert!(p.contains(part), "{part} in {p}");
         }
         let errs = check(json!({

@@ -19,7 +19,7 @@
 //! | the HTTP route and result view | `atelier-api`'s `routes/` and `views` |
 
 use super::credits::{Credits, PriceTable};
-use super::packshot::{EngineChoice, ImageFormat};
+use super::packshot::{EngineChoice, ImageFormat, OutputSpec};
 use super::task::WorkQueue;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::ser::SerializeStruct;
@@ -76,6 +76,26 @@ pub struct PlannedOutput {
     pub variation_index: u32,
     pub cost: Credits,
     pub format: ImageFormat,
+}
+
+/// The price rule of the instruction kinds: every instruction's
+/// `num_variations` outputs, each priced by its size class (contract §3.4).
+pub fn per_variation<'a>(
+    instructions: impl IntoIterator<Item = (u32, &'a OutputSpec)>,
+    prices: &PriceTable,
+) -> Vec<PlannedOutput> {
+    let mut v = Vec::new();
+    for (i, (variations, output)) in instructions.into_iter().enumerate() {
+        for var in 0..variations {
+            v.push(PlannedOutput {
+                instruction_index: i as u32,
+                variation_index: var,
+                cost: prices.price(output.size),
+                format: output.format,
+            });
+        }
+    }
+    v
 }
 
 /// How a job relates to an identity (recorded in `jobs.identity_code`).
@@ -237,6 +257,7 @@ job_kinds! {
     ModelSwap => super::swap::ModelSwap,
     IdentityPreprocessing => super::identity::IdentityPreprocessing,
     Flat2Model => super::flat::Flat2Model,
+    IdentityCreation => super::drafts::IdentityCreation,
 }
 
 impl JobType {

@@ -4,6 +4,7 @@
 //! property-tested in isolation.
 
 pub mod credits;
+pub mod drafts;
 pub mod engines;
 pub mod fair;
 pub mod flat;
@@ -11,6 +12,7 @@ pub mod identity;
 pub mod ids;
 pub mod kinds;
 pub mod packshot;
+pub mod policy;
 pub mod retry;
 pub mod state;
 pub mod swap;

@@ -5,7 +5,7 @@
 
 use super::credits::{PriceTable, SizeClass};
 use super::engines::EngineAvailability;
-use super::kinds::{JobKind, JobType, PlannedOutput, Requirements};
+use super::kinds::{JobKind, JobType, PlannedOutput, Requirements, per_variation};
 use super::task::WorkQueue;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -113,7 +113,10 @@ impl AspectRatio {
 
     /// The ratios only identity creation accepts.
     pub fn identity_only(self) -> bool {
-        matches!(self, AspectRatio::R4x5 | AspectRatio::R5x4 | AspectRatio::R21x9)
+        matches!(
+            self,
+            AspectRatio::R4x5 | AspectRatio::R5x4 | AspectRatio::R21x9
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -483,18 +486,12 @@ impl JobKind for CreatePackshot {
 
     /// Instructions × variations, each at the price of its size class.
     fn plan(spec: &PackshotSpec, prices: &PriceTable) -> Vec<PlannedOutput> {
-        let mut v = Vec::new();
-        for (i, ins) in spec.instructions.iter().enumerate() {
-            for var in 0..ins.num_variations {
-                v.push(PlannedOutput {
-                    instruction_index: i as u32,
-                    variation_index: var,
-                    cost: prices.price(ins.output.size),
-                    format: ins.output.format,
-                });
-            }
-        }
-        v
+        per_variation(
+            spec.instructions
+                .iter()
+                .map(|i| (i.num_variations, &i.output)),
+            prices,
+        )
     }
 
     fn requirements(spec: &PackshotSpec) -> Requirements<'_> {
@@ -786,7 +783,10 @@ pub fn resolve_output(
                 ),
             );
             // A job-level default is named once, not once per instruction.
-            if !errs.iter().any(|x| x.field == e.field && x.message == e.message) {
+            if !errs
+                .iter()
+                .any(|x| x.field == e.field && x.message == e.message)
+            {
                 errs.push(e);
             }
         }
@@ -849,8 +849,7 @@ pub fn resolve_design(
     };
     match v? {
         DesignValue::Text(t) => Some(text(t)),
-        DesignValue::Index(idx) => match catalogue.0.get(name).and_then(|l| l.get(*idx as usize))
-        {
+        DesignValue::Index(idx) => match catalogue.0.get(name).and_then(|l| l.get(*idx as usize)) {
             Some(t) => Some(text(t)),
             None => {
                 errs.push(FieldError::new(

@@ -18,6 +18,13 @@ pub const OUTCOME_QUEUE: &str = "outcomes";
 /// admitted); consumed by every scheduler replica.
 pub const WAKE_QUEUE: &str = "scheduler";
 
+/// The object that tells the worker running `attempt` of an output to stop
+/// (the job was aborted): written by the API after the abort commits,
+/// looked for by the worker while the task runs, deleted by it once seen.
+pub fn cancel_marker(output_id: i64, attempt: i64) -> String {
+    format!("control/cancel/{output_id}-a{attempt}")
+}
+
 /// The queues workers consume, one per pool of workers that scale apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -114,6 +121,9 @@ impl JobInputs {
 pub struct TaskOutput {
     pub instruction_index: u32,
     pub variation_index: u32,
+    /// 0 for the original output, +1 per regeneration (contract §3.11).
+    #[serde(default)]
+    pub version: u32,
     /// Position in the `model: auto` fallback order.
     pub engine_index: u32,
     /// Why the engine before it refused, when one did.
@@ -139,6 +149,15 @@ pub struct Task {
     pub output: TaskOutput,
     pub work: JobSpec,
     pub inputs: JobInputs,
+}
+
+impl TaskOutput {
+    /// The seed a generator uses for this output: the variation's own
+    /// seed for the original, a different one for each regeneration (a
+    /// regeneration that drew the same picture again would be pointless).
+    pub fn seed(&self, variation_seed: u32) -> u32 {
+        variation_seed.wrapping_add(self.version.wrapping_mul(1_000_003))
+    }
 }
 
 impl Task {

@@ -16,7 +16,8 @@
 //! it is stored. A prediction that `failed` fails the output with the
 //! container's reason, or is a refusal (the next engine tries under
 //! `model: auto`) when the reason says so; a container that cannot be
-//! reached, is busy (`409`) or errs (`5xx`) is retried.
+//! reached or errs (`5xx`) is retried; one that is busy (`409`: its own
+//! slots are taken) is offered the prediction again until the timeout.
 
 use super::engine::{BasicEngine, Engine, RenderRequest, Rendered};
 use super::routes::prompt_for;
@@ -186,38 +187,50 @@ impl CogEngine {
             armed: true,
         };
         let call = async {
-            let resp = self
-                .client
-                .put(self.endpoint(&format!("/predictions/{id}")))
-                .json(&json!({"id": id, "input": input}))
-                .send()
-                .await
-                .map_err(|e| {
-                    TaskFailure::retryable(format!(
-                        "engine {who} unreachable: {}",
-                        if e.is_connect() {
-                            "connection failed"
-                        } else {
-                            "request failed"
-                        }
-                    ))
+            // A busy container (`409`: its own slots are taken, e.g. by
+            // another worker) is backpressure, not a failure: the same
+            // prediction is offered again until the timeout.
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let resp = self
+                    .client
+                    .put(self.endpoint(&format!("/predictions/{id}")))
+                    .json(&json!({"id": id, "input": input}))
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        TaskFailure::retryable(format!(
+                            "engine {who} unreachable: {}",
+                            if e.is_connect() {
+                                "connection failed"
+                            } else {
+                                "request failed"
+                            }
+                        ))
+                    })?;
+                let status = resp.status();
+                let body = read_limited(resp, MAX_REPLY_BYTES).await.map_err(|e| {
+                    TaskFailure::retryable(format!("engine {who}: reading the answer failed: {e}"))
                 })?;
-            let status = resp.status();
-            let body = read_limited(resp, MAX_REPLY_BYTES).await.map_err(|e| {
-                TaskFailure::retryable(format!("engine {who}: reading the answer failed: {e}"))
-            })?;
-            match status.as_u16() {
-                200..=299 => serde_json::from_slice::<Value>(&body).map_err(|e| {
-                    TaskFailure::retryable(format!("engine {who} answered no prediction: {e}"))
-                }),
-                // All slots busy (another worker shares the container).
-                409 | 429 | 500..=599 => Err(TaskFailure::retryable(format!(
-                    "engine {who} answered {status}"
-                ))),
-                _ => Err(TaskFailure::permanent(format!(
-                    "engine {who} rejected the prediction ({status}): {}",
-                    short(&String::from_utf8_lossy(&body))
-                ))),
+                return match status.as_u16() {
+                    200..=299 => serde_json::from_slice::<Value>(&body).map_err(|e| {
+                        TaskFailure::retryable(format!("engine {who} answered no prediction: {e}"))
+                    }),
+                    409 => {
+                        metrics::counter!("atelier_generator_busy_total", "engine" => who)
+                            .increment(1);
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                    429 | 500..=599 => Err(TaskFailure::retryable(format!(
+                        "engine {who} answered {status}"
+                    ))),
+                    _ => Err(TaskFailure::permanent(format!(
+                        "engine {who} rejected the prediction ({status}): {}",
+                        short(&String::from_utf8_lossy(&body))
+                    ))),
+                };
             }
         };
         match tokio::time::timeout(self.timeout, call).await {
@@ -370,17 +383,16 @@ impl CogEngine {
         let prediction = self.predict(&id, input).await?;
         let bytes = self.output_image(&prediction).await?;
         let round_trip = started.elapsed().as_secs_f64();
-        let got = tokio::task::spawn_blocking(move || {
-            imaging::decode_limited(&bytes, MAX_REPLY_PIXELS)
-        })
-        .await
-        .map_err(|_| TaskFailure::retryable("decoding the engine's image panicked"))?
-        .map_err(|f| {
-            TaskFailure::permanent(format!(
-                "engine {who} returned an unusable image: {}",
-                f.message
-            ))
-        })?;
+        let got =
+            tokio::task::spawn_blocking(move || imaging::decode_limited(&bytes, MAX_REPLY_PIXELS))
+                .await
+                .map_err(|_| TaskFailure::retryable("decoding the engine's image panicked"))?
+                .map_err(|f| {
+                    TaskFailure::permanent(format!(
+                        "engine {who} returned an unusable image: {}",
+                        f.message
+                    ))
+                })?;
         let predict_time = prediction["metrics"]["predict_time"].as_f64();
         if let Some(p) = predict_time {
             metrics::histogram!("atelier_generator_seconds", "engine" => who, "type" => kind.as_str(), "part" => "predict")
@@ -500,7 +512,10 @@ impl Engine for CogEngine {
         let mut description = got.description;
         description.insert("source_file_id".into(), json!(src.file_id));
         description.insert("style".into(), json!(ins.style));
-        description.insert("seed".into(), json!(ins.variation_seed(req.variation_index)));
+        description.insert(
+            "seed".into(),
+            json!(ins.variation_seed(req.variation_index)),
+        );
         Ok(Rendered {
             image,
             model_used: got.model_used,

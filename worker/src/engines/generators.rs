@@ -104,16 +104,13 @@ impl Generators {
                 "no generator draws {kind} on this worker (engines.auto.{kind})"
             )));
         }
-        order
-            .get(engine_index as usize)
-            .cloned()
-            .ok_or_else(|| {
-                TaskFailure::permanent(match previous_refusal {
-                    Some(why) => format!(
-                        "every configured engine refused this content; last refusal: {why}"
-                    ),
-                    None => "no engine left to try for this output".to_string(),
-                })
+        order.get(engine_index as usize).cloned().ok_or_else(|| {
+            TaskFailure::permanent(match previous_refusal {
+                Some(why) => {
+                    format!("every configured engine refused this content; last refusal: {why}")
+                }
+                None => "no engine left to try for this output".to_string(),
             })
+        })
     }
 }

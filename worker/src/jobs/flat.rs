@@ -41,7 +41,9 @@ pub(super) async fn run(
         ));
         notes.push(json!(img.note.clone().unwrap_or_default()));
     }
-    let seed = ins.variation_seed(task.output.variation_index);
+    let seed = task
+        .output
+        .seed(ins.variation_seed(task.output.variation_index));
     let anchor_seed = if spec.use_anchor {
         spec.instructions
             .get(spec.anchor_index as usize)

@@ -7,6 +7,7 @@
 //! [`off_runtime`], and stores its results with [`store_result`] under keys
 //! unique to the run.
 
+mod drafts;
 mod flat;
 mod generate;
 mod identity;
@@ -29,6 +30,7 @@ pub(crate) async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputRe
         JobSpec::ModelSwap(spec) => swap::run(ctx, task, spec).await,
         JobSpec::IdentityPreprocessing(spec) => identity::run(ctx, task, spec).await,
         JobSpec::Flat2Model(spec) => flat::run(ctx, task, spec).await,
+        JobSpec::IdentityCreation(spec) => drafts::run(ctx, task, spec).await,
     }
 }
 
