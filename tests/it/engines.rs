@@ -327,3 +327,47 @@ async fn cog_mappings_are_checked_against_the_container_and_the_kind() {
     );
     assert!(err.contains("$sed") && err.contains("$seed"), "{err}");
 }
+
+/// Under `auto`, a `marketing_ready` instruction goes to the operator's
+/// generator routes before the built-in engine (whose lit scene is
+/// procedural); the other styles keep the configured order.
+#[tokio::test]
+async fn marketing_ready_scenes_go_to_generators_first() {
+    let fixture = CogFixture::start("packshot").await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        c.limits.create_per_minute = 1000;
+        c.engines
+            .routes
+            .insert("seedream".into(), cog_route(&fixture.url, &[]));
+        c.engines.auto.insert(
+            JobType::CreatePackshot,
+            vec!["atelier".into(), "seedream".into()],
+        );
+    })
+    .await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(120, 160), "g.jpg").await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [
+                {"style": "white_cutout"},
+                {"style": "marketing_ready", "prompt": "a sunlit terrace"}
+            ]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let st = app.wait_for_job(&job, Duration::from_secs(120)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let (_, r) = app.get(&format!("/jobs/{job}/results")).await;
+    let used: Vec<String> = r["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|o| o["model_used"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(used[0].starts_with("atelier"), "{used:?}");
+    assert_eq!(used[1], "seedream (cog)", "{used:?}");
+    app.stop().await;
+}

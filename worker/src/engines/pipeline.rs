@@ -11,7 +11,7 @@ use crate::failure::TaskFailure;
 use crate::imaging;
 use atelier_shared::config::{AutoEngine, EngineRoute, EngineTargets};
 use atelier_shared::domain::JobType;
-use atelier_shared::domain::packshot::EngineChoice;
+use atelier_shared::domain::packshot::{EngineChoice, Style};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,8 +58,23 @@ impl Pipeline {
     }
 
     /// The engines an output of `model` may use, in fallback order.
-    fn chain(&self, model: EngineChoice) -> Result<Vec<Arc<dyn Engine>>, TaskFailure> {
+    fn chain(
+        &self,
+        model: EngineChoice,
+        style: Style,
+    ) -> Result<Vec<Arc<dyn Engine>>, TaskFailure> {
         if model == EngineChoice::Auto {
+            if style == Style::MarketingReady {
+                // Lifestyle scenes are what generators are for: the
+                // operator's routes in the `auto` order come before the
+                // built-in engine, whose lit scene is procedural.
+                let (routes, builtin): (Vec<_>, Vec<_>) = self
+                    .auto
+                    .iter()
+                    .cloned()
+                    .partition(|e| self.routes.iter().any(|(_, r)| Arc::ptr_eq(r, e)));
+                return Ok(routes.into_iter().chain(builtin).collect());
+            }
             return Ok(self.auto.clone());
         }
         self.routes
@@ -226,7 +241,10 @@ impl Pipeline {
         engine_index: usize,
         previous_refusal: Option<&str>,
     ) -> Result<PipelineOutput, TaskFailure> {
-        let chain = self.chain(req.spec.model)?;
+        let ins = &req.spec.instructions[req
+            .instruction_index
+            .min(req.spec.instructions.len().saturating_sub(1))];
+        let chain = self.chain(req.spec.model, ins.style)?;
         let engine = chain.get(engine_index).ok_or_else(|| {
             TaskFailure::permanent(match previous_refusal {
                 Some(why) => {
@@ -235,9 +253,6 @@ impl Pipeline {
                 None => "no engine left to try for this output".to_string(),
             })
         })?;
-        let ins = &req.spec.instructions[req
-            .instruction_index
-            .min(req.spec.instructions.len().saturating_sub(1))];
         let t = Instant::now();
         let mut rendered = engine.render(req)?;
         stage("render", t);
