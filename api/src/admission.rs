@@ -172,6 +172,11 @@ pub fn refusal(a: Admission) -> ApiError {
         Admission::IdentityNotFound { code } => {
             ApiError::not_found(format!("Identity {code} not found"))
         }
+        Admission::ProfileNotFound { id } => ApiError::not_found(format!("Profile {id} not found")),
+        Admission::ProfileNotReady { id } => {
+            ApiError::conflict("profile_not_ready", format!("Profile {id} is not READY"))
+                .with("profile_id", id)
+        }
         Admission::IdentityNotReady { status } => ApiError::conflict(
             "identity_not_ready",
             format!("The identity's preprocessing is {status}, not completed"),

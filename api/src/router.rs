@@ -11,7 +11,7 @@ use crate::error::ApiError;
 use crate::openapi;
 use crate::routes::{
     billing, downloads, drafts, flat, health, identities, jobs, notifications, profiles, projects,
-    swap, uploads, webhooks,
+    studio, swap, uploads, webhooks,
 };
 use crate::state::AppState;
 use axum::Router;
@@ -45,6 +45,8 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
     let photo_form = max_upload.saturating_add(64 << 10);
     // A multipart profile carries many photos: up to 8 full-size uploads.
     let profile_form = max_upload.saturating_mul(8).saturating_add(1 << 20);
+    // A Studio edit carries up to 10 photos as base64 (4/3 of their size).
+    let studio_body = max_upload.saturating_mul(14).saturating_add(1 << 20);
     OpenApiRouter::new()
         .routes(routes!(projects::create, projects::list))
         .routes(routes!(projects::read, projects::delete))
@@ -82,6 +84,10 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(profiles::short::delete))
         .routes(routes!(profiles::short::status))
         .routes(routes!(profiles::short::picture))
+        .routes(limited(routes!(studio::phota::edit), studio_body))
+        .routes(routes!(studio::phota::generate))
+        .routes(limited(routes!(studio::short::edit), studio_body))
+        .routes(routes!(studio::short::generate))
 }
 
 /// What operators call with an operator account's key.

@@ -687,3 +687,22 @@ pub struct Regenerated {
     /// The new version's number.
     pub version: i64,
 }
+
+/// `known_subjects` of a Studio answer.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct KnownSubjects {
+    /// How many times each named profile appears across all outputs.
+    pub counts: std::collections::BTreeMap<String, u64>,
+}
+
+/// `200` of `/v1/phota/edit` and `/v1/phota/generate` (§9.4).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StudioAnswer {
+    /// Base64 images, no `data:` prefix (`response_mode: bytes`).
+    pub images: Vec<String>,
+    /// Signed URLs valid 24 h (`response_mode: urls`).
+    pub download_urls: Vec<String>,
+    pub known_subjects: KnownSubjects,
+    /// The job behind the call (`GET /jobs/{job_id}/results`).
+    pub job_id: String,
+}

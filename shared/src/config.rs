@@ -633,6 +633,9 @@ pub struct LimitsConfig {
     pub download_url_ttl_secs: u64,
     /// Largest output size class of a standard plan (`1K`, `2K`, `4K`).
     pub default_max_size: String,
+    /// How long a Studio call (`/v1/phota/edit`, `/generate`) waits for
+    /// its images before answering `504` with the job to poll.
+    pub studio_wait_ms: u64,
 }
 
 /// Identities and profiles (contract §5, §9).
@@ -828,6 +831,7 @@ impl Default for LimitsConfig {
             result_url_ttl_secs: 86_400,
             download_url_ttl_secs: 3_600,
             default_max_size: "4K".into(),
+            studio_wait_ms: 120_000,
         }
     }
 }

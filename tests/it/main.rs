@@ -15,3 +15,4 @@ mod identities;
 mod lifecycle;
 mod notifications;
 mod profiles;
+mod studio;

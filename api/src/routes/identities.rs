@@ -20,6 +20,7 @@ use atelier_shared::db::identities::{
     DeleteIdentity, IdentityAdmission, IdentityQuery, IdentityRow, NewIdentity,
 };
 use atelier_shared::db::jobs::NewJob;
+use atelier_shared::db::rows::JobRow;
 use atelier_shared::domain::JobStatus;
 use atelier_shared::domain::identity::{
     self, IdentityKind, PhotoSource, PreprocessSpec, is_face_problem, is_input_problem,
@@ -385,21 +386,26 @@ pub(crate) async fn erase(s: &AppState, keys: &[String]) {
 /// (the face check is done then); its status when it ended or the wait did.
 async fn wait_for_job(s: &AppState, job_id: &str) -> ApiResult<JobStatus> {
     let limit = Duration::from_millis(s.config.identity.upload_wait_ms);
+    Ok(wait_for_end(s, job_id, limit).await?.status)
+}
+
+/// Waits up to `limit` for job `job_id` to end (or the server to stop);
+/// the job as it is then.
+pub(crate) async fn wait_for_end(s: &AppState, job_id: &str, limit: Duration) -> ApiResult<JobRow> {
     let start = Instant::now();
     let mut pause = Duration::from_millis(25);
     loop {
-        let status = s
+        let job = s
             .store
             .job(job_id)
             .await?
-            .ok_or_else(|| ApiError::internal(format!("preprocessing job {job_id} vanished")))?
-            .status;
-        if status.is_terminal() || start.elapsed() >= limit {
-            return Ok(status);
+            .ok_or_else(|| ApiError::internal(format!("job {job_id} vanished")))?;
+        if job.status.is_terminal() || start.elapsed() >= limit {
+            return Ok(job);
         }
         tokio::select! {
             _ = tokio::time::sleep(pause.min(limit.saturating_sub(start.elapsed()))) => {}
-            _ = s.shutdown.cancelled() => return Ok(status),
+            _ = s.shutdown.cancelled() => return Ok(job),
         }
         pause = (pause * 2).min(Duration::from_millis(250));
     }

@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod notifications;
 pub mod profiles;
 pub mod projects;
+pub mod studio;
 pub mod swap;
 pub mod uploads;
 pub mod webhooks;

@@ -10,7 +10,7 @@ use super::{Result, Store, Tx, to_json};
 use crate::domain::credits::{Credits, PriceTable};
 use crate::domain::identity::FaceRecord;
 use crate::domain::kinds::IdentityUse;
-use crate::domain::task::{FaceRef, JobInputs};
+use crate::domain::task::{FaceRef, JobInputs, ProfileFace};
 use crate::domain::{JobSpec, JobStatus, OutputStatus};
 use crate::time::now_ms;
 use sqlx::AnyConnection;
@@ -60,6 +60,14 @@ pub enum Admission {
     IdentityNotReady {
         status: &'static str,
     },
+    /// A named profile is not one of the caller's.
+    ProfileNotFound {
+        id: String,
+    },
+    /// A named profile is not READY (or has no usable face).
+    ProfileNotReady {
+        id: String,
+    },
 }
 
 /// What [`Store::abort_job`] did.
@@ -93,6 +101,33 @@ pub enum Regeneration {
 enum Missing {
     File(String),
     Face,
+    Profile(String),
+}
+
+/// The face a completed preprocessing job built: its crop and record;
+/// `None` when it has none usable (missing, or recorded in a form this
+/// version cannot read).
+async fn face_of_job(conn: &mut AnyConnection, job_id: &str) -> Result<Option<FaceRef>> {
+    let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT full_key, input_description FROM outputs WHERE job_id = $1 AND status = $2 \
+         ORDER BY version DESC LIMIT 1",
+    )
+    .bind(job_id)
+    .bind(OutputStatus::Completed)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let record = row.as_ref().and_then(|(_, d)| {
+        d.as_deref()
+            .and_then(|d| serde_json::from_str::<FaceRecord>(d).ok())
+    });
+    Ok(match (row, record) {
+        (Some((Some(crop_key), _)), Some(record)) => Some(FaceRef {
+            job_id: job_id.to_string(),
+            crop_key,
+            record,
+        }),
+        _ => None,
+    })
 }
 
 /// Resolves what a job reads: the object keys of its input files (which
@@ -102,6 +137,7 @@ async fn resolve_inputs(
     account_id: &str,
     spec: &JobSpec,
     face_job: Option<&str>,
+    profile_jobs: &[(&str, String)],
 ) -> Result<std::result::Result<JobInputs, Missing>> {
     let files = match uploaded_keys(conn, account_id, &spec.requirements().files).await? {
         Ok(f) => f,
@@ -109,32 +145,26 @@ async fn resolve_inputs(
     };
     let face = match face_job {
         None => None,
-        Some(job_id) => {
-            let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
-                "SELECT full_key, input_description FROM outputs WHERE job_id = $1 AND status = $2 \
-                 ORDER BY version DESC LIMIT 1",
-            )
-            .bind(job_id)
-            .bind(OutputStatus::Completed)
-            .fetch_optional(&mut *conn)
-            .await?;
-            let record = row.as_ref().and_then(|(_, d)| {
-                d.as_deref()
-                    .and_then(|d| serde_json::from_str::<FaceRecord>(d).ok())
-            });
-            match (row, record) {
-                (Some((Some(crop_key), _)), Some(record)) => Some(FaceRef {
-                    job_id: job_id.to_string(),
-                    crop_key,
-                    record,
-                }),
-                // No usable face (missing, or recorded in a form this
-                // version cannot read): the identity cannot be used.
-                _ => return Ok(Err(Missing::Face)),
-            }
-        }
+        Some(job_id) => match face_of_job(conn, job_id).await? {
+            Some(f) => Some(f),
+            None => return Ok(Err(Missing::Face)),
+        },
     };
-    Ok(Ok(JobInputs { files, face }))
+    let mut profiles = Vec::new();
+    for (profile_id, job_id) in profile_jobs {
+        match face_of_job(conn, job_id).await? {
+            Some(face) => profiles.push(ProfileFace {
+                profile_id: profile_id.to_string(),
+                face,
+            }),
+            None => return Ok(Err(Missing::Profile(profile_id.to_string()))),
+        }
+    }
+    Ok(Ok(JobInputs {
+        files,
+        face,
+        profiles,
+    }))
 }
 
 impl Store {
@@ -235,7 +265,35 @@ impl Store {
                 }
             }
         }
-        let inputs = match resolve_inputs(tx, j.account_id, &j.spec, face_job.as_deref()).await? {
+        // Each named profile: the caller's, READY, locked against a delete.
+        let mut profile_jobs: Vec<(&str, String)> = Vec::new();
+        for id in &requirements.profiles {
+            let sql = format!(
+                "SELECT j.status, j.id FROM identities i LEFT JOIN jobs j ON j.id = i.job_id \
+                 WHERE i.code = $1 AND i.account_id = $2 AND i.kind = $3{}",
+                self.for_update_of("i")
+            );
+            let found: Option<(Option<JobStatus>, Option<String>)> = sqlx::query_as(&sql)
+                .bind(*id)
+                .bind(j.account_id)
+                .bind(crate::domain::identity::IdentityKind::Profile.as_str())
+                .fetch_optional(&mut **tx)
+                .await?;
+            match found {
+                None => return Ok(Admission::ProfileNotFound { id: id.to_string() }),
+                Some((Some(JobStatus::Completed), Some(job))) => profile_jobs.push((id, job)),
+                Some(_) => return Ok(Admission::ProfileNotReady { id: id.to_string() }),
+            }
+        }
+        let inputs = match resolve_inputs(
+            tx,
+            j.account_id,
+            &j.spec,
+            face_job.as_deref(),
+            &profile_jobs,
+        )
+        .await?
+        {
             Ok(inputs) => inputs,
             Err(Missing::File(file_id)) => return Ok(Admission::FileUnavailable { file_id }),
             Err(Missing::Face) => {
@@ -243,6 +301,7 @@ impl Store {
                     status: crate::domain::identity::preprocessing_status(Some(JobStatus::Failed)),
                 });
             }
+            Err(Missing::Profile(id)) => return Ok(Admission::ProfileNotReady { id }),
         };
         let spec_json = to_json(
             &j.spec
@@ -329,11 +388,13 @@ impl Store {
     /// gone.
     pub async fn resolve_job_inputs(&self, job: &JobRow) -> Result<Option<JobInputs>> {
         let mut conn = self.pool().acquire().await?;
+        // Jobs that name profiles were all admitted with `jobs.inputs`.
         Ok(resolve_inputs(
             &mut conn,
             &job.account_id,
             &job.spec,
             job.identity_face_job.as_deref(),
+            &[],
         )
         .await?
         .ok())

@@ -107,6 +107,7 @@ impl JobKind for IdentityCreation {
         Requirements {
             files,
             identity: None,
+            profiles: Vec::new(),
         }
     }
 

@@ -66,6 +66,7 @@ impl JobKind for Flat2Model {
         Requirements {
             files: spec.images.iter().map(|i| i.file_id.as_str()).collect(),
             identity: Some(IdentityUse::Ready(&spec.identity_code)),
+            profiles: Vec::new(),
         }
     }
 

@@ -136,6 +136,7 @@ impl JobKind for IdentityPreprocessing {
         Requirements {
             files: Vec::new(),
             identity: Some(IdentityUse::Builds(&spec.identity_code)),
+            profiles: Vec::new(),
         }
     }
 

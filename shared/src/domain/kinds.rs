@@ -126,6 +126,9 @@ pub struct Requirements<'a> {
     /// them; their object keys travel with every task.
     pub files: Vec<&'a str>,
     pub identity: Option<IdentityUse<'a>>,
+    /// Profiles the job names (Studio): each must be the caller's and
+    /// READY; their faces travel with every task.
+    pub profiles: Vec<&'a str>,
 }
 
 /// Registers the kinds. One line per kind: `Variant => path::Kind`.
@@ -258,6 +261,8 @@ job_kinds! {
     IdentityPreprocessing => super::identity::IdentityPreprocessing,
     Flat2Model => super::flat::Flat2Model,
     IdentityCreation => super::drafts::IdentityCreation,
+    Studio => super::studio::Studio,
+    StudioRestore => super::studio::StudioRestore,
 }
 
 impl JobType {

@@ -15,6 +15,7 @@ pub mod packshot;
 pub mod policy;
 pub mod retry;
 pub mod state;
+pub mod studio;
 pub mod swap;
 pub mod task;
 pub mod trace;

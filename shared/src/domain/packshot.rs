@@ -498,6 +498,7 @@ impl JobKind for CreatePackshot {
         Requirements {
             files: spec.images.iter().map(|i| i.file_id.as_str()).collect(),
             identity: None,
+            profiles: Vec::new(),
         }
     }
 

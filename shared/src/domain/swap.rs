@@ -33,6 +33,7 @@ impl JobKind for ModelSwap {
         Requirements {
             files: spec.images.iter().map(|i| i.file_id.as_str()).collect(),
             identity: Some(IdentityUse::Ready(&spec.identity_code)),
+            profiles: Vec::new(),
         }
     }
 

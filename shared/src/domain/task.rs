@@ -104,6 +104,16 @@ pub struct JobInputs {
     pub files: Vec<InputFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub face: Option<FaceRef>,
+    /// The faces of the profiles the job names (Studio), in its order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<ProfileFace>,
+}
+
+/// A named profile's face, fixed when the job was admitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileFace {
+    pub profile_id: String,
+    pub face: FaceRef,
 }
 
 impl JobInputs {

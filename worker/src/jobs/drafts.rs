@@ -66,6 +66,7 @@ pub(super) async fn run(
         &fields,
         &ins.output,
         describe,
+        |_| Ok(Map::new()),
     )
     .await
 }

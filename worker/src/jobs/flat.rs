@@ -100,6 +100,7 @@ pub(super) async fn run(
         &fields,
         &ins.output,
         describe,
+        |_| Ok(Map::new()),
     )
     .await
 }

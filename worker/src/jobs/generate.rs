@@ -11,11 +11,14 @@ use atelier_shared::domain::packshot::{EngineChoice, OutputSpec};
 use atelier_shared::domain::{JobType, OutputResult, Task};
 use base64::Engine as _;
 use bytes::Bytes;
+use image::RgbaImage;
 use serde_json::{Map, Value};
 
 /// Draws this attempt of the task's output with the route its kind and
 /// `model` pick, at `out`'s size and format; `describe` adds the kind's own
-/// keys to `input_description`.
+/// keys to `input_description`, and so does `inspect`, which looks at the
+/// final picture (on the blocking pool).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn draw(
     ctx: &WorkerContext,
     task: &Task,
@@ -24,6 +27,7 @@ pub(super) async fn draw(
     fields: &Map<String, Value>,
     out: &OutputSpec,
     describe: Map<String, Value>,
+    inspect: impl FnOnce(&RgbaImage) -> Result<Map<String, Value>, TaskFailure> + Send + 'static,
 ) -> Result<OutputResult, TaskFailure> {
     let route = ctx.generators.pick(
         kind,
@@ -38,15 +42,20 @@ pub(super) async fn draw(
     } = route.generate(kind, fields).await?;
     description.extend(describe);
     let (width, height, format) = (out.width, out.height, out.format);
-    let encoded = off_runtime(ctx, move || {
+    let (encoded, seen) = off_runtime(ctx, move || {
         let canvas = imaging::cover(&image, width, height)?;
-        Ok(Encoded {
-            full: imaging::encode(&canvas, format)?,
-            format,
-            thumb: imaging::thumbnail(&canvas)?,
-        })
+        let seen = inspect(&canvas)?;
+        Ok((
+            Encoded {
+                full: imaging::encode(&canvas, format)?,
+                format,
+                thumb: imaging::thumbnail(&canvas)?,
+            },
+            seen,
+        ))
     })
     .await?;
+    description.extend(seen);
     let (full_key, thumb_key) = store_result(ctx, &task.run_base(), encoded).await?;
     Ok(OutputResult {
         full_key,

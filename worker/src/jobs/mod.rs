@@ -12,6 +12,7 @@ mod flat;
 mod generate;
 mod identity;
 mod packshot;
+mod studio;
 mod swap;
 
 use crate::context::WorkerContext;
@@ -31,6 +32,8 @@ pub(crate) async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputRe
         JobSpec::IdentityPreprocessing(spec) => identity::run(ctx, task, spec).await,
         JobSpec::Flat2Model(spec) => flat::run(ctx, task, spec).await,
         JobSpec::IdentityCreation(spec) => drafts::run(ctx, task, spec).await,
+        JobSpec::Studio(spec) => studio::run(ctx, task, spec).await,
+        JobSpec::StudioRestore(spec) => studio::restore(ctx, task, spec).await,
     }
 }
 
