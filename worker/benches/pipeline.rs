@@ -90,6 +90,7 @@ fn main() {
                 spec: &s2k,
                 instruction_index: 0,
                 variation_index: 0,
+                version: 0,
                 inputs: &inputs,
             })
             .expect("renders");
@@ -142,6 +143,7 @@ fn main() {
                                 spec: &s,
                                 instruction_index: 0,
                                 variation_index: i as u32,
+                                version: 0,
                                 inputs: &inputs,
                             })
                             .expect("renders");

@@ -70,46 +70,12 @@ async fn call(
         return Err(ApiError::invalid(vec![e]));
     }
     // The photos: bytes are checked and stored now; URLs are checked
-    // against the egress policy here and fetched by the worker.
+    // against the egress policy here and fetched by the worker. Whatever
+    // was stored is erased again if the call goes no further.
     let mut stored = Vec::new();
-    for (i, img) in images.into_iter().enumerate() {
-        let at = format!("images[{i}]");
-        match img {
-            StudioImageIn::Bytes(bytes) => {
-                let (ct, ext, w, h) = crate::routes::uploads::sniff_any(&bytes).map_err(|m| {
-                    ApiError::bad_request(Some(&at), format!("unreadable image: {m}"), "body")
-                })?;
-                if u64::from(w) * u64::from(h) > s.config.worker.max_input_pixels {
-                    return Err(ApiError::bad_request(
-                        Some(&at),
-                        format!(
-                            "image too large: {w}x{h} is above the limit of {} pixels",
-                            s.config.worker.max_input_pixels
-                        ),
-                        "body",
-                    ));
-                }
-                let key = format!(
-                    "studio/{}/{}.{ext}",
-                    acc.id,
-                    ulid::Ulid::new().to_string().to_lowercase()
-                );
-                s.objects.put(&key, bytes.into(), ct).await?;
-                stored.push(key.clone());
-                spec.images.push(PhotoSource::Object {
-                    key,
-                    filename: None,
-                });
-            }
-            StudioImageIn::Url(raw) => {
-                let url = s.egress.check_url(&raw).await.map_err(|e| {
-                    ApiError::bad_request(Some(&at), format!("unusable URL: {e}"), "body")
-                })?;
-                spec.images.push(PhotoSource::Url {
-                    url: url.to_string(),
-                });
-            }
-        }
+    if let Err(e) = place_photos(s, &acc.id, &mut spec, images, &mut stored).await {
+        crate::routes::identities::erase(s, &stored).await;
+        return Err(e);
     }
     let response_mode = spec.response_mode;
     let job_spec: JobSpec = if restore {
@@ -118,20 +84,23 @@ async fn call(
         spec.into()
     };
     let job_type = job_spec.job_type();
-    let (billing, _) = s.store.billing_owner(&acc.id).await?;
-    let admitted = s
-        .store
-        .create_job(NewJob {
-            account_id: &acc.id,
-            billing_account_id: &billing,
-            project_id: None,
-            spec: job_spec,
-            prices: &s.config.prices,
-            max_attempts: s.config.scheduler.retry.max_attempts,
-            active_job_cap: None,
-            traceparent: Some(job_trace(headers).to_string()),
-        })
-        .await;
+    let admitted = match s.store.billing_owner(&acc.id).await {
+        Ok((billing, _)) => {
+            s.store
+                .create_job(NewJob {
+                    account_id: &acc.id,
+                    billing_account_id: &billing,
+                    project_id: None,
+                    spec: job_spec,
+                    prices: &s.config.prices,
+                    max_attempts: s.config.scheduler.retry.max_attempts,
+                    active_job_cap: None,
+                    traceparent: Some(job_trace(headers).to_string()),
+                })
+                .await
+        }
+        Err(e) => Err(e),
+    };
     let job_id = match admitted {
         Ok(Admission::Created { job_id, .. }) => job_id,
         other => {
@@ -145,9 +114,23 @@ async fn call(
     metrics::counter!("atelier_jobs_created_total", "type" => job_type.as_str()).increment(1);
     tracing::info!(job.id = %job_id, account.id = %acc.id, %job_type, "studio call accepted");
 
+    // From here the call is a job: every answer names it.
+    answer(s, &job_id, response_mode)
+        .await
+        .map(axum::Json)
+        .map_err(|e| e.with("job_id", job_id.clone()))
+}
+
+/// Waits for the call's job (up to `limits.studio_wait_ms`) and builds the
+/// answer from its outputs.
+async fn answer(
+    s: &AppState,
+    job_id: &str,
+    response_mode: ResponseMode,
+) -> ApiResult<StudioAnswer> {
     // Wait for it, within the bound.
     let limit = Duration::from_millis(s.config.limits.studio_wait_ms);
-    let job = crate::routes::identities::wait_for_end(s, &job_id, limit).await?;
+    let job = crate::routes::identities::wait_for_end(s, job_id, limit).await?;
     if !job.status.is_terminal() {
         if s.shutdown.is_cancelled() {
             return Err(ApiError::unavailable(
@@ -163,7 +146,7 @@ async fn call(
                 limit.as_secs()
             ),
         )
-        .with("job_id", job_id));
+        .with("job_id", job_id.to_string()));
     }
     let outputs = s.store.latest_outputs(&job.id).await?;
     let done: Vec<_> = outputs
@@ -183,7 +166,7 @@ async fn call(
             ApiError::new(StatusCode::BAD_GATEWAY, "generation_failed", why).with("job_id", job.id)
         });
     }
-    let mut answer = StudioAnswer {
+    let mut out = StudioAnswer {
         images: Vec::new(),
         download_urls: Vec::new(),
         known_subjects: Default::default(),
@@ -195,8 +178,7 @@ async fn call(
         match response_mode {
             ResponseMode::Bytes => {
                 let bytes = s.objects.get(key).await?;
-                answer
-                    .images
+                out.images
                     .push(base64::engine::general_purpose::STANDARD.encode(&bytes));
             }
             ResponseMode::Urls => {
@@ -205,8 +187,7 @@ async fn call(
                 } else {
                     "image/jpeg"
                 };
-                answer
-                    .download_urls
+                out.download_urls
                     .push(s.object_url(key, ct, URL_TTL).await?);
             }
         }
@@ -221,8 +202,59 @@ async fn call(
             }
         }
     }
-    answer.known_subjects.counts = counts;
-    Ok(axum::Json(answer))
+    out.known_subjects.counts = counts;
+    Ok(out)
+}
+
+/// Stores the call's byte photos (checked: an image of an accepted type,
+/// within the pixel limit) and checks its URLs, in order, into
+/// `spec.images`; the keys stored so far in `stored`.
+async fn place_photos(
+    s: &AppState,
+    account: &str,
+    spec: &mut studio::StudioSpec,
+    images: Vec<StudioImageIn>,
+    stored: &mut Vec<String>,
+) -> ApiResult<()> {
+    for (i, img) in images.into_iter().enumerate() {
+        let at = format!("images[{i}]");
+        match img {
+            StudioImageIn::Bytes(bytes) => {
+                let (ct, ext, w, h) = crate::routes::uploads::sniff_any(&bytes).map_err(|m| {
+                    ApiError::bad_request(Some(&at), format!("unreadable image: {m}"), "body")
+                })?;
+                if u64::from(w) * u64::from(h) > s.config.worker.max_input_pixels {
+                    return Err(ApiError::bad_request(
+                        Some(&at),
+                        format!(
+                            "image too large: {w}x{h} is above the limit of {} pixels",
+                            s.config.worker.max_input_pixels
+                        ),
+                        "body",
+                    ));
+                }
+                let key = format!(
+                    "studio/{account}/{}.{ext}",
+                    ulid::Ulid::new().to_string().to_lowercase()
+                );
+                s.objects.put(&key, bytes.into(), ct).await?;
+                stored.push(key.clone());
+                spec.images.push(PhotoSource::Object {
+                    key,
+                    filename: None,
+                });
+            }
+            StudioImageIn::Url(raw) => {
+                let url = s.egress.check_url(&raw).await.map_err(|e| {
+                    ApiError::bad_request(Some(&at), format!("unusable URL: {e}"), "body")
+                })?;
+                spec.images.push(PhotoSource::Url {
+                    url: url.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 macro_rules! studio_routes {

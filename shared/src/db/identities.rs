@@ -439,12 +439,24 @@ impl Store {
         if found.is_none() {
             return Ok(DeleteIdentity::NotFound);
         }
+        // A job works with it when it names it (model swap, flat-2-model,
+        // its own preprocessing) or carries its face (Studio profiles).
         let sql = format!(
-            "SELECT id FROM jobs WHERE identity_code = $1 AND status IN ({}) ORDER BY created_at LIMIT 1",
+            "SELECT id FROM jobs WHERE status IN ({}) AND (identity_code = $1 \
+             OR (account_id = $2 AND inputs LIKE $3 ESCAPE '\\')) ORDER BY created_at LIMIT 1",
             JobStatus::sql_in(&JobStatus::OPEN)
         );
+        let escaped: String = code
+            .chars()
+            .flat_map(|c| match c {
+                '\\' | '%' | '_' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
         let busy: Option<String> = sqlx::query_scalar(&sql)
             .bind(code)
+            .bind(account_id)
+            .bind(format!("%\"profile_id\":\"{escaped}\"%"))
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(job_id) = busy {

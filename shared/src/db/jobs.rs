@@ -75,8 +75,9 @@ pub enum Admission {
 pub struct Abort {
     /// False when the job had already finished.
     pub aborted: bool,
-    /// `(output_id, attempt)` of the outputs a worker was running: their
-    /// work is told to stop ([`crate::domain::task::cancel_marker`]).
+    /// `(output_id, attempt)` of the outputs handed to workers (dispatched
+    /// or running): their work is told to stop
+    /// ([`crate::domain::task::cancel_marker`]).
     pub running: Vec<(i64, i64)>,
 }
 
@@ -491,8 +492,10 @@ impl Store {
                 false,
             )
             .await?
-                && o.status == OutputStatus::Running
+                && matches!(o.status, OutputStatus::Dispatched | OutputStatus::Running)
             {
+                // A dispatched task may already be running: its worker
+                // starts before the scheduler records the start.
                 running.push((o.id, o.attempt));
             }
         }
@@ -602,7 +605,18 @@ impl Store {
             tx.rollback().await?;
             return Ok(Some(Regeneration::NotFinished(JobStatus::Processing)));
         }
-        let version = latest.version + 1;
+        // Read again under the job's lock: a regeneration that committed
+        // since the read above has moved the latest version on.
+        let latest_version: i64 = sqlx::query_scalar(
+            "SELECT CAST(MAX(version) AS BIGINT) FROM outputs WHERE job_id = $1 \
+             AND instruction_index = $2 AND variation_index = $3",
+        )
+        .bind(job_id)
+        .bind(instruction_index)
+        .bind(variation_index)
+        .fetch_one(&mut *tx)
+        .await?;
+        let version = latest_version + 1;
         let output_id: i64 = sqlx::query_scalar(
             "INSERT INTO outputs (job_id, billing_account_id, queue, instruction_index, variation_index, version, status, \
              max_attempts, scheduled_at, cost, output_format, created_at, updated_at) \

@@ -250,13 +250,19 @@ pub fn parse_request(body: &serde_json::Value) -> Result<DraftRequest, FieldErro
     })
 }
 
-/// A group (`appearance`, …) as strings; `age` may be an integer. Empty
-/// values are dropped; anything else is a problem named `at.key`.
+/// Group `name` (`appearance`, …) as strings; `age` may be an integer.
+/// Empty values are dropped; a key the group does not document, or any
+/// other value, is a problem named `at.key`.
 fn read_group(
+    name: &str,
     at: &str,
     v: Option<&serde_json::Value>,
     errs: &mut Vec<FieldError>,
 ) -> BTreeMap<String, String> {
+    let keys = GROUPS
+        .iter()
+        .find(|(g, _)| *g == name)
+        .map_or(&[][..], |(_, k)| *k);
     let mut out = BTreeMap::new();
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return out;
@@ -266,6 +272,13 @@ fn read_group(
         return out;
     };
     for (k, v) in obj {
+        if !keys.contains(&k.as_str()) {
+            errs.push(FieldError::new(
+                format!("{at}.{}", k.chars().take(64).collect::<String>()),
+                format!("unknown field; {name} takes {}", keys.join(", ")),
+            ));
+            continue;
+        }
         let text = match v {
             serde_json::Value::String(s) => s.trim().to_string(),
             serde_json::Value::Number(n) if k == "age" && n.is_u64() => n.to_string(),
@@ -338,9 +351,14 @@ pub fn validate(
                 format!("must be between 1 and {MAX_VARIATIONS}"),
             ));
         }
-        let appearance = read_group(&at("appearance"), ins.appearance.as_ref(), &mut errs);
-        let face = read_group(&at("face"), ins.face.as_ref(), &mut errs);
-        let hair = read_group(&at("hair"), ins.hair.as_ref(), &mut errs);
+        let appearance = read_group(
+            "appearance",
+            &at("appearance"),
+            ins.appearance.as_ref(),
+            &mut errs,
+        );
+        let face = read_group("face", &at("face"), ins.face.as_ref(), &mut errs);
+        let hair = read_group("hair", &at("hair"), ins.hair.as_ref(), &mut errs);
         let client_prompt = ins
             .prompt
             .as_deref()
@@ -484,15 +502,10 @@ pub fn prompt_for(ins: &DraftInstructionSpec) -> String {
     ];
     for (group, keys) in GROUPS {
         let m = ins.group(group);
-        let mut said: Vec<String> = keys
+        let said: Vec<String> = keys
             .iter()
             .filter_map(|k| m.get(*k).map(|v| describe(k, v)))
             .collect();
-        said.extend(
-            m.iter()
-                .filter(|(k, _)| !keys.contains(&k.as_str()))
-                .map(|(k, v)| describe(k, v)),
-        );
         if !said.is_empty() {
             parts.push(format!("{}: {}.", capitalise(group), said.join(", ")));
         }
@@ -595,7 +608,7 @@ mod tests {
             "instructions": [
                 {"num_variations": 9},
                 {"prompt": "a portrait of Taylor Swift on a beach", "input_assets": [{"file_id": "a"}, {"file_id": "a"}, {"file_id": "b"}, {"file_id": "c"}]},
-                {"appearance": {"age": true, "gender": 5}, "options": {"width": 1000}}
+                {"appearance": {"age": true, "gender": 5, "Taylor Swift": "yes"}, "options": {"width": 1000}}
             ],
             "options": {"model": "nano_banana_pro"},
             "name": ""
@@ -610,6 +623,7 @@ mod tests {
             "instructions[1].input_assets[1].file_id",
             "instructions[2].appearance.age",
             "instructions[2].appearance.gender",
+            "instructions[2].appearance.Taylor Swift",
             "instructions[2].options.height",
             "instructions[2]",
             "options.model",

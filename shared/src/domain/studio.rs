@@ -26,6 +26,8 @@ pub const MAX_IMAGES: usize = 10;
 pub const MAX_OUTPUTS: u32 = 4;
 /// Distinct profiles one call may name.
 pub const MAX_PROFILES: usize = 10;
+/// Characters of a profile id.
+pub const MAX_PROFILE_ID: usize = 64;
 
 /// Which endpoint a call came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +282,17 @@ pub fn validate(
             profiles.push(id);
         }
     }
+    for id in &profiles {
+        if id.chars().count() > MAX_PROFILE_ID || id.chars().any(char::is_control) {
+            errs.push(FieldError::new(
+                "profile_ids",
+                format!(
+                    "a profile id is at most {MAX_PROFILE_ID} characters, without control characters: {:?}",
+                    id.chars().take(MAX_PROFILE_ID).collect::<String>()
+                ),
+            ));
+        }
+    }
     if profiles.len() > MAX_PROFILES {
         errs.push(FieldError::new(
             "profile_ids",
@@ -491,6 +504,8 @@ mod tests {
         .expect_err("invalid");
         let f: Vec<_> = errs.iter().filter_map(|e| e.field.clone()).collect();
         assert_eq!(f, ["images", "profile_ids", "prompt"]);
+        let errs = edit(json!({"images": ["aGVsbG8="], "prompt": "[[a\u{0}b]]"})).expect_err("NUL");
+        assert_eq!(errs[0].field.as_deref(), Some("profile_ids"));
         let errs = edit(json!({"images": ["aGVsbG8="], "aspect_ratio": "2:1"})).expect_err("enum");
         assert_eq!(errs[0].field.as_deref(), Some("aspect_ratio"));
     }

@@ -161,12 +161,18 @@ pub struct Task {
     pub inputs: JobInputs,
 }
 
+/// The seed of version `version` of an output whose variation seed is
+/// `variation_seed`: itself for the original, another for each regeneration.
+pub fn regeneration_seed(variation_seed: u32, version: u32) -> u32 {
+    variation_seed.wrapping_add(version.wrapping_mul(1_000_003))
+}
+
 impl TaskOutput {
     /// The seed a generator uses for this output: the variation's own
     /// seed for the original, a different one for each regeneration (a
     /// regeneration that drew the same picture again would be pointless).
     pub fn seed(&self, variation_seed: u32) -> u32 {
-        variation_seed.wrapping_add(self.version.wrapping_mul(1_000_003))
+        regeneration_seed(variation_seed, self.version)
     }
 }
 

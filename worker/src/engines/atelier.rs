@@ -113,7 +113,7 @@ impl AtelierEngine {
     ) -> Result<(Rendered, StageTimes), TaskFailure> {
         let ins = req.instruction()?;
         let src = req.source()?;
-        let seed = u64::from(ins.variation_seed(req.variation_index));
+        let seed = u64::from(req.seed(ins));
         let mut times = StageTimes::default();
 
         let t = Instant::now();
@@ -785,6 +785,7 @@ pub(crate) mod tests {
                 spec: &s,
                 instruction_index: 0,
                 variation_index: v,
+                version: 0,
                 inputs: &inputs,
             })
             .expect("renders")

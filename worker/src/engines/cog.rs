@@ -235,7 +235,18 @@ impl CogEngine {
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => {
-                unfinished.armed = false;
+                // Only a prediction known to have ended is left alone; after
+                // any failure (the request may have reached the container)
+                // the guard cancels it, which is harmless if it never ran.
+                let ended = r.as_ref().is_ok_and(|p| {
+                    matches!(
+                        p["status"].as_str(),
+                        Some("succeeded" | "failed" | "canceled")
+                    )
+                });
+                if ended {
+                    unfinished.armed = false;
+                }
                 r
             }
             Err(_) => Err(TaskFailure::retryable(format!(
@@ -461,10 +472,7 @@ fn packshot_fields(req: &RenderRequest<'_>) -> Result<Map<String, Value>, TaskFa
     f.insert("images".into(), Value::Array(all));
     f.insert("prompt".into(), Value::String(prompt_for(ins)));
     f.insert("client_prompt".into(), Value::String(ins.prompt.clone()));
-    f.insert(
-        "seed".into(),
-        json!(ins.variation_seed(req.variation_index)),
-    );
+    f.insert("seed".into(), json!(req.seed(ins)));
     f.insert("width".into(), json!(ins.output.width));
     f.insert("height".into(), json!(ins.output.height));
     f.insert("style".into(), json!(ins.style));
@@ -512,10 +520,7 @@ impl Engine for CogEngine {
         let mut description = got.description;
         description.insert("source_file_id".into(), json!(src.file_id));
         description.insert("style".into(), json!(ins.style));
-        description.insert(
-            "seed".into(),
-            json!(ins.variation_seed(req.variation_index)),
-        );
+        description.insert("seed".into(), json!(req.seed(ins)));
         Ok(Rendered {
             image,
             model_used: got.model_used,
@@ -545,6 +550,7 @@ mod tests {
             spec: &spec,
             instruction_index: 0,
             variation_index: 1,
+            version: 0,
             inputs: &inputs,
         };
         let fields = packshot_fields(&req).expect("fields");

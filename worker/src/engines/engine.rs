@@ -21,10 +21,21 @@ pub struct RenderRequest<'a> {
     pub spec: &'a PackshotSpec,
     pub instruction_index: usize,
     pub variation_index: u32,
+    /// 0 for the original output, +1 per regeneration.
+    pub version: u32,
     pub inputs: &'a [Input],
 }
 
 impl RenderRequest<'_> {
+    /// The seed of this output: its variation's, moved on per regeneration
+    /// so that a regenerated output is drawn anew.
+    pub fn seed(&self, ins: &InstructionSpec) -> u32 {
+        atelier_shared::domain::task::regeneration_seed(
+            ins.variation_seed(self.variation_index),
+            self.version,
+        )
+    }
+
     /// The instruction this output belongs to.
     pub fn instruction(&self) -> Result<&InstructionSpec, TaskFailure> {
         self.spec

@@ -230,7 +230,7 @@ impl Engine for HttpEngine {
                 "data": base64::engine::general_purpose::STANDARD.encode(jpeg),
             }));
         }
-        let seed = ins.variation_seed(req.variation_index);
+        let seed = req.seed(ins);
         let body = serde_json::json!({
             "protocol": "atelier-engine/1",
             "engine": self.name,
@@ -500,6 +500,7 @@ mod tests {
                 spec: &s,
                 instruction_index: 0,
                 variation_index: 0,
+                version: 0,
                 inputs: &inputs,
             })
             .expect("renders");

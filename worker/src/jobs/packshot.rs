@@ -55,6 +55,7 @@ pub(super) async fn run(
             spec: &spec,
             instruction_index: ins,
             variation_index: output.variation_index,
+            version: output.version,
             inputs: &inputs,
         };
         let out = pipeline.run(
