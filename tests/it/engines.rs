@@ -205,7 +205,9 @@ fn cog_route(url: &str, extra: &[(&str, &str)]) -> EngineRoute {
         )
     })
     .collect();
-    mapping.insert("delay".into(), CogInput::Constant(json!(0.05)));
+    mapping
+        .entry("delay".into())
+        .or_insert(CogInput::Constant(json!(0.05)));
     EngineRoute::Cog {
         url: url.to_string(),
         timeout_secs: 60,
@@ -369,5 +371,62 @@ async fn marketing_ready_scenes_go_to_generators_first() {
         .collect();
     assert!(used[0].starts_with("atelier"), "{used:?}");
     assert_eq!(used[1], "seedream (cog)", "{used:?}");
+    app.stop().await;
+}
+
+/// Aborting a packshot job whose output a Cog route is drawing cancels the
+/// container's prediction (the packshot pipeline runs on the blocking
+/// pool; the task's stop signal reaches it there).
+#[tokio::test]
+async fn abort_cancels_a_packshot_prediction() {
+    let fixture = CogFixture::start("packshot").await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        c.worker.abort_check_ms = 100;
+        let mut route = cog_route(&fixture.url, &[]);
+        if let EngineRoute::Cog { inputs, .. } = &mut route {
+            for m in inputs.values_mut() {
+                m.insert("delay".into(), CogInput::Constant(json!(30.0)));
+            }
+        }
+        c.engines.routes.insert("seedream".into(), route);
+    })
+    .await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(120, 160), "g.jpg").await;
+    let (before, _) = app.balance(&app.key).await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "options": {"model": "seedream"},
+                   "instructions": [{"style": "white_cutout", "seed": 17}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let t = std::time::Instant::now();
+    while app.store.latest_outputs(&job).await.expect("outputs")[0].status
+        != atelier_shared::domain::OutputStatus::Running
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, v) = app.post(&format!("/jobs/{job}/abort"), json!({})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let t = std::time::Instant::now();
+    while fixture.cancelled().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the container never saw the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fixture.cancelled(), ["cancelled seed=17"]);
+    assert_eq!(
+        app.balance(&app.key).await,
+        (before, 0.0),
+        "nothing charged"
+    );
+    app.audit_clean().await;
     app.stop().await;
 }

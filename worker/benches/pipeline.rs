@@ -92,6 +92,7 @@ fn main() {
                 variation_index: 0,
                 version: 0,
                 inputs: &inputs,
+                stop: None,
             })
             .expect("renders");
         for (k, v) in times.0 {
@@ -145,6 +146,7 @@ fn main() {
                                 variation_index: i as u32,
                                 version: 0,
                                 inputs: &inputs,
+                                stop: None,
                             })
                             .expect("renders");
                         let _ = imaging::encode(&r.image, s.instructions[0].output.format)

@@ -787,6 +787,7 @@ pub(crate) mod tests {
                 variation_index: v,
                 version: 0,
                 inputs: &inputs,
+                stop: None,
             })
             .expect("renders")
         };

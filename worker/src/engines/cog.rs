@@ -508,9 +508,16 @@ impl Engine for CogEngine {
         let ins = req.instruction()?;
         let src = req.source()?;
         let fields = packshot_fields(req)?;
-        let got = self
-            .runtime
-            .block_on(self.generate(JobType::CreatePackshot, &fields))?;
+        let stop = req.stop.clone().unwrap_or_default();
+        let got = self.runtime.block_on(async {
+            tokio::select! {
+                r = self.generate(JobType::CreatePackshot, &fields) => r,
+                // Dropping the prediction's future cancels it in the container.
+                _ = stop.cancelled() => Err(TaskFailure::retryable(
+                    "the task was stopped; the prediction was cancelled",
+                )),
+            }
+        })?;
         let image = imaging::fit(
             &got.image,
             ins.output.width,
@@ -552,6 +559,7 @@ mod tests {
             variation_index: 1,
             version: 0,
             inputs: &inputs,
+            stop: None,
         };
         let fields = packshot_fields(&req).expect("fields");
         let mut names: Vec<&str> = fields.keys().map(String::as_str).collect();

@@ -24,6 +24,9 @@ pub struct RenderRequest<'a> {
     /// 0 for the original output, +1 per regeneration.
     pub version: u32,
     pub inputs: &'a [Input],
+    /// Fires when the task is dropped (its job aborted, the worker
+    /// stopping): engines that wait on something remote give up then.
+    pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl RenderRequest<'_> {

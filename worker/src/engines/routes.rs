@@ -502,6 +502,7 @@ mod tests {
                 variation_index: 0,
                 version: 0,
                 inputs: &inputs,
+                stop: None,
             })
             .expect("renders");
         assert_eq!(r.image.dimensions(), (1024, 1024));

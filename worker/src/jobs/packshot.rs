@@ -25,6 +25,10 @@ pub(super) async fn run(
 
     let pipeline = ctx.pipeline.clone();
     let max_pixels = ctx.max_input_pixels;
+    // Cancelled when this task is dropped (an abort): a remote engine's
+    // prediction is then cancelled instead of running on.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
     let spec = spec.clone();
     let output = task.output.clone();
     let (out, format) = off_runtime(ctx, move || {
@@ -57,6 +61,7 @@ pub(super) async fn run(
             variation_index: output.variation_index,
             version: output.version,
             inputs: &inputs,
+            stop: Some(stop.clone()),
         };
         let out = pipeline.run(
             &req,
