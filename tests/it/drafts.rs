@@ -222,6 +222,53 @@ async fn drafts_promoted_into_a_working_identity(
         .wait_for_job(v["job_id"].as_str().expect("job"), Duration::from_secs(120))
         .await;
     assert_eq!(st["status"], "completed", "{st}");
+
+    // The expert instruction's draft, regenerated: a new version with a
+    // new seed, charged as the original; the first version is kept.
+    let before_regen = app.balance(&app.key).await.0;
+    let (s, v) = app
+        .post(&format!("/jobs/{job}/regenerate/1"), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let st = app.wait_for_job(&job, Duration::from_secs(90)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let (_, all) = app
+        .get(&format!("/jobs/{job}/results?all_versions=true"))
+        .await;
+    let versions: Vec<(u64, u64, String)> = all["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .filter(|o| o["image_index"] == 1)
+        .map(|o| {
+            (
+                o["version"].as_u64().expect("version"),
+                o["group_index"].as_u64().expect("group"),
+                o["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [(0, 0, "completed".into()), (1, 0, "completed".into())],
+        "{all}"
+    );
+    let latest = all["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .find(|o| o["image_index"] == 1 && o["version"] == 1)
+        .expect("version 1")
+        .clone();
+    let img = image::load_from_memory(&app.fetch(&latest["output"]["full_size"]).await)
+        .expect("an image")
+        .to_rgb8();
+    let c = img.get_pixel(4, 4).0;
+    assert!(
+        near(c[0], ((7u64 + 1_000_003) % 251) as u8),
+        "new seed: {c:?}"
+    );
+    assert_eq!(app.balance(&app.key).await.0, before_regen - 3.0);
     app.audit_clean().await;
     app.stop().await;
 }

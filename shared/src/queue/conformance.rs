@@ -153,6 +153,33 @@ pub async fn held_messages_survive_a_dead_consumer(
     d.ack().await.expect("ack");
 }
 
+/// A consumer dropped with a delivery fetched but unread: the message is
+/// handed back at once, not after a lease (30 s here) or a channel timeout.
+pub async fn a_dropped_consumer_hands_back_what_it_fetched(q: DynQueue) {
+    let name = qname("drop");
+    for n in 0..2 {
+        q.publish(&name, Message::json(&n).expect("json"))
+            .await
+            .expect("publish");
+    }
+    let mut c = q.consume(&name, 2).await.expect("consume");
+    let first = recv(&mut c, Duration::from_secs(5)).await.expect("first");
+    first.ack().await.expect("ack");
+    // Wait until the second is fetched (no longer ready in the queue).
+    let t = std::time::Instant::now();
+    while q.depth(&name).await.expect("depth") > 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "never fetched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(c);
+    let mut c2 = q.consume(&name, 1).await.expect("consume");
+    let d = recv(&mut c2, Duration::from_secs(5))
+        .await
+        .expect("handed back at once");
+    assert_eq!(d.parse::<i32>().expect("n"), 1);
+    d.ack().await.expect("ack");
+}
+
 fn embedded(db: &TestDb, lease_ms: u64) -> (DynQueue, CancellationToken) {
     let stop = CancellationToken::new();
     let q = EmbeddedQueue::with_lease(
@@ -197,6 +224,12 @@ macro_rules! embedded_suite {
             async fn poison_messages_are_dead_lettered() {
                 let db = TestDb::new($dialect).await;
                 super::poison_messages_are_dead_lettered(embedded(&db, 30_000).0).await;
+            }
+
+            #[tokio::test]
+            async fn a_dropped_consumer_hands_back_what_it_fetched() {
+                let db = TestDb::new($dialect).await;
+                super::a_dropped_consumer_hands_back_what_it_fetched(embedded(&db, 30_000).0).await;
             }
 
             #[tokio::test]
@@ -256,6 +289,11 @@ mod rabbitmq {
     #[tokio::test]
     async fn poison_messages_are_dead_lettered() {
         super::poison_messages_are_dead_lettered(rabbitmq_queue().await.0).await;
+    }
+
+    #[tokio::test]
+    async fn a_dropped_consumer_hands_back_what_it_fetched() {
+        super::a_dropped_consumer_hands_back_what_it_fetched(rabbitmq_queue().await.0).await;
     }
 
     /// No lease to wait out: cancelling the first queue's token closes its

@@ -222,11 +222,14 @@ impl Queue for EmbeddedQueue {
                             name: queue.clone(),
                             permit: Mutex::new(Some(permit)),
                         };
-                        if tx
+                        if let Err(mpsc::error::SendError(unread)) = tx
                             .send(Delivery::new(payload, headers, deliveries, Box::new(acker)))
                             .await
-                            .is_err()
                         {
+                            // The consumer went away between the claim and
+                            // the hand-over: the message goes back at once
+                            // instead of waiting for its lease to run out.
+                            let _ = unread.nack(None).await;
                             return;
                         }
                     }

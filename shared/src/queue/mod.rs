@@ -157,6 +157,28 @@ impl Consumer {
     }
 }
 
+/// Deliveries fetched for this consumer but never read go back to their
+/// queue at once (not when a lease runs out, or the channel closes).
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.rx.close();
+        let mut unread = Vec::new();
+        while let Ok(d) = self.rx.try_recv() {
+            unread.push(d);
+        }
+        if unread.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for d in unread {
+                    let _ = d.nack(None).await;
+                }
+            });
+        }
+    }
+}
+
 pub type DynQueue = Arc<dyn Queue>;
 
 #[cfg(test)]
