@@ -579,6 +579,13 @@ impl Default for WebhooksConfig {
 pub struct WorkerConfig {
     /// Tasks run at once by one worker process.
     pub concurrency: usize,
+    /// The work queues this worker consumes (`packshot`, `swap`,
+    /// `identity`, `generate`), so pools of workers scale apart (GPU face
+    /// workers, generator fronts, packshot workers); empty: every queue it
+    /// has the models or routes for. A list, or one comma-separated string
+    /// (`ATELIER_WORKER__QUEUES=swap,identity`).
+    #[serde(deserialize_with = "queue_list")]
+    pub queues: Vec<crate::domain::WorkQueue>,
     /// Interval of the heartbeats that extend a running output's lease.
     pub heartbeat_secs: u64,
     /// How often a running task looks for the sign that its job was
@@ -793,6 +800,7 @@ impl Default for WorkerConfig {
             concurrency: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            queues: Vec::new(),
             heartbeat_secs: 10,
             abort_check_ms: 1_000,
             task_timeout_secs: 600,
@@ -1295,6 +1303,21 @@ fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
     })
 }
 
+fn queue_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<crate::domain::WorkQueue>, D::Error> {
+    use serde::de::Error as _;
+    string_or_list(d)?
+        .iter()
+        .map(|name| {
+            crate::domain::WorkQueue::parse(name).ok_or_else(|| {
+                D::Error::custom(format!(
+                    "unknown work queue `{name}`; the queues are {}",
+                    crate::domain::WorkQueue::ALL.map(|q| q.as_str()).join(", ")
+                ))
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1369,6 +1392,19 @@ mod tests {
             assert_eq!(c.server.listen, "127.0.0.1:9100");
             assert_eq!(c.limits.active_jobs, 7);
             assert_eq!(c.egress.allow, vec!["127.0.0.1", "example.test"]);
+            jail.set_env("ATELIER_WORKER__QUEUES", "swap, identity");
+            let c = Config::load(None).expect("loads");
+            assert_eq!(
+                c.worker.queues,
+                [
+                    crate::domain::WorkQueue::Swap,
+                    crate::domain::WorkQueue::Identity
+                ]
+            );
+            jail.set_env("ATELIER_WORKER__QUEUES", "swap,gpu");
+            let err = Config::load(None).expect_err("unknown queue").to_string();
+            assert!(err.contains("unknown work queue `gpu`"), "{err}");
+            jail.set_env("ATELIER_WORKER__QUEUES", "");
             jail.set_env("ATELIER_QUEUE__URL", "kafka://x");
             let err = Config::load(None).expect_err("invalid").to_string();
             assert!(err.contains("queue.url"), "{err}");

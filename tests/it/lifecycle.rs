@@ -638,3 +638,57 @@ async fn a_task_of_another_format_is_handed_back_and_dispatched_again() {
     worker.await.expect("joins").expect("worker stops");
     app.stop().await;
 }
+
+/// `worker.queues` chooses what a worker consumes: one told to serve only
+/// `swap` leaves a packshot alone (and says it cannot serve `swap` without
+/// face models); a worker on the default serves it.
+#[tokio::test]
+async fn worker_queues_choose_what_a_worker_consumes() {
+    use atelier_shared::domain::WorkQueue;
+    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |_| {}).await;
+    let start = |queues: Vec<WorkQueue>| {
+        let mut cfg = app.cfg.clone();
+        cfg.worker.queues = queues;
+        let ctx = atelier_worker::WorkerContext::from_config(
+            &cfg,
+            Default::default(),
+            app.services.queue.clone(),
+            app.services.objects.clone(),
+        );
+        let serves = ctx.queues();
+        let stop = tokio_util::sync::CancellationToken::new();
+        (
+            serves,
+            stop.clone(),
+            tokio::spawn(atelier_worker::run(ctx, stop)),
+        )
+    };
+    let (serves, stop_swap, swap_worker) = start(vec![WorkQueue::Swap, WorkQueue::Generate]);
+    assert!(
+        serves.is_empty(),
+        "no face models, no generators: {serves:?}"
+    );
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, st) = app.get(&format!("/jobs/{job}/status")).await;
+    assert_eq!(st["status"], "pending", "nobody serves packshot yet: {st}");
+
+    let (serves, stop_all, all_worker) = start(Vec::new());
+    assert_eq!(serves, [WorkQueue::Packshot]);
+    let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    for (stop, w) in [(stop_swap, swap_worker), (stop_all, all_worker)] {
+        stop.cancel();
+        w.await.expect("joins").expect("worker stops");
+    }
+    app.stop().await;
+}

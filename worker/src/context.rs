@@ -35,6 +35,9 @@ pub struct WorkerContext {
     pub fetch_timeout: Duration,
     /// `worker.fault_delay_ms`: fault drills only.
     pub fault_delay: Duration,
+    /// `worker.queues`: the only queues to consume (empty: every queue
+    /// this worker can serve).
+    pub only: Vec<WorkQueue>,
     /// Identifies this worker in leases and logs.
     pub worker_id: String,
     /// `concurrency` task slots shared by every queue this worker serves,
@@ -57,6 +60,7 @@ impl WorkerContext {
             generators: Generators::default(),
             concurrency: cfg.worker.concurrency,
             heartbeat: Duration::from_secs(cfg.worker.heartbeat_secs),
+            only: cfg.worker.queues.clone(),
             abort_check: Duration::from_millis(cfg.worker.abort_check_ms.max(50)),
             task_timeout: Duration::from_secs(cfg.worker.task_timeout_secs),
             shutdown_grace: Duration::from_secs(cfg.worker.shutdown_grace_secs),
@@ -73,9 +77,13 @@ impl WorkerContext {
 
     /// The work queues this worker can serve with what it has loaded.
     pub fn queues(&self) -> Vec<WorkQueue> {
+        let chosen = |q: &WorkQueue| self.only.is_empty() || self.only.contains(q);
+        for q in self.only.iter().filter(|q| !crate::jobs::serves(self, **q)) {
+            tracing::error!(queue = %q, "worker.queues names a queue this worker cannot serve (its models or generator routes are missing); not consuming it");
+        }
         WorkQueue::ALL
             .into_iter()
-            .filter(|q| crate::jobs::serves(self, *q))
+            .filter(|q| chosen(q) && crate::jobs::serves(self, *q))
             .collect()
     }
 }
