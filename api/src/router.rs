@@ -10,8 +10,8 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::openapi;
 use crate::routes::{
-    billing, downloads, drafts, flat, health, identities, jobs, notifications, profiles, projects,
-    studio, swap, uploads, webhooks,
+    billing, custom_models, downloads, drafts, flat, health, identities, jobs, notifications,
+    profiles, projects, studio, swap, uploads, webhooks,
 };
 use crate::state::AppState;
 use axum::Router;
@@ -45,6 +45,8 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
     let photo_form = max_upload.saturating_add(64 << 10);
     // A multipart profile carries many photos: up to 8 full-size uploads.
     let profile_form = max_upload.saturating_mul(8).saturating_add(1 << 20);
+    // A training image is sent raw, up to 10 MB (seed 001).
+    let training_image = custom_models::MAX_TRAINING_IMAGE_BYTES;
     // A Studio edit carries up to 10 photos as base64 (4/3 of their size).
     let studio_body = max_upload.saturating_mul(14).saturating_add(1 << 20);
     OpenApiRouter::new()
@@ -84,6 +86,25 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(profiles::short::delete))
         .routes(routes!(profiles::short::status))
         .routes(routes!(profiles::short::picture))
+        .routes(routes!(custom_models::create))
+        .routes(routes!(
+            custom_models::read,
+            custom_models::rename,
+            custom_models::rename_put,
+            custom_models::delete
+        ))
+        .routes(limited(
+            routes!(custom_models::add_data, custom_models::list_data),
+            training_image,
+        ))
+        .routes(limited(
+            routes!(
+                custom_models::read_data,
+                custom_models::replace_data,
+                custom_models::delete_data
+            ),
+            training_image,
+        ))
         .routes(limited(routes!(studio::phota::edit), studio_body))
         .routes(routes!(studio::phota::generate))
         .routes(limited(routes!(studio::short::edit), studio_body))

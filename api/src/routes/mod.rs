@@ -1,6 +1,7 @@
 //! Route handlers, one module per resource.
 
 pub mod billing;
+pub mod custom_models;
 pub mod downloads;
 pub mod drafts;
 pub mod flat;

@@ -13,6 +13,7 @@
 
 pub mod accounts;
 mod codec;
+pub mod custom_models;
 pub mod files;
 pub mod identities;
 pub mod jobs;
