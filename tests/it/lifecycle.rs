@@ -640,34 +640,62 @@ async fn a_task_of_another_format_is_handed_back_and_dispatched_again() {
 }
 
 /// `worker.queues` chooses what a worker consumes: one told to serve only
-/// `swap` leaves a packshot alone (and says it cannot serve `swap` without
-/// face models); a worker on the default serves it.
+/// `generate` leaves a packshot alone; a worker on the default serves it;
+/// one told to serve what it cannot (`swap` without face models) stops
+/// with the reason instead of idling.
 #[tokio::test]
 async fn worker_queues_choose_what_a_worker_consumes() {
     use atelier_shared::domain::WorkQueue;
-    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |_| {}).await;
+    let fixture = CogFixture::start("flat2model").await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |c| {
+        c.engines.routes.insert(
+            "seedream".into(),
+            crate::generate::flat_route(&fixture.url, &[]),
+        );
+    })
+    .await;
     let start = |queues: Vec<WorkQueue>| {
         let mut cfg = app.cfg.clone();
         cfg.worker.queues = queues;
-        let ctx = atelier_worker::WorkerContext::from_config(
-            &cfg,
-            Default::default(),
-            app.services.queue.clone(),
-            app.services.objects.clone(),
-        );
-        let serves = ctx.queues();
-        let stop = tokio_util::sync::CancellationToken::new();
-        (
-            serves,
-            stop.clone(),
-            tokio::spawn(atelier_worker::run(ctx, stop)),
-        )
+        let cfg = std::sync::Arc::new(cfg);
+        let (queue, objects) = (app.services.queue.clone(), app.services.objects.clone());
+        async move {
+            let mut ctx = atelier_worker::WorkerContext::from_config(
+                &cfg,
+                Default::default(),
+                queue,
+                objects,
+            );
+            let engines = cfg.targets().expect("targets").engines;
+            let c = cfg.clone();
+            (ctx.pipeline, ctx.generators) = tokio::task::spawn_blocking(move || {
+                atelier_worker::engines::Pipeline::from_config(&c, &engines)
+            })
+            .await
+            .expect("joins")
+            .expect("the generator route connects");
+            let serves = ctx.queues();
+            let stop = tokio_util::sync::CancellationToken::new();
+            (
+                serves,
+                stop.clone(),
+                tokio::spawn(atelier_worker::run(ctx, stop)),
+            )
+        }
     };
-    let (serves, stop_swap, swap_worker) = start(vec![WorkQueue::Swap, WorkQueue::Generate]);
+    let (serves, _, refused) = start(vec![WorkQueue::Swap]).await;
+    assert!(serves.is_empty(), "{serves:?}");
+    let err = refused
+        .await
+        .expect("joins")
+        .expect_err("cannot serve swap");
     assert!(
-        serves.is_empty(),
-        "no face models, no generators: {serves:?}"
+        err.to_string().contains("worker.queues names swap"),
+        "{err}"
     );
+
+    let (serves, stop_gen, gen_worker) = start(vec![WorkQueue::Generate]).await;
+    assert_eq!(serves, [WorkQueue::Generate]);
     let p = app.project("p").await;
     let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
     let (s, v) = app
@@ -682,11 +710,11 @@ async fn worker_queues_choose_what_a_worker_consumes() {
     let (_, st) = app.get(&format!("/jobs/{job}/status")).await;
     assert_eq!(st["status"], "pending", "nobody serves packshot yet: {st}");
 
-    let (serves, stop_all, all_worker) = start(Vec::new());
-    assert_eq!(serves, [WorkQueue::Packshot]);
+    let (serves, stop_all, all_worker) = start(Vec::new()).await;
+    assert_eq!(serves, [WorkQueue::Packshot, WorkQueue::Generate]);
     let st = app.wait_for_job(&job, Duration::from_secs(30)).await;
     assert_eq!(st["status"], "completed", "{st}");
-    for (stop, w) in [(stop_swap, swap_worker), (stop_all, all_worker)] {
+    for (stop, w) in [(stop_gen, gen_worker), (stop_all, all_worker)] {
         stop.cancel();
         w.await.expect("joins").expect("worker stops");
     }

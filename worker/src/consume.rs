@@ -18,6 +18,17 @@ const DEADLINE_SKEW_MS: i64 = 5_000;
 
 /// Runs the worker until `shutdown` fires, then drains (see the crate docs).
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // A worker told to serve what it cannot would idle while looking
+    // healthy (and an autoscaler would add more of it): it stops instead.
+    let unservable = ctx.unservable();
+    if !unservable.is_empty() {
+        let names: Vec<&str> = unservable.iter().map(|q| q.as_str()).collect();
+        anyhow::bail!(
+            "worker.queues names {} but this worker cannot serve {}: the face models (swap, identity) or generator routes (generate) are missing",
+            names.join(", "),
+            if names.len() == 1 { "it" } else { "them" }
+        );
+    }
     let consumers = ctx
         .queues()
         .into_iter()

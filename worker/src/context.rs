@@ -76,11 +76,18 @@ impl WorkerContext {
     }
 
     /// The work queues this worker can serve with what it has loaded.
+    /// The queues `worker.queues` names that this worker cannot serve (its
+    /// models or generator routes are missing).
+    pub fn unservable(&self) -> Vec<WorkQueue> {
+        self.only
+            .iter()
+            .copied()
+            .filter(|q| !crate::jobs::serves(self, *q))
+            .collect()
+    }
+
     pub fn queues(&self) -> Vec<WorkQueue> {
         let chosen = |q: &WorkQueue| self.only.is_empty() || self.only.contains(q);
-        for q in self.only.iter().filter(|q| !crate::jobs::serves(self, **q)) {
-            tracing::error!(queue = %q, "worker.queues names a queue this worker cannot serve (its models or generator routes are missing); not consuming it");
-        }
         WorkQueue::ALL
             .into_iter()
             .filter(|q| chosen(q) && crate::jobs::serves(self, *q))

@@ -431,7 +431,11 @@ pub async fn read_data(
         .training_image(&acc.id, &id, &data_id)
         .await?
         .ok_or_else(|| no_data(&data_id))?;
-    let bytes = s.objects.get(&t.object_key).await?;
+    // Replaced or deleted since the read: as if it were already gone.
+    let bytes = s.objects.get(&t.object_key).await.map_err(|e| match e {
+        atelier_shared::storage::StorageError::NotFound(_) => no_data(&data_id),
+        other => other.into(),
+    })?;
     Ok(axum::Json(DataWithUrl {
         data_id: t.id,
         data_url: format!(

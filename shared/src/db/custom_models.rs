@@ -262,11 +262,16 @@ impl Store {
         let Some(old) = self.training_image(account_id, model_id, data_id).await? else {
             return Ok(None);
         };
-        let r = sqlx::query("DELETE FROM training_data WHERE id = $1 AND model_id = $2")
-            .bind(data_id)
-            .bind(model_id)
-            .execute(self.pool())
-            .await?;
+        // Only the image as read: a concurrent replace wins, and its object
+        // is not erased under it.
+        let r = sqlx::query(
+            "DELETE FROM training_data WHERE id = $1 AND model_id = $2 AND object_key = $3",
+        )
+        .bind(data_id)
+        .bind(model_id)
+        .bind(&old.object_key)
+        .execute(self.pool())
+        .await?;
         Ok((r.rows_affected() == 1).then_some(old.object_key))
     }
 }

@@ -507,15 +507,21 @@ impl Engine for CogEngine {
     fn render(&self, req: &RenderRequest<'_>) -> Result<Rendered, TaskFailure> {
         let ins = req.instruction()?;
         let src = req.source()?;
-        let fields = packshot_fields(req)?;
         let stop = req.stop.clone().unwrap_or_default();
+        if stop.is_cancelled() {
+            return Err(TaskFailure::retryable(
+                "the task was stopped before its prediction",
+            ));
+        }
+        let fields = packshot_fields(req)?;
         let got = self.runtime.block_on(async {
             tokio::select! {
-                r = self.generate(JobType::CreatePackshot, &fields) => r,
-                // Dropping the prediction's future cancels it in the container.
+                biased;
                 _ = stop.cancelled() => Err(TaskFailure::retryable(
                     "the task was stopped; the prediction was cancelled",
                 )),
+                // Dropping the prediction's future cancels it in the container.
+                r = self.generate(JobType::CreatePackshot, &fields) => r,
             }
         })?;
         let image = imaging::fit(
