@@ -10,8 +10,8 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::openapi;
 use crate::routes::{
-    billing, custom_models, downloads, drafts, flat, health, identities, jobs, notifications,
-    profiles, projects, studio, swap, uploads, webhooks,
+    billing, custom_models, downloads, drafts, flat, health, identities, jobs, models_api,
+    notifications, profiles, projects, studio, swap, uploads, webhooks,
 };
 use crate::state::AppState;
 use axum::Router;
@@ -86,6 +86,19 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(profiles::short::delete))
         .routes(routes!(profiles::short::status))
         .routes(routes!(profiles::short::picture))
+        .routes(routes!(models_api::create, models_api::list))
+        .routes(routes!(models_api::get_bulk))
+        .routes(routes!(
+            models_api::read,
+            models_api::update,
+            models_api::delete
+        ))
+        .routes(routes!(models_api::tags))
+        .routes(routes!(
+            models_api::description,
+            models_api::set_description
+        ))
+        .routes(routes!(models_api::examples))
         .routes(routes!(custom_models::create))
         .routes(routes!(
             custom_models::read,

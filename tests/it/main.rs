@@ -14,6 +14,7 @@ mod generate;
 mod helpers;
 mod identities;
 mod lifecycle;
+mod models_api;
 mod notifications;
 mod profiles;
 mod studio;

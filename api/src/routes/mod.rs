@@ -8,6 +8,7 @@ pub mod flat;
 pub mod health;
 pub mod identities;
 pub mod jobs;
+pub mod models_api;
 pub mod notifications;
 pub mod profiles;
 pub mod projects;

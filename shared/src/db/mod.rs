@@ -12,6 +12,7 @@
 //! an upload or any network call other than the database itself.
 
 pub mod accounts;
+pub mod api_models;
 mod codec;
 pub mod custom_models;
 pub mod files;

@@ -1,0 +1,646 @@
+//! The Models API's model records (contract §8, Scenario-compatible):
+//! create, list (pagination tokens, filters), get, get-bulk, update,
+//! delete, tags, description, examples. camelCase JSON; a single model is
+//! wrapped as `{"model": …}`; every success is `200`. Training (§8.3–8.5)
+//! builds on these records.
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{JsonValue, Query};
+use crate::state::AppState;
+use atelier_shared::db::api_models::{ApiModelQuery, ApiModelRow};
+use atelier_shared::time::{iso8601, now_ms};
+use axum::extract::{Path, State};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+/// The model types implemented here (§8.1) and the base model each runs on.
+const TYPES: [(&str, &str); 4] = [
+    ("sd-1_5", "stable-diffusion-v1-5"),
+    ("sd-xl-lora", "stable-diffusion-xl-base-1.0"),
+    ("flux.1-lora", "flux.1-dev"),
+    ("flux.1-composition", "flux.1-dev"),
+];
+const PRIVACY: [&str; 3] = ["private", "public", "unlisted"];
+const STATUSES: [&str; 6] = [
+    "new",
+    "training",
+    "trained",
+    "failed",
+    "copying",
+    "training-canceled",
+];
+const MAX_NAME: usize = 64;
+const MAX_SHORT_DESCRIPTION: usize = 256;
+const MAX_DESCRIPTION: usize = 20_000;
+const MAX_TAG: usize = 64;
+const MAX_TAGS: usize = 100;
+
+fn bad(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(Some(field), message, "body")
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("Model {id} not found"))
+}
+
+fn extra_of(row: &ApiModelRow) -> Map<String, Value> {
+    serde_json::from_str(&row.extra).unwrap_or_default()
+}
+
+fn tags_of(row: &ApiModelRow) -> Vec<String> {
+    serde_json::from_str(&row.tags).unwrap_or_default()
+}
+
+/// The §8.1 model object of a row.
+fn model_json(row: &ApiModelRow) -> Value {
+    let extra = extra_of(row);
+    let flux = row.model_type.starts_with("flux.1");
+    json!({
+        "id": row.id,
+        "name": row.name,
+        "shortDescription": row.short_description,
+        "type": row.model_type,
+        "status": row.status,
+        "privacy": row.privacy,
+        "source": "scenario",
+        "capabilities": ["txt2img", "img2img"],
+        "custom": false,
+        "collectionIds": extra.get("collectionIds").cloned().unwrap_or(json!([])),
+        "exampleAssetIds": [],
+        "tags": tags_of(row),
+        "baseModelId": row.base_model_id,
+        "compliantModelIds": if flux { json!(["flux.1-dev"]) } else { json!([]) },
+        "concepts": extra.get("concepts").cloned().unwrap_or(json!([])),
+        "class": extra.get("classSlug").and_then(Value::as_str).map(|s| json!({"slug": s})),
+        "parameters": extra.get("parameters").cloned().unwrap_or(json!({})),
+        "epoch": row.epoch,
+        "trainingImages": [],
+        "trainingProgress": null,
+        "trainingStats": null,
+        "accessRestrictions": 0,
+        "createdAt": iso8601(row.created_at),
+        "updatedAt": iso8601(row.updated_at),
+    })
+}
+
+fn wrapped(row: &ApiModelRow) -> axum::Json<Value> {
+    axum::Json(json!({ "model": model_json(row) }))
+}
+
+/// A bounded string field: trimmed, at most `max` characters, no control
+/// characters.
+fn text(v: &Value, field: &str, max: usize) -> ApiResult<String> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| bad(field, "must be a string"))?
+        .trim()
+        .to_string();
+    if s.chars().count() > max {
+        return Err(bad(field, format!("must be at most {max} characters")));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(bad(field, "must not contain control characters"));
+    }
+    Ok(s)
+}
+
+fn string_list(v: &Value, field: &str, max_items: usize) -> ApiResult<Vec<String>> {
+    let items = v
+        .as_array()
+        .ok_or_else(|| bad(field, "must be an array of strings"))?;
+    if items.len() > max_items {
+        return Err(bad(field, format!("must hold at most {max_items} items")));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, x)| text(x, &format!("{field}[{i}]"), MAX_TAG))
+        .collect()
+}
+
+/// Applies the create/update fields of `body` to `row` (`creating`: the
+/// fields only create takes, and `type` is required).
+fn apply(row: &mut ApiModelRow, body: &Value, creating: bool) -> ApiResult<()> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request(None, "the body must be a JSON object", "body"))?;
+    let mut extra = extra_of(row);
+    if let Some(v) = obj.get("type") {
+        let t = text(v, "type", 64)?;
+        let Some((_, base)) = TYPES.iter().find(|(name, _)| *name == t) else {
+            return Err(bad(
+                "type",
+                format!(
+                    "{t:?} is not a model type this server trains; use one of {}",
+                    TYPES.map(|(n, _)| n).join(", ")
+                ),
+            ));
+        };
+        if !creating && row.status != "new" && t != row.model_type {
+            return Err(bad(
+                "type",
+                "the type can only change while the model is new",
+            ));
+        }
+        row.model_type = t;
+        if row.base_model_id.is_none() || creating {
+            row.base_model_id = Some(base.to_string());
+        }
+    } else if creating {
+        return Err(bad("type", "is required"));
+    }
+    if let Some(v) = obj.get("name") {
+        row.name = text(v, "name", MAX_NAME)?;
+    }
+    if let Some(v) = obj.get("shortDescription") {
+        row.short_description = text(v, "shortDescription", MAX_SHORT_DESCRIPTION)?;
+    }
+    if let Some(v) = obj.get("baseModelId") {
+        row.base_model_id = match v {
+            Value::Null => TYPES
+                .iter()
+                .find(|(n, _)| *n == row.model_type)
+                .map(|(_, b)| b.to_string()),
+            v => Some(text(v, "baseModelId", 128)?),
+        };
+    }
+    if let Some(v) = obj.get("classSlug") {
+        match v {
+            Value::Null => {
+                extra.remove("classSlug");
+            }
+            v => {
+                extra.insert("classSlug".into(), json!(text(v, "classSlug", 128)?));
+            }
+        }
+    }
+    if let Some(v) = obj.get("collectionIds") {
+        extra.insert(
+            "collectionIds".into(),
+            json!(string_list(v, "collectionIds", 100)?),
+        );
+    }
+    if let Some(v) = obj.get("concepts") {
+        let items = v
+            .as_array()
+            .ok_or_else(|| bad("concepts", "must be an array"))?;
+        for (i, c) in items.iter().enumerate() {
+            let at = |f: &str| format!("concepts[{i}].{f}");
+            c.get("modelId")
+                .and_then(Value::as_str)
+                .filter(|s| !s.trim().is_empty())
+                .ok_or_else(|| bad(&at("modelId"), "is required"))?;
+            let scale = c
+                .get("scale")
+                .and_then(Value::as_f64)
+                .ok_or_else(|| bad(&at("scale"), "is required (a number)"))?;
+            if !(-2.0..=2.0).contains(&scale) {
+                return Err(bad(&at("scale"), "must be between -2 and 2"));
+            }
+        }
+        extra.insert("concepts".into(), v.clone());
+    }
+    if let Some(v) = obj.get("parameters") {
+        if !v.is_object() {
+            return Err(bad("parameters", "must be an object"));
+        }
+        extra.insert("parameters".into(), v.clone());
+    }
+    if !creating {
+        if let Some(v) = obj.get("privacy") {
+            let p = text(v, "privacy", 16)?;
+            if !PRIVACY.contains(&p.as_str()) {
+                return Err(bad(
+                    "privacy",
+                    format!("must be one of {}", PRIVACY.join(", ")),
+                ));
+            }
+            row.privacy = p;
+        }
+        if let Some(v) = obj.get("epoch") {
+            row.epoch = match v {
+                Value::Null => None,
+                v => Some(text(v, "epoch", 16)?),
+            };
+        }
+    }
+    if row.model_type.ends_with("-composition")
+        && extra
+            .get("concepts")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+    {
+        return Err(bad(
+            "concepts",
+            "a composition model needs at least one concept",
+        ));
+    }
+    row.extra = Value::Object(extra).to_string();
+    Ok(())
+}
+
+/// Create a model (`status: new`).
+#[utoipa::path(
+    post, path = "/v1/models", tag = "models",
+    request_body = Object,
+    responses((status = 200, description = "`{model}`", body = Object)),
+)]
+pub async fn create(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let now = now_ms();
+    let mut row = ApiModelRow {
+        id: format!("model_{}", atelier_shared::domain::ids::base32_lower(20)),
+        account_id: acc.id.clone(),
+        name: String::new(),
+        short_description: String::new(),
+        model_type: String::new(),
+        status: "new".into(),
+        privacy: "private".into(),
+        base_model_id: None,
+        epoch: None,
+        tags: "[]".into(),
+        extra: "{}".into(),
+        description: None,
+        created_at: now,
+        updated_at: now,
+    };
+    apply(&mut row, &body.0, true)?;
+    s.store.insert_api_model(&row).await?;
+    Ok(wrapped(&row))
+}
+
+/// Query of `GET /v1/models`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    /// 1–100 (default 50).
+    pub page_size: Option<i64>,
+    /// `nextPaginationToken` of the previous page.
+    pub pagination_token: Option<String>,
+    pub privacy: Option<String>,
+    pub status: Option<String>,
+    #[serde(rename = "type")]
+    pub model_type: Option<String>,
+    /// Comma-separated; a model must have every one.
+    pub tags: Option<String>,
+}
+
+fn token_of(row: &ApiModelRow) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}:{}", row.created_at, row.id))
+}
+
+fn position(token: &str) -> ApiResult<(i64, String)> {
+    let wrong = || {
+        ApiError::bad_request(
+            Some("paginationToken"),
+            "is not a token this server gave",
+            "query",
+        )
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| wrong())?;
+    let raw = String::from_utf8(raw).map_err(|_| wrong())?;
+    let (at, id) = raw.split_once(':').ok_or_else(wrong)?;
+    Ok((at.parse().map_err(|_| wrong())?, id.to_string()))
+}
+
+/// The caller's models, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelPage {
+    #[schema(value_type = Vec<Object>)]
+    pub models: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_pagination_token: Option<String>,
+}
+
+/// List the caller's models (filters, pagination tokens).
+#[utoipa::path(
+    get, path = "/v1/models", tag = "models",
+    params(ListQuery),
+    responses((status = 200, description = "A page of models", body = ModelPage)),
+)]
+pub async fn list(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<axum::Json<ModelPage>> {
+    let page_size = q.page_size.unwrap_or(50);
+    if !(1..=100).contains(&page_size) {
+        return Err(ApiError::bad_request(
+            Some("pageSize"),
+            "must be between 1 and 100",
+            "query",
+        ));
+    }
+    let check = |v: &Option<String>, field: &str, allowed: &[&str]| -> ApiResult<()> {
+        match v {
+            Some(x) if !allowed.contains(&x.as_str()) => Err(ApiError::bad_request(
+                Some(field),
+                format!("must be one of {}", allowed.join(", ")),
+                "query",
+            )),
+            _ => Ok(()),
+        }
+    };
+    check(&q.privacy, "privacy", &PRIVACY)?;
+    check(&q.status, "status", &STATUSES)?;
+    check(&q.model_type, "type", &TYPES.map(|(n, _)| n))?;
+    let tags: Vec<String> = q
+        .tags
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .take(MAX_TAGS)
+        .collect();
+    let query = ApiModelQuery {
+        page_size,
+        after: q.pagination_token.as_deref().map(position).transpose()?,
+        privacy: q.privacy,
+        status: q.status,
+        model_type: q.model_type,
+        tags,
+    };
+    let mut rows = s.store.api_models(&acc.id, &query).await?;
+    let more = rows.len() as i64 > page_size;
+    rows.truncate(page_size as usize);
+    Ok(axum::Json(ModelPage {
+        next_pagination_token: if more {
+            rows.last().map(token_of)
+        } else {
+            None
+        },
+        models: rows.iter().map(model_json).collect(),
+    }))
+}
+
+/// Retrieve a model.
+#[utoipa::path(
+    get, path = "/v1/models/{modelId}", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    responses((status = 200, description = "`{model}`", body = Object)),
+)]
+pub async fn read(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let row = s
+        .store
+        .api_model(&acc.id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(wrapped(&row))
+}
+
+/// Read-modify-write of one model, retried when a concurrent write won.
+async fn modify(
+    s: &AppState,
+    account: &str,
+    id: &str,
+    mut change: impl FnMut(&mut ApiModelRow) -> ApiResult<()>,
+) -> ApiResult<ApiModelRow> {
+    for _ in 0..5 {
+        let mut row = s
+            .store
+            .api_model(account, id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let seen = row.updated_at;
+        change(&mut row)?;
+        row.updated_at = now_ms().max(seen + 1);
+        if s.store.update_api_model(&row, seen).await? {
+            return Ok(row);
+        }
+    }
+    Err(ApiError::conflict(
+        "busy",
+        "The model is being changed; try again",
+    ))
+}
+
+/// Update a model (`type` only while `status` is `new`).
+#[utoipa::path(
+    put, path = "/v1/models/{modelId}", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    request_body = Object,
+    responses((status = 200, description = "`{model}`", body = Object)),
+)]
+pub async fn update(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let row = modify(&s, &acc.id, &id, |row| apply(row, &body.0, false)).await?;
+    Ok(wrapped(&row))
+}
+
+/// Delete a model (soft; refused while it trains).
+#[utoipa::path(
+    delete, path = "/v1/models/{modelId}", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    responses(
+        (status = 200, description = "`{}`", body = Object),
+        (status = 409, description = "The model is training", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn delete(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let row = s
+        .store
+        .api_model(&acc.id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    if row.status == "training" {
+        return Err(ApiError::conflict(
+            "model_training",
+            "The model is training: cancel the training first",
+        ));
+    }
+    if !s.store.delete_api_model(&acc.id, &id).await? {
+        return Err(not_found(&id));
+    }
+    Ok(axum::Json(json!({})))
+}
+
+/// Fetch up to 100 of the caller's models by id (unknown ids omitted).
+#[utoipa::path(
+    post, path = "/v1/models/get-bulk", tag = "models",
+    request_body = Object,
+    responses((status = 200, description = "`{models}`", body = Object)),
+)]
+pub async fn get_bulk(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let ids = string_list(
+        body.0.get("modelIds").unwrap_or(&Value::Null),
+        "modelIds",
+        100,
+    )?;
+    let mut models = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for id in ids.iter().filter(|id| seen.insert(id.as_str())) {
+        if let Some(row) = s.store.api_model(&acc.id, id).await? {
+            models.push(model_json(&row));
+        }
+    }
+    Ok(axum::Json(json!({ "models": models })))
+}
+
+/// Add and remove tags; with `strict`, adding a present tag or removing a
+/// missing one is a 400 and nothing changes.
+#[utoipa::path(
+    put, path = "/v1/models/{modelId}/tags", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    request_body = Object,
+    responses((status = 200, description = "`{added, deleted}`", body = Object)),
+)]
+pub async fn tags(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let list = |f: &str| match body.0.get(f) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(v) => string_list(v, f, MAX_TAGS),
+    };
+    let (add, del) = (list("add")?, list("delete")?);
+    let strict = body
+        .0
+        .get("strict")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let (mut added, mut deleted) = (Vec::new(), Vec::new());
+    modify(&s, &acc.id, &id, |row| {
+        let mut tags = tags_of(row);
+        added.clear();
+        deleted.clear();
+        for t in &add {
+            if tags.contains(t) {
+                if strict {
+                    return Err(bad("add", format!("the model already has the tag {t:?}")));
+                }
+            } else if !t.is_empty() {
+                tags.push(t.clone());
+                added.push(t.clone());
+            }
+        }
+        for t in &del {
+            match tags.iter().position(|x| x == t) {
+                Some(i) => {
+                    tags.remove(i);
+                    deleted.push(t.clone());
+                }
+                None if strict => {
+                    return Err(bad("delete", format!("the model has no tag {t:?}")));
+                }
+                None => {}
+            }
+        }
+        if tags.len() > MAX_TAGS {
+            return Err(bad("add", format!("a model has at most {MAX_TAGS} tags")));
+        }
+        row.tags = json!(tags).to_string();
+        Ok(())
+    })
+    .await?;
+    Ok(axum::Json(json!({"added": added, "deleted": deleted})))
+}
+
+fn description_json(row: &ApiModelRow) -> axum::Json<Value> {
+    axum::Json(json!({
+        "description": {"value": row.description.clone().unwrap_or_default(), "assets": [], "models": []}
+    }))
+}
+
+/// The model's Markdown description.
+#[utoipa::path(
+    get, path = "/v1/models/{modelId}/description", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    responses((status = 200, description = "`{description: {value, assets, models}}`", body = Object)),
+)]
+pub async fn description(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let row = s
+        .store
+        .api_model(&acc.id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(description_json(&row))
+}
+
+/// Set (a string) or clear (`null`) the model's description.
+#[utoipa::path(
+    put, path = "/v1/models/{modelId}/description", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    request_body = Object,
+    responses((status = 200, description = "`{description: {value, assets, models}}`", body = Object)),
+)]
+pub async fn set_description(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let value = match body.0.get("description") {
+        Some(Value::Null) => None,
+        Some(Value::String(d)) if d.chars().count() <= MAX_DESCRIPTION => Some(d.clone()),
+        Some(Value::String(_)) => {
+            return Err(bad(
+                "description",
+                format!("must be at most {MAX_DESCRIPTION} characters"),
+            ));
+        }
+        _ => {
+            return Err(bad(
+                "description",
+                "is required: a string, or null to clear it",
+            ));
+        }
+    };
+    let row = modify(&s, &acc.id, &id, |row| {
+        row.description = value.clone();
+        Ok(())
+    })
+    .await?;
+    Ok(description_json(&row))
+}
+
+/// Example assets (none are produced here).
+#[utoipa::path(
+    get, path = "/v1/models/{modelId}/examples", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    responses((status = 200, description = "`{examples: []}`", body = Object)),
+)]
+pub async fn examples(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    s.store
+        .api_model(&acc.id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(axum::Json(json!({"examples": []})))
+}
