@@ -99,6 +99,8 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
             models_api::set_description
         ))
         .routes(routes!(models_api::examples))
+        .routes(limited(routes!(models_api::add_images), studio_body))
+        .routes(routes!(models_api::delete_image))
         .routes(routes!(custom_models::create))
         .routes(routes!(
             custom_models::read,

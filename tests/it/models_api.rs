@@ -158,6 +158,103 @@ async fn model_records(dialect: Dialect) {
     let (s, _) = put(&app, &description, json!({})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
+    // Training images: an uploaded asset, several, a data URL; the model
+    // shows its first three.
+    let png = |rgb: [u8; 3]| {
+        let mut b = Vec::new();
+        image::RgbImage::from_pixel(40, 40, image::Rgb(rgb))
+            .write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png)
+            .expect("png");
+        b
+    };
+    let ti = format!("{one}/training-images");
+    let a1 = app.upload(png([200, 0, 0]), "a1.png").await;
+    let (s, v) = app.post(&ti, json!({"assetId": a1})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let first_image = v["trainingImage"]["id"].as_str().expect("id").to_string();
+    assert_eq!(v["trainingImage"]["name"], "a1.png");
+    let copy = app.fetch(&v["trainingImage"]["downloadUrl"]).await;
+    assert_eq!(copy.as_ref(), png([200, 0, 0]).as_slice(), "a frozen copy");
+    let (a2, a3) = (
+        app.upload(png([0, 200, 0]), "a2.png").await,
+        app.upload(png([0, 0, 200]), "a3.png").await,
+    );
+    let (s, v) = app.post(&ti, json!({"assetIds": [a2, a3]})).await;
+    assert_eq!(
+        (s, v["trainingImages"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(2)),
+        "{v}"
+    );
+    let data = format!(
+        "data:image/png;base64,{}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, png([9, 9, 9]))
+    );
+    let (s, v) = app.post(&ti, json!({"data": data, "name": "grey"})).await;
+    assert_eq!(
+        (s, v["trainingImage"]["name"].as_str()),
+        (StatusCode::OK, Some("grey")),
+        "{v}"
+    );
+    let (_, v) = app.get(&one).await;
+    assert_eq!(
+        v["model"]["trainingImages"].as_array().map(Vec::len),
+        Some(3),
+        "{v}"
+    );
+    for (body, status) in [
+        (json!({"assetId": a1}), StatusCode::BAD_REQUEST),
+        (json!({}), StatusCode::BAD_REQUEST),
+        (
+            json!({"assetId": a1, "data": "data:image/png;base64,AA=="}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"assetIds": (0..11).map(|i| format!("f{i}")).collect::<Vec<_>>()}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"data": "data:image/png;base64,aGVsbG8="}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (json!({"assetId": "file_nope"}), StatusCode::NOT_FOUND),
+        (
+            json!({"assetId": a2, "preset": "weird"}),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (s, v) = app.post(&ti, body.clone()).await;
+        assert_eq!(s, status, "{body}: {v}");
+    }
+    let (s, v, _) = app
+        .call(
+            Method::DELETE,
+            &format!("{ti}/{first_image}"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!((s, v), (StatusCode::OK, json!({})));
+    let (_, v) = app.get(&one).await;
+    let shown: Vec<&str> = v["model"]["trainingImages"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    assert!(
+        !shown.contains(&first_image.as_str()) && shown.len() == 3,
+        "{shown:?}"
+    );
+    let (s, _, _) = app
+        .call(
+            Method::DELETE,
+            &format!("{ti}/{first_image}"),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
     // Bulk, isolation, delete.
     let (s, v) = app
         .post(

@@ -8,7 +8,9 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonValue, Query};
 use crate::state::AppState;
-use atelier_shared::db::api_models::{ApiModelQuery, ApiModelRow};
+use atelier_shared::db::api_models::{
+    ApiModelImage, ApiModelQuery, ApiModelRow, AttachImages, MAX_MODEL_IMAGES,
+};
 use atelier_shared::time::{iso8601, now_ms};
 use axum::extract::{Path, State};
 use base64::Engine as _;
@@ -53,8 +55,8 @@ fn tags_of(row: &ApiModelRow) -> Vec<String> {
     serde_json::from_str(&row.tags).unwrap_or_default()
 }
 
-/// The §8.1 model object of a row.
-fn model_json(row: &ApiModelRow) -> Value {
+/// The §8.1 model object of a row, with its first training images.
+fn model_json(row: &ApiModelRow, images: Vec<Value>) -> Value {
     let extra = extra_of(row);
     let flux = row.model_type.starts_with("flux.1");
     json!({
@@ -76,7 +78,7 @@ fn model_json(row: &ApiModelRow) -> Value {
         "class": extra.get("classSlug").and_then(Value::as_str).map(|s| json!({"slug": s})),
         "parameters": extra.get("parameters").cloned().unwrap_or(json!({})),
         "epoch": row.epoch,
-        "trainingImages": [],
+        "trainingImages": images,
         "trainingProgress": null,
         "trainingStats": null,
         "accessRestrictions": 0,
@@ -85,8 +87,30 @@ fn model_json(row: &ApiModelRow) -> Value {
     })
 }
 
-fn wrapped(row: &ApiModelRow) -> axum::Json<Value> {
-    axum::Json(json!({ "model": model_json(row) }))
+/// A training image as the API shows it.
+async fn image_json(s: &AppState, img: &ApiModelImage) -> ApiResult<Value> {
+    Ok(json!({
+        "id": img.id,
+        "name": img.name,
+        "automaticCaptioning": false,
+        "description": "",
+        "downloadUrl": s.object_url(&img.object_key, &img.content_type, s.result_ttl()).await?,
+        "createdAt": iso8601(img.created_at),
+    }))
+}
+
+/// The model object with its first three training images.
+async fn full(s: &AppState, row: &ApiModelRow) -> ApiResult<Value> {
+    let (first, _) = s.store.api_model_images(&row.id, 3).await?;
+    let mut images = Vec::with_capacity(first.len());
+    for img in &first {
+        images.push(image_json(s, img).await?);
+    }
+    Ok(model_json(row, images))
+}
+
+async fn wrapped(s: &AppState, row: &ApiModelRow) -> ApiResult<axum::Json<Value>> {
+    Ok(axum::Json(json!({ "model": full(s, row).await? })))
 }
 
 /// A bounded string field: trimmed, at most `max` characters, no control
@@ -271,7 +295,7 @@ pub async fn create(
     };
     apply(&mut row, &body.0, true)?;
     s.store.insert_api_model(&row).await?;
-    Ok(wrapped(&row))
+    wrapped(&s, &row).await
 }
 
 /// Query of `GET /v1/models`.
@@ -375,13 +399,17 @@ pub async fn list(
     let mut rows = s.store.api_models(&acc.id, &query).await?;
     let more = rows.len() as i64 > page_size;
     rows.truncate(page_size as usize);
+    let mut models = Vec::with_capacity(rows.len());
+    for row in &rows {
+        models.push(full(&s, row).await?);
+    }
     Ok(axum::Json(ModelPage {
         next_pagination_token: if more {
             rows.last().map(token_of)
         } else {
             None
         },
-        models: rows.iter().map(model_json).collect(),
+        models,
     }))
 }
 
@@ -401,7 +429,7 @@ pub async fn read(
         .api_model(&acc.id, &id)
         .await?
         .ok_or_else(|| not_found(&id))?;
-    Ok(wrapped(&row))
+    wrapped(&s, &row).await
 }
 
 /// Read-modify-write of one model, retried when a concurrent write won.
@@ -444,7 +472,7 @@ pub async fn update(
     body: JsonValue,
 ) -> ApiResult<axum::Json<Value>> {
     let row = modify(&s, &acc.id, &id, |row| apply(row, &body.0, false)).await?;
-    Ok(wrapped(&row))
+    wrapped(&s, &row).await
 }
 
 /// Delete a model (soft; refused while it trains).
@@ -498,7 +526,7 @@ pub async fn get_bulk(
     let mut seen = std::collections::HashSet::new();
     for id in ids.iter().filter(|id| seen.insert(id.as_str())) {
         if let Some(row) = s.store.api_model(&acc.id, id).await? {
-            models.push(model_json(&row));
+            models.push(full(&s, &row).await?);
         }
     }
     Ok(axum::Json(json!({ "models": models })))
@@ -643,4 +671,221 @@ pub async fn examples(
         .await?
         .ok_or_else(|| not_found(&id))?;
     Ok(axum::Json(json!({"examples": []})))
+}
+
+/// One image of an attach request, before it is stored.
+struct Incoming {
+    asset_id: Option<String>,
+    name: String,
+    bytes: bytes::Bytes,
+}
+
+/// Attach training images: one `assetId`, up to 10 `assetIds` (uploaded
+/// files of the caller), or one image as a `data` URL with its `name`; a
+/// frozen copy of each is kept with the model.
+#[utoipa::path(
+    post, path = "/v1/models/{modelId}/training-images", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    request_body = Object,
+    responses(
+        (status = 200, description = "`{trainingImage}` (or `{trainingImages}` for `assetIds`)", body = Object),
+        (status = 400, description = "No form, several forms, more than 10 ids, an asset already attached, or not an image", body = crate::error::ErrorBody),
+        (status = 429, description = "The model's dataset is full (`actionLimit`)", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn add_images(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let b = body
+        .0
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request(None, "the body must be a JSON object", "body"))?;
+    s.store
+        .api_model(&acc.id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    if let Some(p) = b.get("preset") {
+        let p = text(p, "preset", 16)?;
+        if !["default", "style", "subject"].contains(&p.as_str()) {
+            return Err(bad("preset", "must be one of default, style, subject"));
+        }
+    }
+    let forms: Vec<&str> = ["assetId", "assetIds", "data"]
+        .into_iter()
+        .filter(|f| b.get(*f).is_some_and(|v| !v.is_null()))
+        .collect();
+    if forms.len() != 1 {
+        return Err(ApiError::bad_request(
+            None,
+            format!(
+                "send exactly one of assetId, assetIds or data (got {})",
+                if forms.is_empty() {
+                    "none".to_string()
+                } else {
+                    forms.join(", ")
+                }
+            ),
+            "body",
+        ));
+    }
+    let many = forms[0] == "assetIds";
+    let mut incoming = Vec::new();
+    if forms[0] == "data" {
+        let url = text(&b["data"], "data", usize::MAX)?;
+        let raw = url
+            .strip_prefix("data:")
+            .and_then(|r| r.split_once(";base64,"))
+            .map(|(_, d)| d)
+            .ok_or_else(|| bad("data", "must be a data URL (data:<type>;base64,…)"))?;
+        let max = usize::try_from(s.config.limits.max_upload_bytes).unwrap_or(usize::MAX);
+        if raw.len() / 4 * 3 > max + 3 {
+            return Err(bad("data", format!("the image is larger than {max} bytes")));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(raw.as_bytes())
+            .map_err(|_| bad("data", "is not valid base64"))?;
+        let name = match b.get("name") {
+            Some(n) => text(n, "name", 128)?,
+            None => String::new(),
+        };
+        incoming.push(Incoming {
+            asset_id: None,
+            name,
+            bytes: bytes.into(),
+        });
+    } else {
+        let ids = if many {
+            string_list(&b["assetIds"], "assetIds", 10)?
+        } else {
+            vec![text(&b["assetId"], "assetId", 128)?]
+        };
+        if ids.is_empty() {
+            return Err(bad("assetIds", "must not be empty"));
+        }
+        for (i, a) in ids.iter().enumerate() {
+            if ids[..i].contains(a) {
+                return Err(bad("assetIds", format!("{a} is listed twice")));
+            }
+        }
+        let files = s.store.files_of(&acc.id, &ids).await?;
+        for a in &ids {
+            let f = files
+                .iter()
+                .find(|f| &f.id == a && f.is_uploaded())
+                .ok_or_else(|| ApiError::not_found(format!("Asset {a} not found")))?;
+            let bytes = s.objects.get(&f.object_key).await.map_err(|e| match e {
+                atelier_shared::storage::StorageError::NotFound(_) => {
+                    ApiError::not_found(format!("Asset {a} not found"))
+                }
+                other => other.into(),
+            })?;
+            incoming.push(Incoming {
+                asset_id: Some(a.clone()),
+                name: f.filename.clone(),
+                bytes,
+            });
+        }
+    }
+    // Check every image, then store the copies.
+    let mut checked = Vec::with_capacity(incoming.len());
+    for (i, img) in incoming.into_iter().enumerate() {
+        let field = match (&img.asset_id, many) {
+            (Some(_), true) => format!("assetIds[{i}]"),
+            (Some(_), false) => "assetId".to_string(),
+            (None, _) => "data".to_string(),
+        };
+        let (ct, ext, w, h) = crate::routes::uploads::sniff_any(&img.bytes)
+            .map_err(|m| bad(&field, format!("unreadable image: {m}")))?;
+        if u64::from(w) * u64::from(h) > s.config.worker.max_input_pixels {
+            return Err(bad(&field, format!("image too large: {w}x{h}")));
+        }
+        checked.push((img, ct, ext));
+    }
+    let now = now_ms();
+    let mut rows = Vec::with_capacity(checked.len());
+    for (img, ct, ext) in checked {
+        let key = format!(
+            "models/{}/{id}/{}.{ext}",
+            acc.id,
+            ulid::Ulid::new().to_string().to_lowercase()
+        );
+        if let Err(e) = s.objects.put(&key, img.bytes, ct).await {
+            erase_all(&s, &rows).await;
+            return Err(e.into());
+        }
+        rows.push(ApiModelImage {
+            id: format!("asset_{}", atelier_shared::domain::ids::base32_lower(20)),
+            model_id: id.clone(),
+            asset_id: img.asset_id,
+            name: img.name,
+            object_key: key,
+            content_type: ct.to_string(),
+            created_at: now,
+        });
+    }
+    let attached = match s.store.attach_api_model_images(&acc.id, &id, &rows).await {
+        Ok(AttachImages::Attached(r)) => r,
+        other => {
+            erase_all(&s, &rows).await;
+            return Err(match other {
+                Ok(AttachImages::NoModel) => not_found(&id),
+                Ok(AttachImages::AlreadyAttached(a)) => bad(
+                    if many { "assetIds" } else { "assetId" },
+                    format!("{a} is already a training image of this model"),
+                ),
+                Ok(AttachImages::Full { held }) => ApiError::too_many(
+                    "actionLimit",
+                    format!("The model holds {held} training images; at most {MAX_MODEL_IMAGES}"),
+                    60,
+                ),
+                Err(e) => e.into(),
+                Ok(AttachImages::Attached(_)) => unreachable!("handled above"),
+            });
+        }
+    };
+    let mut shown = Vec::with_capacity(attached.len());
+    for img in &attached {
+        shown.push(image_json(&s, img).await?);
+    }
+    Ok(axum::Json(if many {
+        json!({ "trainingImages": shown })
+    } else {
+        json!({ "trainingImage": shown.into_iter().next() })
+    }))
+}
+
+async fn erase_all(s: &AppState, rows: &[ApiModelImage]) {
+    for r in rows {
+        if let Err(e) = s.objects.delete(&r.object_key).await {
+            tracing::warn!(key = %r.object_key, error = %e, "cannot erase a training image copy");
+        }
+    }
+}
+
+/// Detach a training image (its copy is erased).
+#[utoipa::path(
+    delete, path = "/v1/models/{modelId}/training-images/{trainingImageId}", tag = "models",
+    params(
+        ("modelId" = String, Path, description = "The model's id"),
+        ("trainingImageId" = String, Path, description = "The training image's id"),
+    ),
+    responses((status = 200, description = "`{}`", body = Object)),
+)]
+pub async fn delete_image(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path((id, image_id)): Path<(String, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let key = s
+        .store
+        .detach_api_model_image(&acc.id, &id, &image_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Training image {image_id} not found")))?;
+    if let Err(e) = s.objects.delete(&key).await {
+        tracing::warn!(%key, error = %e, "cannot erase a training image copy");
+    }
+    Ok(axum::Json(json!({})))
 }

@@ -183,3 +183,147 @@ impl Store {
         Ok(query.bind(q.page_size + 1).fetch_all(self.pool()).await?)
     }
 }
+
+/// Training images one Models API model may hold (the dataset-size cap).
+pub const MAX_MODEL_IMAGES: i64 = 500;
+
+#[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
+pub struct ApiModelImage {
+    pub id: String,
+    pub model_id: String,
+    pub asset_id: Option<String>,
+    pub name: String,
+    pub object_key: String,
+    pub content_type: String,
+    pub created_at: i64,
+}
+
+/// What attaching training images did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttachImages {
+    Attached(Vec<ApiModelImage>),
+    NoModel,
+    /// An asset is already a training image of the model.
+    AlreadyAttached(String),
+    /// Over [`MAX_MODEL_IMAGES`].
+    Full {
+        held: i64,
+    },
+}
+
+const IMAGE_COLUMNS: &str = "id, model_id, asset_id, name, object_key, content_type, created_at";
+
+impl Store {
+    /// Attaches `images` (already stored) to a live model of `account_id`,
+    /// all or none, within the cap (counted under the model's row lock).
+    pub async fn attach_api_model_images(
+        &self,
+        account_id: &str,
+        model_id: &str,
+        images: &[ApiModelImage],
+    ) -> Result<AttachImages> {
+        let mut tx = self.begin().await?;
+        let locked = sqlx::query(
+            "UPDATE api_models SET updated_at = updated_at WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(model_id)
+        .bind(account_id)
+        .execute(&mut *tx)
+        .await?;
+        if locked.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(AttachImages::NoModel);
+        }
+        let held: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM api_model_images WHERE model_id = $1")
+                .bind(model_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if held + images.len() as i64 > MAX_MODEL_IMAGES {
+            tx.rollback().await?;
+            return Ok(AttachImages::Full { held });
+        }
+        for img in images {
+            if let Some(asset) = &img.asset_id {
+                let dup: Option<String> = sqlx::query_scalar(
+                    "SELECT id FROM api_model_images WHERE model_id = $1 AND asset_id = $2",
+                )
+                .bind(model_id)
+                .bind(asset)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if dup.is_some() {
+                    tx.rollback().await?;
+                    return Ok(AttachImages::AlreadyAttached(asset.clone()));
+                }
+            }
+            sqlx::query(
+                "INSERT INTO api_model_images (id, model_id, asset_id, name, object_key, content_type, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&img.id)
+            .bind(model_id)
+            .bind(&img.asset_id)
+            .bind(&img.name)
+            .bind(&img.object_key)
+            .bind(&img.content_type)
+            .bind(img.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(AttachImages::Attached(images.to_vec()))
+    }
+
+    /// The first `limit` training images of a model (oldest first) and how
+    /// many it holds.
+    pub async fn api_model_images(
+        &self,
+        model_id: &str,
+        limit: i64,
+    ) -> Result<(Vec<ApiModelImage>, i64)> {
+        let sql = format!(
+            "SELECT {IMAGE_COLUMNS} FROM api_model_images WHERE model_id = $1 ORDER BY created_at, id LIMIT $2"
+        );
+        let images = sqlx::query_as::<_, ApiModelImage>(&sql)
+            .bind(model_id)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?;
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM api_model_images WHERE model_id = $1")
+                .bind(model_id)
+                .fetch_one(self.pool())
+                .await?;
+        Ok((images, count))
+    }
+
+    /// Detaches a training image of a live model of `account_id`; its
+    /// object key (to erase), or `None` (404).
+    pub async fn detach_api_model_image(
+        &self,
+        account_id: &str,
+        model_id: &str,
+        image_id: &str,
+    ) -> Result<Option<String>> {
+        if self.api_model(account_id, model_id).await?.is_none() {
+            return Ok(None);
+        }
+        let key: Option<String> = sqlx::query_scalar(
+            "SELECT object_key FROM api_model_images WHERE id = $1 AND model_id = $2",
+        )
+        .bind(image_id)
+        .bind(model_id)
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(key) = key else {
+            return Ok(None);
+        };
+        let r = sqlx::query("DELETE FROM api_model_images WHERE id = $1 AND model_id = $2")
+            .bind(image_id)
+            .bind(model_id)
+            .execute(self.pool())
+            .await?;
+        Ok((r.rows_affected() == 1).then_some(key))
+    }
+}
