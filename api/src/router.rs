@@ -101,6 +101,7 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(models_api::examples))
         .routes(limited(routes!(models_api::add_images), studio_body))
         .routes(routes!(models_api::delete_image))
+        .routes(routes!(models_api::copy))
         .routes(routes!(custom_models::create))
         .routes(routes!(
             custom_models::read,

@@ -255,6 +255,47 @@ async fn model_records(dialect: Dialect) {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
+    // A copy: a new id, the same fields and tags, its own image copies.
+    let (s, v) = app.post(&format!("{one}/copy"), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["model"];
+    assert_ne!(c["id"], first.as_str());
+    assert_eq!(
+        (c["name"].as_str(), c["status"].as_str()),
+        (Some("Summer dresses"), Some("new")),
+        "{c}"
+    );
+    assert_eq!(c["tags"], json!(["sc:scenario"]));
+    let copied: Vec<String> = c["trainingImages"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .map(|i| i["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(copied.len(), 3, "{c}");
+    assert!(
+        copied.iter().all(|i| !shown.contains(&i.as_str())),
+        "new image ids"
+    );
+    let copy_id = c["id"].as_str().expect("id").to_string();
+    // Detaching from the copy leaves the source's images alone.
+    let (s, _, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/models/{copy_id}/training-images/{}", copied[0]),
+            Some(&app.key),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v) = app.get(&one).await;
+    assert_eq!(
+        v["model"]["trainingImages"].as_array().map(Vec::len),
+        Some(3)
+    );
+    let (s, _) = app.post("/v1/models/model_nope/copy", json!({})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
     // Bulk, isolation, delete.
     let (s, v) = app
         .post(
@@ -281,7 +322,11 @@ async fn model_records(dialect: Dialect) {
         assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
     }
     let (_, all) = app.get("/v1/models").await;
-    assert_eq!(all["models"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        all["models"].as_array().map(Vec::len),
+        Some(4),
+        "three and the copy"
+    );
     app.stop().await;
 }
 

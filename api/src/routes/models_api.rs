@@ -889,3 +889,85 @@ pub async fn delete_image(
     }
     Ok(axum::Json(json!({})))
 }
+
+/// Duplicate a model: a new id with the same fields, tags, description and
+/// training images (each copied again), `status: copying` until the copy is
+/// complete, then the source's status (a model in training copies as `new`).
+#[utoipa::path(
+    post, path = "/v1/models/{modelId}/copy", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    responses((status = 200, description = "`{model}` of the copy", body = Object)),
+)]
+pub async fn copy(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let src = s
+        .store
+        .api_model(&acc.id, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    let now = now_ms();
+    let mut row = src.clone();
+    row.id = format!("model_{}", atelier_shared::domain::ids::base32_lower(20));
+    row.status = "copying".into();
+    row.created_at = now;
+    row.updated_at = now;
+    s.store.insert_api_model(&row).await?;
+    let mut copies = Vec::new();
+    for img in s.store.all_api_model_images(&src.id).await? {
+        let bytes = match s.objects.get(&img.object_key).await {
+            Ok(b) => b,
+            // Detached meanwhile: not part of the copy.
+            Err(atelier_shared::storage::StorageError::NotFound(_)) => continue,
+            Err(e) => {
+                erase_all(&s, &copies).await;
+                s.store.set_api_model_status(&row.id, "failed").await?;
+                return Err(e.into());
+            }
+        };
+        let key = format!(
+            "models/{}/{}/{}",
+            acc.id,
+            row.id,
+            img.object_key.rsplit('/').next().unwrap_or("image")
+        );
+        if let Err(e) = s.objects.put(&key, bytes, &img.content_type).await {
+            erase_all(&s, &copies).await;
+            s.store.set_api_model_status(&row.id, "failed").await?;
+            return Err(e.into());
+        }
+        copies.push(ApiModelImage {
+            id: format!("asset_{}", atelier_shared::domain::ids::base32_lower(20)),
+            model_id: row.id.clone(),
+            object_key: key,
+            ..img
+        });
+    }
+    match s
+        .store
+        .attach_api_model_images(&acc.id, &row.id, &copies)
+        .await?
+    {
+        AttachImages::Attached(_) => {}
+        other => {
+            erase_all(&s, &copies).await;
+            s.store.set_api_model_status(&row.id, "failed").await?;
+            return Err(ApiError::internal(format!(
+                "copying the training images: {other:?}"
+            )));
+        }
+    }
+    row.status = match src.status.as_str() {
+        "training" | "copying" => "new".to_string(),
+        other => other.to_string(),
+    };
+    s.store.set_api_model_status(&row.id, &row.status).await?;
+    let row = s
+        .store
+        .api_model(&acc.id, &row.id)
+        .await?
+        .ok_or_else(|| not_found(&row.id))?;
+    wrapped(&s, &row).await
+}

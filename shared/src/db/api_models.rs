@@ -327,3 +327,27 @@ impl Store {
         Ok((r.rows_affected() == 1).then_some(key))
     }
 }
+
+impl Store {
+    /// Sets the status of a live model (`copying` → its final status).
+    pub async fn set_api_model_status(&self, id: &str, status: &str) -> Result<()> {
+        sqlx::query("UPDATE api_models SET status = $2, updated_at = $3 WHERE id = $1 AND deleted_at IS NULL")
+            .bind(id)
+            .bind(status)
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Every training image of a model, oldest first.
+    pub async fn all_api_model_images(&self, model_id: &str) -> Result<Vec<ApiModelImage>> {
+        let sql = format!(
+            "SELECT {IMAGE_COLUMNS} FROM api_model_images WHERE model_id = $1 ORDER BY created_at, id"
+        );
+        Ok(sqlx::query_as::<_, ApiModelImage>(&sql)
+            .bind(model_id)
+            .fetch_all(self.pool())
+            .await?)
+    }
+}
