@@ -46,6 +46,14 @@ async fn model_records(dialect: Dialect) {
             json!({"type": "flux.1-composition", "concepts": [{"modelId": "m", "scale": 3}]}),
             "concepts[0].scale",
         ),
+        (
+            json!({"type": "flux.1-lora", "parameters": {"rank": 512}}),
+            "parameters.rank",
+        ),
+        (
+            json!({"type": "sd-1_5", "parameters": {"nbEpochs": 2}}),
+            "parameters.nbEpochs",
+        ),
     ] {
         let (s, v) = app.post("/v1/models", body.clone()).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
@@ -116,6 +124,21 @@ async fn model_records(dialect: Dialect) {
     );
     let (s, v) = put(&app, &one, json!({"privacy": "secret"})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = put(
+        &app,
+        &one,
+        json!({"parameters": {"rank": 32, "optimizeFor": "likeness"}}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["model"]["parameters"]["rank"].as_i64()),
+        (StatusCode::OK, Some(32)),
+        "{v}"
+    );
+    // Parameters follow the type: an SD type refuses the Flux ones kept.
+    let (s, v) = put(&app, &one, json!({"type": "sd-1_5"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["detail"][0]["field"], "parameters.optimizeFor", "{v}");
     let tags = format!("{one}/tags");
     let (s, v) = put(&app, &tags, json!({"add": ["sc:scenario", "dress"]})).await;
     assert_eq!(

@@ -250,6 +250,10 @@ fn apply(row: &mut ApiModelRow, body: &Value, creating: bool) -> ApiResult<()> {
             };
         }
     }
+    if let Some(Value::Object(params)) = extra.get("parameters") {
+        atelier_shared::domain::training::validate(&row.model_type, params)
+            .map_err(ApiError::invalid)?;
+    }
     if row.model_type.ends_with("-composition")
         && extra
             .get("concepts")

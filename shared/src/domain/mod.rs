@@ -19,6 +19,7 @@ pub mod studio;
 pub mod swap;
 pub mod task;
 pub mod trace;
+pub mod training;
 
 pub use credits::Credits;
 pub use ids::{AccountId, FileId, JobId, ProjectId};
