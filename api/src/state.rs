@@ -103,6 +103,17 @@ impl AppState {
     }
 
     /// How long result URLs in answers stay valid.
+    /// Deletes objects nothing refers to any more (a refused or replaced
+    /// image, a deleted identity's files); one that cannot be deleted is
+    /// logged and stays orphaned.
+    pub async fn erase(&self, keys: &[String]) {
+        for k in keys {
+            if let Err(e) = self.objects.delete(k).await {
+                tracing::warn!(key = %k, error = %e, "cannot erase an object; it stays orphaned");
+            }
+        }
+    }
+
     pub fn result_ttl(&self) -> Duration {
         Duration::from_secs(self.config.limits.result_url_ttl_secs)
     }

@@ -175,22 +175,11 @@ fn training_bytes(
             "body",
         ));
     }
-    let (ct, ext, w, h) = crate::routes::uploads::sniff_any(body)
-        .map_err(|m| ApiError::bad_request(None, format!("unreadable image: {m}"), "body"))?;
+    let (ct, ext, _, _) = crate::routes::uploads::checked_image(s, body, None, "body")?;
     if ct != want {
         return Err(ApiError::bad_request(
             None,
             format!("the bytes are {ct}, not the declared {want}"),
-            "body",
-        ));
-    }
-    if u64::from(w) * u64::from(h) > s.config.worker.max_input_pixels {
-        return Err(ApiError::bad_request(
-            None,
-            format!(
-                "image too large: {w}x{h} is above the limit of {} pixels",
-                s.config.worker.max_input_pixels
-            ),
             "body",
         ));
     }
@@ -212,12 +201,6 @@ async fn put_image(
     );
     s.objects.put(&key, body, ct).await?;
     Ok(key)
-}
-
-async fn erase(s: &AppState, key: &str) {
-    if let Err(e) = s.objects.delete(key).await {
-        tracing::warn!(%key, error = %e, "cannot erase a training image; it stays orphaned");
-    }
 }
 
 /// Create a custom model.
@@ -377,7 +360,7 @@ pub async fn add_data(
         )
             .into_response()),
         other => {
-            erase(&s, &key).await;
+            s.erase(std::slice::from_ref(&key)).await;
             Err(match other {
                 Ok(AddImage::NoModel) => no_model(&id),
                 Ok(AddImage::Full) => ApiError::conflict(
@@ -480,15 +463,15 @@ pub async fn replace_data(
         .await
     {
         Ok(Some(old)) => {
-            erase(&s, &old).await;
+            s.erase(std::slice::from_ref(&old)).await;
             Ok(axum::Json(DataStored { data_id }))
         }
         Ok(None) => {
-            erase(&s, &key).await;
+            s.erase(std::slice::from_ref(&key)).await;
             Err(no_data(&data_id))
         }
         Err(e) => {
-            erase(&s, &key).await;
+            s.erase(std::slice::from_ref(&key)).await;
             Err(e.into())
         }
     }
@@ -513,6 +496,6 @@ pub async fn delete_data(
         .delete_training_image(&acc.id, &id, &data_id)
         .await?
         .ok_or_else(|| no_data(&data_id))?;
-    erase(&s, &key).await;
+    s.erase(std::slice::from_ref(&key)).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -297,7 +297,7 @@ pub(crate) async fn admit_named(
         let admitted = match s.store.create_identity(ident, job).await {
             Ok(a) => a,
             Err(e) => {
-                erase(s, &[n.photo_key.to_string()]).await;
+                s.erase(&[n.photo_key.to_string()]).await;
                 return Err(e.into());
             }
         };
@@ -314,7 +314,7 @@ pub(crate) async fn admit_named(
             }
             other => other,
         };
-        erase(s, &[n.photo_key.to_string()]).await;
+        s.erase(&[n.photo_key.to_string()]).await;
         return Err(match refused {
             // An upload names the clash both ways (the scripts read either);
             // a promotion only as `existing_identity_code`, so that a client
@@ -372,14 +372,6 @@ const PREPROCESSING_STATUSES: [JobStatus; 4] = [
 /// A new identity code: `idn_` + 16 base32 characters.
 pub fn new_code() -> String {
     format!("idn_{}", atelier_shared::domain::ids::base32_lower(16))
-}
-
-pub(crate) async fn erase(s: &AppState, keys: &[String]) {
-    for k in keys {
-        if let Err(e) = s.objects.delete(k).await {
-            tracing::warn!(key = %k, error = %e, "cannot erase an identity object; it stays orphaned");
-        }
-    }
 }
 
 /// Waits, up to `identity.upload_wait_ms`, for a preprocessing job to end
@@ -490,7 +482,7 @@ pub async fn upload(
                 .delete_identity(&acc.id, IdentityKind::Identity, &code)
                 .await
             {
-                erase(&s, &keys).await;
+                s.erase(&keys).await;
             }
             return Err(if is_input_problem(&message) {
                 photo_problem(&message).with("preprocessing_job_id", admitted)
@@ -687,7 +679,7 @@ pub async fn delete(
         )
         .with("job_id", job_id)),
         DeleteIdentity::Deleted { keys } => {
-            erase(&s, &keys).await;
+            s.erase(&keys).await;
             Ok(StatusCode::NO_CONTENT)
         }
     }
@@ -757,14 +749,14 @@ pub async fn replace_pov(
     let job_id = match s.store.start_face_replacement(&acc.id, &code, job).await {
         Ok(Some(atelier_shared::db::jobs::Admission::Created { job_id, .. })) => job_id,
         Ok(other) => {
-            erase(&s, std::slice::from_ref(&key)).await;
+            s.erase(std::slice::from_ref(&key)).await;
             return Err(match other {
                 None => ApiError::not_found(format!("Identity {code} not found")),
                 Some(a) => refusal(a),
             });
         }
         Err(e) => {
-            erase(&s, std::slice::from_ref(&key)).await;
+            s.erase(std::slice::from_ref(&key)).await;
             return Err(e.into());
         }
     };
@@ -800,7 +792,7 @@ pub async fn replace_pov(
                 .find_map(|o| o.error_message)
                 .unwrap_or_else(|| "preprocessing failed".into());
             // The refused photo is not kept (the identity keeps its face).
-            erase(&s, std::slice::from_ref(&key)).await;
+            s.erase(std::slice::from_ref(&key)).await;
             Err(if is_input_problem(&message) {
                 photo_problem(&message)
             } else {

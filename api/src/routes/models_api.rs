@@ -801,11 +801,8 @@ pub async fn add_images(
             (Some(_), false) => "assetId".to_string(),
             (None, _) => "data".to_string(),
         };
-        let (ct, ext, w, h) = crate::routes::uploads::sniff_any(&img.bytes)
-            .map_err(|m| bad(&field, format!("unreadable image: {m}")))?;
-        if u64::from(w) * u64::from(h) > s.config.worker.max_input_pixels {
-            return Err(bad(&field, format!("image too large: {w}x{h}")));
-        }
+        let (ct, ext, _, _) =
+            crate::routes::uploads::checked_image(&s, &img.bytes, Some(&field), "body")?;
         checked.push((img, ct, ext));
     }
     let now = now_ms();
@@ -861,12 +858,10 @@ pub async fn add_images(
     }))
 }
 
+/// Erases the stored copies of `rows`.
 async fn erase_all(s: &AppState, rows: &[ApiModelImage]) {
-    for r in rows {
-        if let Err(e) = s.objects.delete(&r.object_key).await {
-            tracing::warn!(key = %r.object_key, error = %e, "cannot erase a training image copy");
-        }
-    }
+    let keys: Vec<String> = rows.iter().map(|r| r.object_key.clone()).collect();
+    s.erase(&keys).await;
 }
 
 /// Detach a training image (its copy is erased).
@@ -888,9 +883,7 @@ pub async fn delete_image(
         .detach_api_model_image(&acc.id, &id, &image_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Training image {image_id} not found")))?;
-    if let Err(e) = s.objects.delete(&key).await {
-        tracing::warn!(%key, error = %e, "cannot erase a training image copy");
-    }
+    s.erase(&[key]).await;
     Ok(axum::Json(json!({})))
 }
 

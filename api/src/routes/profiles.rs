@@ -14,7 +14,7 @@ use crate::admission::{job_trace, refusal};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Query;
-use crate::routes::identities::{erase, preprocessing_job, read_form};
+use crate::routes::identities::{preprocessing_job, read_form};
 use crate::state::AppState;
 use crate::views::{ProfileAdded, ProfileDeleted, ProfileEntry, ProfileIds, ProfileStatus};
 use atelier_shared::db::identities::{
@@ -94,7 +94,7 @@ pub async fn add(
                 .put(&key, img.bytes.clone(), img.content_type)
                 .await
             {
-                erase(&s, &keys).await;
+                s.erase(&keys).await;
                 return Err(e.into());
             }
             keys.push(key);
@@ -121,7 +121,7 @@ pub async fn add(
     };
     let result = admit(&s, &acc, &headers, &code, &body, &stored).await;
     if result.is_err() {
-        erase(&s, &stored).await;
+        s.erase(&stored).await;
     }
     result
 }
@@ -332,7 +332,7 @@ pub async fn delete(
         )
         .with("job_id", job_id)),
         DeleteIdentity::Deleted { keys } => {
-            erase(&s, &keys).await;
+            s.erase(&keys).await;
             Ok(axum::Json(ProfileDeleted {
                 profile_id: id,
                 status: "ok",

@@ -74,7 +74,7 @@ async fn call(
     // was stored is erased again if the call goes no further.
     let mut stored = Vec::new();
     if let Err(e) = place_photos(s, &acc.id, &mut spec, images, &mut stored).await {
-        crate::routes::identities::erase(s, &stored).await;
+        s.erase(&stored).await;
         return Err(e);
     }
     let response_mode = spec.response_mode;
@@ -104,7 +104,7 @@ async fn call(
     let job_id = match admitted {
         Ok(Admission::Created { job_id, .. }) => job_id,
         other => {
-            crate::routes::identities::erase(s, &stored).await;
+            s.erase(&stored).await;
             return Err(match other {
                 Ok(a) => refusal(a),
                 Err(e) => e.into(),
@@ -220,19 +220,8 @@ async fn place_photos(
         let at = format!("images[{i}]");
         match img {
             StudioImageIn::Bytes(bytes) => {
-                let (ct, ext, w, h) = crate::routes::uploads::sniff_any(&bytes).map_err(|m| {
-                    ApiError::bad_request(Some(&at), format!("unreadable image: {m}"), "body")
-                })?;
-                if u64::from(w) * u64::from(h) > s.config.worker.max_input_pixels {
-                    return Err(ApiError::bad_request(
-                        Some(&at),
-                        format!(
-                            "image too large: {w}x{h} is above the limit of {} pixels",
-                            s.config.worker.max_input_pixels
-                        ),
-                        "body",
-                    ));
-                }
+                let (ct, ext, _, _) =
+                    crate::routes::uploads::checked_image(s, &bytes, Some(&at), "body")?;
                 let key = format!(
                     "studio/{account}/{}.{ext}",
                     ulid::Ulid::new().to_string().to_lowercase()

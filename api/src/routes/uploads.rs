@@ -177,6 +177,29 @@ pub(crate) fn sniff_any(bytes: &[u8]) -> Result<(&'static str, &'static str, u32
     Ok((ct, ext, w, h))
 }
 
+/// An image a client sent inside a request: JPEG, PNG or WebP whose header
+/// decodes, within `worker.max_input_pixels` (the limit workers decode
+/// under). `(content type, extension, width, height)`; a problem is a 400
+/// naming `field` at `position`.
+pub(crate) fn checked_image(
+    s: &crate::state::AppState,
+    bytes: &[u8],
+    field: Option<&str>,
+    position: &str,
+) -> Result<(&'static str, &'static str, u32, u32), ApiError> {
+    let (ct, ext, w, h) = sniff_any(bytes)
+        .map_err(|m| ApiError::bad_request(field, format!("unreadable image: {m}"), position))?;
+    let limit = s.config.worker.max_input_pixels;
+    if u64::from(w) * u64::from(h) > limit {
+        return Err(ApiError::bad_request(
+            field,
+            format!("image too large: {w}x{h} is above the limit of {limit} pixels"),
+            position,
+        ));
+    }
+    Ok((ct, ext, w, h))
+}
+
 /// Whether `bytes` are an image of the declared type whose header decodes.
 fn sniff(bytes: &[u8], content_type: &str) -> Result<(u32, u32), String> {
     let want = match content_type {

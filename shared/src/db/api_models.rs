@@ -43,14 +43,7 @@ pub struct ApiModelQuery {
 /// `LIKE` pattern for a JSON string element `"tag"` of the tags array.
 fn tag_pattern(tag: &str) -> String {
     let json = serde_json::to_string(tag).unwrap_or_default();
-    let escaped: String = json
-        .chars()
-        .flat_map(|c| match c {
-            '\\' | '%' | '_' => vec!['\\', c],
-            c => vec![c],
-        })
-        .collect();
-    format!("%{escaped}%")
+    format!("%{}%", super::like_escape(&json))
 }
 
 impl Store {

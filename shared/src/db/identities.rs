@@ -446,17 +446,10 @@ impl Store {
              OR (account_id = $2 AND inputs LIKE $3 ESCAPE '\\')) ORDER BY created_at LIMIT 1",
             JobStatus::sql_in(&JobStatus::OPEN)
         );
-        let escaped: String = code
-            .chars()
-            .flat_map(|c| match c {
-                '\\' | '%' | '_' => vec!['\\', c],
-                c => vec![c],
-            })
-            .collect();
         let busy: Option<String> = sqlx::query_scalar(&sql)
             .bind(code)
             .bind(account_id)
-            .bind(format!("%\"profile_id\":\"{escaped}\"%"))
+            .bind(format!("%\"profile_id\":\"{}\"%", super::like_escape(code)))
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(job_id) = busy {
