@@ -391,6 +391,14 @@ pub async fn start(
         .context("model loading panicked")?
         .context("cannot load the models")?;
         tracing::info!(engines = ?ctx.pipeline.engine_names(), generators = ?ctx.generators.describe(), "worker pipeline ready");
+        if !cfg.training.containers.is_empty() {
+            let trainers = atelier_worker::engines::trainer::Trainers::connect(&cfg.training)
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("cannot reach the trainer containers (training.containers)")?;
+            tracing::info!(containers = ?trainers.urls(), "trainer containers ready: this worker serves the training queue");
+            ctx.trainers = Some(std::sync::Arc::new(trainers));
+        }
         let c = cfg.clone();
         match tokio::task::spawn_blocking(move || atelier_worker::faces::FaceKit::from_config(&c))
             .await

@@ -11,7 +11,7 @@ use crate::error::ApiError;
 use crate::openapi;
 use crate::routes::{
     billing, custom_models, downloads, drafts, flat, health, identities, jobs, models_api,
-    notifications, profiles, projects, studio, swap, uploads, webhooks,
+    notifications, predictions, profiles, projects, studio, swap, trainings, uploads, webhooks,
 };
 use crate::state::AppState;
 use axum::Router;
@@ -102,6 +102,10 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(limited(routes!(models_api::add_images), studio_body))
         .routes(routes!(models_api::delete_image))
         .routes(routes!(models_api::copy))
+        .routes(routes!(models_api::train))
+        .routes(routes!(models_api::train_action))
+        .routes(routes!(models_api::job))
+        .routes(routes!(models_api::download))
         .routes(routes!(custom_models::create))
         .routes(routes!(
             custom_models::read,
@@ -121,6 +125,17 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
             ),
             training_image,
         ))
+        .routes(routes!(
+            custom_models::start_training,
+            custom_models::list_trainings
+        ))
+        .routes(routes!(
+            custom_models::read_training,
+            custom_models::delete_training
+        ))
+        .routes(routes!(custom_models::cancel_training))
+        .routes(routes!(predictions::create))
+        .routes(routes!(predictions::read, predictions::delete))
         .routes(limited(routes!(studio::phota::edit), studio_body))
         .routes(routes!(studio::phota::generate))
         .routes(limited(routes!(studio::short::edit), studio_body))
@@ -133,7 +148,7 @@ fn operators() -> OpenApiRouter<AppState> {
 }
 
 /// Signed, expiring capabilities: no credentials, the URL is the grant.
-fn capabilities(max_upload: usize) -> OpenApiRouter<AppState> {
+fn capabilities(max_upload: usize, max_weights: u64) -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(limited(
             routes!(uploads::receive),
@@ -141,6 +156,10 @@ fn capabilities(max_upload: usize) -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(uploads::serve_file))
         .routes(routes!(downloads::stream))
+        .routes(limited(
+            routes!(trainings::events),
+            usize::try_from(max_weights).unwrap_or(usize::MAX),
+        ))
 }
 
 /// What probes, scrapers and tooling read without credentials.
@@ -162,7 +181,7 @@ pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         ));
     let (router, doc) = OpenApiRouter::with_openapi(openapi::base())
         .merge(authed)
-        .merge(capabilities(max_upload))
+        .merge(capabilities(max_upload, state.config.training.max_weights_bytes.saturating_mul(4) / 3 + (1 << 20)))
         .merge(operations())
         .split_for_parts();
     (router, openapi::finish(doc, &state.config))

@@ -59,6 +59,10 @@ pub struct SchedulerContext {
     pub running_lease: Duration,
     pub retry: RetryPolicy,
     pub enterprise_weight: u32,
+    /// `training.fleet_slots`: trainings running at once across the fleet.
+    pub training_slots: u32,
+    /// How long a training attempt's signed URLs (dataset, webhook) last.
+    pub training_url_ttl: Duration,
     pub instance: String,
     pub notify: notify::NotifyContext,
 }
@@ -81,6 +85,9 @@ impl SchedulerContext {
             running_lease: Duration::from_secs(cfg.scheduler.running_lease_secs),
             retry: cfg.scheduler.retry,
             enterprise_weight: cfg.scheduler.enterprise_weight,
+            training_slots: cfg.training.fleet_slots,
+            // The longest training, plus the time it may wait in the queue.
+            training_url_ttl: Duration::from_secs(cfg.training.timeout_secs.saturating_mul(2)),
             instance: format!("sch_{}_{}", std::process::id(), ulid::Ulid::new()),
             notify: notify::NotifyContext {
                 events,
@@ -234,7 +241,17 @@ async fn reap(ctx: &SchedulerContext) -> anyhow::Result<()> {
 /// round.
 async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Result<()> {
     let queued = usize::try_from(ctx.store.queued_count(queue).await?).unwrap_or(usize::MAX);
-    let slots = ctx.queue_target.saturating_sub(queued);
+    let mut slots = ctx.queue_target.saturating_sub(queued);
+    let mut in_flight = None;
+    if queue == WorkQueue::Training && slots > 0 {
+        // A training holds a trainer for its whole run: only as many are
+        // handed out as the fleet has slots, so the fair pick below decides
+        // which account's training gets the next free one.
+        let per_account = ctx.store.in_flight_by_account(queue).await?;
+        let busy: u32 = per_account.values().sum();
+        slots = slots.min(ctx.training_slots.saturating_sub(busy) as usize);
+        in_flight = Some(per_account);
+    }
     if slots == 0 {
         return Ok(());
     }
@@ -242,7 +259,10 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
     if candidates.is_empty() {
         return Ok(());
     }
-    let in_flight = ctx.store.in_flight_by_account(queue).await?;
+    let in_flight = match in_flight {
+        Some(m) => m,
+        None => ctx.store.in_flight_by_account(queue).await?,
+    };
     let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
     let mut jobs = std::collections::HashMap::new();
     for c in candidates {
@@ -321,6 +341,8 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
             output: claim.output,
             work: job.spec.clone(),
             inputs: job.inputs.clone(),
+            training: training_links(ctx, &job.spec, pick.output_id, attempt).await?,
+            weights_urls: weights_urls(ctx, &job.spec).await?,
         };
         tracing::debug!(trace_id = %trace.trace_id_hex(), output_id = pick.output_id, attempt, "dispatching");
         let message = Message::json(&task)?.with_header("traceparent", trace.to_string());
@@ -336,6 +358,53 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
         metrics::counter!("atelier_tasks_dispatched_total", "type" => queue.as_str()).increment(1);
     }
     Ok(())
+}
+
+/// The signed URLs of one attempt of a training: the frozen dataset, and
+/// the webhook its trainer reports to (any API replica verifies it).
+async fn training_links(
+    ctx: &SchedulerContext,
+    spec: &atelier_shared::domain::JobSpec,
+    output_id: i64,
+    attempt: i64,
+) -> anyhow::Result<Option<atelier_shared::domain::task::TrainingLinks>> {
+    let atelier_shared::domain::JobSpec::Training(spec) = spec else {
+        return Ok(None);
+    };
+    let links = &ctx.notify.links;
+    let dataset_url = links
+        .object_url(&spec.dataset_key, "application/zip", ctx.training_url_ttl)
+        .await?;
+    let exp = now_ms() + i64::try_from(ctx.training_url_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    let token = links.signer.sign(
+        &atelier_shared::storage::Capability::TrainingEvents { output_id, attempt },
+        exp,
+    );
+    Ok(Some(atelier_shared::domain::task::TrainingLinks {
+        dataset_url,
+        webhook_url: format!("{}/internal/training-events/{token}", links.base),
+    }))
+}
+
+/// Signed URLs of the trained weights a prediction uses (valid for an
+/// hour: the task runs within its leases).
+async fn weights_urls(
+    ctx: &SchedulerContext,
+    spec: &atelier_shared::domain::JobSpec,
+) -> anyhow::Result<Vec<String>> {
+    let atelier_shared::domain::JobSpec::Prediction(spec) = spec else {
+        return Ok(Vec::new());
+    };
+    let mut urls = Vec::with_capacity(spec.loras.len());
+    for l in &spec.loras {
+        urls.push(
+            ctx.notify
+                .links
+                .object_url(&l.weights_key, &l.weights_content_type, Duration::from_secs(3600))
+                .await?,
+        );
+    }
+    Ok(urls)
 }
 
 /// What dispatch found of a job.

@@ -35,6 +35,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub limits: LimitsConfig,
     pub identity: IdentityConfig,
+    pub training: TrainingConfig,
     pub prices: PriceTable,
     pub catalogue: DesignCatalogue,
     pub log: LogConfig,
@@ -686,6 +687,73 @@ impl Default for IdentityConfig {
     }
 }
 
+/// Trainings (contract §7, §8): the trainer containers a worker drives,
+/// and the caps the scheduler and the API enforce.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TrainingConfig {
+    /// Base URLs of this worker's trainer containers (Cog's HTTP API in
+    /// train mode); each runs one training at a time. Empty: the worker
+    /// does not consume the `training` queue.
+    pub containers: Vec<String>,
+    /// Container input name → a training field (`"$dataset_url"`) or a
+    /// constant, as for generator routes.
+    pub inputs: BTreeMap<String, CogInput>,
+    /// How long a starting worker waits for each container to be READY.
+    pub startup_secs: u64,
+    /// Trainings running at once across the fleet (the trainer slots the
+    /// scheduler hands out); waiting trainings get them by weighted fair
+    /// share between accounts.
+    pub fleet_slots: u32,
+    /// Trainings an account may have queued or running at once
+    /// (`parallel-training`); enterprise accounts get
+    /// `parallel_enterprise`.
+    pub parallel_per_account: u32,
+    pub parallel_enterprise: u32,
+    /// After a training of a model ends, how long before the model can be
+    /// trained again.
+    pub relaunch_cooldown_secs: u64,
+    /// The lease of a running training: the worker's heartbeats and the
+    /// trainer's own webhook events renew it; past it with neither, the
+    /// attempt is failed and retried.
+    pub lease_secs: u64,
+    /// How often the worker holding a training checks on it.
+    pub poll_ms: u64,
+    /// A container that stops answering for this long has lost the
+    /// training; one that is idle without the training's end recorded
+    /// gets this long for the end to arrive before the attempt is failed.
+    pub lost_after_secs: u64,
+    /// Longest training; past it the training is cancelled and failed.
+    pub timeout_secs: u64,
+    /// Largest webhook body (the trainer's weights come as data URLs).
+    pub max_weights_bytes: u64,
+    /// Largest dataset ZIP frozen at start.
+    pub max_dataset_bytes: u64,
+    /// Fewest training images a training starts with (contract §7).
+    pub min_images: u32,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            containers: Vec::new(),
+            inputs: BTreeMap::new(),
+            startup_secs: 120,
+            fleet_slots: 4,
+            parallel_per_account: 1,
+            parallel_enterprise: 4,
+            relaunch_cooldown_secs: 30,
+            lease_secs: 600,
+            poll_ms: 1000,
+            lost_after_secs: 30,
+            timeout_secs: 24 * 3600,
+            max_weights_bytes: 1 << 30,
+            max_dataset_bytes: 2 << 30,
+            min_images: 5,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct LogConfig {
@@ -723,6 +791,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             limits: LimitsConfig::default(),
             identity: IdentityConfig::default(),
+            training: TrainingConfig::default(),
             prices: PriceTable::default(),
             catalogue: DesignCatalogue::default(),
             log: LogConfig::default(),

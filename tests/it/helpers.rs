@@ -538,19 +538,55 @@ pub fn packshot_body(project: &str, files: &[&str]) -> Value {
     })
 }
 
-/// A fixture predictor of `tests/fixtures/cog/<name>` served by the real
-/// Cog runtime from PyPI (the venv `scripts/test` installs), on a free
-/// port of 127.0.0.1. Killed when dropped.
+/// A fixture predictor (or trainer) of `tests/fixtures/cog/<name>` served
+/// by the real Cog runtime from PyPI (the venv `scripts/test` installs), on
+/// a free port of 127.0.0.1. Killed when dropped.
 pub struct CogFixture {
     pub url: String,
+    name: String,
+    port: u16,
+    train: bool,
     /// Where fixtures that notice cancellations record them.
     cancel_log: std::path::PathBuf,
+    /// Where trainer fixtures record the trainings they start and finish.
+    events_log: std::path::PathBuf,
     _dir: tempfile::TempDir,
-    _child: tokio::process::Child,
+    child: Option<tokio::process::Child>,
 }
 
 impl CogFixture {
     pub async fn start(name: &str) -> CogFixture {
+        Self::launch(name, false).await
+    }
+
+    /// A trainer fixture (`--x-mode train`, `train.py:train`).
+    pub async fn trainer(name: &str) -> CogFixture {
+        Self::launch(name, true).await
+    }
+
+    async fn launch(name: &str, train: bool) -> CogFixture {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let scratch = tempfile::tempdir().expect("dir");
+        let mut f = CogFixture {
+            url: format!("http://127.0.0.1:{port}"),
+            name: name.to_string(),
+            port,
+            train,
+            cancel_log: scratch.path().join("cancelled.log"),
+            events_log: scratch.path().join("events.log"),
+            _dir: scratch,
+            child: None,
+        };
+        f.respawn();
+        f
+    }
+
+    /// Starts the runtime (again, on the same port).
+    pub fn respawn(&mut self) {
         let venv = std::env::var("ATELIER_TEST_COG_VENV").unwrap_or_else(|_| {
             format!(
                 "{}/.cache/atelier/cog-venv",
@@ -562,23 +598,23 @@ impl CogFixture {
             python.exists(),
             "no Cog runtime at {venv}: scripts/test installs it (ATELIER_TEST_COG_VENV)"
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("a free port")
-            .local_addr()
-            .expect("addr")
-            .port();
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/cog")
-            .join(name);
+            .join(&self.name);
         let path = format!("{}/bin:{}", venv, std::env::var("PATH").unwrap_or_default());
-        let scratch = tempfile::tempdir().expect("dir");
-        let cancel_log = scratch.path().join("cancelled.log");
-        let child = tokio::process::Command::new(&python)
-            .args(["-m", "cog.server.http", "--host", "127.0.0.1"])
+        let mut cmd = tokio::process::Command::new(&python);
+        cmd.args(["-m", "cog.server.http", "--host", "127.0.0.1"]);
+        if self.train {
+            cmd.args(["--x-mode", "train"])
+                .env("COG_TRAIN_TYPE_STUB", "train.py:train");
+        } else {
+            cmd.env("COG_PREDICT_TYPE_STUB", "predict.py:Predictor");
+        }
+        let child = cmd
             .current_dir(&dir)
-            .env("PORT", port.to_string())
-            .env("COG_PREDICT_TYPE_STUB", "predict.py:Predictor")
-            .env("FIXTURE_CANCEL_LOG", &cancel_log)
+            .env("PORT", self.port.to_string())
+            .env("FIXTURE_CANCEL_LOG", &self.cancel_log)
+            .env("FIXTURE_EVENTS_LOG", &self.events_log)
             .env(
                 "FIXTURE_FACES",
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/testdata"),
@@ -587,22 +623,58 @@ impl CogFixture {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .expect("the Cog runtime starts");
-        CogFixture {
-            url: format!("http://127.0.0.1:{port}"),
-            cancel_log,
-            _dir: scratch,
-            _child: child,
+        self.child = Some(child);
+    }
+
+    /// Kills the runtime and everything it started (SIGKILL to its
+    /// process group: the server and its worker subprocess).
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &format!("-{pid}")])
+                    .status();
+            }
+            let _ = c.kill().await;
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Waits until the runtime answers READY.
+    pub async fn ready(&self, within: Duration) {
+        let until = Instant::now() + within;
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http.get(format!("{}/health-check", self.url)).send().await {
+                if let Ok(v) = r.json::<Value>().await {
+                    if v["status"] == "READY" {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < until, "{} is not READY", self.url);
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     /// The lines the fixture wrote for the predictions it saw cancelled.
     pub fn cancelled(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.cancel_log)
-            .unwrap_or_default()
-            .lines()
-            .map(String::from)
-            .collect()
+        read_lines(&self.cancel_log)
     }
+
+    /// The lines a trainer fixture wrote (`start <word>`, `done <word>`).
+    pub fn events(&self) -> Vec<String> {
+        read_lines(&self.events_log)
+    }
+}
+
+fn read_lines(p: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
 }

@@ -18,3 +18,4 @@ mod models_api;
 mod notifications;
 mod profiles;
 mod studio;
+mod trainings;

@@ -24,7 +24,7 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
     if !unservable.is_empty() {
         let names: Vec<&str> = unservable.iter().map(|q| q.as_str()).collect();
         anyhow::bail!(
-            "worker.queues names {} but this worker cannot serve {}: the face models (swap, identity) or generator routes (generate) are missing",
+            "worker.queues names {} but this worker cannot serve {}: the face models (swap, identity), generator routes (generate) or trainer containers (training.containers) are missing",
             names.join(", "),
             if names.len() == 1 { "it" } else { "them" }
         );
@@ -90,6 +90,7 @@ async fn consume_queue(
                 left = tasks.len(),
                 "worker: grace period over; releasing unfinished tasks"
             );
+            ctx.releasing.cancel();
             hard_stop.cancel();
             while tasks.join_next().await.is_some() {}
         }
@@ -350,6 +351,8 @@ mod tests {
             }
             .into(),
             inputs: JobInputs::default(),
+            training: None,
+            weights_urls: Vec::new(),
         }
     }
 

@@ -38,6 +38,13 @@ pub struct WorkerContext {
     /// `worker.queues`: the only queues to consume (empty: every queue
     /// this worker can serve).
     pub only: Vec<WorkQueue>,
+    /// The operator's trainer containers; `None`: this worker does not
+    /// consume the `training` queue.
+    pub trainers: Option<Arc<crate::engines::trainer::Trainers>>,
+    /// Fires when the worker releases its unfinished tasks at shutdown
+    /// (the grace period is over): a training left running then is
+    /// re-attached by the next worker, not cancelled.
+    pub releasing: tokio_util::sync::CancellationToken,
     /// Identifies this worker in leases and logs.
     pub worker_id: String,
     /// `concurrency` task slots shared by every queue this worker serves,
@@ -70,6 +77,8 @@ impl WorkerContext {
             fetch_max_bytes: cfg.identity.fetch_max_bytes,
             fetch_timeout: Duration::from_secs(cfg.identity.fetch_timeout_secs),
             fault_delay: Duration::from_millis(cfg.worker.fault_delay_ms),
+            trainers: None,
+            releasing: tokio_util::sync::CancellationToken::new(),
             worker_id: format!("wrk_{}_{}", std::process::id(), ulid::Ulid::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(cfg.worker.concurrency.max(1))),
         }

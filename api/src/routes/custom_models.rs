@@ -9,6 +9,7 @@ use crate::state::AppState;
 use atelier_shared::db::custom_models::{
     AddImage, CustomModel, MAX_TRAINING_IMAGES, TrainingImage,
 };
+use atelier_shared::db::trainings::TrainingRow;
 use atelier_shared::time::iso8601;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -498,4 +499,287 @@ pub async fn delete_data(
         .ok_or_else(|| no_data(&data_id))?;
     s.erase(std::slice::from_ref(&key)).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------
+// Trainings (contract §7).
+
+/// `POST …/trainings`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StartTraining {
+    /// 0–10 (default 5): higher follows the dataset more closely.
+    pub training_strength: Option<i64>,
+    /// `fast` (default) or `high_quality`.
+    pub training_speed: Option<String>,
+}
+
+/// `202` of a started training.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingStarted {
+    pub training_id: String,
+}
+
+/// A training as §7 shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingView {
+    pub id: String,
+    /// `queued`, `processing`, `succeeded`, `failed`, `canceled`.
+    pub status: String,
+    pub training_strength: i64,
+    pub training_speed: String,
+    pub trigger_word: Option<String>,
+    pub error: Option<String>,
+    /// `{stage, position, totalSteps, progress (0–1), remainingTimeMs, startedAt, updatedAt}`.
+    #[schema(value_type = Object)]
+    pub training_progress: serde_json::Value,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&TrainingRow> for TrainingView {
+    fn from(t: &TrainingRow) -> Self {
+        let p: serde_json::Value = serde_json::from_str(&t.parameters).unwrap_or_default();
+        TrainingView {
+            id: t.id.clone(),
+            status: t.status().to_string(),
+            training_strength: p["trainingStrength"].as_i64().unwrap_or(5),
+            training_speed: p["trainingSpeed"].as_str().unwrap_or("fast").to_string(),
+            trigger_word: Some(t.trigger_word.clone()),
+            error: t.output_error.clone().or_else(|| t.job_error.clone()),
+            training_progress: crate::routes::trainings::progress_json(t),
+            created_at: iso8601(t.created_at),
+            updated_at: iso8601(t.job_updated_at.max(t.updated_at)),
+        }
+    }
+}
+
+/// `{id, status}` of a training in a list or after a cancel.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TrainingBrief {
+    pub id: String,
+    pub status: String,
+}
+
+fn no_training(id: &str) -> ApiError {
+    ApiError::not_found(format!("Training {id} not found"))
+}
+
+/// The steps of a seed 001 training: per image, 60 (`fast`) or 120
+/// (`high_quality`), scaled by the strength (5 is 1×, 0 is ½×, 10 is 1½×).
+fn custom_steps(images: usize, strength: i64, speed: &str) -> u64 {
+    let per_image: u64 = if speed == "high_quality" { 120 } else { 60 };
+    let steps = images as u64 * per_image * (5 + strength.clamp(0, 10) as u64) / 10;
+    steps.clamp(1, 10_000)
+}
+
+/// Start training a custom model on its training images.
+#[utoipa::path(
+    post, path = "/v1/custom-models/{modelId}/trainings", tag = "custom models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    request_body = StartTraining,
+    responses(
+        (status = 202, description = "Queued", body = TrainingStarted),
+        (status = 400, description = "Fewer than the minimum of training images, or a value out of range", body = crate::error::ErrorBody),
+        (status = 402, description = "Not enough credits", body = crate::error::ErrorBody),
+        (status = 404, description = "No such model", body = crate::error::ErrorBody),
+        (status = 409, description = "A training of this model is queued or running", body = crate::error::ErrorBody),
+        (status = 429, description = "parallel-training cap or relaunch cooldown (remainingSeconds)", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn start_training(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<StartTraining>,
+) -> ApiResult<Response> {
+    let strength = body.training_strength.unwrap_or(5);
+    if !(0..=10).contains(&strength) {
+        return Err(ApiError::bad_request(
+            Some("trainingStrength"),
+            "must be an integer from 0 to 10",
+            "body",
+        ));
+    }
+    let speed = body.training_speed.as_deref().unwrap_or("fast");
+    if !matches!(speed, "fast" | "high_quality") {
+        return Err(ApiError::bad_request(
+            Some("trainingSpeed"),
+            "must be `fast` or `high_quality`",
+            "body",
+        ));
+    }
+    let images = s
+        .store
+        .training_images(&acc.id, &id)
+        .await?
+        .ok_or_else(|| no_model(&id))?;
+    let min = s.config.training.min_images as usize;
+    if images.len() < min {
+        return Err(ApiError::bad_request(
+            None,
+            format!(
+                "a training needs at least {min} training images; this model has {}",
+                images.len()
+            ),
+            "body",
+        ));
+    }
+    let mut parameters = serde_json::Map::new();
+    parameters.insert("trainingStrength".into(), strength.into());
+    parameters.insert("trainingSpeed".into(), speed.into());
+    parameters.insert(
+        "maxTrainSteps".into(),
+        custom_steps(images.len(), strength, speed).into(),
+    );
+    let parameters = atelier_shared::domain::training::resolve(
+        CUSTOM_MODEL_TYPE,
+        &parameters,
+        u32::try_from(images.len()).unwrap_or(u32::MAX),
+    );
+    let (training_id, _) = crate::routes::trainings::start(
+        &s,
+        &acc,
+        &headers,
+        crate::routes::trainings::StartRequest {
+            api: atelier_shared::domain::training::TrainingApi::Custom,
+            model_id: &id,
+            model_type: CUSTOM_MODEL_TYPE,
+            trigger_word: atelier_shared::domain::training::trigger_word(),
+            parameters,
+            images: images
+                .iter()
+                .map(|i| crate::routes::trainings::DatasetImage {
+                    object_key: i.object_key.clone(),
+                    content_type: i.content_type.clone(),
+                })
+                .collect(),
+        },
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(TrainingStarted { training_id }),
+    )
+        .into_response())
+}
+
+/// The family custom models train as.
+const CUSTOM_MODEL_TYPE: &str = "flux.1-lora";
+
+/// The trainings of a model (a bare array of `{id, status}`).
+#[utoipa::path(
+    get, path = "/v1/custom-models/{modelId}/trainings", tag = "custom models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    responses((status = 200, description = "Its trainings, oldest first", body = Vec<TrainingBrief>)),
+)]
+pub async fn list_trainings(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Vec<TrainingBrief>>> {
+    s.store
+        .custom_model(&acc.id, &id)
+        .await?
+        .ok_or_else(|| no_model(&id))?;
+    let rows = s.store.trainings_of_model(&acc.id, &id).await?;
+    Ok(axum::Json(
+        rows.iter()
+            .map(|t| TrainingBrief {
+                id: t.id.clone(),
+                status: t.status().to_string(),
+            })
+            .collect(),
+    ))
+}
+
+/// A training of this model of the caller's, live.
+async fn training_of(s: &AppState, account: &str, model: &str, id: &str) -> ApiResult<TrainingRow> {
+    s.store
+        .custom_model(account, model)
+        .await?
+        .ok_or_else(|| no_model(model))?;
+    s.store
+        .training(account, id)
+        .await?
+        .filter(|t| t.model_id == model)
+        .ok_or_else(|| no_training(id))
+}
+
+/// A training's status, trigger word and progress.
+#[utoipa::path(
+    get, path = "/v1/custom-models/{modelId}/trainings/{trainingId}", tag = "custom models",
+    params(
+        ("modelId" = String, Path, description = "The model's id"),
+        ("trainingId" = String, Path, description = "The training's id"),
+    ),
+    responses((status = 200, description = "The training", body = TrainingView)),
+)]
+pub async fn read_training(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path((id, training_id)): Path<(String, String)>,
+) -> ApiResult<axum::Json<TrainingView>> {
+    let t = training_of(&s, &acc.id, &id, &training_id).await?;
+    Ok(axum::Json(TrainingView::from(&t)))
+}
+
+/// Cancel a training (best effort: one about to finish may still succeed).
+#[utoipa::path(
+    post, path = "/v1/custom-models/{modelId}/trainings/{trainingId}/cancel", tag = "custom models",
+    params(
+        ("modelId" = String, Path, description = "The model's id"),
+        ("trainingId" = String, Path, description = "The training's id"),
+    ),
+    responses(
+        (status = 202, description = "Cancelled; its cost released", body = TrainingBrief),
+        (status = 409, description = "Already ended", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn cancel_training(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path((id, training_id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let t = training_of(&s, &acc.id, &id, &training_id).await?;
+    if !t.is_open() || !crate::routes::trainings::cancel(&s, &acc.id, &t).await? {
+        return Err(ApiError::conflict(
+            "training_ended",
+            format!("Training {training_id} has already ended ({})", t.status()),
+        ));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(TrainingBrief {
+            id: training_id,
+            status: "canceled".into(),
+        }),
+    )
+        .into_response())
+}
+
+/// Delete a training's record; a running training keeps running and its
+/// weights stay usable.
+#[utoipa::path(
+    delete, path = "/v1/custom-models/{modelId}/trainings/{trainingId}", tag = "custom models",
+    params(
+        ("modelId" = String, Path, description = "The model's id"),
+        ("trainingId" = String, Path, description = "The training's id"),
+    ),
+    responses((status = 204, description = "Deleted")),
+)]
+pub async fn delete_training(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path((id, training_id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    training_of(&s, &acc.id, &id, &training_id).await?;
+    if s.store.delete_training(&acc.id, &training_id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(no_training(&training_id))
+    }
 }

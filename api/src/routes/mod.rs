@@ -10,10 +10,12 @@ pub mod identities;
 pub mod jobs;
 pub mod models_api;
 pub mod notifications;
+pub mod predictions;
 pub mod profiles;
 pub mod projects;
 pub mod studio;
 pub mod swap;
+pub mod trainings;
 pub mod uploads;
 pub mod webhooks;
 

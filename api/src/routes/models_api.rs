@@ -11,6 +11,8 @@ use crate::state::AppState;
 use atelier_shared::db::api_models::{
     ApiModelImage, ApiModelQuery, ApiModelRow, AttachImages, MAX_MODEL_IMAGES,
 };
+use crate::routes::trainings;
+use atelier_shared::db::trainings::TrainingRow;
 use atelier_shared::time::{iso8601, now_ms};
 use axum::extract::{Path, State};
 use base64::Engine as _;
@@ -47,6 +49,14 @@ fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("Model {id} not found"))
 }
 
+/// A live model of the account (404 otherwise).
+async fn model_of(s: &AppState, account: &str, id: &str) -> ApiResult<ApiModelRow> {
+    s.store
+        .api_model(account, id)
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
 fn extra_of(row: &ApiModelRow) -> Map<String, Value> {
     serde_json::from_str(&row.extra).unwrap_or_default()
 }
@@ -56,7 +66,7 @@ fn tags_of(row: &ApiModelRow) -> Vec<String> {
 }
 
 /// The §8.1 model object of a row, with its first training images.
-fn model_json(row: &ApiModelRow, images: Vec<Value>) -> Value {
+fn model_json(row: &ApiModelRow, images: Vec<Value>, training: Option<&TrainingRow>) -> Value {
     let extra = extra_of(row);
     let flux = row.model_type.starts_with("flux.1");
     json!({
@@ -79,11 +89,27 @@ fn model_json(row: &ApiModelRow, images: Vec<Value>) -> Value {
         "parameters": extra.get("parameters").cloned().unwrap_or(json!({})),
         "epoch": row.epoch,
         "trainingImages": images,
-        "trainingProgress": null,
-        "trainingStats": null,
+        "trainingProgress": training.filter(|t| t.is_open()).map(trainings::progress_json),
+        "trainingStats": training.map(training_stats),
         "accessRestrictions": 0,
         "createdAt": iso8601(row.created_at),
         "updatedAt": iso8601(row.updated_at),
+    })
+}
+
+/// `trainingStats` (§8.1): when the model's last training started and
+/// ended, how long it waited and how long it trained (ms).
+fn training_stats(t: &TrainingRow) -> Value {
+    let queue = t.started_at.map(|st| (st - t.created_at).max(0));
+    let train = match (t.started_at, t.finalized_at) {
+        (Some(st), Some(end)) => Some((end - st).max(0)),
+        _ => None,
+    };
+    json!({
+        "startedAt": t.started_at.map(iso8601),
+        "endedAt": t.finalized_at.map(iso8601),
+        "queueDuration": queue,
+        "trainDuration": train,
     })
 }
 
@@ -106,7 +132,12 @@ async fn full(s: &AppState, row: &ApiModelRow) -> ApiResult<Value> {
     for img in &first {
         images.push(image_json(s, img).await?);
     }
-    Ok(model_json(row, images))
+    // Only a model that has been trained has a training to show.
+    let training = match row.status.as_str() {
+        "new" | "copying" => None,
+        _ => s.store.latest_training(&row.account_id, &row.id).await?,
+    };
+    Ok(model_json(row, images, training.as_ref()))
 }
 
 async fn wrapped(s: &AppState, row: &ApiModelRow) -> ApiResult<axum::Json<Value>> {
@@ -428,11 +459,7 @@ pub async fn read(
     Caller(acc): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
-    let row = s
-        .store
-        .api_model(&acc.id, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let row = model_of(&s, &acc.id, &id).await?;
     wrapped(&s, &row).await
 }
 
@@ -493,11 +520,7 @@ pub async fn delete(
     Caller(acc): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
-    let row = s
-        .store
-        .api_model(&acc.id, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let row = model_of(&s, &acc.id, &id).await?;
     if row.status == "training" {
         return Err(ApiError::conflict(
             "model_training",
@@ -507,6 +530,9 @@ pub async fn delete(
     if !s.store.delete_api_model(&acc.id, &id).await? {
         return Err(not_found(&id));
     }
+    // Its trained weights and frozen datasets go with it.
+    let objects = s.store.training_objects(&id).await?;
+    s.erase(&objects).await;
     Ok(axum::Json(json!({})))
 }
 
@@ -614,11 +640,7 @@ pub async fn description(
     Caller(acc): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
-    let row = s
-        .store
-        .api_model(&acc.id, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let row = model_of(&s, &acc.id, &id).await?;
     Ok(description_json(&row))
 }
 
@@ -670,10 +692,7 @@ pub async fn examples(
     Caller(acc): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
-    s.store
-        .api_model(&acc.id, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    model_of(&s, &acc.id, &id).await?;
     Ok(axum::Json(json!({"examples": []})))
 }
 
@@ -707,10 +726,7 @@ pub async fn add_images(
         .0
         .as_object()
         .ok_or_else(|| ApiError::bad_request(None, "the body must be a JSON object", "body"))?;
-    s.store
-        .api_model(&acc.id, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    model_of(&s, &acc.id, &id).await?;
     if let Some(p) = b.get("preset") {
         let p = text(p, "preset", 16)?;
         if !["default", "style", "subject"].contains(&p.as_str()) {
@@ -900,11 +916,7 @@ pub async fn copy(
     Caller(acc): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
-    let src = s
-        .store
-        .api_model(&acc.id, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let src = model_of(&s, &acc.id, &id).await?;
     let now = now_ms();
     let mut row = src.clone();
     row.id = format!("model_{}", atelier_shared::domain::ids::base32_lower(20));
@@ -967,4 +979,283 @@ pub async fn copy(
         .await?
         .ok_or_else(|| not_found(&row.id))?;
     wrapped(&s, &row).await
+}
+
+// ---------------------------------------------------------------------------
+// Training (§8.4, §8.5) and weights.
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainQuery {
+    /// Any truthy value: price the training without starting it.
+    pub dry_run: Option<String>,
+    /// Simulated dataset size for a dry run.
+    pub training_images_count: Option<String>,
+}
+
+fn truthy(v: Option<&str>) -> bool {
+    matches!(
+        v.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("" | "1" | "true" | "yes" | "on")
+    )
+}
+
+/// Start (or, with `dryRun`, price) the training of a model.
+#[utoipa::path(
+    put, path = "/v1/models/{modelId}/train", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id"), TrainQuery),
+    request_body = Object,
+    responses(
+        (status = 200, description = "`{job, model, creativeUnitsCost, creativeUnitsDiscount}`", body = Object),
+        (status = 400, description = "No or too few training images, already training, or invalid parameters", body = crate::error::ErrorBody),
+        (status = 402, description = "Balance below creativeUnitsCost", body = crate::error::ErrorBody),
+        (status = 429, description = "parallel-training cap or relaunch cooldown (remainingSeconds)", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn train(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<TrainQuery>,
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+) -> ApiResult<axum::Json<Value>> {
+    let row = model_of(&s, &acc.id, &id).await?;
+    let dry_run = q.dry_run.is_some() && truthy(q.dry_run.as_deref());
+    // The body is optional: none (or `{}`) trains with the stored parameters.
+    let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(None, format!("the body is not valid JSON: {e}"), "body")
+        })?
+    };
+    if !matches!(body, Value::Null | Value::Object(_)) {
+        return Err(ApiError::bad_request(None, "the body must be a JSON object", "body"));
+    }
+    let given = match &body["parameters"] {
+        Value::Null => Map::new(),
+        Value::Object(m) => m.clone(),
+        _ => return Err(bad("parameters", "must be an object")),
+    };
+    if matches!(row.status.as_str(), "training" | "copying") {
+        return Err(ApiError::bad_request(
+            None,
+            format!("the model is {}: it cannot be trained now", row.status),
+            "body",
+        ));
+    }
+    if atelier_shared::domain::training::Family::of(&row.model_type).is_none() {
+        return Err(bad(
+            "type",
+            format!("models of type {} are not trained here", row.model_type),
+        ));
+    }
+    // The model's stored parameters, then the request's.
+    let mut params = extra_of(&row)
+        .get("parameters")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    params.extend(given);
+    atelier_shared::domain::training::validate(&row.model_type, &params)
+        .map_err(ApiError::invalid)?;
+    let images = s.store.all_api_model_images(&row.id).await?;
+    let count = match (dry_run, q.training_images_count.as_deref()) {
+        (true, Some(n)) => n.trim().parse::<u32>().map_err(|_| {
+            ApiError::bad_request(
+                Some("trainingImagesCount"),
+                "must be a whole number",
+                "query",
+            )
+        })?,
+        _ => u32::try_from(images.len()).unwrap_or(u32::MAX),
+    };
+    let min = s.config.training.min_images;
+    if count == 0 {
+        return Err(ApiError::bad_request(
+            None,
+            "the model has no training images",
+            "body",
+        ));
+    }
+    if count < min {
+        return Err(ApiError::bad_request(
+            None,
+            format!("a training needs at least {min} training images; the model has {count}"),
+            "body",
+        ));
+    }
+    let resolved = atelier_shared::domain::training::resolve(&row.model_type, &params, count);
+    let steps = atelier_shared::domain::training::steps(&row.model_type, &resolved);
+    let cost = atelier_shared::domain::training::cost(&row.model_type, steps, &s.config.prices);
+    if dry_run {
+        return Ok(axum::Json(json!({
+            "job": null,
+            "model": full(&s, &row).await?,
+            "creativeUnitsCost": cost.as_f64(),
+            "creativeUnitsDiscount": 0,
+        })));
+    }
+    let trigger_word = resolved
+        .get("conceptPrompt")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(atelier_shared::domain::training::trigger_word);
+    let (training_id, _) = trainings::start(
+        &s,
+        &acc,
+        &headers,
+        trainings::StartRequest {
+            api: atelier_shared::domain::training::TrainingApi::Models,
+            model_id: &row.id,
+            model_type: &row.model_type,
+            trigger_word,
+            parameters: resolved,
+            images: images
+                .iter()
+                .map(|i| trainings::DatasetImage {
+                    object_key: i.object_key.clone(),
+                    content_type: i.content_type.clone(),
+                })
+                .collect(),
+        },
+    )
+    .await?;
+    let t = s
+        .store
+        .training(&acc.id, &training_id)
+        .await?
+        .ok_or_else(|| ApiError::internal("the started training is not readable"))?;
+    let row = model_of(&s, &acc.id, &id).await?;
+    Ok(axum::Json(json!({
+        "job": trainings::job_json(&t),
+        "model": full(&s, &row).await?,
+        "creativeUnitsCost": cost.as_f64(),
+        "creativeUnitsDiscount": 0,
+    })))
+}
+
+/// Act on a model's training: `{"action": "cancel"}`.
+#[utoipa::path(
+    post, path = "/v1/models/{modelId}/train/action", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    request_body = Object,
+    responses(
+        (status = 200, description = "`{model}` with `status: training-canceled`", body = Object),
+        (status = 400, description = "Unknown action", body = crate::error::ErrorBody),
+        (status = 409, description = "The model is not training", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn train_action(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let action = body.0.get("action").and_then(Value::as_str).unwrap_or("");
+    if action != "cancel" {
+        return Err(bad("action", "must be `cancel`"));
+    }
+    model_of(&s, &acc.id, &id).await?;
+    let open = s
+        .store
+        .latest_training(&acc.id, &id)
+        .await?
+        .filter(TrainingRow::is_open);
+    let Some(t) = open else {
+        return Err(ApiError::conflict("not_training", "The model is not training"));
+    };
+    if !trainings::cancel(&s, &acc.id, &t).await? {
+        return Err(ApiError::conflict("not_training", "The model's training has already ended"));
+    }
+    let row = model_of(&s, &acc.id, &id).await?;
+    wrapped(&s, &row).await
+}
+
+/// A job's status (§8.5): trainings started through `PUT …/train`.
+#[utoipa::path(
+    get, path = "/v1/jobs/{jobId}", tag = "models",
+    params(("jobId" = String, Path, description = "The job's id")),
+    responses((status = 200, description = "`{job}`", body = Object)),
+)]
+pub async fn job(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(job_id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let t = s
+        .store
+        .training_of_job(&acc.id, &job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))?;
+    Ok(axum::Json(json!({ "job": trainings::job_json(&t) })))
+}
+
+/// Export a trained model's weights: signed URLs of each epoch's file
+/// (the selected `epoch`, else the last, is `url`).
+#[utoipa::path(
+    post, path = "/v1/models/{modelId}/download", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    responses(
+        (status = 200, description = "`{job}` of type `assets-download`, its URLs in `metadata.output`", body = Object),
+        (status = 409, description = "The model is not trained", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn download(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let row = model_of(&s, &acc.id, &id).await?;
+    let trained = s
+        .store
+        .latest_training(&acc.id, &id)
+        .await?
+        .filter(|t| t.job_status == atelier_shared::domain::JobStatus::Completed);
+    let Some(t) = trained else {
+        return Err(ApiError::conflict("not_trained", "The model has no trained weights"));
+    };
+    let mut files = Vec::new();
+    for w in trainings::weights_of(&t) {
+        let (Some(key), Some(epoch)) = (w["key"].as_str(), w["epoch"].as_str()) else {
+            continue;
+        };
+        let ct = w["contentType"].as_str().unwrap_or("application/octet-stream");
+        files.push(json!({
+            "epoch": epoch,
+            "bytes": w["bytes"],
+            "url": s.object_url(key, ct, s.result_ttl()).await?,
+        }));
+    }
+    let chosen = row
+        .epoch
+        .as_deref()
+        .and_then(|e| files.iter().find(|f| f["epoch"] == e))
+        .or(files.last())
+        .map(|f| f["url"].clone())
+        .unwrap_or(Value::Null);
+    let now = iso8601(now_ms());
+    Ok(axum::Json(json!({
+        "job": {
+            "jobId": format!("dl_{}", atelier_shared::domain::ids::base32_lower(16)),
+            "jobType": "assets-download",
+            "status": "success",
+            "progress": 1.0,
+            "metadata": {
+                "assetIds": [],
+                "error": null,
+                "input": {"modelId": id, "trainingId": t.id},
+                "output": {"url": chosen, "files": files, "triggerWord": t.trigger_word},
+            },
+            "statusHistory": [{"status": "success", "date": now}],
+            "ownerId": acc.id,
+            "authorId": acc.id,
+            "createdAt": now,
+            "updatedAt": now,
+        }
+    })))
 }

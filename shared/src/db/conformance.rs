@@ -42,6 +42,8 @@ static PRICES: PriceTable = PriceTable {
     model_swap: 1.0,
     identity: 1.0,
     profile: 1.0,
+    training_flux_per_100_steps: 2.0,
+    training_sd_per_100_steps: 1.0,
 };
 
 /// A packshot with one output per cost (1, 3 or 5 credits under [`PRICES`]).

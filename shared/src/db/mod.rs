@@ -20,10 +20,12 @@ pub mod identities;
 pub mod jobs;
 pub mod notifications;
 pub mod outbox;
+pub mod predictions;
 pub mod projects;
 pub mod rows;
 pub mod scheduling;
 pub mod settings;
+pub mod trainings;
 mod transitions;
 pub mod webhooks;
 

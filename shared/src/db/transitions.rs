@@ -168,8 +168,8 @@ pub(crate) async fn finalize_job(
     forced: Option<JobStatus>,
 ) -> Result<()> {
     let now = now_ms();
-    let (status, total, completed, failed, account, counts): (JobStatus, i64, i64, i64, String, i64) = sqlx::query_as(
-        "SELECT status, total_outputs, completed_outputs, failed_outputs, account_id, counts_against_cap \
+    let (status, total, completed, failed, account, counts, job_type): (JobStatus, i64, i64, i64, String, i64, String) = sqlx::query_as(
+        "SELECT status, total_outputs, completed_outputs, failed_outputs, account_id, counts_against_cap, job_type \
          FROM jobs WHERE id = $1",
     )
     .bind(job_id)
@@ -243,6 +243,9 @@ pub(crate) async fn finalize_job(
             .bind(&account)
             .execute(&mut **tx)
             .await?;
+    }
+    if job_type == crate::domain::JobType::Training.as_str() {
+        super::trainings::on_finalized(tx, job_id, next).await?;
     }
     notify_job(tx, job_id).await?;
     Ok(())

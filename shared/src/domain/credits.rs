@@ -224,6 +224,10 @@ pub struct PriceTable {
     pub identity: f64,
     /// Building a profile from its photos.
     pub profile: f64,
+    /// A Flux LoRA training, per hundred steps (contract §8.4).
+    pub training_flux_per_100_steps: f64,
+    /// An SD 1.5 / SDXL training, per hundred steps.
+    pub training_sd_per_100_steps: f64,
 }
 
 impl Default for PriceTable {
@@ -235,6 +239,8 @@ impl Default for PriceTable {
             model_swap: 3.0,
             identity: 50.0,
             profile: 50.0,
+            training_flux_per_100_steps: 2.0,
+            training_sd_per_100_steps: 1.0,
         }
     }
 }

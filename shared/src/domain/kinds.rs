@@ -263,6 +263,8 @@ job_kinds! {
     IdentityCreation => super::drafts::IdentityCreation,
     Studio => super::studio::Studio,
     StudioRestore => super::studio::StudioRestore,
+    Training => super::training::Training,
+    Prediction => super::prediction::Prediction,
 }
 
 impl JobType {

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod kinds;
 pub mod packshot;
 pub mod policy;
+pub mod prediction;
 pub mod retry;
 pub mod state;
 pub mod studio;

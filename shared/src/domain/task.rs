@@ -25,6 +25,55 @@ pub fn cancel_marker(output_id: i64, attempt: i64) -> String {
     format!("control/cancel/{output_id}-a{attempt}")
 }
 
+/// The id a trainer container knows one attempt of a training by.
+pub fn training_run_id(output_id: i64, attempt: i64) -> String {
+    format!("atl-{output_id}-a{attempt}")
+}
+
+/// The object that says which trainer container holds `attempt` of a
+/// training output: written by the worker before it starts the training
+/// there, read by a worker that re-attaches to it (the first one died) and
+/// by the worker of a later attempt, which cancels it there first.
+pub fn training_claim(output_id: i64, attempt: i64) -> String {
+    format!("control/training/{output_id}-a{attempt}/claim.json")
+}
+
+/// The object that says how `attempt` of a training ended, written by the
+/// API once the trainer's completion webhook is recorded; the worker
+/// holding the training's slot waits for it.
+pub fn training_end(output_id: i64, attempt: i64) -> String {
+    format!("control/training/{output_id}-a{attempt}/end.json")
+}
+
+/// What [`training_claim`] holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingClaim {
+    /// The trainer container's base URL.
+    pub url: String,
+    pub worker: String,
+    pub at_ms: i64,
+}
+
+/// What [`training_end`] holds: how the attempt ended, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingEnd {
+    /// `succeeded`, `failed` or `canceled` (the trainer's word).
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<OutputResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The URLs a training task carries, signed by the scheduler when it
+/// dispatches the attempt: where the trainer reads the frozen dataset and
+/// where it reports (a per-attempt webhook on the API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainingLinks {
+    pub dataset_url: String,
+    pub webhook_url: String,
+}
+
 /// The queues workers consume, one per pool of workers that scale apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,14 +87,18 @@ pub enum WorkQueue {
     /// Generative kinds (flat-2-model, …): workers in front of the
     /// operator's generator containers.
     Generate,
+    /// Trainings: workers in front of the operator's trainer containers,
+    /// one training per container for its whole run.
+    Training,
 }
 
 impl WorkQueue {
-    pub const ALL: [WorkQueue; 4] = [
+    pub const ALL: [WorkQueue; 5] = [
         WorkQueue::Packshot,
         WorkQueue::Swap,
         WorkQueue::Identity,
         WorkQueue::Generate,
+        WorkQueue::Training,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +107,7 @@ impl WorkQueue {
             WorkQueue::Swap => "swap",
             WorkQueue::Identity => "identity",
             WorkQueue::Generate => "generate",
+            WorkQueue::Training => "training",
         }
     }
 
@@ -159,6 +213,13 @@ pub struct Task {
     pub output: TaskOutput,
     pub work: JobSpec,
     pub inputs: JobInputs,
+    /// Trainings only: the signed URLs of this attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingLinks>,
+    /// Predictions only: signed URLs of the trained weights the job uses,
+    /// in its order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights_urls: Vec<String>,
 }
 
 /// The seed of version `version` of an output whose variation seed is

@@ -2,7 +2,11 @@
 //! each model family takes, their ranges, and the defaults a training
 //! starts with. A parameter a family does not take is a 400 naming it.
 
-use super::packshot::FieldError;
+use super::credits::{Credits, PriceTable};
+use super::kinds::{JobKind, PlannedOutput, Requirements};
+use super::packshot::{FieldError, ImageFormat};
+use super::task::WorkQueue;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 /// The model families of the implemented types.
@@ -225,6 +229,146 @@ pub fn resolve(model_type: &str, params: &Map<String, Value>, images: u32) -> Ma
         out.entry(k.to_string()).or_insert(v);
     }
     out
+}
+
+/// The steps a training of a `model_type` model runs, from its resolved
+/// parameters (SDXL LoRA counts its UNet steps).
+pub fn steps(model_type: &str, params: &Map<String, Value>) -> u64 {
+    let key = match Family::of(model_type) {
+        Some(Family::SdxlLora) => "numUNetTrainSteps",
+        _ => "maxTrainSteps",
+    };
+    params.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// What a training costs (contract §8.4): `ceil(steps / 100)` times the
+/// family's price per hundred steps (default 2 for Flux LoRA, 1 for the SD
+/// types).
+pub fn cost(model_type: &str, steps: u64, prices: &PriceTable) -> Credits {
+    let per_100 = match Family::of(model_type) {
+        Some(Family::FluxLora) => prices.training_flux_per_100_steps,
+        _ => prices.training_sd_per_100_steps,
+    };
+    let hundreds = steps.div_ceil(100).max(1);
+    Credits::from_f64(hundreds as f64 * per_100).unwrap_or(Credits::ZERO)
+}
+
+/// A fresh trigger word: 7 characters of `A–Z0–9` (contract §7).
+pub fn trigger_word() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..7)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Which API a training was started through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainingApi {
+    /// `/v1/custom-models/{id}/trainings` (contract §7).
+    Custom,
+    /// `PUT /v1/models/{id}/train` (contract §8).
+    Models,
+}
+
+impl TrainingApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrainingApi::Custom => "custom",
+            TrainingApi::Models => "models",
+        }
+    }
+}
+
+/// A training job: everything its trainer is given, fixed at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSpec {
+    pub training_id: String,
+    pub api: TrainingApi,
+    pub model_id: String,
+    pub model_type: String,
+    pub trigger_word: String,
+    /// The resolved parameters (the client's, then the family's defaults).
+    pub parameters: Map<String, Value>,
+    pub steps: u64,
+    pub image_count: u32,
+    /// The frozen dataset: one ZIP of every training image.
+    pub dataset_key: String,
+    pub cost: Credits,
+}
+
+/// The training kind: one output (the weights), on the `training` queue.
+pub struct Training;
+
+impl JobKind for Training {
+    const NAME: &'static str = "training";
+    const QUEUE: WorkQueue = WorkQueue::Training;
+    /// Trainings have their own cap (`training.parallel_per_account`).
+    const COUNTS_AGAINST_CAP: bool = false;
+    type Spec = TrainingSpec;
+
+    fn plan(spec: &TrainingSpec, _: &PriceTable) -> Vec<PlannedOutput> {
+        vec![PlannedOutput {
+            instruction_index: 0,
+            variation_index: 0,
+            cost: spec.cost,
+            // Replaced by the weights' own format when they are recorded.
+            format: ImageFormat::Png,
+        }]
+    }
+
+    fn requirements(_: &TrainingSpec) -> Requirements<'_> {
+        Requirements::default()
+    }
+
+    fn post_process(_: &TrainingSpec) -> bool {
+        false
+    }
+
+    /// What a trainer route can map onto its container's inputs.
+    const GENERATOR_FIELDS: &'static [&'static str] = &[
+        "dataset_url",
+        "trigger_word",
+        "max_train_steps",
+        "learning_rate",
+        "rank",
+        "batch_size",
+        "epochs",
+        "model_type",
+        "image_count",
+        "parameters",
+    ];
+}
+
+impl TrainingSpec {
+    /// The fields a trainer mapping names (`GENERATOR_FIELDS`), given the
+    /// signed dataset URL of the attempt.
+    pub fn fields(&self, dataset_url: &str) -> Map<String, Value> {
+        let p = &self.parameters;
+        let mut f = Map::new();
+        f.insert("dataset_url".into(), json!(dataset_url));
+        f.insert("trigger_word".into(), json!(self.trigger_word));
+        f.insert("max_train_steps".into(), json!(self.steps));
+        f.insert(
+            "learning_rate".into(),
+            p.get("learningRate").cloned().unwrap_or(json!(0.0001)),
+        );
+        f.insert("rank".into(), p.get("rank").cloned().unwrap_or(json!(16)));
+        f.insert(
+            "batch_size".into(),
+            p.get("batchSize").cloned().unwrap_or(json!(1)),
+        );
+        f.insert(
+            "epochs".into(),
+            p.get("nbEpochs").cloned().unwrap_or(json!(1)),
+        );
+        f.insert("model_type".into(), json!(self.model_type));
+        f.insert("image_count".into(), json!(self.image_count));
+        f.insert("parameters".into(), Value::Object(p.clone()));
+        f
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ pub enum Capability {
     Get { key: String, content_type: String },
     /// `GET` of an uploaded asset, wherever its bytes are stored.
     File { file_id: String },
+    /// `POST` of a trainer's webhook events for one attempt of a training
+    /// output.
+    TrainingEvents { output_id: i64, attempt: i64 },
     /// A ZIP of the results of these jobs.
     Zip {
         job_ids: Vec<String>,

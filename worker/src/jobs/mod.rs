@@ -12,8 +12,10 @@ mod flat;
 mod generate;
 mod identity;
 mod packshot;
+mod prediction;
 mod studio;
 mod swap;
+mod training;
 
 use crate::context::WorkerContext;
 use crate::failure::TaskFailure;
@@ -34,6 +36,8 @@ pub(crate) async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputRe
         JobSpec::IdentityCreation(spec) => drafts::run(ctx, task, spec).await,
         JobSpec::Studio(spec) => studio::run(ctx, task, spec).await,
         JobSpec::StudioRestore(spec) => studio::restore(ctx, task, spec).await,
+        JobSpec::Training(spec) => training::run(ctx, task, spec).await,
+        JobSpec::Prediction(spec) => prediction::run(ctx, task, spec).await,
     }
 }
 
@@ -45,6 +49,7 @@ pub(crate) fn serves(ctx: &WorkerContext, queue: WorkQueue) -> bool {
         WorkQueue::Packshot => true,
         WorkQueue::Swap | WorkQueue::Identity => ctx.faces.is_some(),
         WorkQueue::Generate => !ctx.generators.is_empty(),
+        WorkQueue::Training => ctx.trainers.as_ref().is_some_and(|t| !t.is_empty()),
     }
 }
 
