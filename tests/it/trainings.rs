@@ -510,3 +510,191 @@ async fn models_api_training_on_the_distributed_stack() {
     app.audit_clean().await;
 }
 
+/// A configuration file for worker processes: the trainer of `c`.
+fn worker_config(c: &Config, dir: &std::path::Path) -> std::path::PathBuf {
+    let mut doc = toml::Table::new();
+    doc.insert(
+        "training".into(),
+        toml::Value::try_from(&c.training).expect("training as TOML"),
+    );
+    let path = dir.join("worker.toml");
+    std::fs::write(&path, toml::to_string(&doc).expect("toml")).expect("write");
+    path
+}
+
+async fn charges(app: &TestApp, job_id: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM credit_ledger WHERE job_id = $1 AND kind = 'charge'")
+        .bind(job_id)
+        .fetch_one(app.store.pool())
+        .await
+        .expect("count")
+}
+
+/// Starts a custom-model training; `(model, training, job)`.
+async fn started(app: &TestApp) -> (String, String, String) {
+    let id = custom_model(app, 5).await;
+    let (s, v) = app
+        .post(&format!("/v1/custom-models/{id}/trainings"), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let tid = v["trainingId"].as_str().expect("id").to_string();
+    let acc = app.dev_account_id().await;
+    let job = app
+        .store
+        .training(&acc, &tid)
+        .await
+        .expect("read")
+        .expect("training")
+        .job_id;
+    (id, tid, job)
+}
+
+/// Drills on PostgreSQL + RabbitMQ with worker processes: a worker
+/// SIGKILLed mid-training is replaced by one that re-attaches to the same
+/// attempt (trained once, charged once); a training whose worker died and
+/// was not replaced still completes, its end recorded from the trainer's
+/// webhook alone, and the worker that comes later settles nothing twice.
+#[tokio::test]
+async fn a_killed_worker_neither_loses_nor_repeats_a_training() {
+    let _broker = broker_lock().await;
+    let trainer = CogFixture::trainer("trainer").await;
+    trainer.ready(Duration::from_secs(60)).await;
+    let app = TestApp::with(Dialect::Postgres, Roles::API_AND_SCHEDULER, |c| {
+        with_rabbitmq(c);
+        with_trainer(c, &trainer.url, 0.04);
+        c.training.parallel_per_account = 2;
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let cfg = worker_config(&app.cfg, dir.path());
+    let worker = || {
+        let mut cmd = spawn_role_command(&app, "worker", 0);
+        cmd.env("ATELIER_CONFIG", &cfg);
+        cmd.spawn().expect("worker starts")
+    };
+    let (before, _) = app.balance(&app.key).await;
+
+    // 1. Killed mid-training, replaced while the training runs.
+    let (model, tid, job) = started(&app).await;
+    let path = format!("/v1/custom-models/{model}/trainings/{tid}");
+    let mut doomed = worker();
+    let (running, _) = poll_training(&app, &path, Duration::from_secs(60), |v| {
+        v["trainingProgress"]["position"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    let word = running["triggerWord"].as_str().expect("word").to_string();
+    doomed.kill().await.expect("SIGKILL");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, v) = app.get(&path).await;
+    assert_eq!(v["status"], "processing", "the training outlived its worker: {v}");
+    assert_eq!(
+        app.services.queue.depth("training").await.expect("depth"),
+        1,
+        "the broker took the dead worker's task back"
+    );
+    let mut second = worker();
+    // The new worker takes the task while the training still runs: it
+    // re-attaches to the claimed container (it starts nothing: below).
+    let until = Instant::now() + Duration::from_secs(30);
+    while app.services.queue.depth("training").await.expect("depth") > 0 {
+        assert!(Instant::now() < until, "no worker took the task back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, v) = app.get(&path).await;
+    assert_eq!(v["status"], "processing", "re-attached while it ran: {v}");
+    let (done, _) = poll_training(&app, &path, Duration::from_secs(90), |v| {
+        v["status"] != "processing" && v["status"] != "queued"
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let out = app.store.latest_outputs(&job).await.expect("outputs");
+    assert_eq!(out[0].attempt, 1, "the same attempt, re-attached, not retried");
+    assert_eq!(charges(&app, &job).await, 1, "charged once");
+    let runs: Vec<String> = trainer
+        .events()
+        .into_iter()
+        .filter(|e| e.ends_with(&word))
+        .collect();
+    assert_eq!(runs, [format!("start {word}"), format!("done {word}")], "trained once");
+    second.kill().await.expect("SIGKILL");
+
+    // 2. Killed mid-training and not replaced: the webhook records the end.
+    let (model, tid, job) = started(&app).await;
+    let path = format!("/v1/custom-models/{model}/trainings/{tid}");
+    trainer.ready(Duration::from_secs(30)).await;
+    let mut doomed = worker();
+    let (running, _) = poll_training(&app, &path, Duration::from_secs(60), |v| {
+        v["trainingProgress"]["position"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    let word = running["triggerWord"].as_str().expect("word").to_string();
+    doomed.kill().await.expect("SIGKILL");
+    let (done, _) = poll_training(&app, &path, Duration::from_secs(90), |v| {
+        v["status"] != "processing" && v["status"] != "queued"
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "recorded with no worker alive: {done}");
+    assert_eq!(charges(&app, &job).await, 1);
+    // A worker that comes later gets the task again: it finds the end
+    // recorded and starts nothing.
+    let mut late = worker();
+    let until = Instant::now() + Duration::from_secs(30);
+    while app.services.queue.depth("training").await.unwrap_or(1) > 0 {
+        assert!(Instant::now() < until, "the redelivered task was never settled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let runs: Vec<String> = trainer
+        .events()
+        .into_iter()
+        .filter(|e| e.ends_with(&word))
+        .collect();
+    assert_eq!(runs, [format!("start {word}"), format!("done {word}")]);
+    assert_eq!(charges(&app, &job).await, 1, "still charged once");
+    late.kill().await.expect("SIGKILL");
+    let (after, reserved) = app.balance(&app.key).await;
+    assert_eq!((before - after, reserved), (12.0, 0.0), "two trainings of 6 credits");
+    app.audit_clean().await;
+}
+
+/// A trainer container killed mid-training fails its attempt; the retry
+/// starts the training again once the container is back, and the training
+/// is charged once.
+#[tokio::test]
+async fn a_killed_trainer_container_fails_the_attempt_and_the_retry_runs() {
+    let mut trainer = CogFixture::trainer("trainer").await;
+    trainer.ready(Duration::from_secs(60)).await;
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        with_trainer(c, &trainer.url, 0.04);
+    })
+    .await;
+    let (model, tid, job) = started(&app).await;
+    let path = format!("/v1/custom-models/{model}/trainings/{tid}");
+    let (running, _) = poll_training(&app, &path, Duration::from_secs(60), |v| {
+        v["trainingProgress"]["position"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    let word = running["triggerWord"].as_str().expect("word").to_string();
+    trainer.kill().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    trainer.respawn();
+    let (done, _) = poll_training(&app, &path, Duration::from_secs(120), |v| {
+        v["status"] != "processing" && v["status"] != "queued"
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let out = app.store.latest_outputs(&job).await.expect("outputs");
+    assert!(out[0].attempt >= 2, "a new attempt trained it: {}", out[0].attempt);
+    let runs: Vec<String> = trainer
+        .events()
+        .into_iter()
+        .filter(|e| e.ends_with(&word))
+        .collect();
+    // The killed run never finished; the retry ran once, after it.
+    assert_eq!(
+        runs,
+        [format!("start {word}"), format!("start {word}"), format!("done {word}")],
+    );
+    assert_eq!(charges(&app, &job).await, 1);
+    app.audit_clean().await;
+}
