@@ -63,6 +63,10 @@ pub struct SchedulerContext {
     pub training_slots: u32,
     /// How long a training attempt's signed URLs (dataset, webhook) last.
     pub training_url_ttl: Duration,
+    /// How far back trainer time counts in the fair pick, and the slot
+    /// time of one training when none ended in that window.
+    pub training_window: Duration,
+    pub training_quantum: Duration,
     pub instance: String,
     pub notify: notify::NotifyContext,
 }
@@ -88,6 +92,8 @@ impl SchedulerContext {
             training_slots: cfg.training.fleet_slots,
             // The longest training, plus the time it may wait in the queue.
             training_url_ttl: Duration::from_secs(cfg.training.timeout_secs.saturating_mul(2)),
+            training_window: Duration::from_secs(cfg.training.share_window_secs),
+            training_quantum: Duration::from_secs(cfg.training.share_quantum_secs.max(1)),
             instance: format!("sch_{}_{}", std::process::id(), ulid::Ulid::new()),
             notify: notify::NotifyContext {
                 events,
@@ -263,6 +269,11 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
         Some(m) => m,
         None => ctx.store.in_flight_by_account(queue).await?,
     };
+    let used = if queue == WorkQueue::Training {
+        training_usage(ctx).await?
+    } else {
+        Default::default()
+    };
     let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
     let mut jobs = std::collections::HashMap::new();
     for c in candidates {
@@ -274,6 +285,7 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
             account: c.account_id.clone(),
             weight,
             in_flight: in_flight.get(&c.account_id).copied().unwrap_or(0),
+            used_millis: used.get(&c.account_id).copied().unwrap_or(0),
             waiting: VecDeque::new(),
         });
         lane.waiting.push_back(Candidate {
@@ -358,6 +370,27 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
         metrics::counter!("atelier_tasks_dispatched_total", "type" => queue.as_str()).increment(1);
     }
     Ok(())
+}
+
+/// The trainer time each account had within `training.share_window`, in
+/// thousandths of one training's worth (the window's mean training, or
+/// `training.share_quantum` when none ended in it): what the fair pick
+/// weighs besides what is in flight, so that trainer time is shared.
+async fn training_usage(ctx: &SchedulerContext) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+    let now = now_ms();
+    let since = now - i64::try_from(ctx.training_window.as_millis()).unwrap_or(i64::MAX / 2);
+    let (per_account, mean) = ctx
+        .store
+        .slot_time_by_account(WorkQueue::Training, since, now)
+        .await?;
+    let quantum = mean
+        .filter(|m| *m > 0)
+        .unwrap_or_else(|| i64::try_from(ctx.training_quantum.as_millis()).unwrap_or(1))
+        .max(1) as u64;
+    Ok(per_account
+        .into_iter()
+        .map(|(a, ms)| (a, (ms.max(0) as u64).saturating_mul(1000) / quantum))
+        .collect())
 }
 
 /// The signed URLs of one attempt of a training: the frozen dataset, and
@@ -568,6 +601,17 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
         }
         if let Ok(lag) = ctx.store.outbox_lag_ms().await {
             metrics::gauge!("atelier_outbox_lag_seconds").set(lag as f64 / 1000.0);
+        }
+        // What each work queue still has to do, by state: trainer pools
+        // scale on it (a running training has no ready message).
+        for q in WorkQueue::ALL {
+            if let Ok(states) = ctx.store.open_by_state(q).await {
+                for s in atelier_shared::domain::OutputStatus::OPEN {
+                    let n = states.iter().find(|(st, _)| *st == s).map_or(0, |(_, n)| *n);
+                    metrics::gauge!("atelier_outputs_open", "queue" => q.as_str(), "state" => s.as_str())
+                        .set(n as f64);
+                }
+            }
         }
         // Outputs holding a lease, per account, over every work queue.
         let mut m: std::collections::HashMap<String, u32> = Default::default();

@@ -731,6 +731,11 @@ pub struct TrainingConfig {
     pub max_dataset_bytes: u64,
     /// Fewest training images a training starts with (contract §7).
     pub min_images: u32,
+    /// How far back an account's trainer time counts when the scheduler
+    /// picks which waiting training gets a free trainer.
+    pub share_window_secs: u64,
+    /// The trainer time of one training, when none ended in that window.
+    pub share_quantum_secs: u64,
 }
 
 impl Default for TrainingConfig {
@@ -750,6 +755,8 @@ impl Default for TrainingConfig {
             max_weights_bytes: 1 << 30,
             max_dataset_bytes: 2 << 30,
             min_images: 5,
+            share_window_secs: 24 * 3600,
+            share_quantum_secs: 600,
         }
     }
 }

@@ -278,14 +278,15 @@ pub async fn wire(n: &Notification, links: &Links, ttl: Duration) -> WireNotific
         let mut output = serde_json::Map::new();
         for field in ["full_size", "thumbnail"] {
             let url = match keys.get(field).and_then(Value::as_str) {
-                Some(k) => match links.object_url(k, content_type_of(k), ttl).await {
+                // A training's weights have no thumbnail.
+                Some(k) if !k.is_empty() => match links.object_url(k, content_type_of(k), ttl).await {
                     Ok(u) => Value::String(u),
                     Err(e) => {
                         tracing::warn!(error = %e, key = k, "cannot sign a result URL for a notification");
                         Value::Null
                     }
                 },
-                None => Value::Null,
+                _ => Value::Null,
             };
             output.insert(field.to_string(), url);
         }

@@ -633,9 +633,12 @@ impl CogFixture {
     /// process group: the server and its worker subprocess).
     pub async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            if let Some(pid) = c.id() {
+            // Its own process group (`process_group(0)` at spawn): the
+            // group id is its pid. Spelled `-s KILL -- -<pgid>`: procps'
+            // `kill -9 -<pgid>` reads the `-9` as process group 9.
+            if let Some(pid) = c.id().filter(|p| *p > 1) {
                 let _ = std::process::Command::new("kill")
-                    .args(["-9", &format!("-{pid}")])
+                    .args(["-s", "KILL", "--", &format!("-{pid}")])
                     .status();
             }
             let _ = c.kill().await;

@@ -113,6 +113,48 @@ impl Store {
             .collect())
     }
 
+    /// Slot time (ms) each account's outputs of `queue` held within
+    /// `[since, now]` (running ones up to now), and the mean slot time of
+    /// the outputs that ended in it.
+    pub async fn slot_time_by_account(
+        &self,
+        queue: WorkQueue,
+        since: i64,
+        now: i64,
+    ) -> Result<(HashMap<String, i64>, Option<i64>)> {
+        let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT j.account_id, o.started_at, o.finalized_at FROM outputs o JOIN jobs j ON j.id = o.job_id \
+             WHERE o.queue = $1 AND o.started_at IS NOT NULL AND (o.finalized_at IS NULL OR o.finalized_at >= $2)",
+        )
+        .bind(queue)
+        .bind(since)
+        .fetch_all(self.pool())
+        .await?;
+        let mut per: HashMap<String, i64> = HashMap::new();
+        let (mut ended, mut ended_ms) = (0i64, 0i64);
+        for (account, started, finalized) in rows {
+            let end = finalized.unwrap_or(now).min(now);
+            let held = (end - started.max(since)).max(0);
+            *per.entry(account).or_default() += held;
+            if let Some(f) = finalized {
+                ended += 1;
+                ended_ms += (f - started).max(0);
+            }
+        }
+        Ok((per, (ended > 0).then(|| ended_ms / ended)))
+    }
+
+    /// Open outputs of `queue` by state (`pending`, `dispatched`,
+    /// `running`): what the work queue still has to do, for gauges and
+    /// autoscalers.
+    pub async fn open_by_state(&self, queue: WorkQueue) -> Result<Vec<(OutputStatus, i64)>> {
+        let sql = format!(
+            "SELECT status, COUNT(*) FROM outputs WHERE queue = $1 AND status IN ({}) GROUP BY status",
+            OutputStatus::sql_in(&OutputStatus::OPEN)
+        );
+        Ok(sqlx::query_as(&sql).bind(queue).fetch_all(self.pool()).await?)
+    }
+
     /// Tasks published to `queue` that no worker has started yet.
     pub async fn queued_count(&self, queue: WorkQueue) -> Result<i64> {
         Ok(

@@ -1,7 +1,10 @@
 //! Weighted fair pick of the next outputs to dispatch.
 //!
 //! Every account with eligible outputs is a *lane*. A lane's virtual time is
-//! `(in_flight + picked) / weight`; each pick goes to the lane with the
+//! `(used + in_flight + picked) / weight`, where `used` is the service the
+//! account already had in slots (zero on the short-task queues; the slot
+//! time of its recent trainings on the training queue, so that trainer time
+//! is shared, not only trainer slots); each pick goes to the lane with the
 //! smallest virtual time (ties: the oldest waiting output, then the account
 //! id, so the result is deterministic). An account that floods the system
 //! with a 1,000-output job therefore gets one slot for every slot of an
@@ -25,6 +28,9 @@ pub struct Lane {
     pub weight: u32,
     /// Outputs of this account already dispatched or running.
     pub in_flight: u32,
+    /// Service already received, in thousandths of a slot (one task's
+    /// worth of slot time is 1,000); 0 where only concurrency is shared.
+    pub used_millis: u64,
     /// Eligible outputs, oldest first.
     pub waiting: VecDeque<Candidate>,
 }
@@ -47,8 +53,12 @@ pub fn pick(mut lanes: Vec<Lane>, slots: usize) -> Vec<(String, Candidate)> {
                     // a/wa < b/wb  <=>  a*wb < b*wa.
                     let wa = u64::from(lane.weight.max(1));
                     let wb = u64::from(lb.weight.max(1));
-                    let va = (u64::from(lane.in_flight) + picked_per_lane[i]) * wb;
-                    let vb = (u64::from(lb.in_flight) + picked_per_lane[b]) * wa;
+                    let va = (lane.used_millis
+                        + (u64::from(lane.in_flight) + picked_per_lane[i]) * 1000)
+                        .saturating_mul(wb);
+                    let vb = (lb.used_millis
+                        + (u64::from(lb.in_flight) + picked_per_lane[b]) * 1000)
+                        .saturating_mul(wa);
                     let hb = lb.waiting.front().map(|c| c.ready_at).unwrap_or(i64::MAX);
                     (va, head.ready_at, &lane.account) < (vb, hb, &lb.account)
                 }
@@ -77,6 +87,7 @@ mod tests {
             account: account.into(),
             weight,
             in_flight,
+            used_millis: 0,
             waiting: (0..n)
                 .map(|i| Candidate {
                     output_id: t0 * 10_000 + i as i64,
@@ -92,6 +103,16 @@ mod tests {
         let lanes = vec![lane("flood", 1, 4, 1000, 0), lane("small", 1, 0, 1, 5_000)];
         let picks = pick(lanes, 1);
         assert_eq!(picks[0].0, "small");
+    }
+
+    #[test]
+    fn slot_time_already_used_counts_against_a_lane() {
+        // Both idle; "busy" had two trainings' worth of slot time lately.
+        let mut busy = lane("busy", 1, 0, 5, 0);
+        busy.used_millis = 2000;
+        let fresh = lane("fresh", 1, 0, 5, 1_000);
+        let order: Vec<String> = pick(vec![busy, fresh], 4).into_iter().map(|p| p.0).collect();
+        assert_eq!(order, ["fresh", "fresh", "busy", "fresh"]);
     }
 
     proptest! {

@@ -106,10 +106,13 @@ impl Links {
 
 /// Content type of a result object, from its key's extension.
 pub fn content_type_of(key: &str) -> &'static str {
-    if key.ends_with(".png") {
-        "image/png"
-    } else {
-        "image/jpeg"
+    match key.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("png") => "image/png",
+        // A training's weights (and its frozen dataset).
+        Some("json") => "application/json",
+        Some("zip") => "application/zip",
+        Some("safetensors" | "tar") => "application/octet-stream",
+        _ => "image/jpeg",
     }
 }
 
