@@ -102,6 +102,7 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(limited(routes!(models_api::add_images), studio_body))
         .routes(routes!(models_api::delete_image))
         .routes(routes!(models_api::copy))
+        .routes(routes!(models_api::transfer))
         .routes(routes!(models_api::train))
         .routes(routes!(models_api::train_action))
         .routes(routes!(models_api::job))

@@ -238,15 +238,33 @@ fn assert_learned_the_dataset(w: &Value, trigger: &str, images: u64) {
 }
 
 /// Seed 001's flow on the embedded stack: create → upload 5 images →
-/// start → poll → the weights learned the dataset; every refusal of §7.
+/// start → poll → the weights learned the dataset → predict with the
+/// trigger word; every refusal of §7.
 #[tokio::test]
-async fn custom_model_training_end_to_end() {
+async fn custom_model_training_end_to_end_embedded() {
+    seed_001_flow(Dialect::Sqlite, |_| {}).await;
+}
+
+/// The same on PostgreSQL + RabbitMQ + S3.
+#[tokio::test]
+async fn custom_model_training_end_to_end_distributed() {
+    let _broker = broker_lock().await;
+    let bucket = s3_bucket().await;
+    seed_001_flow(Dialect::Postgres, |c| {
+        with_rabbitmq(c);
+        with_s3(c, &bucket);
+    })
+    .await;
+}
+
+async fn seed_001_flow(dialect: Dialect, tweak: impl FnOnce(&mut Config)) {
     let trainer = CogFixture::trainer("trainer").await;
     let painter = CogFixture::start("lora").await;
     trainer.ready(Duration::from_secs(60)).await;
-    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+    let app = TestApp::with(dialect, Roles::ALL, |c| {
         with_trainer(c, &trainer.url, 0.02);
         with_lora_route(c, &painter.url);
+        tweak(c);
     })
     .await;
     let (before, _) = app.balance(&app.key).await;
@@ -384,17 +402,30 @@ fn data_url(rgb: [u8; 3]) -> String {
 
 /// The Scenario-style flow on PostgreSQL + RabbitMQ + S3: create → add
 /// training images → dry run → train → poll the job → download the weights
-/// of each epoch.
+/// of each epoch; a training the trainer fails.
 #[tokio::test]
 async fn models_api_training_on_the_distributed_stack() {
     let _broker = broker_lock().await;
-    let trainer = CogFixture::trainer("trainer").await;
-    trainer.ready(Duration::from_secs(60)).await;
     let bucket = s3_bucket().await;
-    let app = TestApp::with(Dialect::Postgres, Roles::ALL, |c| {
+    scenario_flow(Dialect::Postgres, |c| {
         with_rabbitmq(c);
         with_s3(c, &bucket);
+    })
+    .await;
+}
+
+/// The same on the embedded stack.
+#[tokio::test]
+async fn models_api_training_embedded() {
+    scenario_flow(Dialect::Sqlite, |_| {}).await;
+}
+
+async fn scenario_flow(dialect: Dialect, tweak: impl FnOnce(&mut Config)) {
+    let trainer = CogFixture::trainer("trainer").await;
+    trainer.ready(Duration::from_secs(60)).await;
+    let app = TestApp::with(dialect, Roles::ALL, |c| {
         with_trainer(c, &trainer.url, 0.01);
+        tweak(c);
     })
     .await;
     let (before, _) = app.balance(&app.key).await;
@@ -495,6 +526,77 @@ async fn models_api_training_on_the_distributed_stack() {
         .post(&format!("/v1/models/{id}/train/action"), json!({"action": "cancel"}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "not training: {v}");
+
+    // A training the trainer fails: the model shows it, nothing is charged.
+    let (s, v) = app
+        .post(
+            "/v1/models",
+            json!({"name": "Doomed", "type": "flux.1-lora", "parameters": {"conceptPrompt": "FAILNOW", "maxTrainSteps": 20}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let doomed = v["model"]["id"].as_str().expect("id").to_string();
+    let (s, v) = app
+        .post(
+            &format!("/v1/models/{doomed}/training-images"),
+            json!({"assetIds": []}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    for c in COLOURS {
+        let (s, v) = app
+            .post(
+                &format!("/v1/models/{doomed}/training-images"),
+                json!({"data": data_url(c)}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, v) = app.put_as(&app.key, &format!("/v1/models/{doomed}/train"), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let failing_job = v["job"]["jobId"].as_str().expect("job").to_string();
+    let until = Instant::now() + Duration::from_secs(120);
+    let failed = loop {
+        let (_, v) = app.get(&format!("/v1/jobs/{failing_job}")).await;
+        if v["job"]["status"] == "failure" {
+            break v["job"].clone();
+        }
+        assert!(Instant::now() < until, "{v}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    };
+    assert!(
+        failed["metadata"]["error"].as_str().unwrap_or("").contains("asked to fail"),
+        "{failed}"
+    );
+    let (_, m) = app.get(&format!("/v1/models/{doomed}")).await;
+    assert_eq!(m["model"]["status"], "failed", "{m}");
+    let (s, _) = app.post(&format!("/v1/models/{doomed}/download"), json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "nothing to download");
+    let (after_failure, reserved) = app.balance(&app.key).await;
+    assert_eq!((after - after_failure, reserved), (0.0, 0.0), "a failed training costs nothing");
+    // A copy and a transfer of a trained model have weights of their own.
+    let (s, c) = app.post(&format!("/v1/models/{id}/copy"), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["model"]["status"], "trained", "{c}");
+    let copy = c["model"]["id"].as_str().expect("id").to_string();
+    let transfer = format!("/v1/models/{id}/transfer");
+    let project = app.project("lookbook").await;
+    for (body, status) in [
+        (json!({}), StatusCode::BAD_REQUEST),
+        (json!({"destinationProjectId": "prj_nope"}), StatusCode::NOT_FOUND),
+        (json!({"destinationProjectId": project, "destinationTeamId": "grp_not_mine"}), StatusCode::FORBIDDEN),
+    ] {
+        let (s, v) = app.post(&transfer, body).await;
+        assert_eq!(s, status, "{v}");
+    }
+    let (s, t) = app
+        .post(&transfer, json!({"destinationProjectId": project}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    assert_eq!(t["model"]["status"], "trained", "{t}");
+    let moved = t["model"]["id"].as_str().expect("id").to_string();
+    assert_ne!(moved, id);
+
     // Deleting the model erases its weights and dataset.
     let acc = app.dev_account_id().await;
     let objects = app.store.training_objects(&id).await.expect("objects");
@@ -506,6 +608,15 @@ async fn models_api_training_on_the_distributed_stack() {
             app.services.objects.size(k).await.expect("size").is_none(),
             "{k} survived its model ({acc})"
         );
+    }
+    // The copies still have theirs.
+    for m in [&copy, &moved] {
+        let (s, d) = app.post(&format!("/v1/models/{m}/download"), json!({})).await;
+        assert_eq!(s, StatusCode::OK, "{d}");
+        let files = d["job"]["metadata"]["output"]["files"].as_array().expect("files").clone();
+        assert_eq!(files.len(), 2, "{d}");
+        let w: Value = serde_json::from_slice(&app.fetch(&files[1]["url"]).await).expect("json");
+        assert_learned_the_dataset(&w, w["trigger_word"].as_str().unwrap_or(""), 5);
     }
     app.audit_clean().await;
 }
@@ -696,5 +807,81 @@ async fn a_killed_trainer_container_fails_the_attempt_and_the_retry_runs() {
         [format!("start {word}"), format!("start {word}"), format!("done {word}")],
     );
     assert_eq!(charges(&app, &job).await, 1);
+    app.audit_clean().await;
+}
+
+/// The caps a training start enforces, before any trainer is involved: the
+/// account's `parallel-training` cap and the relaunch cooldown (`429` with
+/// `remainingSeconds`), the balance (`402`), and a dry run that prices
+/// without reserving.
+#[tokio::test]
+async fn training_starts_respect_the_caps_and_the_balance() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |c| {
+        c.training.relaunch_cooldown_secs = 60;
+    })
+    .await;
+    let m1 = custom_model(&app, 5).await;
+    let m2 = custom_model(&app, 5).await;
+    let start = |m: &str| format!("/v1/custom-models/{m}/trainings");
+    let (s, v) = app.post(&start(&m1), json!({})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let t1 = v["trainingId"].as_str().expect("id").to_string();
+    let (s, v) = app.post(&start(&m2), json!({})).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "parallel-training is 1: {v}");
+    assert!(v["remainingSeconds"].as_i64().unwrap_or(0) >= 1, "{v}");
+    assert!(v.to_string().contains("parallel-training"), "{v}");
+    let (s, v) = app
+        .post(&format!("/v1/custom-models/{m1}/trainings/{t1}/cancel"), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "a queued training is cancelled too: {v}");
+    let (s, v) = app.post(&start(&m1), json!({})).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "relaunch cooldown: {v}");
+    let left = v["remainingSeconds"].as_i64().unwrap_or(0);
+    assert!((50..=60).contains(&left), "{v}");
+    // Another model is not cooling down, and the cap is free again.
+    let (s, v) = app.post(&start(&m2), json!({})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+
+    // A poor account: the dry run prices, the start is refused.
+    let poor = app.account("poor", 1.0).await;
+    let (s, v) = app
+        .post_as(&poor, "/v1/models", json!({"name": "n", "type": "sd-1_5"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let id = v["model"]["id"].as_str().expect("id").to_string();
+    for c in COLOURS {
+        let (s, v) = app
+            .post_as(
+                &poor,
+                &format!("/v1/models/{id}/training-images"),
+                json!({"data": data_url(c)}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let train = format!("/v1/models/{id}/train");
+    let (s, v) = app.put_as(&poor, &format!("{train}?dryRun=true"), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // SD 1.5: round(5 × 225 / 3) = 375 steps → 4 credits.
+    assert_eq!(v["creativeUnitsCost"], 4.0, "{v}");
+    let (s, v) = app.put_as(&poor, &train, json!({})).await;
+    assert_eq!(s, StatusCode::PAYMENT_REQUIRED, "{v}");
+    let (_, m) = app.get_as(&poor, &format!("/v1/models/{id}")).await;
+    assert_eq!(m["model"]["status"], "new", "a refused start changes nothing: {m}");
+    assert_eq!(app.balance(&poor).await, (1.0, 0.0));
+    for (body, what) in [
+        (json!({"parameters": {"nbEpochs": 2}}), "nbEpochs"),
+        (json!({"parameters": "fast"}), "parameters"),
+    ] {
+        let (s, v) = app.put_as(&poor, &format!("{train}?dryRun=true"), body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v.to_string().contains(what), "{what}: {v}");
+    }
+    let (s, v) = app
+        .post_as(&poor, &format!("/v1/models/{id}/train/action"), json!({"action": "pause"}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = app.get_as(&poor, "/v1/jobs/job_nope").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     app.audit_clean().await;
 }

@@ -530,8 +530,12 @@ pub async fn delete(
     if !s.store.delete_api_model(&acc.id, &id).await? {
         return Err(not_found(&id));
     }
-    // Its trained weights and frozen datasets go with it.
-    let objects = s.store.training_objects(&id).await?;
+    // Its trained weights (its own trainings' and those it was copied
+    // with) and frozen datasets go with it.
+    let mut objects = s.store.training_objects(&id).await?;
+    if let Some(w) = extra_of(&row).get("weights").and_then(Value::as_array) {
+        objects.extend(w.iter().filter_map(|w| w["key"].as_str().map(str::to_string)));
+    }
     s.erase(&objects).await;
     Ok(axum::Json(json!({})))
 }
@@ -905,7 +909,8 @@ pub async fn delete_image(
 
 /// Duplicate a model: a new id with the same fields, tags, description and
 /// training images (each copied again), `status: copying` until the copy is
-/// complete, then the source's status (a model in training copies as `new`).
+/// complete, then the source's status (a model in training copies as `new`);
+/// a trained model's weights are copied too, so the copy is usable alone.
 #[utoipa::path(
     post, path = "/v1/models/{modelId}/copy", tag = "models",
     params(("modelId" = String, Path, description = "The model's id")),
@@ -917,13 +922,118 @@ pub async fn copy(
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
     let src = model_of(&s, &acc.id, &id).await?;
+    let row = duplicate(&s, &acc.id, &src, Map::new()).await?;
+    wrapped(&s, &row).await
+}
+
+/// Transfer a model to another project (and team): the destination gets a
+/// copy with its training images and weights; the original stays.
+#[utoipa::path(
+    post, path = "/v1/models/{modelId}/transfer", tag = "models",
+    params(("modelId" = String, Path, description = "The model's id")),
+    request_body = Object,
+    responses(
+        (status = 200, description = "`{model}` in the destination", body = Object),
+        (status = 400, description = "No destinationProjectId", body = crate::error::ErrorBody),
+        (status = 403, description = "A team the caller is not a member of", body = crate::error::ErrorBody),
+        (status = 404, description = "No such model or project", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn transfer(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path(id): Path<String>,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let b = &body.0;
+    let project = b
+        .get("destinationProjectId")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| bad("destinationProjectId", "is required: a project id"))?;
+    let team = match b.get("destinationTeamId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        Some(_) => return Err(bad("destinationTeamId", "must be a team id")),
+    };
+    let src = model_of(&s, &acc.id, &id).await?;
+    s.store
+        .project(&acc.id, project)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Project {project} not found")))?;
+    let mut changes = Map::new();
+    changes.insert("projectId".into(), json!(project));
+    if let Some(team) = team {
+        let groups = s.store.account_group_refs(&acc.id).await?;
+        let Some((gid, _)) = groups.iter().find(|(gid, name)| *gid == team || *name == team) else {
+            return Err(ApiError::forbidden(format!(
+                "you are not a member of team {team}"
+            )));
+        };
+        changes.insert("teamId".into(), json!(gid));
+    }
+    changes.insert("transferredFrom".into(), json!(src.id));
+    let row = duplicate(&s, &acc.id, &src, changes).await?;
+    wrapped(&s, &row).await
+}
+
+/// The trained weights a model can use: its latest completed training's,
+/// or those it was copied with. `{key, epoch, bytes, contentType}` each.
+async fn model_weights(s: &AppState, row: &ApiModelRow) -> ApiResult<Option<(Vec<Value>, String)>> {
+    let trained = s
+        .store
+        .latest_training(&row.account_id, &row.id)
+        .await?
+        .filter(|t| t.job_status == atelier_shared::domain::JobStatus::Completed);
+    if let Some(t) = trained {
+        return Ok(Some((trainings::weights_of(&t), t.trigger_word.clone())));
+    }
+    let extra = extra_of(row);
+    Ok(extra
+        .get("weights")
+        .and_then(Value::as_array)
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            (
+                w.clone(),
+                extra
+                    .get("triggerWord")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }))
+}
+
+/// A new model of `account` with everything of `src` (training images and
+/// weights copied object by object), `changes` merged into its record.
+async fn duplicate(
+    s: &AppState,
+    account: &str,
+    src: &ApiModelRow,
+    changes: Map<String, Value>,
+) -> ApiResult<ApiModelRow> {
     let now = now_ms();
     let mut row = src.clone();
     row.id = format!("model_{}", atelier_shared::domain::ids::base32_lower(20));
     row.status = "copying".into();
     row.created_at = now;
     row.updated_at = now;
+    let mut extra = extra_of(src);
+    extra.remove("weights");
+    extra.remove("triggerWord");
+    extra.extend(changes);
+    row.extra = Value::Object(extra.clone()).to_string();
     s.store.insert_api_model(&row).await?;
+    let mut written: Vec<String> = Vec::new();
+    let failed = |s: &AppState, row: &ApiModelRow, written: Vec<String>| {
+        let (s, id) = (s.clone(), row.id.clone());
+        async move {
+            s.erase(&written).await;
+            let _ = s.store.set_api_model_status(&id, "failed").await;
+        }
+    };
     let mut copies = Vec::new();
     for img in s.store.all_api_model_images(&src.id).await? {
         let bytes = match s.objects.get(&img.object_key).await {
@@ -931,22 +1041,20 @@ pub async fn copy(
             // Detached meanwhile: not part of the copy.
             Err(atelier_shared::storage::StorageError::NotFound(_)) => continue,
             Err(e) => {
-                erase_all(&s, &copies).await;
-                s.store.set_api_model_status(&row.id, "failed").await?;
+                failed(s, &row, written).await;
                 return Err(e.into());
             }
         };
         let key = format!(
-            "models/{}/{}/{}",
-            acc.id,
+            "models/{account}/{}/{}",
             row.id,
             img.object_key.rsplit('/').next().unwrap_or("image")
         );
         if let Err(e) = s.objects.put(&key, bytes, &img.content_type).await {
-            erase_all(&s, &copies).await;
-            s.store.set_api_model_status(&row.id, "failed").await?;
+            failed(s, &row, written).await;
             return Err(e.into());
         }
+        written.push(key.clone());
         copies.push(ApiModelImage {
             id: format!("asset_{}", atelier_shared::domain::ids::base32_lower(20)),
             model_id: row.id.clone(),
@@ -954,31 +1062,61 @@ pub async fn copy(
             ..img
         });
     }
-    match s
-        .store
-        .attach_api_model_images(&acc.id, &row.id, &copies)
-        .await?
-    {
+    match s.store.attach_api_model_images(account, &row.id, &copies).await? {
         AttachImages::Attached(_) => {}
         other => {
-            erase_all(&s, &copies).await;
-            s.store.set_api_model_status(&row.id, "failed").await?;
+            failed(s, &row, written).await;
             return Err(ApiError::internal(format!(
                 "copying the training images: {other:?}"
             )));
         }
     }
-    row.status = match src.status.as_str() {
+    // A trained model's weights: copies of its own.
+    let mut status = match src.status.as_str() {
         "training" | "copying" => "new".to_string(),
         other => other.to_string(),
     };
-    s.store.set_api_model_status(&row.id, &row.status).await?;
-    let row = s
-        .store
-        .api_model(&acc.id, &row.id)
-        .await?
-        .ok_or_else(|| not_found(&row.id))?;
-    wrapped(&s, &row).await
+    if status == "trained" {
+        match model_weights(s, src).await? {
+            Some((weights, trigger)) => {
+                let mut copied = Vec::with_capacity(weights.len());
+                for w in weights {
+                    let Some(from) = w["key"].as_str() else { continue };
+                    let ct = w["contentType"].as_str().unwrap_or("application/octet-stream");
+                    let to = format!(
+                        "weights/{account}/{}/{}",
+                        row.id,
+                        from.rsplit('/').next().unwrap_or("weights")
+                    );
+                    let copy = match s.objects.get(from).await {
+                        Ok(bytes) => s.objects.put(&to, bytes, ct).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = copy {
+                        failed(s, &row, written).await;
+                        return Err(e.into());
+                    }
+                    written.push(to.clone());
+                    let mut w = w.clone();
+                    w["key"] = json!(to);
+                    copied.push(w);
+                }
+                extra.insert("weights".into(), Value::Array(copied));
+                extra.insert("triggerWord".into(), json!(trigger));
+                let mut r = row.clone();
+                r.extra = Value::Object(extra).to_string();
+                r.updated_at = now_ms().max(row.updated_at + 1);
+                if !s.store.update_api_model(&r, row.updated_at).await? {
+                    failed(s, &row, written).await;
+                    return Err(ApiError::conflict("busy", "The copy changed meanwhile; try again"));
+                }
+            }
+            // Trained but its weights are gone: the copy is not trained.
+            None => status = "new".into(),
+        }
+    }
+    s.store.set_api_model_status(&row.id, &status).await?;
+    model_of(s, account, &row.id).await
 }
 
 // ---------------------------------------------------------------------------
@@ -1211,16 +1349,11 @@ pub async fn download(
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
     let row = model_of(&s, &acc.id, &id).await?;
-    let trained = s
-        .store
-        .latest_training(&acc.id, &id)
-        .await?
-        .filter(|t| t.job_status == atelier_shared::domain::JobStatus::Completed);
-    let Some(t) = trained else {
+    let Some((weights, trigger)) = model_weights(&s, &row).await? else {
         return Err(ApiError::conflict("not_trained", "The model has no trained weights"));
     };
     let mut files = Vec::new();
-    for w in trainings::weights_of(&t) {
+    for w in weights {
         let (Some(key), Some(epoch)) = (w["key"].as_str(), w["epoch"].as_str()) else {
             continue;
         };
@@ -1248,8 +1381,8 @@ pub async fn download(
             "metadata": {
                 "assetIds": [],
                 "error": null,
-                "input": {"modelId": id, "trainingId": t.id},
-                "output": {"url": chosen, "files": files, "triggerWord": t.trigger_word},
+                "input": {"modelId": id},
+                "output": {"url": chosen, "files": files, "triggerWord": trigger},
             },
             "statusHistory": [{"status": "success", "date": now}],
             "ownerId": acc.id,

@@ -255,7 +255,7 @@ pub fn job_json(t: &TrainingRow) -> Value {
         "progress": progress["progress"].as_f64().unwrap_or(0.0),
         "metadata": {
             "assetIds": [],
-            "error": t.job_error,
+            "error": t.output_error.as_ref().or(t.job_error.as_ref()),
             "input": serde_json::from_str::<Value>(&t.parameters).unwrap_or(json!({})),
             "modelId": t.model_id,
             "trainingId": t.id,

@@ -247,6 +247,16 @@ impl Store {
         Ok(())
     }
 
+    /// `(id, name)` of the groups an account belongs to.
+    pub async fn account_group_refs(&self, account_id: &str) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT g.id, g.name FROM group_members m JOIN groups g ON g.id = m.group_id WHERE m.account_id = $1 ORDER BY g.name",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Names of the groups an account belongs to.
     pub async fn account_groups(&self, account_id: &str) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
