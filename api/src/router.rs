@@ -88,6 +88,7 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(profiles::short::picture))
         .routes(routes!(models_api::create, models_api::list))
         .routes(routes!(models_api::get_bulk))
+        .routes(routes!(models_api::list_public))
         .routes(routes!(
             models_api::read,
             models_api::update,

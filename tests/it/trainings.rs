@@ -325,6 +325,23 @@ async fn seed_001_flow(dialect: Dialect, tweak: impl FnOnce(&mut Config)) {
     assert!(mid.is_some(), "no progress seen: {seen:?}");
     assert_eq!(done["trainingProgress"]["progress"], 1.0);
 
+    // Each state change was notified (created, started, finished).
+    let acc = app.dev_account_id().await;
+    let job = app.store.training(&acc, &tid).await.expect("read").expect("training").job_id;
+    let (s, polled) = app
+        .post("/notifications", json!({"id_task": job, "name_list": "batch_edit"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{polled}");
+    let states: Vec<&str> = polled
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|n| n["data"]["status"].as_str())
+        .collect();
+    for want in ["pending", "processing", "completed"] {
+        assert!(states.contains(&want), "{want} not notified: {polled}");
+    }
+
     let w = weights(&app, &tid).await;
     assert_eq!(w.len(), 1);
     assert_learned_the_dataset(&w[0], trigger, 5);
@@ -422,9 +439,11 @@ async fn models_api_training_embedded() {
 
 async fn scenario_flow(dialect: Dialect, tweak: impl FnOnce(&mut Config)) {
     let trainer = CogFixture::trainer("trainer").await;
+    let painter = CogFixture::start("lora").await;
     trainer.ready(Duration::from_secs(60)).await;
     let app = TestApp::with(dialect, Roles::ALL, |c| {
         with_trainer(c, &trainer.url, 0.01);
+        with_lora_route(c, &painter.url);
         tweak(c);
     })
     .await;
@@ -522,12 +541,53 @@ async fn scenario_flow(dialect: Dialect, tweak: impl FnOnce(&mut Config)) {
     }
     assert_eq!(epochs, [Some(1), Some(2)]);
     assert_eq!(d["job"]["metadata"]["output"]["url"], files[1]["url"]);
+
+    // Generating with the model uses its selected epoch (the last when unset).
+    let trigger = d["job"]["metadata"]["output"]["triggerWord"]
+        .as_str()
+        .expect("trigger word")
+        .to_string();
+    for (epoch, want) in [(None, 2u8), (Some("000001"), 1)] {
+        if let Some(e) = epoch {
+            let (s, v) = app
+                .put_as(&app.key, &format!("/v1/models/{id}"), json!({"epoch": e}))
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+        let (s, v) = app
+            .post(
+                "/v1/predictions",
+                json!({
+                    "scaleConfigs": {"1": {"scale": 1.0, "modelId": id}},
+                    "prompt": format!("linen shirt, {trigger}"),
+                    "image_size": {"width": 512, "height": 512},
+                    "output_format": "png",
+                }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let path = format!("/v1/predictions/{}", v["predictionId"].as_str().expect("id"));
+        let (done, _) = poll_training(&app, &path, Duration::from_secs(60), |v| {
+            v["status"] == "succeeded" || v["status"] == "failed"
+        })
+        .await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        let img = image::load_from_memory(&app.fetch(&done["outputImages"][0]).await)
+            .expect("image")
+            .to_rgb8();
+        let px = img.get_pixel(256, 256).0;
+        for (c, m) in mean_colour().iter().enumerate() {
+            assert!((f64::from(px[c]) - m).abs() <= 2.0, "{px:?}");
+        }
+        assert_eq!(img.get_pixel(20, 4).0[0], want, "weights of epoch {want}");
+    }
     let (s, v) = app
         .post(&format!("/v1/models/{id}/train/action"), json!({"action": "cancel"}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "not training: {v}");
 
     // A training the trainer fails: the model shows it, nothing is charged.
+    let (after, _) = app.balance(&app.key).await;
     let (s, v) = app
         .post(
             "/v1/models",
@@ -883,5 +943,50 @@ async fn training_starts_respect_the_caps_and_the_balance() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (s, v) = app.get_as(&poor, "/v1/jobs/job_nope").await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+
+    // A public model is listed for everyone, as a record only.
+    let (s, v) = app
+        .put_as(&poor, &format!("/v1/models/{id}"), json!({"privacy": "public"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = app.get("/v1/models/public?pageSize=10").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let listed: Vec<&Value> = v["models"].as_array().expect("models").iter().collect();
+    assert_eq!(listed.len(), 1, "only the public one: {v}");
+    assert_eq!(listed[0]["id"], json!(id));
+    assert_eq!(listed[0]["trainingImages"], json!([]), "no training images of others");
+    let (s, v) = app.get("/v1/models/public?privacy=nope").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // §8's cancel: the queued training ends canceled, its cost released.
+    let rich = app.account("rich", 100.0).await;
+    let (_, v) = app
+        .post_as(&rich, "/v1/models", json!({"name": "n", "type": "flux.1-lora"}))
+        .await;
+    let id = v["model"]["id"].as_str().expect("id").to_string();
+    for c in COLOURS {
+        let (s, v) = app
+            .post_as(&rich, &format!("/v1/models/{id}/training-images"), json!({"data": data_url(c)}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, v) = app.put_as(&rich, &format!("/v1/models/{id}/train"), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let job = v["job"]["jobId"].as_str().expect("job").to_string();
+    assert_eq!(app.balance(&rich).await, (100.0, 10.0), "10 credits reserved");
+    let (s, v) = app
+        .post_as(&rich, &format!("/v1/models/{id}/train/action"), json!({"action": "cancel"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["model"]["status"], "training-canceled", "{v}");
+    let (_, j) = app.get_as(&rich, &format!("/v1/jobs/{job}")).await;
+    assert_eq!(j["job"]["status"], "canceled", "{j}");
+    let (_, j2) = app.get(&format!("/v1/jobs/{job}")).await;
+    assert!(j2["job"].is_null(), "another account's job is not found: {j2}");
+    assert_eq!(app.balance(&rich).await, (100.0, 0.0), "released");
+    let (s, v) = app
+        .post_as(&rich, &format!("/v1/models/{id}/train/action"), json!({"action": "cancel"}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
     app.audit_clean().await;
 }

@@ -50,7 +50,7 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// A live model of the account (404 otherwise).
-async fn model_of(s: &AppState, account: &str, id: &str) -> ApiResult<ApiModelRow> {
+pub(crate) async fn model_of(s: &AppState, account: &str, id: &str) -> ApiResult<ApiModelRow> {
     s.store
         .api_model(account, id)
         .await?
@@ -392,6 +392,26 @@ pub async fn list(
     Caller(acc): Caller,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<axum::Json<ModelPage>> {
+    page(&s, Some(&acc.id), q).await
+}
+
+/// List every account's public models (their records only: no training
+/// images, no training progress).
+#[utoipa::path(
+    get, path = "/v1/models/public", tag = "models",
+    params(ListQuery),
+    responses((status = 200, description = "A page of public models", body = ModelPage)),
+)]
+pub async fn list_public(
+    State(s): State<AppState>,
+    Caller(_caller): Caller,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<axum::Json<ModelPage>> {
+    page(&s, None, q).await
+}
+
+/// A page of `owner`'s models (`None`: the public ones of every account).
+async fn page(s: &AppState, owner: Option<&str>, q: ListQuery) -> ApiResult<axum::Json<ModelPage>> {
     let page_size = q.page_size.unwrap_or(50);
     if !(1..=100).contains(&page_size) {
         return Err(ApiError::bad_request(
@@ -431,12 +451,15 @@ pub async fn list(
         model_type: q.model_type,
         tags,
     };
-    let mut rows = s.store.api_models(&acc.id, &query).await?;
+    let mut rows = s.store.api_models(owner, &query).await?;
     let more = rows.len() as i64 > page_size;
     rows.truncate(page_size as usize);
     let mut models = Vec::with_capacity(rows.len());
     for row in &rows {
-        models.push(full(&s, row).await?);
+        models.push(match owner {
+            Some(_) => full(s, row).await?,
+            None => model_json(row, Vec::new(), None),
+        });
     }
     Ok(axum::Json(ModelPage {
         next_pagination_token: if more {
@@ -978,9 +1001,23 @@ pub async fn transfer(
     wrapped(&s, &row).await
 }
 
+/// The weights file a generation with the model uses: its selected
+/// `epoch`, else the last one.
+pub(crate) fn selected_weights(row: &ApiModelRow, weights: &[Value]) -> Option<Value> {
+    row.epoch
+        .as_deref()
+        .and_then(|e| weights.iter().find(|w| w["epoch"] == e))
+        .or(weights.last())
+        .cloned()
+}
+
 /// The trained weights a model can use: its latest completed training's,
-/// or those it was copied with. `{key, epoch, bytes, contentType}` each.
-async fn model_weights(s: &AppState, row: &ApiModelRow) -> ApiResult<Option<(Vec<Value>, String)>> {
+/// or those it was copied with. `{key, epoch, bytes, contentType}` each,
+/// and its trigger word.
+pub(crate) async fn model_weights(
+    s: &AppState,
+    row: &ApiModelRow,
+) -> ApiResult<Option<(Vec<Value>, String)>> {
     let trained = s
         .store
         .latest_training(&row.account_id, &row.id)

@@ -130,35 +130,65 @@ pub async fn create(
         let field = |f: &str| format!("scaleConfigs.{k}.{f}");
         let scale = number(&v["scale"], &field("scale"), 0.0, 1.0)?;
         let model_id = text(&v["modelId"], &field("modelId"))?;
-        let training_id = text(&v["trainingId"], &field("trainingId"))?;
-        s.store
-            .custom_model(&acc.id, model_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("Model {model_id} not found")))?;
-        let t = s
-            .store
-            .training_with_deleted(&acc.id, training_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("Training {training_id} not found")))?;
-        if t.model_id != model_id {
-            return Err(bad(
-                &field("trainingId"),
-                format!("training {training_id} is not a training of model {model_id}"),
-            ));
-        }
-        if t.job_status != JobStatus::Completed {
-            return Err(ApiError::conflict(
-                "training_not_succeeded",
-                format!("training {training_id} is {}, not succeeded", t.status()),
-            ));
-        }
-        let final_weights = crate::routes::trainings::weights_of(&t).pop();
+        let (weights, trigger) = if model_id.starts_with("model_") {
+            // A Models API model (§8): the weights of its selected epoch.
+            let row = crate::routes::models_api::model_of(&s, &acc.id, model_id).await?;
+            if let Some(t) = v["trainingId"].as_str() {
+                let theirs = s
+                    .store
+                    .training_with_deleted(&acc.id, t)
+                    .await?
+                    .is_some_and(|t| t.model_id == model_id);
+                if !theirs {
+                    return Err(bad(
+                        &field("trainingId"),
+                        format!("training {t} is not a training of model {model_id}"),
+                    ));
+                }
+            }
+            let Some((all, trigger)) = crate::routes::models_api::model_weights(&s, &row).await?
+            else {
+                return Err(ApiError::conflict(
+                    "training_not_succeeded",
+                    format!("model {model_id} is {}, not trained", row.status),
+                ));
+            };
+            (crate::routes::models_api::selected_weights(&row, &all), trigger)
+        } else {
+            let training_id = text(&v["trainingId"], &field("trainingId"))?;
+            s.store
+                .custom_model(&acc.id, model_id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("Model {model_id} not found")))?;
+            let t = s
+                .store
+                .training_with_deleted(&acc.id, training_id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("Training {training_id} not found")))?;
+            if t.model_id != model_id {
+                return Err(bad(
+                    &field("trainingId"),
+                    format!("training {training_id} is not a training of model {model_id}"),
+                ));
+            }
+            if t.job_status != JobStatus::Completed {
+                return Err(ApiError::conflict(
+                    "training_not_succeeded",
+                    format!("training {training_id} is {}, not succeeded", t.status()),
+                ));
+            }
+            (
+                crate::routes::trainings::weights_of(&t).pop(),
+                t.trigger_word.clone(),
+            )
+        };
+        let training_id = v["trainingId"].as_str().unwrap_or_default();
         let (Some(key), ct) = (
-            final_weights
+            weights
                 .as_ref()
                 .and_then(|w| w["key"].as_str())
                 .map(str::to_string),
-            final_weights
+            weights
                 .as_ref()
                 .and_then(|w| w["contentType"].as_str())
                 .unwrap_or("application/octet-stream")
@@ -166,13 +196,12 @@ pub async fn create(
         ) else {
             return Err(ApiError::conflict(
                 "training_not_succeeded",
-                format!("training {training_id} has no weights"),
+                format!("model {model_id} has no weights"),
             ));
         };
-        if !prompt.contains(&t.trigger_word) {
+        if !prompt.contains(&trigger) {
             warnings.push(format!(
-                "the prompt does not contain the trigger word {} of training {training_id}: model {model_id} will not be activated",
-                t.trigger_word
+                "the prompt does not contain the trigger word {trigger} of model {model_id}: it will not be activated"
             ));
         }
         loras.push(LoraRef {
@@ -182,7 +211,7 @@ pub async fn create(
             scale,
             weights_key: key,
             weights_content_type: ct,
-            trigger_word: t.trigger_word.clone(),
+            trigger_word: trigger,
         });
     }
     let spec = JobSpec::Prediction(PredictionSpec {

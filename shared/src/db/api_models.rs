@@ -134,14 +134,19 @@ impl Store {
 
     /// A page of the account's live models, newest first, filtered; one
     /// more than `page_size` is read so the caller knows a next page exists.
+    /// A page of the models of `owner`, or (`None`) of every account's
+    /// public models.
     pub async fn api_models(
         &self,
-        account_id: &str,
+        owner: Option<&str>,
         q: &ApiModelQuery,
     ) -> Result<Vec<ApiModelRow>> {
-        let mut sql = format!(
-            "SELECT {COLUMNS} FROM api_models WHERE account_id = $1 AND deleted_at IS NULL"
-        );
+        let whose = if owner.is_some() {
+            "account_id = $1"
+        } else {
+            "privacy = 'public' AND $1 = ''"
+        };
+        let mut sql = format!("SELECT {COLUMNS} FROM api_models WHERE {whose} AND deleted_at IS NULL");
         let mut n = 1;
         if q.after.is_some() {
             sql.push_str(" AND (created_at < $2 OR (created_at = $2 AND id < $3))");
@@ -163,7 +168,7 @@ impl Store {
         }
         n += 1;
         sql.push_str(&format!(" ORDER BY created_at DESC, id DESC LIMIT ${n}"));
-        let mut query = sqlx::query_as::<_, ApiModelRow>(&sql).bind(account_id);
+        let mut query = sqlx::query_as::<_, ApiModelRow>(&sql).bind(owner.unwrap_or(""));
         if let Some((at, id)) = &q.after {
             query = query.bind(*at).bind(id.clone());
         }
