@@ -23,8 +23,21 @@ pub enum AdminCommand {
     /// Groups (sharing and shared billing).
     #[command(subcommand)]
     Group(GroupCmd),
+    /// System presets and categories (readable by every account).
+    #[command(subcommand)]
+    Presets(PresetsCmd),
     /// Check the credit invariants (reservations, ledger, active-job counts).
     Audit,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PresetsCmd {
+    /// Creates or replaces the system presets and categories of a JSON or
+    /// TOML file (`presets/system.toml` is a starter set), by their stable
+    /// `code` and `id`; each preset is checked like one sent to the API.
+    Import {
+        file: std::path::PathBuf,
+    },
 }
 
 /// `--plan`: a plan name (`standard`, `enterprise`).
@@ -265,6 +278,7 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
                 })?;
             json!({"group": group, "member": a.id})
         }
+        AdminCommand::Presets(PresetsCmd::Import { file }) => import_presets(cfg, &store, &file).await?,
         AdminCommand::Audit => {
             let problems = store.audit_credits().await?;
             let ok = problems.is_empty();
@@ -277,4 +291,105 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
     };
     println!("{out}");
     Ok(())
+}
+
+/// The import file: `[[categories]]` and `[[presets]]`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresetFile {
+    #[serde(default)]
+    categories: Vec<ImportCategory>,
+    #[serde(default)]
+    presets: Vec<ImportPreset>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportCategory {
+    id: String,
+    name: String,
+    description: Option<String>,
+    thumbnail_url: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportPreset {
+    code: String,
+    name: String,
+    #[serde(rename = "type")]
+    preset_type: String,
+    description: Option<String>,
+    #[serde(default)]
+    categories: Vec<String>,
+    instruction_data: serde_json::Value,
+}
+
+async fn import_presets(
+    cfg: &Config,
+    store: &Store,
+    file: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    use atelier_shared::domain::presets::{Checks, PresetType, check_instruction};
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let parsed: PresetFile = if file.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).with_context(|| format!("{} is not a preset file", file.display()))?
+    } else {
+        toml::from_str(&text).with_context(|| format!("{} is not a preset file", file.display()))?
+    };
+    let engines = atelier_shared::domain::engines::EngineAvailability::builtin_packshots(Vec::new());
+    let policy = atelier_shared::domain::policy::ContentPolicy::new(&cfg.identity.blocked_terms);
+    let checks = Checks {
+        catalogue: &cfg.catalogue,
+        engines: &engines,
+        policy: &policy,
+    };
+    let ids: Vec<&str> = parsed.categories.iter().map(|c| c.id.as_str()).collect();
+    // Everything is checked before anything is written.
+    for p in &parsed.presets {
+        let t = PresetType::parse(&p.preset_type)
+            .ok_or_else(|| anyhow!("preset {}: unknown type {:?}", p.code, p.preset_type))?;
+        if let Err(errs) = check_instruction(t, &p.instruction_data, &checks) {
+            let why: Vec<String> = errs
+                .iter()
+                .map(|e| format!("{}: {}", e.field.as_deref().unwrap_or("-"), e.message))
+                .collect();
+            bail!("preset {}: {}", p.code, why.join("; "));
+        }
+        if let Some(c) = p.categories.iter().find(|c| !ids.contains(&c.as_str())) {
+            bail!("preset {} names category {c}, which the file does not define", p.code);
+        }
+    }
+    let now = atelier_shared::time::now_ms();
+    for c in &parsed.categories {
+        store
+            .put_system_category(&atelier_shared::db::presets::CategoryRow {
+                id: c.id.clone(),
+                owner_id: None,
+                name: c.name.clone(),
+                description: c.description.clone(),
+                thumbnail_url: c.thumbnail_url.clone(),
+                created_at: now,
+                updated_at: now,
+            })
+            .await?;
+    }
+    for p in &parsed.presets {
+        store
+            .put_system_preset(
+                &atelier_shared::db::presets::PresetRow {
+                    code: p.code.clone(),
+                    owner_id: None,
+                    name: p.name.clone(),
+                    description: p.description.clone(),
+                    preset_type: p.preset_type.clone(),
+                    instruction_data: p.instruction_data.to_string(),
+                    created_at: now,
+                    updated_at: now,
+                },
+                &p.categories,
+            )
+            .await?;
+    }
+    Ok(json!({"categories": parsed.categories.len(), "presets": parsed.presets.len()}))
 }

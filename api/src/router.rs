@@ -11,7 +11,7 @@ use crate::error::ApiError;
 use crate::openapi;
 use crate::routes::{
     billing, custom_models, downloads, drafts, flat, health, identities, jobs, models_api,
-    notifications, predictions, profiles, projects, studio, swap, trainings, uploads, webhooks,
+    notifications, predictions, presets, profiles, projects, studio, swap, trainings, uploads, webhooks,
 };
 use crate::state::AppState;
 use axum::Router;
@@ -138,6 +138,20 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(custom_models::cancel_training))
         .routes(routes!(predictions::create))
         .routes(routes!(predictions::read, predictions::delete))
+        .routes(routes!(presets::create, presets::list))
+        .routes(routes!(presets::read, presets::update, presets::delete))
+        .routes(routes!(presets::bulk_delete))
+        .routes(routes!(presets::share, presets::unshare))
+        .routes(routes!(presets::create_category, presets::list_categories))
+        .routes(routes!(
+            presets::read_category,
+            presets::update_category,
+            presets::delete_category
+        ))
+        .routes(routes!(presets::assign))
+        .routes(routes!(presets::unassign))
+        .routes(routes!(presets::duplicate))
+        .routes(routes!(presets::share_category, presets::unshare_category))
         .routes(limited(routes!(studio::phota::edit), studio_body))
         .routes(routes!(studio::phota::generate))
         .routes(limited(routes!(studio::short::edit), studio_body))

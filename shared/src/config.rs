@@ -644,6 +644,8 @@ pub struct LimitsConfig {
     /// How long a Studio call (`/v1/phota/edit`, `/generate`) waits for
     /// its images before answering `504` with the job to poll.
     pub studio_wait_ms: u64,
+    /// Presets a non-enterprise account may hold (contract §6.2).
+    pub presets: u32,
 }
 
 /// Identities and profiles (contract §5, §9).
@@ -916,6 +918,7 @@ impl Default for LimitsConfig {
             download_url_ttl_secs: 3_600,
             default_max_size: "4K".into(),
             studio_wait_ms: 120_000,
+            presets: 200,
         }
     }
 }

@@ -16,6 +16,7 @@ mod identities;
 mod lifecycle;
 mod models_api;
 mod notifications;
+mod presets;
 mod profiles;
 mod studio;
 mod trainings;

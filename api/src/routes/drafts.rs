@@ -49,6 +49,14 @@ pub async fn create(
         Ok(d) => d,
         Err(refused) => return Ok(refused),
     };
+    let mut body = body;
+    crate::routes::presets::apply_presets(
+        &s,
+        &acc.id,
+        &mut body.0,
+        atelier_shared::domain::presets::PresetType::IdentityCreation,
+    )
+    .await?;
     let req = drafts::parse_request(&body.0).map_err(|e| ApiError::invalid(vec![e]))?;
     let spec = drafts::validate(&req, &s.engines, &s.policy, || rand::rng().random())
         .map_err(ApiError::invalid)?;

@@ -37,6 +37,14 @@ pub async fn create(
         Ok(d) => d,
         Err(refused) => return Ok(refused),
     };
+    let mut body = body;
+    crate::routes::presets::apply_presets(
+        &s,
+        &acc.id,
+        &mut body.0,
+        atelier_shared::domain::presets::PresetType::Flat2Model,
+    )
+    .await?;
     let req = flat::parse_request(&body.0).map_err(|e| ApiError::invalid(vec![e]))?;
     let spec = flat::validate(&req, &s.config.catalogue, &s.engines, || {
         rand::rng().random()

@@ -43,6 +43,14 @@ pub async fn create_packshot(
         Ok(d) => d,
         Err(refused) => return Ok(refused),
     };
+    let mut body = body;
+    crate::routes::presets::apply_presets(
+        &s,
+        &acc.id,
+        &mut body.0,
+        atelier_shared::domain::presets::PresetType::CreatePackshot,
+    )
+    .await?;
     let req = packshot::parse_request(&body.0).map_err(|e| ApiError::invalid(vec![e]))?;
     let spec = packshot::validate(&req, &s.config.catalogue, &s.engines, || {
         rand::rng().random()

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod models_api;
 pub mod notifications;
 pub mod predictions;
+pub mod presets;
 pub mod profiles;
 pub mod projects;
 pub mod studio;

@@ -37,6 +37,14 @@ pub async fn create(
         Ok(d) => d,
         Err(refused) => return Ok(refused),
     };
+    let mut body = body;
+    crate::routes::presets::apply_presets(
+        &s,
+        &acc.id,
+        &mut body.0,
+        atelier_shared::domain::presets::PresetType::ModelSwap,
+    )
+    .await?;
     let req = swap::parse_swap(&body.0).map_err(|e| ApiError::invalid(vec![e]))?;
     let spec = swap::validate_swap(&req, &AVAILABLE).map_err(ApiError::invalid)?;
     let project = admission::project(&s, &acc.id, &req.project_id).await?;

@@ -21,6 +21,7 @@ pub mod jobs;
 pub mod notifications;
 pub mod outbox;
 pub mod predictions;
+pub mod presets;
 pub mod projects;
 pub mod rows;
 pub mod scheduling;

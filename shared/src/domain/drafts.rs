@@ -196,6 +196,9 @@ pub struct DraftInstructionSpec {
     pub seed: u32,
     pub num_variations: u32,
     pub output: OutputSpec,
+    /// The preset the instruction was built from (contract §6.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset_code: Option<String>,
 }
 
 impl DraftInstructionSpec {
@@ -434,13 +437,8 @@ pub fn validate(
                 ));
             }
         }
-        if let Some(code) = &ins.preset_code {
-            // Presets arrive with the presets issue; until then none exist.
-            errs.push(FieldError::new(
-                at("preset_code"),
-                format!("unknown preset {code}"),
-            ));
-        }
+        // A `preset_code` was resolved by the API before this check: the
+        // preset's fields are merged in, the code is kept for the record.
         let output = resolve_output_any_ar(
             &at("options"),
             &OutputDefaults::default(),
@@ -474,6 +472,7 @@ pub fn validate(
             seed: ins.options.seed.unwrap_or_else(&mut random_seed),
             num_variations: n_var,
             output,
+            preset_code: ins.preset_code.clone(),
         };
         spec.prompt = prompt_for(&spec);
         instructions.push(spec);

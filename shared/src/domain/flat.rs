@@ -151,6 +151,9 @@ pub struct FlatInstructionSpec {
     pub num_variations: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset_name: Option<String>,
+    /// The preset the instruction was built from (contract §6.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset_code: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub category_names: Vec<String>,
     pub output: OutputSpec,
@@ -295,13 +298,8 @@ pub fn validate(
                 format!("must be at most {MAX_PROMPT} characters"),
             ));
         }
-        if let Some(code) = &ins.preset_code {
-            // Presets arrive with the presets issue; until then none exist.
-            errs.push(FieldError::new(
-                at("preset_code"),
-                format!("unknown preset {code}"),
-            ));
-        }
+        // A `preset_code` was resolved by the API before this check: the
+        // preset's fields are merged in, the code is kept for the record.
         let mut scene = BTreeMap::new();
         for (k, v) in &ins.scene {
             match v.as_str() {
@@ -335,6 +333,7 @@ pub fn validate(
                 .unwrap_or_else(&mut random_seed),
             num_variations: n_var,
             preset_name: ins.preset_name.clone(),
+            preset_code: ins.preset_code.clone(),
             category_names: ins.category_names.clone().unwrap_or_default(),
             output,
         });

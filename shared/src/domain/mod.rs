@@ -14,6 +14,7 @@ pub mod kinds;
 pub mod packshot;
 pub mod policy;
 pub mod prediction;
+pub mod presets;
 pub mod retry;
 pub mod state;
 pub mod studio;
