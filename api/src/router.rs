@@ -141,6 +141,7 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(presets::create, presets::list))
         .routes(routes!(presets::read, presets::update, presets::delete))
         .routes(routes!(presets::bulk_delete))
+        .routes(routes!(presets::extract_from_text))
         .routes(routes!(presets::share, presets::unshare))
         .routes(routes!(presets::create_category, presets::list_categories))
         .routes(routes!(

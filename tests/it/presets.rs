@@ -433,3 +433,63 @@ async fn presets_fill_in_job_instructions() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(v.to_string().contains("swap_options.preset_code"), "{v}");
 }
+
+/// `POST /preset/extract-from-text`: what the words say, as fields a preset
+/// of that type accepts; 1 credit; the refusals.
+#[tokio::test]
+async fn extraction_from_text_drafts_savable_instructions() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::API, |_| {}).await;
+    let (before, _) = app.balance(&app.key).await;
+    let cases = [
+        (
+            "create_packshot",
+            "Ghost mannequin shot of a navy blazer, soft drop shadow, portrait format 3:4, 2K png",
+            json!({"style": "ghost_mannequin", "shadow": "soft_drop", "framing": "tall_3_4", "color_palette": "navy blue",
+                   "options": {"size": "2K", "format": "png"}, "prompt": "shot blazer"}),
+        ),
+        (
+            "identity_creation",
+            "A relaxed woman in her 30s with long curly auburn hair and green eyes, no makeup",
+            json!({"appearance": {"gender": "female", "age": 35, "expression": "relaxed"},
+                   "face": {"eyes": "green", "makeup": "none"},
+                   "hair": {"color": "auburn", "length": "long", "style": "curly"}}),
+        ),
+        (
+            "flat_2_model",
+            "Seated on a rooftop, waist up, hard light from the right",
+            json!({"pose": "seated", "camera": "waist up", "background": "rooftop", "lighting": "hard direct light from the right"}),
+        ),
+    ];
+    for (i, (t, text, want)) in cases.iter().enumerate() {
+        let (s, v) = app
+            .post("/preset/extract-from-text", json!({"text": text, "type": t}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["instruction_data"], *want, "{t}: {v}");
+        assert_eq!((v["file_id"].clone(), v["suggested_description"].as_str()), (Value::Null, Some(*text)));
+        // What it drafts is a preset of that type as it is.
+        let (s, p) = app
+            .post("/preset", json!({"name": format!("drafted {i}"), "type": t, "instruction_data": v["instruction_data"]}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{t}: {p}");
+    }
+    let (s, v) = app.post("/preset/extract-from-text", json!({"text": "walking"})).await;
+    assert_eq!((s, v["instruction_data"]["pose"].as_str()), (StatusCode::OK, Some("walking")), "flat_2_model by default: {v}");
+    let (after, reserved) = app.balance(&app.key).await;
+    assert_eq!((before - after, reserved), (4.0, 0.0), "1 credit each");
+    for (body, field) in [
+        (json!({"text": "  "}), "text"),
+        (json!({"text": "x", "type": "video"}), "type"),
+        (json!({"text": "x".repeat(4001)}), "text"),
+    ] {
+        let (s, v) = app.post("/preset/extract-from-text", body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v.to_string().contains(field), "{v}");
+    }
+    let broke = app.account("broke", 0.0).await;
+    let (s, v) = app
+        .post_as(&broke, "/preset/extract-from-text", json!({"text": "white cutout"}))
+        .await;
+    assert_eq!(s, StatusCode::PAYMENT_REQUIRED, "{v}");
+    app.audit_clean().await;
+}

@@ -892,3 +892,62 @@ pub async fn apply_presets(s: &AppState, account: &str, body: &mut Value, kind: 
     }
     Ok(())
 }
+
+/// What one extraction costs (contract §6.8, §6.9).
+const EXTRACTION_PRICE: atelier_shared::domain::Credits = atelier_shared::domain::Credits::whole(1);
+
+/// Draft an instruction from a description: the fields and enums of the
+/// type its words name, the rest of it in `prompt`. Nothing is saved.
+#[utoipa::path(
+    post, path = "/preset/extract-from-text", tag = "presets",
+    request_body = Object,
+    responses(
+        (status = 200, description = "`{instruction_data, suggested_name, suggested_description, file_id: null}`", body = Object),
+        (status = 400, description = "No text, or an unknown type", body = crate::error::ErrorBody),
+        (status = 402, description = "Not enough credits (1 credit)", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn extract_from_text(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let b = &body.0;
+    let text = b
+        .get("text")
+        .and_then(Value::as_str)
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| bad("text", "is required: a description of 1 to 4000 characters"))?;
+    if text.chars().count() > 4000 {
+        return Err(bad("text", "must be at most 4000 characters"));
+    }
+    let t = match b.get("type") {
+        None | Some(Value::Null) => PresetType::Flat2Model,
+        Some(v) => v.as_str().and_then(PresetType::parse).ok_or_else(|| {
+            bad(
+                "type",
+                "must be create_packshot, flat_2_model, identity_creation or model_swap",
+            )
+        })?,
+    };
+    let (billing, _) = s.store.billing_owner(&acc.id).await?;
+    if !s
+        .store
+        .charge_now(&billing, EXTRACTION_PRICE, "preset extraction from text")
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_credits",
+            "Insufficient credits: an extraction costs 1 credit",
+        )
+        .with("required_credits", EXTRACTION_PRICE.as_f64()));
+    }
+    let e = atelier_shared::domain::extract::from_text(text, t);
+    Ok(axum::Json(json!({
+        "instruction_data": e.instruction_data,
+        "suggested_name": e.suggested_name,
+        "suggested_description": e.suggested_description,
+        "file_id": null,
+    })))
+}

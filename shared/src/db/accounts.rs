@@ -284,6 +284,30 @@ impl Store {
     }
 
     /// Sum of every ledger movement of an account by kind, for audits and tests.
+    /// Charges `amount` at once for work done inside the request (no job:
+    /// a text extraction): recorded as a reservation charged in full, so
+    /// the ledger's sums hold. `false` (nothing written) when the
+    /// available balance is short.
+    pub async fn charge_now(&self, account_id: &str, amount: Credits, reason: &str) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let r = sqlx::query(
+            "UPDATE accounts SET balance = balance - $2 WHERE id = $1 AND balance - reserved >= $2",
+        )
+        .bind(account_id)
+        .bind(amount.0)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for kind in ["reserve", "charge"] {
+            ledger(&mut tx, account_id, None, None, kind, amount, Some(reason)).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
     pub async fn ledger_totals(&self, account_id: &str) -> Result<LedgerTotals> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT kind, CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM credit_ledger WHERE account_id = $1 GROUP BY kind",
