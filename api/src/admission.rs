@@ -127,10 +127,11 @@ pub fn plan_policy(
     Ok(())
 }
 
-/// The identity a job uses must be the caller's (404) and preprocessed
-/// (409 `identity_not_ready`): answered before the cap and the credits
-/// (DESIGN.md's order); admission checks it again with the identity row
-/// locked.
+/// The identity a job uses must be the caller's (404) and preprocessed or
+/// being preprocessed (a job admitted meanwhile waits for it); one whose
+/// preprocessing failed is a 409 `identity_not_ready`. Answered before the
+/// cap and the credits (DESIGN.md's order); admission checks it again with
+/// the identity row locked.
 pub async fn ready_identity(s: &AppState, account: &str, code: &str) -> ApiResult<()> {
     use atelier_shared::domain::identity::IdentityKind;
     let ident = s
@@ -138,7 +139,10 @@ pub async fn ready_identity(s: &AppState, account: &str, code: &str) -> ApiResul
         .identity_for(account, IdentityKind::Identity, code)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Identity {code} not found")))?;
-    if ident.job_status != Some(JobStatus::Completed) {
+    if !matches!(
+        ident.job_status,
+        Some(JobStatus::Completed | JobStatus::Pending | JobStatus::Processing)
+    ) {
         return Err(refusal(Admission::IdentityNotReady {
             status: ident.preprocessing_status(),
         }));

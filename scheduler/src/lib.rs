@@ -317,12 +317,18 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
             work.insert(job_id.clone(), w);
         }
         let job = match work.get(&job_id) {
+            Some(Work::Ready(job)) if job.waiting => continue,
+            Some(Work::Ready(job)) if job.blocked.is_some() => {
+                let why = job.blocked.clone().unwrap_or_default();
+                fail_unrunnable(ctx, pick.output_id, &why).await?;
+                continue;
+            }
             Some(Work::Ready(job)) => job,
             Some(Work::Unreadable) | None => continue,
             Some(Work::Gone) => {
                 // Its job is gone, or an input of a job admitted before
                 // inputs were resolved at admission is: fail it for good.
-                fail_unrunnable(ctx, pick.output_id).await?;
+                fail_unrunnable(ctx, pick.output_id, "an input of this job no longer exists").await?;
                 continue;
             }
         };
@@ -452,7 +458,7 @@ enum Work {
 /// Fails an output whose job can no longer run (its inputs are gone): it
 /// is claimed like a dispatch and its attempt recorded as a permanent
 /// failure, so it is released, counted and notified like any other.
-async fn fail_unrunnable(ctx: &SchedulerContext, output_id: i64) -> anyhow::Result<()> {
+async fn fail_unrunnable(ctx: &SchedulerContext, output_id: i64, why: &str) -> anyhow::Result<()> {
     let deadline = now_ms() + ctx.dispatch_lease.as_millis() as i64;
     if let Some(claim) = ctx
         .store
@@ -464,7 +470,7 @@ async fn fail_unrunnable(ctx: &SchedulerContext, output_id: i64) -> anyhow::Resu
                 output_id,
                 claim.attempt,
                 &FailureKind::Permanent,
-                "an input of this job no longer exists",
+                why,
                 &ctx.retry,
                 0.0,
             )

@@ -448,9 +448,18 @@ async fn flat_2_model_needs_a_generator_and_a_ready_identity() {
             json!({"identity_code": code, "project_id": p, "images": [g]}),
         )
         .await;
-    assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    assert_eq!(v["code"], "identity_not_ready", "{v}");
-    assert_eq!(app.balance(&app.key).await.0, before2);
+    // An identity still being preprocessed (no worker here: it stays so)
+    // is waited for: the job is admitted, reserved, and held.
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, st) = app.get(&format!("/jobs/{job}/status")).await;
+    assert_eq!(st["status"], "pending", "held until the face exists: {st}");
+    let outputs = app.store.open_outputs(&job).await.expect("outputs");
+    assert!(outputs.iter().all(|o| o.attempt == 0), "never dispatched: {outputs:?}");
+    let (after, reserved) = app.balance(&app.key).await;
+    assert_eq!(after, before2, "nothing charged");
+    assert!(reserved > 0.0, "its cost is reserved");
     let _ = before;
     app.stop().await;
 }

@@ -564,3 +564,68 @@ async fn model_swap_runs_a_configured_onnx_swap_model() {
     })
     .await;
 }
+
+/// A model swap (or flat-2-model) sent while its identity is still being
+/// preprocessed is admitted and waits for it: the scheduler holds its
+/// outputs until the face exists, then the swap runs with it; when the
+/// preprocessing fails, the waiting job fails with its reason and costs
+/// nothing (what `batch_swap.py --parallel 3` does with a fresh identity).
+#[tokio::test]
+async fn a_swap_waits_for_the_identity_it_names() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        with_models(c);
+        // The upload answers at once, before the face check, and every
+        // task takes a while: the swaps come while the faces are built.
+        c.identity.upload_wait_ms = 0;
+        c.worker.fault_delay_ms = 1500;
+        c.limits.create_per_minute = 1000;
+    })
+    .await;
+    let p = app.project("fresh").await;
+    let f = app.upload(model_photo("newton.png"), "model.png").await;
+    let (before, _) = app.balance(&app.key).await;
+    let upload = |photo: Vec<u8>, name: &'static str| {
+        let app = &app;
+        async move {
+            let (s, v) = app
+                .post_form("/identity/upload", ("image", "photo.png", &photo), &[("name", name)])
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+            v["identity_code"].as_str().expect("code").to_string()
+        }
+    };
+    let good = upload(model_photo("gauss.png"), "fresh").await;
+    let bad = upload(garment_photo(), "faceless").await;
+    let mut jobs = Vec::new();
+    for code in [&good, &bad] {
+        let (_, st) = app.get(&format!("/identity/{code}/status")).await;
+        assert!(
+            matches!(st["preprocessing_status"].as_str(), Some("pending" | "processing")),
+            "{st}"
+        );
+        let (s, v) = app
+            .post("/model-swap", json!({"project_id": p, "images": [f], "identity_code": code}))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "admitted while {code} is preprocessed: {v}");
+        jobs.push(v["job_id"].as_str().expect("job").to_string());
+    }
+    let ok = app.wait_for_job(&jobs[0], Duration::from_secs(120)).await;
+    assert_eq!(ok["status"], "completed", "{ok}");
+    let (_, id) = app.get(&format!("/identity/{good}/status")).await;
+    assert_eq!(id["preprocessing_status"], "completed");
+    let failed = app.wait_for_job(&jobs[1], Duration::from_secs(120)).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed.to_string().contains("the identity's preprocessing failed"),
+        "{failed}"
+    );
+    // Two identities (50 each) and one swap (3); the failed swap is free.
+    let (after, reserved) = app.balance(&app.key).await;
+    assert_eq!((before - after, reserved), (50.0 + 3.0, 0.0), "only what was made is charged");
+    // Once failed, the identity is refused outright.
+    let (s, v) = app
+        .post("/model-swap", json!({"project_id": p, "images": [f], "identity_code": bad}))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::CONFLICT, Some("identity_not_ready")), "{v}");
+    app.audit_clean().await;
+}

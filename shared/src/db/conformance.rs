@@ -1092,9 +1092,17 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
         .into(),
         ..job(&a, &[1], None)
     };
-    assert_eq!(
-        s.create_job(swap("idn_a")).await.expect("admit"),
-        Admission::IdentityNotReady { status: "pending" }
+    // Admitted while the identity is being preprocessed: the job waits.
+    let waiting = created(&s, swap("idn_a")).await;
+    let work = s.job_work(&waiting).await.expect("work").expect("job");
+    assert!(work.waiting && work.inputs.face.is_none() && work.blocked.is_none());
+    assert!(
+        s.dispatch_candidates(crate::domain::WorkQueue::Swap, 10)
+            .await
+            .expect("candidates")
+            .iter()
+            .all(|c| c.job_id != waiting),
+        "held while it waits"
     );
     assert_eq!(
         s.create_job(swap("idn_zz")).await.expect("admit"),
@@ -1151,6 +1159,21 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
         }
     };
     finish(j1.clone(), 1, true).await;
+    // The face it waited for is now its own, and it may be dispatched.
+    let work = s.job_work(&waiting).await.expect("work").expect("job");
+    assert!(!work.waiting && work.blocked.is_none());
+    assert_eq!(
+        work.inputs.face.as_ref().map(|f| f.crop_key.as_str()),
+        Some("faces/f1")
+    );
+    assert!(
+        s.dispatch_candidates(crate::domain::WorkQueue::Swap, 10)
+            .await
+            .expect("candidates")
+            .iter()
+            .any(|c| c.job_id == waiting)
+    );
+    s.abort_job(&a, &waiting).await.expect("abort");
     let row = read("idn_a").await.expect("identity");
     assert_eq!(row.preprocessing_status(), "completed");
     assert_eq!(row.crop_key.as_deref(), Some("faces/f1"));

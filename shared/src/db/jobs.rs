@@ -108,7 +108,7 @@ enum Missing {
 /// The face a completed preprocessing job built: its crop and record;
 /// `None` when it has none usable (missing, or recorded in a form this
 /// version cannot read).
-async fn face_of_job(conn: &mut AnyConnection, job_id: &str) -> Result<Option<FaceRef>> {
+pub(crate) async fn face_of_job(conn: &mut AnyConnection, job_id: &str) -> Result<Option<FaceRef>> {
     let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
         "SELECT full_key, input_description FROM outputs WHERE job_id = $1 AND status = $2 \
          ORDER BY version DESC LIMIT 1",
@@ -238,6 +238,7 @@ impl Store {
         // The identity's current face (a completed replacement counts),
         // with the identity row locked against a concurrent delete.
         let mut face_job: Option<String> = None;
+        let mut waits_for: Option<String> = None;
         if let Some(IdentityUse::Ready(code)) = requirements.identity {
             let sql = format!(
                 "SELECT j.status, j.id FROM identities i \
@@ -259,6 +260,9 @@ impl Store {
                     });
                 }
                 Some((Some(JobStatus::Completed), id)) => face_job = id,
+                // Being preprocessed: the job waits for it (the scheduler
+                // holds its outputs until the face exists).
+                Some((Some(JobStatus::Pending | JobStatus::Processing), Some(id))) => waits_for = Some(id),
                 Some((s, _)) => {
                     return Ok(Admission::IdentityNotReady {
                         status: crate::domain::identity::preprocessing_status(s),
@@ -313,8 +317,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO jobs (id, account_id, billing_account_id, project_id, job_type, status, spec, total_outputs, \
              should_post_process, post_processing_status, counts_against_cap, created_at, updated_at, traceparent, identity_code, \
-             identity_face_job, inputs) \
-             VALUES ($1, $2, $3, $4, $5, $15, $6, $7, $8, $9, $10, $11, $11, $12, $13, $14, $16)",
+             identity_face_job, inputs, waits_for) \
+             VALUES ($1, $2, $3, $4, $5, $15, $6, $7, $8, $9, $10, $11, $11, $12, $13, $14, $16, $17)",
         )
         .bind(&job_id)
         .bind(j.account_id)
@@ -332,6 +336,7 @@ impl Store {
         .bind(face_job.as_deref())
         .bind(JobStatus::Pending)
         .bind(to_json(&inputs)?)
+        .bind(waits_for.as_deref())
         .execute(&mut **tx)
         .await?;
         for o in &outputs {

@@ -36,6 +36,9 @@ pub struct JobRow {
     pub identity_code: Option<String>,
     /// The preprocessing job whose face a model swap uses.
     pub identity_face_job: Option<String>,
+    /// The preprocessing job this job waits for (its identity was not
+    /// ready when it was admitted).
+    pub waits_for: Option<String>,
     pub traceparent: Option<String>,
 }
 
@@ -100,6 +103,7 @@ impl<'r> FromRow<'r, AnyRow> for JobRow {
             credits_charged: row.try_get("credits_charged")?,
             identity_code: row.try_get("identity_code")?,
             identity_face_job: row.try_get("identity_face_job")?,
+            waits_for: row.try_get("waits_for")?,
             traceparent: row.try_get("traceparent")?,
         })
     }
@@ -111,7 +115,7 @@ pub(crate) const JOB_SELECT: &str = "SELECT j.id, j.account_id, j.billing_accoun
      j.job_type, j.status, j.spec, j.inputs, j.total_outputs, j.completed_outputs, j.failed_outputs, j.should_post_process, \
      j.post_processing_status, j.post_processing_error, j.error_message, j.created_at, j.updated_at, j.finalized_at, \
      COALESCE(r.held, 0) AS credits_held, COALESCE(r.charged, 0) AS credits_charged, j.identity_code, j.identity_face_job, \
-     j.traceparent \
+     j.traceparent, j.waits_for \
      FROM jobs j LEFT JOIN projects p ON p.id = j.project_id LEFT JOIN reservations r ON r.job_id = j.id";
 
 #[derive(Debug, Clone, sqlx::FromRow, PartialEq)]

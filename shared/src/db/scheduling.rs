@@ -43,6 +43,11 @@ pub struct JobWork {
     pub spec: JobSpec,
     pub inputs: JobInputs,
     pub traceparent: Option<String>,
+    /// The job can never run, for this reason (the preprocessing it
+    /// waited for failed): its outputs fail, nothing is charged.
+    pub blocked: Option<String>,
+    /// The preprocessing it waits for has not ended yet.
+    pub waiting: bool,
 }
 
 /// What became of a failure report.
@@ -67,14 +72,18 @@ impl Store {
         queue: WorkQueue,
         per_account: i64,
     ) -> Result<Vec<DispatchCandidate>> {
-        let rows: Vec<(i64, String, String, Plan, i64, Option<String>)> = sqlx::query_as(
+        let sql = format!(
             "SELECT id, job_id, account_id, plan, scheduled_at, traceparent FROM ( \
                SELECT o.id, o.job_id, j.account_id, a.plan, o.scheduled_at, j.traceparent, \
                       ROW_NUMBER() OVER (PARTITION BY j.account_id ORDER BY o.scheduled_at, o.id) AS rn \
                FROM outputs o JOIN jobs j ON j.id = o.job_id JOIN accounts a ON a.id = j.account_id \
-               WHERE o.status = $4 AND o.queue = $1 AND o.scheduled_at <= $2) t \
+               WHERE o.status = $4 AND o.queue = $1 AND o.scheduled_at <= $2 \
+                 AND (j.waits_for IS NULL OR NOT EXISTS (SELECT 1 FROM jobs w WHERE w.id = j.waits_for \
+                      AND w.status IN ({})))) t \
              WHERE rn <= $3 ORDER BY scheduled_at, id",
-        )
+            JobStatus::sql_in(&JobStatus::OPEN)
+        );
+        let rows: Vec<(i64, String, String, Plan, i64, Option<String>)> = sqlx::query_as(&sql)
         .bind(queue)
         .bind(now_ms())
         .bind(per_account)
@@ -221,18 +230,60 @@ impl Store {
         else {
             return Ok(None);
         };
-        let inputs = match job.inputs.clone() {
+        let mut inputs = match job.inputs.clone() {
             Some(inputs) => inputs,
             None => match self.resolve_job_inputs(&job).await? {
                 Some(inputs) => inputs,
                 None => return Ok(None),
             },
         };
+        let (mut blocked, mut waiting) = (None, false);
+        if let Some(w) = job.waits_for.as_deref()
+            && inputs.face.is_none()
+        {
+            let (status, error): (JobStatus, Option<String>) =
+                sqlx::query_as("SELECT status, error_message FROM jobs WHERE id = $1")
+                    .bind(w)
+                    .fetch_one(self.pool())
+                    .await?;
+            match status {
+                JobStatus::Pending | JobStatus::Processing => waiting = true,
+                JobStatus::Completed => {
+                    let mut conn = self.pool().acquire().await?;
+                    match super::jobs::face_of_job(&mut conn, w).await? {
+                        Some(face) => {
+                            inputs.face = Some(face);
+                            // Recorded once: every task of the job, and
+                            // every retry, uses this face.
+                            sqlx::query(
+                                "UPDATE jobs SET inputs = $2, identity_face_job = $3 WHERE id = $1",
+                            )
+                            .bind(job_id)
+                            .bind(super::to_json(&inputs)?)
+                            .bind(w)
+                            .execute(&mut *conn)
+                            .await?;
+                        }
+                        None => {
+                            blocked = Some("the identity's preprocessing built no usable face".to_string())
+                        }
+                    }
+                }
+                JobStatus::Failed | JobStatus::Aborted => {
+                    blocked = Some(format!(
+                        "the identity's preprocessing failed: {}",
+                        error.unwrap_or_else(|| status.as_str().to_string())
+                    ));
+                }
+            }
+        }
         Ok(Some(JobWork {
             account_id: job.account_id,
             spec: job.spec,
             inputs,
             traceparent: job.traceparent,
+            blocked,
+            waiting,
         }))
     }
 
