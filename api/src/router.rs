@@ -11,7 +11,8 @@ use crate::error::ApiError;
 use crate::openapi;
 use crate::routes::{
     billing, custom_models, downloads, drafts, flat, health, identities, jobs, models_api,
-    notifications, predictions, presets, profiles, projects, studio, swap, trainings, uploads, webhooks,
+    notifications, predictions, presets, profiles, projects, studio, swap, tokens, trainings, uploads,
+    webhooks,
 };
 use crate::state::AppState;
 use axum::Router;
@@ -50,6 +51,8 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
     // A Studio edit carries up to 10 photos as base64 (4/3 of their size).
     let studio_body = max_upload.saturating_mul(14).saturating_add(1 << 20);
     OpenApiRouter::new()
+        .routes(routes!(tokens::mint, tokens::list))
+        .routes(routes!(tokens::revoke))
         .routes(routes!(projects::create, projects::list))
         .routes(routes!(projects::read, projects::delete))
         .routes(routes!(uploads::issue))

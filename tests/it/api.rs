@@ -529,3 +529,58 @@ async fn every_refusal_is_an_envelope() {
     envelope("bad id", &r.json().await.expect("json"), "not_found");
     app.stop().await;
 }
+
+/// API tokens (§1.2): minted with an expiration in each accepted form,
+/// usable at once, listed without their values, revoked, capped at 20.
+#[tokio::test]
+async fn tokens_are_minted_listed_and_revoked() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::API, |_| {}).await;
+    let (s, v) = app.post("/auth/token", json!({"expiration": "P90D"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let token = v["token"].as_str().expect("token").to_string();
+    assert!(token.len() >= 32);
+    // 90 days from now, to the day (the server's own formatting).
+    let day_ms = 86_400_000;
+    let lo = atelier_shared::time::iso8601(atelier_shared::time::now_ms() + 90 * day_ms - 60_000);
+    let hi = atelier_shared::time::iso8601(atelier_shared::time::now_ms() + 90 * day_ms + 60_000);
+    let exp = v["expiration_date"].as_str().expect("date");
+    assert!(lo.as_str() <= exp && exp <= hi.as_str(), "{exp} not within [{lo}, {hi}]");
+    let (s, _) = app.get_as(&token, "/billing/balance").await;
+    assert_eq!(s, StatusCode::OK, "the new token works at once");
+    for bad in [json!({"expiration": "PT10M"}), json!({"expiration": "P5Y"}), json!({"expiration": "soon"}), json!({})] {
+        let (s, v) = app.post("/auth/token", bad).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v.to_string().contains("expiration"), "{v}");
+    }
+    // An expired key is listed only on request.
+    let acc = app.dev_account_id().await;
+    app.store
+        .create_api_key(&acc, "old", None, Some(atelier_shared::time::now_ms() - 1000))
+        .await
+        .expect("key");
+    let (s, list) = app.get("/auth/token").await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    assert_eq!(list["pagination"]["total"], 2, "the bootstrap key and the new one: {list}");
+    assert!(!list.to_string().contains(&token), "values are never listed");
+    let (_, all) = app.get("/auth/token?include_expired=true").await;
+    assert_eq!(all["pagination"]["total"], 3, "{all}");
+    let minted_id = list["tokens"][0]["token_id"].as_str().expect("id").to_string();
+    assert!(list["tokens"][0]["expiration_date"].is_string());
+    // Revoked: gone at once; not another account's to revoke.
+    let other = app.account("other", 0.0).await;
+    let (s, _) = app.delete_as(&other, &format!("/auth/token/{minted_id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = app.delete_as(&app.key, &format!("/auth/token/{minted_id}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = app.get_as(&token, "/billing/balance").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = app.delete_as(&app.key, &format!("/auth/token/{minted_id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // 20 live tokens at most (the bootstrap key is one).
+    for i in 0..19 {
+        let (s, v) = app.post("/auth/token", json!({"expiration": 86400})).await;
+        assert_eq!(s, StatusCode::CREATED, "{i}: {v}");
+    }
+    let (s, v) = app.post("/auth/token", json!({"expiration": "1d,00:00:00"})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+}

@@ -16,6 +16,7 @@ pub mod profiles;
 pub mod projects;
 pub mod studio;
 pub mod swap;
+pub mod tokens;
 pub mod trainings;
 pub mod uploads;
 pub mod webhooks;

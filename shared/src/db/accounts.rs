@@ -151,6 +151,82 @@ impl Store {
         Ok((id, token))
     }
 
+    /// Mints a key for `account_id` expiring at `expires_at`, unless the
+    /// account already holds `cap` live keys (`None`). One transaction with
+    /// the account locked, so concurrent mints cannot pass the cap.
+    pub async fn mint_api_key(
+        &self,
+        account_id: &str,
+        expires_at: i64,
+        cap: i64,
+    ) -> Result<Option<(String, String)>> {
+        let mut tx = self.begin().await?;
+        let sql = format!("SELECT id FROM accounts WHERE id = $1{}", self.for_update());
+        let _: Option<String> = sqlx::query_scalar(&sql)
+            .bind(account_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let now = now_ms();
+        let live: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > $2)",
+        )
+        .bind(account_id)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        if live >= cap {
+            return Ok(None);
+        }
+        let token = generate_token();
+        let id = crate::domain::ids::base32_lower(16);
+        sqlx::query(
+            "INSERT INTO api_keys (id, account_id, key_hash, name, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(account_id)
+        .bind(hash_token(&token))
+        .bind("api")
+        .bind(now)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some((id, token)))
+    }
+
+    /// A page of the account's unrevoked keys, newest first, as
+    /// `(id, expires_at)`, and how many there are.
+    pub async fn list_api_keys(
+        &self,
+        account_id: &str,
+        include_expired: bool,
+        page: i64,
+        per_page: i64,
+    ) -> Result<(Vec<(String, Option<i64>)>, i64)> {
+        let filter = if include_expired {
+            "account_id = $1 AND revoked_at IS NULL AND $2 = $2"
+        } else {
+            "account_id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)"
+        };
+        let now = now_ms();
+        let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM api_keys WHERE {filter}"))
+            .bind(account_id)
+            .bind(now)
+            .fetch_one(self.pool())
+            .await?;
+        let rows = sqlx::query_as(&format!(
+            "SELECT id, expires_at FROM api_keys WHERE {filter} ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4"
+        ))
+        .bind(account_id)
+        .bind(now)
+        .bind(per_page)
+        .bind((page - 1) * per_page)
+        .fetch_all(self.pool())
+        .await?;
+        Ok((rows, total))
+    }
+
     /// The account a live (not revoked, not expired) token belongs to.
     pub async fn account_for_token(&self, token: &str) -> Result<Option<Account>> {
         let cols = ACCOUNT_COLUMNS
