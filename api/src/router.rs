@@ -79,6 +79,7 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(webhooks::test))
         .routes(routes!(webhooks::deliveries))
         .routes(routes!(billing::balance))
+        .routes(routes!(billing::usage))
         .routes(limited(routes!(profiles::phota::add), profile_form))
         .routes(routes!(profiles::phota::ids))
         .routes(routes!(profiles::phota::delete))

@@ -259,6 +259,17 @@ impl ImageResult {
             }
         };
         let ext = &o.output_format;
+        // A model swap's output is one input photo made over: it keeps the
+        // photo's own name (contract §3.10).
+        let mut original_filename = format!("{}_{}.{}", o.instruction_index, o.variation_index, ext);
+        if let atelier_shared::domain::JobSpec::ModelSwap(spec) = &job.spec
+            && let Some(img) = usize::try_from(o.instruction_index)
+                .ok()
+                .and_then(|i| spec.images.get(i))
+            && let Some(f) = s.store.file(&img.file_id).await?
+        {
+            original_filename = f.filename;
+        }
         Ok(ImageResult {
             id: o.id,
             image_result_id: o.id,
@@ -269,7 +280,7 @@ impl ImageResult {
             variation_index: o.variation_index,
             version: o.version,
             status: o.status.into(),
-            original_filename: format!("{}_{}.{}", o.instruction_index, o.variation_index, ext),
+            original_filename,
             download_filename: format!(
                 "{}_{}_{}_v{}.{}",
                 job.id, o.instruction_index, o.variation_index, o.version, ext

@@ -584,3 +584,48 @@ async fn tokens_are_minted_listed_and_revoked() {
     let (s, v) = app.post("/auth/token", json!({"expiration": "1d,00:00:00"})).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
 }
+
+/// `GET /billing/credits` (§10.4): what the caller's work was charged, per
+/// period and job type, with the balance; the date and resolution checks.
+#[tokio::test]
+async fn usage_is_summed_per_period_and_job_type() {
+    let app = TestApp::spawn().await;
+    let p = app.project("usage").await;
+    let f = app.upload(png(64, 64), "a.png").await;
+    let (s, v) = app
+        .post(
+            "/create-packshot",
+            json!({"project_id": p, "images": [f], "instructions": [{"style": "white_cutout", "num_variations": 2}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let st = app.wait_for_job(&job, std::time::Duration::from_secs(60)).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let (s, _) = app.post("/preset/extract-from-text", json!({"text": "white cutout"})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = app.get("/billing/credits").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["total_credits"], 7.0, "two 1K outputs and one extraction: {v}");
+    let rows = v["summary"].as_array().expect("summary");
+    let row = |t: &str| rows.iter().find(|r| r["job_type"] == t).cloned().unwrap_or(Value::Null);
+    assert_eq!((row("create_packshot")["total_credits"].as_f64(), row("create_packshot")["job_count"].as_i64()), (Some(6.0), Some(1)), "{v}");
+    assert_eq!((row("preset_extraction")["total_credits"].as_f64(), row("preset_extraction")["job_count"].as_i64()), (Some(1.0), Some(1)), "{v}");
+    let start = row("create_packshot")["period_start"].as_str().expect("start").to_string();
+    assert!(start.ends_with("T00:00:00.000Z") || start.ends_with("T00:00:00Z"), "a UTC day: {start}");
+    let (balance, _) = app.balance(&app.key).await;
+    assert_eq!(v["balance"]["user_credits"].as_f64(), Some(balance));
+    let (_, m) = app.get("/billing/credits?resolution=month").await;
+    let month_start = m["summary"][0]["period_start"].as_str().expect("start");
+    assert_eq!(&month_start[8..10], "01", "the first of the month: {m}");
+    let (_, none) = app.get("/billing/credits?start_date=2020-01-01&end_date=2020-02-01").await;
+    assert_eq!((none["total_credits"].as_f64(), none["summary"].clone()), (Some(0.0), json!([])));
+    for q in ["start_date=yesterday", "start_date=2025-03-02&end_date=2025-03-01", "resolution=year"] {
+        let (s, v) = app.get(&format!("/billing/credits?{q}")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+    }
+    // Another account's work is not the caller's usage.
+    let other = app.account("other", 10.0).await;
+    let (_, v) = app.get_as(&other, "/billing/credits").await;
+    assert_eq!(v["total_credits"], 0.0, "{v}");
+}

@@ -465,6 +465,12 @@ async fn swap_end_to_end(
     let results = r["results"].as_array().expect("results");
     let swapped = &results[0];
     assert_eq!(swapped["status"], "completed", "{swapped}");
+    // Each output keeps its input photo's own name (§3.10).
+    assert_eq!(
+        (swapped["original_filename"].as_str(), results[1]["original_filename"].as_str()),
+        (Some("look.png"), Some("flat.jpg")),
+        "{r}"
+    );
     assert!(
         swapped["model_used"]
             .as_str()

@@ -384,6 +384,27 @@ impl Store {
         Ok(true)
     }
 
+    /// The charges of `account_id`'s work in `[from, to)`: `(when,
+    /// amount, job type, job id)` each; the job type is `None` for work done
+    /// inside a request (extractions), charged to the billing account.
+    pub async fn charges_between(
+        &self,
+        account_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, i64, Option<String>, Option<String>)>> {
+        Ok(sqlx::query_as(
+            "SELECT l.created_at, l.amount, j.job_type, l.job_id FROM credit_ledger l LEFT JOIN jobs j ON j.id = l.job_id \
+             WHERE l.kind = 'charge' AND l.created_at >= $2 AND l.created_at < $3 \
+             AND (j.account_id = $1 OR (l.job_id IS NULL AND l.account_id = $1)) ORDER BY l.created_at",
+        )
+        .bind(account_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     pub async fn ledger_totals(&self, account_id: &str) -> Result<LedgerTotals> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT kind, CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM credit_ledger WHERE account_id = $1 GROUP BY kind",
