@@ -755,7 +755,7 @@ impl Default for TrainingConfig {
             lost_after_secs: 30,
             timeout_secs: 24 * 3600,
             max_weights_bytes: 1 << 30,
-            max_dataset_bytes: 2 << 30,
+            max_dataset_bytes: 512 << 20,
             min_images: 5,
             share_window_secs: 24 * 3600,
             share_quantum_secs: 600,

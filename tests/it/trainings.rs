@@ -943,6 +943,16 @@ async fn training_starts_respect_the_caps_and_the_balance() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (s, v) = app.get_as(&poor, "/v1/jobs/job_nope").await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    // The trainers' webhook takes only URLs this server signed; a forged
+    // one is refused before its body is read.
+    let r = app
+        .http
+        .post(app.url("/internal/training-events/forged.token"))
+        .body(vec![b'x'; 8 << 20])
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // A public model is listed for everyone, as a record only.
     let (s, v) = app

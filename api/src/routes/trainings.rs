@@ -353,14 +353,28 @@ fn weights_ext(mime: &str) -> &'static str {
 pub async fn events(
     State(s): State<AppState>,
     Path(token): Path<String>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<StatusCode> {
+    // The token first: a body (up to the weights' size) is read only for
+    // a trainer this server sent.
     let (output_id, attempt) = match s.signer.verify(&token, now_ms()) {
         Ok((Capability::TrainingEvents { output_id, attempt }, _)) => (output_id, attempt),
         Ok(_) | Err(_) => {
             return Err(ApiError::forbidden("not a valid training webhook URL"));
         }
     };
+    let limit = usize::try_from(s.config.training.max_weights_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(4)
+        / 3
+        + (1 << 20);
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the trainer's event is larger than training.max_weights_bytes allows",
+        )
+    })?;
     let event: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(None, format!("not JSON: {e}"), "body"))?;
     let t = s
