@@ -56,6 +56,7 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(projects::create, projects::list))
         .routes(routes!(projects::read, projects::delete))
         .routes(routes!(uploads::issue))
+        .routes(routes!(uploads::assets))
         .routes(routes!(jobs::create_packshot))
         .routes(routes!(swap::create))
         .routes(routes!(flat::create))

@@ -629,3 +629,41 @@ async fn usage_is_summed_per_period_and_job_type() {
     let (_, v) = app.get_as(&other, "/billing/credits").await;
     assert_eq!(v["total_credits"], 0.0, "{v}");
 }
+
+/// `GET /assets` (§2.6): the caller's uploaded files with signed URLs and
+/// their size, searched, sorted, paged and filtered.
+#[tokio::test]
+async fn assets_list_the_callers_uploads() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::API, |_| {}).await;
+    let summer = app.project("summer drop").await;
+    let a = app.upload(png(64, 48), "b-shirt.png").await;
+    let b = app.upload(png(32, 32), "a-dress.png").await;
+    let (_, slot) = app.post("/upload", json!({"filename": "pending.png"})).await;
+    let _ = (summer, slot);
+    let (s, v) = app.get("/assets").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["pagination"]["total"], 2, "only uploaded files: {v}");
+    let ids: Vec<&str> = v["assets"].as_array().unwrap().iter().filter_map(|x| x["id"].as_str()).collect();
+    assert_eq!(ids, [b.as_str(), a.as_str()], "newest first");
+    let first = &v["assets"][1];
+    assert_eq!(first["dimensions"], json!({"width": 64, "height": 48}));
+    assert_eq!((first["visibility"].as_str(), first["tags"].clone()), (Some("private"), json!([])));
+    assert_eq!(app.fetch(&first["url"]).await.len(), png(64, 48).len(), "the URL serves the bytes");
+    let (_, v) = app.get("/assets?sort_by=filename&order=asc").await;
+    assert_eq!(v["assets"][0]["filename"], "a-dress.png");
+    let (_, v) = app.get("/assets?search=SHIRT").await;
+    assert_eq!(v["pagination"]["total"], 1, "{v}");
+    let (_, v) = app.get("/assets?per_page=1&page=2").await;
+    assert_eq!((v["assets"].as_array().map(Vec::len), v["pagination"]["pages"].as_i64()), (Some(1), Some(2)));
+    for q in ["ownership=shared", "include_tags=model", "created_after=2999-01-01", "created_before=2000-01-01"] {
+        let (s, v) = app.get(&format!("/assets?{q}")).await;
+        assert_eq!((s, v["pagination"]["total"].as_i64()), (StatusCode::OK, Some(0)), "{q}: {v}");
+    }
+    for q in ["sort_by=size", "ownership=everyone", "include_tags=shoes", "created_after=soon", "per_page=101"] {
+        let (s, v) = app.get(&format!("/assets?{q}")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
+    }
+    let other = app.account("other", 0.0).await;
+    let (_, v) = app.get_as(&other, "/assets").await;
+    assert_eq!(v["pagination"]["total"], 0, "another account's uploads are not listed");
+}

@@ -113,7 +113,7 @@ pub struct UsageQuery {
 }
 
 /// Epoch ms of an ISO 8601 date (`2025-03-01`, midnight UTC) or date-time.
-fn instant(v: &str) -> Option<i64> {
+pub(crate) fn instant(v: &str) -> Option<i64> {
     use time::format_description::well_known::Rfc3339;
     if let Ok(t) = time::OffsetDateTime::parse(v, &Rfc3339) {
         return Some((t.unix_timestamp_nanos() / 1_000_000) as i64);

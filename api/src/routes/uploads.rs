@@ -386,3 +386,138 @@ pub async fn serve_file(
         bytes,
     ))
 }
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AssetQuery {
+    pub page: Option<i64>,
+    /// 1–100 (default 20).
+    pub per_page: Option<i64>,
+    /// `asc` or `desc` (default).
+    pub order: Option<String>,
+    /// `created_at` (default) or `filename`.
+    pub sort_by: Option<String>,
+    /// Text in the filename or the project's name.
+    pub search: Option<String>,
+    /// Only the caller's uploads are listed; any other value matches none.
+    pub created_by: Option<String>,
+    /// ISO 8601 date or date-time.
+    pub created_after: Option<String>,
+    pub created_before: Option<String>,
+    /// `mine` (the caller's uploads), `shared` or `default` (none exist).
+    pub ownership: Option<String>,
+    /// Comma-separated subset of `model`, `product`, `background`, `other`.
+    pub include_tags: Option<String>,
+    pub exclude_tags: Option<String>,
+}
+
+const ASSET_TAGS: [&str; 4] = ["model", "product", "background", "other"];
+
+/// The caller's uploaded assets (contract §2.6). Uploads carry no tags
+/// here (nothing classifies them), so a tag to include matches none.
+#[utoipa::path(
+    get, path = "/assets", tag = "uploads",
+    params(AssetQuery),
+    responses(
+        (status = 200, description = "`{assets, pagination}`", body = Object),
+        (status = 400, description = "A bad filter", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn assets(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    crate::extract::Query(q): crate::extract::Query<AssetQuery>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    let bad = |f: &str, m: &str| ApiError::bad_request(Some(f), m, "query");
+    let (page, per_page, ascending) = crate::routes::PageQuery {
+        page: q.page,
+        per_page: q.per_page,
+        order: q.order.clone(),
+        search: None,
+    }
+    .resolve(20)?;
+    let sort_by_name = match q.sort_by.as_deref() {
+        None | Some("created_at") => false,
+        Some("filename") => true,
+        Some(_) => return Err(bad("sort_by", "must be created_at or filename")),
+    };
+    let tags = |v: &Option<String>, field: &str| -> ApiResult<Vec<String>> {
+        let list: Vec<String> = v
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        match list.iter().find(|t| !ASSET_TAGS.contains(&t.as_str())) {
+            Some(_) => Err(bad(field, "must list model, product, background or other")),
+            None => Ok(list),
+        }
+    };
+    let include = tags(&q.include_tags, "include_tags")?;
+    tags(&q.exclude_tags, "exclude_tags")?;
+    let none_match = match q.ownership.as_deref() {
+        None | Some("mine") => false,
+        Some("shared" | "default") => true,
+        Some(_) => return Err(bad("ownership", "must be mine, shared or default")),
+    } || !include.is_empty()
+        || q.created_by.as_deref().is_some_and(|c| c != acc.id && c != acc.name);
+    let when = |v: &Option<String>, field: &str| -> ApiResult<Option<i64>> {
+        v.as_deref()
+            .map(|t| {
+                crate::routes::billing::instant(t.trim())
+                    .ok_or_else(|| bad(field, "must be an ISO 8601 date or date-time"))
+            })
+            .transpose()
+    };
+    let after = when(&q.created_after, "created_after")?;
+    let before = when(&q.created_before, "created_before")?;
+    let (rows, total) = if none_match {
+        (Vec::new(), 0)
+    } else {
+        s.store
+            .list_files(
+                &acc.id,
+                q.search.as_deref().map(str::trim).filter(|t| !t.is_empty()),
+                after,
+                before,
+                sort_by_name,
+                ascending,
+                page,
+                per_page,
+            )
+            .await?
+    };
+    let ttl = std::time::Duration::from_secs(s.config.limits.result_url_ttl_secs);
+    let exp = now_ms() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    let assets: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|f| {
+            let url = s.url(&format!(
+                "/files/{}",
+                s.signer.sign(&Capability::File { file_id: f.id.clone() }, exp)
+            ));
+            serde_json::json!({
+                "id": f.id,
+                "filename": f.filename,
+                "url": url,
+                "created_at": atelier_shared::time::iso8601(f.created_at),
+                "created_by": f.account_id,
+                "tags": [],
+                "visibility": "private",
+                "thumbnail_big": url,
+                "thumbnail_small": url,
+                "styling_note": null,
+                "detected": null,
+                "dimensions": match (f.width, f.height) {
+                    (Some(w), Some(h)) => serde_json::json!({"width": w, "height": h}),
+                    _ => serde_json::Value::Null,
+                },
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "assets": assets,
+        "pagination": crate::views::Pagination::new(page, per_page, total),
+    })))
+}

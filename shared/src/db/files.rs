@@ -33,6 +33,12 @@ impl FileRow {
     }
 }
 
+/// A value bound to a query built piece by piece.
+enum BindValue {
+    Text(String),
+    Int(i64),
+}
+
 const FILE_COLUMNS: &str = "id, account_id, project_id, filename, content_type, object_key, status, size_bytes, width, height, created_at, uploaded_at";
 
 impl Store {
@@ -68,6 +74,78 @@ impl Store {
             .bind(id)
             .fetch_optional(self.pool())
             .await?)
+    }
+
+    /// A page of the account's uploaded files, and how many match:
+    /// `search` in the filename or the project's name, `created_after` /
+    /// `created_before` (epoch ms), sorted by `created_at` or `filename`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn list_files(
+        &self,
+        account_id: &str,
+        search: Option<&str>,
+        created_after: Option<i64>,
+        created_before: Option<i64>,
+        sort_by_name: bool,
+        ascending: bool,
+        page: i64,
+        per_page: i64,
+    ) -> Result<(Vec<FileRow>, i64)> {
+        let mut filter = format!("f.account_id = $1 AND f.status = '{UPLOADED}'");
+        let mut binds: Vec<BindValue> = Vec::new();
+        let mut n = 1;
+        if let Some(q) = search {
+            n += 1;
+            filter.push_str(&format!(
+                " AND (LOWER(f.filename) LIKE ${n} ESCAPE '\\' OR LOWER(COALESCE(p.name, '')) LIKE ${n} ESCAPE '\\')"
+            ));
+            binds.push(BindValue::Text(format!("%{}%", super::like_escape(&q.to_lowercase()))));
+        }
+        if let Some(t) = created_after {
+            n += 1;
+            filter.push_str(&format!(" AND f.created_at >= ${n}"));
+            binds.push(BindValue::Int(t));
+        }
+        if let Some(t) = created_before {
+            n += 1;
+            filter.push_str(&format!(" AND f.created_at < ${n}"));
+            binds.push(BindValue::Int(t));
+        }
+        let from = "FROM files f LEFT JOIN projects p ON p.id = f.project_id";
+        let count_sql = format!("SELECT COUNT(*) {from} WHERE {filter}");
+        let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(account_id);
+        for b in &binds {
+            count = match b {
+                BindValue::Text(t) => count.bind(t.clone()),
+                BindValue::Int(i) => count.bind(*i),
+            };
+        }
+        let total = count.fetch_one(self.pool()).await?;
+        let column = if sort_by_name { "f.filename" } else { "f.created_at" };
+        let dir = if ascending { "ASC" } else { "DESC" };
+        let cols = FILE_COLUMNS
+            .split(", ")
+            .map(|c| format!("f.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {cols} {from} WHERE {filter} ORDER BY {column} {dir}, f.id {dir} LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
+        );
+        let mut q = sqlx::query_as::<_, FileRow>(&sql).bind(account_id);
+        for b in &binds {
+            q = match b {
+                BindValue::Text(t) => q.bind(t.clone()),
+                BindValue::Int(i) => q.bind(*i),
+            };
+        }
+        let rows = q
+            .bind(per_page)
+            .bind((page - 1) * per_page)
+            .fetch_all(self.pool())
+            .await?;
+        Ok((rows, total))
     }
 
     /// Files of `ids` that belong to `account_id`.
