@@ -754,6 +754,20 @@ async fn a_killed_worker_neither_loses_nor_repeats_a_training() {
     })
     .await;
     let word = running["triggerWord"].as_str().expect("word").to_string();
+    let acc = app.dev_account_id().await;
+    let started_at = |tid: String| {
+        let (app, acc) = (&app, acc.clone());
+        async move {
+            app.store
+                .training(&acc, &tid)
+                .await
+                .expect("read")
+                .expect("training")
+                .started_at
+        }
+    };
+    let first_start = started_at(tid.clone()).await;
+    assert!(first_start.is_some());
     doomed.kill().await.expect("SIGKILL");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, v) = app.get(&path).await;
@@ -780,6 +794,7 @@ async fn a_killed_worker_neither_loses_nor_repeats_a_training() {
     assert_eq!(done["status"], "succeeded", "{done}");
     let out = app.store.latest_outputs(&job).await.expect("outputs");
     assert_eq!(out[0].attempt, 1, "the same attempt, re-attached, not retried");
+    assert_eq!(started_at(tid.clone()).await, first_start, "re-attaching keeps the attempt's start");
     assert_eq!(charges(&app, &job).await, 1, "charged once");
     let runs: Vec<String> = trainer
         .events()

@@ -315,7 +315,10 @@ impl Store {
         let now = now_ms();
         let mut tx = self.begin().await?;
         let sql = format!(
-            "UPDATE outputs SET status = $6, lease_expires_at = $3, lease_owner = $4, started_at = $5, updated_at = $5 \
+            // A redelivered attempt that was already running (its worker
+            // died; a training was re-attached) keeps its start time.
+            "UPDATE outputs SET started_at = CASE WHEN status = $6 THEN started_at ELSE $5 END, \
+             status = $6, lease_expires_at = $3, lease_owner = $4, updated_at = $5 \
              WHERE id = $1 AND attempt = $2 AND status IN ({}) RETURNING job_id",
             OutputStatus::sql_in(&OutputStatus::LEASED)
         );
