@@ -102,6 +102,24 @@ impl AppState {
         Ok(self.links.object_url(key, content_type, ttl).await?)
     }
 
+    /// Tells the work of aborted outputs (`(output, attempt)`, as
+    /// `Store::abort_job` returns them) to stop: a marker each, which the
+    /// worker looks for (a model container's prediction or training is
+    /// cancelled). If one cannot be written the work runs out and its
+    /// result is ignored: the outputs are already cancelled and released.
+    pub async fn signal_abort(&self, running: &[(i64, i64)]) {
+        for (output, attempt) in running {
+            let marker = atelier_shared::domain::task::cancel_marker(*output, *attempt);
+            if let Err(e) = self
+                .objects
+                .put(&marker, bytes::Bytes::from_static(b"aborted"), "text/plain")
+                .await
+            {
+                tracing::warn!(%marker, error = %e, "cannot signal the abort to the worker");
+            }
+        }
+    }
+
     /// How long result URLs in answers stay valid.
     /// Deletes objects nothing refers to any more (a refused or replaced
     /// image, a deleted identity's files); one that cannot be deleted is

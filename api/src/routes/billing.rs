@@ -21,19 +21,24 @@ pub async fn balance(
     State(s): State<AppState>,
     Caller(acc): Caller,
 ) -> ApiResult<axum::Json<Balance>> {
-    let (owner_id, group) = s.store.billing_owner(&acc.id).await?;
+    Ok(axum::Json(owner_balance(&s, &acc.id).await?))
+}
+
+/// The balance of whoever pays for `account`'s work.
+async fn owner_balance(s: &AppState, account: &str) -> ApiResult<Balance> {
+    let (owner_id, group) = s.store.billing_owner(account).await?;
     let owner = s
         .store
         .account(&owner_id)
         .await?
         .ok_or_else(|| ApiError::internal("billing owner vanished"))?;
     let b = owner.credits();
-    Ok(axum::Json(Balance {
+    Ok(Balance {
         user_credits: b.balance.as_f64(),
         in_progress_credits: b.reserved.as_f64(),
         available_credits: b.available().as_f64(),
         billing_owner: group.unwrap_or_else(|| "self".into()),
-    }))
+    })
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -213,20 +218,14 @@ pub async fn usage(
             })
         })
         .collect();
-    let (owner_id, _) = s.store.billing_owner(&acc.id).await?;
-    let owner = s
-        .store
-        .account(&owner_id)
-        .await?
-        .ok_or_else(|| ApiError::internal("billing owner vanished"))?;
-    let b = owner.credits();
+    let b = owner_balance(&s, &acc.id).await?;
     Ok(axum::Json(serde_json::json!({
         "total_credits": Credits(total).as_f64(),
         "summary": summary,
         "balance": {
-            "user_credits": b.balance.as_f64(),
-            "in_progress_credits": b.reserved.as_f64(),
-            "available_credits": b.available().as_f64(),
+            "user_credits": b.user_credits,
+            "in_progress_credits": b.in_progress_credits,
+            "available_credits": b.available_credits,
         },
     })))
 }

@@ -13,7 +13,6 @@ use crate::views::{
 use atelier_shared::db::jobs::Regeneration;
 use atelier_shared::db::rows::JobRow;
 use atelier_shared::domain::packshot::{self, PackshotRequest};
-use atelier_shared::domain::task::cancel_marker;
 use atelier_shared::domain::{JobStatus, JobType};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -180,19 +179,7 @@ pub async fn abort(
             "The job has already finished",
         )),
         Some(a) => {
-            // Running work is told to stop (a model container's prediction
-            // is cancelled); if this fails, the work runs out and its result
-            // is ignored: the outputs are already cancelled and released.
-            for (output, attempt) in a.running {
-                let marker = cancel_marker(output, attempt);
-                if let Err(e) = s
-                    .objects
-                    .put(&marker, bytes::Bytes::from_static(b"aborted"), "text/plain")
-                    .await
-                {
-                    tracing::warn!(%marker, error = %e, "cannot signal the abort to the worker");
-                }
-            }
+            s.signal_abort(&a.running).await;
             Ok((
                 StatusCode::ACCEPTED,
                 axum::Json(JobAborted {

@@ -130,6 +130,12 @@ pub async fn create(
         let field = |f: &str| format!("scaleConfigs.{k}.{f}");
         let scale = number(&v["scale"], &field("scale"), 0.0, 1.0)?;
         let model_id = text(&v["modelId"], &field("modelId"))?;
+        let not_its_training = |t: &str| {
+            bad(
+                &field("trainingId"),
+                format!("training {t} is not a training of model {model_id}"),
+            )
+        };
         let (weights, trigger) = if model_id.starts_with("model_") {
             // A Models API model (§8): the weights of its selected epoch.
             let row = crate::routes::models_api::model_of(&s, &acc.id, model_id).await?;
@@ -140,10 +146,7 @@ pub async fn create(
                     .await?
                     .is_some_and(|t| t.model_id == model_id);
                 if !theirs {
-                    return Err(bad(
-                        &field("trainingId"),
-                        format!("training {t} is not a training of model {model_id}"),
-                    ));
+                    return Err(not_its_training(t));
                 }
             }
             let Some((all, trigger)) = crate::routes::models_api::model_weights(&s, &row).await?
@@ -166,10 +169,7 @@ pub async fn create(
                 .await?
                 .ok_or_else(|| ApiError::not_found(format!("Training {training_id} not found")))?;
             if t.model_id != model_id {
-                return Err(bad(
-                    &field("trainingId"),
-                    format!("training {training_id} is not a training of model {model_id}"),
-                ));
+                return Err(not_its_training(training_id));
             }
             if t.job_status != JobStatus::Completed {
                 return Err(ApiError::conflict(

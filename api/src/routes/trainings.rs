@@ -15,7 +15,7 @@ use crate::state::AppState;
 use async_zip::base::write::ZipFileWriter;
 use async_zip::{Compression, ZipEntryBuilder};
 use atelier_shared::db::trainings::{NewTraining, TrainingRow, TrainingStart};
-use atelier_shared::domain::task::{TrainingEnd, cancel_marker, training_end};
+use atelier_shared::domain::task::{TrainingEnd, training_end};
 use atelier_shared::domain::training::{self, TrainingApi, TrainingSpec};
 use atelier_shared::domain::{FailureKind, OutputResult};
 use atelier_shared::storage::Capability;
@@ -194,15 +194,7 @@ pub async fn cancel(s: &AppState, account: &str, t: &TrainingRow) -> ApiResult<b
     let Some(abort) = s.store.abort_job(account, &t.job_id).await? else {
         return Ok(false);
     };
-    for (output_id, attempt) in &abort.running {
-        if let Err(e) = s
-            .objects
-            .put(&cancel_marker(*output_id, *attempt), Bytes::new(), "text/plain")
-            .await
-        {
-            tracing::warn!(error = %e, output_id, "cannot leave the cancel marker; the trainer runs to its end");
-        }
-    }
+    s.signal_abort(&abort.running).await;
     Ok(abort.aborted)
 }
 

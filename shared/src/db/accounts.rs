@@ -151,6 +151,18 @@ impl Store {
         Ok((id, token))
     }
 
+    /// Locks the account's row until `tx` ends (PostgreSQL; SQLite
+    /// serialises writers anyway): the checks a caller makes after it
+    /// (caps, counts) cannot be passed twice by concurrent requests.
+    pub(crate) async fn lock_account(&self, tx: &mut Tx, account_id: &str) -> Result<()> {
+        let sql = format!("SELECT id FROM accounts WHERE id = $1{}", self.for_update());
+        let _: Option<String> = sqlx::query_scalar(&sql)
+            .bind(account_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     /// Mints a key for `account_id` expiring at `expires_at`, unless the
     /// account already holds `cap` live keys (`None`). One transaction with
     /// the account locked, so concurrent mints cannot pass the cap.
@@ -161,11 +173,7 @@ impl Store {
         cap: i64,
     ) -> Result<Option<(String, String)>> {
         let mut tx = self.begin().await?;
-        let sql = format!("SELECT id FROM accounts WHERE id = $1{}", self.for_update());
-        let _: Option<String> = sqlx::query_scalar(&sql)
-            .bind(account_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        self.lock_account(&mut tx, account_id).await?;
         let now = now_ms();
         let live: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL \

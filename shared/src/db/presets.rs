@@ -115,11 +115,7 @@ impl Store {
     ) -> Result<std::result::Result<PresetRow, PresetRefusal>> {
         let mut tx = self.begin().await?;
         if let (Some(owner), Some(cap)) = (p.owner_id, p.cap) {
-            let sql = format!("SELECT id FROM accounts WHERE id = $1{}", self.for_update());
-            let _: Option<String> = sqlx::query_scalar(&sql)
-                .bind(owner)
-                .fetch_optional(&mut *tx)
-                .await?;
+            self.lock_account(&mut tx, owner).await?;
             let held: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM presets WHERE owner_id = $1 AND deleted_at IS NULL",
             )
@@ -159,14 +155,8 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await;
-        match r {
-            Ok(_) => {}
-            Err(e) => {
-                return match StoreError::from(e) {
-                    StoreError::Conflict(_) => Ok(Err(PresetRefusal::NameTaken)),
-                    other => Err(other),
-                };
-            }
+        if let Err(refused) = name_unique(r)? {
+            return Ok(Err(refused));
         }
         for id in p.category_ids {
             sqlx::query(
@@ -291,13 +281,7 @@ impl Store {
         .bind(now_ms())
         .execute(self.pool())
         .await;
-        match r {
-            Ok(_) => Ok(Ok(())),
-            Err(e) => match StoreError::from(e) {
-                StoreError::Conflict(_) => Ok(Err(PresetRefusal::NameTaken)),
-                other => Err(other),
-            },
-        }
+        Ok(name_unique(r)?.map(|_| ()))
     }
 
     /// Soft-deletes presets of `owner` among `codes`; the codes deleted.
@@ -399,13 +383,7 @@ impl Store {
         .bind(now)
         .execute(self.pool())
         .await;
-        match r {
-            Ok(_) => Ok(Ok(row)),
-            Err(e) => match StoreError::from(e) {
-                StoreError::Conflict(_) => Ok(Err(PresetRefusal::NameTaken)),
-                other => Err(other),
-            },
-        }
+        Ok(name_unique(r)?.map(|_| row))
     }
 
     pub async fn category_visible(&self, account: &str, id: &str) -> Result<Option<CategoryRow>> {
@@ -512,13 +490,7 @@ impl Store {
         .bind(now_ms())
         .execute(self.pool())
         .await;
-        match r {
-            Ok(_) => Ok(Ok(())),
-            Err(e) => match StoreError::from(e) {
-                StoreError::Conflict(_) => Ok(Err(PresetRefusal::NameTaken)),
-                other => Err(other),
-            },
-        }
+        Ok(name_unique(r)?.map(|_| ()))
     }
 
     /// Soft-deletes a category; its presets stay, unassigned.
@@ -607,11 +579,7 @@ impl Store {
         cap: Option<i64>,
     ) -> Result<std::result::Result<(CategoryRow, i64), PresetRefusal>> {
         let mut tx = self.begin().await?;
-        let sql = format!("SELECT id FROM accounts WHERE id = $1{}", self.for_update());
-        let _: Option<String> = sqlx::query_scalar(&sql)
-            .bind(owner)
-            .fetch_optional(&mut *tx)
-            .await?;
+        self.lock_account(&mut tx, owner).await?;
         if let Some(cap) = cap {
             let held: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM presets WHERE owner_id = $1 AND deleted_at IS NULL",
@@ -645,11 +613,8 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await;
-        if let Err(e) = r {
-            return match StoreError::from(e) {
-                StoreError::Conflict(_) => Ok(Err(PresetRefusal::NameTaken)),
-                other => Err(other),
-            };
+        if let Err(refused) = name_unique(r)? {
+            return Ok(Err(refused));
         }
         for (i, p) in presets.iter().enumerate() {
             let code = format!("pst_{}", crate::domain::ids::base32_lower(16));
@@ -763,6 +728,16 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(())
+    }
+}
+
+/// A write's result, with a unique-name violation as the refusal it is
+/// (the owner already has an item of that name).
+fn name_unique<T>(r: std::result::Result<T, sqlx::Error>) -> Result<std::result::Result<T, PresetRefusal>> {
+    match r.map_err(StoreError::from) {
+        Ok(v) => Ok(Ok(v)),
+        Err(StoreError::Conflict(_)) => Ok(Err(PresetRefusal::NameTaken)),
+        Err(other) => Err(other),
     }
 }
 

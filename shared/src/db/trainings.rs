@@ -120,11 +120,7 @@ impl Store {
         let now = now_ms();
         // Every start of this account serialises here, so two concurrent
         // starts cannot both pass the checks below.
-        let sql = format!("SELECT id FROM accounts WHERE id = $1{}", self.for_update());
-        let _: Option<String> = sqlx::query_scalar(&sql)
-            .bind(t.account_id)
-            .fetch_optional(&mut **tx)
-            .await?;
+        self.lock_account(tx, t.account_id).await?;
         let open_in = JobStatus::sql_in(&JobStatus::OPEN);
         let busy: i64 = sqlx::query_scalar(&format!(
             "SELECT COUNT(*) FROM trainings t JOIN jobs j ON j.id = t.job_id \
