@@ -26,6 +26,9 @@ pub enum AdminCommand {
     /// System presets and categories (readable by every account).
     #[command(subcommand)]
     Presets(PresetsCmd),
+    /// Platform (`default`) identities.
+    #[command(subcommand)]
+    Identities(IdentitiesCmd),
     /// Check the credit invariants (reservations, ledger, active-job counts).
     Audit,
 }
@@ -38,6 +41,26 @@ pub enum PresetsCmd {
     Import {
         file: std::path::PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentitiesCmd {
+    /// Offers an identity (uploaded and preprocessed by any account,
+    /// usually the operator's) to every account whose plan reaches
+    /// `--tier`, as a platform identity (`visibility: default`), with the
+    /// person's description for the list filters. It can no longer be
+    /// deleted or shared through the API.
+    Platform {
+        identity_code: String,
+        #[arg(long, value_parser = plan_arg)]
+        tier: Plan,
+        #[arg(long)]
+        gender: Option<String>,
+        #[arg(long)]
+        age: Option<u16>,
+    },
+    /// Makes a platform identity its owner's own again.
+    Unplatform { identity_code: String },
 }
 
 /// `--plan`: a plan name (`standard`, `enterprise`).
@@ -279,6 +302,27 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
             json!({"group": group, "member": a.id})
         }
         AdminCommand::Presets(PresetsCmd::Import { file }) => import_presets(cfg, &store, &file).await?,
+        AdminCommand::Identities(IdentitiesCmd::Platform {
+            identity_code,
+            tier,
+            gender,
+            age,
+        }) => {
+            let gender = gender.map(|g| g.trim().to_lowercase()).filter(|g| !g.is_empty());
+            if !store
+                .set_platform_identity(&identity_code, Some(tier.as_str()), gender.as_deref(), age.map(i64::from))
+                .await?
+            {
+                bail!("no identity {identity_code}");
+            }
+            json!({"identity_code": identity_code, "visibility": "default", "tier": tier.as_str(), "gender": gender, "age": age})
+        }
+        AdminCommand::Identities(IdentitiesCmd::Unplatform { identity_code }) => {
+            if !store.set_platform_identity(&identity_code, None, None, None).await? {
+                bail!("no identity {identity_code}");
+            }
+            json!({"identity_code": identity_code, "visibility": "private"})
+        }
         AdminCommand::Audit => {
             let problems = store.audit_credits().await?;
             let ok = problems.is_empty();

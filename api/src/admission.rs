@@ -77,13 +77,24 @@ pub async fn check_files(s: &AppState, account: &str, spec: &JobSpec) -> ApiResu
         .iter()
         .map(|f| f.to_string())
         .collect();
-    let found = s.store.files_of(account, &ids).await?;
+    check_file_ids(s, account, &ids, |i| format!("images[{i}]")).await
+}
+
+/// Files `ids` must be the caller's (404) and uploaded (400); `field(i)`
+/// names file `i` in the answer.
+pub async fn check_file_ids(
+    s: &AppState,
+    account: &str,
+    ids: &[String],
+    field: impl Fn(usize) -> String,
+) -> ApiResult<()> {
+    let found = s.store.files_of(account, ids).await?;
     for (i, id) in ids.iter().enumerate() {
         match found.iter().find(|f| &f.id == id) {
             None => {
                 return Err(
                     ApiError::not_found(format!("File {id} not found")).with_detail(
-                        Some(&format!("images[{i}]")),
+                        Some(&field(i)),
                         "file not found",
                         "body",
                     ),
@@ -92,7 +103,7 @@ pub async fn check_files(s: &AppState, account: &str, spec: &JobSpec) -> ApiResu
             Some(f) if f.is_uploaded() => {}
             Some(_) => {
                 return Err(ApiError::bad_request(
-                    Some(&format!("images[{i}]")),
+                    Some(&field(i)),
                     format!("missing or invalid image: the upload of {id} has not completed"),
                     "body",
                 ));
@@ -127,16 +138,16 @@ pub fn plan_policy(
     Ok(())
 }
 
-/// The identity a job uses must be the caller's (404) and preprocessed or
+/// The identity a job uses must be one the caller may use (its own, shared
+/// with one of its groups, or a platform identity of its plan: else 404) and preprocessed or
 /// being preprocessed (a job admitted meanwhile waits for it); one whose
 /// preprocessing failed is a 409 `identity_not_ready`. Answered before the
 /// cap and the credits (DESIGN.md's order); admission checks it again with
 /// the identity row locked.
 pub async fn ready_identity(s: &AppState, account: &str, code: &str) -> ApiResult<()> {
-    use atelier_shared::domain::identity::IdentityKind;
     let ident = s
         .store
-        .identity_for(account, IdentityKind::Identity, code)
+        .identity_visible(account, code)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Identity {code} not found")))?;
     if !matches!(

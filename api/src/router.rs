@@ -70,6 +70,7 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(identities::list))
         .routes(routes!(identities::read, identities::delete))
         .routes(routes!(identities::status))
+        .routes(routes!(identities::share, identities::unshare))
         .routes(routes!(drafts::create))
         .routes(routes!(drafts::promote))
         .routes(limited(routes!(identities::replace_pov), photo_form))
@@ -147,6 +148,8 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(presets::read, presets::update, presets::delete))
         .routes(routes!(presets::bulk_delete))
         .routes(routes!(presets::extract_from_text))
+        .routes(routes!(presets::extract_from_image))
+        .routes(routes!(presets::extract_category))
         .routes(routes!(presets::share, presets::unshare))
         .routes(routes!(presets::create_category, presets::list_categories))
         .routes(routes!(

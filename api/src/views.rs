@@ -441,13 +441,24 @@ pub struct IdentityView {
     pub quality_score: Option<f64>,
     pub error_message: Option<String>,
     pub tier: Option<String>,
+    /// Only in lists with `include_locked=true`: a platform identity above
+    /// the caller's plan.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked: Option<bool>,
     pub created_at: String,
     pub updated_at: String,
 }
 
+/// What is known of the person: the owner's tag, and for a platform
+/// identity the operator's `gender` and `age` (nothing is guessed from
+/// the photo).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ImageDescription {
     pub tags: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gender: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub age: Option<i64>,
 }
 
 impl IdentityView {
@@ -461,17 +472,26 @@ impl IdentityView {
             Some(k) => Some(s.object_url(k, content_type_of(k), ttl).await?),
             None => None,
         };
+        let groups = s.store.identity_groups(&i.code).await?;
         Ok(IdentityView {
             identity_code: i.code.clone(),
             name: i.name.clone(),
             link,
             face_link,
             original_filename: i.original_filename.clone(),
-            visibility: "private",
-            groups: Vec::new(),
+            visibility: match (&i.default_tier, groups.is_empty()) {
+                (Some(_), _) => "default",
+                (None, false) => "shared",
+                (None, true) => "private",
+            },
+            groups,
             created_by: i.created_by.clone(),
-            image_description: i.tag.as_ref().map(|t| ImageDescription {
-                tags: vec![t.clone()],
+            image_description: (i.tag.is_some() || i.gender.is_some() || i.age.is_some()).then(|| {
+                ImageDescription {
+                    tags: i.tag.iter().cloned().collect(),
+                    gender: i.gender.clone(),
+                    age: i.age,
+                }
             }),
             tag: i.tag.clone(),
             preprocessing_status: i.preprocessing_status(),
@@ -479,7 +499,8 @@ impl IdentityView {
             preprocessing_time: i.preprocessing_time(),
             quality_score: i.record().map(|r| r.quality()),
             error_message: i.error_message(),
-            tier: None,
+            tier: i.default_tier.clone(),
+            locked: None,
             created_at: iso8601(i.created_at),
             updated_at: iso8601(i.job_finalized_at.unwrap_or(i.updated_at).max(i.updated_at)),
         })

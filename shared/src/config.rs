@@ -644,6 +644,10 @@ pub struct LimitsConfig {
     /// How long a Studio call (`/v1/phota/edit`, `/generate`) waits for
     /// its images before answering `504` with the job to poll.
     pub studio_wait_ms: u64,
+    /// How long a preset extraction from images (contract §6.8, §6.18)
+    /// waits for the workers' analysis; past it the extraction is
+    /// cancelled, nothing is charged, and the answer is `504`.
+    pub extraction_wait_ms: u64,
     /// Presets a non-enterprise account may hold (contract §6.2).
     pub presets: u32,
 }
@@ -918,6 +922,7 @@ impl Default for LimitsConfig {
             download_url_ttl_secs: 3_600,
             default_max_size: "4K".into(),
             studio_wait_ms: 120_000,
+            extraction_wait_ms: 60_000,
             presets: 200,
         }
     }

@@ -453,9 +453,14 @@ impl TestApp {
 
     /// Polls the job until it is terminal.
     pub async fn wait_for_job(&self, job_id: &str, within: Duration) -> Value {
+        self.wait_for_job_as(&self.key, job_id, within).await
+    }
+
+    /// [`TestApp::wait_for_job`] for a job of the account of `key`.
+    pub async fn wait_for_job_as(&self, key: &str, job_id: &str, within: Duration) -> Value {
         let t = Instant::now();
         loop {
-            let (s, v) = self.get(&format!("/jobs/{job_id}/status")).await;
+            let (s, v) = self.get_as(key, &format!("/jobs/{job_id}/status")).await;
             assert_eq!(s, StatusCode::OK, "{v}");
             if matches!(
                 v["status"].as_str(),

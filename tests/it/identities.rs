@@ -635,3 +635,125 @@ async fn a_swap_waits_for_the_identity_it_names() {
     assert_eq!((s, v["code"].as_str()), (StatusCode::CONFLICT, Some("identity_not_ready")), "{v}");
     app.audit_clean().await;
 }
+
+/// Identities beyond their owner (contract §5.1, §5.3, §5.4, §5.9): shared
+/// with a group, a member reads it, lists it as `shared` and swaps with
+/// it, an outsider sees nothing; unshared, it is gone for the member.
+/// A platform identity (offered by the operator from a plan tier up) is
+/// listed as `default` to every account its tier reaches, `locked` to the
+/// others with `include_locked`, filtered by the operator's gender and
+/// age, and cannot be deleted through the API.
+#[tokio::test]
+async fn identities_are_shared_with_groups_and_offered_by_the_platform() {
+    let app = TestApp::with(Dialect::Postgres, Roles::ALL, with_models).await;
+    let member = app.account("member", 100.0).await;
+    let outsider = app.account("outsider", 100.0).await;
+    let owner_id = app.dev_account_id().await;
+    let member_id = app.store.account_for_token(&member).await.expect("lookup").expect("member").id;
+    app.store.create_group("studio", &owner_id, false).await.expect("group");
+    app.store.add_group_member("studio", &member_id).await.expect("member");
+
+    let (s, v) = app
+        .post_form("/identity/upload", ("image", "newton.png", &model_photo("newton.png")), &[("name", "Isaac")])
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let code = v["identity_code"].as_str().expect("code").to_string();
+    assert_eq!((v["visibility"].as_str(), v["groups"].clone()), (Some("private"), json!([])));
+    let path = format!("/identity/{code}");
+    let (s, _) = app.get_as(&member, &path).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "private before it is shared");
+
+    // Sharing: only with a group the owner belongs to.
+    let (s, v) = app.post(&format!("{path}/share/elsewhere"), json!({})).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = app.post_as(&member, &format!("{path}/share/studio"), json!({})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "only the owner shares: {v}");
+    let (s, v) = app.post(&format!("{path}/share/studio"), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"identity_code": code, "visibility": "shared", "groups": ["studio"]}));
+
+    let (s, v) = app.get_as(&member, &path).await;
+    assert_eq!((s, v["visibility"].as_str(), v["groups"].clone()), (StatusCode::OK, Some("shared"), json!(["studio"])), "{v}");
+    let (s, v) = app.get_as(&member, &format!("{path}/status")).await;
+    assert_eq!((s, v["preprocessing_status"].as_str()), (StatusCode::OK, Some("completed")), "{v}");
+    for (q, n) in [("", 1), ("?ownership=shared", 1), ("?ownership=mine", 0), ("?ownership=default", 0)] {
+        let (s, v) = app.get_as(&member, &format!("/identity{q}")).await;
+        assert_eq!((s, v["pagination"]["total"].as_i64()), (StatusCode::OK, Some(n)), "{q}: {v}");
+    }
+    let (s, v) = app.get_as(&outsider, &path).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (_, v) = app.get_as(&outsider, "/identity").await;
+    assert_eq!(v["pagination"]["total"], 0, "{v}");
+
+    // The member uses it in a job of its own (its credits).
+    let (_, project) = app.post_as(&member, "/project", json!({"project_name": "m"})).await;
+    let photo = app.upload_as(&member, model_photo("newton.png"), "m.png").await;
+    let (s, v) = app
+        .post_as(&member, "/model-swap", json!({"project_id": project["project_id"], "images": [photo], "identity_code": code}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let done = app
+        .wait_for_job_as(&member, v["job_id"].as_str().expect("job"), Duration::from_secs(120))
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (s, v) = app.delete_as(&member, &path).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "only its owner deletes it: {v}");
+
+    // Unshared: gone for the member, jobs and all.
+    let (s, v) = app.delete_as(&app.key, &format!("{path}/share/studio")).await;
+    assert_eq!((s, v["visibility"].as_str()), (StatusCode::OK, Some("private")), "{v}");
+    let (s, _) = app.get_as(&member, &path).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let photo2 = app.upload_as(&member, model_photo("newton.png"), "m2.png").await;
+    let (s, _) = app
+        .post_as(&member, "/model-swap", json!({"project_id": project["project_id"], "images": [photo2], "identity_code": code}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // A platform identity for enterprise plans, described by the operator.
+    let admin = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
+            .arg("admin")
+            .args(args)
+            .env("ATELIER_DATABASE__URL", app.cfg.database_url())
+            .env("ATELIER_LOG__LEVEL", "warn")
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).expect("json")
+    };
+    let v = admin(&["identities", "platform", &code, "--tier", "enterprise", "--gender", "Male", "--age", "46"]);
+    assert_eq!(v["visibility"], "default", "{v}");
+    let (s, _) = app.get_as(&outsider, &path).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "a standard plan does not reach the enterprise tier");
+    let (_, v) = app.get_as(&outsider, "/identity?include_locked=true").await;
+    assert_eq!((v["pagination"]["total"].as_i64(), v["identities"][0]["locked"].as_bool()), (Some(1), Some(true)), "{v}");
+    admin(&["identities", "platform", &code, "--tier", "standard", "--gender", "male", "--age", "46"]);
+    let (s, v) = app.get_as(&outsider, &path).await;
+    assert_eq!((s, v["visibility"].as_str(), v["tier"].as_str()), (StatusCode::OK, Some("default"), Some("standard")), "{v}");
+    assert_eq!(v["image_description"]["gender"], "male", "{v}");
+    for (q, n) in [
+        ("?ownership=default", 1),
+        ("?gender=male", 1),
+        ("?gender=female", 0),
+        ("?age_min=40&age_max=50", 1),
+        ("?age_min=47", 0),
+        ("?ownership=mine", 0),
+    ] {
+        let (s, v) = app.get_as(&outsider, &format!("/identity{q}")).await;
+        assert_eq!((s, v["pagination"]["total"].as_i64()), (StatusCode::OK, Some(n)), "{q}: {v}");
+    }
+    let (_, v) = app.get_as(&outsider, "/identity?include_locked=true").await;
+    assert_eq!(v["identities"][0]["locked"], false, "{v}");
+    let (s, v) = app.get("/identity?age_min=-1").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = app.delete_as(&app.key, &path).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "a platform identity is not deleted through the API: {v}");
+    let (s, v) = app.post(&format!("{path}/share/studio"), json!({})).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    admin(&["identities", "unplatform", &code]);
+    let (s, _) = app.get_as(&outsider, &path).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    app.audit_clean().await;
+    app.stop().await;
+}

@@ -493,3 +493,154 @@ async fn extraction_from_text_drafts_savable_instructions() {
     assert_eq!(s, StatusCode::PAYMENT_REQUIRED, "{v}");
     app.audit_clean().await;
 }
+
+/// A garment of `colour` (a trapezoid, like a T-shirt's body) on white,
+/// brighter on its left by a third (a soft key light from the left), as
+/// a PNG.
+fn lit_garment(colour: [u8; 3]) -> Vec<u8> {
+    let (w, h) = (600u32, 600u32);
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let (x, y) = (x as f32, y as f32);
+        if !(120.0..=450.0).contains(&y) {
+            return image::Rgb([255, 255, 255]);
+        }
+        let half = 90.0 + 60.0 * (y - 120.0) / 330.0;
+        let dx = x - 300.0;
+        if dx.abs() > half {
+            return image::Rgb([255, 255, 255]);
+        }
+        let u = (dx + half) / (2.0 * half);
+        let k = 1.15 - 0.35 * u;
+        image::Rgb(colour.map(|c| (f32::from(c) * k).min(255.0) as u8))
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).expect("png");
+    out.into_inner()
+}
+
+/// `POST /preset/extract-from-image` and `/preset/categories/extract-from-images`
+/// measure the image on the workers (ISNet, SCRFD) and say only what they
+/// measured: a red garment lit from the left on white reads as a red
+/// palette, a white cutout and a left key light; Newton's portrait as
+/// shoulder-length hair, a long face and a neutral expression, and red
+/// hair once the test paints it red. The
+/// drafts are presets as they are; a category of two images words what
+/// they share identically; 1 credit per image; the refusals.
+#[tokio::test]
+async fn extraction_from_images_measures_what_they_show() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, with_models).await;
+    let (before, _) = app.balance(&app.key).await;
+    let red = app.upload(lit_garment([190, 30, 40]), "red.png").await;
+    let (s, v) = app
+        .post("/preset/extract-from-image", json!({"file_id": red, "type": "create_packshot"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let d = &v["instruction_data"];
+    assert_eq!(d["style"], "white_cutout", "{v}");
+    assert_eq!(d["background"], "pure white seamless background", "{v}");
+    assert!(d["color_palette"].as_str().is_some_and(|p| p.starts_with("red")), "{v}");
+    assert_eq!(d["lighting"]["direction"], "left", "{v}");
+    assert_eq!(d["shadow"], "none", "{v}");
+    assert_eq!(d["framing"], "square_packshot", "{v}");
+    assert_eq!(v["file_id"], json!(red));
+    let (s, p) = app
+        .post("/preset", json!({"name": "measured", "type": "create_packshot", "instruction_data": d}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "a draft is a preset as it is: {p}");
+
+    // A face: Newton's portrait (grey shoulder-length hair, a long face).
+    let newton = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/testdata/newton.png"),
+    )
+    .expect("scripts/fetch-models");
+    let portrait = app.upload(newton.clone(), "newton.png").await;
+    let (s, v) = app
+        .post("/preset/extract-from-image", json!({"file_id": portrait, "type": "identity_creation"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let d = &v["instruction_data"];
+    let groups: Vec<&String> = d.as_object().expect("object").keys().collect();
+    assert_eq!(groups, ["appearance", "face", "hair"], "{v}");
+    // The painting's varnish casts everything yellow (its grey hair
+    // measures L* 57, b* 22): the colour is checked on painted hair below.
+    assert!(d["hair"]["color"].is_string(), "{v}");
+    assert_eq!(d["hair"]["length"], "shoulder length", "{v}");
+    assert_eq!(d["face"]["face_shape"], "long", "{v}");
+    assert!(v["measurements"]["face"]["hair_lab"].is_array(), "the figures come along: {v}");
+    assert_eq!(d["appearance"]["expression"], "neutral", "{v}");
+    assert!(d["appearance"]["skin"].is_string(), "{v}");
+    assert!(d["appearance"].get("gender").is_none(), "gender is not measured: {v}");
+    // The same portrait with the hair above the face painted red.
+    let mut painted = image::load_from_memory(&newton).expect("png").to_rgb8();
+    for y in 45..86 {
+        for x in 334..439 {
+            painted.put_pixel(x, y, image::Rgb([190, 60, 30]));
+        }
+    }
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    painted.write_to(&mut bytes, image::ImageFormat::Png).expect("png");
+    let repainted = app.upload(bytes.into_inner(), "red-haired.png").await;
+    let (s, v) = app
+        .post("/preset/extract-from-image", json!({"file_id": repainted, "type": "identity_creation"}))
+        .await;
+    assert_eq!((s, v["instruction_data"]["hair"]["color"].as_str()), (StatusCode::OK, Some("red")), "{v}");
+
+    // A category from two garments: what they share reads alike.
+    let blue = app.upload(lit_garment([40, 70, 190]), "blue.png").await;
+    let (s, v) = app
+        .post(
+            "/preset/categories/extract-from-images",
+            json!({"file_ids": [red, blue], "type": "create_packshot"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let presets = v["presets"].as_array().expect("presets");
+    assert_eq!((presets.len(), v["category"]["preset_count"].as_i64()), (2, Some(2)), "{v}");
+    for key in ["style", "background", "framing"] {
+        assert_eq!(presets[0]["instruction_data"][key], presets[1]["instruction_data"][key], "{key}: {v}");
+        assert!(v["shared_traits"].as_array().expect("traits").contains(&json!(key)), "{v}");
+    }
+    assert!(presets[1]["instruction_data"]["color_palette"].as_str().is_some_and(|p| p.starts_with("blue")), "{v}");
+    assert!(!v["shared_traits"].as_array().expect("traits").contains(&json!("color_palette")), "{v}");
+    assert!(v["category"]["description"].as_str().is_some_and(|d| d.contains("The same in every image: ")), "{v}");
+    let cat = v["category"]["id"].as_str().expect("id");
+    let (s, c) = app.get(&format!("/preset/categories/{cat}")).await;
+    assert_eq!((s, c["presets"].as_array().map(Vec::len)), (StatusCode::OK, Some(2)), "{c}");
+    let (after, reserved) = app.balance(&app.key).await;
+    assert_eq!((before - after, reserved), (5.0, 0.0), "1 credit per image measured");
+
+    // Refusals, each naming the problem; none is charged.
+    let blank = app.upload(png(64, 64), "blank.png").await;
+    let garment = app.upload(garment_jpeg(400, 500), "garment.jpg").await;
+    for (path, body, status, says) in [
+        ("/preset/extract-from-image", json!({"type": "create_packshot"}), StatusCode::BAD_REQUEST, "file_id"),
+        ("/preset/extract-from-image", json!({"file_id": "nope"}), StatusCode::NOT_FOUND, "nope"),
+        ("/preset/extract-from-image", json!({"file_id": red, "type": "video"}), StatusCode::BAD_REQUEST, "type"),
+        ("/preset/extract-from-image", json!({"file_id": blank, "type": "create_packshot"}), StatusCode::BAD_REQUEST, "no product found"),
+        ("/preset/extract-from-image", json!({"file_id": garment, "type": "identity_creation"}), StatusCode::BAD_REQUEST, "no face detected"),
+        ("/preset/categories/extract-from-images", json!({"file_ids": [red], "type": "create_packshot"}), StatusCode::BAD_REQUEST, "file_ids"),
+        ("/preset/categories/extract-from-images", json!({"file_ids": [red, red], "type": "create_packshot"}), StatusCode::BAD_REQUEST, "twice"),
+        ("/preset/categories/extract-from-images", json!({"file_ids": [red, blue]}), StatusCode::BAD_REQUEST, "type"),
+    ] {
+        let (s, v) = app.post(path, body.clone()).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert!(v.to_string().contains(says), "{body}: {v}");
+    }
+    let (s, v) = app
+        .post("/preset/categories/extract-from-images", json!({"file_ids": [red, blue], "type": "create_packshot", "name": c["name"]}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "an explicit name taken: {v}");
+    let broke = app.account("broke", 0.0).await;
+    let theirs = app.upload_as(&broke, lit_garment([190, 30, 40]), "r.png").await;
+    let (s, v) = app
+        .post_as(&broke, "/preset/extract-from-image", json!({"file_id": theirs, "type": "create_packshot"}))
+        .await;
+    assert_eq!(s, StatusCode::PAYMENT_REQUIRED, "{v}");
+    let (s, _) = app
+        .post_as(&broke, "/preset/extract-from-image", json!({"file_id": red, "type": "create_packshot"}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another account's file");
+    let (spent, reserved) = app.balance(&app.key).await;
+    assert_eq!((before - spent, reserved), (5.0, 0.0), "a refused image costs nothing");
+    app.audit_clean().await;
+}

@@ -44,6 +44,7 @@
 //! the scheduler, which records an outcome only for the output's live
 //! attempt.
 
+pub mod analysis;
 pub mod consume;
 pub mod context;
 pub mod engines;

@@ -17,8 +17,7 @@ use crate::views::{
 };
 use atelier_shared::db::accounts::Account;
 use atelier_shared::db::identities::{
-    DeleteIdentity, IdentityAdmission, IdentityQuery, IdentityRow, NewIdentity,
-};
+    DeleteIdentity, IdentityAdmission, IdentityQuery, IdentityRow, NewIdentity, Ownership};
 use atelier_shared::db::jobs::NewJob;
 use atelier_shared::db::rows::JobRow;
 use atelier_shared::domain::JobStatus;
@@ -31,7 +30,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// An image part of a multipart form, checked.
@@ -571,11 +570,11 @@ pub async fn list(
             identity::validate_text(field, v).map_err(|e| ApiError::invalid(vec![e]))?;
         }
     }
-    // Only private identities exist on this platform (no group sharing or
-    // platform defaults yet): `shared` and `default` list nothing.
-    let empty = match q.ownership.as_deref() {
-        None | Some("mine") => false,
-        Some("shared" | "default") => true,
+    let ownership = match q.ownership.as_deref() {
+        None | Some("") => Ownership::Any,
+        Some("mine") => Ownership::Mine,
+        Some("shared") => Ownership::Shared,
+        Some("default") => Ownership::Default,
         Some(_) => {
             return Err(ApiError::bad_request(
                 Some("ownership"),
@@ -584,31 +583,49 @@ pub async fn list(
             ));
         }
     };
-    // Extracted metadata (gender, age) is not computed: such filters match nothing.
-    let empty = empty || q.gender.is_some() || q.age_min.is_some() || q.age_max.is_some();
-    let (rows, total) = if empty {
-        (Vec::new(), 0)
-    } else {
-        s.store
-            .list_identities(
-                &acc.id,
-                IdentityKind::Identity,
-                &IdentityQuery {
-                    page,
-                    per_page,
-                    ascending,
-                    by_name,
-                    search: q.search.clone().filter(|x| !x.is_empty()),
-                    status: q.preprocessing_status.clone(),
-                    tag: q.tag.clone().filter(|x| !x.is_empty()),
-                    tag_exact: None,
-                },
-            )
-            .await?
-    };
+    if let Some(g) = &q.gender {
+        identity::validate_text("gender", g).map_err(|e| ApiError::invalid(vec![e]))?;
+    }
+    for (field, v) in [("age_min", q.age_min), ("age_max", q.age_max)] {
+        if v.is_some_and(|a| !(0..=150).contains(&a)) {
+            return Err(ApiError::bad_request(Some(field), "must be 0 to 150", "query"));
+        }
+    }
+    // Gender and age are what the operator recorded for a platform
+    // identity (`atelier admin identities platform`); nothing guesses them
+    // from a photo, so these filters match platform identities only.
+    let include_locked = q.include_locked.unwrap_or(false);
+    let (rows, total) = s
+        .store
+        .list_identities(
+            &acc.id,
+            IdentityKind::Identity,
+            &IdentityQuery {
+                page,
+                per_page,
+                ascending,
+                by_name,
+                search: q.search.clone().filter(|x| !x.is_empty()),
+                status: q.preprocessing_status.clone(),
+                tag: q.tag.clone().filter(|x| !x.is_empty()),
+                tag_exact: None,
+                ownership,
+                include_locked,
+                gender: q.gender.clone().filter(|x| !x.is_empty()),
+                age_min: q.age_min,
+                age_max: q.age_max,
+            },
+        )
+        .await?;
     let mut identities = Vec::with_capacity(rows.len());
     for r in &rows {
-        identities.push(IdentityView::build(&s, r).await?);
+        let mut view = IdentityView::build(&s, r).await?;
+        if include_locked {
+            view.locked = Some(
+                r.default_tier.as_deref() == Some("enterprise") && !acc.is_enterprise(),
+            );
+        }
+        identities.push(view);
     }
     Ok(axum::Json(IdentityList {
         identities,
@@ -616,9 +633,19 @@ pub async fn list(
     }))
 }
 
+/// An identity of the caller's own (uploads, face replacements).
 async fn load(s: &AppState, account: &str, code: &str) -> ApiResult<IdentityRow> {
     s.store
         .identity_for(account, IdentityKind::Identity, code)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Identity {code} not found")))
+}
+
+/// An identity the caller may read: its own, shared with one of its
+/// groups, or a platform identity of its plan.
+async fn load_visible(s: &AppState, account: &str, code: &str) -> ApiResult<IdentityRow> {
+    s.store
+        .identity_visible(account, code)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Identity {code} not found")))
 }
@@ -634,7 +661,7 @@ pub async fn read(
     Caller(acc): Caller,
     Path(code): Path<String>,
 ) -> ApiResult<axum::Json<IdentityView>> {
-    let row = load(&s, &acc.id, &code).await?;
+    let row = load_visible(&s, &acc.id, &code).await?;
     Ok(axum::Json(IdentityView::build(&s, &row).await?))
 }
 
@@ -649,7 +676,7 @@ pub async fn status(
     Caller(acc): Caller,
     Path(code): Path<String>,
 ) -> ApiResult<axum::Json<IdentityStatus>> {
-    let row = load(&s, &acc.id, &code).await?;
+    let row = load_visible(&s, &acc.id, &code).await?;
     Ok(axum::Json(IdentityStatus::from(&row)))
 }
 
@@ -659,6 +686,7 @@ pub async fn status(
     params(("identity_code" = String, Path, description = "The identity's code")),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 403, description = "A platform identity, or one shared with the caller by its owner", body = crate::error::ErrorBody),
         (status = 409, description = "A pending or processing job uses it (`identity_in_use`)", body = crate::error::ErrorBody),
     ),
 )]
@@ -667,6 +695,16 @@ pub async fn delete(
     Caller(acc): Caller,
     Path(code): Path<String>,
 ) -> ApiResult<StatusCode> {
+    if let Some(i) = s.store.identity_visible(&acc.id, &code).await? {
+        if i.default_tier.is_some() {
+            return Err(ApiError::forbidden(
+                "A platform identity cannot be deleted through the API",
+            ));
+        }
+        if i.account_id != acc.id {
+            return Err(ApiError::forbidden("Only its owner can delete an identity"));
+        }
+    }
     match s
         .store
         .delete_identity(&acc.id, IdentityKind::Identity, &code)
@@ -808,4 +846,76 @@ pub async fn replace_pov(
             preprocessing_job_id: job_id,
         })),
     }
+}
+
+/// `POST`/`DELETE /identity/{code}/share/{group_name}`: what sharing did.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IdentityShared {
+    pub identity_code: String,
+    pub visibility: &'static str,
+    pub groups: Vec<String>,
+}
+
+async fn share_with(s: &AppState, acc: &Account, code: &str, group: &str, share: bool) -> ApiResult<IdentityShared> {
+    let row = load(s, &acc.id, code).await?;
+    if row.default_tier.is_some() {
+        return Err(ApiError::forbidden("A platform identity is offered to every account already"));
+    }
+    let gid = s
+        .store
+        .member_group(&acc.id, group)
+        .await?
+        .ok_or_else(|| ApiError::forbidden(format!("You are not a member of group {group}")))?;
+    s.store.set_identity_share(&row.code, &gid, share).await?;
+    let groups = s.store.identity_groups(&row.code).await?;
+    Ok(IdentityShared {
+        identity_code: row.code,
+        visibility: if groups.is_empty() { "private" } else { "shared" },
+        groups,
+    })
+}
+
+/// Share an identity with a group the caller belongs to: its members may
+/// read it and use it in their jobs (contract §5.1 `shared`; the path
+/// mirrors the preset's, §6.10).
+#[utoipa::path(
+    post, path = "/identity/{identity_code}/share/{group_name}", tag = "identities",
+    params(
+        ("identity_code" = String, Path, description = "The identity's code"),
+        ("group_name" = String, Path, description = "A group the caller belongs to"),
+    ),
+    responses(
+        (status = 200, description = "Shared", body = IdentityShared),
+        (status = 403, description = "Not a member of the group, or a platform identity", body = crate::error::ErrorBody),
+        (status = 404, description = "Not the caller's identity", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn share(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path((code, group)): Path<(String, String)>,
+) -> ApiResult<axum::Json<IdentityShared>> {
+    Ok(axum::Json(share_with(&s, &acc, &code, &group, true).await?))
+}
+
+/// Stop sharing an identity with a group; unshared from its last group it
+/// is private again. Jobs its members already admitted keep the face.
+#[utoipa::path(
+    delete, path = "/identity/{identity_code}/share/{group_name}", tag = "identities",
+    params(
+        ("identity_code" = String, Path, description = "The identity's code"),
+        ("group_name" = String, Path, description = "A group the caller belongs to"),
+    ),
+    responses(
+        (status = 200, description = "Unshared", body = IdentityShared),
+        (status = 403, description = "Not a member of the group, or a platform identity", body = crate::error::ErrorBody),
+        (status = 404, description = "Not the caller's identity", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn unshare(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Path((code, group)): Path<(String, String)>,
+) -> ApiResult<axum::Json<IdentityShared>> {
+    Ok(axum::Json(share_with(&s, &acc, &code, &group, false).await?))
 }

@@ -893,8 +893,11 @@ pub async fn apply_presets(s: &AppState, account: &str, body: &mut Value, kind: 
     Ok(())
 }
 
-/// What one extraction costs (contract §6.8, §6.9).
-const EXTRACTION_PRICE: atelier_shared::domain::Credits = atelier_shared::domain::Credits::whole(1);
+/// What one extraction from a text costs (contract §6.9): the
+/// per-image extraction price.
+fn extraction_price(s: &AppState) -> atelier_shared::domain::Credits {
+    atelier_shared::domain::credits::PriceTable::flat(s.config.prices.extraction)
+}
 
 /// Draft an instruction from a description: the fields and enums of the
 /// type its words name, the rest of it in `prompt`. Nothing is saved.
@@ -933,15 +936,18 @@ pub async fn extract_from_text(
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
     if !s
         .store
-        .charge_now(&billing, EXTRACTION_PRICE, "preset extraction from text")
+        .charge_now(&billing, extraction_price(&s), "preset extraction from text")
         .await?
     {
         return Err(ApiError::new(
             StatusCode::PAYMENT_REQUIRED,
             "insufficient_credits",
-            "Insufficient credits: an extraction costs 1 credit",
+            format!(
+                "Insufficient credits: an extraction costs {} credit(s)",
+                extraction_price(&s).as_f64()
+            ),
         )
-        .with("required_credits", EXTRACTION_PRICE.as_f64()));
+        .with("required_credits", extraction_price(&s).as_f64()));
     }
     let e = atelier_shared::domain::extract::from_text(text, t);
     Ok(axum::Json(json!({
@@ -950,4 +956,369 @@ pub async fn extract_from_text(
         "suggested_description": e.suggested_description,
         "file_id": null,
     })))
+}
+
+/// The preset type of an extraction request: `type`, or `default` when
+/// absent (`None`: required).
+fn preset_type(v: Option<&Value>, default: Option<PresetType>) -> ApiResult<PresetType> {
+    const TYPES: &str = "create_packshot, flat_2_model, identity_creation or model_swap";
+    match (v, default) {
+        (None | Some(Value::Null), Some(d)) => Ok(d),
+        (None | Some(Value::Null), None) => Err(bad("type", format!("is required: {TYPES}"))),
+        (Some(v), _) => v
+            .as_str()
+            .and_then(PresetType::parse)
+            .ok_or_else(|| bad("type", format!("must be {TYPES}"))),
+    }
+}
+
+/// How worker failures caused by the image itself begin: the caller's to
+/// fix (400 naming the file), anything else is the platform's.
+const IMAGE_PROBLEMS: [&str; 11] = [
+    "unreadable image",
+    "unsupported image format",
+    "not an image",
+    "corrupt image",
+    "image is ",
+    "no product found",
+    "no person found",
+    "no face detected",
+    "several faces detected",
+    "face too small",
+    "input image",
+];
+
+/// Measures the uploaded images `file_ids` for a preset of type `t` on the
+/// workers (one `preset_extraction` job, one output per image, each
+/// charged `prices.extraction` when it completes) and waits for the drafts,
+/// in order, up to `limits.extraction_wait_ms`. `field(i)` names image
+/// `i` in errors. Past the wait the job is cancelled (nothing is charged)
+/// and the answer is `504`.
+async fn extract_images(
+    s: &AppState,
+    acc: &Account,
+    headers: &axum::http::HeaderMap,
+    t: PresetType,
+    file_ids: Vec<String>,
+    field: impl Fn(usize) -> String,
+) -> ApiResult<Vec<atelier_shared::domain::extraction::ExtractionReport>> {
+    use atelier_shared::db::jobs::{Admission, NewJob};
+    use atelier_shared::domain::extraction::{ExtractionReport, ExtractionSpec};
+    use atelier_shared::domain::{JobSpec, JobStatus};
+    crate::admission::check_file_ids(s, &acc.id, &file_ids, &field).await?;
+    let (billing, _) = s.store.billing_owner(&acc.id).await?;
+    let trace = crate::admission::job_trace(headers);
+    let admission = s
+        .store
+        .create_job(NewJob {
+            account_id: &acc.id,
+            billing_account_id: &billing,
+            project_id: None,
+            spec: JobSpec::PresetExtraction(ExtractionSpec {
+                preset_type: t,
+                file_ids: file_ids.clone(),
+            }),
+            prices: &s.config.prices,
+            max_attempts: s.config.scheduler.retry.max_attempts,
+            active_job_cap: None,
+            traceparent: Some(trace.to_string()),
+        })
+        .await?;
+    let Admission::Created { job_id, .. } = admission else {
+        return Err(crate::admission::refusal(admission));
+    };
+    let limit = std::time::Duration::from_millis(s.config.limits.extraction_wait_ms);
+    let mut job = crate::routes::identities::wait_for_end(s, &job_id, limit).await?;
+    if !job.status.is_terminal() {
+        match s.store.abort_job(&acc.id, &job_id).await? {
+            Some(a) if a.aborted => {
+                s.signal_abort(&a.running).await;
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "extraction_timed_out",
+                    format!(
+                        "No worker finished the analysis within {} s; it was cancelled and nothing was charged. Try again later.",
+                        limit.as_secs()
+                    ),
+                )
+                .with("job_id", job_id));
+            }
+            // It ended between the wait and the abort.
+            _ => {
+                job = s
+                    .store
+                    .job(&job_id)
+                    .await?
+                    .ok_or_else(|| ApiError::internal(format!("job {job_id} vanished")))?;
+            }
+        }
+    }
+    let mut outputs = s.store.latest_outputs(&job_id).await?;
+    outputs.sort_by_key(|o| o.instruction_index);
+    if job.status != JobStatus::Completed {
+        let failed = outputs
+            .iter()
+            .find(|o| o.error_message.is_some() || o.last_error.is_some());
+        let message = failed
+            .and_then(|o| o.error_message.clone().or_else(|| o.last_error.clone()))
+            .unwrap_or_else(|| format!("the analysis ended {}", job.status.as_str()));
+        let index = failed.map(|o| o.instruction_index as usize).unwrap_or(0);
+        if IMAGE_PROBLEMS.iter().any(|p| message.starts_with(p)) {
+            return Err(bad(&field(index), message));
+        }
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "extraction_failed",
+            format!("The analysis failed: {message}"),
+        )
+        .with("job_id", job_id));
+    }
+    outputs
+        .iter()
+        .map(|o| {
+            o.input_description
+                .as_deref()
+                .and_then(|d| serde_json::from_str::<ExtractionReport>(d).ok())
+                .ok_or_else(|| {
+                    ApiError::internal(format!("extraction {job_id}: output {} has no draft", o.id))
+                })
+        })
+        .collect()
+}
+
+/// Draft an instruction from a reference image: measured on the workers
+/// (the product's mask, palette, backdrop, shadow and light; a face's
+/// shape, skin, expression and hair), only what was measured. Nothing is
+/// saved.
+#[utoipa::path(
+    post, path = "/preset/extract-from-image", tag = "presets",
+    request_body = Object,
+    responses(
+        (status = 200, description = "`{instruction_data, suggested_name, suggested_description, file_id, measurements}` (`measurements`: the figures behind the fields)", body = Object),
+        (status = 400, description = "No file_id, an unknown type, or an image that cannot be analysed (the reason)", body = crate::error::ErrorBody),
+        (status = 402, description = "Not enough credits (1 credit)", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown file_id", body = crate::error::ErrorBody),
+        (status = 504, description = "No worker finished the analysis in time (nothing charged)", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn extract_from_image(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    headers: axum::http::HeaderMap,
+    body: JsonValue,
+) -> ApiResult<axum::Json<Value>> {
+    let b = &body.0;
+    let file_id = b
+        .get("file_id")
+        .and_then(Value::as_str)
+        .filter(|f| !f.is_empty())
+        .ok_or_else(|| bad("file_id", "is required: the id of an uploaded image"))?
+        .to_string();
+    let t = preset_type(b.get("type"), Some(PresetType::Flat2Model))?;
+    let mut reports =
+        extract_images(&s, &acc, &headers, t, vec![file_id.clone()], |_| "file_id".into()).await?;
+    let r = reports
+        .pop()
+        .ok_or_else(|| ApiError::internal("an extraction without its draft"))?;
+    Ok(axum::Json(json!({
+        "instruction_data": r.instruction_data,
+        "suggested_name": r.suggested_name,
+        "suggested_description": r.suggested_description,
+        "file_id": file_id,
+        // An extension: the figures every field was drawn from.
+        "measurements": r.measurements,
+    })))
+}
+
+/// The label of a preset type in generated names.
+fn type_label(t: PresetType) -> &'static str {
+    match t {
+        PresetType::CreatePackshot => "Packshot",
+        PresetType::Flat2Model => "On-model",
+        PresetType::IdentityCreation => "Identity",
+        PresetType::ModelSwap => "Model swap",
+    }
+}
+
+/// Build a category from 2–6 images: one preset per image, all of `type`,
+/// created with the category in one transaction. Traits measured alike in
+/// every image read identically; the category's description names them.
+#[utoipa::path(
+    post, path = "/preset/categories/extract-from-images", tag = "presets",
+    request_body = Object,
+    responses(
+        (status = 201, description = "`{category, presets}`", body = Object),
+        (status = 400, description = "Not 2–6 distinct file ids, an unknown type, a bad name, or an image that cannot be analysed", body = crate::error::ErrorBody),
+        (status = 402, description = "Not enough credits (1 per image)", body = crate::error::ErrorBody),
+        (status = 404, description = "Unknown file id", body = crate::error::ErrorBody),
+        (status = 409, description = "Category name taken", body = crate::error::ErrorBody),
+        (status = 429, description = "preset_cap_reached", body = crate::error::ErrorBody),
+        (status = 504, description = "No worker finished the analysis in time (nothing charged)", body = crate::error::ErrorBody),
+    ),
+)]
+pub async fn extract_category(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    headers: axum::http::HeaderMap,
+    body: JsonValue,
+) -> ApiResult<Response> {
+    use atelier_shared::db::presets::PresetDraft;
+    use atelier_shared::domain::extraction::{MAX_IMAGES, shared_traits};
+    let b = &body.0;
+    let ids = codes_field(b.get("file_ids"), "file_ids")?;
+    if !(2..=MAX_IMAGES).contains(&ids.len()) {
+        return Err(bad(
+            "file_ids",
+            format!("must hold 2 to {MAX_IMAGES} uploaded image ids"),
+        ));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if ids[..i].contains(id) {
+            return Err(bad(&format!("file_ids[{i}]"), format!("{id} is listed twice")));
+        }
+    }
+    let t = preset_type(b.get("type"), None)?;
+    let explicit_name = match b.get("name") {
+        None | Some(Value::Null) => None,
+        v => Some(name_field(v, "name")?),
+    };
+    let explicit_description = opt_text(b.get("description"), "description", 2000)?;
+    // What can be refused is refused before the images are measured (and
+    // charged); a race past these checks is still refused by the insert.
+    if let Some(n) = &explicit_name
+        && s.store.category_name_taken(&acc.id, n).await?
+    {
+        return Err(name_taken("category", n));
+    }
+    let cap = preset_cap(&s, &acc);
+    if let Some(cap) = cap {
+        let held = s.store.preset_count(&acc.id).await?;
+        if held + ids.len() as i64 > cap {
+            return Err(cap_reached(cap));
+        }
+    }
+    let reports = extract_images(&s, &acc, &headers, t, ids.clone(), |i| format!("file_ids[{i}]")).await?;
+    let drafts: Vec<Value> = reports.iter().map(|r| r.instruction_data.clone()).collect();
+    let shared = shared_traits(&drafts);
+    let c = checks(&s);
+    for (i, d) in drafts.iter().enumerate() {
+        check_instruction(t, d, &c).map_err(|e| {
+            ApiError::internal(format!(
+                "the draft of file_ids[{i}] does not pass its own validator: {}",
+                e.iter().map(|f| format!("{}: {}", f.field.as_deref().unwrap_or("-"), f.message)).collect::<Vec<_>>().join("; ")
+            ))
+        })?;
+    }
+    let n = reports.len();
+    let common_name = reports
+        .first()
+        .and_then(|r| r.suggested_name.clone())
+        .filter(|first| reports.iter().all(|r| r.suggested_name.as_ref() == Some(first)));
+    let generated = format!(
+        "{} look from {n} images",
+        common_name.as_deref().unwrap_or(type_label(t))
+    );
+    let all_keys: Vec<String> = {
+        let mut k: Vec<String> = Vec::new();
+        for d in &drafts {
+            collect_paths("", d, &mut k);
+        }
+        k
+    };
+    let per_image: Vec<&String> = all_keys.iter().filter(|k| !shared.contains(k)).collect();
+    let description = explicit_description.unwrap_or_else(|| {
+        let shared_words: Vec<String> = shared
+            .iter()
+            .map(|p| format!("{p} = {}", words_at(&drafts[0], p)))
+            .collect();
+        let mut text = format!("Drawn from {n} images.");
+        if !shared_words.is_empty() {
+            text.push_str(&format!(" The same in every image: {}.", shared_words.join(", ")));
+        }
+        if !per_image.is_empty() {
+            let names: Vec<&str> = per_image.iter().map(|s| s.as_str()).collect();
+            text.push_str(&format!(" Worded per image: {}.", names.join(", ")));
+        }
+        text
+    });
+    let presets: Vec<PresetDraft> = reports
+        .iter()
+        .enumerate()
+        .map(|(i, r)| PresetDraft {
+            name: format!(
+                "{} ({}/{n})",
+                r.suggested_name.as_deref().unwrap_or(type_label(t)),
+                i + 1
+            )
+            .chars()
+            .take(128)
+            .collect(),
+            description: r.suggested_description.clone(),
+            preset_type: t.as_str().to_string(),
+            instruction_data: r.instruction_data.to_string(),
+        })
+        .collect();
+    // A generated name the caller already uses gets a number; an explicit
+    // one is a 409.
+    let mut attempt = 1;
+    let made = loop {
+        let name = match (&explicit_name, attempt) {
+            (Some(n), _) => n.clone(),
+            (None, 1) => generated.clone(),
+            (None, k) => format!("{generated} ({k})"),
+        };
+        match s
+            .store
+            .category_with_presets(&acc.id, &name, Some(&description), None, &presets, cap)
+            .await?
+        {
+            Ok(made) => break made,
+            Err(PresetRefusal::NameTaken) if explicit_name.is_none() && attempt < 20 => attempt += 1,
+            Err(PresetRefusal::NameTaken) => return Err(name_taken("category", &name)),
+            Err(PresetRefusal::CapReached { cap }) => return Err(cap_reached(cap)),
+            Err(PresetRefusal::NoCategory(id)) => return Err(no_category(&id)),
+        }
+    };
+    let (category, codes) = made;
+    let mut out = Vec::with_capacity(codes.len());
+    for code in &codes {
+        let p = s
+            .store
+            .preset_visible(&acc.id, code)
+            .await?
+            .ok_or_else(|| ApiError::internal(format!("preset {code} vanished")))?;
+        out.push(preset_json(&s, &acc.id, &p).await?);
+    }
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "category": category_json(&s, &category).await?,
+            "presets": out,
+            "shared_traits": shared,
+        })),
+    )
+        .into_response())
+}
+
+/// The leaf paths of a draft (`lighting.direction`), appended once each.
+fn collect_paths(prefix: &str, v: &Value, out: &mut Vec<String>) {
+    if let Some(m) = v.as_object() {
+        for (k, inner) in m {
+            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            if inner.as_object().is_some_and(|o| !o.is_empty()) {
+                collect_paths(&path, inner, out);
+            } else if !out.contains(&path) {
+                out.push(path);
+            }
+        }
+    }
+}
+
+/// The value at `path` of a draft, as words.
+fn words_at(d: &Value, path: &str) -> String {
+    let v = path.split('.').fold(d, |d, p| &d[p]);
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }

@@ -44,6 +44,7 @@ static PRICES: PriceTable = PriceTable {
     profile: 1.0,
     training_flux_per_100_steps: 2.0,
     training_sd_per_100_steps: 1.0,
+    extraction: 1.0,
 };
 
 /// A packshot with one output per cost (1, 3 or 5 credits under [`PRICES`]).

@@ -32,6 +32,11 @@ pub struct IdentityRow {
     pub crop_thumb_key: Option<String>,
     pub record: Option<String>,
     pub output_error: Option<String>,
+    /// A platform identity offered to plans from this tier up.
+    pub default_tier: Option<String>,
+    /// The operator's description of a platform identity.
+    pub gender: Option<String>,
+    pub age: Option<i64>,
 }
 
 impl IdentityRow {
@@ -84,7 +89,24 @@ const IDENTITY_COLUMNS: &str = "SELECT i.code, i.account_id, i.kind, i.name, i.t
      i.sources, i.training_tier, j.id AS job_id, i.created_at, i.updated_at, a.name AS created_by, \
      j.status AS job_status, j.error_message AS job_error, j.created_at AS job_created_at, \
      j.finalized_at AS job_finalized_at, o.full_key AS crop_key, o.thumb_key AS crop_thumb_key, \
-     o.input_description AS record, o.error_message AS output_error";
+     o.input_description AS record, o.error_message AS output_error, i.default_tier, i.gender, i.age";
+
+/// Identity `i` may be read and used by account `acc` (a bind parameter):
+/// its own, shared with one of its groups, or a platform identity its plan
+/// reaches.
+pub(crate) fn visible_to(acc: &str) -> String {
+    format!(
+        "(i.account_id = {acc} OR EXISTS (SELECT 1 FROM identity_shares s JOIN group_members m ON m.group_id = s.group_id \
+          WHERE s.identity_code = i.code AND m.account_id = {acc}) \
+         OR (i.default_tier IS NOT NULL AND {}))",
+        tier_reached(acc)
+    )
+}
+
+/// The plan of account `acc` reaches the tier of platform identity `i`.
+fn tier_reached(acc: &str) -> String {
+    format!("(i.default_tier = 'standard' OR (SELECT plan FROM accounts WHERE id = {acc}) = 'enterprise')")
+}
 
 /// The status an identity shows, as SQL over the joined job (for filters).
 static STATUS_SQL: LazyLock<String> = LazyLock::new(|| {
@@ -153,6 +175,26 @@ pub struct IdentityQuery {
     pub tag: Option<String>,
     /// The exact tag.
     pub tag_exact: Option<String>,
+    /// Whose identities (identities only; profiles are always the caller's).
+    pub ownership: Ownership,
+    /// Also platform identities above the caller's plan (shown locked).
+    pub include_locked: bool,
+    pub gender: Option<String>,
+    pub age_min: Option<i64>,
+    pub age_max: Option<i64>,
+}
+
+/// The `ownership` filter of an identity list (contract §5.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Ownership {
+    /// Everything the caller may see.
+    #[default]
+    Any,
+    Mine,
+    /// Shared with the caller by another account.
+    Shared,
+    /// Offered by the platform.
+    Default,
 }
 
 /// A `LIKE` pattern (escape `\`) matching values that contain `text`
@@ -316,6 +358,80 @@ impl Store {
         .await?)
     }
 
+    /// An identity `account_id` may read and use: its own, shared with
+    /// one of its groups, or a platform identity its plan reaches; `None`
+    /// for anything else (404).
+    pub async fn identity_visible(&self, account_id: &str, code: &str) -> Result<Option<IdentityRow>> {
+        let sql = identity_select(&format!(
+            "WHERE i.code = $1 AND i.kind = $3 AND {}",
+            visible_to("$2")
+        ));
+        Ok(sqlx::query_as::<_, IdentityRow>(&sql)
+            .bind(code)
+            .bind(account_id)
+            .bind(IdentityKind::Identity.as_str())
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    /// The names of the groups identity `code` is shared with.
+    pub async fn identity_groups(&self, code: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT g.name FROM identity_shares s JOIN groups g ON g.id = s.group_id \
+             WHERE s.identity_code = $1 ORDER BY g.name",
+        )
+        .bind(code)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Shares (or unshares) identity `code` with group `group_id`; whether
+    /// anything changed.
+    pub async fn set_identity_share(&self, code: &str, group_id: &str, share: bool) -> Result<bool> {
+        let r = if share {
+            sqlx::query(
+                "INSERT INTO identity_shares (identity_code, group_id, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(code)
+            .bind(group_id)
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?
+        } else {
+            sqlx::query("DELETE FROM identity_shares WHERE identity_code = $1 AND group_id = $2")
+                .bind(code)
+                .bind(group_id)
+                .execute(self.pool())
+                .await?
+        };
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Makes identity `code` a platform identity offered from plan `tier`
+    /// up, described by `gender` and `age` (the operator's words), or,
+    /// with `tier` `None`, its owner's again. Whether it exists.
+    pub async fn set_platform_identity(
+        &self,
+        code: &str,
+        tier: Option<&str>,
+        gender: Option<&str>,
+        age: Option<i64>,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE identities SET default_tier = $2, gender = $3, age = $4, updated_at = $5 \
+             WHERE code = $1 AND kind = 'identity'",
+        )
+        .bind(code)
+        .bind(tier)
+        .bind(gender)
+        .bind(age)
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// An identity or profile of `account_id`; `None` for anything else (404).
     pub async fn identity_for(
         &self,
@@ -340,36 +456,54 @@ impl Store {
     ) -> Result<(Vec<IdentityRow>, i64)> {
         let name_like = q.search.as_deref().map(contains_pattern);
         let tag_like = q.tag.as_deref().map(contains_pattern);
+        let shared = "i.account_id <> $1 AND EXISTS (SELECT 1 FROM identity_shares s JOIN group_members m \
+             ON m.group_id = s.group_id WHERE s.identity_code = i.code AND m.account_id = $1)";
+        let platform = if q.include_locked {
+            "i.default_tier IS NOT NULL".to_string()
+        } else {
+            format!("i.default_tier IS NOT NULL AND {}", tier_reached("$1"))
+        };
+        let whose = match (kind, q.ownership) {
+            (IdentityKind::Profile, _) | (_, Ownership::Mine) => "i.account_id = $1".to_string(),
+            (_, Ownership::Shared) => format!("({shared})"),
+            (_, Ownership::Default) => format!("({platform})"),
+            (_, Ownership::Any) => format!("(i.account_id = $1 OR ({shared}) OR ({platform}))"),
+        };
         let filter = format!(
-            "WHERE i.account_id = $1 AND i.kind = $2 \
+            "WHERE {whose} AND i.kind = $2 \
              AND ($3 IS NULL OR LOWER(i.name) LIKE LOWER($3) ESCAPE '\\') \
              AND ($4 IS NULL OR {} = $4) \
              AND ($5 IS NULL OR LOWER(i.tag) LIKE LOWER($5) ESCAPE '\\') \
-             AND ($6 IS NULL OR i.tag = $6)",
+             AND ($6 IS NULL OR i.tag = $6) \
+             AND ($7 IS NULL OR LOWER(i.gender) = LOWER($7)) \
+             AND ($8 IS NULL OR i.age >= $8) AND ($9 IS NULL OR i.age <= $9)",
             *STATUS_SQL
         );
-        let total: i64 =
-            sqlx::query_scalar(&format!("SELECT COUNT(*) {} {filter}", *IDENTITY_FROM))
-                .bind(account_id)
-                .bind(kind.as_str())
-                .bind(name_like.as_deref())
-                .bind(q.status.as_deref())
-                .bind(tag_like.as_deref())
-                .bind(q.tag_exact.as_deref())
-                .fetch_one(self.pool())
-                .await?;
+        // Both statements take the filter's parameters, $1 to $9.
+        macro_rules! filters {
+            ($query:expr) => {
+                $query
+                    .bind(account_id)
+                    .bind(kind.as_str())
+                    .bind(name_like.as_deref())
+                    .bind(q.status.as_deref())
+                    .bind(tag_like.as_deref())
+                    .bind(q.tag_exact.as_deref())
+                    .bind(q.gender.as_deref())
+                    .bind(q.age_min)
+                    .bind(q.age_max)
+            };
+        }
+        let count = format!("SELECT COUNT(*) {} {filter}", *IDENTITY_FROM);
+        let total: i64 = filters!(sqlx::query_scalar(&count))
+            .fetch_one(self.pool())
+            .await?;
         let order = if q.ascending { "ASC" } else { "DESC" };
         let column = if q.by_name { "i.name" } else { "i.created_at" };
         let sql = identity_select(&format!(
-            "{filter} ORDER BY {column} {order}, i.code {order} LIMIT $7 OFFSET $8"
+            "{filter} ORDER BY {column} {order}, i.code {order} LIMIT $10 OFFSET $11"
         ));
-        let rows = sqlx::query_as::<_, IdentityRow>(&sql)
-            .bind(account_id)
-            .bind(kind.as_str())
-            .bind(name_like.as_deref())
-            .bind(q.status.as_deref())
-            .bind(tag_like.as_deref())
-            .bind(q.tag_exact.as_deref())
+        let rows = filters!(sqlx::query_as::<_, IdentityRow>(&sql))
             .bind(q.per_page)
             .bind((q.page - 1).max(0) * q.per_page)
             .fetch_all(self.pool())

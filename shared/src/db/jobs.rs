@@ -244,7 +244,8 @@ impl Store {
                 "SELECT j.status, j.id FROM identities i \
                  LEFT JOIN jobs pj ON pj.id = i.pending_job_id \
                  LEFT JOIN jobs j ON j.id = (CASE WHEN pj.status = $3 THEN pj.id ELSE i.job_id END) \
-                 WHERE i.code = $1 AND i.account_id = $2{}",
+                 WHERE i.code = $1 AND i.kind = 'identity' AND {}{}",
+                super::identities::visible_to("$2"),
                 self.for_update_of("i")
             );
             let found: Option<(Option<JobStatus>, Option<String>)> = sqlx::query_as(&sql)

@@ -55,6 +55,17 @@ pub struct NewPreset<'a> {
     pub cap: Option<i64>,
 }
 
+/// A preset to create with its category (see
+/// [`Store::category_with_presets`]).
+#[derive(Debug, Clone)]
+pub struct PresetDraft {
+    pub name: String,
+    pub description: Option<String>,
+    pub preset_type: String,
+    /// JSON text.
+    pub instruction_data: String,
+}
+
 /// Why a write was refused.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PresetRefusal {
@@ -108,6 +119,28 @@ fn contains(text: &str) -> String {
 }
 
 impl Store {
+    /// Whether `owner` already has a (not deleted) category named `name`.
+    pub async fn category_name_taken(&self, owner: &str, name: &str) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM preset_categories WHERE owner_id = $1 AND name = $2 AND deleted_at IS NULL",
+        )
+        .bind(owner)
+        .bind(name)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n > 0)
+    }
+
+    /// How many (not deleted) presets `owner` holds.
+    pub async fn preset_count(&self, owner: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM presets WHERE owner_id = $1 AND deleted_at IS NULL",
+        )
+        .bind(owner)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
     /// Creates a preset (and its category memberships) in one transaction.
     pub async fn create_preset(
         &self,
@@ -568,8 +601,9 @@ impl Store {
             .await
     }
 
-    /// Copies up to `limit` presets into a new category of `owner` (fresh
-    /// codes), in one transaction within the owner's preset cap.
+    /// Copies `presets` into a new category of `owner` named `name` (fresh
+    /// codes; `source`'s description and thumbnail), in one transaction
+    /// within the owner's preset cap.
     pub async fn duplicate_category(
         &self,
         owner: &str,
@@ -578,6 +612,41 @@ impl Store {
         presets: &[PresetRow],
         cap: Option<i64>,
     ) -> Result<std::result::Result<(CategoryRow, i64), PresetRefusal>> {
+        let drafts: Vec<PresetDraft> = presets
+            .iter()
+            .map(|p| PresetDraft {
+                name: p.name.clone(),
+                description: p.description.clone(),
+                preset_type: p.preset_type.clone(),
+                instruction_data: p.instruction_data.clone(),
+            })
+            .collect();
+        let made = self
+            .category_with_presets(
+                owner,
+                name,
+                source.description.as_deref(),
+                source.thumbnail_url.as_deref(),
+                &drafts,
+                cap,
+            )
+            .await?;
+        Ok(made.map(|(c, codes)| (c, codes.len() as i64)))
+    }
+
+    /// Creates a category of `owner` and one preset per draft in it, all
+    /// or nothing, within the owner's preset cap; a draft whose name the
+    /// owner already uses is suffixed with the category's name. The new
+    /// presets' codes, in the drafts' order.
+    pub async fn category_with_presets(
+        &self,
+        owner: &str,
+        name: &str,
+        description: Option<&str>,
+        thumbnail_url: Option<&str>,
+        presets: &[PresetDraft],
+        cap: Option<i64>,
+    ) -> Result<std::result::Result<(CategoryRow, Vec<String>), PresetRefusal>> {
         let mut tx = self.begin().await?;
         self.lock_account(&mut tx, owner).await?;
         if let Some(cap) = cap {
@@ -596,8 +665,8 @@ impl Store {
             id: format!("cat_{}", crate::domain::ids::base32_lower(16)),
             owner_id: Some(owner.to_string()),
             name: name.to_string(),
-            description: source.description.clone(),
-            thumbnail_url: source.thumbnail_url.clone(),
+            description: description.map(str::to_string),
+            thumbnail_url: thumbnail_url.map(str::to_string),
             created_at: now,
             updated_at: now,
         };
@@ -616,6 +685,7 @@ impl Store {
         if let Err(refused) = name_unique(r)? {
             return Ok(Err(refused));
         }
+        let mut codes = Vec::with_capacity(presets.len());
         for (i, p) in presets.iter().enumerate() {
             let code = format!("pst_{}", crate::domain::ids::base32_lower(16));
             // Names are unique per owner: a copy whose name the owner
@@ -654,9 +724,10 @@ impl Store {
             .bind(now + i as i64)
             .execute(&mut *tx)
             .await?;
+            codes.push(code);
         }
         tx.commit().await?;
-        Ok(Ok((category, presets.len() as i64)))
+        Ok(Ok((category, codes)))
     }
 
     /// Upserts a system preset by code (the operator's import).

@@ -228,6 +228,8 @@ pub struct PriceTable {
     pub training_flux_per_100_steps: f64,
     /// An SD 1.5 / SDXL training, per hundred steps.
     pub training_sd_per_100_steps: f64,
+    /// Drafting a preset from one image or from a text (contract §6.8, §6.9).
+    pub extraction: f64,
 }
 
 impl Default for PriceTable {
@@ -241,6 +243,7 @@ impl Default for PriceTable {
             profile: 50.0,
             training_flux_per_100_steps: 2.0,
             training_sd_per_100_steps: 1.0,
+            extraction: 1.0,
         }
     }
 }

@@ -265,6 +265,7 @@ job_kinds! {
     StudioRestore => super::studio::StudioRestore,
     Training => super::training::Training,
     Prediction => super::prediction::Prediction,
+    PresetExtraction => super::extraction::PresetExtraction,
 }
 
 impl JobType {

@@ -7,6 +7,7 @@ pub mod credits;
 pub mod drafts;
 pub mod engines;
 pub mod extract;
+pub mod extraction;
 pub mod fair;
 pub mod flat;
 pub mod identity;

@@ -9,9 +9,11 @@ use super::policy::ContentPolicy;
 use serde_json::{Value, json};
 
 /// The job kinds a preset can describe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PresetType {
     CreatePackshot,
+    #[serde(rename = "flat_2_model")]
     Flat2Model,
     IdentityCreation,
     ModelSwap,

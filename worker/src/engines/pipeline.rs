@@ -33,6 +33,9 @@ pub struct PipelineOutput {
 pub struct Pipeline {
     auto: Vec<Arc<dyn Engine>>,
     routes: Vec<(EngineChoice, Arc<dyn Engine>)>,
+    /// The built-in engine when its models loaded: its segmenter also
+    /// serves image analysis (preset extraction).
+    segmenter: Option<Arc<AtelierEngine>>,
 }
 
 impl Default for Pipeline {
@@ -47,7 +50,13 @@ impl Pipeline {
         Pipeline {
             auto: engines,
             routes: Vec::new(),
+            segmenter: None,
         }
+    }
+
+    /// The segmenter (ISNet), when this worker loaded it.
+    pub fn segmenter(&self) -> Option<&AtelierEngine> {
+        self.segmenter.as_deref()
     }
 
     /// Adds (or replaces) the engine that serves `options.model = choice`.
@@ -111,8 +120,13 @@ impl Pipeline {
                 opts,
             )
         });
+        let mut segmenter = None;
         let builtin: Arc<dyn Engine> = match loaded {
-            Ok(engine) => Arc::new(engine),
+            Ok(engine) => {
+                let engine = Arc::new(engine);
+                segmenter = Some(engine.clone());
+                engine
+            }
             Err(e) if !cfg.models.required => {
                 tracing::warn!(error = %e, "models unavailable: this worker runs the model-free `atelier-basic` engine (run scripts/fetch-models)");
                 Arc::new(BasicEngine)
@@ -218,7 +232,14 @@ impl Pipeline {
             })
             .collect::<Vec<_>>();
         let auto = if auto.is_empty() { vec![builtin] } else { auto };
-        Ok((Pipeline { auto, routes }, generators))
+        Ok((
+            Pipeline {
+                auto,
+                routes,
+                segmenter,
+            },
+            generators,
+        ))
     }
 
     /// Names of the engines, in `auto` order, then the named routes.

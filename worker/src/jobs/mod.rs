@@ -8,6 +8,7 @@
 //! unique to the run.
 
 mod drafts;
+mod extraction;
 mod flat;
 mod generate;
 mod identity;
@@ -38,6 +39,7 @@ pub(crate) async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputRe
         JobSpec::StudioRestore(spec) => studio::restore(ctx, task, spec).await,
         JobSpec::Training(spec) => training::run(ctx, task, spec).await,
         JobSpec::Prediction(spec) => prediction::run(ctx, task, spec).await,
+        JobSpec::PresetExtraction(spec) => extraction::run(ctx, task, spec).await,
     }
 }
 
