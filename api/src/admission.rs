@@ -17,7 +17,6 @@ use crate::state::AppState;
 use crate::views::JobAccepted;
 use atelier_shared::db::accounts::Account;
 use atelier_shared::db::jobs::{Admission, NewJob};
-use atelier_shared::db::projects::Project;
 use atelier_shared::domain::trace::TraceParent;
 use atelier_shared::domain::{JobSpec, JobStatus};
 use axum::http::{HeaderMap, StatusCode};
@@ -58,12 +57,14 @@ pub fn job_trace(headers: &HeaderMap) -> TraceParent {
     atelier_shared::telemetry::hop_of(&tracing::Span::current(), client.as_ref())
 }
 
-/// The project a job is created in: the caller's (404 for anything else).
-pub async fn project(s: &AppState, account: &str, project_id: &str) -> ApiResult<Project> {
-    s.store
-        .project(account, project_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("Project {project_id} not found")))
+/// The project a job is created in must be the caller's (404 for anything
+/// else); its id.
+pub async fn project<'a>(s: &AppState, account: &str, project_id: &'a str) -> ApiResult<&'a str> {
+    if s.store.owns_project(account, project_id).await? {
+        Ok(project_id)
+    } else {
+        Err(ApiError::not_found(format!("Project {project_id} not found")))
+    }
 }
 
 /// Every input file of `spec` must be the caller's (404 otherwise) and

@@ -66,7 +66,7 @@ pub async fn create_packshot(
         &s,
         admission::Request {
             caller: &acc,
-            project_id: Some(&project.id),
+            project_id: Some(project),
             spec,
             decision,
             headers: &headers,

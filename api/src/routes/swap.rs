@@ -56,7 +56,7 @@ pub async fn create(
         &s,
         admission::Request {
             caller: &acc,
-            project_id: Some(&project.id),
+            project_id: Some(project),
             spec,
             decision,
             headers: &headers,

@@ -74,6 +74,18 @@ impl Store {
             .await?)
     }
 
+    /// Whether project `id` is one of `account_id`'s: the admission check,
+    /// one index lookup (a [`Store::project`] also counts its outputs).
+    pub async fn owns_project(&self, account_id: &str, id: &str) -> Result<bool> {
+        let found: Option<String> =
+            sqlx::query_scalar("SELECT id FROM projects WHERE id = $1 AND account_id = $2")
+                .bind(id)
+                .bind(account_id)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(found.is_some())
+    }
+
     /// A project of `account_id`; another account's project is `None` (404).
     pub async fn project(&self, account_id: &str, id: &str) -> Result<Option<Project>> {
         let sql = format!("{PROJECT_SELECT} WHERE p.account_id = $1 AND p.id = $2");

@@ -1,5 +1,5 @@
-//! Hanger and mannequin removal for `ghost_mannequin` packshots, working on
-//! the garment alpha only (no extra model).
+//! Hanger and mannequin removal for every packshot style, working on the
+//! garment alpha only (no extra model).
 //!
 //! What holds a garment up sits above its shoulders and is either thin (a
 //! hanger's hook and wire, a mannequin stand) or shows the photo's background
