@@ -14,7 +14,8 @@
 //!
 //! Needs the services `scripts/test` starts (or ATELIER_TEST_POSTGRES_URL,
 //! ATELIER_TEST_AMQP_URL). Sizes: ATELIER_BENCH_JOBS (default 400),
-//! ATELIER_BENCH_MESSAGES (default 4000).
+//! ATELIER_BENCH_MESSAGES (default 4000); ATELIER_BENCH_OUTCOME_LANES (reports
+//! the scheduler applies at once, default 8; 1 is the old sequential path).
 
 use atelier::app::{self, Roles};
 use atelier_shared::config::Config;
@@ -99,6 +100,8 @@ async fn platform(jobs: usize) -> anyhow::Result<()> {
     cfg.worker.concurrency = WORKER_CONCURRENCY;
     cfg.scheduler.tick_ms = 50;
     cfg.scheduler.queue_target = WORKERS * WORKER_CONCURRENCY * 2;
+    cfg.scheduler.outcome_concurrency = env_usize("ATELIER_BENCH_OUTCOME_LANES", 8);
+    println!("scheduler outcome lanes: {}", cfg.scheduler.outcome_concurrency);
     cfg.log.level = "warn".into();
     let shutdown = CancellationToken::new();
     let running = app::start(

@@ -39,7 +39,7 @@ use atelier_shared::domain::retry::RetryPolicy;
 use atelier_shared::domain::task::{OUTCOME_QUEUE, WAKE_QUEUE};
 use atelier_shared::domain::trace::TraceParent;
 use atelier_shared::domain::{FailureKind, Outcome, Plan, Task, WorkQueue};
-use atelier_shared::queue::{DynQueue, Message};
+use atelier_shared::queue::{Delivery, DynQueue, Message};
 use atelier_shared::time::now_ms;
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
@@ -69,6 +69,8 @@ pub struct SchedulerContext {
     pub training_quantum: Duration,
     pub instance: String,
     pub notify: notify::NotifyContext,
+    /// `scheduler.outcome_concurrency`: reports applied at once.
+    pub outcome_lanes: usize,
 }
 
 impl SchedulerContext {
@@ -95,6 +97,13 @@ impl SchedulerContext {
             training_window: Duration::from_secs(cfg.training.share_window_secs),
             training_quantum: Duration::from_secs(cfg.training.share_quantum_secs.max(1)),
             instance: format!("sch_{}_{}", std::process::id(), ulid::Ulid::new()),
+            // SQLite has one writer: parallel reports would only queue for it
+            // while holding pool connections.
+            outcome_lanes: if cfg.database_url().starts_with("sqlite:") {
+                1
+            } else {
+                cfg.scheduler.outcome_concurrency
+            },
             notify: notify::NotifyContext {
                 events,
                 links,
@@ -479,9 +488,16 @@ async fn fail_unrunnable(ctx: &SchedulerContext, output_id: i64, why: &str) -> a
     Ok(())
 }
 
+/// Applies workers' reports. Each is one short transaction, so they run
+/// `scheduler.outcome_concurrency` at a time: a delivery goes to the lane
+/// of its output (`output_id` modulo the lanes), so that the reports of
+/// one output (started, heartbeats, completed) are applied in the order
+/// they arrived while different outputs' reports do not wait for each
+/// other. A lane acknowledges a report once it is recorded.
 async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
+    let lanes = ctx.outcome_lanes.max(1);
     let mut c = loop {
-        match ctx.queue.consume(OUTCOME_QUEUE, 64).await {
+        match ctx.queue.consume(OUTCOME_QUEUE, (64 * lanes).min(1024)).await {
             Ok(c) => break c,
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler: cannot consume outcomes yet");
@@ -491,10 +507,33 @@ async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancel
             }
         }
     };
+    let mut senders = Vec::with_capacity(lanes);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..lanes {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Outcome, Delivery)>(64);
+        senders.push(tx);
+        let (ctx, wake) = (ctx.clone(), wake.clone());
+        workers.spawn(async move {
+            while let Some((outcome, d)) = rx.recv().await {
+                match apply(&ctx, &outcome).await {
+                    Ok(terminal) => {
+                        if terminal {
+                            wake.notify_one();
+                        }
+                        let _ = d.ack().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, output_id = outcome.output_id(), "scheduler: cannot record outcome yet; requeueing");
+                        let _ = d.nack(Some(Duration::from_secs(1))).await;
+                    }
+                }
+            }
+        });
+    }
     loop {
         let d = tokio::select! {
-            _ = stop.cancelled() => return,
-            d = c.next() => match d { Some(d) => d, None => return },
+            _ = stop.cancelled() => break,
+            d = c.next() => match d { Some(d) => d, None => break },
         };
         let outcome: Outcome = match d.parse() {
             Ok(o) => o,
@@ -504,19 +543,15 @@ async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancel
                 continue;
             }
         };
-        match apply(&ctx, &outcome).await {
-            Ok(terminal) => {
-                if terminal {
-                    wake.notify_one();
-                }
-                let _ = d.ack().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, output_id = outcome.output_id(), "scheduler: cannot record outcome yet; requeueing");
-                let _ = d.nack(Some(Duration::from_secs(1))).await;
-            }
+        let lane = outcome.output_id().rem_euclid(lanes as i64) as usize;
+        if senders[lane].send((outcome, d)).await.is_err() {
+            break;
         }
     }
+    // Reports already handed to a lane are applied and acknowledged;
+    // whatever was not is redelivered by the broker.
+    drop(senders);
+    while workers.join_next().await.is_some() {}
 }
 
 /// The work queue of an output, for metric labels (`unknown` if it is gone).

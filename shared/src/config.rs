@@ -624,6 +624,12 @@ pub struct SchedulerConfig {
     pub retry: RetryPolicy,
     /// Fair-share weight of enterprise accounts (standard accounts weigh 1).
     pub enterprise_weight: u32,
+    /// Workers' reports (started, completed, failed) one scheduler applies
+    /// at once on PostgreSQL, each in its own short transaction (each holds
+    /// a pooled connection meanwhile: keep it under
+    /// `database.max_connections`); the reports of one output stay in
+    /// order. SQLite applies one at a time (it has one writer).
+    pub outcome_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -906,6 +912,7 @@ impl Default for SchedulerConfig {
             running_lease_secs: 60,
             retry: RetryPolicy::default(),
             enterprise_weight: 4,
+            outcome_concurrency: 4,
         }
     }
 }
