@@ -192,9 +192,49 @@ impl Store {
         let outputs = j.spec.plan(j.prices);
         let requirements = j.spec.requirements();
         let required: Credits = outputs.iter().map(|o| o.cost).sum();
-        let counts = job_type.counts_against_cap();
         let now = now_ms();
 
+        // Lock order everywhere: the billing account, then the member account
+        // (settlement and finalisation take them in the same order).
+        let r = sqlx::query("UPDATE accounts SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2")
+            .bind(j.billing_account_id)
+            .bind(required.0)
+            .execute(&mut **tx)
+            .await?;
+        if r.rows_affected() == 0 {
+            let (balance, reserved): (i64, i64) =
+                sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
+                    .bind(j.billing_account_id)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            return Ok(Admission::InsufficientCredits {
+                required,
+                in_progress: Credits(reserved),
+                user_credits: Credits(balance),
+            });
+        }
+
+        let counts = job_type.counts_against_cap();
+        if counts {
+            // Conditional increments are atomic on both dialects: no read-then-write race.
+            let cap = j.active_job_cap.map(i64::from).unwrap_or(i64::MAX);
+            let r = sqlx::query("UPDATE accounts SET active_jobs = active_jobs + 1 WHERE id = $1 AND active_jobs < $2")
+                .bind(j.account_id)
+                .bind(cap)
+                .execute(&mut **tx)
+                .await?;
+            if r.rows_affected() == 0 {
+                let active: i64 =
+                    sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
+                        .bind(j.account_id)
+                        .fetch_one(&mut **tx)
+                        .await?;
+                return Ok(Admission::ConcurrencyLimit {
+                    active,
+                    cap: j.active_job_cap.unwrap_or(u32::MAX),
+                });
+            }
+        }
         // The identity's current face (a completed replacement counts),
         // with the identity row locked against a concurrent delete.
         let mut face_job: Option<String> = None;
@@ -343,52 +383,6 @@ impl Store {
             &serde_json::json!({"event": "job_created", "job_id": job_id}),
         )
         .await?;
-        // The account rows last: every admission of an account (and its
-        // settlements) serialises on them, so they are held only from here
-        // to the commit, not across the writes above. Both updates are
-        // conditional, so the checks cannot be overtaken; a refusal rolls
-        // back everything written above (the caller commits only
-        // `Created`).
-        // Lock order everywhere: the billing account, then the member account
-        // (settlement and finalisation take them in the same order).
-        let r = sqlx::query("UPDATE accounts SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2")
-            .bind(j.billing_account_id)
-            .bind(required.0)
-            .execute(&mut **tx)
-            .await?;
-        if r.rows_affected() == 0 {
-            let (balance, reserved): (i64, i64) =
-                sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
-                    .bind(j.billing_account_id)
-                    .fetch_one(&mut **tx)
-                    .await?;
-            return Ok(Admission::InsufficientCredits {
-                required,
-                in_progress: Credits(reserved),
-                user_credits: Credits(balance),
-            });
-        }
-
-        if counts {
-            // Conditional increments are atomic on both dialects: no read-then-write race.
-            let cap = j.active_job_cap.map(i64::from).unwrap_or(i64::MAX);
-            let r = sqlx::query("UPDATE accounts SET active_jobs = active_jobs + 1 WHERE id = $1 AND active_jobs < $2")
-                .bind(j.account_id)
-                .bind(cap)
-                .execute(&mut **tx)
-                .await?;
-            if r.rows_affected() == 0 {
-                let active: i64 =
-                    sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
-                        .bind(j.account_id)
-                        .fetch_one(&mut **tx)
-                        .await?;
-                return Ok(Admission::ConcurrencyLimit {
-                    active,
-                    cap: j.active_job_cap.unwrap_or(u32::MAX),
-                });
-            }
-        }
         Ok(Admission::Created {
             job_id,
             total_outputs: outputs.len() as i64,
