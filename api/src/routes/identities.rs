@@ -861,11 +861,7 @@ async fn share_with(s: &AppState, acc: &Account, code: &str, group: &str, share:
     if row.default_tier.is_some() {
         return Err(ApiError::forbidden("A platform identity is offered to every account already"));
     }
-    let gid = s
-        .store
-        .member_group(&acc.id, group)
-        .await?
-        .ok_or_else(|| ApiError::forbidden(format!("You are not a member of group {group}")))?;
+    let gid = super::presets::member_group(s, &acc.id, group).await?;
     s.store.set_identity_share(&row.code, &gid, share).await?;
     let groups = s.store.identity_groups(&row.code).await?;
     Ok(IdentityShared {

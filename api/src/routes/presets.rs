@@ -179,7 +179,7 @@ async fn writable_category(s: &AppState, account: &str, id: &str) -> ApiResult<C
 }
 
 /// The group `name` when the caller is a member (403 otherwise).
-async fn member_group(s: &AppState, account: &str, name: &str) -> ApiResult<String> {
+pub(crate) async fn member_group(s: &AppState, account: &str, name: &str) -> ApiResult<String> {
     s.store
         .member_group(account, name)
         .await?
@@ -972,22 +972,6 @@ fn preset_type(v: Option<&Value>, default: Option<PresetType>) -> ApiResult<Pres
     }
 }
 
-/// How worker failures caused by the image itself begin: the caller's to
-/// fix (400 naming the file), anything else is the platform's.
-const IMAGE_PROBLEMS: [&str; 11] = [
-    "unreadable image",
-    "unsupported image format",
-    "not an image",
-    "corrupt image",
-    "image is ",
-    "no product found",
-    "no person found",
-    "no face detected",
-    "several faces detected",
-    "face too small",
-    "input image",
-];
-
 /// Measures the uploaded images `file_ids` for a preset of type `t` on the
 /// workers (one `preset_extraction` job, one output per image, each
 /// charged `prices.extraction` when it completes) and waits for the drafts,
@@ -1063,7 +1047,7 @@ async fn extract_images(
             .and_then(|o| o.error_message.clone().or_else(|| o.last_error.clone()))
             .unwrap_or_else(|| format!("the analysis ended {}", job.status.as_str()));
         let index = failed.map(|o| o.instruction_index as usize).unwrap_or(0);
-        if IMAGE_PROBLEMS.iter().any(|p| message.starts_with(p)) {
+        if atelier_shared::domain::extraction::is_image_problem(&message) {
             return Err(bad(&field(index), message));
         }
         return Err(ApiError::new(
@@ -1163,7 +1147,7 @@ pub async fn extract_category(
     body: JsonValue,
 ) -> ApiResult<Response> {
     use atelier_shared::db::presets::PresetDraft;
-    use atelier_shared::domain::extraction::{MAX_IMAGES, shared_traits};
+    use atelier_shared::domain::extraction::{MAX_IMAGES, leaf_paths, shared_traits};
     let b = &body.0;
     let ids = codes_field(b.get("file_ids"), "file_ids")?;
     if !(2..=MAX_IMAGES).contains(&ids.len()) {
@@ -1221,7 +1205,7 @@ pub async fn extract_category(
     let all_keys: Vec<String> = {
         let mut k: Vec<String> = Vec::new();
         for d in &drafts {
-            collect_paths("", d, &mut k);
+            leaf_paths(d, &mut k);
         }
         k
     };
@@ -1300,25 +1284,11 @@ pub async fn extract_category(
         .into_response())
 }
 
-/// The leaf paths of a draft (`lighting.direction`), appended once each.
-fn collect_paths(prefix: &str, v: &Value, out: &mut Vec<String>) {
-    if let Some(m) = v.as_object() {
-        for (k, inner) in m {
-            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-            if inner.as_object().is_some_and(|o| !o.is_empty()) {
-                collect_paths(&path, inner, out);
-            } else if !out.contains(&path) {
-                out.push(path);
-            }
-        }
-    }
-}
-
 /// The value at `path` of a draft, as words.
 fn words_at(d: &Value, path: &str) -> String {
-    let v = path.split('.').fold(d, |d, p| &d[p]);
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+    match atelier_shared::domain::extraction::value_at(d, path) {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => "null".into(),
     }
 }

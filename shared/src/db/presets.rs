@@ -133,12 +133,7 @@ impl Store {
 
     /// How many (not deleted) presets `owner` holds.
     pub async fn preset_count(&self, owner: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM presets WHERE owner_id = $1 AND deleted_at IS NULL",
-        )
-        .bind(owner)
-        .fetch_one(self.pool())
-        .await?)
+        count_presets(self.pool(), owner).await
     }
 
     /// Creates a preset (and its category memberships) in one transaction.
@@ -149,12 +144,7 @@ impl Store {
         let mut tx = self.begin().await?;
         if let (Some(owner), Some(cap)) = (p.owner_id, p.cap) {
             self.lock_account(&mut tx, owner).await?;
-            let held: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM presets WHERE owner_id = $1 AND deleted_at IS NULL",
-            )
-            .bind(owner)
-            .fetch_one(&mut *tx)
-            .await?;
+            let held = count_presets(&mut *tx, owner).await?;
             if held >= cap {
                 return Ok(Err(PresetRefusal::CapReached { cap }));
             }
@@ -650,12 +640,7 @@ impl Store {
         let mut tx = self.begin().await?;
         self.lock_account(&mut tx, owner).await?;
         if let Some(cap) = cap {
-            let held: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM presets WHERE owner_id = $1 AND deleted_at IS NULL",
-            )
-            .bind(owner)
-            .fetch_one(&mut *tx)
-            .await?;
+            let held = count_presets(&mut *tx, owner).await?;
             if held + presets.len() as i64 > cap {
                 return Ok(Err(PresetRefusal::CapReached { cap }));
             }
@@ -822,4 +807,18 @@ async fn category_writable(tx: &mut super::Tx, owner: Option<&str>, id: &str) ->
     .fetch_optional(&mut **tx)
     .await?;
     Ok(matches!(found, Some(o) if o.as_deref() == owner))
+}
+
+/// How many (not deleted) presets `owner` holds, on `e` (the pool, or a
+/// transaction that locked the owner's account row).
+async fn count_presets<'e, E>(e: E, owner: &str) -> Result<i64>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM presets WHERE owner_id = $1 AND deleted_at IS NULL")
+            .bind(owner)
+            .fetch_one(e)
+            .await?,
+    )
 }

@@ -73,40 +73,57 @@ impl JobKind for PresetExtraction {
     }
 }
 
+/// Whether an extraction failure is the image's (the caller's to fix, a
+/// `400` naming the file): what makes a photo unusable for an identity
+/// (decoding failures arrive as `unreadable image: …`), no subject in
+/// it, or an input gone since admission. Anything else is the platform's.
+pub fn is_image_problem(message: &str) -> bool {
+    const OWN: [&str; 3] = ["no product found", "no person found", "input image"];
+    super::identity::is_input_problem(message) || OWN.iter().any(|p| message.starts_with(p))
+}
+
 /// The fields (paths such as `hair.color`) that every draft has and on
 /// which all of them agree, in the first draft's order. Drafts word a
 /// measured class the same way wherever it is measured, so agreeing
 /// traits already read identically; this names them.
 pub fn shared_traits(drafts: &[Value]) -> Vec<String> {
-    let Some(first) = drafts.first().and_then(Value::as_object) else {
+    let Some((first, rest)) = drafts.split_first() else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    collect_shared("", first, &drafts[1..], &mut out);
-    out
+    let mut paths = Vec::new();
+    leaf_paths(first, &mut paths);
+    paths.retain(|p| {
+        let v = value_at(first, p);
+        rest.iter().all(|d| value_at(d, p) == v)
+    });
+    paths
 }
 
-fn collect_shared(prefix: &str, first: &Map<String, Value>, rest: &[Value], out: &mut Vec<String>) {
-    for (k, v) in first {
-        let path = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        let at = |d: &Value| -> Option<Value> {
-            path.split('.').try_fold(d.clone(), |d, part| d.get(part).cloned())
-        };
-        match v {
-            Value::Object(inner) if !inner.is_empty() => {
-                collect_shared(&path, inner, rest, out);
-            }
-            _ => {
-                if rest.iter().all(|d| at(d).as_ref() == Some(v)) {
-                    out.push(path);
-                }
+/// Appends the leaf paths of a draft (`lighting.direction`; an empty
+/// object is a leaf) that `out` does not hold yet, in the draft's order.
+pub fn leaf_paths(v: &Value, out: &mut Vec<String>) {
+    fn walk(prefix: &str, m: &Map<String, Value>, out: &mut Vec<String>) {
+        for (k, inner) in m {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match inner {
+                Value::Object(o) if !o.is_empty() => walk(&path, o, out),
+                _ if !out.contains(&path) => out.push(path),
+                _ => {}
             }
         }
     }
+    if let Some(m) = v.as_object() {
+        walk("", m, out);
+    }
+}
+
+/// The value at `path` (`hair.color`) of a draft, if it has one.
+pub fn value_at<'a>(d: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(d, |d, part| d.get(part))
 }
 
 #[cfg(test)]
@@ -128,5 +145,14 @@ mod tests {
         // One draft shares everything with itself; none shares nothing.
         assert_eq!(shared_traits(&[a]).len(), 5);
         assert!(shared_traits(&[]).is_empty());
+    }
+
+    #[test]
+    fn image_problems_are_told_from_the_platforms() {
+        for m in ["unreadable image: corrupt image data: eof", "no product found: nothing…", "no face detected", "input image f was not resolved"] {
+            assert!(is_image_problem(m), "{m}");
+        }
+        assert!(!is_image_problem("pipeline exceeded 300 s"));
+        assert_eq!(value_at(&serde_json::json!({"hair": {"color": "red"}}), "hair.color"), Some(&serde_json::json!("red")));
     }
 }

@@ -47,13 +47,8 @@ pub(super) async fn run(
     let max_pixels = ctx.max_input_pixels;
     let started = Instant::now();
     let (report, preview, model_used) = off_runtime(ctx, move || {
-        let img = imaging::decode_limited(&bytes, max_pixels).map_err(|f| {
-            TaskFailure::permanent(if f.message.starts_with("unreadable image") {
-                f.message
-            } else {
-                format!("unreadable image: {}", f.message)
-            })
-        })?;
+        let img = imaging::decode_limited(&bytes, max_pixels)
+            .map_err(|f| TaskFailure::permanent(super::identity::unreadable(&f.message)))?;
         analyse(&img, kind, pipeline.segmenter(), faces)
     })
     .await?;
@@ -187,6 +182,25 @@ fn placement_figures(p: &Placement) -> Value {
     })
 }
 
+fn backdrop_figures(b: &analysis::Backdrop) -> Value {
+    json!({
+        "class": format!("{:?}", b.class).to_lowercase(),
+        "lab": b.lab.map(r2),
+        "std_l": r2(b.std_l),
+        "grain": r2(b.grain),
+        "block_std": r2(b.block_std),
+    })
+}
+
+fn light_figures(l: &analysis::LightReading) -> Value {
+    json!({
+        "left_minus_right": r2(l.left_minus_right),
+        "top_minus_bottom": r2(l.top_minus_bottom),
+        "contrast": r2(l.contrast),
+        "midtones": r2(l.midtones),
+    })
+}
+
 fn capitalised(s: &str) -> String {
     let mut c = s.chars();
     match c.next() {
@@ -257,9 +271,9 @@ fn packshot(rgb: &RgbImage, labs: &[Lab], mask: &GrayImage) -> Result<Extraction
             "image": [w, h],
             "placement": placement_figures(&place),
             "palette": pal.iter().map(|s| json!({"name": s.name, "share": r2(s.share), "lab": s.lab.map(|v| r2(v))})).collect::<Vec<_>>(),
-            "backdrop": bd.as_ref().map(|b| json!({"class": format!("{:?}", b.class).to_lowercase(), "lab": b.lab.map(r2), "std_l": r2(b.std_l), "grain": r2(b.grain), "block_std": r2(b.block_std)})),
+            "backdrop": bd.as_ref().map(backdrop_figures),
             "shadow_darkening_near_far": shadow.as_ref().map(|s| [r2(s.near), r2(s.far)]),
-            "light": light.as_ref().map(|l| json!({"left_minus_right": r2(l.left_minus_right), "top_minus_bottom": r2(l.top_minus_bottom), "contrast": r2(l.contrast), "midtones": r2(l.midtones)})),
+            "light": light.as_ref().map(light_figures),
         }),
     })
 }
@@ -340,8 +354,8 @@ fn on_model(
         measurements: json!({
             "image": [rgb.width(), rgb.height()],
             "placement": placement_figures(&place),
-            "backdrop": bd.as_ref().map(|b| json!({"class": format!("{:?}", b.class).to_lowercase(), "lab": b.lab.map(r2), "std_l": r2(b.std_l), "block_std": r2(b.block_std)})),
-            "light": light.as_ref().map(|l| json!({"left_minus_right": r2(l.left_minus_right), "top_minus_bottom": r2(l.top_minus_bottom), "contrast": r2(l.contrast), "midtones": r2(l.midtones)})),
+            "backdrop": bd.as_ref().map(backdrop_figures),
+            "light": light.as_ref().map(light_figures),
             "person_height_in_face_heights": span.map(r2),
         }),
     })

@@ -24,7 +24,7 @@ pub(super) fn face_kit(ctx: &WorkerContext) -> Result<Arc<FaceKit>, TaskFailure>
 }
 
 /// "unreadable image: …" for any decoding failure.
-fn unreadable(message: &str) -> String {
+pub(super) fn unreadable(message: &str) -> String {
     if message.starts_with("unreadable image") {
         message.to_string()
     } else {
