@@ -244,7 +244,10 @@ fn packshot(rgb: &RgbImage, labs: &[Lab], mask: &GrayImage) -> Result<Extraction
         .and_then(|b| analysis::shadow(labs, mask, &place, b.lab[0]));
     if let Some(s) = &shadow {
         d.insert("shadow".into(), json!(s.kind()));
-        said.push(format!("{} shadow", s.kind().replace('_', " ")));
+        said.push(match s.kind() {
+            "none" => "no shadow".to_string(),
+            k => format!("{} shadow", k.replace('_', " ")),
+        });
     }
     let light = pal
         .first()
@@ -417,6 +420,11 @@ mod tests {
         assert_eq!(d["shadow"], "none");
         assert_eq!(d["framing"], "square_packshot");
         assert_eq!(report.suggested_name.as_deref(), Some("White cutout, red"));
+        assert!(
+            report.suggested_description.as_deref().is_some_and(|t| t.contains(", no shadow,")),
+            "{:?}",
+            report.suggested_description
+        );
         assert_eq!(preview.dimensions(), (400, 400));
         assert!(model.contains("border-colour mask"), "{model}");
     }
