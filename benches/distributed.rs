@@ -1,43 +1,55 @@
-//! End-to-end throughput of the distributed runtime, and the broker's own
-//! ceiling for comparison. `cargo bench --bench distributed`.
+//! End-to-end throughput of the distributed runtime, side by side with
+//! Celery on the same broker, and the broker's own ceiling.
+//! `cargo bench --bench distributed`.
 //!
-//! 1. The platform: API and scheduler in this process (one each), `WORKERS`
-//!    in-process workers running a no-op engine, on PostgreSQL + RabbitMQ
-//!    (quorum queues, publisher confirms) + a local object store. `JOBS` jobs
-//!    of one output each go through the real HTTP API (admission, credits,
-//!    outbox, dispatch, worker, settlement); figures: jobs/s from the first
-//!    admission to the last completion, and enqueue→completion p50/p99 from
-//!    the database's own timestamps.
-//! 2. The broker alone: `MESSAGES` persistent messages published with
+//! 1. The platform: API and `SCHEDULERS` scheduler replicas in this process,
+//!    `WORKERS` in-process workers × 8 running a no-op engine, on PostgreSQL
+//!    + RabbitMQ (quorum queues, publisher confirms) + a local object store.
+//!    `JOBS` jobs of one output each go through the real HTTP API (admission,
+//!    credits, outbox, dispatch, worker, settlement) from 16 clients spread
+//!    over `ACCOUNTS` accounts. Figures: admissions/s over HTTP, jobs/s from
+//!    the first admission to the last completion, enqueue→start and
+//!    enqueue→completion p50/p99 from the database's own timestamps. The run
+//!    fails if any output ran more than once (double dispatch).
+//! 2. Steady state: jobs submitted at a fixed rate (`PACE` × the jobs/s just
+//!    measured) for `PACED_SECS`; enqueue→start p50/p99.
+//! 3. The peer: `scripts/bench-celery` (Celery 5, thread pool, quorum queue,
+//!    acks_late, publisher confirms; same jobs, clients and workers × 8)
+//!    right after each round, and the ratio of the two.
+//! 4. The broker alone: `MESSAGES` persistent messages published with
 //!    confirms to a quorum queue through the same adapter and consumed with
 //!    acks, by `PUBLISHERS` concurrent publishers, as msg/s.
 //!
 //! Needs the services `scripts/test` starts (or ATELIER_TEST_POSTGRES_URL,
-//! ATELIER_TEST_AMQP_URL). Sizes: ATELIER_BENCH_JOBS (default 400),
-//! ATELIER_BENCH_MESSAGES (default 4000); ATELIER_BENCH_OUTCOME_LANES (reports
-//! the scheduler applies at once, default 8; 1 is the old sequential path).
+//! ATELIER_TEST_AMQP_URL). Settings (environment, `ATELIER_BENCH_` + name):
+//! JOBS (400), ROUNDS (1), ACCOUNTS (1), SCHEDULERS (1), WORKERS (2),
+//! OUTCOME_LANES (8), PACE (0.5; 0 skips), PACED_SECS (10), PEERS (1; 0
+//! skips Celery), MESSAGES (4000; 0 skips). Every queue a run declared is
+//! deleted at its end.
 
 use atelier::app::{self, Roles};
 use atelier_shared::config::Config;
+use atelier_shared::db::accounts::NewAccount;
 use atelier_shared::db::testing::create_postgres_database;
-use atelier_shared::domain::JobStatus;
+use atelier_shared::domain::task::{OUTCOME_QUEUE, WAKE_QUEUE};
+use atelier_shared::domain::{Credits, JobStatus, Plan, WorkQueue};
 use atelier_shared::queue::rabbitmq::RabbitQueue;
 use atelier_shared::queue::{Message, Queue};
 use atelier_worker::engines::{Engine, Pipeline, RenderRequest, Rendered};
 use atelier_worker::failure::TaskFailure;
 use serde_json::{Value, json};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const WORKERS: usize = 2;
 const WORKER_CONCURRENCY: usize = 8;
 const SUBMITTERS: usize = 16;
 const PUBLISHERS: usize = 8;
-const KEY: &str = "atl_bench_key_0123456789abcdefghijklmnopqrstuv";
 
-/// Does no image work: the figures measure the platform, not a model.
-struct Noop;
+/// Does no image work: the figures measure the platform, not a model. It
+/// counts what it ran, so that a double dispatch shows.
+struct Noop(Arc<AtomicUsize>);
 
 impl Engine for Noop {
     fn name(&self) -> &'static str {
@@ -45,6 +57,7 @@ impl Engine for Noop {
     }
 
     fn render(&self, _: &RenderRequest<'_>) -> Result<Rendered, TaskFailure> {
+        self.0.fetch_add(1, Ordering::Relaxed);
         Ok(Rendered {
             image: image::RgbaImage::from_pixel(8, 8, image::Rgba([255, 255, 255, 255])),
             model_used: "noop".into(),
@@ -55,7 +68,14 @@ impl Engine for Noop {
 }
 
 fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
+    std::env::var(format!("ATELIER_BENCH_{k}"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn env_f64(k: &str, d: f64) -> f64 {
+    std::env::var(format!("ATELIER_BENCH_{k}"))
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(d)
@@ -67,21 +87,87 @@ fn amqp_url() -> String {
 }
 
 fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+#[derive(Clone, Copy)]
+struct Settings {
+    jobs: usize,
+    accounts: usize,
+    schedulers: usize,
+    workers: usize,
+    lanes: usize,
+    pace: f64,
+    paced_secs: f64,
 }
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let set = Settings {
+        jobs: env_usize("JOBS", 400),
+        accounts: env_usize("ACCOUNTS", 1).max(1),
+        schedulers: env_usize("SCHEDULERS", 1).max(1),
+        workers: env_usize("WORKERS", 2).max(1),
+        lanes: env_usize("OUTCOME_LANES", 8),
+        pace: env_f64("PACE", 0.5),
+        paced_secs: env_f64("PACED_SECS", 10.0),
+    };
+    let rounds = env_usize("ROUNDS", 1).max(1);
+    let peers = env_usize("PEERS", 1) > 0;
     rt.block_on(async {
-        platform(env_usize("ATELIER_BENCH_JOBS", 400)).await?;
-        broker(env_usize("ATELIER_BENCH_MESSAGES", 4000)).await
+        println!(
+            "load average before: {}",
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+        );
+        let mut ratios = Vec::new();
+        for round in 1..=rounds {
+            println!("— round {round} of {rounds}");
+            let ours = platform(set).await?;
+            if peers {
+                match celery(set).await {
+                    Ok(theirs) => {
+                        let ratio = ours / theirs;
+                        ratios.push(ratio);
+                        println!("  ratio Atelier / Celery (end-to-end jobs/s): {ratio:.2}×");
+                    }
+                    Err(e) => println!("celery peer: not run ({e:#})"),
+                }
+            }
+        }
+        if !ratios.is_empty() {
+            let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}×")).collect();
+            println!("ratios over {} rounds: {}", ratios.len(), shown.join(", "));
+        }
+        let messages = env_usize("MESSAGES", 4000);
+        if messages > 0 {
+            broker(messages).await?;
+        }
+        println!(
+            "load average after: {}",
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+        );
+        anyhow::Ok(())
     })
 }
 
-async fn platform(jobs: usize) -> anyhow::Result<()> {
+/// One account the clients submit as: its key and the job body.
+struct Submitter {
+    key: String,
+    body: Value,
+}
+
+/// Runs the platform round; returns its end-to-end jobs/s.
+async fn platform(set: Settings) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let mut cfg = Config::default();
     cfg.server.listen = "127.0.0.1:0".into();
@@ -89,8 +175,10 @@ async fn platform(jobs: usize) -> anyhow::Result<()> {
     cfg.database.url = Some(create_postgres_database().await);
     cfg.database.max_connections = 20;
     cfg.queue.url = amqp_url();
-    cfg.queue.namespace = format!("bench{}.", ulid::Ulid::new().to_string().to_lowercase());
-    cfg.bootstrap.api_key = Some(KEY.into());
+    let namespace = format!("bench{}.", ulid::Ulid::new().to_string().to_lowercase());
+    cfg.queue.namespace = namespace.clone();
+    let bootstrap = atelier_shared::db::accounts::generate_token();
+    cfg.bootstrap.api_key = Some(bootstrap.clone());
     cfg.bootstrap.credits = 1_000_000.0;
     cfg.limits.create_per_minute = 1_000_000;
     cfg.limits.requests_per_minute = 1_000_000;
@@ -99,10 +187,14 @@ async fn platform(jobs: usize) -> anyhow::Result<()> {
     cfg.models.dir = dir.path().join("no-models");
     cfg.worker.concurrency = WORKER_CONCURRENCY;
     cfg.scheduler.tick_ms = 50;
-    cfg.scheduler.queue_target = WORKERS * WORKER_CONCURRENCY * 2;
-    cfg.scheduler.outcome_concurrency = env_usize("ATELIER_BENCH_OUTCOME_LANES", 8);
-    println!("scheduler outcome lanes: {}", cfg.scheduler.outcome_concurrency);
+    cfg.scheduler.queue_target = set.workers * WORKER_CONCURRENCY * 2;
+    cfg.scheduler.outcome_concurrency = set.lanes;
     cfg.log.level = "warn".into();
+    println!(
+        "platform: PostgreSQL + RabbitMQ, {} scheduler(s) with {} outcome lanes, {} workers × {WORKER_CONCURRENCY}, \
+         no-op engine, 1 output per job, {SUBMITTERS} clients over {} account(s)",
+        set.schedulers, set.lanes, set.workers, set.accounts
+    );
     let shutdown = CancellationToken::new();
     let running = app::start(
         cfg.clone(),
@@ -114,141 +206,345 @@ async fn platform(jobs: usize) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
+    let mut replicas = Vec::new();
+    for _ in 1..set.schedulers {
+        replicas.push(
+            app::start(
+                cfg.clone(),
+                Roles {
+                    api: false,
+                    scheduler: true,
+                    worker: false,
+                },
+                shutdown.clone(),
+            )
+            .await?,
+        );
+    }
     let s = running.services.clone();
+    let store = s
+        .store
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the API role has the database"))?;
+    let renders = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
-    for _ in 0..WORKERS {
+    for _ in 0..set.workers {
         let mut ctx = atelier_worker::WorkerContext::from_config(
             &cfg,
             Default::default(),
             s.queue.clone(),
             s.objects.clone(),
         );
-        ctx.pipeline = Pipeline::new(vec![Arc::new(Noop)]);
+        ctx.pipeline = Pipeline::new(vec![Arc::new(Noop(renders.clone()))]);
         workers.push(tokio::spawn(atelier_worker::run(ctx, shutdown.clone())));
     }
     let base = format!("http://{}", running.addr);
     let http = reqwest::Client::new();
-    let post = |path: &str, body: Value| {
-        http.post(format!("{base}{path}"))
-            .bearer_auth(KEY)
-            .json(&body)
-            .send()
-    };
-    let project: Value = post("/project", json!({"project_name": "bench"}))
-        .await?
-        .json()
-        .await?;
-    let slot: Value = post("/upload", json!({"filename": "a.png"}))
-        .await?
-        .json()
-        .await?;
+
+    // The accounts: the bootstrapped one, and more made like `atelier admin
+    // accounts create`; each with a project and an uploaded photo.
+    let mut keys = vec![bootstrap];
+    for i in 1..set.accounts {
+        let a = store
+            .create_account(NewAccount {
+                name: &format!("bench-{i}"),
+                plan: Plan::Standard,
+                max_size: &cfg.limits.default_max_size,
+                custom_dimensions: false,
+                is_operator: false,
+            })
+            .await?;
+        store
+            .grant_credits(&a.id, Credits(1_000_000_000), "bench")
+            .await?;
+        keys.push(store.create_api_key(&a.id, "bench", None, None).await?.1);
+    }
     let mut png = Vec::new();
     image::RgbImage::from_pixel(32, 32, image::Rgb([20, 60, 160]))
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    http.put(slot["upload_url"].as_str().unwrap_or_default())
-        .header("content-type", "image/png")
-        .body(png)
-        .send()
-        .await?
-        .error_for_status()?;
-    let body = json!({"project_id": project["project_id"], "images": [slot["file_id"]],
-                      "instructions": [{"style": "white_cutout"}]});
-
-    let started = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut submitters = Vec::new();
+    for key in keys {
+        let post = |path: &str, body: Value| {
+            http.post(format!("{base}{path}"))
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+        };
+        let project: Value = post("/project", json!({"project_name": "bench"}))
+            .await?
+            .json()
+            .await?;
+        let slot: Value = post("/upload", json!({"filename": "a.png"}))
+            .await?
+            .json()
+            .await?;
+        http.put(slot["upload_url"].as_str().unwrap_or_default())
+            .header("content-type", "image/png")
+            .body(png.clone())
+            .send()
+            .await?
+            .error_for_status()?;
+        let body = json!({"project_id": project["project_id"], "images": [slot["file_id"]],
+                          "instructions": [{"style": "white_cutout"}]});
+        submitters.push(Submitter { key, body });
+    }
+    let submitters = Arc::new(submitters);
+
+    // Flat out: every client submits as fast as it is answered.
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
     for _ in 0..SUBMITTERS {
-        let (http, base, body, next) = (http.clone(), base.clone(), body.clone(), next.clone());
-        submitters.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < jobs {
-                let r = http
-                    .post(format!("{base}/create-packshot"))
-                    .bearer_auth(KEY)
-                    .json(&body)
-                    .send()
-                    .await?;
-                anyhow::ensure!(r.status() == 202, "create-packshot answered {}", r.status());
-                let v: Value = r.json().await?;
-                ids.push(v["job_id"].as_str().unwrap_or_default().to_string());
+        let (http, base, next, submitters) =
+            (http.clone(), base.clone(), next.clone(), submitters.clone());
+        let jobs = set.jobs;
+        clients.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= jobs {
+                    return anyhow::Ok(n);
+                }
+                submit(&http, &base, &submitters[i % submitters.len()]).await?;
+                n += 1;
             }
-            anyhow::Ok(ids)
         }));
     }
-    let mut ids = Vec::new();
-    for s in submitters {
-        ids.extend(s.await??);
+    let mut admitted_jobs = 0;
+    for c in clients {
+        admitted_jobs += c.await??;
     }
     let admitted = started.elapsed();
-    let store = s
-        .store
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("the API role has the database"))?;
-    loop {
-        let sql = format!(
-            "SELECT COUNT(*) FROM jobs WHERE status IN ({})",
-            JobStatus::sql_in(&JobStatus::OPEN)
-        );
-        let open: i64 = sqlx::query_scalar(&sql).fetch_one(store.pool()).await?;
-        if open == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "{open} jobs still open"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let rows: Vec<(String, i64, i64)> =
-        sqlx::query_as("SELECT status, created_at, finalized_at FROM jobs")
-            .fetch_all(store.pool())
-            .await?;
+    wait_until_done(&store, started).await?;
+    let rows = job_times(&store, 0).await?;
     anyhow::ensure!(
-        rows.len() == ids.len() && rows.iter().all(|r| r.0 == "completed"),
+        rows.len() == admitted_jobs && rows.iter().all(|r| r.status == "completed"),
         "not every job completed"
     );
-    let first = rows.iter().map(|r| r.1).min().unwrap_or(0);
-    let last = rows.iter().map(|r| r.2).max().unwrap_or(0);
-    let mut lat: Vec<i64> = rows.iter().map(|r| r.2 - r.1).collect();
-    lat.sort_unstable();
+    let first = rows.iter().map(|r| r.created).min().unwrap_or(0);
+    let last = rows.iter().map(|r| r.finalized).max().unwrap_or(0);
+    let rate = rows.len() as f64 / ((last - first).max(1) as f64 / 1000.0);
     println!(
-        "platform (PostgreSQL + RabbitMQ, {WORKERS} workers × {WORKER_CONCURRENCY}, no-op engine, 1 output per job):"
-    );
-    println!(
-        "  {} jobs admitted in {:.2} s ({:.0} admissions/s over HTTP, {SUBMITTERS} clients)",
-        ids.len(),
+        "  {} jobs admitted in {:.2} s: {:.0} admissions/s over HTTP",
+        admitted_jobs,
         admitted.as_secs_f64(),
-        ids.len() as f64 / admitted.as_secs_f64()
+        admitted_jobs as f64 / admitted.as_secs_f64()
     );
     println!(
-        "  {:.1} jobs/s end to end (first admission → last completion, {:.2} s)",
-        ids.len() as f64 / ((last - first) as f64 / 1000.0),
+        "  {rate:.1} jobs/s end to end (first admission → last completion, {:.2} s)",
         (last - first) as f64 / 1000.0
     );
-    println!(
-        "  enqueue → completion: p50 {} ms, p99 {} ms, max {} ms",
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        lat.last().copied().unwrap_or(0)
+    print_latencies(&rows);
+
+    // Steady state at a fraction of what was just measured.
+    if set.pace > 0.0 && set.paced_secs > 0.0 {
+        let target = (rate * set.pace).max(1.0);
+        let since = atelier_shared::time::now_ms();
+        let n = paced(&http, &base, submitters.clone(), target, set.paced_secs).await?;
+        wait_until_done(&store, Instant::now()).await?;
+        let rows = job_times(&store, since).await?;
+        anyhow::ensure!(
+            rows.len() == n,
+            "paced: {} of {n} jobs recorded",
+            rows.len()
+        );
+        println!(
+            "  steady state at {:.0}% of that ({target:.0} jobs/s offered for {:.0} s, {n} jobs):",
+            set.pace * 100.0,
+            set.paced_secs
+        );
+        print_latencies(&rows);
+    }
+
+    // Exactly once: one render and one attempt per output.
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outputs")
+        .fetch_one(store.pool())
+        .await?;
+    let repeated: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outputs WHERE attempt <> 1")
+        .fetch_one(store.pool())
+        .await?;
+    let ran = renders.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        repeated == 0 && ran as i64 == total,
+        "double dispatch: {total} outputs, {ran} renders, {repeated} outputs with more than one attempt"
     );
+    println!("  exactly once: {total} outputs, {ran} renders, no output with a second attempt");
+
     shutdown.cancel();
     for w in workers {
         w.await??;
     }
+    for r in replicas {
+        r.wait().await?;
+    }
     running.wait().await?;
+    delete_queues(&namespace).await;
+    Ok(rate)
+}
+
+async fn submit(http: &reqwest::Client, base: &str, who: &Submitter) -> anyhow::Result<()> {
+    let r = http
+        .post(format!("{base}/create-packshot"))
+        .bearer_auth(&who.key)
+        .json(&who.body)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status() == 202, "create-packshot answered {}", r.status());
     Ok(())
+}
+
+/// Submits at `rate` jobs/s for `secs` (each on its own task, so a slow
+/// answer does not slow the offered load); returns how many were admitted.
+async fn paced(
+    http: &reqwest::Client,
+    base: &str,
+    submitters: Arc<Vec<Submitter>>,
+    rate: f64,
+    secs: f64,
+) -> anyhow::Result<usize> {
+    let n = (rate * secs).round() as usize;
+    let every = Duration::from_secs_f64(1.0 / rate);
+    let began = tokio::time::Instant::now();
+    let mut sent = tokio::task::JoinSet::new();
+    for i in 0..n {
+        tokio::time::sleep_until(began + every.mul_f64(i as f64)).await;
+        let (http, base, submitters) = (http.clone(), base.to_string(), submitters.clone());
+        sent.spawn(async move { submit(&http, &base, &submitters[i % submitters.len()]).await });
+    }
+    while let Some(r) = sent.join_next().await {
+        r??;
+    }
+    Ok(n)
+}
+
+async fn wait_until_done(store: &atelier_shared::db::Store, since: Instant) -> anyhow::Result<()> {
+    let sql = format!(
+        "SELECT COUNT(*) FROM jobs WHERE status IN ({})",
+        JobStatus::sql_in(&JobStatus::OPEN)
+    );
+    loop {
+        let open: i64 = sqlx::query_scalar(&sql).fetch_one(store.pool()).await?;
+        if open == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            since.elapsed() < Duration::from_secs(600),
+            "{open} jobs still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct JobTimes {
+    status: String,
+    created: i64,
+    started: i64,
+    finalized: i64,
+}
+
+/// The jobs created at or after `since` (epoch ms), with when their output started.
+async fn job_times(store: &atelier_shared::db::Store, since: i64) -> anyhow::Result<Vec<JobTimes>> {
+    let rows: Vec<(String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT j.status, j.created_at, MIN(o.started_at), j.finalized_at FROM jobs j \
+         JOIN outputs o ON o.job_id = j.id WHERE j.created_at >= $1 \
+         GROUP BY j.id, j.status, j.created_at, j.finalized_at",
+    )
+    .bind(since)
+    .fetch_all(store.pool())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(status, created, started, finalized)| JobTimes {
+            status,
+            created,
+            started: started.unwrap_or(created),
+            finalized: finalized.unwrap_or(created),
+        })
+        .collect())
+}
+
+fn print_latencies(rows: &[JobTimes]) {
+    let mut start: Vec<i64> = rows.iter().map(|r| r.started - r.created).collect();
+    let mut done: Vec<i64> = rows.iter().map(|r| r.finalized - r.created).collect();
+    start.sort_unstable();
+    done.sort_unstable();
+    println!(
+        "  enqueue → start: p50 {} ms, p99 {} ms; enqueue → completion: p50 {} ms, p99 {} ms, max {} ms",
+        percentile(&start, 0.5),
+        percentile(&start, 0.99),
+        percentile(&done, 0.5),
+        percentile(&done, 0.99),
+        done.last().copied().unwrap_or(0)
+    );
+}
+
+/// Runs `scripts/bench-celery` with the same workload; returns its jobs/s.
+async fn celery(set: Settings) -> anyhow::Result<f64> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tokio::process::Command::new("bash")
+        .arg(format!("{root}/scripts/bench-celery"))
+        .args(["--jobs", &set.jobs.to_string()])
+        .args(["--clients", &SUBMITTERS.to_string()])
+        .args(["--workers", &set.workers.to_string()])
+        .args(["--concurrency", &WORKER_CONCURRENCY.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "scripts/bench-celery exited with {}",
+        out.status
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(line.lines().last().unwrap_or_default())?;
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "celery 5 (same RabbitMQ, quorum queue, acks_late, confirms; {} workers × {WORKER_CONCURRENCY} threads, {SUBMITTERS} clients):",
+        set.workers
+    );
+    println!(
+        "  {} tasks published at {:.0}/s; {:.1} tasks/s end to end ({:.2} s)",
+        f("jobs"),
+        f("publish_per_s"),
+        f("jobs_per_s"),
+        f("seconds")
+    );
+    println!(
+        "  enqueue → start: p50 {:.0} ms, p99 {:.0} ms; enqueue → completion: p50 {:.0} ms, p99 {:.0} ms",
+        f("start_p50_ms"),
+        f("start_p99_ms"),
+        f("done_p50_ms"),
+        f("done_p99_ms")
+    );
+    let rate = f("jobs_per_s");
+    anyhow::ensure!(rate.is_finite() && rate > 0.0, "no rate in {line}");
+    Ok(rate)
+}
+
+/// Deletes every queue a platform round declared (its namespace), so that
+/// runs do not leave quorum queues behind for the next one to share the
+/// broker with. Delay queues expire on their own.
+async fn delete_queues(namespace: &str) {
+    let stop = CancellationToken::new();
+    let Ok(q) = RabbitQueue::connect(&amqp_url(), namespace, stop.clone()).await else {
+        return;
+    };
+    for name in WorkQueue::ALL
+        .map(WorkQueue::as_str)
+        .into_iter()
+        .chain([OUTCOME_QUEUE, WAKE_QUEUE])
+    {
+        if let Err(e) = q.delete_queue(name).await {
+            println!("  (could not delete queue {namespace}{name}: {e})");
+        }
+    }
+    stop.cancel();
 }
 
 async fn broker(messages: usize) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let q = Arc::new(
-        RabbitQueue::connect(
-            &amqp_url(),
-            &format!("bench{}.", ulid::Ulid::new().to_string().to_lowercase()),
-            stop.clone(),
-        )
-        .await?,
-    );
+    let namespace = format!("bench{}.", ulid::Ulid::new().to_string().to_lowercase());
+    let q = Arc::new(RabbitQueue::connect(&amqp_url(), &namespace, stop.clone()).await?);
     let name = "raw";
     let started = Instant::now();
     let mut publishers = Vec::new();
@@ -281,6 +577,8 @@ async fn broker(messages: usize) -> anyhow::Result<()> {
         "  {messages} messages published and consumed in {secs:.2} s = {:.0} msg/s",
         messages as f64 / secs
     );
+    drop(consumer);
+    q.delete_queue(name).await?;
     stop.cancel();
     Ok(())
 }

@@ -40,7 +40,7 @@ use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind};
@@ -257,6 +257,34 @@ impl RabbitQueue {
     /// The broker's name for `queue`.
     fn name(&self, queue: &str) -> String {
         format!("{}{queue}", self.namespace)
+    }
+
+    /// Deletes `queue` and its `.dead` queue, messages and all (benches
+    /// and tests clean up their namespace with it; nothing in a deployment
+    /// deletes a queue). Its delay queues expire on their own. Returns the
+    /// messages the two held. Not for a broker that has just booted: deleting
+    /// an at-least-once dead-lettering quorum queue then could wedge
+    /// RabbitMQ 3.10 until restart (seen here), so the test suite, which
+    /// may start the broker, never calls it; the bench does, after a run.
+    pub async fn delete_queue(&self, queue: &str) -> Result<u64, QueueError> {
+        let name = self.name(queue);
+        let mut deleted = 0u64;
+        // The work queue first: it dead-letters into the other.
+        for n in [name.clone(), dead_queue_name(&name)] {
+            let mut slot = self.inner.admin.lock().await;
+            let channel = match self.inner.open_channel(&mut slot, false).await {
+                Ok(c) => c,
+                Err(Fail::Retry(m)) => return Err(QueueError::Unavailable(m)),
+                Err(Fail::Fatal(e)) => return Err(e),
+            };
+            let count = channel
+                .queue_delete(short(&n)?, QueueDeleteOptions::default())
+                .await
+                .map_err(queue_error)?;
+            deleted += u64::from(count);
+            self.inner.forget(&n);
+        }
+        Ok(deleted)
     }
 }
 
