@@ -8,16 +8,21 @@
 //! [`run`] starts four loops that stop when the shutdown token fires:
 //!
 //! - **outbox relay**: publishes committed outbox rows (written by the API in
-//!   the job's creating transaction) and marks them sent; polls every 200 ms.
+//!   the job's creating transaction) and marks them sent, a claimed batch of
+//!   up to 500 at a time (one wake-up message per batch); polls every 200 ms
+//!   while the outbox is empty.
 //! - **dispatcher**: woken by relay messages on the `scheduler` queue, by
 //!   recorded outcomes, and every `scheduler.tick_ms`. For each work queue it
-//!   keeps about `queue_target` tasks queued, picks the next outputs across
-//!   accounts with the weighted fair pick ([`atelier_shared::domain::fair`]),
-//!   claims each with a lease (so two replicas never dispatch one output) and
-//!   publishes the task. It also reaps leases that ran out (worker lost) and
+//!   keeps between half of `queue_target` and `queue_target` tasks queued:
+//!   it picks the next outputs across accounts with the weighted fair pick
+//!   ([`atelier_shared::domain::fair`]), claims them with a lease in one
+//!   statement (so two replicas never dispatch one output) and publishes
+//!   their tasks together, awaiting the confirms at once. It also reaps leases that ran out (worker lost) and
 //!   turns them into retryable failures.
 //! - **outcome consumer**: applies `started`/`heartbeat`/`completed`/`failed`
-//!   reports, each as one idempotent transaction, then acks.
+//!   reports in `scheduler.outcome_concurrency` lanes; a lane applies what
+//!   it has waiting (up to 64 reports) in one transaction of idempotent
+//!   transitions, then acks them (a group commit).
 //! - **gauges**: queue depth, outbox lag and in-flight outputs per account.
 //! - **notifications** ([`notify`]): the relay that pushes stored
 //!   notifications to live listeners and queues webhook deliveries, the
@@ -32,7 +37,7 @@
 
 pub mod notify;
 
-use atelier_shared::db::scheduling::{FailureOutcome, JobWork};
+use atelier_shared::db::scheduling::{Applied, FailureOutcome, JobWork};
 use atelier_shared::db::{Store, StoreError};
 use atelier_shared::domain::fair::{self, Candidate, Lane};
 use atelier_shared::domain::retry::RetryPolicy;
@@ -143,31 +148,15 @@ pub(crate) async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool
 async fn outbox_relay(ctx: SchedulerContext, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match ctx.store.claim_outbox(100, 30_000).await {
+        match ctx.store.claim_outbox(500, 30_000).await {
             Ok(rows) if rows.is_empty() => backoff = Duration::from_millis(200),
-            Ok(rows) => {
-                for row in rows {
-                    let m = Message {
-                        payload: row.payload.clone(),
-                        headers: Default::default(),
-                        delay: None,
-                    };
-                    match ctx.queue.publish(&row.topic, m).await {
-                        Ok(()) => {
-                            if let Err(e) = ctx.store.mark_outbox_sent(row.id).await {
-                                tracing::warn!(error = %e, outbox_id = row.id, "relay: cannot mark sent (it will be published again)");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, outbox_id = row.id, "relay: publish failed; will retry");
-                            let _ = ctx.store.release_outbox(row.id, &e.to_string()).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                            break;
-                        }
-                    }
+            Ok(rows) => match relay_batch(&ctx, rows).await {
+                Ok(()) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay: publish failed; will retry");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                continue;
-            }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "relay: store unavailable");
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -175,6 +164,59 @@ async fn outbox_relay(ctx: SchedulerContext, stop: CancellationToken) {
         }
         if sleep_or_stop(backoff, &stop).await {
             return;
+        }
+    }
+}
+
+/// Publishes one claimed batch of outbox rows and marks it sent with one
+/// statement. Wake-ups for the dispatcher carry nothing it reads (it looks
+/// at the store), so a batch of them is one message; rows of any other
+/// topic are published one message each, concurrently, confirms awaited
+/// together. Rows whose publish failed are given back for the next round;
+/// a row published but not marked (the store failed in between) is
+/// published again, which consumers tolerate (at-least-once).
+async fn relay_batch(
+    ctx: &SchedulerContext,
+    rows: Vec<atelier_shared::db::outbox::OutboxRow>,
+) -> anyhow::Result<()> {
+    let (wakes, others): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.topic == WAKE_QUEUE);
+    let mut sent = Vec::with_capacity(wakes.len() + others.len());
+    let mut failed: Option<(Vec<i64>, String)> = None;
+    if !wakes.is_empty() {
+        let m = Message::json(&serde_json::json!({"event": "wake", "rows": wakes.len()}))?;
+        match ctx.queue.publish(WAKE_QUEUE, m).await {
+            Ok(()) => sent.extend(wakes.iter().map(|r| r.id)),
+            Err(e) => failed = Some((wakes.iter().map(|r| r.id).collect(), e.to_string())),
+        }
+    }
+    let results = futures::future::join_all(others.iter().map(|row| {
+        let m = Message {
+            payload: row.payload.clone(),
+            headers: Default::default(),
+            delay: None,
+        };
+        ctx.queue.publish(&row.topic, m)
+    }))
+    .await;
+    for (row, r) in others.iter().zip(results) {
+        match r {
+            Ok(()) => sent.push(row.id),
+            Err(e) => {
+                let f = failed.get_or_insert_with(|| (Vec::new(), e.to_string()));
+                f.0.push(row.id);
+            }
+        }
+    }
+    if let Err(e) = ctx.store.mark_outbox_sent(&sent).await {
+        tracing::warn!(error = %e, rows = sent.len(), "relay: cannot mark sent (they will be published again)");
+    }
+    match failed {
+        None => Ok(()),
+        Some((ids, error)) => {
+            for id in ids {
+                let _ = ctx.store.release_outbox(id, &error).await;
+            }
+            anyhow::bail!(error)
         }
     }
 }
@@ -256,6 +298,14 @@ async fn reap(ctx: &SchedulerContext) -> anyhow::Result<()> {
 /// round.
 async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Result<()> {
     let queued = usize::try_from(ctx.store.queued_count(queue).await?).unwrap_or(usize::MAX);
+    // Topped up only once at most half of the target is left: under load a
+    // round claims and publishes many tasks at once instead of one or two
+    // per report, and the candidate query (which reads the queue's whole
+    // backlog) runs that much less often. Workers still have half the
+    // target queued when a round starts.
+    if queue != WorkQueue::Training && queued > ctx.queue_target / 2 {
+        return Ok(());
+    }
     let mut slots = ctx.queue_target.saturating_sub(queued);
     let mut in_flight = None;
     if queue == WorkQueue::Training && slots > 0 {
@@ -305,6 +355,7 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
     }
     // What every task of a job carries, read once per job this round.
     let mut work: std::collections::HashMap<String, Work> = Default::default();
+    let mut runnable: Vec<(i64, String)> = Vec::new();
     for (_, pick) in fair::pick(lanes.into_values().collect(), slots) {
         let Some(job_id) = jobs.get(&pick.output_id).cloned() else {
             continue;
@@ -325,73 +376,112 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
             };
             work.insert(job_id.clone(), w);
         }
-        let job = match work.get(&job_id) {
-            Some(Work::Ready(job)) if job.waiting => continue,
+        match work.get(&job_id) {
+            Some(Work::Ready(job)) if job.waiting => {}
             Some(Work::Ready(job)) if job.blocked.is_some() => {
                 let why = job.blocked.clone().unwrap_or_default();
                 fail_unrunnable(ctx, pick.output_id, &why).await?;
-                continue;
             }
-            Some(Work::Ready(job)) => job,
-            Some(Work::Unreadable) | None => continue,
+            Some(Work::Ready(_)) => runnable.push((pick.output_id, job_id)),
+            Some(Work::Unreadable) | None => {}
             Some(Work::Gone) => {
                 // Its job is gone, or an input of a job admitted before
                 // inputs were resolved at admission is: fail it for good.
-                fail_unrunnable(ctx, pick.output_id, "an input of this job no longer exists").await?;
-                continue;
+                fail_unrunnable(ctx, pick.output_id, "an input of this job no longer exists")
+                    .await?;
             }
-        };
-        let deadline = now_ms() + ctx.dispatch_lease.as_millis() as i64;
-        let Some(claim) = ctx
-            .store
-            .claim_for_dispatch(pick.output_id, deadline, &ctx.instance)
-            .await?
-        else {
+        }
+    }
+    if runnable.is_empty() {
+        return Ok(());
+    }
+    // One claim for the round (those another replica took are missing),
+    // then every task published at once, their confirms awaited together.
+    let deadline = now_ms() + ctx.dispatch_lease.as_millis() as i64;
+    let ids: Vec<i64> = runnable.iter().map(|(id, _)| *id).collect();
+    let mut claims = ctx
+        .store
+        .claim_many_for_dispatch(&ids, deadline, &ctx.instance)
+        .await?;
+    let mut sends = Vec::with_capacity(claims.len());
+    let mut first_error: Option<anyhow::Error> = None;
+    for (output_id, job_id) in runnable {
+        let Some(claim) = claims.remove(&output_id) else {
             continue; // another replica took it
+        };
+        let Some(Work::Ready(job)) = work.get(&job_id) else {
+            continue;
         };
         let attempt = claim.attempt;
         // The dispatch is a hop of the job's trace (a new root for jobs
         // created before traces were kept).
         let parent = job.traceparent.as_deref().and_then(TraceParent::parse);
-        let span = tracing::info_span!("dispatch", job.id = %job_id, output.id = pick.output_id, attempt, queue = %queue);
+        let span = tracing::info_span!("dispatch", job.id = %job_id, output.id = output_id, attempt, queue = %queue);
         if let Some(p) = &parent {
             atelier_shared::telemetry::adopt(&span, p);
         }
         let trace = atelier_shared::telemetry::hop_of(&span, parent.as_ref());
-        let task = Task {
-            job_id,
-            account_id: job.account_id.clone(),
-            output_id: pick.output_id,
-            attempt,
-            deadline_ms: deadline,
-            traceparent: Some(trace.to_string()),
-            output: claim.output,
-            work: job.spec.clone(),
-            inputs: job.inputs.clone(),
-            training: training_links(ctx, &job.spec, pick.output_id, attempt).await?,
-            weights_urls: weights_urls(ctx, &job.spec).await?,
-        };
-        tracing::debug!(trace_id = %trace.trace_id_hex(), output_id = pick.output_id, attempt, "dispatching");
-        let message = Message::json(&task)?.with_header("traceparent", trace.to_string());
-        if let Err(e) = ctx
-            .queue
-            .publish(queue.as_str(), message)
-            .instrument(span)
-            .await
-        {
-            ctx.store.unclaim(pick.output_id, attempt).await?;
-            return Err(e.into());
+        let built = async {
+            let task = Task {
+                job_id,
+                account_id: job.account_id.clone(),
+                output_id,
+                attempt,
+                deadline_ms: deadline,
+                traceparent: Some(trace.to_string()),
+                output: claim.output,
+                work: job.spec.clone(),
+                inputs: job.inputs.clone(),
+                training: training_links(ctx, &job.spec, output_id, attempt).await?,
+                weights_urls: weights_urls(ctx, &job.spec).await?,
+            };
+            anyhow::Ok(Message::json(&task)?.with_header("traceparent", trace.to_string()))
         }
-        metrics::counter!("atelier_tasks_dispatched_total", "type" => queue.as_str()).increment(1);
+        .await;
+        let message = match built {
+            Ok(m) => m,
+            Err(e) => {
+                // Given back, as the others are when their publish fails;
+                // the rest of the round still goes out.
+                ctx.store.unclaim(output_id, attempt).await?;
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        tracing::debug!(trace_id = %trace.trace_id_hex(), output_id, attempt, "dispatching");
+        sends.push(
+            async move {
+                let r = ctx.queue.publish(queue.as_str(), message).await;
+                (output_id, attempt, r)
+            }
+            .instrument(span),
+        );
     }
-    Ok(())
+    for (output_id, attempt, r) in futures::future::join_all(sends).await {
+        match r {
+            Ok(()) => {
+                metrics::counter!("atelier_tasks_dispatched_total", "type" => queue.as_str())
+                    .increment(1);
+            }
+            Err(e) => {
+                ctx.store.unclaim(output_id, attempt).await?;
+                first_error.get_or_insert(e.into());
+            }
+        }
+    }
+    match first_error {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
 }
 
 /// The trainer time each account had within `training.share_window`, in
 /// thousandths of one training's worth (the window's mean training, or
 /// `training.share_quantum` when none ended in it): what the fair pick
 /// weighs besides what is in flight, so that trainer time is shared.
-async fn training_usage(ctx: &SchedulerContext) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+async fn training_usage(
+    ctx: &SchedulerContext,
+) -> anyhow::Result<std::collections::HashMap<String, u64>> {
     let now = now_ms();
     let since = now - i64::try_from(ctx.training_window.as_millis()).unwrap_or(i64::MAX / 2);
     let (per_account, mean) = ctx
@@ -448,7 +538,11 @@ async fn weights_urls(
         urls.push(
             ctx.notify
                 .links
-                .object_url(&l.weights_key, &l.weights_content_type, Duration::from_secs(3600))
+                .object_url(
+                    &l.weights_key,
+                    &l.weights_content_type,
+                    Duration::from_secs(3600),
+                )
                 .await?,
         );
     }
@@ -488,16 +582,22 @@ async fn fail_unrunnable(ctx: &SchedulerContext, output_id: i64, why: &str) -> a
     Ok(())
 }
 
-/// Applies workers' reports. Each is one short transaction, so they run
-/// `scheduler.outcome_concurrency` at a time: a delivery goes to the lane
-/// of its output (`output_id` modulo the lanes), so that the reports of
-/// one output (started, heartbeats, completed) are applied in the order
-/// they arrived while different outputs' reports do not wait for each
-/// other. A lane acknowledges a report once it is recorded.
+/// Applies workers' reports, `scheduler.outcome_concurrency` lanes at a
+/// time: a delivery goes to the lane of its output (`output_id` modulo the
+/// lanes), so that the reports of one output (started, heartbeats,
+/// completed) are applied in the order they arrived while different
+/// outputs' reports do not wait for each other. A lane applies the reports
+/// it has waiting, up to [`OUTCOME_BATCH`], in one transaction and
+/// acknowledges them once it committed; if it fails they all go back to the
+/// broker (each report is idempotent, so a redelivery is harmless).
 async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
     let lanes = ctx.outcome_lanes.max(1);
     let mut c = loop {
-        match ctx.queue.consume(OUTCOME_QUEUE, (64 * lanes).min(1024)).await {
+        match ctx
+            .queue
+            .consume(OUTCOME_QUEUE, (64 * lanes).min(1024))
+            .await
+        {
             Ok(c) => break c,
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler: cannot consume outcomes yet");
@@ -514,17 +614,31 @@ async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancel
         senders.push(tx);
         let (ctx, wake) = (ctx.clone(), wake.clone());
         workers.spawn(async move {
-            while let Some((outcome, d)) = rx.recv().await {
-                match apply(&ctx, &outcome).await {
-                    Ok(terminal) => {
-                        if terminal {
+            while let Some(first) = rx.recv().await {
+                // Whatever else this lane has waiting goes in the same
+                // transaction (one commit, one write per account row).
+                let mut batch = vec![first];
+                while batch.len() < OUTCOME_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (outcomes, deliveries): (Vec<Outcome>, Vec<Delivery>) = batch.into_iter().unzip();
+                match apply(&ctx, &outcomes).await {
+                    Ok(freed) => {
+                        if freed {
                             wake.notify_one();
                         }
-                        let _ = d.ack().await;
+                        for d in deliveries {
+                            let _ = d.ack().await;
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, output_id = outcome.output_id(), "scheduler: cannot record outcome yet; requeueing");
-                        let _ = d.nack(Some(Duration::from_secs(1))).await;
+                        tracing::warn!(error = %e, reports = outcomes.len(), "scheduler: cannot record outcomes yet; requeueing");
+                        for d in deliveries {
+                            let _ = d.nack(Some(Duration::from_secs(1))).await;
+                        }
                     }
                 }
             }
@@ -562,71 +676,55 @@ async fn queue_of(ctx: &SchedulerContext, output_id: i64) -> &'static str {
     }
 }
 
-/// Applies one report. Returns whether an output slot was freed.
-pub async fn apply(ctx: &SchedulerContext, outcome: &Outcome) -> anyhow::Result<bool> {
-    let now = now_ms();
-    Ok(match outcome {
-        Outcome::Started {
-            output_id,
-            attempt,
-            worker,
-        } => {
-            let lease = now + ctx.running_lease.as_millis() as i64;
-            if !ctx
-                .store
-                .record_started(*output_id, *attempt, lease, worker)
-                .await?
-            {
-                tracing::debug!(output_id, attempt, "scheduler: stale start ignored");
-            }
-            false
-        }
-        Outcome::Heartbeat { output_id, attempt } => {
-            let lease = now + ctx.running_lease.as_millis() as i64;
-            ctx.store.extend_lease(*output_id, *attempt, lease).await?;
-            false
-        }
-        Outcome::Completed {
-            output_id,
-            attempt,
-            result,
-        } => {
-            let recorded = ctx
-                .store
-                .record_completed(*output_id, *attempt, result)
-                .await?;
-            let label = if recorded { "completed" } else { "stale" };
-            let queue = queue_of(ctx, *output_id).await;
-            metrics::counter!("atelier_tasks_total", "type" => queue, "outcome" => label)
-                .increment(1);
-            recorded
-        }
-        Outcome::Failed {
-            output_id,
-            attempt,
-            failure,
-            message,
-        } => {
-            let unit: f64 = rand::rng().random();
-            let r = ctx
-                .store
-                .record_failure(*output_id, *attempt, failure, message, &ctx.retry, unit)
-                .await?;
-            let queue = queue_of(ctx, *output_id).await;
-            let label = match r {
-                FailureOutcome::Retried { .. } => {
-                    metrics::counter!("atelier_retries_total", "type" => queue).increment(1);
-                    "retried"
+/// Reports a lane applies in one transaction at most.
+const OUTCOME_BATCH: usize = 64;
+
+/// Applies a batch of reports in one transaction ([`Store::apply_outcomes`])
+/// and counts them. Returns whether an output slot was freed.
+pub async fn apply(ctx: &SchedulerContext, outcomes: &[Outcome]) -> anyhow::Result<bool> {
+    let lease = now_ms() + ctx.running_lease.as_millis() as i64;
+    let units: Vec<f64> = outcomes.iter().map(|_| rand::rng().random()).collect();
+    let applied = ctx
+        .store
+        .apply_outcomes(outcomes, lease, &ctx.retry, &units)
+        .await?;
+    let mut freed = false;
+    for (outcome, applied) in outcomes.iter().zip(applied) {
+        let output_id = outcome.output_id();
+        match applied {
+            Applied::Started(started) => {
+                if !started {
+                    tracing::debug!(output_id, "scheduler: stale start ignored");
                 }
-                FailureOutcome::FellBack { .. } => "fell_back",
-                FailureOutcome::Failed => "failed",
-                FailureOutcome::Ignored => "stale",
-            };
-            metrics::counter!("atelier_tasks_total", "type" => queue, "outcome" => label)
-                .increment(1);
-            true
+            }
+            Applied::Extended(_) => {}
+            Applied::Completed(recorded) => {
+                let (queue, label) = match recorded {
+                    Some(q) => (q.as_str(), "completed"),
+                    None => (queue_of(ctx, output_id).await, "stale"),
+                };
+                metrics::counter!("atelier_tasks_total", "type" => queue, "outcome" => label)
+                    .increment(1);
+                freed |= recorded.is_some();
+            }
+            Applied::Failed(r) => {
+                let queue = queue_of(ctx, output_id).await;
+                let label = match r {
+                    FailureOutcome::Retried { .. } => {
+                        metrics::counter!("atelier_retries_total", "type" => queue).increment(1);
+                        "retried"
+                    }
+                    FailureOutcome::FellBack { .. } => "fell_back",
+                    FailureOutcome::Failed => "failed",
+                    FailureOutcome::Ignored => "stale",
+                };
+                metrics::counter!("atelier_tasks_total", "type" => queue, "outcome" => label)
+                    .increment(1);
+                freed = true;
+            }
         }
-    })
+    }
+    Ok(freed)
 }
 
 async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
@@ -648,7 +746,10 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
         for q in WorkQueue::ALL {
             if let Ok(states) = ctx.store.open_by_state(q).await {
                 for s in atelier_shared::domain::OutputStatus::OPEN {
-                    let n = states.iter().find(|(st, _)| *st == s).map_or(0, |(_, n)| *n);
+                    let n = states
+                        .iter()
+                        .find(|(st, _)| *st == s)
+                        .map_or(0, |(_, n)| *n);
                     metrics::gauge!("atelier_outputs_open", "queue" => q.as_str(), "state" => s.as_str())
                         .set(n as f64);
                 }

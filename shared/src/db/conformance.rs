@@ -3,14 +3,14 @@
 use super::accounts::NewAccount;
 use super::jobs::{Admission, NewJob};
 use super::projects::{CreateProject, ProjectQuery};
-use super::scheduling::FailureOutcome;
+use super::scheduling::{Applied, FailureOutcome};
 use super::testing::TestDb;
 use super::{Dialect, Store, StoreError};
 use crate::domain::credits::{Credits, PriceTable};
 use crate::domain::engines::EngineAvailability;
 use crate::domain::packshot::{DesignCatalogue, EngineChoice, PackshotSpec};
 use crate::domain::retry::RetryPolicy;
-use crate::domain::{FailureKind, JobStatus, OutputResult, OutputStatus, Plan};
+use crate::domain::{FailureKind, JobStatus, Outcome, OutputResult, OutputStatus, Plan, WorkQueue};
 use crate::time::now_ms;
 
 async fn account(s: &Store, name: &str, credits: i64) -> String {
@@ -708,17 +708,126 @@ pub async fn projects_are_per_account(s: Store) {
     assert_eq!(s.list_projects(&a, &q).await.expect("list").1, 1);
 }
 
+/// A lane's batch of reports is one transaction with the same effects as
+/// the reports applied one by one: duplicates and stale reports change
+/// nothing, each output is settled once, the account row is right.
+pub async fn a_batch_of_reports_is_one_group_commit(s: Store) {
+    let a = account(&s, "dora", 20).await;
+    let ja = created(&s, job(&a, &[1, 3], None)).await;
+    let jb = created(&s, job(&a, &[5], None)).await;
+    let outs = s.latest_outputs(&ja).await.expect("outputs");
+    let (a1, a2) = (outs[0].id, outs[1].id);
+    let b1 = s.latest_outputs(&jb).await.expect("outputs")[0].id;
+    let lease = now_ms() + 60_000;
+    for o in [a1, a2, b1] {
+        assert_eq!(
+            s.claim_for_dispatch(o, lease, "t")
+                .await
+                .expect("claim")
+                .map(|c| c.attempt),
+            Some(1)
+        );
+    }
+    let started = |output_id| Outcome::Started {
+        output_id,
+        attempt: 1,
+        worker: "w".into(),
+    };
+    let completed = |output_id| Outcome::Completed {
+        output_id,
+        attempt: 1,
+        result: result(),
+    };
+    let batch = vec![
+        started(a1),
+        started(a2),
+        completed(a1),
+        Outcome::Failed {
+            output_id: a2,
+            attempt: 1,
+            failure: FailureKind::Permanent,
+            message: "corrupt image".into(),
+        },
+        started(b1),
+        completed(b1),
+        // A task that ran twice, and a heartbeat that arrived late.
+        completed(a1),
+        Outcome::Heartbeat {
+            output_id: b1,
+            attempt: 1,
+        },
+    ];
+    let applied = s
+        .apply_outcomes(&batch, lease, &RetryPolicy::default(), &[0.5; 8])
+        .await
+        .expect("applied");
+    assert_eq!(
+        applied,
+        vec![
+            Applied::Started(true),
+            Applied::Started(true),
+            Applied::Completed(Some(WorkQueue::Packshot)),
+            Applied::Failed(FailureOutcome::Failed),
+            Applied::Started(true),
+            Applied::Completed(Some(WorkQueue::Packshot)),
+            Applied::Completed(None),
+            Applied::Extended(false),
+        ]
+    );
+    // Charged 1 + 5, the 3 released; no slot or reservation left.
+    let acc = s.account(&a).await.expect("read").expect("exists");
+    assert_eq!((acc.balance, acc.reserved, acc.active_jobs), (14_000, 0, 0));
+    for j in [&ja, &jb] {
+        assert_eq!(
+            s.job(j).await.expect("read").expect("job").status,
+            JobStatus::Completed
+        );
+    }
+    // The same batch again (a redelivery) changes nothing.
+    let again = s
+        .apply_outcomes(&batch, lease, &RetryPolicy::default(), &[0.5; 8])
+        .await
+        .expect("applied");
+    assert!(again.iter().all(|a| matches!(
+        a,
+        Applied::Started(false)
+            | Applied::Extended(false)
+            | Applied::Completed(None)
+            | Applied::Failed(FailureOutcome::Ignored)
+    )));
+    let acc = s.account(&a).await.expect("read").expect("exists");
+    assert_eq!((acc.balance, acc.reserved, acc.active_jobs), (14_000, 0, 0));
+    audit_clean(&s).await;
+}
+
 pub async fn outbox_is_claimed_once(s: Store) {
     let a = account(&s, "jo", 5).await;
-    created(&s, job(&a, &[1], None)).await;
-    let rows = s.claim_outbox(10, 60_000).await.expect("claim");
-    assert_eq!(rows.len(), 1);
+    for _ in 0..3 {
+        created(&s, job(&a, &[1], None)).await;
+    }
+    let first = s.claim_outbox(2, 60_000).await.expect("claim");
+    assert_eq!(first.len(), 2, "the limit holds");
+    assert!(first[0].id < first[1].id, "oldest first");
+    let rest = s.claim_outbox(10, 60_000).await.expect("claim");
+    assert_eq!(rest.len(), 1, "claimed rows are not claimed again");
+    assert!(rest[0].id > first[1].id);
     assert!(
         s.claim_outbox(10, 60_000).await.expect("claim").is_empty(),
         "claimed twice"
     );
-    s.mark_outbox_sent(rows[0].id).await.expect("sent");
+    assert!(s.outbox_lag_ms().await.expect("lag") >= 0);
+    let ids: Vec<i64> = first.iter().chain(&rest).map(|r| r.id).collect();
+    s.mark_outbox_sent(&ids).await.expect("sent");
     assert_eq!(s.outbox_lag_ms().await.expect("lag"), 0);
+    // A lease that ran out makes an unsent row claimable again.
+    created(&s, job(&a, &[1], None)).await;
+    let lost = s.claim_outbox(10, -1).await.expect("claim");
+    assert_eq!(lost.len(), 1);
+    let again = s.claim_outbox(10, 60_000).await.expect("claim");
+    assert_eq!(
+        again.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![lost[0].id]
+    );
 }
 
 /// Relays what a job's creation stored, queueing a delivery when the
@@ -1364,6 +1473,7 @@ macro_rules! store_suite {
             t!(ledger_is_append_only_and_states_are_checked);
             t!(projects_are_per_account);
             t!(outbox_is_claimed_once);
+            t!(a_batch_of_reports_is_one_group_commit);
             t!(notifications_are_relayed_once_consumed_and_pruned);
             t!(webhook_deliveries_retry_give_up_and_keep_job_order);
             t!(identities_are_admitted_replaced_and_deleted);

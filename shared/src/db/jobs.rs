@@ -5,7 +5,7 @@ use super::files::uploaded_keys;
 use super::notifications::notify_job;
 use super::outbox::enqueue_outbox;
 use super::rows::{JOB_SELECT, JobRow, OUTPUT_COLUMNS, OutputRow};
-use super::transitions::{finalize_job, finish_output};
+use super::transitions::{AccountChanges, finalize_job, finish_output};
 use super::{Result, Store, Tx, to_json};
 use crate::domain::credits::{Credits, PriceTable};
 use crate::domain::identity::FaceRecord;
@@ -194,47 +194,7 @@ impl Store {
         let required: Credits = outputs.iter().map(|o| o.cost).sum();
         let now = now_ms();
 
-        // Lock order everywhere: the billing account, then the member account
-        // (settlement and finalisation take them in the same order).
-        let r = sqlx::query("UPDATE accounts SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2")
-            .bind(j.billing_account_id)
-            .bind(required.0)
-            .execute(&mut **tx)
-            .await?;
-        if r.rows_affected() == 0 {
-            let (balance, reserved): (i64, i64) =
-                sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
-                    .bind(j.billing_account_id)
-                    .fetch_one(&mut **tx)
-                    .await?;
-            return Ok(Admission::InsufficientCredits {
-                required,
-                in_progress: Credits(reserved),
-                user_credits: Credits(balance),
-            });
-        }
-
         let counts = job_type.counts_against_cap();
-        if counts {
-            // Conditional increments are atomic on both dialects: no read-then-write race.
-            let cap = j.active_job_cap.map(i64::from).unwrap_or(i64::MAX);
-            let r = sqlx::query("UPDATE accounts SET active_jobs = active_jobs + 1 WHERE id = $1 AND active_jobs < $2")
-                .bind(j.account_id)
-                .bind(cap)
-                .execute(&mut **tx)
-                .await?;
-            if r.rows_affected() == 0 {
-                let active: i64 =
-                    sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
-                        .bind(j.account_id)
-                        .fetch_one(&mut **tx)
-                        .await?;
-                return Ok(Admission::ConcurrencyLimit {
-                    active,
-                    cap: j.active_job_cap.unwrap_or(u32::MAX),
-                });
-            }
-        }
         // The identity's current face (a completed replacement counts),
         // with the identity row locked against a concurrent delete.
         let mut face_job: Option<String> = None;
@@ -263,7 +223,9 @@ impl Store {
                 Some((Some(JobStatus::Completed), id)) => face_job = id,
                 // Being preprocessed: the job waits for it (the scheduler
                 // holds its outputs until the face exists).
-                Some((Some(JobStatus::Pending | JobStatus::Processing), Some(id))) => waits_for = Some(id),
+                Some((Some(JobStatus::Pending | JobStatus::Processing), Some(id))) => {
+                    waits_for = Some(id)
+                }
                 Some((s, _)) => {
                     return Ok(Admission::IdentityNotReady {
                         status: crate::domain::identity::preprocessing_status(s),
@@ -343,8 +305,8 @@ impl Store {
         for o in &outputs {
             sqlx::query(
                 "INSERT INTO outputs (job_id, billing_account_id, queue, instruction_index, variation_index, status, max_attempts, \
-                 scheduled_at, cost, output_format, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $10, $6, $7, $8, $9, $7, $7)",
+                 scheduled_at, cost, output_format, created_at, updated_at, account_id) \
+                 VALUES ($1, $2, $3, $4, $5, $10, $6, $7, $8, $9, $7, $7, $11)",
             )
             .bind(&job_id)
             .bind(j.billing_account_id)
@@ -356,6 +318,7 @@ impl Store {
             .bind(o.cost.0)
             .bind(o.format.ext())
             .bind(OutputStatus::Pending)
+            .bind(j.account_id)
             .execute(&mut **tx)
             .await?;
         }
@@ -383,11 +346,96 @@ impl Store {
             &serde_json::json!({"event": "job_created", "job_id": job_id}),
         )
         .await?;
+        // The account rows last (see `transitions`): every admission and
+        // settlement of an account serialises on its row, so it is held
+        // only from here to the commit. The updates are conditional, so
+        // no check can be overtaken; a refusal rolls back everything
+        // written above (the caller commits only `Created`).
+        if let Some(refused) = self.reserve_for_admission(tx, j, required, counts).await? {
+            return Ok(refused);
+        }
         Ok(Admission::Created {
             job_id,
             total_outputs: outputs.len() as i64,
             required,
         })
+    }
+
+    /// Admission's writes to the account rows: `reserved` within the
+    /// balance on the billing account, then (for a kind that counts) an
+    /// active-job slot under the cap on the member account, the lock order
+    /// used everywhere. One statement when both are the same account (as
+    /// they are unless a group pays). `Some(refusal)` when a check fails.
+    async fn reserve_for_admission(
+        &self,
+        tx: &mut Tx,
+        j: &NewJob<'_>,
+        required: Credits,
+        counts: bool,
+    ) -> Result<Option<Admission>> {
+        let cap = j.active_job_cap.map(i64::from).unwrap_or(i64::MAX);
+        let slot = i64::from(counts);
+        let (balance, reserved): (i64, i64) = if j.billing_account_id == j.account_id {
+            let r = sqlx::query(
+                "UPDATE accounts SET reserved = reserved + $2, active_jobs = active_jobs + $3 \
+                 WHERE id = $1 AND balance - reserved >= $2 AND ($3 = 0 OR active_jobs < $4)",
+            )
+            .bind(j.billing_account_id)
+            .bind(required.0)
+            .bind(slot)
+            .bind(cap)
+            .execute(&mut **tx)
+            .await?;
+            if r.rows_affected() == 1 {
+                return Ok(None);
+            }
+            // Nothing changed: the row tells which check failed.
+            sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
+                .bind(j.billing_account_id)
+                .fetch_one(&mut **tx)
+                .await?
+        } else {
+            let r = sqlx::query("UPDATE accounts SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2")
+                .bind(j.billing_account_id)
+                .bind(required.0)
+                .execute(&mut **tx)
+                .await?;
+            if r.rows_affected() == 0 {
+                sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
+                    .bind(j.billing_account_id)
+                    .fetch_one(&mut **tx)
+                    .await?
+            } else if !counts {
+                return Ok(None);
+            } else {
+                // Conditional increments are atomic on both dialects: no read-then-write race.
+                let r = sqlx::query("UPDATE accounts SET active_jobs = active_jobs + 1 WHERE id = $1 AND active_jobs < $2")
+                    .bind(j.account_id)
+                    .bind(cap)
+                    .execute(&mut **tx)
+                    .await?;
+                if r.rows_affected() == 1 {
+                    return Ok(None);
+                }
+                // The credits were there: the cap refused.
+                (i64::MAX, 0)
+            }
+        };
+        if balance - reserved < required.0 {
+            return Ok(Some(Admission::InsufficientCredits {
+                required,
+                in_progress: Credits(reserved),
+                user_credits: Credits(balance),
+            }));
+        }
+        let active: i64 = sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
+            .bind(j.account_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(Some(Admission::ConcurrencyLimit {
+            active,
+            cap: j.active_job_cap.unwrap_or(u32::MAX),
+        }))
     }
 
     /// What a job admitted before `jobs.inputs` existed reads, resolved
@@ -488,9 +536,11 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
         let mut running = Vec::new();
+        let mut accounts = AccountChanges::default();
         for o in &open {
             if finish_output(
                 &mut tx,
+                &mut accounts,
                 o,
                 OutputStatus::Cancelled,
                 "aborted by the client",
@@ -505,7 +555,8 @@ impl Store {
                 running.push((o.id, o.attempt));
             }
         }
-        finalize_job(&mut tx, job_id, Some(JobStatus::Aborted)).await?;
+        finalize_job(&mut tx, &mut accounts, job_id, Some(JobStatus::Aborted)).await?;
+        accounts.apply(&mut tx).await?;
         tx.commit().await?;
         Ok(Some(Abort {
             aborted: true,
@@ -625,8 +676,8 @@ impl Store {
         let version = latest_version + 1;
         let output_id: i64 = sqlx::query_scalar(
             "INSERT INTO outputs (job_id, billing_account_id, queue, instruction_index, variation_index, version, status, \
-             max_attempts, scheduled_at, cost, output_format, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9) RETURNING id",
+             max_attempts, scheduled_at, cost, output_format, created_at, updated_at, account_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9, $12) RETURNING id",
         )
         .bind(job_id)
         .bind(&job.billing_account_id)
@@ -639,6 +690,7 @@ impl Store {
         .bind(now)
         .bind(cost.0)
         .bind(&latest.output_format)
+        .bind(&job.account_id)
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(

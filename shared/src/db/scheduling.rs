@@ -9,11 +9,15 @@
 
 use super::notifications::notify_job;
 use super::rows::{JOB_SELECT, JobRow, OUTPUT_COLUMNS, OutputRow};
-use super::transitions::{finalize_job, finish_output, live_output, post_processing_progress};
-use super::{Result, Store};
+use super::transitions::{
+    AccountChanges, finalize_job, finish_output, live_output, post_processing_progress,
+};
+use super::{Result, Store, Tx};
 use crate::domain::retry::RetryPolicy;
 use crate::domain::task::{JobInputs, TaskOutput};
-use crate::domain::{FailureKind, JobSpec, JobStatus, OutputResult, OutputStatus, Plan, WorkQueue};
+use crate::domain::{
+    FailureKind, JobSpec, JobStatus, Outcome, OutputResult, OutputStatus, Plan, WorkQueue,
+};
 use crate::time::now_ms;
 use std::collections::HashMap;
 
@@ -64,32 +68,84 @@ pub enum FailureOutcome {
     Ignored,
 }
 
+/// What applying one worker report did (see [`Store::apply_outcomes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// `started`: whether it moved the output to `running`.
+    Started(bool),
+    /// `heartbeat`: whether the lease was extended.
+    Extended(bool),
+    /// `completed`: the output's work queue when recorded, `None` if stale.
+    Completed(Option<WorkQueue>),
+    Failed(FailureOutcome),
+}
+
 impl Store {
     /// Up to `per_account` eligible outputs of every account for `queue`,
     /// oldest first within an account.
+    ///
+    /// On PostgreSQL the accounts with pending outputs are found by a skip
+    /// scan of the `outputs_lanes` index and each account's oldest outputs
+    /// by a bounded scan of the same index, so a round reads about
+    /// accounts × `per_account` rows however long the backlog is. SQLite
+    /// (one process, small queues) ranks the whole backlog.
     pub async fn dispatch_candidates(
         &self,
         queue: WorkQueue,
         per_account: i64,
     ) -> Result<Vec<DispatchCandidate>> {
-        let sql = format!(
-            "SELECT id, job_id, account_id, plan, scheduled_at, traceparent FROM ( \
-               SELECT o.id, o.job_id, j.account_id, a.plan, o.scheduled_at, j.traceparent, \
-                      ROW_NUMBER() OVER (PARTITION BY j.account_id ORDER BY o.scheduled_at, o.id) AS rn \
-               FROM outputs o JOIN jobs j ON j.id = o.job_id JOIN accounts a ON a.id = j.account_id \
-               WHERE o.status = $4 AND o.queue = $1 AND o.scheduled_at <= $2 \
-                 AND (j.waits_for IS NULL OR NOT EXISTS (SELECT 1 FROM jobs w WHERE w.id = j.waits_for \
-                      AND w.status IN ({})))) t \
-             WHERE rn <= $3 ORDER BY scheduled_at, id",
+        let waits = format!(
+            "(j.waits_for IS NULL OR NOT EXISTS (SELECT 1 FROM jobs w WHERE w.id = j.waits_for \
+             AND w.status IN ({})))",
             JobStatus::sql_in(&JobStatus::OPEN)
         );
+        if self.dialect == super::Dialect::Postgres {
+            // Outputs an API of the previous version inserted during a
+            // rolling upgrade carry no lane yet: given theirs, so that the
+            // index finds them. (Indexed, and nothing to do once upgraded.)
+            sqlx::query(
+                "UPDATE outputs SET account_id = (SELECT j.account_id FROM jobs j WHERE j.id = outputs.job_id) \
+                 WHERE queue = $1 AND status = $2 AND account_id IS NULL",
+            )
+            .bind(queue)
+            .bind(OutputStatus::Pending)
+            .execute(self.pool())
+            .await?;
+        }
+        let sql = match self.dialect {
+            super::Dialect::Postgres => format!(
+                "WITH RECURSIVE lanes(account_id) AS ( \
+                   (SELECT account_id FROM outputs WHERE queue = $1 AND status = $4 AND account_id IS NOT NULL \
+                    ORDER BY account_id LIMIT 1) \
+                   UNION ALL \
+                   SELECT (SELECT o.account_id FROM outputs o WHERE o.queue = $1 AND o.status = $4 \
+                           AND o.account_id > l.account_id ORDER BY o.account_id LIMIT 1) \
+                   FROM lanes l WHERE l.account_id IS NOT NULL) \
+                 SELECT c.id, c.job_id, l.account_id, a.plan, c.scheduled_at, c.traceparent \
+                 FROM lanes l JOIN accounts a ON a.id = l.account_id \
+                 CROSS JOIN LATERAL ( \
+                   SELECT o.id, o.job_id, o.scheduled_at, j.traceparent FROM outputs o JOIN jobs j ON j.id = o.job_id \
+                   WHERE o.queue = $1 AND o.status = $4 AND o.account_id = l.account_id AND o.scheduled_at <= $2 \
+                     AND {waits} \
+                   ORDER BY o.scheduled_at, o.id LIMIT $3) c \
+                 ORDER BY c.scheduled_at, c.id"
+            ),
+            super::Dialect::Sqlite => format!(
+                "SELECT id, job_id, account_id, plan, scheduled_at, traceparent FROM ( \
+                   SELECT o.id, o.job_id, j.account_id, a.plan, o.scheduled_at, j.traceparent, \
+                          ROW_NUMBER() OVER (PARTITION BY j.account_id ORDER BY o.scheduled_at, o.id) AS rn \
+                   FROM outputs o JOIN jobs j ON j.id = o.job_id JOIN accounts a ON a.id = j.account_id \
+                   WHERE o.status = $4 AND o.queue = $1 AND o.scheduled_at <= $2 AND {waits}) t \
+                 WHERE rn <= $3 ORDER BY scheduled_at, id"
+            ),
+        };
         let rows: Vec<(i64, String, String, Plan, i64, Option<String>)> = sqlx::query_as(&sql)
-        .bind(queue)
-        .bind(now_ms())
-        .bind(per_account)
-        .bind(OutputStatus::Pending)
-        .fetch_all(self.pool())
-        .await?;
+            .bind(queue)
+            .bind(now_ms())
+            .bind(per_account)
+            .bind(OutputStatus::Pending)
+            .fetch_all(self.pool())
+            .await?;
         Ok(rows
             .into_iter()
             .map(
@@ -161,7 +217,10 @@ impl Store {
             "SELECT status, COUNT(*) FROM outputs WHERE queue = $1 AND status IN ({}) GROUP BY status",
             OutputStatus::sql_in(&OutputStatus::OPEN)
         );
-        Ok(sqlx::query_as(&sql).bind(queue).fetch_all(self.pool()).await?)
+        Ok(sqlx::query_as(&sql)
+            .bind(queue)
+            .fetch_all(self.pool())
+            .await?)
     }
 
     /// Tasks published to `queue` that no worker has started yet.
@@ -185,37 +244,63 @@ impl Store {
         lease_until: i64,
         owner: &str,
     ) -> Result<Option<Claim>> {
+        Ok(self
+            .claim_many_for_dispatch(&[output_id], lease_until, owner)
+            .await?
+            .remove(&output_id))
+    }
+
+    /// [`Store::claim_for_dispatch`] for several outputs in one statement;
+    /// the outputs another scheduler got first are missing from the answer.
+    pub async fn claim_many_for_dispatch(
+        &self,
+        output_ids: &[i64],
+        lease_until: i64,
+        owner: &str,
+    ) -> Result<HashMap<i64, Claim>> {
+        if output_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // Integers, written by this code: nothing to escape.
+        let list = output_ids
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         let sql = format!(
-            "UPDATE outputs SET status = $5, attempt = attempt + 1, lease_expires_at = $2, lease_owner = $3, updated_at = $4 \
-             WHERE id = $1 AND status IN ({}) AND attempt < max_attempts \
-             RETURNING attempt, instruction_index, variation_index, engine_index, last_error, version",
+            "UPDATE outputs SET status = $4, attempt = attempt + 1, lease_expires_at = $1, lease_owner = $2, updated_at = $3 \
+             WHERE id IN ({list}) AND status IN ({}) AND attempt < max_attempts \
+             RETURNING id, attempt, instruction_index, variation_index, engine_index, last_error, version",
             OutputStatus::sql_sources_of(OutputStatus::Dispatched)
         );
-        let row: Option<(i64, i64, i64, i64, Option<String>, i64)> = sqlx::query_as(&sql)
-            .bind(output_id)
+        let rows: Vec<(i64, i64, i64, i64, i64, Option<String>, i64)> = sqlx::query_as(&sql)
             .bind(lease_until)
             .bind(owner)
             .bind(now_ms())
             .bind(OutputStatus::Dispatched)
-            .fetch_optional(self.pool())
+            .fetch_all(self.pool())
             .await?;
         let index =
             |v: i64| u32::try_from(v).map_err(|e| super::StoreError::Corrupt(e.to_string()));
-        row.map(|(attempt, ins, var, engine, last_error, version)| {
-            Ok(Claim {
-                attempt,
-                output: TaskOutput {
-                    instruction_index: index(ins)?,
-                    variation_index: index(var)?,
-                    version: index(version)?,
-                    engine_index: index(engine)?,
-                    // Only a fallback engine needs to know why the one
-                    // before it refused.
-                    previous_refusal: (engine > 0).then_some(last_error).flatten(),
-                },
+        rows.into_iter()
+            .map(|(id, attempt, ins, var, engine, last_error, version)| {
+                Ok((
+                    id,
+                    Claim {
+                        attempt,
+                        output: TaskOutput {
+                            instruction_index: index(ins)?,
+                            variation_index: index(var)?,
+                            version: index(version)?,
+                            engine_index: index(engine)?,
+                            // Only a fallback engine needs to know why the one
+                            // before it refused.
+                            previous_refusal: (engine > 0).then_some(last_error).flatten(),
+                        },
+                    },
+                ))
             })
-        })
-        .transpose()
+            .collect()
     }
 
     /// The spec and resolved inputs every task of `job_id` carries; `None`
@@ -265,7 +350,9 @@ impl Store {
                             .await?;
                         }
                         None => {
-                            blocked = Some("the identity's preprocessing built no usable face".to_string())
+                            blocked = Some(
+                                "the identity's preprocessing built no usable face".to_string(),
+                            )
                         }
                     }
                 }
@@ -312,43 +399,10 @@ impl Store {
         lease_until: i64,
         worker: &str,
     ) -> Result<bool> {
-        let now = now_ms();
         let mut tx = self.begin().await?;
-        let sql = format!(
-            // A redelivered attempt that was already running (its worker
-            // died; a training was re-attached) keeps its start time.
-            "UPDATE outputs SET started_at = CASE WHEN status = $6 THEN started_at ELSE $5 END, \
-             status = $6, lease_expires_at = $3, lease_owner = $4, updated_at = $5 \
-             WHERE id = $1 AND attempt = $2 AND status IN ({}) RETURNING job_id",
-            OutputStatus::sql_in(&OutputStatus::LEASED)
-        );
-        let job_id: Option<String> = sqlx::query_scalar(&sql)
-            .bind(output_id)
-            .bind(attempt)
-            .bind(lease_until)
-            .bind(worker)
-            .bind(now)
-            .bind(OutputStatus::Running)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(job_id) = job_id else {
-            tx.rollback().await?;
-            return Ok(false);
-        };
-        let r = sqlx::query(
-            "UPDATE jobs SET status = $3, updated_at = $2 WHERE id = $1 AND status = $4",
-        )
-        .bind(&job_id)
-        .bind(now)
-        .bind(JobStatus::Processing)
-        .bind(JobStatus::Pending)
-        .execute(&mut *tx)
-        .await?;
-        if r.rows_affected() == 1 {
-            notify_job(&mut tx, &job_id).await?;
-        }
+        let started = record_started_in(&mut tx, output_id, attempt, lease_until, worker).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(started)
     }
 
     /// Heartbeat: extends the lease of a running attempt.
@@ -358,18 +412,8 @@ impl Store {
         attempt: i64,
         lease_until: i64,
     ) -> Result<bool> {
-        let sql = format!(
-            "UPDATE outputs SET lease_expires_at = $3, updated_at = $4 WHERE id = $1 AND attempt = $2 AND status IN ({})",
-            OutputStatus::sql_in(&OutputStatus::LEASED)
-        );
-        let r = sqlx::query(&sql)
-            .bind(output_id)
-            .bind(attempt)
-            .bind(lease_until)
-            .bind(now_ms())
-            .execute(self.pool())
-            .await?;
-        Ok(r.rows_affected() == 1)
+        let mut conn = self.pool().acquire().await?;
+        extend_lease_in(&mut conn, output_id, attempt, lease_until).await
     }
 
     /// Records a completed attempt and charges its cost. `false` for a stale
@@ -380,17 +424,27 @@ impl Store {
         attempt: i64,
         result: &OutputResult,
     ) -> Result<bool> {
+        Ok(self
+            .complete_output(output_id, attempt, result)
+            .await?
+            .is_some())
+    }
+
+    /// [`Store::record_completed`], answering the output's work queue
+    /// when the report was recorded (the scheduler's metric label, without
+    /// another read).
+    pub async fn complete_output(
+        &self,
+        output_id: i64,
+        attempt: i64,
+        result: &OutputResult,
+    ) -> Result<Option<WorkQueue>> {
         let mut tx = self.begin().await?;
-        let Some(o) = live_output(&mut tx, output_id, attempt).await? else {
-            tx.rollback().await?;
-            return Ok(false);
-        };
-        if finish_output(&mut tx, &o, OutputStatus::Completed, "", Some(result), true).await? {
-            post_processing_progress(&mut tx, &o, result.post_processed).await?;
-        }
-        finalize_job(&mut tx, &o.job_id, None).await?;
+        let mut accounts = AccountChanges::default();
+        let queue = complete_output_in(&mut tx, &mut accounts, output_id, attempt, result).await?;
+        accounts.apply(&mut tx).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(queue)
     }
 
     /// Records a failed attempt: retried with backoff when the failure is
@@ -406,72 +460,84 @@ impl Store {
         unit: f64,
     ) -> Result<FailureOutcome> {
         let mut tx = self.begin().await?;
-        let Some(o) = live_output(&mut tx, output_id, attempt).await? else {
-            tx.rollback().await?;
-            return Ok(FailureOutcome::Ignored);
-        };
-        let retry_allowed = match kind {
-            FailureKind::Retryable => attempt < o.max_attempts,
-            FailureKind::Permanent | FailureKind::Refused => false,
-        };
-        // A refusal falls back to the next engine only when the client let the
-        // server choose (`model: auto`); a named engine's refusal is final.
-        let fallback_allowed =
-            matches!(kind, FailureKind::Refused) && attempt < o.max_attempts && {
-                let sql = format!("{JOB_SELECT} WHERE j.id = $1");
-                let job = sqlx::query_as::<_, JobRow>(&sql)
-                    .bind(&o.job_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                job.spec.engine_fallback()
-            };
-        let outcome = if fallback_allowed {
-            let sql = format!(
-                "UPDATE outputs SET status = $5, engine_index = engine_index + 1, scheduled_at = $3, lease_expires_at = NULL, \
-                 lease_owner = NULL, last_error = $4, updated_at = $3 WHERE id = $1 AND attempt = $2 AND status IN ({})",
-                OutputStatus::sql_sources_of(OutputStatus::Pending)
-            );
-            sqlx::query(&sql)
-                .bind(output_id)
-                .bind(attempt)
-                .bind(now_ms())
-                .bind(message)
-                .bind(OutputStatus::Pending)
-                .execute(&mut *tx)
-                .await?;
-            FailureOutcome::FellBack {
-                engine_index: o.engine_index + 1,
-            }
-        } else if retry_allowed {
-            let delay = policy.delay(u32::try_from(attempt).unwrap_or(u32::MAX), unit);
-            let at = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-            let sql = format!(
-                "UPDATE outputs SET status = $6, scheduled_at = $3, lease_expires_at = NULL, lease_owner = NULL, \
-                 last_error = $4, updated_at = $5 WHERE id = $1 AND attempt = $2 AND status IN ({})",
-                OutputStatus::sql_sources_of(OutputStatus::Pending)
-            );
-            sqlx::query(&sql)
-                .bind(output_id)
-                .bind(attempt)
-                .bind(at)
-                .bind(message)
-                .bind(now_ms())
-                .bind(OutputStatus::Pending)
-                .execute(&mut *tx)
-                .await?;
-            FailureOutcome::Retried { at }
-        } else {
-            let reason = if matches!(kind, FailureKind::Retryable) {
-                format!("{message} (gave up after {attempt} attempts)")
-            } else {
-                message.to_string()
-            };
-            finish_output(&mut tx, &o, OutputStatus::Failed, &reason, None, false).await?;
-            finalize_job(&mut tx, &o.job_id, None).await?;
-            FailureOutcome::Failed
-        };
+        let mut accounts = AccountChanges::default();
+        let outcome = record_failure_in(
+            &mut tx,
+            &mut accounts,
+            output_id,
+            attempt,
+            kind,
+            message,
+            policy,
+            unit,
+        )
+        .await?;
+        accounts.apply(&mut tx).await?;
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    /// Applies a batch of workers' reports in ONE transaction, in order (a
+    /// group commit): each is the same guarded transition as when applied
+    /// alone, so a duplicate or stale report changes nothing, and what the
+    /// batch owes the account rows is written once, last. All or nothing:
+    /// after an error none of them is recorded, and the caller hands the
+    /// batch back for redelivery (every report is idempotent). `units[i]`
+    /// is report `i`'s retry jitter sample; starts and heartbeats lease
+    /// until `lease_until`.
+    pub async fn apply_outcomes(
+        &self,
+        outcomes: &[Outcome],
+        lease_until: i64,
+        policy: &RetryPolicy,
+        units: &[f64],
+    ) -> Result<Vec<Applied>> {
+        let mut tx = self.begin().await?;
+        let mut accounts = AccountChanges::default();
+        let mut applied = Vec::with_capacity(outcomes.len());
+        for (i, outcome) in outcomes.iter().enumerate() {
+            applied.push(match outcome {
+                Outcome::Started {
+                    output_id,
+                    attempt,
+                    worker,
+                } => Applied::Started(
+                    record_started_in(&mut tx, *output_id, *attempt, lease_until, worker).await?,
+                ),
+                Outcome::Heartbeat { output_id, attempt } => Applied::Extended(
+                    extend_lease_in(&mut tx, *output_id, *attempt, lease_until).await?,
+                ),
+                Outcome::Completed {
+                    output_id,
+                    attempt,
+                    result,
+                } => Applied::Completed(
+                    complete_output_in(&mut tx, &mut accounts, *output_id, *attempt, result)
+                        .await?,
+                ),
+                Outcome::Failed {
+                    output_id,
+                    attempt,
+                    failure,
+                    message,
+                } => Applied::Failed(
+                    record_failure_in(
+                        &mut tx,
+                        &mut accounts,
+                        *output_id,
+                        *attempt,
+                        failure,
+                        message,
+                        policy,
+                        units.get(i).copied().unwrap_or(0.5),
+                    )
+                    .await?,
+                ),
+            });
+        }
+        accounts.apply(&mut tx).await?;
+        tx.commit().await?;
+        Ok(applied)
     }
 
     /// Leased outputs whose lease ended before `now`: `(output_id, attempt)`.
@@ -498,4 +564,174 @@ impl Store {
             .fetch_all(self.pool())
             .await?)
     }
+}
+/// [`Store::record_started`] inside the caller's transaction.
+async fn record_started_in(
+    tx: &mut Tx,
+    output_id: i64,
+    attempt: i64,
+    lease_until: i64,
+    worker: &str,
+) -> Result<bool> {
+    let now = now_ms();
+    let sql = format!(
+        // A redelivered attempt that was already running (its worker
+        // died; a training was re-attached) keeps its start time.
+        "UPDATE outputs SET started_at = CASE WHEN status = $6 THEN started_at ELSE $5 END, \
+         status = $6, lease_expires_at = $3, lease_owner = $4, updated_at = $5 \
+         WHERE id = $1 AND attempt = $2 AND status IN ({}) RETURNING job_id",
+        OutputStatus::sql_in(&OutputStatus::LEASED)
+    );
+    let job_id: Option<String> = sqlx::query_scalar(&sql)
+        .bind(output_id)
+        .bind(attempt)
+        .bind(lease_until)
+        .bind(worker)
+        .bind(now)
+        .bind(OutputStatus::Running)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(job_id) = job_id else {
+        return Ok(false);
+    };
+    let r =
+        sqlx::query("UPDATE jobs SET status = $3, updated_at = $2 WHERE id = $1 AND status = $4")
+            .bind(&job_id)
+            .bind(now)
+            .bind(JobStatus::Processing)
+            .bind(JobStatus::Pending)
+            .execute(&mut **tx)
+            .await?;
+    if r.rows_affected() == 1 {
+        notify_job(tx, &job_id).await?;
+    }
+    Ok(true)
+}
+
+/// [`Store::complete_output`] inside the caller's transaction; what it owes
+/// the account rows goes to `accounts`.
+async fn complete_output_in(
+    tx: &mut Tx,
+    accounts: &mut AccountChanges,
+    output_id: i64,
+    attempt: i64,
+    result: &OutputResult,
+) -> Result<Option<WorkQueue>> {
+    let Some(o) = live_output(tx, output_id, attempt).await? else {
+        return Ok(None);
+    };
+    if finish_output(
+        tx,
+        accounts,
+        &o,
+        OutputStatus::Completed,
+        "",
+        Some(result),
+        true,
+    )
+    .await?
+    {
+        post_processing_progress(tx, &o, result.post_processed).await?;
+    }
+    finalize_job(tx, accounts, &o.job_id, None).await?;
+    Ok(Some(o.queue))
+}
+
+/// [`Store::record_failure`] inside the caller's transaction; what it owes
+/// the account rows goes to `accounts`.
+#[allow(clippy::too_many_arguments)]
+async fn record_failure_in(
+    tx: &mut Tx,
+    accounts: &mut AccountChanges,
+    output_id: i64,
+    attempt: i64,
+    kind: &FailureKind,
+    message: &str,
+    policy: &RetryPolicy,
+    unit: f64,
+) -> Result<FailureOutcome> {
+    let Some(o) = live_output(tx, output_id, attempt).await? else {
+        return Ok(FailureOutcome::Ignored);
+    };
+    let retry_allowed = match kind {
+        FailureKind::Retryable => attempt < o.max_attempts,
+        FailureKind::Permanent | FailureKind::Refused => false,
+    };
+    // A refusal falls back to the next engine only when the client let the
+    // server choose (`model: auto`); a named engine's refusal is final.
+    let fallback_allowed = matches!(kind, FailureKind::Refused) && attempt < o.max_attempts && {
+        let sql = format!("{JOB_SELECT} WHERE j.id = $1");
+        let job = sqlx::query_as::<_, JobRow>(&sql)
+            .bind(&o.job_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        job.spec.engine_fallback()
+    };
+    let outcome = if fallback_allowed {
+        let sql = format!(
+            "UPDATE outputs SET status = $5, engine_index = engine_index + 1, scheduled_at = $3, lease_expires_at = NULL, \
+             lease_owner = NULL, last_error = $4, updated_at = $3 WHERE id = $1 AND attempt = $2 AND status IN ({})",
+            OutputStatus::sql_sources_of(OutputStatus::Pending)
+        );
+        sqlx::query(&sql)
+            .bind(output_id)
+            .bind(attempt)
+            .bind(now_ms())
+            .bind(message)
+            .bind(OutputStatus::Pending)
+            .execute(&mut **tx)
+            .await?;
+        FailureOutcome::FellBack {
+            engine_index: o.engine_index + 1,
+        }
+    } else if retry_allowed {
+        let delay = policy.delay(u32::try_from(attempt).unwrap_or(u32::MAX), unit);
+        let at = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+        let sql = format!(
+            "UPDATE outputs SET status = $6, scheduled_at = $3, lease_expires_at = NULL, lease_owner = NULL, \
+             last_error = $4, updated_at = $5 WHERE id = $1 AND attempt = $2 AND status IN ({})",
+            OutputStatus::sql_sources_of(OutputStatus::Pending)
+        );
+        sqlx::query(&sql)
+            .bind(output_id)
+            .bind(attempt)
+            .bind(at)
+            .bind(message)
+            .bind(now_ms())
+            .bind(OutputStatus::Pending)
+            .execute(&mut **tx)
+            .await?;
+        FailureOutcome::Retried { at }
+    } else {
+        let reason = if matches!(kind, FailureKind::Retryable) {
+            format!("{message} (gave up after {attempt} attempts)")
+        } else {
+            message.to_string()
+        };
+        finish_output(tx, accounts, &o, OutputStatus::Failed, &reason, None, false).await?;
+        finalize_job(tx, accounts, &o.job_id, None).await?;
+        FailureOutcome::Failed
+    };
+    Ok(outcome)
+}
+
+/// [`Store::extend_lease`] on the caller's connection or transaction.
+async fn extend_lease_in(
+    conn: &mut sqlx::AnyConnection,
+    output_id: i64,
+    attempt: i64,
+    lease_until: i64,
+) -> Result<bool> {
+    let sql = format!(
+        "UPDATE outputs SET lease_expires_at = $3, updated_at = $4 WHERE id = $1 AND attempt = $2 AND status IN ({})",
+        OutputStatus::sql_in(&OutputStatus::LEASED)
+    );
+    let r = sqlx::query(&sql)
+        .bind(output_id)
+        .bind(attempt)
+        .bind(lease_until)
+        .bind(now_ms())
+        .execute(&mut *conn)
+        .await?;
+    Ok(r.rows_affected() == 1)
 }

@@ -4,6 +4,12 @@
 //! nothing; everything the transition causes (charge or release, counters,
 //! notifications, the freed active-job slot) happens in the same
 //! transaction only if the guarded update touched a row.
+//!
+//! The account rows are written last: every admission and settlement of an
+//! account serialises on its row, so a transition collects what it owes
+//! them in [`AccountChanges`] and the caller applies that as the last
+//! statement(s) before its commit. The row is then locked only from there to
+//! the commit, not across the transition's other writes.
 
 use super::accounts::ledger;
 use super::notifications::{notify_job, notify_output};
@@ -12,6 +18,65 @@ use super::{Result, Tx, to_json};
 use crate::domain::credits::Credits;
 use crate::domain::{JobStatus, OutputResult, OutputStatus};
 use crate::time::now_ms;
+
+/// What one transaction owes the account rows, in milli-credits and
+/// active-job slots; see the module's note.
+#[derive(Debug, Default)]
+pub(crate) struct AccountChanges {
+    /// `(account, balance, reserved, active_jobs)` deltas, one entry per
+    /// account, in the order first touched.
+    deltas: Vec<(String, i64, i64, i64)>,
+}
+
+impl AccountChanges {
+    fn entry(&mut self, account: &str) -> &mut (String, i64, i64, i64) {
+        let i = match self.deltas.iter().position(|d| d.0 == account) {
+            Some(i) => i,
+            None => {
+                self.deltas.push((account.to_string(), 0, 0, 0));
+                self.deltas.len() - 1
+            }
+        };
+        &mut self.deltas[i]
+    }
+
+    /// A settled output's credits: its reservation released, and charged
+    /// to the balance when `charge`.
+    fn settle(&mut self, billing_account: &str, cost: Credits, charge: bool) {
+        let e = self.entry(billing_account);
+        e.2 -= cost.0;
+        if charge {
+            e.1 -= cost.0;
+        }
+    }
+
+    /// A freed active-job slot.
+    fn free_slot(&mut self, account: &str) {
+        self.entry(account).3 -= 1;
+    }
+
+    /// Writes what is owed, one statement per account: the accounts whose
+    /// credits change (billing accounts) first, then the others (member
+    /// accounts), the lock order admission keeps too.
+    pub(crate) async fn apply(self, tx: &mut Tx) -> Result<()> {
+        let mut deltas = self.deltas;
+        deltas.retain(|d| d.1 != 0 || d.2 != 0 || d.3 != 0);
+        deltas.sort_by_key(|d| d.1 == 0 && d.2 == 0);
+        for (account, balance, reserved, active) in deltas {
+            sqlx::query(
+                "UPDATE accounts SET balance = balance + $2, reserved = reserved + $3, \
+                 active_jobs = active_jobs + $4 WHERE id = $1",
+            )
+            .bind(&account)
+            .bind(balance)
+            .bind(reserved)
+            .bind(active)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
 
 /// The output if `attempt` is its live (leased) attempt: reports of any
 /// other attempt (superseded by a retry, or duplicates of a recorded one)
@@ -36,6 +101,7 @@ pub(crate) async fn live_output(
 /// for `completed`, a release otherwise. No-op if the guard does not match.
 pub(crate) async fn finish_output(
     tx: &mut Tx,
+    accounts: &mut AccountChanges,
     o: &OutputRow,
     to: OutputStatus,
     message: &str,
@@ -48,11 +114,12 @@ pub(crate) async fn finish_output(
         "UPDATE outputs SET status = $3, lease_expires_at = NULL, lease_owner = NULL, finalized_at = $4, updated_at = $4, \
          error_message = $5, full_key = $6, thumb_key = $7, model_used = $8, width = $9, height = $10, \
          processing_ms = $11, input_description = $12, output_format = COALESCE($13, output_format) \
-         WHERE id = $1 AND attempt = $2 AND status IN ({})",
+         WHERE id = $1 AND attempt = $2 AND status IN ({}) RETURNING {OUTPUT_COLUMNS}",
         OutputStatus::sql_sources_of(to)
     );
     let description = result.map(|r| to_json(&r.input_description)).transpose()?;
-    let r = sqlx::query(&sql)
+    // The row as it is now, for the notification: no second read.
+    let after = sqlx::query_as::<_, OutputRow>(&sql)
         .bind(o.id)
         .bind(o.attempt)
         .bind(to.as_str())
@@ -66,22 +133,13 @@ pub(crate) async fn finish_output(
         .bind(result.map(|r| r.processing_ms))
         .bind(description)
         .bind(result.map(|r| r.format.as_str()))
-        .execute(&mut **tx)
+        .fetch_optional(&mut **tx)
         .await?;
-    if r.rows_affected() == 0 {
+    let Some(after) = after else {
         return Ok(false);
-    }
-    let cost = Credits(o.cost);
-    let account_sql = if charge {
-        "UPDATE accounts SET balance = balance - $2, reserved = reserved - $2 WHERE id = $1"
-    } else {
-        "UPDATE accounts SET reserved = reserved - $2 WHERE id = $1"
     };
-    sqlx::query(account_sql)
-        .bind(&o.billing_account_id)
-        .bind(cost.0)
-        .execute(&mut **tx)
-        .await?;
+    let cost = Credits(o.cost);
+    accounts.settle(&o.billing_account_id, cost, charge);
     let res_sql = if charge {
         "UPDATE reservations SET held = held - $2, charged = charged + $2 WHERE job_id = $1"
     } else {
@@ -107,22 +165,13 @@ pub(crate) async fn finish_output(
     } else {
         "failed_outputs"
     };
-    sqlx::query(&format!(
-        "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1"
+    let account: String = sqlx::query_scalar(&format!(
+        "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1 RETURNING account_id"
     ))
     .bind(&o.job_id)
     .bind(now)
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await?;
-    let sql = format!("SELECT {OUTPUT_COLUMNS} FROM outputs WHERE id = $1");
-    let after = sqlx::query_as::<_, OutputRow>(&sql)
-        .bind(o.id)
-        .fetch_one(&mut **tx)
-        .await?;
-    let account: String = sqlx::query_scalar("SELECT account_id FROM jobs WHERE id = $1")
-        .bind(&o.job_id)
-        .fetch_one(&mut **tx)
-        .await?;
     notify_output(tx, &account, &after).await?;
     Ok(true)
 }
@@ -164,6 +213,7 @@ pub(crate) async fn post_processing_progress(
 /// progress (`batch_edit` with `processed_images`).
 pub(crate) async fn finalize_job(
     tx: &mut Tx,
+    accounts: &mut AccountChanges,
     job_id: &str,
     forced: Option<JobStatus>,
 ) -> Result<()> {
@@ -239,10 +289,7 @@ pub(crate) async fn finalize_job(
         .execute(&mut **tx)
         .await?;
     if counts == 1 {
-        sqlx::query("UPDATE accounts SET active_jobs = active_jobs - 1 WHERE id = $1")
-            .bind(&account)
-            .execute(&mut **tx)
-            .await?;
+        accounts.free_slot(&account);
     }
     if job_type == crate::domain::JobType::Training.as_str() {
         super::trainings::on_finalized(tx, job_id, next).await?;

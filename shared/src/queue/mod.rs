@@ -6,7 +6,7 @@
 //!
 //! | queue | producer | consumer | message |
 //! |---|---|---|---|
-//! | `scheduler` ([`crate::domain::task::WAKE_QUEUE`]) | outbox relay | scheduler | wake-ups (`job_created`, …) |
+//! | `scheduler` ([`crate::domain::task::WAKE_QUEUE`]) | outbox relay | scheduler | wake-ups (one per relayed batch of `job_created` rows) |
 //! | one per [`crate::domain::WorkQueue`] (`packshot`, `swap`, `identity`) | scheduler | workers | [`crate::domain::Task`] |
 //! | `outcomes` ([`crate::domain::task::OUTCOME_QUEUE`]) | workers | scheduler | [`crate::domain::Outcome`] |
 //!
