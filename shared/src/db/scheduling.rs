@@ -493,6 +493,29 @@ impl Store {
         units: &[f64],
     ) -> Result<Vec<Applied>> {
         let mut tx = self.begin().await?;
+        if self.dialect == super::Dialect::Postgres && outcomes.len() > 1 {
+            // One lock order for every batch: its outputs, then their jobs,
+            // each by id (then the account rows, last). Applied in report
+            // order instead, two batches (lanes, or replicas sharing the
+            // reports) could each hold a row the other needs next.
+            let ids = outcomes
+                .iter()
+                .map(|o| o.output_id().to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            // Integers, written by this code: nothing to escape.
+            sqlx::query(&format!(
+                "SELECT id FROM outputs WHERE id IN ({ids}) ORDER BY id FOR UPDATE"
+            ))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "SELECT id FROM jobs WHERE id IN (SELECT job_id FROM outputs WHERE id IN ({ids})) \
+                 ORDER BY id FOR UPDATE"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
         let mut accounts = AccountChanges::default();
         let mut applied = Vec::with_capacity(outcomes.len());
         for (i, outcome) in outcomes.iter().enumerate() {

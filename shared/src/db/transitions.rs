@@ -57,11 +57,14 @@ impl AccountChanges {
 
     /// Writes what is owed, one statement per account: the accounts whose
     /// credits change (billing accounts) first, then the others (member
-    /// accounts), the lock order admission keeps too.
+    /// accounts), the lock order admission keeps too; by id within each,
+    /// so that two transactions lock the same accounts in the same order.
     pub(crate) async fn apply(self, tx: &mut Tx) -> Result<()> {
         let mut deltas = self.deltas;
         deltas.retain(|d| d.1 != 0 || d.2 != 0 || d.3 != 0);
-        deltas.sort_by_key(|d| d.1 == 0 && d.2 == 0);
+        deltas.sort_by(|a, b| {
+            (a.1 == 0 && a.2 == 0, &a.0).cmp(&(b.1 == 0 && b.2 == 0, &b.0))
+        });
         for (account, balance, reserved, active) in deltas {
             sqlx::query(
                 "UPDATE accounts SET balance = balance + $2, reserved = reserved + $3, \
