@@ -3,8 +3,8 @@
 //! `cargo bench --bench distributed`.
 //!
 //! 1. The platform: API and `SCHEDULERS` scheduler replicas in this process,
-//!    `WORKERS` in-process workers × 8 running a no-op engine, on PostgreSQL
-//!    + RabbitMQ (quorum queues, publisher confirms) + a local object store.
+//!    `WORKERS` in-process workers × 8 running a no-op engine, on PostgreSQL,
+//!    RabbitMQ (quorum queues, publisher confirms) and a local object store.
 //!    `JOBS` jobs of one output each go through the real HTTP API (admission,
 //!    credits, outbox, dispatch, worker, settlement) from 16 clients spread
 //!    over `ACCOUNTS` accounts. Figures: admissions/s over HTTP, jobs/s from

@@ -40,6 +40,10 @@ pub struct Claim {
     pub output: TaskOutput,
 }
 
+/// A claimed output as `RETURNING` gives it: id, attempt, instruction,
+/// variation, engine index, last error, version.
+type ClaimRow = (i64, i64, i64, i64, i64, Option<String>, i64);
+
 /// What every task of a job carries: its typed spec and resolved inputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobWork {
@@ -273,7 +277,7 @@ impl Store {
              RETURNING id, attempt, instruction_index, variation_index, engine_index, last_error, version",
             OutputStatus::sql_sources_of(OutputStatus::Dispatched)
         );
-        let rows: Vec<(i64, i64, i64, i64, i64, Option<String>, i64)> = sqlx::query_as(&sql)
+        let rows: Vec<ClaimRow> = sqlx::query_as(&sql)
             .bind(lease_until)
             .bind(owner)
             .bind(now_ms())
