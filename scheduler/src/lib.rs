@@ -17,8 +17,9 @@
 //!   it picks the next outputs across accounts with the weighted fair pick
 //!   ([`atelier_shared::domain::fair`]), claims them with a lease in one
 //!   statement (so two replicas never dispatch one output) and publishes
-//!   their tasks together, awaiting the confirms at once. It also reaps leases that ran out (worker lost) and
-//!   turns them into retryable failures.
+//!   their tasks together, awaiting the confirms at once. It also reaps
+//!   leases that ran out (worker lost) and turns them into retryable
+//!   failures.
 //! - **outcome consumer**: applies `started`/`heartbeat`/`completed`/`failed`
 //!   reports in `scheduler.outcome_concurrency` lanes; a lane applies what
 //!   it has waiting (up to 64 reports) in one transaction of idempotent
@@ -300,9 +301,8 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
     let queued = usize::try_from(ctx.store.queued_count(queue).await?).unwrap_or(usize::MAX);
     // Topped up only once at most half of the target is left: under load a
     // round claims and publishes many tasks at once instead of one or two
-    // per report, and the candidate query (which reads the queue's whole
-    // backlog) runs that much less often. Workers still have half the
-    // target queued when a round starts.
+    // per report, and the candidate query runs that much less often.
+    // Workers still have half the target queued when a round starts.
     if queue != WorkQueue::Training && queued > ctx.queue_target / 2 {
         return Ok(());
     }
@@ -588,8 +588,9 @@ async fn fail_unrunnable(ctx: &SchedulerContext, output_id: i64, why: &str) -> a
 /// completed) are applied in the order they arrived while different
 /// outputs' reports do not wait for each other. A lane applies the reports
 /// it has waiting, up to [`OUTCOME_BATCH`], in one transaction and
-/// acknowledges them once it committed; if it fails they all go back to the
-/// broker (each report is idempotent, so a redelivery is harmless).
+/// acknowledges them once it committed; if that fails it applies them one
+/// by one, so that a report the store refuses goes back to the broker
+/// alone (each report is idempotent, so applying one again is harmless).
 async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
     let lanes = ctx.outcome_lanes.max(1);
     let mut c = loop {
@@ -634,8 +635,17 @@ async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancel
                             let _ = d.ack().await;
                         }
                     }
+                    // One report the store refuses must not hold the others
+                    // back (nor take them to the dead letters with it): the
+                    // batch is applied again one report at a time.
+                    Err(e) if outcomes.len() > 1 => {
+                        tracing::debug!(error = %e, reports = outcomes.len(), "scheduler: batch failed; applying its reports one by one");
+                        for (outcome, d) in outcomes.iter().zip(deliveries) {
+                            settle_one(&ctx, &wake, outcome, d).await;
+                        }
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, reports = outcomes.len(), "scheduler: cannot record outcomes yet; requeueing");
+                        tracing::warn!(error = %e, output_id = outcomes[0].output_id(), "scheduler: cannot record outcome yet; requeueing");
                         for d in deliveries {
                             let _ = d.nack(Some(Duration::from_secs(1))).await;
                         }
@@ -673,6 +683,23 @@ async fn queue_of(ctx: &SchedulerContext, output_id: i64) -> &'static str {
     match ctx.store.output(output_id).await {
         Ok(Some(o)) => o.queue.as_str(),
         _ => "unknown",
+    }
+}
+
+/// Applies one report in its own transaction; acks it once recorded, hands
+/// it back (for a later redelivery) when it cannot be.
+async fn settle_one(ctx: &SchedulerContext, wake: &Notify, outcome: &Outcome, d: Delivery) {
+    match apply(ctx, std::slice::from_ref(outcome)).await {
+        Ok(freed) => {
+            if freed {
+                wake.notify_one();
+            }
+            let _ = d.ack().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, output_id = outcome.output_id(), "scheduler: cannot record outcome yet; requeueing");
+            let _ = d.nack(Some(Duration::from_secs(1))).await;
+        }
     }
 }
 

@@ -798,6 +798,50 @@ pub async fn a_batch_of_reports_is_one_group_commit(s: Store) {
     let acc = s.account(&a).await.expect("read").expect("exists");
     assert_eq!((acc.balance, acc.reserved, acc.active_jobs), (14_000, 0, 0));
     audit_clean(&s).await;
+
+    // All or nothing: a report the store cannot apply (its job was stored
+    // by a later version) fails the batch, and nothing of it is kept; the
+    // good report, applied alone (as the lane then does), is recorded.
+    let jd = created(&s, job(&a, &[1], None)).await;
+    let je = created(&s, job(&a, &[1], None)).await;
+    let d1 = s.latest_outputs(&jd).await.expect("outputs")[0].id;
+    let e1 = s.latest_outputs(&je).await.expect("outputs")[0].id;
+    for o in [d1, e1] {
+        assert!(
+            s.claim_for_dispatch(o, lease, "t")
+                .await
+                .expect("claim")
+                .is_some()
+        );
+    }
+    sqlx::query("UPDATE jobs SET job_type = 'from_a_later_version' WHERE id = $1")
+        .bind(&jd)
+        .execute(s.pool())
+        .await
+        .expect("update");
+    let err = s
+        .apply_outcomes(
+            &[completed(e1), completed(d1)],
+            lease,
+            &RetryPolicy::default(),
+            &[0.5; 2],
+        )
+        .await
+        .expect_err("a job it cannot read");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    assert_eq!(
+        s.apply_outcomes(&[completed(e1)], lease, &RetryPolicy::default(), &[0.5])
+            .await
+            .expect("alone"),
+        vec![Applied::Completed(Some(WorkQueue::Packshot))],
+        "the batch's rollback left the good report unrecorded"
+    );
+    let acc = s.account(&a).await.expect("read").expect("exists");
+    assert_eq!(
+        (acc.balance, acc.reserved),
+        (13_000, 1_000),
+        "e1 charged, d1 still held"
+    );
 }
 
 pub async fn outbox_is_claimed_once(s: Store) {
