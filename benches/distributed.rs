@@ -67,14 +67,8 @@ impl Engine for Noop {
     }
 }
 
-fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(format!("ATELIER_BENCH_{k}"))
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-fn env_f64(k: &str, d: f64) -> f64 {
+/// `ATELIER_BENCH_<k>`, or `d` when unset or unreadable.
+fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(format!("ATELIER_BENCH_{k}"))
         .ok()
         .and_then(|v| v.parse().ok())
@@ -110,16 +104,16 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let set = Settings {
-        jobs: env_usize("JOBS", 400),
-        accounts: env_usize("ACCOUNTS", 1).max(1),
-        schedulers: env_usize("SCHEDULERS", 1).max(1),
-        workers: env_usize("WORKERS", 2).max(1),
-        lanes: env_usize("OUTCOME_LANES", 8),
-        pace: env_f64("PACE", 0.5),
-        paced_secs: env_f64("PACED_SECS", 10.0),
+        jobs: env("JOBS", 400),
+        accounts: env("ACCOUNTS", 1).max(1),
+        schedulers: env("SCHEDULERS", 1).max(1),
+        workers: env("WORKERS", 2).max(1),
+        lanes: env("OUTCOME_LANES", 8),
+        pace: env("PACE", 0.5),
+        paced_secs: env("PACED_SECS", 10.0),
     };
-    let rounds = env_usize("ROUNDS", 1).max(1);
-    let peers = env_usize("PEERS", 1) > 0;
+    let rounds = env("ROUNDS", 1).max(1);
+    let peers = env("PEERS", 1) > 0;
     rt.block_on(async {
         println!(
             "load average before: {}",
@@ -146,7 +140,7 @@ fn main() -> anyhow::Result<()> {
             let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}×")).collect();
             println!("ratios over {} rounds: {}", ratios.len(), shown.join(", "));
         }
-        let messages = env_usize("MESSAGES", 4000);
+        let messages = env("MESSAGES", 4000);
         if messages > 0 {
             broker(messages).await?;
         }

@@ -625,32 +625,7 @@ async fn outcome_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancel
                         Err(_) => break,
                     }
                 }
-                let (outcomes, deliveries): (Vec<Outcome>, Vec<Delivery>) = batch.into_iter().unzip();
-                match apply(&ctx, &outcomes).await {
-                    Ok(freed) => {
-                        if freed {
-                            wake.notify_one();
-                        }
-                        for d in deliveries {
-                            let _ = d.ack().await;
-                        }
-                    }
-                    // One report the store refuses must not hold the others
-                    // back (nor take them to the dead letters with it): the
-                    // batch is applied again one report at a time.
-                    Err(e) if outcomes.len() > 1 => {
-                        tracing::debug!(error = %e, reports = outcomes.len(), "scheduler: batch failed; applying its reports one by one");
-                        for (outcome, d) in outcomes.iter().zip(deliveries) {
-                            settle_one(&ctx, &wake, outcome, d).await;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, output_id = outcomes[0].output_id(), "scheduler: cannot record outcome yet; requeueing");
-                        for d in deliveries {
-                            let _ = d.nack(Some(Duration::from_secs(1))).await;
-                        }
-                    }
-                }
+                settle(&ctx, &wake, batch).await;
             }
         });
     }
@@ -686,19 +661,51 @@ async fn queue_of(ctx: &SchedulerContext, output_id: i64) -> &'static str {
     }
 }
 
-/// Applies one report in its own transaction; acks it once recorded, hands
-/// it back (for a later redelivery) when it cannot be.
-async fn settle_one(ctx: &SchedulerContext, wake: &Notify, outcome: &Outcome, d: Delivery) {
-    match apply(ctx, std::slice::from_ref(outcome)).await {
+/// Applies a lane's batch in one transaction and acknowledges it. One
+/// report the store refuses must not hold the others back (nor take them
+/// to the dead letters with it): when the batch fails, its reports are
+/// applied again one at a time, and only those that fail alone go back.
+async fn settle(ctx: &SchedulerContext, wake: &Notify, batch: Vec<(Outcome, Delivery)>) {
+    let (outcomes, deliveries): (Vec<Outcome>, Vec<Delivery>) = batch.into_iter().unzip();
+    let applied = apply(ctx, &outcomes).await;
+    if let Err(e) = &applied
+        && outcomes.len() > 1
+    {
+        tracing::debug!(error = %e, reports = outcomes.len(), "scheduler: batch failed; applying its reports one by one");
+        for (outcome, d) in outcomes.iter().zip(deliveries) {
+            let alone = apply(ctx, std::slice::from_ref(outcome)).await;
+            acknowledge(wake, alone, outcome, vec![d]).await;
+        }
+        return;
+    }
+    if let Some(first) = outcomes.first() {
+        acknowledge(wake, applied, first, deliveries).await;
+    }
+}
+
+/// Acks `deliveries` once their reports are recorded (waking the
+/// dispatcher when a slot was freed), or hands them back for a later
+/// redelivery. `first` names the reports in the log.
+async fn acknowledge(
+    wake: &Notify,
+    applied: anyhow::Result<bool>,
+    first: &Outcome,
+    deliveries: Vec<Delivery>,
+) {
+    match applied {
         Ok(freed) => {
             if freed {
                 wake.notify_one();
             }
-            let _ = d.ack().await;
+            for d in deliveries {
+                let _ = d.ack().await;
+            }
         }
         Err(e) => {
-            tracing::warn!(error = %e, output_id = outcome.output_id(), "scheduler: cannot record outcome yet; requeueing");
-            let _ = d.nack(Some(Duration::from_secs(1))).await;
+            tracing::warn!(error = %e, output_id = first.output_id(), "scheduler: cannot record outcome yet; requeueing");
+            for d in deliveries {
+                let _ = d.nack(Some(Duration::from_secs(1))).await;
+            }
         }
     }
 }

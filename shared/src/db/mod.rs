@@ -333,6 +333,12 @@ fn sqlite_path(url: &str) -> Option<String> {
 }
 
 /// JSON column helpers.
+/// Row ids as the inside of an SQL `IN (…)` list. Integers this code
+/// formats: nothing to escape, and one statement however many there are.
+pub(crate) fn id_list(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
 pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }

@@ -2,7 +2,7 @@
 //! the queue by the relay (scheduler role) after commit. Publishing is
 //! at-least-once; consumers are idempotent.
 
-use super::{Result, Store, Tx, to_json};
+use super::{Result, Store, Tx, id_list, to_json};
 use crate::time::now_ms;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -56,10 +56,9 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        // Integers, written by this code: nothing to escape.
-        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
         sqlx::query(&format!(
-            "UPDATE outbox SET sent_at = $1, claimed_until = NULL WHERE id IN ({list})"
+            "UPDATE outbox SET sent_at = $1, claimed_until = NULL WHERE id IN ({})",
+            id_list(ids)
         ))
         .bind(now_ms())
         .execute(self.pool())

@@ -12,7 +12,7 @@ use super::rows::{JOB_SELECT, JobRow, OUTPUT_COLUMNS, OutputRow};
 use super::transitions::{
     AccountChanges, finalize_job, finish_output, live_output, post_processing_progress,
 };
-use super::{Result, Store, Tx};
+use super::{Result, Store, Tx, id_list};
 use crate::domain::retry::RetryPolicy;
 use crate::domain::task::{JobInputs, TaskOutput};
 use crate::domain::{
@@ -265,12 +265,7 @@ impl Store {
         if output_ids.is_empty() {
             return Ok(HashMap::new());
         }
-        // Integers, written by this code: nothing to escape.
-        let list = output_ids
-            .iter()
-            .map(i64::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+        let list = id_list(output_ids);
         let sql = format!(
             "UPDATE outputs SET status = $4, attempt = attempt + 1, lease_expires_at = $1, lease_owner = $2, updated_at = $3 \
              WHERE id IN ({list}) AND status IN ({}) AND attempt < max_attempts \
@@ -502,12 +497,8 @@ impl Store {
             // each by id (then the account rows, last). Applied in report
             // order instead, two batches (lanes, or replicas sharing the
             // reports) could each hold a row the other needs next.
-            let ids = outcomes
-                .iter()
-                .map(|o| o.output_id().to_string())
-                .collect::<Vec<_>>()
-                .join(",");
-            // Integers, written by this code: nothing to escape.
+            let ids: Vec<i64> = outcomes.iter().map(Outcome::output_id).collect();
+            let ids = id_list(&ids);
             sqlx::query(&format!(
                 "SELECT id FROM outputs WHERE id IN ({ids}) ORDER BY id FOR UPDATE"
             ))

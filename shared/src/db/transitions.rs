@@ -19,21 +19,41 @@ use crate::domain::credits::Credits;
 use crate::domain::{JobStatus, OutputResult, OutputStatus};
 use crate::time::now_ms;
 
-/// What one transaction owes the account rows, in milli-credits and
-/// active-job slots; see the module's note.
+/// What one transaction owes the account rows; see the module's note.
 #[derive(Debug, Default)]
 pub(crate) struct AccountChanges {
-    /// `(account, balance, reserved, active_jobs)` deltas, one entry per
-    /// account, in the order first touched.
-    deltas: Vec<(String, i64, i64, i64)>,
+    /// One entry per account, in the order first touched.
+    deltas: Vec<AccountDelta>,
+}
+
+/// Changes to one account row: milli-credits and active-job slots.
+#[derive(Debug)]
+struct AccountDelta {
+    account: String,
+    balance: i64,
+    reserved: i64,
+    active_jobs: i64,
+}
+
+impl AccountDelta {
+    /// Billing accounts (whose credits change) are written before the
+    /// others.
+    fn moves_credits(&self) -> bool {
+        self.balance != 0 || self.reserved != 0
+    }
 }
 
 impl AccountChanges {
-    fn entry(&mut self, account: &str) -> &mut (String, i64, i64, i64) {
-        let i = match self.deltas.iter().position(|d| d.0 == account) {
+    fn entry(&mut self, account: &str) -> &mut AccountDelta {
+        let i = match self.deltas.iter().position(|d| d.account == account) {
             Some(i) => i,
             None => {
-                self.deltas.push((account.to_string(), 0, 0, 0));
+                self.deltas.push(AccountDelta {
+                    account: account.to_string(),
+                    balance: 0,
+                    reserved: 0,
+                    active_jobs: 0,
+                });
                 self.deltas.len() - 1
             }
         };
@@ -44,15 +64,15 @@ impl AccountChanges {
     /// to the balance when `charge`.
     fn settle(&mut self, billing_account: &str, cost: Credits, charge: bool) {
         let e = self.entry(billing_account);
-        e.2 -= cost.0;
+        e.reserved -= cost.0;
         if charge {
-            e.1 -= cost.0;
+            e.balance -= cost.0;
         }
     }
 
     /// A freed active-job slot.
     fn free_slot(&mut self, account: &str) {
-        self.entry(account).3 -= 1;
+        self.entry(account).active_jobs -= 1;
     }
 
     /// Writes what is owed, one statement per account: the accounts whose
@@ -61,19 +81,19 @@ impl AccountChanges {
     /// so that two transactions lock the same accounts in the same order.
     pub(crate) async fn apply(self, tx: &mut Tx) -> Result<()> {
         let mut deltas = self.deltas;
-        deltas.retain(|d| d.1 != 0 || d.2 != 0 || d.3 != 0);
+        deltas.retain(|d| d.moves_credits() || d.active_jobs != 0);
         deltas.sort_by(|a, b| {
-            (a.1 == 0 && a.2 == 0, &a.0).cmp(&(b.1 == 0 && b.2 == 0, &b.0))
+            (!a.moves_credits(), &a.account).cmp(&(!b.moves_credits(), &b.account))
         });
-        for (account, balance, reserved, active) in deltas {
+        for d in deltas {
             sqlx::query(
                 "UPDATE accounts SET balance = balance + $2, reserved = reserved + $3, \
                  active_jobs = active_jobs + $4 WHERE id = $1",
             )
-            .bind(&account)
-            .bind(balance)
-            .bind(reserved)
-            .bind(active)
+            .bind(&d.account)
+            .bind(d.balance)
+            .bind(d.reserved)
+            .bind(d.active_jobs)
             .execute(&mut **tx)
             .await?;
         }
