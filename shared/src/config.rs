@@ -112,6 +112,23 @@ pub struct ModelsConfig {
     pub isnet: String,
     /// ×4 upscaler under `dir`; empty: Lanczos only.
     pub upscaler: String,
+    /// Enlargements of the garment above this factor go through the
+    /// upscaler; 0: never. Measured (`cargo bench -p atelier-worker --bench
+    /// pipeline`: photos shrunk by the factor and enlarged back, PSNR and
+    /// SSIM against the original): the shipped upscaler loses to Lanczos on
+    /// both up to 4× (by 5.1 dB at 1.25×, 0.8 dB at 4×), ties on SSIM at 6×
+    /// and wins on SSIM only at 8×, so it runs above 6×. Set it from the
+    /// same bench for another upscaler.
+    pub upscale_above: f64,
+    /// ONNX Runtime's CPU memory arena: runs reuse their activations'
+    /// memory (without it ISNet at 1024² runs about 30 % slower on CPU, each
+    /// run mapping and faulting in ~1 GB afresh), at the price of keeping
+    /// the largest run's memory.
+    pub cpu_arena: bool,
+    /// With the arena on, a model idle for this long gives the arena's
+    /// memory back (one extra run with ONNX Runtime's arena shrinkage), so
+    /// an idle worker holds its weights, not its largest run; 0: never.
+    pub arena_release_idle_secs: u64,
     /// Sessions per model (concurrent runs of one model).
     pub sessions: usize,
     /// Dynamic batching: largest batch (1 = off) and how long to wait to fill one.
@@ -845,6 +862,9 @@ impl Default for ModelsConfig {
             onnxruntime_lib: None,
             isnet: "isnet_fp16.onnx".into(),
             upscaler: "realesr-animevideov3-x4.onnx".into(),
+            upscale_above: 6.0,
+            cpu_arena: true,
+            arena_release_idle_secs: 30,
             sessions: 1,
             max_batch: 1,
             batch_window_ms: 5,
@@ -1103,6 +1123,9 @@ impl Config {
         }
         if crate::domain::Credits::from_f64(self.bootstrap.credits).is_none_or(|c| c.0 < 0) {
             e.push("bootstrap.credits: must be a non-negative number".into());
+        }
+        if !(self.models.upscale_above == 0.0 || self.models.upscale_above >= 1.0) {
+            e.push("models.upscale_above: 0 (never) or a factor of at least 1".into());
         }
         if self.models.sessions == 0 || self.models.max_batch == 0 {
             e.push("models.sessions and models.max_batch: must be at least 1".into());

@@ -21,6 +21,9 @@ pub fn runtime() -> (PathBuf, Arc<Runtime>) {
         library: Some(dir.join("onnxruntime/libonnxruntime.so.1.31.1")),
         device,
         intra_threads: threads,
+        // As a worker runs by default (`models.cpu_arena`);
+        // `ATELIER_MODELS__CPU_ARENA=false` turns it off.
+        cpu_arena: std::env::var("ATELIER_MODELS__CPU_ARENA").as_deref() != Ok("false"),
     })
     .expect("ONNX Runtime: run scripts/fetch-models first");
     println!("device: {:?}, cores: {threads}", rt.device);

@@ -119,6 +119,10 @@ impl Pipeline {
                 &cfg.models.upscaler,
                 opts,
             )
+            .map(|mut e| {
+                e.upscale_above = cfg.models.upscale_above;
+                e
+            })
         });
         let mut segmenter = None;
         let builtin: Arc<dyn Engine> = match loaded {

@@ -46,6 +46,8 @@ pub struct RuntimeOptions {
     pub device: Device,
     /// Threads ORT may use inside one run.
     pub intra_threads: usize,
+    /// ONNX Runtime's CPU memory arena (`models.cpu_arena`).
+    pub cpu_arena: bool,
 }
 
 /// The process-wide ONNX Runtime environment.
@@ -54,6 +56,7 @@ pub struct Runtime {
     /// What sessions actually use (CUDA may fall back to CPU).
     pub device: Device,
     intra_threads: usize,
+    cpu_arena: bool,
 }
 
 static RUNTIME: Mutex<Option<Arc<Runtime>>> = Mutex::new(None);
@@ -124,6 +127,7 @@ impl Runtime {
             env,
             device,
             intra_threads: opts.intra_threads.max(1),
+            cpu_arena: opts.cpu_arena,
         })
     }
 
@@ -155,20 +159,30 @@ impl Runtime {
             .map_err(|e| err(e.to_string()))?
             .with_intra_threads(self.intra_threads)
             .map_err(|e| err(e.to_string()))?;
+        // The CPU provider runs every model on CPU and the nodes CUDA
+        // cannot: its arena keeps a run's activations after the run.
+        let cpu = ort::ep::CPU::default()
+            .with_arena_allocator(self.cpu_arena)
+            .build();
         #[allow(unused_mut)]
         let mut device = self.device;
         #[cfg(feature = "cuda")]
         if device == Device::Cuda {
-            match b
-                .clone()
-                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-            {
+            match b.clone().with_execution_providers([
+                ort::ep::CUDA::default().build().error_on_failure(),
+                cpu.clone(),
+            ]) {
                 Ok(with_cuda) => b = with_cuda,
                 Err(e) => {
                     tracing::warn!(model, error = %e, "CUDA execution provider failed to register (no GPU or driver?): running this model on CPU");
                     device = Device::Cpu;
                 }
             }
+        }
+        if device == Device::Cpu {
+            b = b
+                .with_execution_providers([cpu])
+                .map_err(|e| err(e.to_string()))?;
         }
         let s = b.commit_from_file(path).map_err(|e| err(e.to_string()))?;
         Ok((s, device))
@@ -184,6 +198,10 @@ pub struct ModelOptions {
     pub batch_window: Duration,
     /// Largest batch; 1 disables batching.
     pub max_batch: usize,
+    /// With the CPU arena on: after this long without a request, a session
+    /// gives its arena's free memory back to the system (one run with
+    /// ONNX Runtime's arena shrinkage); `None`: it keeps it.
+    pub release_idle: Option<Duration>,
 }
 
 impl ModelOptions {
@@ -193,6 +211,8 @@ impl ModelOptions {
             sessions: cfg.models.sessions,
             batch_window: Duration::from_millis(cfg.models.batch_window_ms),
             max_batch: cfg.models.max_batch,
+            release_idle: (cfg.models.arena_release_idle_secs > 0)
+                .then(|| Duration::from_secs(cfg.models.arena_release_idle_secs)),
         }
     }
 }
@@ -203,6 +223,9 @@ impl Default for ModelOptions {
             sessions: 1,
             batch_window: Duration::from_millis(5),
             max_batch: 1,
+            release_idle: Some(Duration::from_secs(
+                atelier_shared::config::ModelsConfig::default().arena_release_idle_secs,
+            )),
         }
     }
 }
@@ -233,6 +256,8 @@ pub struct Model {
 pub struct RunStats {
     pub runs: AtomicU64,
     pub requests: AtomicU64,
+    /// Idle releases of the arena (`ModelOptions::release_idle`).
+    pub releases: AtomicU64,
 }
 
 impl RunStats {
@@ -325,6 +350,20 @@ impl Model {
         let rx = Arc::new(Mutex::new(rx));
         let stats = Arc::new(RunStats::default());
         let mut warm = Vec::new();
+        // What a session runs to give its arena back: the warm-up input, or
+        // a small one on the dynamic axes.
+        let release = opts.release_idle.filter(|_| rt.cpu_arena).map(|idle| {
+            let shape: Vec<usize> = input_shape
+                .iter()
+                .enumerate()
+                .map(|(k, d)| match (*d, k) {
+                    (d, _) if d > 0 => d as usize,
+                    (_, 0) => 1,
+                    _ => 16,
+                })
+                .collect();
+            (idle, ArrayD::<f32>::zeros(IxDyn(&shape)))
+        });
         for (i, mut s) in sessions.into_iter().enumerate() {
             if input_shape.iter().all(|d| *d > 0) {
                 let shape: Vec<usize> = input_shape.iter().map(|d| *d as usize).collect();
@@ -332,12 +371,13 @@ impl Model {
                 run_session(&mut s, name, &input, &outputs, &zeros)?;
                 warm.push(i);
             }
-            let (rx, model, input, outs, st) = (
+            let (rx, model, input, outs, st, release) = (
                 rx.clone(),
                 name.to_string(),
                 input.clone(),
                 outputs.clone(),
                 stats.clone(),
+                release.clone(),
             );
             let max_batch = if batching { opts.max_batch } else { 1 };
             std::thread::Builder::new()
@@ -352,6 +392,7 @@ impl Model {
                         max_batch,
                         opts.batch_window,
                         &st,
+                        release,
                     )
                 })
                 .map_err(|e| InferenceError::Load {
@@ -434,6 +475,31 @@ fn run_session(
     Ok(ys)
 }
 
+/// One run of `x` with ONNX Runtime's CPU arena shrinkage: the arena's
+/// chunks no run is using go back to the system.
+fn release_arena(s: &mut Session, model: &str, input: &str, x: &ArrayD<f32>, stats: &RunStats) {
+    let t = Instant::now();
+    let done = ort::session::RunOptions::new().and_then(|mut o| {
+        o.set("memory.enable_memory_arena_shrinkage", "cpu:0")?;
+        let tensor = TensorRef::from_array_view(x.view())?;
+        s.run_with_options(ort::inputs![input => tensor], &o)
+            .map(|_| ())
+    });
+    match done {
+        Ok(()) => {
+            stats.releases.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("atelier_model_arena_releases_total", "model" => model.to_string())
+                .increment(1);
+            tracing::debug!(
+                model,
+                secs = t.elapsed().as_secs_f64(),
+                "idle: arena memory released"
+            );
+        }
+        Err(e) => tracing::warn!(model, error = %e, "idle: releasing the arena failed"),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn runner(
     mut s: Session,
@@ -444,7 +510,10 @@ fn runner(
     max_batch: usize,
     window: Duration,
     stats: &RunStats,
+    release: Option<(Duration, ArrayD<f32>)>,
 ) {
+    // Whether the arena may hold memory a release would give back.
+    let mut holding = true;
     loop {
         let mut batch = Vec::with_capacity(max_batch);
         // Requests of another shape wait for their own run after this batch,
@@ -452,9 +521,25 @@ fn runner(
         let mut others = Vec::new();
         {
             let Ok(rx) = rx.lock() else { return };
-            match rx.recv() {
+            let first = match &release {
+                Some((idle, _)) if holding => match rx.recv_timeout(*idle) {
+                    Ok(r) => Ok(r),
+                    Err(RecvTimeoutError::Timeout) => Err(true),
+                    Err(RecvTimeoutError::Disconnected) => Err(false),
+                },
+                _ => rx.recv().map_err(|_| false),
+            };
+            match first {
                 Ok(r) => batch.push(r),
-                Err(_) => return, // the model was dropped
+                Err(true) => {
+                    drop(rx);
+                    if let Some((_, x)) = &release {
+                        release_arena(&mut s, model, input, x, stats);
+                    }
+                    holding = false;
+                    continue;
+                }
+                Err(false) => return, // the model was dropped
             }
             let deadline = Instant::now() + window;
             while batch.len() < max_batch {
@@ -467,6 +552,7 @@ fn runner(
                 }
             }
         }
+        holding = true;
         run_batch(&mut s, model, input, output, batch, stats);
         for r in others {
             run_batch(&mut s, model, input, output, vec![r], stats);
@@ -630,6 +716,7 @@ pub fn runtime_for(cfg: &atelier_shared::config::Config) -> Result<Arc<Runtime>,
         library: Some(cfg.models.onnxruntime_lib()),
         device: cfg.worker.device,
         intra_threads: cfg.worker.inference_threads,
+        cpu_arena: cfg.models.cpu_arena,
     })
 }
 
@@ -653,6 +740,7 @@ pub(crate) fn test_runtime() -> Arc<Runtime> {
         library: Some(lib),
         device: Device::Cpu,
         intra_threads: 2,
+        cpu_arena: true,
     })
     .expect("ONNX Runtime loads (scripts/fetch-models installs it)")
 }
@@ -684,10 +772,11 @@ mod tests {
     fn full_graph_optimisation_keeps_isnets_output() {
         let rt = runtime();
         let path = default_models_dir().join("isnet_fp16.onnx");
-        let img = image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/garment.jpg"))
-            .expect("testdata/garment.jpg")
-            .resize_exact(1024, 1024, image::imageops::FilterType::Triangle)
-            .to_rgb8();
+        let img =
+            image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/garment.jpg"))
+                .expect("testdata/garment.jpg")
+                .resize_exact(1024, 1024, image::imageops::FilterType::Triangle)
+                .to_rgb8();
         let n = 1024 * 1024;
         let mut x = vec![0f32; 3 * n];
         for (i, p) in img.pixels().enumerate() {
@@ -698,7 +787,9 @@ mod tests {
         let x = ArrayD::from_shape_vec(IxDyn(&[1, 3, 1024, 1024]), x).expect("shape");
         let mut outputs = Vec::new();
         for level in [GraphOptimizationLevel::Level3, GraphOptimizationLevel::All] {
-            let (mut s, _) = rt.session_at("isnet", &path, level).expect("ISNet (scripts/fetch-models)");
+            let (mut s, _) = rt
+                .session_at("isnet", &path, level)
+                .expect("ISNet (scripts/fetch-models)");
             let input = s.inputs()[0].name().to_string();
             let output = s.outputs()[0].name().to_string();
             let y = run_session(&mut s, "isnet", &input, &[output], &x).expect("runs");
@@ -706,9 +797,43 @@ mod tests {
         }
         let (a, b) = (&outputs[0], &outputs[1]);
         assert_eq!(a.shape(), b.shape());
-        let worst = a.iter().zip(b.iter()).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-        let range = a.iter().fold(f32::MIN, |m, v| m.max(*v)) - a.iter().fold(f32::MAX, |m, v| m.min(*v));
-        assert!(worst <= 0.01 * range, "largest difference {worst} of a range of {range}");
+        let worst = a
+            .iter()
+            .zip(b.iter())
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        let range =
+            a.iter().fold(f32::MIN, |m, v| m.max(*v)) - a.iter().fold(f32::MAX, |m, v| m.min(*v));
+        assert!(
+            worst <= 0.01 * range,
+            "largest difference {worst} of a range of {range}"
+        );
+    }
+
+    #[test]
+    fn an_idle_model_gives_its_arena_back_once_and_keeps_serving() {
+        let m = test_model(ModelOptions {
+            release_idle: Some(Duration::from_millis(100)),
+            ..ModelOptions::default()
+        });
+        let releases = || m.stats.releases.load(Ordering::Relaxed);
+        m.run(input(0.0, 64, 64)).expect("runs");
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(releases(), 1, "one release after the idle period");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(releases(), 1, "nothing more to release without runs");
+        let y = m.run(input(0.5, 32, 32)).expect("runs after a release");
+        assert_eq!(y.shape(), &[1, 1, 32, 32]);
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(releases(), 2, "released again after the next run");
+        assert_eq!(m.stats.snapshot().0, 2, "releases are not counted as runs");
+        let kept = test_model(ModelOptions {
+            release_idle: None,
+            ..ModelOptions::default()
+        });
+        kept.run(input(0.0, 64, 64)).expect("runs");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(kept.stats.releases.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -732,6 +857,7 @@ mod tests {
             sessions: 1,
             batch_window: Duration::from_millis(50),
             max_batch: 8,
+            ..ModelOptions::default()
         }));
         assert!(batched.batching, "dynamic batch axis allows batching");
         let expected: Vec<ArrayD<f32>> = (0..8)
