@@ -11,8 +11,8 @@ use crate::error::ApiError;
 use crate::openapi;
 use crate::routes::{
     billing, custom_models, downloads, drafts, flat, health, identities, jobs, models_api,
-    notifications, predictions, presets, profiles, projects, studio, swap, tokens, trainings, uploads,
-    webhooks,
+    notifications, predictions, presets, profiles, projects, studio, swap, tokens, trainings,
+    uploads, webhooks,
 };
 use crate::state::AppState;
 use axum::Router;
@@ -206,7 +206,10 @@ pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         ));
     let (router, doc) = OpenApiRouter::with_openapi(openapi::base())
         .merge(authed)
-        .merge(capabilities(max_upload, state.config.training.max_weights_bytes.saturating_mul(4) / 3 + (1 << 20)))
+        .merge(capabilities(
+            max_upload,
+            state.config.training.max_weights_bytes.saturating_mul(4) / 3 + (1 << 20),
+        ))
         .merge(operations())
         .split_for_parts();
     (router, openapi::finish(doc, &state.config))
@@ -233,6 +236,39 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("handler panicked").into_response()
         }))
+        .layer(middleware::from_fn(request_id))
+}
+
+/// The request id header, accepted from clients and echoed.
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// Whether a client's `X-Request-Id` is kept: 1–128 characters of letters,
+/// digits and `-_.:` (anything else could forge or break log lines).
+fn usable_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// `X-Request-Id`: the client's when usable, else a new ULID; set on the
+/// request before its span is made (so every log line of the request
+/// carries it) and echoed on every response, refusals and panics included.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| usable_request_id(id))
+        .map(str::to_owned)
+        .unwrap_or_else(|| ulid::Ulid::new().to_string());
+    let Ok(value) = header::HeaderValue::from_str(&id) else {
+        return next.run(req).await;
+    };
+    req.headers_mut().insert(X_REQUEST_ID, value.clone());
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert(X_REQUEST_ID, value);
+    resp
 }
 
 /// The span of one request, a child of the client's `traceparent` when it
@@ -243,6 +279,11 @@ fn request_span(req: &Request) -> tracing::Span {
         method = %req.method(),
         uri = %req.uri().path(),
         version = ?req.version(),
+        request_id = req
+            .headers()
+            .get(X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
     );
     if let Some(parent) = req
         .headers()

@@ -58,6 +58,53 @@ async fn health_auth_and_rate_limit_headers() {
     app.stop().await;
 }
 
+/// `X-Request-Id`: generated when absent, the client's echoed when it is
+/// a short token, replaced when it is not; on answers of every kind.
+#[tokio::test]
+async fn request_ids_are_echoed_or_generated() {
+    let app = TestApp::spawn().await;
+    let get = |path: &str, id: Option<&str>| {
+        let mut r = app.http.get(app.url(path)).header("x-api-key", &app.key);
+        if let Some(id) = id {
+            r = r.header("x-request-id", id);
+        }
+        r.send()
+    };
+    let id_of = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .expect("an x-request-id on the answer")
+    };
+    let a = id_of(&get("/project", None).await.expect("send"));
+    let b = id_of(&get("/project", None).await.expect("send"));
+    assert_eq!(a.len(), 26, "a ULID: {a}");
+    assert_ne!(a, b, "one per request");
+    let r = get("/project", Some("client-42:retry.1"))
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(id_of(&r), "client-42:retry.1");
+    // Refusals carry it too, and an unusable one is replaced.
+    let r = get("/no/such/route", Some("x".repeat(129).as_str()))
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(id_of(&r).len(), 26);
+    let r = get("/project", Some("two words")).await.expect("send");
+    assert_ne!(id_of(&r), "two words");
+    let r = app
+        .http
+        .get(app.url("/project"))
+        .header("x-request-id", "no-key-1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(id_of(&r), "no-key-1");
+}
+
 #[tokio::test]
 async fn projects_crud_conflict_and_isolation() {
     let app = TestApp::spawn().await;
@@ -544,10 +591,18 @@ async fn tokens_are_minted_listed_and_revoked() {
     let lo = atelier_shared::time::iso8601(atelier_shared::time::now_ms() + 90 * day_ms - 60_000);
     let hi = atelier_shared::time::iso8601(atelier_shared::time::now_ms() + 90 * day_ms + 60_000);
     let exp = v["expiration_date"].as_str().expect("date");
-    assert!(lo.as_str() <= exp && exp <= hi.as_str(), "{exp} not within [{lo}, {hi}]");
+    assert!(
+        lo.as_str() <= exp && exp <= hi.as_str(),
+        "{exp} not within [{lo}, {hi}]"
+    );
     let (s, _) = app.get_as(&token, "/billing/balance").await;
     assert_eq!(s, StatusCode::OK, "the new token works at once");
-    for bad in [json!({"expiration": "PT10M"}), json!({"expiration": "P5Y"}), json!({"expiration": "soon"}), json!({})] {
+    for bad in [
+        json!({"expiration": "PT10M"}),
+        json!({"expiration": "P5Y"}),
+        json!({"expiration": "soon"}),
+        json!({}),
+    ] {
         let (s, v) = app.post("/auth/token", bad).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         assert!(v.to_string().contains("expiration"), "{v}");
@@ -555,33 +610,55 @@ async fn tokens_are_minted_listed_and_revoked() {
     // An expired key is listed only on request.
     let acc = app.dev_account_id().await;
     app.store
-        .create_api_key(&acc, "old", None, Some(atelier_shared::time::now_ms() - 1000))
+        .create_api_key(
+            &acc,
+            "old",
+            None,
+            Some(atelier_shared::time::now_ms() - 1000),
+        )
         .await
         .expect("key");
     let (s, list) = app.get("/auth/token").await;
     assert_eq!(s, StatusCode::OK, "{list}");
-    assert_eq!(list["pagination"]["total"], 2, "the bootstrap key and the new one: {list}");
-    assert!(!list.to_string().contains(&token), "values are never listed");
+    assert_eq!(
+        list["pagination"]["total"], 2,
+        "the bootstrap key and the new one: {list}"
+    );
+    assert!(
+        !list.to_string().contains(&token),
+        "values are never listed"
+    );
     let (_, all) = app.get("/auth/token?include_expired=true").await;
     assert_eq!(all["pagination"]["total"], 3, "{all}");
-    let minted_id = list["tokens"][0]["token_id"].as_str().expect("id").to_string();
+    let minted_id = list["tokens"][0]["token_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     assert!(list["tokens"][0]["expiration_date"].is_string());
     // Revoked: gone at once; not another account's to revoke.
     let other = app.account("other", 0.0).await;
-    let (s, _) = app.delete_as(&other, &format!("/auth/token/{minted_id}")).await;
+    let (s, _) = app
+        .delete_as(&other, &format!("/auth/token/{minted_id}"))
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _) = app.delete_as(&app.key, &format!("/auth/token/{minted_id}")).await;
+    let (s, _) = app
+        .delete_as(&app.key, &format!("/auth/token/{minted_id}"))
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, _) = app.get_as(&token, "/billing/balance").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, _) = app.delete_as(&app.key, &format!("/auth/token/{minted_id}")).await;
+    let (s, _) = app
+        .delete_as(&app.key, &format!("/auth/token/{minted_id}"))
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // 20 live tokens at most (the bootstrap key is one).
     for i in 0..19 {
         let (s, v) = app.post("/auth/token", json!({"expiration": 86400})).await;
         assert_eq!(s, StatusCode::CREATED, "{i}: {v}");
     }
-    let (s, v) = app.post("/auth/token", json!({"expiration": "1d,00:00:00"})).await;
+    let (s, v) = app
+        .post("/auth/token", json!({"expiration": "1d,00:00:00"}))
+        .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
 }
 
@@ -600,27 +677,68 @@ async fn usage_is_summed_per_period_and_job_type() {
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let job = v["job_id"].as_str().expect("job").to_string();
-    let st = app.wait_for_job(&job, std::time::Duration::from_secs(60)).await;
+    let st = app
+        .wait_for_job(&job, std::time::Duration::from_secs(60))
+        .await;
     assert_eq!(st["status"], "completed", "{st}");
-    let (s, _) = app.post("/preset/extract-from-text", json!({"text": "white cutout"})).await;
+    let (s, _) = app
+        .post("/preset/extract-from-text", json!({"text": "white cutout"}))
+        .await;
     assert_eq!(s, StatusCode::OK);
     let (s, v) = app.get("/billing/credits").await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(v["total_credits"], 7.0, "two 1K outputs and one extraction: {v}");
+    assert_eq!(
+        v["total_credits"], 7.0,
+        "two 1K outputs and one extraction: {v}"
+    );
     let rows = v["summary"].as_array().expect("summary");
-    let row = |t: &str| rows.iter().find(|r| r["job_type"] == t).cloned().unwrap_or(Value::Null);
-    assert_eq!((row("create_packshot")["total_credits"].as_f64(), row("create_packshot")["job_count"].as_i64()), (Some(6.0), Some(1)), "{v}");
-    assert_eq!((row("preset_extraction")["total_credits"].as_f64(), row("preset_extraction")["job_count"].as_i64()), (Some(1.0), Some(1)), "{v}");
-    let start = row("create_packshot")["period_start"].as_str().expect("start").to_string();
-    assert!(start.ends_with("T00:00:00.000Z") || start.ends_with("T00:00:00Z"), "a UTC day: {start}");
+    let row = |t: &str| {
+        rows.iter()
+            .find(|r| r["job_type"] == t)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(
+        (
+            row("create_packshot")["total_credits"].as_f64(),
+            row("create_packshot")["job_count"].as_i64()
+        ),
+        (Some(6.0), Some(1)),
+        "{v}"
+    );
+    assert_eq!(
+        (
+            row("preset_extraction")["total_credits"].as_f64(),
+            row("preset_extraction")["job_count"].as_i64()
+        ),
+        (Some(1.0), Some(1)),
+        "{v}"
+    );
+    let start = row("create_packshot")["period_start"]
+        .as_str()
+        .expect("start")
+        .to_string();
+    assert!(
+        start.ends_with("T00:00:00.000Z") || start.ends_with("T00:00:00Z"),
+        "a UTC day: {start}"
+    );
     let (balance, _) = app.balance(&app.key).await;
     assert_eq!(v["balance"]["user_credits"].as_f64(), Some(balance));
     let (_, m) = app.get("/billing/credits?resolution=month").await;
     let month_start = m["summary"][0]["period_start"].as_str().expect("start");
     assert_eq!(&month_start[8..10], "01", "the first of the month: {m}");
-    let (_, none) = app.get("/billing/credits?start_date=2020-01-01&end_date=2020-02-01").await;
-    assert_eq!((none["total_credits"].as_f64(), none["summary"].clone()), (Some(0.0), json!([])));
-    for q in ["start_date=yesterday", "start_date=2025-03-02&end_date=2025-03-01", "resolution=year"] {
+    let (_, none) = app
+        .get("/billing/credits?start_date=2020-01-01&end_date=2020-02-01")
+        .await;
+    assert_eq!(
+        (none["total_credits"].as_f64(), none["summary"].clone()),
+        (Some(0.0), json!([]))
+    );
+    for q in [
+        "start_date=yesterday",
+        "start_date=2025-03-02&end_date=2025-03-01",
+        "resolution=year",
+    ] {
         let (s, v) = app.get(&format!("/billing/credits?{q}")).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
     }
@@ -638,32 +756,70 @@ async fn assets_list_the_callers_uploads() {
     let summer = app.project("summer drop").await;
     let a = app.upload(png(64, 48), "b-shirt.png").await;
     let b = app.upload(png(32, 32), "a-dress.png").await;
-    let (_, slot) = app.post("/upload", json!({"filename": "pending.png"})).await;
+    let (_, slot) = app
+        .post("/upload", json!({"filename": "pending.png"}))
+        .await;
     let _ = (summer, slot);
     let (s, v) = app.get("/assets").await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["pagination"]["total"], 2, "only uploaded files: {v}");
-    let ids: Vec<&str> = v["assets"].as_array().unwrap().iter().filter_map(|x| x["id"].as_str()).collect();
+    let ids: Vec<&str> = v["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["id"].as_str())
+        .collect();
     assert_eq!(ids, [b.as_str(), a.as_str()], "newest first");
     let first = &v["assets"][1];
     assert_eq!(first["dimensions"], json!({"width": 64, "height": 48}));
-    assert_eq!((first["visibility"].as_str(), first["tags"].clone()), (Some("private"), json!([])));
-    assert_eq!(app.fetch(&first["url"]).await.len(), png(64, 48).len(), "the URL serves the bytes");
+    assert_eq!(
+        (first["visibility"].as_str(), first["tags"].clone()),
+        (Some("private"), json!([]))
+    );
+    assert_eq!(
+        app.fetch(&first["url"]).await.len(),
+        png(64, 48).len(),
+        "the URL serves the bytes"
+    );
     let (_, v) = app.get("/assets?sort_by=filename&order=asc").await;
     assert_eq!(v["assets"][0]["filename"], "a-dress.png");
     let (_, v) = app.get("/assets?search=SHIRT").await;
     assert_eq!(v["pagination"]["total"], 1, "{v}");
     let (_, v) = app.get("/assets?per_page=1&page=2").await;
-    assert_eq!((v["assets"].as_array().map(Vec::len), v["pagination"]["pages"].as_i64()), (Some(1), Some(2)));
-    for q in ["ownership=shared", "include_tags=model", "created_after=2999-01-01", "created_before=2000-01-01"] {
+    assert_eq!(
+        (
+            v["assets"].as_array().map(Vec::len),
+            v["pagination"]["pages"].as_i64()
+        ),
+        (Some(1), Some(2))
+    );
+    for q in [
+        "ownership=shared",
+        "include_tags=model",
+        "created_after=2999-01-01",
+        "created_before=2000-01-01",
+    ] {
         let (s, v) = app.get(&format!("/assets?{q}")).await;
-        assert_eq!((s, v["pagination"]["total"].as_i64()), (StatusCode::OK, Some(0)), "{q}: {v}");
+        assert_eq!(
+            (s, v["pagination"]["total"].as_i64()),
+            (StatusCode::OK, Some(0)),
+            "{q}: {v}"
+        );
     }
-    for q in ["sort_by=size", "ownership=everyone", "include_tags=shoes", "created_after=soon", "per_page=101"] {
+    for q in [
+        "sort_by=size",
+        "ownership=everyone",
+        "include_tags=shoes",
+        "created_after=soon",
+        "per_page=101",
+    ] {
         let (s, v) = app.get(&format!("/assets?{q}")).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
     }
     let other = app.account("other", 0.0).await;
     let (_, v) = app.get_as(&other, "/assets").await;
-    assert_eq!(v["pagination"]["total"], 0, "another account's uploads are not listed");
+    assert_eq!(
+        v["pagination"]["total"], 0,
+        "another account's uploads are not listed"
+    );
 }
