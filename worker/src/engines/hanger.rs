@@ -111,7 +111,8 @@ pub fn remove(alpha: &GrayImage, photo: &RgbaImage) -> (GrayImage, HangerReport)
 /// the body eroded by `2r`, within `4r`): the ends of a hanger's arms where
 /// they meet the shoulders, which the band kept, and an arm lying along a
 /// shoulder's edge, which the opening cannot tell from the garment. Does
-/// nothing when too little was removed to know the thin parts' colour.
+/// nothing when too little was removed to know the thin parts' colour, or
+/// when that colour is the garment's (`MIN_CONTRAST`).
 fn drop_stubs(
     kept: &mut [bool],
     body: &[bool],
@@ -155,10 +156,23 @@ fn drop_stubs(
             table[(y + 1) * stride + x + 1] = std::array::from_fn(|k| above[k] + row[k]);
         }
     }
+    // A hanger of the garment's own colour cannot be told apart by colour:
+    // then nothing goes (as keying skips a garment of the background's).
+    let (mut m, mut k) = ([0.0; 3], 0.0);
+    for i in (0..wu * hu).filter(|&i| interior[i]) {
+        let c = rgb(i);
+        for j in 0..3 {
+            m[j] += c[j];
+        }
+        k += 1.0;
+    }
     let reach = 4 * r as usize;
     let dist = |a: [f64; 3], b: [f64; 3]| {
         ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
     };
+    if k < 1.0 || dist(m.map(|v| v / k), thin) < MIN_CONTRAST {
+        return;
+    }
     let edge: Vec<usize> = (0..top).filter(|&i| kept[i] && !interior[i]).collect();
     for i in edge {
         let (x, y) = (i % wu, i / wu);
@@ -406,6 +420,31 @@ mod tests {
             report.keying_skipped,
             Some("the garment has the background's colour")
         );
+    }
+
+    #[test]
+    fn a_hook_of_the_garments_colour_leaves_the_outline_alone() {
+        let (alpha, mut photo) = scene();
+        // A hook of nearly the body's red, and a seam along the body's top
+        // edge that is nearer the hook's colour than the body's: told apart
+        // by colour, the seam would go.
+        for y in 20..60 {
+            for x in 98..101 {
+                photo.put_pixel(x, y, Rgba([160, 45, 40, 255]));
+            }
+        }
+        for y in 60..63 {
+            for x in 40..160 {
+                photo.put_pixel(x, y, Rgba([163, 43, 39, 255]));
+            }
+        }
+        let (out, _) = remove(&alpha, &photo);
+        assert_eq!(out.get_pixel(99, 30).0[0], 0, "the hook still goes");
+        for x in [41, 60, 95, 103, 140, 158] {
+            for y in 60..63 {
+                assert_eq!(out.get_pixel(x, y).0[0], 255, "seam at ({x},{y})");
+            }
+        }
     }
 
     #[test]
