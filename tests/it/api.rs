@@ -6,6 +6,45 @@ use atelier_shared::db::Dialect;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+/// A valid PNG (signature, IHDR with a correct CRC, one tiny IDAT, IEND)
+/// whose header declares `w`×`h`: a decompression bomb's shape.
+fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = 0xFFFF_FFFFu32;
+        for &b in bytes {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend(data);
+        out.extend(&body);
+        out.extend(crc32(&body).to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9C, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
 fn assert_envelope(v: &serde_json::Value, code: &str) {
     assert!(v["error"].is_string(), "{v}");
     assert!(v["detail"].is_array(), "{v}");
@@ -286,12 +325,53 @@ async fn uploads_are_checked_and_single_use() {
         .expect("put");
     let body: serde_json::Value = r.json().await.expect("an envelope, not plain text");
     assert_eq!(body["code"], "payload_too_large");
+    // A small PNG whose header declares 50000×50000 pixels, refused before
+    // anything is stored, naming the limit; the slot stays usable.
+    let r = app
+        .http
+        .put(&url)
+        .header("content-type", "image/png")
+        .body(png_declaring(50_000, 50_000))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = r.json().await.expect("envelope");
+    assert!(
+        body.to_string().contains("50000x50000"),
+        "the refusal names the size: {body}"
+    );
     assert_eq!(put("image/png", png(8, 8)).await, StatusCode::OK);
     assert_eq!(
         put("image/png", png(8, 8)).await,
         StatusCode::FORBIDDEN,
         "single use"
     );
+    // Half a JPEG is refused as truncated, not stored to be charged for.
+    let (_, slot) = app.post("/upload", json!({"filename": "half.jpg"})).await;
+    let jpg_url = slot["upload_url"].as_str().expect("url").to_string();
+    // (Large enough that its first half holds every header.)
+    let whole = garment_jpeg(400, 400);
+    let r = app
+        .http
+        .put(&jpg_url)
+        .header("content-type", "image/jpeg")
+        .body(whole[..whole.len() / 2].to_vec())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = r.json().await.expect("envelope");
+    assert!(body.to_string().contains("truncated JPEG"), "{body}");
+    let r = app
+        .http
+        .put(&jpg_url)
+        .header("content-type", "image/jpeg")
+        .body(whole)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), StatusCode::OK, "the whole photo is then taken");
     let mut forged = url.clone();
     forged.push('x');
     let r = app

@@ -225,12 +225,49 @@ async fn corrupt_and_oversized_images_fail_the_output_with_a_reason() {
     })
     .await;
     let p = app.project("p").await;
-    // A PNG whose header is intact (the upload accepts it) but whose data is cut.
+    // A PNG whose header is intact but whose data is cut, and a small file
+    // declaring 2000 × 2000 = 4 MP, above the worker's 1 MP limit.
     let mut corrupt = png(300, 300);
     corrupt.truncate(corrupt.len() / 2);
-    let bad = app.upload(corrupt, "corrupt.png").await;
-    // A small file declaring 2000 × 2000 = 4 MP, above the worker's 1 MP limit.
-    let bomb = app.upload(png(2000, 2000), "bomb.png").await;
+    let bomb_bytes = png(2000, 2000);
+    // The signed upload refuses both, naming the problem, and stores nothing.
+    for (bytes, needle) in [
+        (&corrupt, "corrupt image data"),
+        (&bomb_bytes, "above the limit"),
+    ] {
+        let (_, slot) = app.post("/upload", json!({"filename": "x.png"})).await;
+        let r = app
+            .http
+            .put(slot["upload_url"].as_str().expect("url"))
+            .header("content-type", "image/png")
+            .body(bytes.clone())
+            .send()
+            .await
+            .expect("put");
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let v: serde_json::Value = r.json().await.expect("envelope");
+        assert!(v.to_string().contains(needle), "{v}");
+    }
+    // Files stored before that check (an earlier version's uploads) still
+    // fail in the worker with the reason, and cost nothing: a stored
+    // object's bytes are replaced on disk.
+    let stored = |bytes: Vec<u8>| {
+        let app = &app;
+        async move {
+            let id = app.upload(png(8, 8), "x.png").await;
+            let key = app
+                .store
+                .file(&id)
+                .await
+                .expect("file")
+                .expect("row")
+                .object_key;
+            std::fs::write(app.cfg.data_dir.join("objects").join(key), bytes).expect("replace");
+            id
+        }
+    };
+    let bad = stored(corrupt).await;
+    let bomb = stored(bomb_bytes).await;
     let (before, _) = app.balance(&app.key).await;
     for (file, needle) in [(bad, "corrupt image"), (bomb, "above the limit")] {
         let body =

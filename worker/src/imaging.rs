@@ -30,6 +30,11 @@ pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, Tas
             ));
         }
     }
+    if reader.format() == Some(ImageFormat::Jpeg)
+        && let Some(why) = atelier_shared::domain::images::jpeg_truncation(bytes)
+    {
+        return Err(TaskFailure::permanent(why));
+    }
     let (w, h) = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .and_then(|r| r.into_dimensions().map_err(std::io::Error::other))
@@ -194,6 +199,45 @@ mod tests {
         let e = decode_limited(&bomb, 1_000_000).unwrap_err();
         assert!(e.message.contains("above the limit"), "{}", e.message);
         assert_eq!(e.kind, atelier_shared::domain::FailureKind::Permanent);
+    }
+
+    /// Half of a photo is refused, not decoded with a grey fill: JPEG by its
+    /// missing end marker, PNG by its decoder.
+    #[test]
+    fn truncated_photos_are_refused_with_the_reason() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata");
+        let noisy = RgbaImage::from_fn(300, 200, |x, y| {
+            Rgba([
+                (x * 7 % 256) as u8,
+                (y * 13 % 256) as u8,
+                ((x ^ y) % 256) as u8,
+                255,
+            ])
+        });
+        let encoded =
+            encode(&noisy, atelier_shared::domain::packshot::ImageFormat::Jpg).expect("jpg");
+        let mut jpegs = vec![encoded];
+        for f in ["garment.jpg", "dress.jpg"] {
+            jpegs.push(std::fs::read(dir.join(f)).expect("testdata"));
+        }
+        for whole in jpegs {
+            assert!(
+                decode_limited(&whole, 1 << 24).is_ok(),
+                "a whole JPEG decodes"
+            );
+            for cut in [whole.len() / 2, whole.len() - 2] {
+                let e = decode_limited(&whole[..cut], 1 << 24).unwrap_err();
+                assert!(e.message.contains("truncated JPEG"), "{}", e.message);
+                assert_eq!(e.kind, atelier_shared::domain::FailureKind::Permanent);
+            }
+        }
+        let mut png_bytes = Vec::new();
+        noisy
+            .write_to(&mut Cursor::new(&mut png_bytes), ImageFormat::Png)
+            .expect("png");
+        png_bytes.truncate(png_bytes.len() / 2);
+        let e = decode_limited(&png_bytes, 1 << 24).unwrap_err();
+        assert!(e.message.contains("corrupt image data"), "{}", e.message);
     }
 
     #[test]

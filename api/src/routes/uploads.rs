@@ -189,6 +189,11 @@ pub(crate) fn checked_image(
 ) -> Result<(&'static str, &'static str, u32, u32), ApiError> {
     let (ct, ext, w, h) = sniff_any(bytes)
         .map_err(|m| ApiError::bad_request(field, format!("unreadable image: {m}"), position))?;
+    if ct == "image/jpeg"
+        && let Some(why) = atelier_shared::domain::images::jpeg_truncation(bytes)
+    {
+        return Err(ApiError::bad_request(field, why, position));
+    }
     let limit = s.config.worker.max_input_pixels;
     if u64::from(w) * u64::from(h) > limit {
         return Err(ApiError::bad_request(
@@ -198,6 +203,39 @@ pub(crate) fn checked_image(
         ));
     }
     Ok((ct, ext, w, h))
+}
+
+/// Full decodes of uploads running at once in this process.
+static FULL_DECODES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// Whether an image whose header said `w`×`h` is within `limit` pixels and
+/// decodes whole: a JPEG must reach its end marker (decoders fill a cut-off
+/// scan with grey), and every format must decode without error, under
+/// allocation limits sized from the header.
+fn decodes_whole(bytes: &[u8], w: u32, h: u32, limit: u64) -> Result<(), String> {
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > limit {
+        return Err(format!(
+            "image too large: {w}x{h} = {pixels} pixels is above the limit of {limit} pixels"
+        ));
+    }
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("unreadable image: {e}"))?;
+    if reader.format() == Some(image::ImageFormat::Jpeg)
+        && let Some(why) = atelier_shared::domain::images::jpeg_truncation(bytes)
+    {
+        return Err(why.to_string());
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
+    reader
+        .decode()
+        .map(|_| ())
+        .map_err(|e| format!("corrupt image data: {e}"))
 }
 
 /// Whether `bytes` are an image of the declared type whose header decodes.
@@ -215,7 +253,12 @@ fn sniff(bytes: &[u8], content_type: &str) -> Result<(u32, u32), String> {
             "the bytes are {got:?}, not the declared {content_type}"
         ));
     }
-    image::ImageReader::with_format(std::io::Cursor::new(bytes), want)
+    // Only the header is read here; the pixel budget is checked by the
+    // caller with a message that names it (the decoder's own allocation
+    // limit would refuse a large header as a header that does not decode).
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), want);
+    reader.no_limits();
+    reader
         .into_dimensions()
         .map_err(|e| format!("the {content_type} header does not decode: {e}"))
 }
@@ -232,6 +275,7 @@ fn sniff(bytes: &[u8], content_type: &str) -> Result<(u32, u32), String> {
     )),
     responses(
         (status = 200, description = "Stored"),
+        (status = 400, description = "Above `worker.max_input_pixels`, truncated or corrupt", body = crate::error::ErrorBody),
         (status = 403, description = "Expired, invalid or already used URL", body = crate::error::ErrorBody),
         (status = 413, description = "Larger than `limits.max_upload_bytes`", body = crate::error::ErrorBody),
         (status = 415, description = "Not the declared image type", body = crate::error::ErrorBody),
@@ -301,6 +345,22 @@ pub async fn receive(
             m,
         )
     })?;
+    // What a worker would refuse (too many pixels, cut off, corrupt) is
+    // refused here, before anything is stored or a job is charged for it.
+    let limit = s.config.worker.max_input_pixels;
+    let decoded = {
+        // A full decode holds the whole bitmap (up to 3–8 bytes a pixel of
+        // `worker.max_input_pixels`): a few at a time per process.
+        let _slot = FULL_DECODES
+            .acquire()
+            .await
+            .map_err(|e| ApiError::internal(format!("image check failed: {e}")))?;
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || decodes_whole(&body, w, h, limit))
+            .await
+            .map_err(|e| ApiError::internal(format!("image check failed: {e}")))?
+    };
+    decoded.map_err(|m| ApiError::bad_request(None, m, "body"))?;
     let file = s
         .store
         .file(&file_id)
@@ -461,7 +521,9 @@ pub async fn assets(
         Some("shared" | "default") => true,
         Some(_) => return Err(bad("ownership", "must be mine, shared or default")),
     } || !include.is_empty()
-        || q.created_by.as_deref().is_some_and(|c| c != acc.id && c != acc.name);
+        || q.created_by
+            .as_deref()
+            .is_some_and(|c| c != acc.id && c != acc.name);
     let when = |v: &Option<String>, field: &str| -> ApiResult<Option<i64>> {
         v.as_deref()
             .map(|t| {
@@ -495,7 +557,12 @@ pub async fn assets(
         .map(|f| {
             let url = s.url(&format!(
                 "/files/{}",
-                s.signer.sign(&Capability::File { file_id: f.id.clone() }, exp)
+                s.signer.sign(
+                    &Capability::File {
+                        file_id: f.id.clone()
+                    },
+                    exp
+                )
             ));
             serde_json::json!({
                 "id": f.id,

@@ -11,6 +11,7 @@ pub mod extraction;
 pub mod fair;
 pub mod flat;
 pub mod identity;
+pub mod images;
 pub mod ids;
 pub mod kinds;
 pub mod packshot;
