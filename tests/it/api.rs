@@ -165,6 +165,22 @@ async fn projects_crud_conflict_and_isolation() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, v) = app.post("/project", json!({"project_name": 5})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // Control characters are refused, as in every other name; nothing stored.
+    for bad in ["a\u{0}b", "line\nbreak", "bell\u{7}"] {
+        let (s, v) = app.post("/project", json!({"project_name": bad})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad:?}: {v}");
+        assert_eq!(v["detail"][0]["field"], "project_name", "{v}");
+        assert!(v.to_string().contains("control characters"), "{v}");
+        let (s, v) = app
+            .post("/upload", json!({"project_name": bad, "filename": "a.jpg"}))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad:?}: {v}");
+    }
+    let (_, v) = app.get("/project").await;
+    assert!(
+        !v.to_string().contains("\\u0000"),
+        "no project with a NUL was stored: {v}"
+    );
     let r = app
         .http
         .post(app.url("/project"))

@@ -19,7 +19,8 @@ pub struct CreateBody {
     pub project_name: Option<String>,
 }
 
-/// Validates a project name: 1–128 characters after trimming.
+/// Validates a project name: 1–128 characters after trimming, no control
+/// characters.
 pub fn project_name(raw: Option<&str>, field: &str) -> ApiResult<String> {
     let name = raw.map(str::trim).unwrap_or("");
     if name.is_empty() {
@@ -33,6 +34,15 @@ pub fn project_name(raw: Option<&str>, field: &str) -> ApiResult<String> {
         return Err(ApiError::bad_request(
             Some(field),
             "must be at most 128 characters",
+            "body",
+        ));
+    }
+    // As every other name (identities, presets, models): no NUL, newlines
+    // or other control characters, which would break logs and exports.
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            Some(field),
+            "must not contain control characters",
             "body",
         ));
     }

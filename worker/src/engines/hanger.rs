@@ -156,21 +156,17 @@ fn drop_stubs(
             table[(y + 1) * stride + x + 1] = std::array::from_fn(|k| above[k] + row[k]);
         }
     }
-    // A hanger of the garment's own colour cannot be told apart by colour:
-    // then nothing goes (as keying skips a garment of the background's).
-    let (mut m, mut k) = ([0.0; 3], 0.0);
-    for i in (0..wu * hu).filter(|&i| interior[i]) {
-        let c = rgb(i);
-        for j in 0..3 {
-            m[j] += c[j];
-        }
-        k += 1.0;
-    }
     let reach = 4 * r as usize;
     let dist = |a: [f64; 3], b: [f64; 3]| {
         ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
     };
-    if k < 1.0 || dist(m.map(|v| v / k), thin) < MIN_CONTRAST {
+    // A hanger of the garment's own colour cannot be told apart by colour:
+    // then nothing goes (as keying skips a garment of the background's).
+    // The table's last cell sums the whole interior.
+    let all = table[hu * stride + wu];
+    if all[3] < 1.0
+        || dist([all[0] / all[3], all[1] / all[3], all[2] / all[3]], thin) < MIN_CONTRAST
+    {
         return;
     }
     let edge: Vec<usize> = (0..top).filter(|&i| kept[i] && !interior[i]).collect();
