@@ -87,24 +87,7 @@ fn main() {
         );
     }
 
-    let engine = Arc::new(
-        AtelierEngine::load(
-            &rt,
-            &dir,
-            "isnet_fp16.onnx",
-            "realesr-animevideov3-x4.onnx",
-            ModelOptions::default(),
-        )
-        .expect("isnet"),
-    );
-    let photo = image::open(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/garment.jpg"),
-    )
-    .expect("testdata");
-    let inputs = Arc::new(vec![Input {
-        file_id: "f".into(),
-        image: photo,
-    }]);
+    let (engine, inputs) = engine_and_photo(&rt, &dir, ModelOptions::default());
     let render = |s: &PackshotSpec, variation: u32| {
         engine
             .render_timed(&RenderRequest {
@@ -343,30 +326,43 @@ fn last_json_line<T: serde::de::DeserializeOwned>(
     serde_json::from_str(line).map_err(|e| format!("{e}: {line}"))
 }
 
-fn rss_child() {
-    let (dir, rt) = common::runtime();
-    let engine = Arc::new(
-        AtelierEngine::load(
-            &rt,
-            &dir,
-            "isnet_fp16.onnx",
-            "realesr-animevideov3-x4.onnx",
-            ModelOptions {
-                release_idle: Some(Duration::from_secs(IDLE_SECS)),
-                ..ModelOptions::default()
-            },
-        )
-        .expect("isnet"),
-    );
-    let after_load = memory_mb().0;
+/// The packshot engine as a worker loads it (with `opts`) and the test
+/// photo as its one input.
+fn engine_and_photo(
+    rt: &atelier_worker::inference::Runtime,
+    dir: &std::path::Path,
+    opts: ModelOptions,
+) -> (Arc<AtelierEngine>, Arc<Vec<Input>>) {
+    let engine = AtelierEngine::load(
+        rt,
+        dir,
+        "isnet_fp16.onnx",
+        "realesr-animevideov3-x4.onnx",
+        opts,
+    )
+    .expect("isnet");
     let photo = image::open(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/garment.jpg"),
     )
     .expect("testdata");
-    let inputs = Arc::new(vec![Input {
+    let inputs = vec![Input {
         file_id: "f".into(),
         image: photo,
-    }]);
+    }];
+    (Arc::new(engine), Arc::new(inputs))
+}
+
+fn rss_child() {
+    let (dir, rt) = common::runtime();
+    let (engine, inputs) = engine_and_photo(
+        &rt,
+        &dir,
+        ModelOptions {
+            release_idle: Some(Duration::from_secs(IDLE_SECS)),
+            ..ModelOptions::default()
+        },
+    );
+    let after_load = memory_mb().0;
     let specs = Arc::new([spec("1K"), spec("2K")]);
     let hs: Vec<_> = (0..2)
         .map(|w| {
