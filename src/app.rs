@@ -14,6 +14,7 @@ use atelier_shared::storage::{DynObjectStore, Links, Signer};
 use rand::RngCore;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +70,67 @@ pub struct Services {
     pub signer: Option<Signer>,
     /// Stops the queue's own background tasks; cancelled after the roles stop.
     pub queue_stop: CancellationToken,
+    /// On a SQLite database: this process's lock on it (see [`NodeLock`]).
+    pub node_lock: Option<Arc<NodeLock>>,
+}
+
+/// The lock every process on one SQLite database holds on a file beside it
+/// (`<database>.node-lock`): exclusive while a starting process takes over
+/// what a dead predecessor held, shared afterwards so that other processes
+/// (an `atelier worker` beside `atelier serve`) can join. A process that gets
+/// the exclusive lock knows no other process runs on the database: every
+/// lease and delivery in it belonged to one that died, so it takes them over
+/// at once instead of waiting for them to run out.
+pub struct NodeLock {
+    file: std::fs::File,
+    /// Whether this process found itself alone.
+    pub sole: bool,
+}
+
+impl NodeLock {
+    fn acquire(database: &std::path::Path) -> anyhow::Result<NodeLock> {
+        let mut path = database.as_os_str().to_owned();
+        path.push(".node-lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        let sole = match file.try_lock() {
+            Ok(()) => true,
+            Err(std::fs::TryLockError::WouldBlock) => false,
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        };
+        Ok(NodeLock { file, sole })
+    }
+
+    /// From exclusive to shared (or shared, waiting while another process
+    /// takes over).
+    async fn share(self: &Arc<Self>) -> anyhow::Result<()> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Released, then taken shared: converting a held lock in place
+            // is not portable.
+            me.file.unlock()?;
+            me.file.lock_shared()
+        })
+        .await
+        .context("lock task panicked")?
+        .context("cannot take the shared lock of the database")
+    }
+}
+
+/// The file of a `sqlite:` database URL (none for an in-memory one).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.contains(":memory:")).then(|| path.into())
 }
 
 /// The object store `storage.url` names. Async because the S3 store checks
@@ -125,6 +187,10 @@ pub async fn connect(cfg: &Config, targets: &Targets, roles: Roles) -> anyhow::R
     } else {
         None
     };
+    let node_lock = match (&store, sqlite_file(&cfg.database_url())) {
+        (Some(_), Some(file)) => Some(Arc::new(NodeLock::acquire(&file)?)),
+        _ => None,
+    };
     let queue_stop = CancellationToken::new();
     let queue: DynQueue = match (&targets.queue, &store) {
         (QueueTarget::Embedded, Some(store)) => {
@@ -169,6 +235,7 @@ pub async fn connect(cfg: &Config, targets: &Targets, roles: Roles) -> anyhow::R
         objects,
         signer: key.map(|k| Signer::new(k.as_bytes())),
         queue_stop,
+        node_lock,
     })
 }
 
@@ -224,6 +291,8 @@ pub async fn bootstrap(cfg: &Config, store: &Store) -> anyhow::Result<Option<Str
 pub struct Running {
     /// Where the HTTP server listens (API, or health/metrics for other roles).
     pub addr: SocketAddr,
+    /// The operations listener (`server.admin_listen`), when configured.
+    pub admin_addr: Option<SocketAddr>,
     pub services: Services,
     pub config: Arc<Config>,
     /// The dev key when this start bootstrapped the database.
@@ -267,6 +336,15 @@ pub async fn start(
         // Port 0 (tests): the public URL follows the port actually bound.
         cfg.server.public_url = format!("http://{addr}");
     }
+    let admin = match &cfg.server.admin_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (server.admin_listen)"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
     let cfg = Arc::new(cfg);
     // The one parse of the values roles use (the same checks `Config::load`
     // made); what is invalid has been refused there.
@@ -275,11 +353,28 @@ pub async fn start(
     // The roles that need the database and signed URLs have them (see `connect`).
     let needs =
         |what: &str| anyhow::anyhow!("internal: the {what} was not connected for {roles:?}");
+    if let (Some(lock), Some(store)) = (&services.node_lock, &services.store) {
+        if lock.sole {
+            take_over(store, &targets).await;
+        }
+        lock.share().await?;
+    }
     let bootstrap_key = match (&services.store, roles.api) {
         (Some(store), true) => bootstrap(&cfg, store).await?,
         _ => None,
     };
     let mut tasks = JoinSet::new();
+    // `/readyz`: the dependencies of this process's roles.
+    let models_loaded = roles.worker.then(|| Arc::new(AtomicBool::new(false)));
+    let probes = Arc::new(atelier_api::routes::health::Probes {
+        store: services
+            .store
+            .clone()
+            .filter(|_| roles.api || roles.scheduler),
+        queue: (roles.scheduler || roles.worker).then(|| services.queue.clone()),
+        objects: (roles.api || roles.worker).then(|| services.objects.clone()),
+        models: models_loaded.clone(),
+    });
     // Live notifications: the scheduler's relay publishes, API replicas
     // stream. Through Redis when configured, so any replica serves any account.
     let events = match &cfg.redis.url {
@@ -311,7 +406,7 @@ pub async fn start(
         None => None,
     };
     if roles.api {
-        let state = atelier_api::AppState::new(
+        let mut state = atelier_api::AppState::new(
             cfg.clone(),
             atelier_api::state::Edge {
                 egress: targets.egress.clone(),
@@ -323,6 +418,7 @@ pub async fn start(
             services.signer.clone().ok_or_else(|| needs("URL signer"))?,
             events.clone(),
         );
+        state.probes = probes.clone();
         if cfg.redis.url.is_some()
             && !state
                 .limiter
@@ -335,7 +431,22 @@ pub async fn start(
         }
         tasks.spawn(atelier_api::serve(listener, state, shutdown.clone()));
     } else {
-        tasks.spawn(serve_ops(listener, shutdown.clone()));
+        tasks.spawn(atelier_api::server::serve(
+            listener,
+            atelier_api::router::operations_router(probes.clone()),
+            atelier_api::server::Limits::from_config(&cfg.server),
+            "ops",
+            shutdown.clone(),
+        ));
+    }
+    if let Some(admin) = admin {
+        tasks.spawn(atelier_api::server::serve(
+            admin,
+            atelier_api::router::operations_router(probes.clone()),
+            atelier_api::server::Limits::admin(&cfg.server),
+            "admin",
+            shutdown.clone(),
+        ));
     }
     if roles.scheduler {
         let ctx = atelier_scheduler::SchedulerContext::from_config(
@@ -416,11 +527,15 @@ pub async fn start(
             ),
             Err(e) => return Err(e).context("cannot load the face models"),
         }
+        if let Some(loaded) = &models_loaded {
+            loaded.store(true, Ordering::SeqCst);
+        }
         tasks.spawn(atelier_worker::run(ctx, shutdown.clone()));
     }
     tracing::info!(%addr, ?roles, queue = services.queue.kind(), storage = services.objects.kind(), "atelier started");
     Ok(Running {
         addr,
+        admin_addr,
         services,
         config: cfg,
         bootstrap_key,
@@ -428,16 +543,24 @@ pub async fn start(
     })
 }
 
-/// `/healthz` and `/metrics` for processes that do not run the API.
-async fn serve_ops(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route("/healthz", get(atelier_api::routes::health::healthz))
-        .route("/metrics", get(atelier_api::routes::health::metrics));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
-    Ok(())
+/// What a predecessor that died held, taken over by a process alone on its
+/// database: the embedded queue's deliveries it held (tasks it ran, reports
+/// it had not applied) become visible again at once, as RabbitMQ requeues
+/// what a closed channel held. A task already running is run again as the
+/// same attempt (its start is recorded again, its lease renewed by the new
+/// heartbeats). A failure is logged: the deliveries' leases then run out.
+async fn take_over(store: &Store, targets: &Targets) {
+    if targets.queue != QueueTarget::Embedded {
+        return;
+    }
+    match EmbeddedQueue::release_orphans(store).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            deliveries = n,
+            "took over the queue deliveries of a previous process"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot take over the previous process's deliveries"),
+    }
 }
 
 /// First start of an embedded setup: installs the models with

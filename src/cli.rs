@@ -120,6 +120,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let running = app::start(cfg, roles, shutdown.clone()).await?;
     println!("atelier listening on http://{}", running.addr);
+    if let Some(admin) = running.admin_addr {
+        println!("atelier operations (/healthz, /metrics) on http://{admin}");
+    }
     let signal = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -30,6 +30,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// The token a request authenticated with, for responses that outlive the
+/// request's check (an event stream re-checks it while it runs).
+#[derive(Clone)]
+pub struct Credential(pub String);
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(…)")
+    }
+}
+
 /// Extracts the presented token, or why the credentials are malformed.
 pub fn presented_token(headers: &HeaderMap, query_token: Option<&str>) -> Result<String, ApiError> {
     let header = |name: &str| {
@@ -116,6 +127,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         return r;
     }
     req.extensions_mut().insert(Caller(account));
+    req.extensions_mut().insert(Credential(token));
     let mut resp = next.run(req).await;
     if !resp.headers().contains_key("x-ratelimit-limit") {
         stamp(resp.headers_mut(), &decision);

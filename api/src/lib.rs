@@ -7,7 +7,9 @@
 //! ## Runtime model
 //!
 //! [`serve`] runs the router on a listener until the shutdown token fires,
-//! then stops accepting and lets in-flight requests finish. Handlers only
+//! then stops accepting and lets in-flight requests finish; [`server`]
+//! holds every connection to a cap and to timeouts (slow or silent clients
+//! are closed). Handlers only
 //! talk to the store and the object store; nothing is published to the
 //! broker inside a request (the outbox row written with the job is relayed
 //! by the scheduler). Every request runs in a `tracing` span.
@@ -21,6 +23,7 @@
 //! - [`admission`]: what every job-creating route does around its own
 //!   validation (rate limit, file ownership, the admitting transaction,
 //!   refusals).
+//! - [`idempotency`]: `Idempotency-Key` on creating requests.
 //! - [`views`]: the answers, as types; [`openapi`]: the document.
 //!
 //! ## Guarantees
@@ -35,10 +38,12 @@ pub mod admission;
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod limits;
 pub mod openapi;
 pub mod router;
 pub mod routes;
+pub mod server;
 pub mod state;
 pub mod views;
 

@@ -16,10 +16,10 @@ use axum::Extension;
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use std::sync::Arc;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{
-    ComponentsBuilder, ContentBuilder, InfoBuilder, OpenApi, OpenApiBuilder, Ref, RefOr,
+    ComponentsBuilder, ContentBuilder, InfoBuilder, OpenApi, OpenApiBuilder, Ref, RefOr, Required,
     ResponseBuilder, SecurityRequirement, ServerBuilder, Tag,
 };
 use utoipa::{PartialSchema, ToSchema};
@@ -137,8 +137,28 @@ pub fn finish(mut doc: OpenApi, cfg: &Config) -> OpenApi {
                 .build(),
         )
         .build();
+    let idempotency_key = ParameterBuilder::new()
+        .name("Idempotency-Key")
+        .parameter_in(ParameterIn::Header)
+        .required(Required::False)
+        .description(Some(
+            "Any 1–255 visible ASCII characters, new for each request: a retry with the same \
+             key and the same request answers what the first one did (header \
+             `Idempotent-Replayed: true`) without doing it again; the same key on another \
+             request is refused (422 `idempotency_key_reused`). Successful answers are kept \
+             24 h per account.",
+        ))
+        .schema(Some(String::schema()))
+        .build();
     for (method, path, op) in operations(&mut doc) {
         op.operation_id = Some(operation_id(method, path));
+        // Client routes (those under the default security) honour the key
+        // on their creating methods.
+        if matches!(method, "post" | "put") && op.security.is_none() {
+            op.parameters
+                .get_or_insert_with(Vec::new)
+                .push(RefOr::T(idempotency_key.clone()));
+        }
         op.responses
             .responses
             .entry("default".into())

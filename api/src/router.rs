@@ -8,6 +8,7 @@
 
 use crate::auth;
 use crate::error::ApiError;
+use crate::idempotency;
 use crate::openapi;
 use crate::routes::{
     billing, custom_models, downloads, drafts, flat, health, identities, jobs, models_api,
@@ -32,6 +33,23 @@ pub const DOCS: &str = "/docs";
 /// Routes that are not operations of the API: the docs page and its assets.
 pub const UNDOCUMENTED: [&str; 2] = [DOCS, "/docs/ui/swagger-ui-bundle.js"];
 
+/// The body limit of routes that name none (axum's default).
+const DEFAULT_BODY: usize = 2 << 20;
+
+/// A client route: request bodies up to `limit` bytes, and `Idempotency-Key`
+/// honoured on its creating methods.
+fn keyed_route(
+    state: &AppState,
+    (schemas, paths, method): UtoipaMethodRouter<AppState>,
+    limit: usize,
+) -> UtoipaMethodRouter<AppState> {
+    let method: axum::routing::MethodRouter<AppState> = method.layer(
+        middleware::from_fn_with_state((state.clone(), limit), idempotency::idempotent),
+    );
+    let method = method.layer(DefaultBodyLimit::max(limit));
+    (schemas, paths, method)
+}
+
 /// A route whose request bodies may be up to `limit` bytes.
 fn limited(
     (schemas, paths, method): UtoipaMethodRouter<AppState>,
@@ -41,7 +59,8 @@ fn limited(
 }
 
 /// What API clients call with their key.
-fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
+fn clients(state: &AppState, max_upload: usize) -> OpenApiRouter<AppState> {
+    let keyed = |r, limit| keyed_route(state, r, limit);
     // A photo plus the form's text parts.
     let photo_form = max_upload.saturating_add(64 << 10);
     // A multipart profile carries many photos: up to 8 full-size uploads.
@@ -51,81 +70,101 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
     // A Studio edit carries up to 10 photos as base64 (4/3 of their size).
     let studio_body = max_upload.saturating_mul(14).saturating_add(1 << 20);
     OpenApiRouter::new()
-        .routes(routes!(tokens::mint, tokens::list))
-        .routes(routes!(tokens::revoke))
-        .routes(routes!(projects::create, projects::list))
-        .routes(routes!(projects::read, projects::delete))
-        .routes(routes!(uploads::issue))
-        .routes(routes!(uploads::assets))
-        .routes(routes!(jobs::create_packshot))
-        .routes(routes!(swap::create))
-        .routes(routes!(flat::create))
-        .routes(routes!(jobs::status))
-        .routes(routes!(jobs::results))
-        .routes(routes!(jobs::abort))
-        .routes(routes!(jobs::regenerate))
-        .routes(routes!(downloads::issue))
-        .routes(routes!(downloads::issue_bulk))
-        .routes(limited(routes!(identities::upload), photo_form))
-        .routes(routes!(identities::list))
-        .routes(routes!(identities::read, identities::delete))
-        .routes(routes!(identities::status))
-        .routes(routes!(identities::share, identities::unshare))
-        .routes(routes!(drafts::create))
-        .routes(routes!(drafts::promote))
-        .routes(limited(routes!(identities::replace_pov), photo_form))
-        .routes(routes!(notifications::poll))
-        .routes(routes!(notifications::stream))
-        .routes(routes!(notifications::delete))
-        .routes(routes!(webhooks::put, webhooks::read, webhooks::delete))
-        .routes(routes!(webhooks::test))
-        .routes(routes!(webhooks::deliveries))
-        .routes(routes!(billing::balance))
-        .routes(routes!(billing::usage))
-        .routes(limited(routes!(profiles::phota::add), profile_form))
-        .routes(routes!(profiles::phota::ids))
-        .routes(routes!(profiles::phota::delete))
-        .routes(routes!(profiles::phota::status))
-        .routes(routes!(profiles::phota::picture))
-        .routes(limited(routes!(profiles::short::add), profile_form))
-        .routes(routes!(profiles::short::ids))
-        .routes(routes!(profiles::short::delete))
-        .routes(routes!(profiles::short::status))
-        .routes(routes!(profiles::short::picture))
-        .routes(routes!(models_api::create, models_api::list))
-        .routes(routes!(models_api::get_bulk))
-        .routes(routes!(models_api::list_public))
-        .routes(routes!(
-            models_api::read,
-            models_api::update,
-            models_api::delete
+        .routes(keyed(routes!(tokens::mint, tokens::list), DEFAULT_BODY))
+        .routes(keyed(routes!(tokens::revoke), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(projects::create, projects::list),
+            DEFAULT_BODY,
         ))
-        .routes(routes!(models_api::tags))
-        .routes(routes!(
-            models_api::description,
-            models_api::set_description
+        .routes(keyed(
+            routes!(projects::read, projects::delete),
+            DEFAULT_BODY,
         ))
-        .routes(routes!(models_api::examples))
-        .routes(limited(routes!(models_api::add_images), studio_body))
-        .routes(routes!(models_api::delete_image))
-        .routes(routes!(models_api::copy))
-        .routes(routes!(models_api::transfer))
-        .routes(routes!(models_api::train))
-        .routes(routes!(models_api::train_action))
-        .routes(routes!(models_api::job))
-        .routes(routes!(models_api::download))
-        .routes(routes!(custom_models::create))
-        .routes(routes!(
-            custom_models::read,
-            custom_models::rename,
-            custom_models::rename_put,
-            custom_models::delete
+        .routes(keyed(routes!(uploads::issue), DEFAULT_BODY))
+        .routes(keyed(routes!(uploads::assets), DEFAULT_BODY))
+        .routes(keyed(routes!(jobs::create_packshot), DEFAULT_BODY))
+        .routes(keyed(routes!(swap::create), DEFAULT_BODY))
+        .routes(keyed(routes!(flat::create), DEFAULT_BODY))
+        .routes(keyed(routes!(jobs::status), DEFAULT_BODY))
+        .routes(keyed(routes!(jobs::results), DEFAULT_BODY))
+        .routes(keyed(routes!(jobs::abort), DEFAULT_BODY))
+        .routes(keyed(routes!(jobs::regenerate), DEFAULT_BODY))
+        .routes(keyed(routes!(downloads::issue), DEFAULT_BODY))
+        .routes(keyed(routes!(downloads::issue_bulk), DEFAULT_BODY))
+        .routes(keyed(routes!(identities::upload), photo_form))
+        .routes(keyed(routes!(identities::list), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(identities::read, identities::delete),
+            DEFAULT_BODY,
         ))
-        .routes(limited(
+        .routes(keyed(routes!(identities::status), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(identities::share, identities::unshare),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(routes!(drafts::create), DEFAULT_BODY))
+        .routes(keyed(routes!(drafts::promote), DEFAULT_BODY))
+        .routes(keyed(routes!(identities::replace_pov), photo_form))
+        .routes(keyed(routes!(notifications::poll), DEFAULT_BODY))
+        .routes(keyed(routes!(notifications::stream), DEFAULT_BODY))
+        .routes(keyed(routes!(notifications::delete), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(webhooks::put, webhooks::read, webhooks::delete),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(routes!(webhooks::test), DEFAULT_BODY))
+        .routes(keyed(routes!(webhooks::deliveries), DEFAULT_BODY))
+        .routes(keyed(routes!(billing::balance), DEFAULT_BODY))
+        .routes(keyed(routes!(billing::usage), DEFAULT_BODY))
+        .routes(keyed(routes!(profiles::phota::add), profile_form))
+        .routes(keyed(routes!(profiles::phota::ids), DEFAULT_BODY))
+        .routes(keyed(routes!(profiles::phota::delete), DEFAULT_BODY))
+        .routes(keyed(routes!(profiles::phota::status), DEFAULT_BODY))
+        .routes(keyed(routes!(profiles::phota::picture), DEFAULT_BODY))
+        .routes(keyed(routes!(profiles::short::add), profile_form))
+        .routes(keyed(routes!(profiles::short::ids), DEFAULT_BODY))
+        .routes(keyed(routes!(profiles::short::delete), DEFAULT_BODY))
+        .routes(keyed(routes!(profiles::short::status), DEFAULT_BODY))
+        .routes(keyed(routes!(profiles::short::picture), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(models_api::create, models_api::list),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(routes!(models_api::get_bulk), DEFAULT_BODY))
+        .routes(keyed(routes!(models_api::list_public), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(models_api::read, models_api::update, models_api::delete),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(routes!(models_api::tags), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(models_api::description, models_api::set_description),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(routes!(models_api::examples), DEFAULT_BODY))
+        .routes(keyed(routes!(models_api::add_images), studio_body))
+        .routes(keyed(routes!(models_api::delete_image), DEFAULT_BODY))
+        .routes(keyed(routes!(models_api::copy), DEFAULT_BODY))
+        .routes(keyed(routes!(models_api::transfer), DEFAULT_BODY))
+        .routes(keyed(routes!(models_api::train), DEFAULT_BODY))
+        .routes(keyed(routes!(models_api::train_action), DEFAULT_BODY))
+        .routes(keyed(routes!(models_api::job), DEFAULT_BODY))
+        .routes(keyed(routes!(models_api::download), DEFAULT_BODY))
+        .routes(keyed(routes!(custom_models::create), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(
+                custom_models::read,
+                custom_models::rename,
+                custom_models::rename_put,
+                custom_models::delete
+            ),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(
             routes!(custom_models::add_data, custom_models::list_data),
             training_image,
         ))
-        .routes(limited(
+        .routes(keyed(
             routes!(
                 custom_models::read_data,
                 custom_models::replace_data,
@@ -133,43 +172,61 @@ fn clients(max_upload: usize) -> OpenApiRouter<AppState> {
             ),
             training_image,
         ))
-        .routes(routes!(
-            custom_models::start_training,
-            custom_models::list_trainings
+        .routes(keyed(
+            routes!(custom_models::start_training, custom_models::list_trainings),
+            DEFAULT_BODY,
         ))
-        .routes(routes!(
-            custom_models::read_training,
-            custom_models::delete_training
+        .routes(keyed(
+            routes!(custom_models::read_training, custom_models::delete_training),
+            DEFAULT_BODY,
         ))
-        .routes(routes!(custom_models::cancel_training))
-        .routes(routes!(predictions::create))
-        .routes(routes!(predictions::read, predictions::delete))
-        .routes(routes!(presets::create, presets::list))
-        .routes(routes!(presets::read, presets::update, presets::delete))
-        .routes(routes!(presets::bulk_delete))
-        .routes(routes!(presets::extract_from_text))
-        .routes(routes!(presets::extract_from_image))
-        .routes(routes!(presets::extract_category))
-        .routes(routes!(presets::share, presets::unshare))
-        .routes(routes!(presets::create_category, presets::list_categories))
-        .routes(routes!(
-            presets::read_category,
-            presets::update_category,
-            presets::delete_category
+        .routes(keyed(routes!(custom_models::cancel_training), DEFAULT_BODY))
+        .routes(keyed(routes!(predictions::create), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(predictions::read, predictions::delete),
+            DEFAULT_BODY,
         ))
-        .routes(routes!(presets::assign))
-        .routes(routes!(presets::unassign))
-        .routes(routes!(presets::duplicate))
-        .routes(routes!(presets::share_category, presets::unshare_category))
-        .routes(limited(routes!(studio::phota::edit), studio_body))
-        .routes(routes!(studio::phota::generate))
-        .routes(limited(routes!(studio::short::edit), studio_body))
-        .routes(routes!(studio::short::generate))
+        .routes(keyed(routes!(presets::create, presets::list), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(presets::read, presets::update, presets::delete),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(routes!(presets::bulk_delete), DEFAULT_BODY))
+        .routes(keyed(routes!(presets::extract_from_text), DEFAULT_BODY))
+        .routes(keyed(routes!(presets::extract_from_image), DEFAULT_BODY))
+        .routes(keyed(routes!(presets::extract_category), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(presets::share, presets::unshare),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(
+            routes!(presets::create_category, presets::list_categories),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(
+            routes!(
+                presets::read_category,
+                presets::update_category,
+                presets::delete_category
+            ),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(routes!(presets::assign), DEFAULT_BODY))
+        .routes(keyed(routes!(presets::unassign), DEFAULT_BODY))
+        .routes(keyed(routes!(presets::duplicate), DEFAULT_BODY))
+        .routes(keyed(
+            routes!(presets::share_category, presets::unshare_category),
+            DEFAULT_BODY,
+        ))
+        .routes(keyed(routes!(studio::phota::edit), studio_body))
+        .routes(keyed(routes!(studio::phota::generate), DEFAULT_BODY))
+        .routes(keyed(routes!(studio::short::edit), studio_body))
+        .routes(keyed(routes!(studio::short::generate), DEFAULT_BODY))
 }
 
 /// What operators call with an operator account's key.
-fn operators() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(billing::grant))
+fn operators(state: &AppState) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(keyed_route(state, routes!(billing::grant), DEFAULT_BODY))
 }
 
 /// Signed, expiring capabilities: no credentials, the URL is the grant.
@@ -187,30 +244,51 @@ fn capabilities(max_upload: usize, max_weights: u64) -> OpenApiRouter<AppState> 
         ))
 }
 
-/// What probes, scrapers and tooling read without credentials.
-fn operations() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
+/// What probes, scrapers and tooling read without credentials. `/metrics`
+/// only when no operations listener serves it (`server.admin_listen`): its
+/// series carry account ids.
+fn operations(with_metrics: bool) -> OpenApiRouter<AppState> {
+    let r = OpenApiRouter::new()
         .routes(routes!(health::healthz))
-        .routes(routes!(health::metrics))
-        .routes(routes!(openapi::document))
+        .routes(routes!(health::readyz))
+        .routes(routes!(openapi::document));
+    if with_metrics {
+        r.routes(routes!(health::metrics))
+    } else {
+        r
+    }
+}
+
+/// The operations listener's routes (`server.admin_listen`), and the only
+/// routes of a process without the API role.
+pub fn operations_router(probes: Arc<health::Probes>) -> Router {
+    use axum::routing::get;
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(health::not_found)
+        .layer(axum::Extension(probes))
+        .layer(middleware::from_fn(envelope))
 }
 
 /// Every documented route, and the document they make.
 pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let max_upload = usize::try_from(state.config.limits.max_upload_bytes).unwrap_or(usize::MAX);
-    let authed = clients(max_upload)
-        .merge(operators())
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ));
+    let authed =
+        clients(state, max_upload)
+            .merge(operators(state))
+            .layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::authenticate,
+            ));
     let (router, doc) = OpenApiRouter::with_openapi(openapi::base())
         .merge(authed)
         .merge(capabilities(
             max_upload,
             state.config.training.max_weights_bytes.saturating_mul(4) / 3 + (1 << 20),
         ))
-        .merge(operations())
+        .merge(operations(state.config.server.admin_listen.is_none()))
         .split_for_parts();
     (router, openapi::finish(doc, &state.config))
 }
@@ -221,6 +299,7 @@ pub fn router(state: AppState) -> Router {
     let app = api
         .fallback(health::not_found)
         .layer(axum::Extension(doc))
+        .layer(axum::Extension(state.probes.clone()))
         .with_state(state.clone())
         .merge(openapi::docs_routes());
     let app = if state.config.server.prefix.is_empty() {
@@ -388,9 +467,6 @@ pub async fn serve(
             }
         }
     });
-    tracing::info!(addr = %listener.local_addr()?, "api listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
-    Ok(())
+    let limits = crate::server::Limits::from_config(&state.config.server);
+    crate::server::serve(listener, router(state), limits, "api", shutdown).await
 }

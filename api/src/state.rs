@@ -33,6 +33,11 @@ pub struct AppState {
     pub egress: EgressPolicy,
     /// Fires when the server stops: long-lived responses (SSE) end with it.
     pub shutdown: CancellationToken,
+    /// Open event streams per account.
+    pub streams: Arc<crate::routes::notifications::StreamSlots>,
+    /// What `/readyz` checks: the database and the object store, and what
+    /// the process's other roles add.
+    pub probes: Arc<crate::routes::health::Probes>,
 }
 
 /// In-process buckets, shared through Redis when `redis.url` is set.
@@ -72,6 +77,12 @@ impl AppState {
             events,
             egress: edge.egress,
             shutdown: CancellationToken::new(),
+            streams: Arc::default(),
+            probes: Arc::new(crate::routes::health::Probes {
+                store: Some(store.clone()),
+                objects: Some(objects.clone()),
+                ..Default::default()
+            }),
             store,
             objects,
             signer,

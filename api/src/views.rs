@@ -50,6 +50,17 @@ pub struct Health {
     pub status: &'static str,
 }
 
+/// `GET /readyz`: whether this process's roles can serve, dependency by
+/// dependency.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`, or `not_ready` (answered with 503).
+    pub status: &'static str,
+    /// Each dependency checked (`database`, `queue`, `object_store`,
+    /// `models`): `ok`, or why not.
+    pub checks: std::collections::BTreeMap<&'static str, String>,
+}
+
 /// A project (contract §2.1–§2.3).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ProjectView {
@@ -261,7 +272,8 @@ impl ImageResult {
         let ext = &o.output_format;
         // A model swap's output is one input photo made over: it keeps the
         // photo's own name (contract §3.10).
-        let mut original_filename = format!("{}_{}.{}", o.instruction_index, o.variation_index, ext);
+        let mut original_filename =
+            format!("{}_{}.{}", o.instruction_index, o.variation_index, ext);
         if let atelier_shared::domain::JobSpec::ModelSwap(spec) = &job.spec
             && let Some(img) = usize::try_from(o.instruction_index)
                 .ok()
@@ -486,13 +498,13 @@ impl IdentityView {
             },
             groups,
             created_by: i.created_by.clone(),
-            image_description: (i.tag.is_some() || i.gender.is_some() || i.age.is_some()).then(|| {
-                ImageDescription {
+            image_description: (i.tag.is_some() || i.gender.is_some() || i.age.is_some()).then(
+                || ImageDescription {
                     tags: i.tag.iter().cloned().collect(),
                     gender: i.gender.clone(),
                     age: i.age,
-                }
-            }),
+                },
+            ),
             tag: i.tag.clone(),
             preprocessing_status: i.preprocessing_status(),
             preprocessing_job_id: i.job_id.clone(),

@@ -118,6 +118,7 @@ impl SchedulerContext {
                 notifications: cfg.notifications.clone(),
                 webhooks: cfg.webhooks.clone(),
                 result_url_ttl: Duration::from_secs(cfg.limits.result_url_ttl_secs),
+                idempotency_ttl: Duration::from_secs(cfg.limits.idempotency_ttl_secs),
             },
         }
     }

@@ -11,7 +11,8 @@
 //!   through the SSRF-guarded client), records the attempt: delivered, or
 //!   retried on `webhooks.retry_delays_ms` until it gives up. At least once:
 //!   a scheduler that dies mid-attempt leaves the claim to expire.
-//! - **housekeeping**: prunes expired notifications and old deliveries;
+//! - **housekeeping**: prunes expired notifications, old deliveries and
+//!   expired idempotency keys;
 //!   gauges for relay lag and the delivery backlog.
 
 use crate::{SchedulerContext, sleep_or_stop};
@@ -39,6 +40,8 @@ pub struct NotifyContext {
     pub webhooks: WebhooksConfig,
     /// Lifetime of the result URLs inside a delivered `image_result`.
     pub result_url_ttl: Duration,
+    /// How long `Idempotency-Key` answers are kept.
+    pub idempotency_ttl: Duration,
 }
 
 const RELAY_LEASE: &str = "notification-relay";
@@ -323,6 +326,16 @@ pub(crate) async fn housekeeping(ctx: SchedulerContext, stop: CancellationToken)
             }
             let keep = i64::try_from(n.webhooks.keep_deliveries_secs).unwrap_or(0) * 1000;
             let _ = ctx.store.prune_deliveries(now - keep).await;
+            let keep = i64::try_from(n.idempotency_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+            match ctx
+                .store
+                .prune_idempotency_keys(now.saturating_sub(keep))
+                .await
+            {
+                Ok(k) if k > 0 => tracing::debug!(pruned = k, "expired idempotency keys pruned"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "idempotency key pruning skipped"),
+            }
         }
         if sleep_or_stop(Duration::from_secs(5), &stop).await {
             return;

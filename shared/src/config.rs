@@ -52,6 +52,30 @@ pub struct ServerConfig {
     /// HMAC key for upload/download capability URLs. Unset: generated once
     /// and kept in the database, so every API replica shares it.
     pub url_signing_key: Option<String>,
+    /// The operations listener (`/healthz`, `/readyz`, `/metrics`), e.g.
+    /// `0.0.0.0:9464`: probes and scrapes answer there while the data port
+    /// is saturated, and `/metrics` (whose series carry account ids) leaves
+    /// the data port. Unset: they are served on `listen`.
+    pub admin_listen: Option<String>,
+    /// Connections one listener holds at once; a connection beyond it gets
+    /// `503` and is closed (logged, counted in
+    /// `atelier_http_connections_refused_total`). Also kept below the
+    /// process's open-file limit.
+    pub max_connections: u32,
+    /// How long a client may take to send a request's head (HTTP/1.1),
+    /// counted from the moment the connection opened or its previous answer
+    /// ended: silent, slow-header and idle keep-alive connections are closed
+    /// after it.
+    pub header_read_timeout_secs: u64,
+    /// A connection (HTTP/1.1 or HTTP/2) with no request in progress for
+    /// this long is closed. Event streams are requests in progress.
+    pub idle_timeout_secs: u64,
+    /// Longest wait for the next piece of a request body; past it the
+    /// request is answered `408` and the connection closed.
+    pub body_read_timeout_secs: u64,
+    /// Slowest average rate (bytes/s) a request body may arrive at once it
+    /// has taken `body_read_timeout_secs`.
+    pub min_body_rate: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -544,6 +568,10 @@ pub struct NotificationsConfig {
     /// net for messages Redis pub/sub dropped); every second while they
     /// don't (Redis down, or no Redis and no relay in this process).
     pub reconcile_secs: u64,
+    /// An open stream checks its API key this often: a stream whose key
+    /// was revoked or expired ends within this bound (plus one lookup),
+    /// with a last `revoked` event.
+    pub auth_recheck_secs: u64,
 }
 
 impl Default for NotificationsConfig {
@@ -554,6 +582,7 @@ impl Default for NotificationsConfig {
             keepalive_secs: 15,
             stream_max_secs: 3600,
             reconcile_secs: 10,
+            auth_recheck_secs: 2,
         }
     }
 }
@@ -636,7 +665,9 @@ pub struct SchedulerConfig {
     pub queue_target: usize,
     /// Lease of a dispatched task waiting in a queue.
     pub dispatch_lease_secs: u64,
-    /// Lease of a running task; renewed by heartbeats.
+    /// Lease of a running task, renewed by the worker's heartbeats
+    /// (`worker.heartbeat_secs`, at most half of it): the bound on how long
+    /// a dead worker's task waits before it is retried elsewhere.
     pub running_lease_secs: u64,
     pub retry: RetryPolicy,
     /// Fair-share weight of enterprise accounts (standard accounts weigh 1).
@@ -673,6 +704,12 @@ pub struct LimitsConfig {
     pub extraction_wait_ms: u64,
     /// Presets a non-enterprise account may hold (contract §6.2).
     pub presets: u32,
+    /// How long the answer to a request with an `Idempotency-Key` is kept
+    /// for its retries (per account, in the database).
+    pub idempotency_ttl_secs: u64,
+    /// Event streams (`GET /notifications/events`) one account may hold open
+    /// on one API process; one more is refused with `429`.
+    pub streams_per_account: u32,
 }
 
 /// Identities and profiles (contract §5, §9).
@@ -842,6 +879,12 @@ impl Default for ServerConfig {
             public_url: "http://127.0.0.1:8080".into(),
             prefix: String::new(),
             url_signing_key: None,
+            admin_listen: None,
+            max_connections: 8192,
+            header_read_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            body_read_timeout_secs: 30,
+            min_body_rate: 1024,
         }
     }
 }
@@ -909,7 +952,7 @@ impl Default for WorkerConfig {
                 .map(|n| n.get())
                 .unwrap_or(2),
             queues: Vec::new(),
-            heartbeat_secs: 10,
+            heartbeat_secs: 5,
             abort_check_ms: 1_000,
             task_timeout_secs: 600,
             shutdown_grace_secs: 30,
@@ -929,7 +972,7 @@ impl Default for SchedulerConfig {
             tick_ms: 500,
             queue_target: 0,
             dispatch_lease_secs: 600,
-            running_lease_secs: 60,
+            running_lease_secs: 15,
             retry: RetryPolicy::default(),
             enterprise_weight: 4,
             outcome_concurrency: 4,
@@ -951,6 +994,8 @@ impl Default for LimitsConfig {
             studio_wait_ms: 120_000,
             extraction_wait_ms: 60_000,
             presets: 200,
+            idempotency_ttl_secs: 86_400,
+            streams_per_account: 10,
         }
     }
 }
@@ -1023,6 +1068,32 @@ impl Config {
                 "server.listen: `{}` is not an address like 127.0.0.1:8080",
                 self.server.listen
             ));
+        }
+        if let Some(admin) = &self.server.admin_listen
+            && admin.parse::<std::net::SocketAddr>().is_err()
+        {
+            e.push(format!(
+                "server.admin_listen: `{admin}` is not an address like 0.0.0.0:9464"
+            ));
+        }
+        for (key, v) in [
+            (
+                "server.max_connections",
+                u64::from(self.server.max_connections),
+            ),
+            (
+                "server.header_read_timeout_secs",
+                self.server.header_read_timeout_secs,
+            ),
+            ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+            (
+                "server.body_read_timeout_secs",
+                self.server.body_read_timeout_secs,
+            ),
+        ] {
+            if v == 0 {
+                e.push(format!("{key}: must be at least 1"));
+            }
         }
         match url::Url::parse(&self.server.public_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
@@ -1106,8 +1177,9 @@ impl Config {
             || n.relay_ms == 0
             || n.keepalive_secs == 0
             || n.reconcile_secs == 0
+            || n.auth_recheck_secs == 0
         {
-            e.push("notifications: retention_secs, relay_ms, keepalive_secs and reconcile_secs must be at least 1".into());
+            e.push("notifications: retention_secs, relay_ms, keepalive_secs, reconcile_secs and auth_recheck_secs must be at least 1".into());
         }
         let w = &self.webhooks;
         if w.timeout_secs == 0 || w.concurrency == 0 || w.disable_after_failures < 1 {

@@ -18,6 +18,8 @@ pub const DEV_KEY: &str = "atl_test_bootstrap_key_0123456789abcdefghijklmnop";
 
 pub struct TestApp {
     pub base: String,
+    /// The operations listener's base URL, when `server.admin_listen` is set.
+    pub admin: Option<String>,
     pub key: String,
     pub http: reqwest::Client,
     pub store: Store,
@@ -202,6 +204,7 @@ impl TestApp {
             .await
             .expect("app starts");
         let base = format!("http://{}", running.addr);
+        let admin = running.admin_addr.map(|a| format!("http://{a}"));
         let store = running
             .services
             .store
@@ -213,6 +216,7 @@ impl TestApp {
         let handle = tokio::spawn(running.wait());
         TestApp {
             base,
+            admin,
             key: DEV_KEY.into(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))

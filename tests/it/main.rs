@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod custom_models;
 mod drafts;
+mod edge;
 mod engines;
 mod faults;
 mod fleet;

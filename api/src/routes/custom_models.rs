@@ -138,7 +138,7 @@ fn no_data(id: &str) -> ApiError {
 /// `image/webp`, `image/png` or `image/jpeg` (`image/jpg` too), bytes of
 /// that type, within the pixel limit. The canonical content type and file
 /// extension.
-fn training_bytes(
+async fn training_bytes(
     s: &AppState,
     headers: &HeaderMap,
     body: &Bytes,
@@ -176,7 +176,7 @@ fn training_bytes(
             "body",
         ));
     }
-    let (ct, ext, _, _) = crate::routes::uploads::checked_image(s, body, None, "body")?;
+    let (ct, ext, _, _) = crate::routes::uploads::checked_image(s, body, None, "body").await?;
     if ct != want {
         return Err(ApiError::bad_request(
             None,
@@ -347,7 +347,7 @@ pub async fn add_data(
         .custom_model(&acc.id, &id)
         .await?
         .ok_or_else(|| no_model(&id))?;
-    let (ct, ext) = training_bytes(&s, &headers, &body)?;
+    let (ct, ext) = training_bytes(&s, &headers, &body).await?;
     let size = body.len() as i64;
     let key = put_image(&s, &acc.id, &id, body, ct, ext).await?;
     match s
@@ -455,7 +455,7 @@ pub async fn replace_data(
         .training_image(&acc.id, &id, &data_id)
         .await?
         .ok_or_else(|| no_data(&data_id))?;
-    let (ct, ext) = training_bytes(&s, &headers, &body)?;
+    let (ct, ext) = training_bytes(&s, &headers, &body).await?;
     let size = body.len() as i64;
     let key = put_image(&s, &acc.id, &id, body, ct, ext).await?;
     match s

@@ -17,7 +17,8 @@ use crate::views::{
 };
 use atelier_shared::db::accounts::Account;
 use atelier_shared::db::identities::{
-    DeleteIdentity, IdentityAdmission, IdentityQuery, IdentityRow, NewIdentity, Ownership};
+    DeleteIdentity, IdentityAdmission, IdentityQuery, IdentityRow, NewIdentity, Ownership,
+};
 use atelier_shared::db::jobs::NewJob;
 use atelier_shared::db::rows::JobRow;
 use atelier_shared::domain::JobStatus;
@@ -104,26 +105,12 @@ pub async fn read_form(
                 buf.extend_from_slice(&chunk);
             }
             let bytes = Bytes::from(buf);
-            let (content_type, ext, width, height) = crate::routes::uploads::sniff_any(&bytes)
-                .map_err(|m| {
-                    ApiError::bad_request(
-                        Some(image_field),
-                        format!("unreadable image: {m}"),
-                        "form",
-                    )
-                    .with("face_detected", false)
-                })?;
-            let pixels = u64::from(width) * u64::from(height);
-            if pixels > s.config.worker.max_input_pixels {
-                return Err(ApiError::bad_request(
-                    Some(image_field),
-                    format!(
-                        "image too large: {width}x{height} is above the limit of {} pixels",
-                        s.config.worker.max_input_pixels
-                    ),
-                    "form",
-                ));
-            }
+            // Header, pixel budget, truncation and a full decode: what a
+            // worker would refuse is refused before a photo is stored.
+            let (content_type, ext, width, height) =
+                crate::routes::uploads::checked_image(s, &bytes, Some(image_field), "form")
+                    .await
+                    .map_err(|e| e.with("face_detected", false))?;
             form.images.push(FormImage {
                 bytes,
                 filename,
@@ -588,7 +575,11 @@ pub async fn list(
     }
     for (field, v) in [("age_min", q.age_min), ("age_max", q.age_max)] {
         if v.is_some_and(|a| !(0..=150).contains(&a)) {
-            return Err(ApiError::bad_request(Some(field), "must be 0 to 150", "query"));
+            return Err(ApiError::bad_request(
+                Some(field),
+                "must be 0 to 150",
+                "query",
+            ));
         }
     }
     // Gender and age are what the operator recorded for a platform
@@ -621,9 +612,8 @@ pub async fn list(
     for r in &rows {
         let mut view = IdentityView::build(&s, r).await?;
         if include_locked {
-            view.locked = Some(
-                r.default_tier.as_deref() == Some("enterprise") && !acc.is_enterprise(),
-            );
+            view.locked =
+                Some(r.default_tier.as_deref() == Some("enterprise") && !acc.is_enterprise());
         }
         identities.push(view);
     }
@@ -856,17 +846,29 @@ pub struct IdentityShared {
     pub groups: Vec<String>,
 }
 
-async fn share_with(s: &AppState, acc: &Account, code: &str, group: &str, share: bool) -> ApiResult<IdentityShared> {
+async fn share_with(
+    s: &AppState,
+    acc: &Account,
+    code: &str,
+    group: &str,
+    share: bool,
+) -> ApiResult<IdentityShared> {
     let row = load(s, &acc.id, code).await?;
     if row.default_tier.is_some() {
-        return Err(ApiError::forbidden("A platform identity is offered to every account already"));
+        return Err(ApiError::forbidden(
+            "A platform identity is offered to every account already",
+        ));
     }
     let gid = super::presets::member_group(s, &acc.id, group).await?;
     s.store.set_identity_share(&row.code, &gid, share).await?;
     let groups = s.store.identity_groups(&row.code).await?;
     Ok(IdentityShared {
         identity_code: row.code,
-        visibility: if groups.is_empty() { "private" } else { "shared" },
+        visibility: if groups.is_empty() {
+            "private"
+        } else {
+            "shared"
+        },
         groups,
     })
 }
@@ -913,5 +915,7 @@ pub async fn unshare(
     Caller(acc): Caller,
     Path((code, group)): Path<(String, String)>,
 ) -> ApiResult<axum::Json<IdentityShared>> {
-    Ok(axum::Json(share_with(&s, &acc, &code, &group, false).await?))
+    Ok(axum::Json(
+        share_with(&s, &acc, &code, &group, false).await?,
+    ))
 }

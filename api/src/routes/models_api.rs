@@ -7,11 +7,11 @@
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonValue, Query};
+use crate::routes::trainings;
 use crate::state::AppState;
 use atelier_shared::db::api_models::{
     ApiModelImage, ApiModelQuery, ApiModelRow, AttachImages, MAX_MODEL_IMAGES,
 };
-use crate::routes::trainings;
 use atelier_shared::db::trainings::TrainingRow;
 use atelier_shared::time::{iso8601, now_ms};
 use axum::extract::{Path, State};
@@ -557,7 +557,10 @@ pub async fn delete(
     // with) and frozen datasets go with it.
     let mut objects = s.store.training_objects(&id).await?;
     if let Some(w) = extra_of(&row).get("weights").and_then(Value::as_array) {
-        objects.extend(w.iter().filter_map(|w| w["key"].as_str().map(str::to_string)));
+        objects.extend(
+            w.iter()
+                .filter_map(|w| w["key"].as_str().map(str::to_string)),
+        );
     }
     s.erase(&objects).await;
     Ok(axum::Json(json!({})))
@@ -845,7 +848,7 @@ pub async fn add_images(
             (None, _) => "data".to_string(),
         };
         let (ct, ext, _, _) =
-            crate::routes::uploads::checked_image(&s, &img.bytes, Some(&field), "body")?;
+            crate::routes::uploads::checked_image(&s, &img.bytes, Some(&field), "body").await?;
         checked.push((img, ct, ext));
     }
     let now = now_ms();
@@ -989,7 +992,10 @@ pub async fn transfer(
     changes.insert("projectId".into(), json!(project));
     if let Some(team) = team {
         let groups = s.store.account_group_refs(&acc.id).await?;
-        let Some((gid, _)) = groups.iter().find(|(gid, name)| *gid == team || *name == team) else {
+        let Some((gid, _)) = groups
+            .iter()
+            .find(|(gid, name)| *gid == team || *name == team)
+        else {
             return Err(ApiError::forbidden(format!(
                 "you are not a member of team {team}"
             )));
@@ -1099,7 +1105,11 @@ async fn duplicate(
             ..img
         });
     }
-    match s.store.attach_api_model_images(account, &row.id, &copies).await? {
+    match s
+        .store
+        .attach_api_model_images(account, &row.id, &copies)
+        .await?
+    {
         AttachImages::Attached(_) => {}
         other => {
             failed(s, &row, written).await;
@@ -1118,8 +1128,12 @@ async fn duplicate(
             Some((weights, trigger)) => {
                 let mut copied = Vec::with_capacity(weights.len());
                 for w in weights {
-                    let Some(from) = w["key"].as_str() else { continue };
-                    let ct = w["contentType"].as_str().unwrap_or("application/octet-stream");
+                    let Some(from) = w["key"].as_str() else {
+                        continue;
+                    };
+                    let ct = w["contentType"]
+                        .as_str()
+                        .unwrap_or("application/octet-stream");
                     let to = format!(
                         "weights/{account}/{}/{}",
                         row.id,
@@ -1145,7 +1159,10 @@ async fn duplicate(
                 r.updated_at = now_ms().max(row.updated_at + 1);
                 if !s.store.update_api_model(&r, row.updated_at).await? {
                     failed(s, &row, written).await;
-                    return Err(ApiError::conflict("busy", "The copy changed meanwhile; try again"));
+                    return Err(ApiError::conflict(
+                        "busy",
+                        "The copy changed meanwhile; try again",
+                    ));
                 }
             }
             // Trained but its weights are gone: the copy is not trained.
@@ -1207,7 +1224,11 @@ pub async fn train(
         })?
     };
     if !matches!(body, Value::Null | Value::Object(_)) {
-        return Err(ApiError::bad_request(None, "the body must be a JSON object", "body"));
+        return Err(ApiError::bad_request(
+            None,
+            "the body must be a JSON object",
+            "body",
+        ));
     }
     let given = match &body["parameters"] {
         Value::Null => Map::new(),
@@ -1342,10 +1363,16 @@ pub async fn train_action(
         .await?
         .filter(TrainingRow::is_open);
     let Some(t) = open else {
-        return Err(ApiError::conflict("not_training", "The model is not training"));
+        return Err(ApiError::conflict(
+            "not_training",
+            "The model is not training",
+        ));
     };
     if !trainings::cancel(&s, &acc.id, &t).await? {
-        return Err(ApiError::conflict("not_training", "The model's training has already ended"));
+        return Err(ApiError::conflict(
+            "not_training",
+            "The model's training has already ended",
+        ));
     }
     let row = model_of(&s, &acc.id, &id).await?;
     wrapped(&s, &row).await
@@ -1387,14 +1414,19 @@ pub async fn download(
 ) -> ApiResult<axum::Json<Value>> {
     let row = model_of(&s, &acc.id, &id).await?;
     let Some((weights, trigger)) = model_weights(&s, &row).await? else {
-        return Err(ApiError::conflict("not_trained", "The model has no trained weights"));
+        return Err(ApiError::conflict(
+            "not_trained",
+            "The model has no trained weights",
+        ));
     };
     let mut files = Vec::new();
     for w in weights {
         let (Some(key), Some(epoch)) = (w["key"].as_str(), w["epoch"].as_str()) else {
             continue;
         };
-        let ct = w["contentType"].as_str().unwrap_or("application/octet-stream");
+        let ct = w["contentType"]
+            .as_str()
+            .unwrap_or("application/octet-stream");
         files.push(json!({
             "epoch": epoch,
             "bytes": w["bytes"],

@@ -9,7 +9,7 @@
 //! is live, every second while it is not, and at once after the bus lagged
 //! or reconnected: live events can be late but not lost.
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Credential};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Json, Query};
 use crate::state::AppState;
@@ -17,7 +17,7 @@ use atelier_shared::db::notifications::Notification;
 use atelier_shared::events::{WireNotification, wire};
 use atelier_shared::time::now_ms;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -117,23 +117,80 @@ impl Drop for StreamGauge {
     }
 }
 
+/// The event streams each account holds open on this process
+/// (`limits.streams_per_account`).
+#[derive(Default)]
+pub struct StreamSlots {
+    open: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// One account's open stream; its slot is given back when dropped.
+pub struct StreamSlot {
+    slots: std::sync::Arc<StreamSlots>,
+    account: String,
+}
+
+impl StreamSlots {
+    /// A slot for one more stream of `account`, unless it holds `max`.
+    pub fn open(self: &std::sync::Arc<Self>, account: &str, max: u32) -> Option<StreamSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(account.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            slots: self.clone(),
+            account: account.to_string(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.account) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.account);
+            }
+        }
+    }
+}
+
 /// The account's notifications as Server-Sent Events: a replay of the
 /// stored ones (`event: backfill`, after `Last-Event-ID`), then
 /// `backfill_complete`, then live events, with `:keepalive` comments.
+/// The stream ends with an event `revoked` within
+/// `notifications.auth_recheck_secs` of its key being revoked or expiring.
 #[utoipa::path(
     get, path = "/notifications/events", tag = "notifications",
     params(
         StreamQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this notification id"),
     ),
-    responses((status = 200, description = "The event stream (each `data:` is a notification)", content_type = "text/event-stream", body = String)),
+    responses(
+        (status = 200, description = "The event stream (each `data:` is a notification)", content_type = "text/event-stream", body = String),
+        (status = 429, description = "The account holds `limits.streams_per_account` streams on this server already", body = crate::error::ErrorBody),
+    ),
 )]
 pub async fn stream(
     State(s): State<AppState>,
     Caller(acc): Caller,
+    Extension(credential): Extension<Credential>,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> ApiResult<Response> {
+    let max = s.config.limits.streams_per_account;
+    let Some(slot) = s.streams.open(&acc.id, max) else {
+        return Err(ApiError::too_many(
+            "too_many_streams",
+            format!(
+                "This account already holds {max} open event streams on this server; close one first"
+            ),
+            5,
+        ));
+    };
     let after = last_event_id(&headers);
     let filter = Filter {
         tasks: q.id_task.as_deref().map(split_list).unwrap_or_default(),
@@ -149,7 +206,19 @@ pub async fn stream(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let span = tracing::info_span!("sse_stream", account = %acc.id, after);
     tokio::spawn(tracing::Instrument::instrument(
-        produce(s, acc.id, filter, after, replay, sub, tx),
+        produce(
+            s,
+            Open {
+                account: acc.id,
+                credential,
+                _slot: slot,
+            },
+            filter,
+            after,
+            replay,
+            sub,
+            tx,
+        ),
         span,
     ));
     let body = futures::stream::unfold(rx, |mut rx| async move {
@@ -183,11 +252,18 @@ fn frame(event: Option<&str>, id: Option<i64>, data: &str) -> Bytes {
     Bytes::from(s)
 }
 
-/// Writes the stream until the client leaves, the server stops, or the
-/// stream's maximum age passes.
+/// Whose stream it is, and what it holds while open.
+struct Open {
+    account: String,
+    credential: Credential,
+    _slot: StreamSlot,
+}
+
+/// Writes the stream until the client leaves, the server stops, the
+/// stream's maximum age passes, or its key stops being valid.
 async fn produce(
     s: AppState,
-    account: String,
+    open: Open,
     filter: Filter,
     after: i64,
     replay: Vec<Notification>,
@@ -195,6 +271,7 @@ async fn produce(
     tx: mpsc::Sender<Bytes>,
 ) {
     let _gauge = StreamGauge::open();
+    let account = open.account.clone();
     let cfg = s.config.notifications.clone();
     let ttl = Duration::from_secs(s.config.limits.result_url_ttl_secs);
     // Ids sent (with their creation time, to forget them after retention).
@@ -241,12 +318,32 @@ async fn produce(
     let mut generation = s.events.generation();
     let mut last_reconcile = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut recheck = tokio::time::interval(Duration::from_secs(cfg.auth_recheck_secs));
+    recheck.reset();
     loop {
         let mut reconcile = false;
         tokio::select! {
             _ = s.shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(deadline) => return,
             _ = tx.closed() => return,
+            _ = recheck.tick() => {
+                match s.store.account_for_token(&open.credential.0).await {
+                    Ok(Some(a)) if a.id == account => {}
+                    Ok(_) => {
+                        tracing::info!("event stream ended: its API key was revoked or expired");
+                        metrics::counter!("atelier_sse_revoked_total").increment(1);
+                        push(frame(
+                            Some("revoked"),
+                            None,
+                            r#"{"reason":"the API key of this stream was revoked or expired"}"#,
+                        ))
+                        .await;
+                        return;
+                    }
+                    // The store is down: the stream goes on; checked again.
+                    Err(_) => {}
+                }
+            }
             _ = keepalive.tick() => {
                 if !push(Bytes::from_static(b":keepalive\n\n")).await {
                     return;

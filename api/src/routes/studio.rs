@@ -221,7 +221,7 @@ async fn place_photos(
         match img {
             StudioImageIn::Bytes(bytes) => {
                 let (ct, ext, _, _) =
-                    crate::routes::uploads::checked_image(s, &bytes, Some(&at), "body")?;
+                    crate::routes::uploads::checked_image(s, &bytes, Some(&at), "body").await?;
                 let key = format!(
                     "studio/{account}/{}.{ext}",
                     ulid::Ulid::new().to_string().to_lowercase()

@@ -82,9 +82,12 @@ async fn freeze_dataset(
         }
         let name = format!("{:04}.{}", i + 1, ext_of(&img.content_type));
         // Images are already compressed: stored as they are.
-        zip.write_entry_whole(ZipEntryBuilder::new(name.into(), Compression::Stored), &bytes)
-            .await
-            .map_err(ApiError::internal)?;
+        zip.write_entry_whole(
+            ZipEntryBuilder::new(name.into(), Compression::Stored),
+            &bytes,
+        )
+        .await
+        .map_err(ApiError::internal)?;
     }
     let out = zip.close().await.map_err(ApiError::internal)?;
     let key = format!("datasets/{account}/{training_id}.zip");
@@ -333,7 +336,7 @@ fn weights_ext(mime: &str) -> &'static str {
 
 /// Receive a trainer's webhook event (Cog's training object) for one attempt.
 #[utoipa::path(
-    post, path = "/internal/training-events/{token}", tag = "capabilities",
+    post, path = "/internal/training-events/{token}", tag = "capabilities", security(()),
     params(("token" = String, Path, description = "The attempt's signed capability")),
     request_body(content = Object, description = "Cog's training object"),
     responses(
@@ -444,7 +447,9 @@ pub async fn events(
             final_progress["stage"] = json!("done");
             final_progress["progress"] = json!(1.0);
             final_progress["remainingTimeMs"] = json!(0);
-            s.store.set_training_progress(&t.id, &final_progress).await?;
+            s.store
+                .set_training_progress(&t.id, &final_progress)
+                .await?;
             let recorded = s
                 .store
                 .record_completed(output_id, attempt, &result)
@@ -501,7 +506,14 @@ async fn fail(
     let unit: f64 = rand::random();
     let r = s
         .store
-        .record_failure(output_id, attempt, &kind, why, &s.config.scheduler.retry, unit)
+        .record_failure(
+            output_id,
+            attempt,
+            &kind,
+            why,
+            &s.config.scheduler.retry,
+            unit,
+        )
         .await?;
     tracing::warn!(output_id, attempt, outcome = ?r, reason = why, "training: attempt ended without weights");
     mark_end(
@@ -526,7 +538,11 @@ async fn mark_end(s: &AppState, output_id: i64, attempt: i64, end: TrainingEnd) 
     let body = serde_json::to_vec(&end).unwrap_or_default();
     if let Err(e) = s
         .objects
-        .put(&training_end(output_id, attempt), Bytes::from(body), "application/json")
+        .put(
+            &training_end(output_id, attempt),
+            Bytes::from(body),
+            "application/json",
+        )
         .await
     {
         tracing::warn!(output_id, attempt, error = %e, "training: cannot leave the end marker; the worker finds the trainer idle and fails the attempt");
@@ -566,7 +582,10 @@ mod tests {
     #[test]
     fn the_last_step_of_the_logs_is_the_position() {
         assert_eq!(last_step("step 1/10\nstep 2/10\n"), Some((2, 10)));
-        assert_eq!(last_step("epoch 1 | 37/200 [00:01<00:05]\n"), Some((37, 200)));
+        assert_eq!(
+            last_step("epoch 1 | 37/200 [00:01<00:05]\n"),
+            Some((37, 200))
+        );
         assert_eq!(last_step("loading\n"), None);
         assert_eq!(last_step("12/0\n"), None);
         assert_eq!(last_step("step 11/10\n"), None);

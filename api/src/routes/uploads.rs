@@ -179,9 +179,11 @@ pub(crate) fn sniff_any(bytes: &[u8]) -> Result<(&'static str, &'static str, u32
 
 /// An image a client sent inside a request: JPEG, PNG or WebP whose header
 /// decodes, within `worker.max_input_pixels` (the limit workers decode
-/// under). `(content type, extension, width, height)`; a problem is a 400
-/// naming `field` at `position`.
-pub(crate) fn checked_image(
+/// under), not cut off, and whose data decodes whole (checked off the async
+/// runtime, a few at a time): what a worker would refuse is refused before
+/// anything is stored or charged. `(content type, extension, width,
+/// height)`; a problem is a 400 naming `field` at `position`.
+pub(crate) async fn checked_image(
     s: &crate::state::AppState,
     bytes: &[u8],
     field: Option<&str>,
@@ -189,20 +191,30 @@ pub(crate) fn checked_image(
 ) -> Result<(&'static str, &'static str, u32, u32), ApiError> {
     let (ct, ext, w, h) = sniff_any(bytes)
         .map_err(|m| ApiError::bad_request(field, format!("unreadable image: {m}"), position))?;
-    if ct == "image/jpeg"
-        && let Some(why) = atelier_shared::domain::images::jpeg_truncation(bytes)
-    {
-        return Err(ApiError::bad_request(field, why, position));
-    }
-    let limit = s.config.worker.max_input_pixels;
-    if u64::from(w) * u64::from(h) > limit {
-        return Err(ApiError::bad_request(
-            field,
-            format!("image too large: {w}x{h} is above the limit of {limit} pixels"),
-            position,
-        ));
-    }
+    full_decode(s, bytes::Bytes::copy_from_slice(bytes), w, h)
+        .await?
+        .map_err(|m| ApiError::bad_request(field, m, position))?;
     Ok((ct, ext, w, h))
+}
+
+/// [`decodes_whole`] on the blocking pool, a few at a time per process;
+/// the inner error is the client's problem.
+async fn full_decode(
+    s: &crate::state::AppState,
+    bytes: bytes::Bytes,
+    w: u32,
+    h: u32,
+) -> Result<Result<(), String>, ApiError> {
+    let limit = s.config.worker.max_input_pixels;
+    // A full decode holds the whole bitmap (up to 3–8 bytes a pixel of
+    // `worker.max_input_pixels`): a few at a time per process.
+    let _slot = FULL_DECODES
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal(format!("image check failed: {e}")))?;
+    tokio::task::spawn_blocking(move || decodes_whole(&bytes, w, h, limit))
+        .await
+        .map_err(|e| ApiError::internal(format!("image check failed: {e}")))
 }
 
 /// Full decodes of uploads running at once in this process.
@@ -347,20 +359,9 @@ pub async fn receive(
     })?;
     // What a worker would refuse (too many pixels, cut off, corrupt) is
     // refused here, before anything is stored or a job is charged for it.
-    let limit = s.config.worker.max_input_pixels;
-    let decoded = {
-        // A full decode holds the whole bitmap (up to 3–8 bytes a pixel of
-        // `worker.max_input_pixels`): a few at a time per process.
-        let _slot = FULL_DECODES
-            .acquire()
-            .await
-            .map_err(|e| ApiError::internal(format!("image check failed: {e}")))?;
-        let body = body.clone();
-        tokio::task::spawn_blocking(move || decodes_whole(&body, w, h, limit))
-            .await
-            .map_err(|e| ApiError::internal(format!("image check failed: {e}")))?
-    };
-    decoded.map_err(|m| ApiError::bad_request(None, m, "body"))?;
+    full_decode(&s, body.clone(), w, h)
+        .await?
+        .map_err(|m| ApiError::bad_request(None, m, "body"))?;
     let file = s
         .store
         .file(&file_id)

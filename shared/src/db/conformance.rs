@@ -1492,6 +1492,87 @@ pub async fn unavailable_database_is_typed(s: Store) {
     assert!(matches!(e, StoreError::Unavailable(_)));
 }
 
+pub async fn idempotency_keys_claim_replay_and_expire(s: Store) {
+    use super::idempotency::{Claim, StoredAnswer};
+    let a = account(&s, "idem", 0).await;
+    let b = account(&s, "idem-other", 0).await;
+    let now = now_ms();
+    let claim = |acc: String, fp: &'static str, at: i64| {
+        let s = s.clone();
+        async move {
+            s.claim_idempotency_key(&acc, "k1", fp, at, at - 86_400_000, at - 600_000)
+                .await
+                .expect("claim")
+        }
+    };
+    let Claim::Claimed { owner } = claim(a.clone(), "fp1", now).await else {
+        panic!("the first request claims the key");
+    };
+    // While it runs, the same request waits and another body is refused.
+    assert_eq!(claim(a.clone(), "fp1", now).await, Claim::Running);
+    assert_eq!(claim(a.clone(), "fp2", now).await, Claim::Mismatch);
+    // Keys are per account.
+    assert!(matches!(
+        claim(b.clone(), "fp2", now).await,
+        Claim::Claimed { .. }
+    ));
+    let answer = StoredAnswer {
+        status: 202,
+        content_type: Some("application/json".into()),
+        body: r#"{"id_task":"t1"}"#.into(),
+    };
+    // Only the owner completes.
+    assert!(
+        !s.complete_idempotency_key(&a, "k1", "someone-else", &answer)
+            .await
+            .expect("complete")
+    );
+    assert!(
+        s.complete_idempotency_key(&a, "k1", &owner, &answer)
+            .await
+            .expect("complete")
+    );
+    assert_eq!(
+        claim(a.clone(), "fp1", now).await,
+        Claim::Replay(answer.clone())
+    );
+    assert_eq!(claim(a.clone(), "fp2", now).await, Claim::Mismatch);
+    // A release after completion changes nothing.
+    s.release_idempotency_key(&a, "k1", &owner)
+        .await
+        .expect("release");
+    assert_eq!(claim(a.clone(), "fp1", now).await, Claim::Replay(answer));
+    // After 24 h the key is free again, whatever the body.
+    let later = now + 86_400_001;
+    let Claim::Claimed { owner: second } = claim(a.clone(), "fp2", later).await else {
+        panic!("an expired key is claimed afresh");
+    };
+    // A released claim frees the key at once.
+    s.release_idempotency_key(&a, "k1", &second)
+        .await
+        .expect("release");
+    assert!(matches!(
+        claim(a.clone(), "fp3", later).await,
+        Claim::Claimed { .. }
+    ));
+    // A claim whose request never finished goes stale after its bound.
+    assert_eq!(claim(a.clone(), "fp3", later + 1_000).await, Claim::Running);
+    assert!(matches!(
+        claim(a.clone(), "fp3", later + 600_001).await,
+        Claim::Claimed { .. }
+    ));
+    assert_eq!(
+        s.prune_idempotency_keys(later + 600_002)
+            .await
+            .expect("prune"),
+        2
+    );
+    assert!(matches!(
+        claim(a.clone(), "fp9", now).await,
+        Claim::Claimed { .. }
+    ));
+}
+
 macro_rules! store_suite {
     ($m:ident, $dialect:expr) => {
         mod $m {
@@ -1523,6 +1604,7 @@ macro_rules! store_suite {
             t!(identities_are_admitted_replaced_and_deleted);
             t!(unknown_kinds_and_states_are_read_errors);
             t!(unavailable_database_is_typed);
+            t!(idempotency_keys_claim_replay_and_expire);
         }
     };
 }

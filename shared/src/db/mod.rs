@@ -16,6 +16,7 @@ pub mod api_models;
 mod codec;
 pub mod custom_models;
 pub mod files;
+pub mod idempotency;
 pub mod identities;
 pub mod jobs;
 pub mod notifications;

@@ -89,6 +89,19 @@ impl EmbeddedQueue {
         EmbeddedQueue { inner }
     }
 
+    /// Makes every delivery held by any process visible again. Only for a
+    /// process that knows it is the only one on the database (the embedded
+    /// mode's node lock): what is held was held by a process that died.
+    pub async fn release_orphans(store: &Store) -> Result<u64, QueueError> {
+        let r = sqlx::query(
+            "UPDATE queue_messages SET locked_until = NULL, lock_owner = NULL WHERE lock_owner IS NOT NULL",
+        )
+        .execute(store.pool())
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected())
+    }
+
     fn waker(&self, queue: &str) -> Arc<Notify> {
         let mut w = self.inner.wakers.lock().unwrap_or_else(|p| p.into_inner());
         w.entry(queue.to_string())
