@@ -11,12 +11,19 @@ use serde_json::json;
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Accounts.
-    #[command(subcommand)]
+    /// Accounts: list, create, change the policy of, show.
+    #[command(subcommand, alias = "accounts")]
     Account(AccountCmd),
-    /// API keys.
-    #[command(subcommand)]
+    /// API keys: list (never the secret), create, revoke.
+    #[command(subcommand, alias = "keys")]
     Key(KeyCmd),
+    /// Jobs: everything the store knows about one.
+    #[command(subcommand, alias = "job")]
+    Jobs(JobsCmd),
+    /// Messages dead-lettered after too many deliveries (`<queue>.dead`):
+    /// look at them, put them back.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCmd),
     /// Credits.
     #[command(subcommand)]
     Credits(CreditsCmd),
@@ -39,6 +46,7 @@ pub enum PresetsCmd {
     /// TOML file (`presets/system.toml` is a starter set), by their stable
     /// `code` and `id`; each preset is checked like one sent to the API.
     Import {
+        /// The JSON or TOML file.
         file: std::path::PathBuf,
     },
 }
@@ -51,16 +59,23 @@ pub enum IdentitiesCmd {
     /// person's description for the list filters. It can no longer be
     /// deleted or shared through the API.
     Platform {
+        /// The identity's code.
         identity_code: String,
+        /// The lowest plan that sees it (`standard`, `enterprise`).
         #[arg(long, value_parser = plan_arg)]
         tier: Plan,
+        /// The person's gender, as the list filter matches it.
         #[arg(long)]
         gender: Option<String>,
+        /// The person's age, as the list filters match it.
         #[arg(long)]
         age: Option<u16>,
     },
     /// Makes a platform identity its owner's own again.
-    Unplatform { identity_code: String },
+    Unplatform {
+        /// The identity's code.
+        identity_code: String,
+    },
 }
 
 /// `--plan`: a plan name (`standard`, `enterprise`).
@@ -72,15 +87,67 @@ fn plan_arg(s: &str) -> Result<Plan, String> {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum DeadLettersCmd {
+    /// How many messages each queue's dead-letter queue holds, and the
+    /// first of them (reason, original queue, the task's job, output and
+    /// attempt). They stay where they are.
+    Ls {
+        /// One queue (`packshot`, `swap`, `identity`, `generate`,
+        /// `training`, `outcomes`, `scheduler`); default: every one.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Messages shown per queue at most.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Moves dead-lettered messages back to their queue, delivery count
+    /// reset. A task whose attempt was superseded meanwhile is dropped by
+    /// the worker that takes it; a report is applied as usual (every report
+    /// is idempotent).
+    Replay {
+        /// The queue whose dead letters are replayed.
+        #[arg(long)]
+        queue: String,
+        /// Messages replayed at most; default: all.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCmd {
+    /// The job, each of its outputs (every version, its attempt, lease and
+    /// last error), its ledger rows and its trace id.
+    Show {
+        /// The job id (`job_…`).
+        job_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AccountCmd {
+    /// Every account, oldest first: plan, credits, reserved credits and
+    /// active jobs.
+    Ls {
+        /// Accounts listed at most.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Accounts skipped first.
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+    },
+    /// Creates an account.
     Create {
+        /// A unique name.
         #[arg(long)]
         name: String,
+        /// `standard` or `enterprise`.
         #[arg(long, default_value_t = Plan::Standard, value_parser = plan_arg)]
         plan: Plan,
         /// Credits granted at creation.
         #[arg(long, default_value_t = 0.0)]
         credits: f64,
+        /// Largest output size; default: `limits.default_max_size`.
         #[arg(long, value_parser = ["1K", "2K", "4K"])]
         max_size: Option<String>,
         /// Allow custom width/height (OUTPUT_CUSTOM_DIMENSIONS).
@@ -93,18 +160,24 @@ pub enum AccountCmd {
         #[arg(long)]
         with_key: bool,
     },
+    /// Changes an account's plan, largest size or custom dimensions.
     Policy {
         /// Account id or name.
         #[arg(long)]
         account: String,
+        /// The new plan (`standard`, `enterprise`).
         #[arg(long, value_parser = plan_arg)]
         plan: Option<Plan>,
+        /// The new largest output size.
         #[arg(long, value_parser = ["1K", "2K", "4K"])]
         max_size: Option<String>,
+        /// Whether custom width/height are allowed.
         #[arg(long)]
         custom_dimensions: Option<bool>,
     },
+    /// One account.
     Show {
+        /// Account id or name.
         #[arg(long)]
         account: String,
     },
@@ -112,18 +185,32 @@ pub enum AccountCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCmd {
-    Create {
+    /// Every key of an account, live, expired and revoked (ids, names and
+    /// dates: a secret is never stored, so never shown).
+    Ls {
+        /// Account id or name.
         #[arg(long)]
         account: String,
+    },
+    /// Issues a key and prints it once.
+    Create {
+        /// Account id or name.
+        #[arg(long)]
+        account: String,
+        /// A label for the key.
         #[arg(long, default_value = "cli")]
         name: String,
         /// Lifetime in days; none: no expiry.
         #[arg(long)]
         expires_days: Option<u32>,
     },
+    /// Revokes a key: new requests with it are refused at once, and its
+    /// open event streams end within `notifications.auth_recheck_secs`.
     Revoke {
+        /// Account id or name.
         #[arg(long)]
         account: String,
+        /// The key's id (from `keys ls`).
         #[arg(long)]
         key_id: String,
     },
@@ -133,10 +220,14 @@ pub enum KeyCmd {
 pub enum CreditsCmd {
     /// Add (or, negative, remove) credits; recorded in the ledger.
     Grant {
+        /// Account id or name.
         #[arg(long)]
         account: String,
+        /// Credits to add; negative removes (never below what running jobs
+        /// hold).
         #[arg(long, allow_hyphen_values = true)]
         amount: f64,
+        /// Why, kept in the ledger.
         #[arg(long)]
         reason: String,
     },
@@ -144,18 +235,25 @@ pub enum CreditsCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCmd {
+    /// Creates a group (for sharing identities and presets, and optionally
+    /// billing).
     Create {
+        /// A unique name.
         #[arg(long)]
         name: String,
+        /// The owning account (id or name).
         #[arg(long)]
         owner: String,
         /// Members spend the owner's credits.
         #[arg(long)]
         shared_billing: bool,
     },
+    /// Adds an account to a group.
     AddMember {
+        /// The group's name.
         #[arg(long)]
         group: String,
+        /// Account id or name.
         #[arg(long)]
         account: String,
     },
@@ -169,6 +267,184 @@ async fn find(store: &Store, id_or_name: &str) -> anyhow::Result<Account> {
         .account_by_name(id_or_name)
         .await?
         .ok_or_else(|| anyhow!("no account with id or name {id_or_name:?}"))
+}
+
+/// Every queue Atelier uses (work queues, reports, wake-ups).
+fn every_queue() -> Vec<String> {
+    use atelier_shared::domain::task::{OUTCOME_QUEUE, WAKE_QUEUE};
+    atelier_shared::domain::WorkQueue::ALL
+        .iter()
+        .map(|q| q.as_str().to_string())
+        .chain([OUTCOME_QUEUE.to_string(), WAKE_QUEUE.to_string()])
+        .collect()
+}
+
+fn known_queue(name: &str) -> anyhow::Result<String> {
+    let all = every_queue();
+    if all.iter().any(|q| q == name) {
+        Ok(name.to_string())
+    } else {
+        bail!("no queue {name:?}; the queues are {}", all.join(", "))
+    }
+}
+
+/// The configured queue (`queue.url`): the broker, or the embedded queue in
+/// the database.
+async fn open_queue(
+    cfg: &Config,
+    store: &Store,
+) -> anyhow::Result<atelier_shared::queue::DynQueue> {
+    use atelier_shared::config::QueueTarget;
+    let stop = tokio_util::sync::CancellationToken::new();
+    Ok(match cfg.targets()?.queue {
+        QueueTarget::Embedded => std::sync::Arc::new(
+            atelier_shared::queue::embedded::EmbeddedQueue::new(store.clone(), stop),
+        ),
+        QueueTarget::Amqp { url, namespace } => std::sync::Arc::new(
+            atelier_shared::queue::rabbitmq::RabbitQueue::connect(&url, &namespace, stop)
+                .await
+                .context("cannot reach the broker")?,
+        ),
+    })
+}
+
+/// How long a dead-letter queue may stay silent before it counts as read.
+const DRAINED: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Up to `limit` messages of `dead`, described; every one handed back.
+async fn peek(
+    q: &atelier_shared::queue::DynQueue,
+    dead: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut consumer = q.consume(dead, limit).await?;
+    let mut held = Vec::new();
+    while held.len() < limit {
+        match tokio::time::timeout(DRAINED, consumer.next()).await {
+            Ok(Some(d)) => held.push(d),
+            _ => break,
+        }
+    }
+    // Stop fetching first, so that nothing handed back is fetched again.
+    drop(consumer);
+    let mut shown = Vec::new();
+    for d in held {
+        let task: Option<atelier_shared::domain::Task> = d.parse().ok();
+        shown.push(json!({
+            "reason": d.headers.get("x-death-reason"),
+            "original_queue": d.headers.get("x-original-queue"),
+            "job_id": task.as_ref().map(|t| t.job_id.clone()),
+            "output_id": task.as_ref().map(|t| t.output_id),
+            "attempt": task.as_ref().map(|t| t.attempt),
+            "payload_bytes": d.payload.len(),
+        }));
+        d.nack(None).await?;
+    }
+    settle().await;
+    Ok(shown)
+}
+
+/// Lets a dropped consumer hand back what it had fetched but not passed on
+/// (it does so on tasks of its own) before the command exits.
+async fn settle() {
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+}
+
+/// Moves up to `limit` (or every) message of `<queue>.dead` back to
+/// `queue`: published first, then removed (at least once).
+async fn replay(
+    q: &atelier_shared::queue::DynQueue,
+    queue: &str,
+    limit: Option<usize>,
+) -> anyhow::Result<usize> {
+    let dead = format!("{queue}.dead");
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut consumer = q.consume(&dead, limit.clamp(1, 16)).await?;
+    let mut replayed = 0;
+    while replayed < limit {
+        let Ok(Some(d)) = tokio::time::timeout(DRAINED, consumer.next()).await else {
+            break;
+        };
+        let mut headers = d.headers.clone();
+        headers.retain(|k, _| !k.starts_with("x-"));
+        q.publish(
+            queue,
+            atelier_shared::queue::Message {
+                payload: d.payload.clone(),
+                headers,
+                delay: None,
+            },
+        )
+        .await?;
+        d.ack().await?;
+        replayed += 1;
+    }
+    drop(consumer);
+    settle().await;
+    Ok(replayed)
+}
+
+/// A store timestamp (ms) as ISO 8601, or null.
+fn iso(ms: Option<i64>) -> serde_json::Value {
+    ms.map_or(serde_json::Value::Null, |ms| {
+        json!(atelier_shared::time::iso8601(ms))
+    })
+}
+
+/// `admin jobs show`: the job, its outputs and its ledger rows.
+async fn job_report(store: &Store, job_id: &str) -> anyhow::Result<serde_json::Value> {
+    let job = store
+        .job(job_id)
+        .await?
+        .ok_or_else(|| anyhow!("no job {job_id:?}"))?;
+    let outputs: Vec<_> = store
+        .all_outputs(job_id)
+        .await?
+        .into_iter()
+        .map(|o| {
+            json!({
+                "output_id": o.id, "instruction": o.instruction_index, "variation": o.variation_index,
+                "version": o.version, "queue": o.queue.as_str(), "status": o.status.as_str(),
+                "attempt": o.attempt, "max_attempts": o.max_attempts, "engine_index": o.engine_index,
+                "model_used": o.model_used, "credits": Credits(o.cost).as_f64(),
+                "lease_expires_at": iso(o.lease_expires_at), "processing_ms": o.processing_ms,
+                "last_error": o.last_error, "error_message": o.error_message,
+                "created_at": iso(Some(o.created_at)), "finalized_at": iso(o.finalized_at),
+            })
+        })
+        .collect();
+    let ledger: Vec<_> = store
+        .job_ledger(job_id)
+        .await?
+        .into_iter()
+        .map(|l| {
+            json!({
+                "id": l.id, "account_id": l.account_id, "output_id": l.output_id, "kind": l.kind,
+                "credits": Credits(l.amount).as_f64(), "reason": l.reason,
+                "at": iso(Some(l.created_at)),
+            })
+        })
+        .collect();
+    let trace_id = job
+        .traceparent
+        .as_deref()
+        .and_then(atelier_shared::domain::trace::TraceParent::parse)
+        .map(|t| t.trace_id_hex());
+    Ok(json!({
+        "job": {
+            "job_id": job.id, "type": job.job_type.as_str(), "status": job.status.as_str(),
+            "account_id": job.account_id, "billing_account_id": job.billing_account_id,
+            "project_id": job.project_id, "outputs": job.total_outputs,
+            "completed_outputs": job.completed_outputs, "failed_outputs": job.failed_outputs,
+            "error_message": job.error_message,
+            "credits_held": Credits(job.credits_held).as_f64(),
+            "credits_charged": Credits(job.credits_charged).as_f64(),
+            "waits_for": job.waits_for, "trace_id": trace_id,
+            "created_at": iso(Some(job.created_at)), "finalized_at": iso(job.finalized_at),
+        },
+        "outputs": outputs,
+        "ledger": ledger,
+    }))
 }
 
 fn show(a: &Account) -> serde_json::Value {
@@ -245,6 +521,62 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
             )
         }
         AdminCommand::Account(AccountCmd::Show { account }) => show(&find(&store, &account).await?),
+        AdminCommand::Account(AccountCmd::Ls { limit, offset }) => {
+            let accounts = store
+                .accounts_page(i64::from(limit), i64::from(offset))
+                .await?;
+            json!({"accounts": accounts.iter().map(show).collect::<Vec<_>>()})
+        }
+        AdminCommand::Key(KeyCmd::Ls { account }) => {
+            let a = find(&store, &account).await?;
+            let now = atelier_shared::time::now_ms();
+            let keys: Vec<_> = store
+                .keys_of(&a.id)
+                .await?
+                .into_iter()
+                .map(|k| {
+                    let state = if k.revoked_at.is_some() {
+                        "revoked"
+                    } else if k.expires_at.is_some_and(|e| e <= now) {
+                        "expired"
+                    } else {
+                        "live"
+                    };
+                    json!({
+                        "key_id": k.id, "name": k.name, "state": state,
+                        "created_at": iso(Some(k.created_at)), "expires_at": iso(k.expires_at),
+                        "revoked_at": iso(k.revoked_at),
+                    })
+                })
+                .collect();
+            json!({"account_id": a.id, "keys": keys})
+        }
+        AdminCommand::Jobs(JobsCmd::Show { job_id }) => job_report(&store, &job_id).await?,
+        AdminCommand::DeadLetters(DeadLettersCmd::Ls { queue, limit }) => {
+            let q = open_queue(cfg, &store).await?;
+            let names = match queue {
+                Some(name) => vec![known_queue(&name)?],
+                None => every_queue(),
+            };
+            let mut queues = Vec::new();
+            for name in names {
+                let dead = format!("{name}.dead");
+                let depth = q.depth(&dead).await?;
+                let first = if depth > 0 && limit > 0 {
+                    peek(&q, &dead, limit).await?
+                } else {
+                    Vec::new()
+                };
+                queues.push(json!({"queue": name, "dead": depth, "first": first}));
+            }
+            json!({"queues": queues})
+        }
+        AdminCommand::DeadLetters(DeadLettersCmd::Replay { queue, limit }) => {
+            let name = known_queue(&queue)?;
+            let q = open_queue(cfg, &store).await?;
+            let replayed = replay(&q, &name, limit).await?;
+            json!({"queue": name, "replayed": replayed})
+        }
         AdminCommand::Key(KeyCmd::Create {
             account,
             name,
@@ -301,16 +633,25 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
                 })?;
             json!({"group": group, "member": a.id})
         }
-        AdminCommand::Presets(PresetsCmd::Import { file }) => import_presets(cfg, &store, &file).await?,
+        AdminCommand::Presets(PresetsCmd::Import { file }) => {
+            import_presets(cfg, &store, &file).await?
+        }
         AdminCommand::Identities(IdentitiesCmd::Platform {
             identity_code,
             tier,
             gender,
             age,
         }) => {
-            let gender = gender.map(|g| g.trim().to_lowercase()).filter(|g| !g.is_empty());
+            let gender = gender
+                .map(|g| g.trim().to_lowercase())
+                .filter(|g| !g.is_empty());
             if !store
-                .set_platform_identity(&identity_code, Some(tier.as_str()), gender.as_deref(), age.map(i64::from))
+                .set_platform_identity(
+                    &identity_code,
+                    Some(tier.as_str()),
+                    gender.as_deref(),
+                    age.map(i64::from),
+                )
                 .await?
             {
                 bail!("no identity {identity_code}");
@@ -318,7 +659,10 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
             json!({"identity_code": identity_code, "visibility": "default", "tier": tier.as_str(), "gender": gender, "age": age})
         }
         AdminCommand::Identities(IdentitiesCmd::Unplatform { identity_code }) => {
-            if !store.set_platform_identity(&identity_code, None, None, None).await? {
+            if !store
+                .set_platform_identity(&identity_code, None, None, None)
+                .await?
+            {
                 bail!("no identity {identity_code}");
             }
             json!({"identity_code": identity_code, "visibility": "private"})
@@ -375,13 +719,16 @@ async fn import_presets(
     file: &std::path::Path,
 ) -> anyhow::Result<serde_json::Value> {
     use atelier_shared::domain::presets::{Checks, PresetType, check_instruction};
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let parsed: PresetFile = if file.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).with_context(|| format!("{} is not a preset file", file.display()))?
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a preset file", file.display()))?
     } else {
         toml::from_str(&text).with_context(|| format!("{} is not a preset file", file.display()))?
     };
-    let engines = atelier_shared::domain::engines::EngineAvailability::builtin_packshots(Vec::new());
+    let engines =
+        atelier_shared::domain::engines::EngineAvailability::builtin_packshots(Vec::new());
     let policy = atelier_shared::domain::policy::ContentPolicy::new(&cfg.identity.blocked_terms);
     let checks = Checks {
         catalogue: &cfg.catalogue,
@@ -401,7 +748,10 @@ async fn import_presets(
             bail!("preset {}: {}", p.code, why.join("; "));
         }
         if let Some(c) = p.categories.iter().find(|c| !ids.contains(&c.as_str())) {
-            bail!("preset {} names category {c}, which the file does not define", p.code);
+            bail!(
+                "preset {} names category {c}, which the file does not define",
+                p.code
+            );
         }
     }
     let now = atelier_shared::time::now_ms();

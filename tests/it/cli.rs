@@ -194,3 +194,149 @@ fn config_prints_the_effective_config_without_secrets() {
         "every bad key is named: {e}"
     );
 }
+
+/// `admin accounts ls`, `keys ls` (never a secret) and `jobs show` (the job,
+/// its outputs with their attempts, its ledger rows).
+#[tokio::test]
+async fn admin_lists_accounts_and_keys_and_shows_a_job() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |_| {}).await;
+    let db = app.cfg.database_url();
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
+    let (s, v) = app.post("/create-packshot", packshot_body(&p, &[&f])).await;
+    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let st = app
+        .wait_for_job(&job, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(st["status"], "completed", "{st}");
+
+    let (ok, v, out) = atelier(&db, &["admin", "accounts", "ls"]);
+    assert!(ok, "{out}");
+    let accounts = v["accounts"].as_array().expect("accounts");
+    assert_eq!(accounts.len(), 1, "{v}");
+    assert_eq!(accounts[0]["name"], "dev");
+    assert_eq!(accounts[0]["credits"], 1000.0 - 16.0);
+
+    let account = app.dev_account_id().await;
+    let (spare, _) = app
+        .store
+        .create_api_key(&account, "spare", None, None)
+        .await
+        .expect("key");
+    assert!(
+        app.store
+            .revoke_api_key(&account, &spare)
+            .await
+            .expect("revoke")
+    );
+    let (ok, v, out) = atelier(&db, &["admin", "keys", "ls", "--account", "dev"]);
+    assert!(ok, "{out}");
+    assert!(!out.contains(DEV_KEY), "a secret is never shown: {out}");
+    let keys = v["keys"].as_array().expect("keys");
+    let state = |name: &str| {
+        keys.iter()
+            .find(|k| k["name"] == name)
+            .map(|k| k["state"].clone())
+    };
+    assert_eq!(state("bootstrap"), Some(Value::from("live")), "{v}");
+    assert_eq!(state("spare"), Some(Value::from("revoked")), "{v}");
+
+    let (ok, v, out) = atelier(&db, &["admin", "jobs", "show", &job]);
+    assert!(ok, "{out}");
+    assert_eq!(v["job"]["status"], "completed", "{v}");
+    assert_eq!(v["job"]["credits_charged"], 16.0, "{v}");
+    let outputs = v["outputs"].as_array().expect("outputs");
+    assert_eq!(outputs.len(), 4, "{v}");
+    for o in outputs {
+        assert_eq!(
+            (o["status"].as_str(), o["attempt"].as_i64()),
+            (Some("completed"), Some(1)),
+            "{o}"
+        );
+    }
+    let kinds: Vec<&str> = v["ledger"]
+        .as_array()
+        .expect("ledger")
+        .iter()
+        .filter_map(|l| l["kind"].as_str())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "reserve").count(), 1, "{v}");
+    assert_eq!(kinds.iter().filter(|k| **k == "charge").count(), 4, "{v}");
+
+    let (ok, _, out) = atelier(&db, &["admin", "jobs", "show", "job_nope"]);
+    assert!(!ok && out.contains("no job"), "{out}");
+    // Every subcommand and flag explains itself.
+    let (ok, _, out) = atelier(&db, &["admin", "keys", "ls", "--help"]);
+    assert!(ok && out.contains("Account id or name"), "{out}");
+    app.stop().await;
+}
+
+/// `admin dead-letters ls` shows what `<queue>.dead` holds and leaves it
+/// there; `replay` moves it back to its queue.
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed() {
+    // No worker: replayed tasks stay in their queue for the test to count.
+    let app = TestApp::with(Dialect::Sqlite, Roles::API, |_| {}).await;
+    let db = app.cfg.database_url();
+    let q = app.services.queue.clone();
+    for n in 0..3 {
+        let mut m = atelier_shared::queue::Message {
+            payload: format!("{{\"poison\":{n}}}"),
+            headers: Default::default(),
+            delay: None,
+        };
+        m = m
+            .with_header("x-death-reason", "delivery limit exceeded")
+            .with_header("x-original-queue", "packshot");
+        q.publish("packshot.dead", m).await.expect("publish");
+    }
+    let (ok, v, out) = atelier(&db, &["admin", "dead-letters", "ls", "--limit", "2"]);
+    assert!(ok, "{out}");
+    let packshot = v["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .find(|q| q["queue"] == "packshot")
+        .cloned()
+        .expect("packshot");
+    assert_eq!(packshot["dead"], 3, "{v}");
+    assert_eq!(packshot["first"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(packshot["first"][0]["reason"], "delivery limit exceeded");
+    // Looking leaves them where they are.
+    assert_eq!(q.depth("packshot.dead").await.expect("depth"), 3);
+
+    let (ok, _, out) = atelier(&db, &["admin", "dead-letters", "ls", "--queue", "nope"]);
+    assert!(!ok && out.contains("no queue"), "{out}");
+
+    let (ok, v, out) = atelier(
+        &db,
+        &[
+            "admin",
+            "dead-letters",
+            "replay",
+            "--queue",
+            "packshot",
+            "--limit",
+            "1",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(v["replayed"], 1, "{v}");
+    assert_eq!(q.depth("packshot.dead").await.expect("depth"), 2);
+    assert_eq!(q.depth("packshot").await.expect("depth"), 1);
+    let (ok, v, out) = atelier(
+        &db,
+        &["admin", "dead-letters", "replay", "--queue", "packshot"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(v["replayed"], 2, "{v}");
+    assert_eq!(q.depth("packshot.dead").await.expect("depth"), 0);
+    assert_eq!(q.depth("packshot").await.expect("depth"), 3);
+    // The replayed messages lost the dead-letter headers.
+    let mut c = q.consume("packshot", 3).await.expect("consume");
+    let d = c.next().await.expect("a message");
+    assert!(!d.headers.contains_key("x-death-reason"), "{:?}", d.headers);
+    d.ack().await.expect("ack");
+    app.stop().await;
+}

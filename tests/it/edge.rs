@@ -406,6 +406,10 @@ async fn revoking_a_key_ends_its_event_streams() {
         took < Duration::from_secs(3),
         "ended {took:?} after the revocation"
     );
+    println!(
+        "revocation: the stream ended {:.2} s after its key was revoked",
+        took.as_secs_f64()
+    );
     // New requests with the key are refused; the other key's stream lives.
     assert_eq!(open(token).await.status(), StatusCode::UNAUTHORIZED);
     let (text, ended) = read_stream(kept, Duration::from_millis(1500)).await;

@@ -20,6 +20,7 @@ pub mod idempotency;
 pub mod identities;
 pub mod jobs;
 pub mod notifications;
+pub mod operators;
 pub mod outbox;
 pub mod predictions;
 pub mod presets;

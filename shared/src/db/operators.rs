@@ -1,0 +1,65 @@
+//! What operators read through `atelier admin`: every account, every key of
+//! an account (never a secret), a job's ledger rows.
+
+use super::accounts::Account;
+use super::{Result, Store};
+
+/// One API key as operators see it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// One row of the credit ledger.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LedgerRow {
+    pub id: i64,
+    pub account_id: String,
+    pub output_id: Option<i64>,
+    pub kind: String,
+    pub amount: i64,
+    pub reason: Option<String>,
+    pub created_at: i64,
+}
+
+impl Store {
+    /// Accounts, oldest first, `limit` from `offset`.
+    pub async fn accounts_page(&self, limit: i64, offset: i64) -> Result<Vec<Account>> {
+        Ok(sqlx::query_as::<_, Account>(
+            "SELECT id, name, plan, max_size, custom_dimensions, is_operator, balance, reserved, \
+             active_jobs, created_at FROM accounts ORDER BY created_at, id LIMIT $1 OFFSET $2",
+        )
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Every key of an account, revoked and expired ones included, newest
+    /// first.
+    pub async fn keys_of(&self, account_id: &str) -> Result<Vec<KeyRecord>> {
+        Ok(sqlx::query_as::<_, KeyRecord>(
+            "SELECT id, name, created_at, expires_at, revoked_at FROM api_keys \
+             WHERE account_id = $1 ORDER BY created_at DESC, id DESC",
+        )
+        .bind(account_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The ledger rows of a job (its reservation and each output's charge
+    /// or release), in order.
+    pub async fn job_ledger(&self, job_id: &str) -> Result<Vec<LedgerRow>> {
+        Ok(sqlx::query_as::<_, LedgerRow>(
+            "SELECT id, account_id, output_id, kind, amount, reason, created_at FROM credit_ledger \
+             WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(job_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
