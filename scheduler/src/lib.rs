@@ -814,8 +814,11 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
         }
         if let Ok(t) = ctx.store.credit_totals().await {
             metrics::gauge!("atelier_credits_reserved").set(t.reserved as f64 / 1000.0);
-            metrics::gauge!("atelier_credits_charged").set(t.charged as f64 / 1000.0);
-            metrics::gauge!("atelier_credits_released").set(t.released as f64 / 1000.0);
+            // Ledger totals only grow: counters, set from the store.
+            metrics::counter!("atelier_credits_charged_millicredits_total")
+                .absolute(u64::try_from(t.charged).unwrap_or(0));
+            metrics::counter!("atelier_credits_released_millicredits_total")
+                .absolute(u64::try_from(t.released).unwrap_or(0));
         }
         if sleep_or_stop(Duration::from_secs(5), &stop).await {
             return;

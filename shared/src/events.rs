@@ -47,6 +47,8 @@ impl EventBus {
     /// scheduler role); an API process without it and without Redis hears
     /// nothing live, so its streams poll the store ([`Self::live`] false).
     pub fn in_process(relays_here: bool) -> EventBus {
+        // Live exactly when the relay runs in this process (see `live`).
+        metrics::gauge!("atelier_event_bus_live").set(if relays_here { 1.0 } else { 0.0 });
         EventBus {
             local: broadcast::channel(LOCAL_CAPACITY).0,
             redis: None,

@@ -36,6 +36,7 @@ pub mod db;
 pub mod domain;
 pub mod egress;
 pub mod events;
+pub mod metric_catalogue;
 pub mod queue;
 pub mod storage;
 pub mod telemetry;

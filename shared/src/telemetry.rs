@@ -155,11 +155,20 @@ pub fn metrics() -> PrometheusHandle {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
                 300.0,
             ];
+            let sizes = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+            // Every histogram has buckets (a summary has no `_bucket` series
+            // for `histogram_quantile` across replicas).
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &secs)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full("atelier_batch_size".into()), &sizes)
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
-                Ok(h) => h,
+                Ok(h) => {
+                    crate::metric_catalogue::describe();
+                    h
+                }
                 // Another recorder is installed (e.g. by an embedding program):
                 // render an empty, detached registry rather than fail.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),

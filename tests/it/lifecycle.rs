@@ -49,7 +49,7 @@ async fn end_to_end(dialect: Dialect, tweak: impl FnOnce(&mut atelier_shared::co
     loop {
         let m = app.metrics().await;
         if [
-            "atelier_credits_charged",
+            "atelier_credits_charged_millicredits_total",
             "atelier_credits_reserved",
             "atelier_queue_depth{queue=\"packshot\"}",
             "atelier_outbox_lag_seconds",

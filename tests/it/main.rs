@@ -15,6 +15,7 @@ mod generate;
 mod helpers;
 mod identities;
 mod lifecycle;
+mod metrics;
 mod models_api;
 mod notifications;
 mod presets;

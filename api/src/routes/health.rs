@@ -136,7 +136,10 @@ pub async fn metrics() -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        atelier_shared::telemetry::metrics().render(),
+        {
+            atelier_shared::metric_catalogue::refresh_process();
+            atelier_shared::telemetry::metrics().render()
+        },
     )
 }
 

@@ -1,0 +1,177 @@
+//! `/metrics` as dashboards and alerts use it: every metric described and
+//! typed as the catalogue says, and every metric the Grafana dashboard
+//! queries exported with the type its query needs.
+
+use crate::helpers::*;
+use atelier::app::Roles;
+use atelier_shared::db::Dialect;
+use atelier_shared::metric_catalogue::{self, Kind};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// The series names a PromQL text mentions, with whether each sits directly
+/// inside `rate(` or `increase(` (which need a counter or a histogram part).
+fn queried(expr: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts = expr[i..].starts_with("atelier_") || expr[i..].starts_with("process_");
+        let boundary = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if starts && boundary {
+            let end = expr[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(expr.len(), |n| i + n);
+            let before = expr[..i].trim_end();
+            let in_rate = before.ends_with("rate(") || before.ends_with("increase(");
+            out.push((expr[i..end].to_string(), in_rate));
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The catalogue name and kind a queried series belongs to.
+fn resolve(series: &str) -> (String, Kind) {
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = series.strip_suffix(suffix)
+            && let Some(m) = metric_catalogue::find(base)
+            && m.kind == Kind::Histogram
+        {
+            return (base.to_string(), Kind::Histogram);
+        }
+    }
+    let m = metric_catalogue::find(series)
+        .unwrap_or_else(|| panic!("the dashboard queries {series}, which nothing exports"));
+    (series.to_string(), m.kind)
+}
+
+/// `# TYPE` of every metric in a Prometheus text, and the names with a
+/// `# HELP`.
+fn scrape(text: &str) -> (BTreeMap<String, String>, BTreeSet<String>) {
+    let mut types = BTreeMap::new();
+    let mut helps = BTreeSet::new();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("#"), Some("TYPE"), Some(name), Some(kind)) => {
+                types.insert(name.to_string(), kind.to_string());
+            }
+            (Some("#"), Some("HELP"), Some(name), Some(_)) => {
+                helps.insert(name.to_string());
+            }
+            _ => {}
+        }
+    }
+    (types, helps)
+}
+
+/// Metrics that only appear once something rare happened, and why they
+/// may be missing from a short run on the model-free engine.
+const ONLY_AFTER: &[(&str, &str)] = &[
+    ("atelier_inference_seconds", "an ONNX model ran"),
+    ("atelier_batch_size", "an ONNX model ran"),
+    ("atelier_model_load_seconds", "an ONNX model was loaded"),
+    ("atelier_retries_total", "an attempt failed and was retried"),
+    (
+        "atelier_queue_dead_letters_total",
+        "a message was dead-lettered",
+    ),
+    (
+        "atelier_webhook_deliveries_total",
+        "a webhook was delivered",
+    ),
+    ("atelier_webhook_attempt_seconds", "a webhook was delivered"),
+    ("atelier_in_flight", "an output held a lease at the scrape"),
+];
+
+#[tokio::test]
+async fn the_dashboard_queries_what_is_exported_with_its_type() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |_| {}).await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
+    let (s, v) = app.post("/create-packshot", packshot_body(&p, &[&f])).await;
+    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    app.wait_for_job(&job, Duration::from_secs(60)).await;
+    // The scheduler refreshes its gauges every 5 s.
+    let t = std::time::Instant::now();
+    let text = loop {
+        let m = app.metrics().await;
+        if m.contains("atelier_queue_depth{") && m.contains("atelier_outputs_open") {
+            break m;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "gauges missing: {m}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let (types, helps) = scrape(&text);
+
+    // Everything exported is catalogued, typed as catalogued, and described.
+    for (name, kind) in &types {
+        let m = metric_catalogue::find(name)
+            .unwrap_or_else(|| panic!("{name} is exported but not catalogued"));
+        assert_eq!(kind, m.kind.as_str(), "{name}");
+        assert!(helps.contains(name), "{name} has no # HELP");
+    }
+    for name in [
+        "atelier_build_info",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(types.contains_key(name), "{name} missing:\n{text}");
+    }
+
+    // Every series the dashboard queries, with the type its query needs.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/grafana/atelier-dashboard.json"),
+    )
+    .expect("dashboard");
+    let doc: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&doc, &mut exprs);
+    assert!(exprs.len() > 20, "only {} queries found", exprs.len());
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for expr in &exprs {
+        for (series, in_rate) in queried(expr) {
+            let (name, kind) = resolve(&series);
+            if in_rate {
+                assert!(
+                    kind == Kind::Counter || (kind == Kind::Histogram && series != name),
+                    "{expr}: rate() over {series}, a {}",
+                    kind.as_str()
+                );
+            }
+            match types.get(&name) {
+                Some(t) => assert_eq!(t, kind.as_str(), "{expr}"),
+                None if ONLY_AFTER.iter().any(|(n, _)| *n == name) => {}
+                None => missing.push(format!("{name} (in {expr})")),
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not exported after a job: {missing:#?}\n{text}"
+    );
+    assert!(checked > 20, "{checked}");
+    app.stop().await;
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, v) in o {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
