@@ -99,7 +99,12 @@ impl Drop for Release {
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.owner),
         );
-        tokio::spawn(async move {
+        // Outside a runtime (it is shutting down) the claim goes stale
+        // instead.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
             if let Err(e) = store.release_idempotency_key(&account, &key, &owner).await {
                 tracing::warn!(error = %e, "cannot release an idempotency key; it frees itself when its claim goes stale");
             }
