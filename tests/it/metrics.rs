@@ -175,3 +175,73 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// The `expr` texts of a Prometheus rules file (one-line or `|` blocks).
+fn rule_exprs(yaml: &str) -> Vec<String> {
+    let lines: Vec<&str> = yaml.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let indent = line.len() - line.trim_start().len();
+        if let Some(rest) = line.trim_start().strip_prefix("expr:") {
+            if rest.trim() == "|" {
+                let mut block = Vec::new();
+                while i + 1 < lines.len()
+                    && (lines[i + 1].trim().is_empty()
+                        || lines[i + 1].len() - lines[i + 1].trim_start().len() > indent)
+                {
+                    i += 1;
+                    block.push(lines[i].trim());
+                }
+                out.push(block.join(" "));
+            } else {
+                out.push(rest.trim().to_string());
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The alert rules query only catalogued metrics, with the type their
+/// query needs, and the Kubernetes PrometheusRule carries the same groups.
+#[test]
+fn alert_rules_query_catalogued_metrics_and_match_the_prometheus_rule() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let rules = std::fs::read_to_string(root.join("prometheus/alerts.yml")).expect("rules");
+    let exprs = rule_exprs(&rules);
+    assert!(exprs.len() >= 8, "{exprs:?}");
+    for expr in &exprs {
+        let series = queried(expr);
+        assert!(!series.is_empty(), "{expr}");
+        for (series, in_rate) in series {
+            let (name, kind) = resolve(&series);
+            if in_rate {
+                assert!(
+                    kind == Kind::Counter || (kind == Kind::Histogram && series != name),
+                    "{expr}: rate() over {series}, a {}",
+                    kind.as_str()
+                );
+            }
+        }
+    }
+    let operator = std::fs::read_to_string(root.join("k8s/prometheusrule.yaml")).expect("rule");
+    let groups = |text: &str, indent: usize| -> Vec<String> {
+        let from = text.find("groups:").expect("groups");
+        let start = text[..from].rfind('\n').map_or(0, |n| n + 1);
+        text[start..]
+            .lines()
+            .map(|l| {
+                l.get(indent.min(l.len() - l.trim_start().len())..)
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(
+        groups(&operator, 2),
+        groups(&rules, 0),
+        "deploy/k8s/prometheusrule.yaml differs from deploy/prometheus/alerts.yml"
+    );
+}
