@@ -124,15 +124,6 @@ impl NodeLock {
     }
 }
 
-/// The file of a `sqlite:` database URL (none for an in-memory one).
-fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))?;
-    let path = rest.split('?').next().unwrap_or_default();
-    (!path.is_empty() && !path.contains(":memory:")).then(|| path.into())
-}
-
 /// The object store `storage.url` names. Async because the S3 store checks
 /// its bucket at start (a wrong bucket, endpoint or key fails here, not on
 /// the first job).
@@ -187,8 +178,8 @@ pub async fn connect(cfg: &Config, targets: &Targets, roles: Roles) -> anyhow::R
     } else {
         None
     };
-    let node_lock = match (&store, sqlite_file(&cfg.database_url())) {
-        (Some(_), Some(file)) => Some(Arc::new(NodeLock::acquire(&file)?)),
+    let node_lock = match (&store, atelier_shared::db::sqlite_path(&cfg.database_url())) {
+        (Some(_), Some(file)) => Some(Arc::new(NodeLock::acquire(std::path::Path::new(&file))?)),
         _ => None,
     };
     let queue_stop = CancellationToken::new();

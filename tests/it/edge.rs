@@ -417,11 +417,17 @@ async fn revoking_a_key_ends_its_event_streams() {
     app.stop().await;
 }
 
-/// `atelier serve` on embedded defaults, as a child process on `dir`,
-/// listening on `port`; its tasks each take `delay_ms`.
-fn serve(dir: &std::path::Path, port: u16, delay_ms: u64) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
-        .arg("serve")
+/// A free port of 127.0.0.1 (bound, then released for a child to take).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// `atelier serve` on embedded defaults on `dir`, listening on `port`,
+/// with the dev key and without models; a test adds its own settings.
+fn serve_command(dir: &std::path::Path, port: u16) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier"));
+    cmd.arg("serve")
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("ATELIER_SERVER__LISTEN", format!("127.0.0.1:{port}"))
@@ -433,14 +439,20 @@ fn serve(dir: &std::path::Path, port: u16, delay_ms: u64) -> tokio::process::Chi
         .env("ATELIER_MODELS__DIR", dir.join("no-models"))
         .env("ATELIER_MODELS__AUTO_FETCH", "false")
         .env("ATELIER_BOOTSTRAP__API_KEY", DEV_KEY)
+        .env("ATELIER_LOG__LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// [`serve_command`] whose tasks each take `delay_ms`.
+fn serve(dir: &std::path::Path, port: u16, delay_ms: u64) -> tokio::process::Child {
+    serve_command(dir, port)
         .env("ATELIER_WORKER__CONCURRENCY", "4")
         .env("ATELIER_WORKER__FAULT_DELAY_MS", delay_ms.to_string())
         // Leases far longer than the bound: recovery must not wait for them.
         .env("ATELIER_WORKER__HEARTBEAT_SECS", "30")
         .env("ATELIER_SCHEDULER__RUNNING_LEASE_SECS", "120")
-        .env("ATELIER_LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("atelier serve starts")
 }
@@ -473,10 +485,7 @@ async fn a_killed_serve_is_taken_over_at_once_by_its_restart() {
     use atelier_shared::domain::OutputStatus;
     use std::time::Duration;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let port = free_port();
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
@@ -609,25 +618,9 @@ async fn memory_returns_after_a_connection_flood() {
         "the open-file limit ({files}) is too low for the drill"
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
-        .arg("serve")
-        .env("ATELIER_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "ATELIER_SERVER__PUBLIC_URL",
-            format!("http://127.0.0.1:{port}"),
-        )
+    let port = free_port();
+    let mut child = serve_command(dir.path(), port)
         .env("ATELIER_SERVER__MAX_CONNECTIONS", "12000")
-        .env("ATELIER_DATA_DIR", dir.path())
-        .env("ATELIER_MODELS__DIR", dir.path().join("no-models"))
-        .env("ATELIER_MODELS__AUTO_FETCH", "false")
-        .env("ATELIER_BOOTSTRAP__API_KEY", DEV_KEY)
-        .env("ATELIER_LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("atelier serve starts");
     let pid = child.id().expect("pid");

@@ -48,6 +48,20 @@ fn resolve(series: &str) -> (String, Kind) {
     (series.to_string(), m.kind)
 }
 
+/// [`resolve`], checking that `rate()`/`increase()` only runs over a
+/// counter or a histogram's parts.
+fn checked_series(expr: &str, series: &str, in_rate: bool) -> (String, Kind) {
+    let (name, kind) = resolve(series);
+    if in_rate {
+        assert!(
+            kind == Kind::Counter || (kind == Kind::Histogram && series != name),
+            "{expr}: rate() over {series}, a {}",
+            kind.as_str()
+        );
+    }
+    (name, kind)
+}
+
 /// `# TYPE` of every metric in a Prometheus text, and the names with a
 /// `# HELP`.
 fn scrape(text: &str) -> (BTreeMap<String, String>, BTreeSet<String>) {
@@ -137,14 +151,7 @@ async fn the_dashboard_queries_what_is_exported_with_its_type() {
     let mut missing = Vec::new();
     for expr in &exprs {
         for (series, in_rate) in queried(expr) {
-            let (name, kind) = resolve(&series);
-            if in_rate {
-                assert!(
-                    kind == Kind::Counter || (kind == Kind::Histogram && series != name),
-                    "{expr}: rate() over {series}, a {}",
-                    kind.as_str()
-                );
-            }
+            let (name, kind) = checked_series(expr, &series, in_rate);
             match types.get(&name) {
                 Some(t) => assert_eq!(t, kind.as_str(), "{expr}"),
                 None if ONLY_AFTER.iter().any(|(n, _)| *n == name) => {}
@@ -216,14 +223,7 @@ fn alert_rules_query_catalogued_metrics_and_match_the_prometheus_rule() {
         let series = queried(expr);
         assert!(!series.is_empty(), "{expr}");
         for (series, in_rate) in series {
-            let (name, kind) = resolve(&series);
-            if in_rate {
-                assert!(
-                    kind == Kind::Counter || (kind == Kind::Histogram && series != name),
-                    "{expr}: rate() over {series}, a {}",
-                    kind.as_str()
-                );
-            }
+            checked_series(expr, &series, in_rate);
         }
     }
     let operator = std::fs::read_to_string(root.join("k8s/prometheusrule.yaml")).expect("rule");

@@ -42,31 +42,25 @@ async fn probe<E: std::fmt::Display>(
 impl Probes {
     /// Every check, run at once.
     pub async fn check(&self) -> Readiness {
-        let database = async {
-            match &self.store {
-                Some(s) => Some(probe(s.ping()).await),
-                None => None,
-            }
-        };
-        let queue = async {
-            match &self.queue {
-                Some(q) => Some(
-                    probe(async {
-                        q.depth(atelier_shared::domain::task::OUTCOME_QUEUE)
-                            .await
-                            .map(|_| ())
-                    })
-                    .await,
-                ),
-                None => None,
-            }
-        };
-        let objects = async {
-            match &self.objects {
-                Some(o) => Some(probe(async { o.size("readyz/probe").await.map(|_| ()) }).await),
-                None => None,
-            }
-        };
+        use futures::future::OptionFuture;
+        // Only the dependencies of this process's roles are probed.
+        let database: OptionFuture<_> = self.store.as_ref().map(|s| probe(s.ping())).into();
+        let queue: OptionFuture<_> = self
+            .queue
+            .as_ref()
+            .map(|q| {
+                probe(async {
+                    q.depth(atelier_shared::domain::task::OUTCOME_QUEUE)
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .into();
+        let objects: OptionFuture<_> = self
+            .objects
+            .as_ref()
+            .map(|o| probe(async { o.size("readyz/probe").await.map(|_| ()) }))
+            .into();
         let (database, queue, objects) = tokio::join!(database, queue, objects);
         let mut checks = std::collections::BTreeMap::new();
         for (name, result) in [

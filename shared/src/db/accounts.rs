@@ -35,7 +35,7 @@ impl Account {
     }
 }
 
-const ACCOUNT_COLUMNS: &str = "id, name, plan, max_size, custom_dimensions, is_operator, balance, reserved, active_jobs, created_at";
+pub(crate) const ACCOUNT_COLUMNS: &str = "id, name, plan, max_size, custom_dimensions, is_operator, balance, reserved, active_jobs, created_at";
 
 /// Hash under which a token is stored; tokens carry 256 random bits, so a
 /// fast hash is enough (no offline guessing is feasible).

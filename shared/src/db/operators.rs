@@ -1,7 +1,7 @@
 //! What operators read through `atelier admin`: every account, every key of
 //! an account (never a secret), a job's ledger rows.
 
-use super::accounts::Account;
+use super::accounts::{ACCOUNT_COLUMNS, Account};
 use super::{Result, Store};
 
 /// One API key as operators see it.
@@ -29,10 +29,9 @@ pub struct LedgerRow {
 impl Store {
     /// Accounts, oldest first, `limit` from `offset`.
     pub async fn accounts_page(&self, limit: i64, offset: i64) -> Result<Vec<Account>> {
-        Ok(sqlx::query_as::<_, Account>(
-            "SELECT id, name, plan, max_size, custom_dimensions, is_operator, balance, reserved, \
-             active_jobs, created_at FROM accounts ORDER BY created_at, id LIMIT $1 OFFSET $2",
-        )
+        Ok(sqlx::query_as::<_, Account>(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id LIMIT $1 OFFSET $2"
+        ))
         .bind(limit)
         .bind(offset)
         .fetch_all(self.pool())
