@@ -130,6 +130,8 @@ pub async fn serve(
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     tracing::info!(listener = name, addr = %listener.local_addr()?, max_connections = cap, "listening");
+    // Exported from the start, so that rates over it read 0, not nothing.
+    metrics::counter!("atelier_http_connections_refused_total", "listener" => name).increment(0);
     let mut last_refusal_log: Option<Instant> = None;
     let mut last_accept_error_log: Option<Instant> = None;
     loop {

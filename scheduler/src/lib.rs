@@ -77,6 +77,8 @@ pub struct SchedulerContext {
     pub notify: notify::NotifyContext,
     /// `scheduler.outcome_concurrency`: reports applied at once.
     pub outcome_lanes: usize,
+    /// `scheduler.credit_audit_secs` (none: no audit).
+    pub credit_audit: Option<Duration>,
 }
 
 impl SchedulerContext {
@@ -103,6 +105,8 @@ impl SchedulerContext {
             training_window: Duration::from_secs(cfg.training.share_window_secs),
             training_quantum: Duration::from_secs(cfg.training.share_quantum_secs.max(1)),
             instance: format!("sch_{}_{}", std::process::id(), ulid::Ulid::new()),
+            credit_audit: (cfg.scheduler.credit_audit_secs > 0)
+                .then(|| Duration::from_secs(cfg.scheduler.credit_audit_secs)),
             // SQLite has one writer: parallel reports would only queue for it
             // while holding pool connections.
             outcome_lanes: if cfg.database_url().starts_with("sqlite:") {
@@ -775,6 +779,16 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
         }
         if let Ok(lag) = ctx.store.outbox_lag_ms().await {
             metrics::gauge!("atelier_outbox_lag_seconds").set(lag as f64 / 1000.0);
+        }
+        // How long the oldest output due to run has waited for a worker,
+        // per work queue (0 when none waits): the backlog-age alert.
+        let now = atelier_shared::time::now_ms();
+        for q in WorkQueue::ALL {
+            if let Ok(oldest) = ctx.store.oldest_waiting(q, now).await {
+                let age = oldest.map_or(0, |at| now.saturating_sub(at).max(0));
+                metrics::gauge!("atelier_queue_oldest_waiting_seconds", "queue" => q.as_str())
+                    .set(age as f64 / 1000.0);
+            }
         }
         // What each work queue still has to do, by state: trainer pools
         // scale on it (a running training has no ready message).

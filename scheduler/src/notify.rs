@@ -308,7 +308,24 @@ fn describe(e: &reqwest::Error) -> String {
 pub(crate) async fn housekeeping(ctx: SchedulerContext, stop: CancellationToken) {
     let n = &ctx.notify;
     let mut last_prune = 0i64;
+    let mut last_audit: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(every) = ctx.credit_audit
+            && last_audit.is_none_or(|t| t.elapsed() >= every)
+        {
+            last_audit = Some(tokio::time::Instant::now());
+            // Each check is one statement, so it sees one committed state:
+            // a live system shows no problem unless the books disagree.
+            match ctx.store.audit_credits().await {
+                Ok(problems) => {
+                    metrics::gauge!("atelier_credit_audit_problems").set(problems.len() as f64);
+                    for p in problems.iter().take(10) {
+                        tracing::error!(problem = %p, "credit audit");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "credit audit skipped"),
+            }
+        }
         if let Ok(lag) = ctx.store.relay_lag_ms().await {
             metrics::gauge!("atelier_notification_relay_lag_seconds").set(lag as f64 / 1000.0);
         }

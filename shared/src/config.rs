@@ -678,6 +678,11 @@ pub struct SchedulerConfig {
     /// `database.max_connections`); the reports of one output stay in
     /// order. SQLite applies one at a time (it has one writer).
     pub outcome_concurrency: usize,
+    /// How often the scheduler checks the credit invariants (every
+    /// reservation holds its open outputs' cost, every account's `reserved`
+    /// is its reservations' sum) and exports what it found as
+    /// `atelier_credit_audit_problems`; 0 turns the audit off.
+    pub credit_audit_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -976,6 +981,7 @@ impl Default for SchedulerConfig {
             retry: RetryPolicy::default(),
             enterprise_weight: 4,
             outcome_concurrency: 4,
+            credit_audit_secs: 300,
         }
     }
 }

@@ -179,6 +179,18 @@ pub const CATALOGUE: &[Metric] = &[
         "Open outputs by queue and state (pending, dispatched, running).",
     ),
     m(
+        "atelier_queue_oldest_waiting_seconds",
+        Gauge,
+        &["queue"],
+        "Seconds the longest-waiting due output of a work queue has waited for a worker (0: none waits).",
+    ),
+    m(
+        "atelier_credit_audit_problems",
+        Gauge,
+        &[],
+        "Disagreements the last credit audit found (reservations vs open outputs, accounts vs reservations); 0 when the books agree.",
+    ),
+    m(
         "atelier_in_flight",
         Gauge,
         &["account"],

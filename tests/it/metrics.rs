@@ -102,7 +102,7 @@ const ONLY_AFTER: &[(&str, &str)] = &[
 ];
 
 #[tokio::test]
-async fn the_dashboard_queries_what_is_exported_with_its_type() {
+async fn the_dashboard_and_the_alerts_query_what_is_exported_with_its_type() {
     let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |_| {}).await;
     let p = app.project("p").await;
     let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
@@ -147,6 +147,12 @@ async fn the_dashboard_queries_what_is_exported_with_its_type() {
     let mut exprs = Vec::new();
     collect_exprs(&doc, &mut exprs);
     assert!(exprs.len() > 20, "only {} queries found", exprs.len());
+    // And every series the alert rules read.
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml"),
+    )
+    .expect("rules");
+    exprs.extend(rule_exprs(&rules));
     let mut checked = 0;
     let mut missing = Vec::new();
     for expr in &exprs {
@@ -226,7 +232,9 @@ fn alert_rules_query_catalogued_metrics_and_match_the_prometheus_rule() {
             checked_series(expr, &series, in_rate);
         }
     }
-    let operator = std::fs::read_to_string(root.join("k8s/prometheusrule.yaml")).expect("rule");
+    let operator =
+        std::fs::read_to_string(root.join("k8s/components/monitoring/prometheusrule.yaml"))
+            .expect("rule");
     let groups = |text: &str, indent: usize| -> Vec<String> {
         let from = text.find("groups:").expect("groups");
         let start = text[..from].rfind('\n').map_or(0, |n| n + 1);
@@ -242,6 +250,73 @@ fn alert_rules_query_catalogued_metrics_and_match_the_prometheus_rule() {
     assert_eq!(
         groups(&operator, 2),
         groups(&rules, 0),
-        "deploy/k8s/prometheusrule.yaml differs from deploy/prometheus/alerts.yml"
+        "deploy/k8s/components/monitoring/prometheusrule.yaml differs from deploy/prometheus/alerts.yml"
     );
+}
+
+/// The value of the series `series` (name and labels exactly as exported).
+fn value_of(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The backlog-age and credit-audit gauges the alerts read: work that no
+/// worker takes ages in `atelier_queue_oldest_waiting_seconds`; books that
+/// disagree show in `atelier_credit_audit_problems`.
+#[tokio::test]
+async fn backlog_age_and_credit_audit_are_exported() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::API_AND_SCHEDULER, |c| {
+        c.scheduler.credit_audit_secs = 1;
+    })
+    .await;
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
+    let (s, v) = app.post("/create-packshot", packshot_body(&p, &[&f])).await;
+    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
+    let wait_for = |series: &'static str, ok: fn(f64) -> bool| {
+        let app = &app;
+        async move {
+            let t = std::time::Instant::now();
+            loop {
+                let m = app.metrics().await;
+                if let Some(v) = value_of(&m, series).filter(|v| ok(*v)) {
+                    return v;
+                }
+                assert!(t.elapsed() < Duration::from_secs(20), "{series}:\n{m}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    // No worker runs: the packshot waits, and its wait grows.
+    let age = wait_for(
+        "atelier_queue_oldest_waiting_seconds{queue=\"packshot\"}",
+        |v| v >= 1.0,
+    )
+    .await;
+    assert!(age < 60.0, "{age}");
+    assert_eq!(
+        wait_for(
+            "atelier_queue_oldest_waiting_seconds{queue=\"swap\"}",
+            |_| true
+        )
+        .await,
+        0.0
+    );
+    assert_eq!(
+        wait_for("atelier_credit_audit_problems", |_| true).await,
+        0.0
+    );
+    // An account whose `reserved` no longer matches its reservations.
+    sqlx::query("UPDATE accounts SET reserved = reserved + 1000")
+        .execute(app.store.pool())
+        .await
+        .expect("corrupt");
+    let problems = wait_for("atelier_credit_audit_problems", |v| v > 0.0).await;
+    assert!(problems >= 1.0, "{problems}");
+    app.stop().await;
 }

@@ -227,6 +227,21 @@ impl Store {
             .await?)
     }
 
+    /// When the longest-waiting output of `queue` that is due (pending or
+    /// published, not waiting for a retry's backoff) became due; `None` when
+    /// none waits.
+    pub async fn oldest_waiting(&self, queue: WorkQueue, now: i64) -> Result<Option<i64>> {
+        let sql = format!(
+            "SELECT MIN(scheduled_at) FROM outputs WHERE status IN ({}) AND queue = $1 AND scheduled_at <= $2",
+            OutputStatus::sql_in(&[OutputStatus::Pending, OutputStatus::Dispatched])
+        );
+        Ok(sqlx::query_scalar(&sql)
+            .bind(queue)
+            .bind(now)
+            .fetch_one(self.pool())
+            .await?)
+    }
+
     /// Tasks published to `queue` that no worker has started yet.
     pub async fn queued_count(&self, queue: WorkQueue) -> Result<i64> {
         Ok(
