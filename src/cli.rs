@@ -11,7 +11,10 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "atelier",
     version,
-    about = "Self-hostable platform for AI fashion imagery jobs"
+    about = "Self-hostable platform for AI fashion imagery jobs",
+    after_help = "User commands (packshot, swap, jobs, identities) exit with 0 when done, 1 when a \
+job or output failed, 2 on bad usage or a local file problem, 3 when the API refused a request, \
+4 when the server could not be reached, 5 when --timeout passed."
 )]
 pub struct Cli {
     /// TOML configuration file (defaults → this file → ATELIER_* environment).
@@ -41,6 +44,15 @@ pub enum Command {
     /// Model files shared through the object store.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Create packshots of garment photos, follow them and save the results
+    /// (a client of the API: ATELIER_URL, ATELIER_API_KEY).
+    Packshot(crate::client::commands::PackshotArgs),
+    /// Put an identity into photos of worn garments and save the results.
+    Swap(crate::client::commands::SwapArgs),
+    /// Your jobs: ls, status, results, watch, abort, download.
+    Jobs(crate::client::commands::JobsArgs),
+    /// Your identities: ls, upload, rm.
+    Identities(crate::client::commands::IdentitiesArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,8 +97,16 @@ async fn models(cfg: &Config, cmd: ModelsCommand) -> anyhow::Result<()> {
 }
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    use crate::client::commands;
+    // The user commands are clients: no server configuration.
+    let command = match cli.command.unwrap_or(Command::Serve) {
+        Command::Packshot(a) => return commands::packshot(a).await,
+        Command::Swap(a) => return commands::swap(a).await,
+        Command::Jobs(a) => return commands::jobs(a).await,
+        Command::Identities(a) => return commands::identities(a).await,
+        other => other,
+    };
     let cfg = Config::load(cli.config.as_deref())?;
-    let command = cli.command.unwrap_or(Command::Serve);
     if matches!(command, Command::Config) {
         print!(
             "{}",
@@ -115,7 +135,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Admin(a) => return crate::admin::run(&cfg, a).await,
         Command::Models(m) => return models(&cfg, m).await,
-        Command::Config => unreachable!("handled above"),
+        Command::Config
+        | Command::Packshot(_)
+        | Command::Swap(_)
+        | Command::Jobs(_)
+        | Command::Identities(_) => unreachable!("handled above"),
     };
     let shutdown = CancellationToken::new();
     let running = app::start(cfg, roles, shutdown.clone()).await?;

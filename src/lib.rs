@@ -1,8 +1,9 @@
 //! # atelier
 //!
 //! The `atelier` binary's library: wiring of the roles over the shared
-//! adapters ([`app`]), the command line ([`cli`]) and operator commands
-//! ([`admin`]).
+//! adapters ([`app`]), the command line ([`cli`]), operator commands
+//! ([`admin`]) and the user commands, a client of the public API
+//! ([`client`]).
 //!
 //! ## Runtime model
 //!
@@ -17,3 +18,4 @@
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod client;

@@ -85,6 +85,7 @@ fn clients(state: &AppState, max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(keyed(routes!(jobs::create_packshot), DEFAULT_BODY))
         .routes(keyed(routes!(swap::create), DEFAULT_BODY))
         .routes(keyed(routes!(flat::create), DEFAULT_BODY))
+        .routes(keyed(routes!(jobs::list), DEFAULT_BODY))
         .routes(keyed(routes!(jobs::status), DEFAULT_BODY))
         .routes(keyed(routes!(jobs::results), DEFAULT_BODY))
         .routes(keyed(routes!(jobs::abort), DEFAULT_BODY))

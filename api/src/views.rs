@@ -162,6 +162,13 @@ impl From<OutputStatus> for PublicOutputStatus {
     }
 }
 
+/// `GET /jobs` (extension): a page of the caller's jobs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobStatusView>,
+    pub pagination: Pagination,
+}
+
 /// `JobStatus` (contract §3.9).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobStatusView {
@@ -240,6 +247,9 @@ pub struct ImageResult {
     pub output: ImageLinks,
     pub output_format: String,
     pub model_used: Option<String>,
+    /// What this output costs (an extension): charged once it completed,
+    /// held while it is pending or running, 0 once it failed (released).
+    pub credits: f64,
     /// What the engine did with the inputs.
     #[schema(value_type = Object)]
     pub input_description: Value,
@@ -304,6 +314,10 @@ impl ImageResult {
             },
             output_format: ext.clone(),
             model_used: o.model_used.clone(),
+            credits: match o.status {
+                OutputStatus::Failed | OutputStatus::Cancelled => 0.0,
+                _ => o.cost as f64 / 1000.0,
+            },
             input_description: o
                 .input_description
                 .as_deref()

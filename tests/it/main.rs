@@ -5,6 +5,7 @@
 mod admission;
 mod api;
 mod cli;
+mod client;
 mod custom_models;
 mod drafts;
 mod edge;

@@ -7,10 +7,10 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonValue, Query};
 use crate::state::AppState;
 use crate::views::{
-    ImageLinks, ImageResult, JobAborted, JobAccepted, JobIdentity, JobResults, JobStatusView,
-    Regenerated, ResultSummary,
+    ImageLinks, ImageResult, JobAborted, JobAccepted, JobIdentity, JobList, JobResults,
+    JobStatusView, Pagination, Regenerated, ResultSummary,
 };
-use atelier_shared::db::jobs::Regeneration;
+use atelier_shared::db::jobs::{JobQuery, Regeneration};
 use atelier_shared::db::rows::JobRow;
 use atelier_shared::domain::packshot::{self, PackshotRequest};
 use atelier_shared::domain::{JobStatus, JobType};
@@ -81,6 +81,74 @@ async fn load(s: &AppState, account: &str, job_id: &str) -> ApiResult<JobRow> {
         .job_for(account, job_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))
+}
+
+/// Query of `GET /jobs`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobListQuery {
+    /// 1-based page (default 1).
+    pub page: Option<i64>,
+    /// 1–100 (default 20).
+    pub per_page: Option<i64>,
+    /// `asc` or `desc` by creation time (default `desc`).
+    pub order: Option<String>,
+    /// Only jobs in this state (`pending`, `processing`, `completed`,
+    /// `failed`, `aborted`).
+    pub status: Option<String>,
+    /// Only jobs of this kind (`create_packshot`, `model_swap`, …).
+    pub job_type: Option<String>,
+    /// Only the jobs filed under this project.
+    pub project_id: Option<String>,
+}
+
+/// The caller's jobs, newest first (an extension of the contract: the
+/// console and the CLI list them).
+#[utoipa::path(
+    get, path = "/jobs", tag = "jobs", params(JobListQuery),
+    responses((status = 200, description = "A page of jobs", body = JobList)),
+)]
+pub async fn list(
+    State(s): State<AppState>,
+    Caller(acc): Caller,
+    Query(q): Query<JobListQuery>,
+) -> ApiResult<axum::Json<JobList>> {
+    let paging = crate::routes::PageQuery {
+        page: q.page,
+        per_page: q.per_page,
+        order: q.order.clone(),
+        search: None,
+    };
+    let (page, per_page, ascending) = paging.resolve(20)?;
+    let status = match q.status.as_deref().filter(|v| !v.is_empty()) {
+        None => None,
+        Some(v) => Some(JobStatus::parse(v).ok_or_else(|| {
+            ApiError::bad_request(
+                Some("status"),
+                "must be pending, processing, completed, failed or aborted",
+                "query",
+            )
+        })?),
+    };
+    let job_type = match q.job_type.as_deref().filter(|v| !v.is_empty()) {
+        None => None,
+        Some(v) => Some(JobType::parse(v).ok_or_else(|| {
+            ApiError::bad_request(Some("job_type"), format!("unknown job type {v:?}"), "query")
+        })?),
+    };
+    let query = JobQuery {
+        page,
+        per_page,
+        ascending,
+        status,
+        job_type,
+        project_id: q.project_id.clone().filter(|p| !p.is_empty()),
+    };
+    let (rows, total) = s.store.list_jobs(&acc.id, &query).await?;
+    Ok(axum::Json(JobList {
+        jobs: rows.iter().map(JobStatusView::from).collect(),
+        pagination: Pagination::new(page, per_page, total),
+    }))
 }
 
 /// A job's status and progress.

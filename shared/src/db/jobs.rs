@@ -11,7 +11,7 @@ use crate::domain::credits::{Credits, PriceTable};
 use crate::domain::identity::FaceRecord;
 use crate::domain::kinds::IdentityUse;
 use crate::domain::task::{FaceRef, JobInputs, ProfileFace};
-use crate::domain::{JobSpec, JobStatus, OutputStatus};
+use crate::domain::{JobSpec, JobStatus, JobType, OutputStatus};
 use crate::time::now_ms;
 use sqlx::AnyConnection;
 
@@ -166,6 +166,17 @@ async fn resolve_inputs(
         face,
         profiles,
     }))
+}
+
+/// Filters and page of [`Store::list_jobs`].
+#[derive(Debug, Clone, Default)]
+pub struct JobQuery {
+    pub page: i64,
+    pub per_page: i64,
+    pub ascending: bool,
+    pub status: Option<JobStatus>,
+    pub job_type: Option<JobType>,
+    pub project_id: Option<String>,
 }
 
 impl Store {
@@ -463,6 +474,36 @@ impl Store {
             .bind(account_id)
             .fetch_optional(self.pool())
             .await?)
+    }
+
+    /// A page of `account_id`'s jobs, newest first unless `ascending`, with
+    /// the number that match the filters.
+    pub async fn list_jobs(&self, account_id: &str, q: &JobQuery) -> Result<(Vec<JobRow>, i64)> {
+        const FILTER: &str = "j.account_id = $1 AND ($2 IS NULL OR j.status = $2) \
+             AND ($3 IS NULL OR j.job_type = $3) AND ($4 IS NULL OR j.project_id = $4)";
+        let status = q.status.map(JobStatus::as_str);
+        let job_type = q.job_type.map(JobType::as_str);
+        let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM jobs j WHERE {FILTER}"))
+            .bind(account_id)
+            .bind(status)
+            .bind(job_type)
+            .bind(q.project_id.as_deref())
+            .fetch_one(self.pool())
+            .await?;
+        let order = if q.ascending { "ASC" } else { "DESC" };
+        let sql = format!(
+            "{JOB_SELECT} WHERE {FILTER} ORDER BY j.created_at {order}, j.id {order} LIMIT $5 OFFSET $6"
+        );
+        let rows = sqlx::query_as::<_, JobRow>(&sql)
+            .bind(account_id)
+            .bind(status)
+            .bind(job_type)
+            .bind(q.project_id.as_deref())
+            .bind(q.per_page)
+            .bind((q.page - 1).max(0) * q.per_page)
+            .fetch_all(self.pool())
+            .await?;
+        Ok((rows, total))
     }
 
     pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>> {
