@@ -24,6 +24,7 @@
 //!   validation (rate limit, file ownership, the admitting transaction,
 //!   refusals).
 //! - [`idempotency`]: `Idempotency-Key` on creating requests.
+//! - [`console`]: the web console's page and assets, served at `/`.
 //! - [`views`]: the answers, as types; [`openapi`]: the document.
 //!
 //! ## Guarantees
@@ -36,6 +37,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod idempotency;

@@ -30,8 +30,15 @@ use utoipa_axum::routes;
 
 /// Where the interactive API docs are served (not part of the document).
 pub const DOCS: &str = "/docs";
-/// Routes that are not operations of the API: the docs page and its assets.
-pub const UNDOCUMENTED: [&str; 2] = [DOCS, "/docs/ui/swagger-ui-bundle.js"];
+/// Routes that are not operations of the API: the docs page and its
+/// assets, the web console and its assets.
+pub const UNDOCUMENTED: [&str; 5] = [
+    DOCS,
+    "/docs/ui/swagger-ui-bundle.js",
+    crate::console::PATHS[0],
+    crate::console::PATHS[1],
+    crate::console::PATHS[2],
+];
 
 /// The body limit of routes that name none (axum's default).
 const DEFAULT_BODY: usize = 2 << 20;
@@ -302,7 +309,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::Extension(doc))
         .layer(axum::Extension(state.probes.clone()))
         .with_state(state.clone())
-        .merge(openapi::docs_routes());
+        .merge(openapi::docs_routes())
+        .merge(crate::console::routes());
     let app = if state.config.server.prefix.is_empty() {
         app
     } else {

@@ -578,6 +578,39 @@ async fn the_openapi_document_covers_every_route() {
         .await
         .expect("asset");
     assert!(js.bytes().await.expect("bytes").len() > 100_000);
+    // The console too: its page loads only this server's assets, under a
+    // policy that allows no other script or inline style.
+    let page = app.http.get(app.url("/")).send().await.expect("console");
+    let policy = page
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        policy.contains("script-src 'self'") && policy.contains("style-src 'self'"),
+        "{policy}"
+    );
+    let html = page.text().await.expect("html");
+    assert!(
+        html.contains("console/app.js") && !html.contains("http"),
+        "{html}"
+    );
+    for asset in ["/console/app.js", "/console/app.css"] {
+        let body = app
+            .http
+            .get(app.url(asset))
+            .send()
+            .await
+            .expect("asset")
+            .text()
+            .await
+            .expect("text");
+        assert!(
+            !body.contains("https://") && !body.contains("http://"),
+            "{asset} fetches nothing from elsewhere"
+        );
+    }
     app.stop().await;
 }
 
