@@ -310,6 +310,29 @@ impl Running {
     }
 }
 
+/// The public URL when the configuration leaves it at its default (or
+/// listens on port 0): the address actually bound, so that the signed
+/// upload and result URLs of `ATELIER_SERVER__LISTEN=127.0.0.1:9000` point at
+/// port 9000; an unspecified address (0.0.0.0) is reached on loopback.
+fn bound_public_url(cfg: &Config, addr: std::net::SocketAddr) -> Option<String> {
+    let unset = cfg.server.public_url == Config::default().server.public_url;
+    if !(unset || cfg.server.listen.ends_with(":0")) {
+        return None;
+    }
+    let host = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    if addr.ip().is_unspecified() && unset {
+        tracing::warn!(
+            listen = %addr,
+            "server.public_url is not set: signed URLs name 127.0.0.1; set it to the address clients use"
+        );
+    }
+    Some(format!("http://{}", std::net::SocketAddr::new(host, addr.port())))
+}
+
 /// Starts `roles` and returns once they are running.
 pub async fn start(
     mut cfg: Config,
@@ -323,9 +346,8 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
     let addr = listener.local_addr()?;
-    if cfg.server.listen.ends_with(":0") {
-        // Port 0 (tests): the public URL follows the port actually bound.
-        cfg.server.public_url = format!("http://{addr}");
+    if let Some(url) = bound_public_url(&cfg, addr) {
+        cfg.server.public_url = url;
     }
     let admin = match &cfg.server.admin_listen {
         Some(a) => Some(
@@ -579,5 +601,38 @@ fn ensure_models(cfg: &Config) {
         Err(e) => {
             tracing::warn!(error = %e, "cannot run scripts/fetch-models; the worker runs without models")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_public_url_follows_the_bound_address_unless_configured() {
+        let at = |a: &str| a.parse::<std::net::SocketAddr>().expect("address");
+        let mut c = Config::default();
+        c.server.listen = "127.0.0.1:9000".into();
+        assert_eq!(
+            bound_public_url(&c, at("127.0.0.1:9000")).as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        c.server.listen = "0.0.0.0:9000".into();
+        assert_eq!(
+            bound_public_url(&c, at("0.0.0.0:9000")).as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert_eq!(
+            bound_public_url(&c, at("[::1]:9000")).as_deref(),
+            Some("http://[::1]:9000")
+        );
+        c.server.public_url = "https://atelier.example.com".into();
+        assert_eq!(bound_public_url(&c, at("0.0.0.0:9000")), None);
+        // Port 0 (tests) always follows the port bound.
+        c.server.listen = "127.0.0.1:0".into();
+        assert_eq!(
+            bound_public_url(&c, at("127.0.0.1:41234")).as_deref(),
+            Some("http://127.0.0.1:41234")
+        );
     }
 }

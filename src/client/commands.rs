@@ -736,6 +736,13 @@ impl Report {
 
     fn output_changed(&self, job: &mut Tracked, key: (i64, i64)) {
         self.job_bar(job);
+        // Below the job's bar, in output order.
+        let anchor = job
+            .outputs
+            .range(..key)
+            .rev()
+            .find_map(|(_, o)| o.bar.clone())
+            .or_else(|| job.bar.clone());
         let Some(o) = job.outputs.get_mut(&key) else {
             return;
         };
@@ -757,8 +764,7 @@ impl Report {
         );
         if let Some(m) = &self.multi {
             let bar = o.bar.get_or_insert_with(|| {
-                let anchor = job.bar.as_ref();
-                let sp = match anchor {
+                let sp = match &anchor {
                     Some(a) => m.insert_after(a, ProgressBar::new_spinner()),
                     None => m.add(ProgressBar::new_spinner()),
                 };
