@@ -101,6 +101,45 @@ const ONLY_AFTER: &[(&str, &str)] = &[
     ("atelier_in_flight", "an output held a lease at the scrape"),
 ];
 
+/// Every series the Grafana dashboard and the alert rules query is in
+/// `types` (a scrape, or several merged) with the type its query needs,
+/// but for the [`ONLY_AFTER`] ones.
+fn queries_find_their_series(types: &BTreeMap<String, String>, text: &str) {
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/grafana/atelier-dashboard.json"),
+    )
+    .expect("dashboard");
+    let doc: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&doc, &mut exprs);
+    assert!(exprs.len() > 20, "only {} queries found", exprs.len());
+    // And every series the alert rules read.
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml"),
+    )
+    .expect("rules");
+    exprs.extend(rule_exprs(&rules));
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for expr in &exprs {
+        for (series, in_rate) in queried(expr) {
+            let (name, kind) = checked_series(expr, &series, in_rate);
+            match types.get(&name) {
+                Some(t) => assert_eq!(t, kind.as_str(), "{expr}"),
+                None if ONLY_AFTER.iter().any(|(n, _)| *n == name) => {}
+                None => missing.push(format!("{name} (in {expr})")),
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not exported after a job: {missing:#?}\n{text}"
+    );
+    assert!(checked > 20, "{checked}");
+}
+
 #[tokio::test]
 async fn the_dashboard_and_the_alerts_query_what_is_exported_with_its_type() {
     let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |_| {}).await;
@@ -137,40 +176,7 @@ async fn the_dashboard_and_the_alerts_query_what_is_exported_with_its_type() {
         assert!(types.contains_key(name), "{name} missing:\n{text}");
     }
 
-    // Every series the dashboard queries, with the type its query needs.
-    let dashboard = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("deploy/grafana/atelier-dashboard.json"),
-    )
-    .expect("dashboard");
-    let doc: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
-    let mut exprs = Vec::new();
-    collect_exprs(&doc, &mut exprs);
-    assert!(exprs.len() > 20, "only {} queries found", exprs.len());
-    // And every series the alert rules read.
-    let rules = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml"),
-    )
-    .expect("rules");
-    exprs.extend(rule_exprs(&rules));
-    let mut checked = 0;
-    let mut missing = Vec::new();
-    for expr in &exprs {
-        for (series, in_rate) in queried(expr) {
-            let (name, kind) = checked_series(expr, &series, in_rate);
-            match types.get(&name) {
-                Some(t) => assert_eq!(t, kind.as_str(), "{expr}"),
-                None if ONLY_AFTER.iter().any(|(n, _)| *n == name) => {}
-                None => missing.push(format!("{name} (in {expr})")),
-            }
-            checked += 1;
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "not exported after a job: {missing:#?}\n{text}"
-    );
-    assert!(checked > 20, "{checked}");
+    queries_find_their_series(&types, &text);
     app.stop().await;
 }
 
@@ -318,5 +324,110 @@ async fn backlog_age_and_credit_audit_are_exported() {
         .expect("corrupt");
     let problems = wait_for("atelier_credit_audit_problems", |v| v > 0.0).await;
     assert!(problems >= 1.0, "{problems}");
+    app.stop().await;
+}
+
+/// The address a child process printed (`atelier listening on …`); its
+/// output is drained afterwards so that it never blocks on a full pipe.
+async fn listening(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let out = child.stdout.take().expect("piped stdout");
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the process prints its address in time")
+            .expect("stdout")
+            .expect("a line before the process ends");
+        if let Some(url) = line.strip_prefix("atelier listening on ") {
+            let url = url.trim().to_string();
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return url;
+        }
+    }
+}
+
+/// A fleet as deployed: the API (in the test) with its metrics on the
+/// operations listener only, a scheduler and a worker as processes, on
+/// PostgreSQL, RabbitMQ and S3. After a job, every process is scraped:
+/// each metric is catalogued, described and typed alike by every role,
+/// and every series the dashboard and the alerts query is there.
+#[tokio::test]
+async fn a_fleet_exports_what_the_dashboard_and_the_alerts_query() {
+    let _broker = broker_lock().await;
+    let bucket = s3_bucket().await;
+    let app = TestApp::with(Dialect::Postgres, Roles::API, |c| {
+        with_rabbitmq(c);
+        with_s3(c, &bucket);
+        c.server.admin_listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let mut targets = vec![app.admin.clone().expect("the operations listener")];
+    let mut children = Vec::new();
+    for role in ["scheduler", "worker"] {
+        let mut cmd = spawn_role_command(&app, role, 0);
+        cmd.stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("the role starts");
+        targets.push(listening(&mut child).await);
+        children.push(child);
+    }
+    let p = app.project("p").await;
+    let f = app.upload(garment_jpeg(64, 64), "a.jpg").await;
+    let (s, v) = app.post("/create-packshot", packshot_body(&p, &[&f])).await;
+    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
+    let job = v["job_id"].as_str().expect("job").to_string();
+    let done = app.wait_for_job(&job, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    // Per-account series stay off the data port.
+    let r = app.http.get(app.url("/metrics")).send().await.expect("get");
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
+
+    let t = std::time::Instant::now();
+    let (types, text) = loop {
+        let mut types = BTreeMap::new();
+        let mut text = String::new();
+        for target in &targets {
+            let m = app
+                .http
+                .get(format!("{target}/metrics"))
+                .send()
+                .await
+                .expect("scrape")
+                .text()
+                .await
+                .expect("text");
+            let (these, helps) = scrape(&m);
+            for (name, kind) in these {
+                let c = metric_catalogue::find(&name)
+                    .unwrap_or_else(|| panic!("{name} ({target}) is not catalogued"));
+                assert_eq!(kind, c.kind.as_str(), "{name} at {target}");
+                assert!(helps.contains(&name), "{name} has no # HELP at {target}");
+                if let Some(other) = types.insert(name.clone(), kind.clone()) {
+                    assert_eq!(other, kind, "{name} typed differently by two roles");
+                }
+            }
+            text.push_str(&m);
+        }
+        // The scheduler refreshes its gauges every 5 s.
+        if types.contains_key("atelier_outputs_open")
+            && types.contains_key("atelier_worker_tasks_total")
+        {
+            break (types, text);
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{text}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("atelier_build_info{"))
+            .count(),
+        targets.len(),
+        "every process says what it runs"
+    );
+    queries_find_their_series(&types, &text);
+    for mut c in children {
+        assert!(c.try_wait().expect("status").is_none(), "a role died");
+        c.kill().await.expect("kill");
+    }
     app.stop().await;
 }
