@@ -449,10 +449,10 @@ async function webhooksView(main, _args, signal) {
     try {
       const r = await api('PUT', '/webhooks', { url: url.value.trim() });
       await render();
-      document.querySelector('main').prepend(h('div', { class: 'notice' }, 'Signing secret (shown once): ', h('span', { class: 'mono' }, r.secret)));
+      document.querySelector('main').prepend(h('div', { class: 'notice' }, 'Signing secret (shown once): ', h('span', { class: 'mono', 'data-testid': 'secret' }, r.secret)));
     } catch (e) { msg.replaceChildren(errorBox(e)); }
   };
-  const items = deliveries && (deliveries.deliveries || deliveries.items || []);
+  const items = deliveries && deliveries.deliveries;
   main.append(h('h1', {}, 'Webhooks'),
     h('form', { class: 'panel', onsubmit: (e) => { e.preventDefault(); save(); } },
       h('label', {}, 'Endpoint'), url, ' ', h('button', { type: 'submit' }, hook ? 'Save and rotate secret' : 'Save'), ' ',
@@ -463,9 +463,9 @@ async function webhooksView(main, _args, signal) {
         try { await api('DELETE', '/webhooks'); render(); } catch (e) { msg.replaceChildren(errorBox(e)); }
       } }, 'Remove') : null,
       hook ? h('p', { class: 'muted' }, `Last answer: ${hook.last_response_status ?? '—'} at ${when(hook.last_response_at)}`) : null, msg),
-    items ? [h('h2', {}, 'Deliveries'), h('table', {}, h('tr', {}, ['Event', 'State', 'Attempts', 'Answer', 'At'].map((t) => h('th', {}, t))),
-      items.map((d) => h('tr', {}, h('td', {}, d.event || d.name || '—'), h('td', {}, status(d.status)), h('td', {}, d.attempts ?? '—'),
-        h('td', {}, d.last_response_status ?? d.response_status ?? '—'), h('td', {}, when(d.updated_at || d.created_at)))))] : null);
+    ...(items ? [h('h2', {}, 'Deliveries'), h('table', { 'data-testid': 'deliveries' }, h('tr', {}, ['Event', 'State', 'Attempts', 'Answer', 'At'].map((t) => h('th', {}, t))),
+      items.map((d) => h('tr', {}, h('td', {}, d.event), h('td', {}, status(d.status)), h('td', {}, d.attempts),
+        h('td', {}, d.last_response_status ?? d.last_error ?? '—'), h('td', {}, when(d.finished_at || d.created_at)))))] : []));
 }
 
 async function billingView(main, _args, signal) {

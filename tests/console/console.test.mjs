@@ -9,6 +9,8 @@
 
 import { chromium } from 'playwright-core';
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { createServer } from 'node:http';
 import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -36,6 +38,8 @@ async function serve() {
       ATELIER_MODELS__DIR: join(root, 'models'),
       ATELIER_MODELS__AUTO_FETCH: 'false',
       ATELIER_LOG__LEVEL: 'warn',
+      // The test's webhook receiver listens on loopback.
+      ATELIER_EGRESS__ALLOW: '127.0.0.1',
     },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
@@ -152,8 +156,55 @@ try {
   await page.click('a[href="#/swap"]');
   await page.waitForSelector('select[name=identity] option', { state: 'attached' });
   assert.equal(await page.textContent('select[name=identity] option'), 'Isaac');
+  // Webhooks: save (the secret is shown once), ping, rotate; the receiver
+  // checks every delivery's signature with the secret the page showed.
+  const received = [];
+  const receiver = createServer((req, res) => {
+    let body = '';
+    req.on('data', (c) => { body += c; });
+    req.on('end', () => { received.push({ headers: req.headers, body }); res.end('ok'); });
+  });
+  await new Promise((r) => receiver.listen(0, '127.0.0.1', r));
+  const hook = `http://127.0.0.1:${receiver.address().port}/hook`;
+  const signedBy = (secret, d) => d.headers['x-webhook-signature'] === `sha256=${createHmac('sha256', secret).update(d.body).digest('hex')}`;
+  const until = async (what, ok) => {
+    for (let t = 0; !ok(); t += 100) {
+      assert.ok(t < 30_000, `waited 30 s for ${what}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  };
   await page.click('a[href="#/webhooks"]');
   await page.waitForSelector('input[name=url]');
+  await page.fill('input[name=url]', hook);
+  await page.click('button[type=submit]');
+  const secret1 = (await page.textContent('[data-testid=secret]', { timeout: 30_000 })).trim();
+  assert.match(secret1, /^[0-9a-f]{64}$/);
+  await until('the ping of a saved webhook', () => received.length >= 1);
+  assert.ok(signedBy(secret1, received[0]), 'signed with the secret shown');
+  await page.click('text=Send test ping');
+  await until('the test ping', () => received.length >= 2);
+  assert.ok(signedBy(secret1, received[1]));
+  await page.click('button[type=submit]'); // save again: a new secret
+  await page.waitForFunction((old) => { const s = document.querySelector('[data-testid=secret]'); return s && s.textContent.trim() !== old; }, secret1);
+  const secret2 = (await page.textContent('[data-testid=secret]')).trim();
+  await until('the ping after rotation', () => received.length >= 3);
+  assert.ok(signedBy(secret2, received[2]) && !signedBy(secret1, received[2]), 'the rotated secret signs');
+  await page.click('a[href="#/profiles"]');
+  await page.click('a[href="#/webhooks"]');
+  // The list is read when the page opens: reopen it until the last
+  // delivery is recorded as delivered.
+  for (let t = 0; ; t += 500) {
+    const states = await page.$$eval('[data-testid=deliveries] .status', (x) => x.map((s) => s.textContent));
+    if (states.filter((s) => s === 'delivered').length >= 3) break;
+    if (t >= 30_000) await page.screenshot({ path: join(shots, 'failed-webhooks.png') });
+    assert.ok(t < 30_000, `deliveries: ${states} (${received.length} received): ${await page.innerText('main')}`);
+    await page.click('a[href="#/profiles"]');
+    await page.click('a[href="#/webhooks"]');
+    await page.waitForSelector('input[name=url]');
+    await new Promise((r) => setTimeout(r, 500));
+  }
+  await page.screenshot({ path: join(shots, '8-webhooks.png') });
+  receiver.close();
   await page.click('a[href="#/profiles"]');
   await page.waitForSelector('h1:has-text("Profiles")');
 
@@ -169,7 +220,7 @@ try {
   const unexpected = problems.filter((p) => !/Failed to load resource: the server responded with a status of 4/.test(p) && !expected.includes(p));
   for (const e of expected) assert.ok(problems.includes(e), `${e} in ${problems}`);
   assert.deepEqual(unexpected, [], 'no script errors and no policy violations');
-  log(`ok: 7 screenshots in ${shots}`);
+  log(`ok: 8 screenshots in ${shots}`);
 } finally {
   await browser.close();
   server.stop();
