@@ -198,7 +198,7 @@ pub enum IdentitiesCommand {
 pub async fn packshot(a: PackshotArgs) -> anyhow::Result<()> {
     let client = Client::connect(&a.conn)?;
     for p in &a.photos {
-        super::read_photo(p)?;
+        super::check_photo(p)?;
     }
     if a.together && a.photos.len() > 10 {
         return Err(Failure::Usage("--together takes at most 10 photos (one job)".into()).into());
@@ -245,11 +245,7 @@ pub async fn packshot(a: PackshotArgs) -> anyhow::Result<()> {
             )
             .await?;
         let id = job_id(&accepted)?;
-        let label = if g.len() > 1 {
-            format!("{}+{}", stems[g[0]], g.len() - 1)
-        } else {
-            stems[g[0]].clone()
-        };
+        let label = group_label(&g.iter().map(|i| stems[*i].clone()).collect::<Vec<_>>());
         let style = a.style.clone();
         jobs.push(Tracked::new(id, label.clone(), move |_, variation| {
             format!("{label}_{style}_{}", variation + 1)
@@ -261,7 +257,7 @@ pub async fn packshot(a: PackshotArgs) -> anyhow::Result<()> {
 pub async fn swap(a: SwapArgs) -> anyhow::Result<()> {
     let client = Client::connect(&a.conn)?;
     for p in &a.photos {
-        super::read_photo(p)?;
+        super::check_photo(p)?;
     }
     let (project_id, project_name) = client.project(&a.project).await?;
     let report = Report::new(client.json);
@@ -280,11 +276,7 @@ pub async fn swap(a: SwapArgs) -> anyhow::Result<()> {
         }
         let id = job_id(&client.post("/model-swap", &body).await?)?;
         let names: Vec<String> = stems[n * 10..n * 10 + chunk.len()].to_vec();
-        let label = if names.len() > 1 {
-            format!("{}+{}", names[0], names.len() - 1)
-        } else {
-            names[0].clone()
-        };
+        let label = group_label(&names);
         jobs.push(Tracked::new(id, label, move |image, _| {
             let stem = usize::try_from(image)
                 .ok()
@@ -579,6 +571,15 @@ fn job_id(accepted: &Value) -> Result<String, Failure> {
 
 fn text(v: &Value) -> &str {
     v.as_str().unwrap_or("-")
+}
+
+/// What a job of several photos is called: the first one's stem, `+N`.
+fn group_label(stems: &[String]) -> String {
+    match stems {
+        [one] => one.clone(),
+        [first, rest @ ..] => format!("{first}+{}", rest.len()),
+        [] => String::new(),
+    }
 }
 
 /// File stems of the photos, made unique (`shirt`, `shirt-2`, …).

@@ -489,6 +489,17 @@ fn content_type(p: &Path) -> Result<&'static str, Failure> {
     }
 }
 
+/// Checks, before anything is uploaded, that `p` is a file of an accepted
+/// kind (its bytes are read when it is sent).
+pub(crate) fn check_photo(p: &Path) -> Result<(), Failure> {
+    content_type(p)?;
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Failure::Usage(format!("{} is not a file", p.display()))),
+        Err(e) => Err(Failure::Usage(format!("cannot read {}: {e}", p.display()))),
+    }
+}
+
 /// A photo's bytes, checked to be a file of an accepted kind.
 pub(crate) fn read_photo(p: &Path) -> Result<Vec<u8>, Failure> {
     content_type(p)?;

@@ -19,16 +19,27 @@ struct Run {
 /// Runs the binary as a client of `app` (HOME in `home`, so no profile of
 /// the machine is read).
 async fn atelier(app: &TestApp, home: &Path, key: &str, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
-        .args(args)
-        .env("ATELIER_URL", &app.base)
-        .env("ATELIER_API_KEY", key)
+    let env = [
+        ("ATELIER_URL", Some(app.base.as_str())),
+        ("ATELIER_API_KEY", Some(key)),
+    ];
+    run(home, &env, args).await
+}
+
+/// Runs the binary in `home` with `env` set (or, for `None`, removed).
+async fn run(home: &Path, env: &[(&str, Option<&str>)], args: &[&str]) -> Run {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier"));
+    cmd.args(args)
         .env("HOME", home)
         .env_remove("XDG_CONFIG_HOME")
-        .current_dir(home)
-        .output()
-        .await
-        .expect("runs");
+        .current_dir(home);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.output().await.expect("runs");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     Run {
         code: out.status.code().unwrap_or(-1),
@@ -201,19 +212,10 @@ async fn packshot_command_creates_follows_and_saves_results() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
-        .args(["jobs", "ls", "--url", &format!("http://{gone}")])
-        .env("ATELIER_API_KEY", &key)
-        .env("HOME", dir)
-        .output()
-        .await
-        .expect("runs");
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // --url beats ATELIER_URL.
+    let gone = format!("http://{gone}");
+    let r = atelier(&app, dir, &key, &["jobs", "ls", "--url", &gone]).await;
+    assert_eq!(r.code, 4, "{}", r.stderr);
     let r = atelier(&app, dir, &key, &["packshot", "missing.jpg"]).await;
     assert_eq!(r.code, 2, "{}", r.stderr);
     std::fs::write(dir.join("anim.gif"), b"GIF89a").expect("write");
@@ -242,22 +244,10 @@ async fn packshot_command_creates_follows_and_saves_results() {
         format!("[local]\nurl = \"{}\"\napi_key = \"{key}\"\n", app.base),
     )
     .expect("write");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_atelier"))
-        .args(["jobs", "ls", "--json", "--profile", "local"])
-        .env("HOME", dir)
-        .env_remove("ATELIER_URL")
-        .env_remove("ATELIER_API_KEY")
-        .env_remove("XDG_CONFIG_HOME")
-        .output()
-        .await
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["pagination"]["total"], 3);
+    let unset = [("ATELIER_URL", None), ("ATELIER_API_KEY", None)];
+    let r = run(dir, &unset, &["jobs", "ls", "--json", "--profile", "local"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json["pagination"]["total"], 3);
     app.audit_clean().await;
     app.stop().await;
 }

@@ -5,7 +5,7 @@
 //! contract's `400` (and nothing is kept), and otherwise answers `201`
 //! while the job goes on.
 
-use super::PageQuery;
+use super::paging;
 use crate::admission::{job_trace, refusal};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -523,13 +523,7 @@ pub async fn list(
     Caller(acc): Caller,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<axum::Json<IdentityList>> {
-    let (page, per_page, ascending) = PageQuery {
-        page: q.page,
-        per_page: q.per_page,
-        order: q.order.clone(),
-        search: None,
-    }
-    .resolve(20)?;
+    let (page, per_page, ascending) = paging(q.page, q.per_page, q.order.as_deref(), 20)?;
     let by_name = match q.sort_by.as_deref() {
         None | Some("created_at") => false,
         Some("name") => true,

@@ -113,13 +113,8 @@ pub async fn list(
     Caller(acc): Caller,
     Query(q): Query<JobListQuery>,
 ) -> ApiResult<axum::Json<JobList>> {
-    let paging = crate::routes::PageQuery {
-        page: q.page,
-        per_page: q.per_page,
-        order: q.order.clone(),
-        search: None,
-    };
-    let (page, per_page, ascending) = paging.resolve(20)?;
+    let (page, per_page, ascending) =
+        crate::routes::paging(q.page, q.per_page, q.order.as_deref(), 20)?;
     let status = match q.status.as_deref().filter(|v| !v.is_empty()) {
         None => None,
         Some(v) => Some(JobStatus::parse(v).ok_or_else(|| {

@@ -41,33 +41,44 @@ pub struct PageQuery {
 impl PageQuery {
     /// `(page, per_page, ascending)`, validated.
     pub fn resolve(&self, default_per_page: i64) -> Result<(i64, i64, bool), ApiError> {
-        let page = self.page.unwrap_or(1);
-        if !(1..=1_000_000).contains(&page) {
-            return Err(ApiError::bad_request(
-                Some("page"),
-                "must be between 1 and 1000000",
-                "query",
-            ));
-        }
-        let per_page = self.per_page.unwrap_or(default_per_page);
-        if !(1..=100).contains(&per_page) {
-            return Err(ApiError::bad_request(
-                Some("per_page"),
-                "must be between 1 and 100",
-                "query",
-            ));
-        }
-        let asc = match self.order.as_deref() {
-            None | Some("desc") => false,
-            Some("asc") => true,
-            Some(_) => {
-                return Err(ApiError::bad_request(
-                    Some("order"),
-                    "must be asc or desc",
-                    "query",
-                ));
-            }
-        };
-        Ok((page, per_page, asc))
+        paging(self.page, self.per_page, self.order.as_deref(), default_per_page)
     }
+}
+
+/// `(page, per_page, ascending)` of a list query's paging parameters,
+/// validated (the list queries that carry more than [`PageQuery`]).
+pub fn paging(
+    page: Option<i64>,
+    per_page: Option<i64>,
+    order: Option<&str>,
+    default_per_page: i64,
+) -> Result<(i64, i64, bool), ApiError> {
+    let page = page.unwrap_or(1);
+    if !(1..=1_000_000).contains(&page) {
+        return Err(ApiError::bad_request(
+            Some("page"),
+            "must be between 1 and 1000000",
+            "query",
+        ));
+    }
+    let per_page = per_page.unwrap_or(default_per_page);
+    if !(1..=100).contains(&per_page) {
+        return Err(ApiError::bad_request(
+            Some("per_page"),
+            "must be between 1 and 100",
+            "query",
+        ));
+    }
+    let asc = match order {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                Some("order"),
+                "must be asc or desc",
+                "query",
+            ));
+        }
+    };
+    Ok((page, per_page, asc))
 }

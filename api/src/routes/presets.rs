@@ -6,7 +6,7 @@
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonValue, Query};
-use crate::routes::PageQuery;
+use crate::routes::paging;
 use crate::state::AppState;
 use crate::views::Pagination;
 use atelier_shared::db::accounts::Account;
@@ -275,16 +275,6 @@ pub struct PresetListQuery {
     pub visibility: Option<String>,
 }
 
-fn paging(page: Option<i64>, per_page: Option<i64>, order: &Option<String>) -> ApiResult<(i64, i64, bool)> {
-    PageQuery {
-        page,
-        per_page,
-        order: order.clone(),
-        search: None,
-    }
-    .resolve(20)
-}
-
 fn check_visibility(v: Option<&str>) -> ApiResult<()> {
     match v {
         None | Some("private" | "shared" | "system") => Ok(()),
@@ -307,7 +297,7 @@ pub async fn list(
     Caller(acc): Caller,
     Query(q): Query<PresetListQuery>,
 ) -> ApiResult<axum::Json<Value>> {
-    let (page, per_page, ascending) = paging(q.page, q.per_page, &q.order)?;
+    let (page, per_page, ascending) = paging(q.page, q.per_page, q.order.as_deref(), 20)?;
     let sort_by = q.sort_by.clone().unwrap_or_else(|| "created_at".into());
     if !["created_at", "updated_at", "name"].contains(&sort_by.as_str()) {
         return Err(ApiError::bad_request(
@@ -567,7 +557,7 @@ pub async fn list_categories(
     Caller(acc): Caller,
     Query(q): Query<CategoryListQuery>,
 ) -> ApiResult<axum::Json<Value>> {
-    let (page, per_page, ascending) = paging(q.page, q.per_page, &q.order)?;
+    let (page, per_page, ascending) = paging(q.page, q.per_page, q.order.as_deref(), 20)?;
     check_visibility(q.visibility.as_deref())?;
     let (rows, total) = s
         .store

@@ -163,13 +163,7 @@ pub async fn list(
     Caller(acc): Caller,
     Query(q): Query<TokenListQuery>,
 ) -> ApiResult<axum::Json<Value>> {
-    let (page, per_page, _) = crate::routes::PageQuery {
-        page: q.page,
-        per_page: q.per_page,
-        order: None,
-        search: None,
-    }
-    .resolve(10)?;
+    let (page, per_page, _) = crate::routes::paging(q.page, q.per_page, None, 10)?;
     let (rows, total) = s
         .store
         .list_api_keys(&acc.id, q.include_expired.unwrap_or(false), page, per_page)

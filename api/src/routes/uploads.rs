@@ -490,13 +490,8 @@ pub async fn assets(
     crate::extract::Query(q): crate::extract::Query<AssetQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     let bad = |f: &str, m: &str| ApiError::bad_request(Some(f), m, "query");
-    let (page, per_page, ascending) = crate::routes::PageQuery {
-        page: q.page,
-        per_page: q.per_page,
-        order: q.order.clone(),
-        search: None,
-    }
-    .resolve(20)?;
+    let (page, per_page, ascending) =
+        crate::routes::paging(q.page, q.per_page, q.order.as_deref(), 20)?;
     let sort_by_name = match q.sort_by.as_deref() {
         None | Some("created_at") => false,
         Some("filename") => true,
