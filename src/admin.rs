@@ -6,6 +6,7 @@ use atelier_shared::config::Config;
 use atelier_shared::db::Store;
 use atelier_shared::db::accounts::{Account, NewAccount};
 use atelier_shared::domain::{Credits, Plan};
+use atelier_shared::queue::dead;
 use clap::Subcommand;
 use serde_json::json;
 
@@ -269,23 +270,13 @@ async fn find(store: &Store, id_or_name: &str) -> anyhow::Result<Account> {
         .ok_or_else(|| anyhow!("no account with id or name {id_or_name:?}"))
 }
 
-/// Every queue Atelier uses (work queues, reports, wake-ups).
-fn every_queue() -> Vec<String> {
-    use atelier_shared::domain::task::{OUTCOME_QUEUE, WAKE_QUEUE};
-    atelier_shared::domain::WorkQueue::ALL
-        .iter()
-        .map(|q| q.as_str().to_string())
-        .chain([OUTCOME_QUEUE.to_string(), WAKE_QUEUE.to_string()])
-        .collect()
-}
-
-fn known_queue(name: &str) -> anyhow::Result<String> {
-    let all = every_queue();
-    if all.iter().any(|q| q == name) {
-        Ok(name.to_string())
-    } else {
-        bail!("no queue {name:?}; the queues are {}", all.join(", "))
-    }
+fn known_queue(name: &str) -> anyhow::Result<&'static str> {
+    dead::known(name).ok_or_else(|| {
+        anyhow!(
+            "no queue {name:?}; the queues are {}",
+            dead::queues().join(", ")
+        )
+    })
 }
 
 /// The configured queue (`queue.url`): the broker, or the embedded queue in
@@ -306,82 +297,6 @@ async fn open_queue(
                 .context("cannot reach the broker")?,
         ),
     })
-}
-
-/// How long a dead-letter queue may stay silent before it counts as read.
-const DRAINED: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Up to `limit` messages of `dead`, described; every one handed back.
-async fn peek(
-    q: &atelier_shared::queue::DynQueue,
-    dead: &str,
-    limit: usize,
-) -> anyhow::Result<Vec<serde_json::Value>> {
-    let mut consumer = q.consume(dead, limit).await?;
-    let mut held = Vec::new();
-    while held.len() < limit {
-        match tokio::time::timeout(DRAINED, consumer.next()).await {
-            Ok(Some(d)) => held.push(d),
-            _ => break,
-        }
-    }
-    // Stop fetching first, so that nothing handed back is fetched again.
-    drop(consumer);
-    let mut shown = Vec::new();
-    for d in held {
-        let task: Option<atelier_shared::domain::Task> = d.parse().ok();
-        shown.push(json!({
-            "reason": d.headers.get("x-death-reason"),
-            "original_queue": d.headers.get("x-original-queue"),
-            "job_id": task.as_ref().map(|t| t.job_id.clone()),
-            "output_id": task.as_ref().map(|t| t.output_id),
-            "attempt": task.as_ref().map(|t| t.attempt),
-            "payload_bytes": d.payload.len(),
-        }));
-        d.nack(None).await?;
-    }
-    settle().await;
-    Ok(shown)
-}
-
-/// Lets a dropped consumer hand back what it had fetched but not passed on
-/// (it does so on tasks of its own) before the command exits.
-async fn settle() {
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-}
-
-/// Moves up to `limit` (or every) message of `<queue>.dead` back to
-/// `queue`: published first, then removed (at least once).
-async fn replay(
-    q: &atelier_shared::queue::DynQueue,
-    queue: &str,
-    limit: Option<usize>,
-) -> anyhow::Result<usize> {
-    let dead = format!("{queue}.dead");
-    let limit = limit.unwrap_or(usize::MAX);
-    let mut consumer = q.consume(&dead, limit.clamp(1, 16)).await?;
-    let mut replayed = 0;
-    while replayed < limit {
-        let Ok(Some(d)) = tokio::time::timeout(DRAINED, consumer.next()).await else {
-            break;
-        };
-        let mut headers = d.headers.clone();
-        headers.retain(|k, _| !k.starts_with("x-"));
-        q.publish(
-            queue,
-            atelier_shared::queue::Message {
-                payload: d.payload.clone(),
-                headers,
-                delay: None,
-            },
-        )
-        .await?;
-        d.ack().await?;
-        replayed += 1;
-    }
-    drop(consumer);
-    settle().await;
-    Ok(replayed)
 }
 
 /// A store timestamp (ms) as ISO 8601, or null.
@@ -556,14 +471,13 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
             let q = open_queue(cfg, &store).await?;
             let names = match queue {
                 Some(name) => vec![known_queue(&name)?],
-                None => every_queue(),
+                None => dead::queues(),
             };
             let mut queues = Vec::new();
             for name in names {
-                let dead = format!("{name}.dead");
-                let depth = q.depth(&dead).await?;
-                let first = if depth > 0 && limit > 0 {
-                    peek(&q, &dead, limit).await?
+                let depth = q.depth(&dead::of(name)).await?;
+                let first = if depth > 0 {
+                    dead::peek(&q, name, limit).await?
                 } else {
                     Vec::new()
                 };
@@ -574,7 +488,7 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::DeadLetters(DeadLettersCmd::Replay { queue, limit }) => {
             let name = known_queue(&queue)?;
             let q = open_queue(cfg, &store).await?;
-            let replayed = replay(&q, &name, limit).await?;
+            let replayed = dead::replay(&q, name, limit).await?;
             json!({"queue": name, "replayed": replayed})
         }
         AdminCommand::Key(KeyCmd::Create {

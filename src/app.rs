@@ -432,6 +432,7 @@ pub async fn start(
             events.clone(),
         );
         state.probes = probes.clone();
+        state.queue = Some(services.queue.clone());
         if cfg.redis.url.is_some()
             && !state
                 .limiter
@@ -542,6 +543,9 @@ pub async fn start(
         }
         if let Some(loaded) = &models_loaded {
             loaded.store(true, Ordering::SeqCst);
+        }
+        if let Some(device) = atelier_worker::inference::loaded_device() {
+            ctx.device = format!("{device:?}").to_lowercase();
         }
         tasks.spawn(atelier_worker::run(ctx, shutdown.clone()));
     }

@@ -190,7 +190,17 @@ const VIEWS = {
   profiles: ['Profiles', profilesView],
   webhooks: ['Webhooks', webhooksView],
   billing: ['Balance & usage', billingView],
+  operator: ['Operator', operatorView],
 };
+
+// Whether the key is an operator's (the operator routes exist for it only): asked once per key.
+async function isOperator() {
+  if (S.operator === undefined || S.operatorKey !== S.key) {
+    S.operatorKey = S.key;
+    S.operator = await api('GET', '/admin/overview').then(() => true, () => false);
+  }
+  return S.operator;
+}
 
 async function render() {
   S.leave.abort();
@@ -198,10 +208,11 @@ async function render() {
   const app = document.getElementById('app');
   if (!S.key) { app.replaceChildren(signinView()); return; }
   const [name, ...rest] = location.hash.replace(/^#\/?/, '').split('/');
-  const view = VIEWS[name] ? name : 'jobs';
+  const operator = await isOperator();
+  const view = VIEWS[name] && (name !== 'operator' || operator) ? name : 'jobs';
   const main = h('main', {});
   const nav = h('nav', {}, h('div', { class: 'brand' }, 'Atelier'),
-    Object.entries(VIEWS).filter(([, [title]]) => title)
+    Object.entries(VIEWS).filter(([k, [title]]) => title && (k !== 'operator' || operator))
       .map(([k, [title]]) => h('a', { href: `#/${k}`, class: k === view || (view === 'job' && k === 'jobs') ? 'active' : '' }, title)),
     h('div', { class: 'foot' }, h('a', { href: `${BASE}/docs` }, 'API docs'), ' · ',
       h('a', { href: '#', onclick: (e) => { e.preventDefault(); signOut(); } }, 'Sign out')));
@@ -479,6 +490,79 @@ async function billingView(main, _args, signal) {
     h('h2', {}, `Last 30 days: ${credits(usage.total_credits)} credits`),
     h('table', {}, h('tr', {}, ['Day', 'Kind', 'Jobs', 'Credits'].map((t) => h('th', {}, t))),
       usage.summary.map((u) => h('tr', {}, h('td', {}, new Date(u.period_start).toLocaleDateString()), h('td', {}, u.job_type), h('td', {}, u.job_count), h('td', {}, credits(u.total_credits))))));
+}
+
+function ago(secs) {
+  if (typeof secs !== 'number') return '—';
+  if (secs < 90) return `${Math.round(secs)} s`;
+  if (secs < 5400) return `${Math.round(secs / 60)} min`;
+  return `${(secs / 3600).toFixed(1)} h`;
+}
+function rate(n) { return typeof n === 'number' ? n.toLocaleString(undefined, { maximumFractionDigits: 1 }) : '—'; }
+
+async function operatorView(main, _args, signal) {
+  const body = h('div', {});
+  const dead = h('div', {});
+  main.append(h('h1', {}, 'Operator'), body, dead);
+  async function showDead(queue) {
+    const d = await api('GET', `/admin/dead-letters/${encodeURIComponent(queue)}?limit=20`, undefined, { signal });
+    const msg = h('div', {});
+    const replay = h('button', { type: 'button', disabled: !d.dead_letters, onclick: async () => {
+      replay.disabled = true;
+      try {
+        const r = await api('POST', `/admin/dead-letters/${encodeURIComponent(queue)}/replay`, {});
+        msg.replaceChildren(h('div', { class: 'notice', 'data-testid': 'replayed' }, `Moved ${r.replayed} back to ${r.queue}; ${r.dead_letters} left.`));
+        await load();
+      } catch (e) { msg.replaceChildren(errorBox(e)); replay.disabled = false; }
+    } }, `Replay all to ${queue}`);
+    dead.replaceChildren(h('h2', {}, `Dead letters of ${queue}: ${d.dead_letters}`),
+      d.first.length ? h('table', { 'data-testid': 'dead-letters' },
+        h('tr', {}, ['Reason', 'From', 'Job', 'Output', 'Attempt', 'Bytes'].map((t) => h('th', {}, t))),
+        d.first.map((x) => h('tr', {}, h('td', {}, x.reason || '—'), h('td', {}, x.original_queue || '—'),
+          h('td', { class: 'mono' }, x.job_id || '—'), h('td', {}, x.output_id ?? '—'), h('td', {}, x.attempt ?? '—'), h('td', {}, x.payload_bytes))))
+        : h('p', { class: 'muted' }, 'None.'),
+      h('p', {}, replay), msg);
+  }
+  async function load() {
+    const o = await api('GET', '/admin/overview', undefined, { signal });
+    const open = (q, s) => (q.open ? q.open[s] ?? 0 : '—');
+    body.replaceChildren(
+      h('p', { class: 'muted' }, `As of ${when(o.generated_at)} · queue: ${o.queue_kind || 'none'} · ${o.account_count} accounts`),
+      h('h2', {}, 'Queues'),
+      h('table', { 'data-testid': 'queues' },
+        h('tr', {}, ['Queue', 'Ready', 'Dead letters', 'Pending', 'Dispatched', 'Running', 'Oldest wait', 'Done/min', 'Failed/min', 'Workers'].map((t) => h('th', {}, t))),
+        o.queues.map((q) => h('tr', { 'data-queue': q.name },
+          h('td', {}, h('strong', {}, q.name), h('div', { class: 'muted' }, q.role)), h('td', {}, q.depth ?? '—'),
+          h('td', {}, String(q.dead_letters ?? '—'), ' ', h('a', { href: '#', onclick: (e) => { e.preventDefault(); showDead(q.name).catch((err) => dead.replaceChildren(errorBox(err))); } }, 'view')),
+          h('td', {}, open(q, 'pending')), h('td', {}, open(q, 'dispatched')), h('td', {}, open(q, 'running')),
+          h('td', {}, q.role === 'work' ? ago(q.oldest_waiting_seconds) : '—'),
+          h('td', {}, rate(q.completed_per_minute)), h('td', {}, rate(q.failed_per_minute)),
+          h('td', { class: q.role === 'work' && q.workers_alive === 0 && (open(q, 'pending') || 0) > 0 ? 'status failed' : '' }, q.workers_alive ?? '—')))),
+      h('h2', {}, `Workers (${o.workers.filter((w) => w.alive).length} alive)`),
+      o.workers.length ? h('table', { 'data-testid': 'workers' },
+        h('tr', {}, ['Worker', 'State', 'Queues', 'Device', 'In flight', 'Finished', 'Last seen', 'Started', 'Version'].map((t) => h('th', {}, t))),
+        o.workers.map((w) => h('tr', {},
+          h('td', {}, h('div', { class: 'mono' }, w.worker), h('div', { class: 'muted' }, w.host)),
+          h('td', {}, status(w.alive ? 'alive' : 'gone')), h('td', {}, w.queues.join(', ') || '—'), h('td', {}, w.device),
+          h('td', {}, `${w.in_flight} / ${w.slots}`), h('td', {}, w.finished), h('td', {}, `${ago(w.seen_seconds_ago)} ago`),
+          h('td', {}, when(w.started_at)), h('td', {}, w.version))))
+        : h('div', { class: 'panel muted' }, 'No worker has reported. Workers write a presence record every worker.presence_secs.'),
+      h('h2', {}, 'Accounts with work in flight or credits held'),
+      o.accounts.length ? h('table', { 'data-testid': 'accounts' },
+        h('tr', {}, ['Account', 'Plan', 'In flight', 'Active jobs', 'Credits', 'Held', 'Available'].map((t) => h('th', {}, t))),
+        o.accounts.map((a) => h('tr', {},
+          h('td', {}, h('div', {}, a.name, a.is_operator ? ' (operator)' : ''), h('div', { class: 'mono muted' }, a.id)),
+          h('td', {}, a.plan), h('td', {}, a.in_flight), h('td', {}, a.active_jobs),
+          h('td', {}, credits(a.credits)), h('td', {}, credits(a.reserved_credits)), h('td', {}, credits(a.available_credits)))))
+        : h('div', { class: 'panel muted' }, 'No account has work in flight.'),
+      h('details', { class: 'panel' }, h('summary', {}, 'Effective configuration (secrets redacted)'),
+        h('pre', { 'data-testid': 'config' }, JSON.stringify(o.config, null, 2))));
+  }
+  await load();
+  while (!signal.aborted) {
+    await new Promise((r) => setTimeout(r, 5000));
+    if (!signal.aborted) await load().catch(() => {});
+  }
 }
 
 window.addEventListener('hashchange', render);

@@ -180,6 +180,18 @@ impl From<atelier_shared::storage::StorageError> for ApiError {
     }
 }
 
+impl From<atelier_shared::queue::QueueError> for ApiError {
+    fn from(e: atelier_shared::queue::QueueError) -> Self {
+        match e {
+            atelier_shared::queue::QueueError::Unavailable(m) => {
+                tracing::warn!(error = %m, "queue unavailable");
+                ApiError::unavailable("The queue is unavailable; retry shortly", 5)
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {

@@ -53,6 +53,10 @@ pub fn base() -> OpenApi {
         ("identities", "Identities (contract §5)"),
         ("profiles", "Profiles, Phota-compatible (contract §9)"),
         ("billing", "Credits (contract §10)"),
+        (
+            "operator",
+            "Operator accounts only: queues, workers, dead letters (the console's operator view)",
+        ),
         ("operations", "Health, metrics and this document"),
     ];
     OpenApiBuilder::new()

@@ -12,8 +12,8 @@ use crate::idempotency;
 use crate::openapi;
 use crate::routes::{
     billing, custom_models, downloads, drafts, flat, health, identities, jobs, models_api,
-    notifications, predictions, presets, profiles, projects, studio, swap, tokens, trainings,
-    uploads, webhooks,
+    notifications, operator, predictions, presets, profiles, projects, studio, swap, tokens,
+    trainings, uploads, webhooks,
 };
 use crate::state::AppState;
 use axum::Router;
@@ -234,7 +234,11 @@ fn clients(state: &AppState, max_upload: usize) -> OpenApiRouter<AppState> {
 
 /// What operators call with an operator account's key.
 fn operators(state: &AppState) -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(keyed_route(state, routes!(billing::grant), DEFAULT_BODY))
+    OpenApiRouter::new()
+        .routes(keyed_route(state, routes!(billing::grant), DEFAULT_BODY))
+        .routes(limited(routes!(operator::overview), DEFAULT_BODY))
+        .routes(limited(routes!(operator::dead_letters), DEFAULT_BODY))
+        .routes(limited(routes!(operator::replay), DEFAULT_BODY))
 }
 
 /// Signed, expiring capabilities: no credentials, the URL is the grant.

@@ -38,6 +38,9 @@ pub struct AppState {
     /// What `/readyz` checks: the database and the object store, and what
     /// the process's other roles add.
     pub probes: Arc<crate::routes::health::Probes>,
+    /// The queue, for the operator view (depths, dead letters); `None`:
+    /// those routes answer 503.
+    pub queue: Option<atelier_shared::queue::DynQueue>,
 }
 
 /// In-process buckets, shared through Redis when `redis.url` is set.
@@ -83,6 +86,7 @@ impl AppState {
                 objects: Some(objects.clone()),
                 ..Default::default()
             }),
+            queue: None,
             store,
             objects,
             signer,

@@ -770,7 +770,9 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
     // Accounts reported last round: one that has nothing in flight any more
     // is set to 0, not left at its last value.
     let mut reported: std::collections::HashSet<String> = Default::default();
+    let mut round: u64 = 0;
     loop {
+        round += 1;
         let queues = WorkQueue::ALL.map(WorkQueue::as_str);
         for q in queues.iter().chain([&OUTCOME_QUEUE, &WAKE_QUEUE]) {
             if let Ok(n) = ctx.queue.depth(q).await {
@@ -788,6 +790,20 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
                 let age = oldest.map_or(0, |at| now.saturating_sub(at).max(0));
                 metrics::gauge!("atelier_queue_oldest_waiting_seconds", "queue" => q.as_str())
                     .set(age as f64 / 1000.0);
+            }
+        }
+        // Live workers per queue, from their presence records (every
+        // third round: one read per worker); the records of workers gone
+        // for an hour are deleted.
+        let objects = ctx.notify.links.objects.as_ref();
+        if round % 3 == 1
+            && let Ok(known) = atelier_shared::fleet::workers(objects).await
+        {
+            for (q, n) in atelier_shared::fleet::alive_per_queue(&known, now) {
+                metrics::gauge!("atelier_workers_alive", "queue" => q.as_str()).set(f64::from(n));
+            }
+            if let Err(e) = atelier_shared::fleet::forget_gone(objects, &known, now).await {
+                tracing::debug!(error = %e, "scheduler: cannot delete gone workers' presence records");
             }
         }
         // What each work queue still has to do, by state: trainer pools

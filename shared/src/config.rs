@@ -635,6 +635,10 @@ pub struct WorkerConfig {
     pub queues: Vec<crate::domain::WorkQueue>,
     /// Interval of the heartbeats that extend a running output's lease.
     pub heartbeat_secs: u64,
+    /// How often the worker renews its presence record (`control/workers/`
+    /// in the object store: what operators see of the fleet); it counts as
+    /// gone after three intervals without one.
+    pub presence_secs: u64,
     /// How often a running task looks for the sign that its job was
     /// aborted (then its work stops: a container's prediction is
     /// cancelled); the bound on how long aborted work keeps running.
@@ -958,6 +962,7 @@ impl Default for WorkerConfig {
                 .unwrap_or(2),
             queues: Vec::new(),
             heartbeat_secs: 5,
+            presence_secs: 10,
             abort_check_ms: 1_000,
             task_timeout_secs: 600,
             shutdown_grace_secs: 30,
@@ -1368,6 +1373,9 @@ impl Config {
         {
             e.push("worker.heartbeat_secs: must be positive and at most half of scheduler.running_lease_secs".into());
         }
+        if self.worker.presence_secs == 0 {
+            e.push("worker.presence_secs: must be at least 1".into());
+        }
         if self.scheduler.retry.max_attempts == 0 {
             e.push("scheduler.retry.max_attempts: must be at least 1".into());
         }
@@ -1461,6 +1469,9 @@ impl Config {
             if let EngineRoute::Http { url, .. } | EngineRoute::Cog { url, .. } = route {
                 *url = redact_url(url);
             }
+        }
+        for url in &mut c.training.containers {
+            *url = redact_url(url);
         }
         c
     }
@@ -1864,7 +1875,9 @@ image = "$image"
         let mut c = Config::default();
         c.database.url = Some("postgres://u:hunter2@db/atelier".into());
         c.bootstrap.api_key = Some("k".repeat(40));
+        c.training.containers = vec!["http://trainer:s3cret@10.0.0.5:5000".into()];
         let shown = toml::to_string(&c.redacted()).expect("serialises");
         assert!(!shown.contains("hunter2") && !shown.contains(&"k".repeat(40)));
+        assert!(!shown.contains("s3cret") && shown.contains("10.0.0.5"), "{shown}");
     }
 }

@@ -20,6 +20,7 @@
 //!   and the HMAC [`storage::Signer`] for capability URLs.
 //! - [`events`]: live fan-out of relayed notifications (in-process, or
 //!   through Redis pub/sub) and their wire form.
+//! - [`fleet`]: the workers' presence records (who is alive, serving what).
 //! - [`egress`]: the SSRF guard for outbound requests a client can aim
 //!   (webhooks, photo URLs).
 //! - [`telemetry`]: tracing subscriber and the Prometheus recorder.
@@ -36,6 +37,7 @@ pub mod db;
 pub mod domain;
 pub mod egress;
 pub mod events;
+pub mod fleet;
 pub mod metric_catalogue;
 pub mod queue;
 pub mod storage;

@@ -179,6 +179,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Open outputs by queue and state (pending, dispatched, running).",
     ),
     m(
+        "atelier_workers_alive",
+        Gauge,
+        &["queue"],
+        "Workers whose presence record is fresh (renewed within three `worker.presence_secs`), per work queue they consume.",
+    ),
+    m(
         "atelier_queue_oldest_waiting_seconds",
         Gauge,
         &["queue"],

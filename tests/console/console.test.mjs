@@ -212,6 +212,22 @@ try {
   await page.waitForSelector('[data-testid=balance]');
   await page.screenshot({ path: join(shots, '7-balance.png') });
 
+  // The operator view (the test's key is the bootstrap operator's): the
+  // embedded worker alive on its queues, every queue, the configuration
+  // with its secrets hidden, a queue's dead letters.
+  await page.click('a[href="#/operator"]');
+  await page.waitForSelector('[data-testid=workers] .status.alive');
+  const queues = await page.$$eval('[data-testid=queues] tr[data-queue]', (rows) => rows.map((r) => r.dataset.queue));
+  for (const q of ['packshot', 'swap', 'identity', 'generate', 'training', 'outcomes', 'scheduler']) assert.ok(queues.includes(q), `queues: ${queues}`);
+  const worker = await page.innerText('[data-testid=workers]');
+  assert.match(worker, /packshot/, worker);
+  assert.match(worker, /\bcpu\b/, worker);
+  const config = await page.textContent('[data-testid=config]');
+  assert.ok(config.includes('<redacted>') && !config.includes(KEY), 'the configuration hides its secrets');
+  await page.click('[data-queue=packshot] a');
+  await page.waitForSelector('h2:has-text("Dead letters of packshot")');
+  await page.screenshot({ path: join(shots, '9-operator.png'), fullPage: true });
+
   // The API refused the wrong key and the duplicate name, as it should;
   // nothing else failed.
   const expected = ['401 GET /billing/balance', '409 POST /identity/upload', '404 GET /webhooks'];
@@ -220,7 +236,7 @@ try {
   const unexpected = problems.filter((p) => !/Failed to load resource: the server responded with a status of 4/.test(p) && !expected.includes(p));
   for (const e of expected) assert.ok(problems.includes(e), `${e} in ${problems}`);
   assert.deepEqual(unexpected, [], 'no script errors and no policy violations');
-  log(`ok: 8 screenshots in ${shots}`);
+  log(`ok: 9 screenshots in ${shots}`);
 } finally {
   await browser.close();
   server.stop();

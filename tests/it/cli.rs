@@ -340,3 +340,144 @@ async fn dead_letters_are_listed_and_replayed() {
     d.ack().await.expect("ack");
     app.stop().await;
 }
+
+/// The console's operator routes: queues with their dead letters, looked
+/// at and moved back; the accounts holding credits; the configuration
+/// with its secrets hidden. To any other key the routes do not exist.
+#[tokio::test]
+async fn the_operator_routes_show_the_queues_and_replay_dead_letters() {
+    use reqwest::StatusCode;
+    use serde_json::json;
+    // No scheduler and no worker: the job below stays pending with its
+    // credits held, replayed tasks stay in their queue.
+    let app = TestApp::with(Dialect::Sqlite, Roles::API, |_| {}).await;
+    let q = app.services.queue.clone();
+    for n in 0..3 {
+        let m = atelier_shared::queue::Message {
+            payload: format!("{{\"poison\":{n}}}"),
+            headers: Default::default(),
+            delay: None,
+        }
+        .with_header("x-death-reason", "delivery limit exceeded")
+        .with_header("x-original-queue", "swap");
+        q.publish("swap.dead", m).await.expect("publish");
+    }
+    let customer = app.account("shop", 50.0).await;
+    let (s, v) = app
+        .post_as(&customer, "/project", json!({"project_name": "mine"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let f2 = app
+        .upload_as(&customer, garment_jpeg(64, 64), "b.jpg")
+        .await;
+    let (s, v) = app
+        .post_as(
+            &customer,
+            "/create-packshot",
+            json!({"project_id": v["project_id"], "images": [f2], "instructions": [{"style": "white_cutout", "num_variations": 2}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+
+    // Not an operator: the routes do not exist.
+    for (m, path) in [
+        (reqwest::Method::GET, "/admin/overview"),
+        (reqwest::Method::GET, "/admin/dead-letters/swap"),
+        (reqwest::Method::POST, "/admin/dead-letters/swap/replay"),
+    ] {
+        let (s, v, _) = app
+            .call(
+                m.clone(),
+                path,
+                Some(&customer),
+                Some(json!({})).filter(|_| m == reqwest::Method::POST),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}: {v}");
+    }
+
+    let (s, o) = app.get("/admin/overview").await;
+    assert_eq!(s, StatusCode::OK, "{o}");
+    assert_eq!(o["queue_kind"], "embedded", "{o}");
+    let queue = |name: &str| {
+        o["queues"]
+            .as_array()
+            .expect("queues")
+            .iter()
+            .find(|q| q["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no queue {name} in {o}"))
+    };
+    assert_eq!(queue("swap")["dead_letters"], 3, "{o}");
+    assert_eq!(queue("packshot")["dead_letters"], 0, "{o}");
+    assert_eq!(queue("packshot")["open"]["pending"], 2, "{o}");
+    assert_eq!(queue("packshot")["workers_alive"], 0, "{o}");
+    assert_eq!(queue("outcomes")["role"], "reports", "{o}");
+    assert!(o["workers"].as_array().is_some_and(Vec::is_empty), "{o}");
+    let shop = o["accounts"]
+        .as_array()
+        .expect("accounts")
+        .iter()
+        .find(|a| a["name"] == "shop")
+        .cloned()
+        .unwrap_or_else(|| panic!("the account holding credits is listed: {o}"));
+    assert_eq!(shop["reserved_credits"], 6.0, "{shop}");
+    assert_eq!(shop["available_credits"], 44.0, "{shop}");
+    // The configuration, its secrets hidden.
+    let config = o["config"].to_string();
+    assert!(config.contains("\"presence_secs\""), "{config}");
+    assert!(
+        !config.contains(&app.key),
+        "the bootstrap key leaked: {config}"
+    );
+    assert!(
+        !config.contains(app.cfg.server.url_signing_key.as_deref().unwrap_or("never")),
+        "the signing key leaked"
+    );
+
+    // Dead letters: described, and left where they are.
+    let (s, d) = app.get("/admin/dead-letters/swap?limit=2").await;
+    assert_eq!(s, StatusCode::OK, "{d}");
+    assert_eq!(d["dead_letters"], 3, "{d}");
+    assert_eq!(d["first"].as_array().map(Vec::len), Some(2), "{d}");
+    assert_eq!(d["first"][0]["reason"], "delivery limit exceeded", "{d}");
+    assert_eq!(d["first"][0]["original_queue"], "swap", "{d}");
+    assert_eq!(q.depth("swap.dead").await.expect("depth"), 3);
+    for (path, field) in [
+        ("/admin/dead-letters/nope", "queue"),
+        ("/admin/dead-letters/swap?limit=0", "limit"),
+        ("/admin/dead-letters/swap?limit=101", "limit"),
+    ] {
+        let (s, e) = app.get(path).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {e}");
+        assert_eq!(e["detail"][0]["field"], field, "{path}: {e}");
+    }
+    let (s, e) = app
+        .post("/admin/dead-letters/swap/replay", json!({"limit": 0}))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+
+    // Moved back: one, then the rest.
+    let (s, r) = app
+        .post("/admin/dead-letters/swap/replay", json!({"limit": 1}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(
+        (r["replayed"].clone(), r["dead_letters"].clone()),
+        (json!(1), json!(2)),
+        "{r}"
+    );
+    let (s, r) = app.post("/admin/dead-letters/swap/replay", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(
+        (r["replayed"].clone(), r["dead_letters"].clone()),
+        (json!(2), json!(0)),
+        "{r}"
+    );
+    assert_eq!(q.depth("swap").await.expect("depth"), 3);
+    let mut c = q.consume("swap", 3).await.expect("consume");
+    let d = c.next().await.expect("a message");
+    assert!(!d.headers.contains_key("x-death-reason"), "{:?}", d.headers);
+    d.ack().await.expect("ack");
+    app.stop().await;
+}

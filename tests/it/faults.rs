@@ -7,7 +7,7 @@ use atelier_shared::db::Dialect;
 use atelier_shared::db::testing::create_postgres_database;
 use atelier_shared::domain::OutputStatus;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,6 +17,26 @@ use tokio::task::JoinHandle;
 /// Starts `atelier worker` as a child process on the app's services.
 fn spawn_worker(app: &TestApp, fault_delay_ms: u64) -> Child {
     spawn_role(app, "worker", fault_delay_ms)
+}
+
+/// The one worker of the operator view's list, once `ready` holds for it.
+async fn operator_sees_worker(app: &TestApp, ready: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let (s, o) = app.get("/admin/overview").await;
+        assert_eq!(s, StatusCode::OK, "{o}");
+        if let Some([w]) = o["workers"].as_array().map(Vec::as_slice)
+            && ready(w)
+        {
+            return w.clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "workers: {}",
+            o["workers"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]
@@ -56,6 +76,13 @@ async fn a_worker_killed_mid_task_loses_nothing_and_charges_once() {
     assert_eq!(output.attempt, 1);
     // … and dies with SIGKILL in the middle of it.
     doomed.kill().await.expect("SIGKILL");
+    // Its presence record stays behind, and reads as gone after three
+    // missed renewals.
+    let dead = operator_sees_worker(&app, |w| w["alive"] == false).await;
+    assert!(
+        dead["seen_seconds_ago"].as_f64().unwrap_or(0.0) > 3.0,
+        "{dead}"
+    );
 
     // A healthy worker finishes the job once the lease of the dead one runs out.
     let _healthy = spawn_worker(&app, 0);
@@ -492,6 +519,17 @@ async fn a_worker_stopped_with_sigterm_finishes_its_task_then_exits() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The operator view shows the worker alive, busy with the task.
+    let seen = operator_sees_worker(&app, |w| w["in_flight"] == 1).await;
+    assert_eq!(seen["alive"], true, "{seen}");
+    assert_eq!(seen["slots"], 1, "{seen}");
+    assert_eq!(seen["device"], "cpu", "{seen}");
+    assert!(
+        seen["queues"]
+            .as_array()
+            .is_some_and(|q| q.iter().any(|q| q == "packshot")),
+        "{seen}"
+    );
     let pid = worker.id().expect("pid").to_string();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -503,6 +541,10 @@ async fn a_worker_stopped_with_sigterm_finishes_its_task_then_exits() {
         .expect("the worker exits within its grace period")
         .expect("wait");
     assert!(exit.success(), "clean exit: {exit:?}");
+    // A worker that stopped cleanly withdrew its presence record.
+    let (s, o) = app.get("/admin/overview").await;
+    assert_eq!(s, StatusCode::OK, "{o}");
+    assert_eq!(o["workers"], json!([]), "{o}");
     // Its outcome was published before it exited; the scheduler settles it.
     let st = app.wait_for_job(&job, Duration::from_secs(20)).await;
     assert_eq!(st["status"], "completed", "{st}");

@@ -116,6 +116,26 @@ async fn two_schedulers_and_three_workers_complete_200_outputs_each_charged_once
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The operator view sees the three workers (their presence records in
+    // S3) and the broker's queues.
+    let (s, o) = app.get("/admin/overview").await;
+    assert_eq!(s, StatusCode::OK, "{o}");
+    assert_eq!(o["queue_kind"], "rabbitmq", "{o}");
+    let workers = o["workers"].as_array().expect("workers");
+    assert_eq!(
+        workers.iter().filter(|w| w["alive"] == true).count(),
+        3,
+        "{workers:?}"
+    );
+    let packshot = o["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .find(|q| q["name"] == "packshot")
+        .cloned()
+        .expect("packshot");
+    assert_eq!(packshot["workers_alive"], 3, "{packshot}");
+    assert!(packshot["depth"].is_u64(), "the broker's depth: {packshot}");
     let mut scheduler = children.remove(0);
     scheduler.kill().await.expect("SIGKILL a scheduler");
     for (key, job) in &jobs {

@@ -123,6 +123,7 @@ pub fn spawn_role_command(
         .env("ATELIER_MODELS__AUTO_FETCH", "false")
         .env("ATELIER_BOOTSTRAP__ENABLED", "false")
         .env("ATELIER_WORKER__HEARTBEAT_SECS", "1")
+        .env("ATELIER_WORKER__PRESENCE_SECS", "1")
         .env("ATELIER_WORKER__CONCURRENCY", "1")
         .env(
             "ATELIER_SCHEDULER__TICK_MS",

@@ -29,14 +29,71 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
             if names.len() == 1 { "it" } else { "them" }
         );
     }
-    let consumers = ctx
-        .queues()
+    let queues = ctx.queues();
+    // Present while it drains too: withdrawn once the consumers are done.
+    let done = CancellationToken::new();
+    let presence = tokio::spawn(announce(ctx.clone(), queues.clone(), done.clone()));
+    let consumers = queues
         .into_iter()
         .map(|q| consume_queue(ctx.clone(), q, shutdown.clone()));
-    for r in futures::future::join_all(consumers).await {
+    let results = futures::future::join_all(consumers).await;
+    done.cancel();
+    let _ = presence.await;
+    for r in results {
         r?;
     }
     Ok(())
+}
+
+/// The host this worker runs on (a pod's name in Kubernetes).
+fn host() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Keeps this worker's presence record ([`atelier_shared::fleet`]) fresh
+/// until `done`, then deletes it.
+async fn announce(ctx: WorkerContext, queues: Vec<WorkQueue>, done: CancellationToken) {
+    let slots = u32::try_from(ctx.concurrency.max(1)).unwrap_or(u32::MAX);
+    let mut record = atelier_shared::fleet::Presence {
+        worker: ctx.worker_id.clone(),
+        host: host(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        queues,
+        device: ctx.device.clone(),
+        slots,
+        in_flight: 0,
+        finished: 0,
+        started_ms: now_ms(),
+        seen_ms: now_ms(),
+        every_secs: ctx.presence_every.as_secs().max(1),
+    };
+    let mut failing = false;
+    loop {
+        let free = u32::try_from(ctx.slots.available_permits()).unwrap_or(u32::MAX);
+        record.in_flight = slots.saturating_sub(free);
+        record.finished = ctx.finished.load(std::sync::atomic::Ordering::Relaxed);
+        record.seen_ms = now_ms();
+        match record.publish(ctx.objects.as_ref()).await {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "worker: cannot write its presence record; operators will see it as gone");
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = done.cancelled() => break,
+            _ = tokio::time::sleep(ctx.presence_every) => {}
+        }
+    }
+    if let Err(e) = record.withdraw(ctx.objects.as_ref()).await {
+        tracing::warn!(error = %e, "worker: cannot delete its presence record; it reads as gone after three intervals");
+    }
 }
 
 async fn consume_queue(
@@ -308,6 +365,8 @@ async fn handle(
         Ok(()) => {
             metrics::counter!("atelier_worker_tasks_total", "type" => queue.as_str(), "outcome" => label)
                 .increment(1);
+            ctx.finished
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Err(e) = delivery.ack().await {
                 tracing::warn!(parent: &span, error = %e, "worker: ack failed; the task may run again");
             }

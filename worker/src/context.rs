@@ -51,6 +51,13 @@ pub struct WorkerContext {
     /// so serving three queues never means three times the work (each
     /// queue still prefetches up to `concurrency` deliveries).
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// Where this worker's models run, as its presence record says
+    /// (`worker.device` until the runtime says what it got).
+    pub device: String,
+    /// `worker.presence_secs`.
+    pub presence_every: Duration,
+    /// Tasks finished (outcome reported) since start.
+    pub finished: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl WorkerContext {
@@ -81,6 +88,12 @@ impl WorkerContext {
             releasing: tokio_util::sync::CancellationToken::new(),
             worker_id: format!("wrk_{}_{}", std::process::id(), ulid::Ulid::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(cfg.worker.concurrency.max(1))),
+            device: match cfg.worker.device {
+                atelier_shared::config::Device::Cpu => "cpu".into(),
+                atelier_shared::config::Device::Cuda => "cuda".into(),
+            },
+            presence_every: Duration::from_secs(cfg.worker.presence_secs.max(1)),
+            finished: Arc::default(),
         }
     }
 

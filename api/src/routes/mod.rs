@@ -10,6 +10,7 @@ pub mod identities;
 pub mod jobs;
 pub mod models_api;
 pub mod notifications;
+pub mod operator;
 pub mod predictions;
 pub mod presets;
 pub mod profiles;

@@ -62,3 +62,52 @@ impl Store {
         .await?)
     }
 }
+
+/// What the operator view shows of one work queue's recent past.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Finished {
+    pub completed: i64,
+    pub failed: i64,
+}
+
+impl Store {
+    /// Outputs of `queue` that ended (completed, failed) at `since` or later.
+    pub async fn finished_since(
+        &self,
+        queue: crate::domain::WorkQueue,
+        since: i64,
+    ) -> Result<Finished> {
+        use crate::domain::OutputStatus;
+        let rows: Vec<(OutputStatus, i64)> = sqlx::query_as(
+            "SELECT status, COUNT(*) FROM outputs \
+             WHERE queue = $1 AND finalized_at IS NOT NULL AND finalized_at >= $2 GROUP BY status",
+        )
+        .bind(queue)
+        .bind(since)
+        .fetch_all(self.pool())
+        .await?;
+        let of = |s: OutputStatus| rows.iter().find(|(st, _)| *st == s).map_or(0, |(_, n)| *n);
+        Ok(Finished {
+            completed: of(OutputStatus::Completed),
+            failed: of(OutputStatus::Failed),
+        })
+    }
+
+    /// The accounts holding the most reserved credits, at most `limit`.
+    pub async fn accounts_by_reserved(&self, limit: i64) -> Result<Vec<Account>> {
+        Ok(sqlx::query_as::<_, Account>(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE reserved > 0 \
+             ORDER BY reserved DESC, id LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// How many accounts there are.
+    pub async fn account_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+            .fetch_one(self.pool())
+            .await?)
+    }
+}

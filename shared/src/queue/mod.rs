@@ -16,6 +16,7 @@
 //! dead consumer held, delayed publish, and dead-lettering to `<queue>.dead`
 //! after [`MAX_DELIVERIES`] deliveries.
 
+pub mod dead;
 pub mod embedded;
 pub mod rabbitmq;
 

@@ -32,6 +32,47 @@ pub async fn round_trip(s: DynObjectStore) {
     assert_eq!(s.size(&key).await.expect("size"), None);
 }
 
+/// Listing a folder names its objects (nested ones too) and nothing
+/// beside it, in key order, up to the limit.
+pub async fn lists_a_folder(s: DynObjectStore) {
+    let base = format!("t/{}", ulid::Ulid::new());
+    for k in ["b.json", "a.json", "deeper/c.json"] {
+        s.put(
+            &format!("{base}/in/{k}"),
+            Bytes::from_static(b"{}"),
+            "application/json",
+        )
+        .await
+        .expect("put");
+    }
+    s.put(
+        &format!("{base}/inside.json"),
+        Bytes::from_static(b"{}"),
+        "application/json",
+    )
+    .await
+    .expect("put");
+    let listed = s.list(&format!("{base}/in/"), 100).await.expect("list");
+    assert_eq!(
+        listed,
+        ["a.json", "b.json", "deeper/c.json"].map(|k| format!("{base}/in/{k}"))
+    );
+    assert_eq!(
+        s.list(&format!("{base}/in/"), 2).await.expect("list").len(),
+        2
+    );
+    assert!(
+        s.list(&format!("{base}/none/"), 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert!(matches!(
+        s.list(&format!("{base}/in"), 10).await,
+        Err(StorageError::InvalidKey(_))
+    ));
+}
+
 pub async fn rejects_unsafe_keys(s: DynObjectStore) {
     for k in ["../etc/passwd", "/abs", "a//b", "a/./b", "", "a/b c"] {
         assert!(
@@ -49,6 +90,7 @@ async fn local_store_conforms() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s: DynObjectStore = Arc::new(LocalStore::new(dir.path()).expect("store"));
     round_trip(s.clone()).await;
+    lists_a_folder(s.clone()).await;
     rejects_unsafe_keys(s.clone()).await;
     assert_eq!(s.kind(), "local");
 }
@@ -90,6 +132,7 @@ async fn s3_store(bucket: &str, prefix: &str) -> S3Store {
 async fn s3_store_conforms() {
     let s: DynObjectStore = Arc::new(s3_store(&fresh_bucket(), "").await);
     round_trip(s.clone()).await;
+    lists_a_folder(s.clone()).await;
     rejects_unsafe_keys(s.clone()).await;
     assert_eq!(s.kind(), "s3");
 }
@@ -99,6 +142,7 @@ async fn s3_store_conforms_under_a_prefix() {
     let bucket = fresh_bucket();
     let s: DynObjectStore = Arc::new(s3_store(&bucket, "/objects//tenant/").await);
     round_trip(s.clone()).await;
+    lists_a_folder(s.clone()).await;
     rejects_unsafe_keys(s.clone()).await;
     // Keys land under the normalised prefix, and nowhere else.
     s.put(

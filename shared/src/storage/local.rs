@@ -2,7 +2,7 @@
 //! Writes go to a temporary file in the same directory and are renamed into
 //! place, so a reader never sees a half-written object.
 
-use super::{ObjectStore, StorageError, validate_key};
+use super::{ObjectStore, StorageError, validate_key, validate_prefix};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
@@ -87,6 +87,37 @@ impl ObjectStore for LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(key, e)),
         }
+    }
+
+    async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StorageError> {
+        validate_prefix(prefix)?;
+        let mut keys = Vec::new();
+        let mut folders = vec![prefix.to_string()];
+        while let Some(folder) = folders.pop() {
+            let mut dir = match tokio::fs::read_dir(self.root.join(&folder)).await {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&folder, e)),
+            };
+            while let Some(entry) = dir.next_entry().await.map_err(|e| io(&folder, e))? {
+                let Ok(name) = entry.file_name().into_string() else {
+                    continue;
+                };
+                // Writes in progress are not objects yet.
+                if name.starts_with(".tmp-") {
+                    continue;
+                }
+                let kind = entry.file_type().await.map_err(|e| io(&folder, e))?;
+                if kind.is_dir() {
+                    folders.push(format!("{folder}{name}/"));
+                } else if kind.is_file() {
+                    keys.push(format!("{folder}{name}"));
+                }
+            }
+        }
+        keys.sort();
+        keys.truncate(limit);
+        Ok(keys)
     }
 
     fn kind(&self) -> &'static str {

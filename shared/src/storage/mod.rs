@@ -40,6 +40,9 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
     /// Size of the object, `None` when it does not exist.
     async fn size(&self, key: &str) -> Result<Option<u64>, StorageError>;
+    /// The keys under `prefix` (a folder: it ends with `/`), at most
+    /// `limit` of them, in key order.
+    async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StorageError>;
     /// A store-native signed GET URL, if the store can sign.
     async fn presign_get(
         &self,
@@ -118,6 +121,14 @@ pub fn content_type_of(key: &str) -> &'static str {
 
 /// Keys are `/`-separated relative paths of safe characters; no `..`,
 /// no leading `/`, no empty segment.
+/// A listing prefix: a valid key that ends with `/`.
+pub fn validate_prefix(prefix: &str) -> Result<(), StorageError> {
+    match prefix.strip_suffix('/') {
+        Some(folder) => validate_key(folder),
+        None => Err(StorageError::InvalidKey(prefix.to_string())),
+    }
+}
+
 pub fn validate_key(key: &str) -> Result<(), StorageError> {
     let ok = !key.is_empty()
         && key.len() <= 512

@@ -34,7 +34,7 @@
 //! Presigned URLs are built on the configured endpoint, so clients must be
 //! able to resolve and reach it (deploy/README.md).
 
-use super::{ObjectStore, StorageError, validate_key};
+use super::{ObjectStore, StorageError, validate_key, validate_prefix};
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
@@ -409,6 +409,43 @@ impl ObjectStore for S3Store {
             }
             Err(e) => Err(self.unavailable("HeadObject", &k, e)),
         }
+    }
+
+    async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StorageError> {
+        validate_prefix(prefix)?;
+        let full = if self.prefix.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{}/{prefix}", self.prefix)
+        };
+        let strip = full.len() - prefix.len();
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        while keys.len() < limit {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .max_keys(i32::try_from((limit - keys.len()).min(1000)).unwrap_or(1000))
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.unavailable("ListObjectsV2", &full, e))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .filter_map(|k| k.get(strip..))
+                    .map(str::to_string),
+            );
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        keys.truncate(limit);
+        Ok(keys)
     }
 
     /// Signed locally (no request is sent); valid `ttl`, clamped to 1 s – 7 days.

@@ -61,6 +61,11 @@ pub struct Runtime {
 
 static RUNTIME: Mutex<Option<Arc<Runtime>>> = Mutex::new(None);
 
+/// Where this process's sessions run, once ONNX Runtime is loaded.
+pub fn loaded_device() -> Option<Device> {
+    RUNTIME.lock().ok()?.as_ref().map(|rt| rt.device)
+}
+
 impl Runtime {
     /// Loads the ONNX Runtime library once per process (later calls return
     /// the same runtime, whatever their options). A failed load is not
