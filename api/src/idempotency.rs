@@ -209,6 +209,17 @@ pub async fn idempotent(
     };
     let resp = next.run(Request::from_parts(parts, Body::from(body))).await;
     if !resp.status().is_success() {
+        // Released before the answer leaves, so that a client correcting
+        // its request at once finds the key free. (The guard releases it
+        // in the background only when the request is cut short.)
+        release.armed = false;
+        if let Err(e) = state
+            .store
+            .release_idempotency_key(&account.id, &key, &owner)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot release an idempotency key; it frees itself when its claim goes stale");
+        }
         return resp;
     }
     let (parts, body) = resp.into_parts();
