@@ -567,6 +567,11 @@ pub async fn start(
 /// same attempt (its start is recorded again, its lease renewed by the new
 /// heartbeats). A failure is logged: the deliveries' leases then run out.
 async fn take_over(store: &Store, targets: &Targets) {
+    // A duty's holder (a scheduler's lease on dispatch) was a process of
+    // the past: free it now rather than waiting out its lease.
+    if let Err(e) = store.release_all_duties().await {
+        tracing::warn!(error = %e, "cannot free the previous process's scheduler duties");
+    }
     if targets.queue != QueueTarget::Embedded {
         return;
     }

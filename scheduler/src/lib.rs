@@ -5,14 +5,20 @@
 //!
 //! ## Runtime model
 //!
-//! [`run`] starts four loops that stop when the shutdown token fires:
+//! [`run`] starts the loops below, which stop when the shutdown token
+//! fires. One replica is active at a time ([`duty`]: the holder of a lease
+//! in the store, `scheduler.duty_lease_secs`): it runs the relay, the
+//! dispatcher's rounds, the outcome consumer and the notification relay
+//! and housekeeping; the others deliver webhooks, export gauges and take
+//! over when the holder's lease runs out.
 //!
 //! - **outbox relay**: publishes committed outbox rows (written by the API in
 //!   the job's creating transaction) and marks them sent, a claimed batch of
 //!   up to 500 at a time (one wake-up message per batch); polls every 200 ms
 //!   while the outbox is empty.
-//! - **dispatcher**: woken by relay messages on the `scheduler` queue, by
-//!   recorded outcomes, and every `scheduler.tick_ms`. For each work queue it
+//! - **dispatcher**: takes and renews the duty; on the active replica,
+//!   woken by relay messages on the `scheduler` queue, by recorded
+//!   outcomes, and every `scheduler.tick_ms`. For each work queue it
 //!   keeps between half of `queue_target` and `queue_target` tasks queued:
 //!   it picks the next outputs across accounts with the weighted fair pick
 //!   ([`atelier_shared::domain::fair`]), claims them with a lease in one
@@ -36,6 +42,7 @@
 //! charged and notified once. Retries: `scheduler.retry` (defaults: 4
 //! attempts, waits of about 2 s, 4 s, 8 s ± 20 %).
 
+pub mod duty;
 pub mod notify;
 
 use atelier_shared::db::scheduling::{Applied, FailureOutcome, JobWork};
@@ -79,6 +86,8 @@ pub struct SchedulerContext {
     pub outcome_lanes: usize,
     /// `scheduler.credit_audit_secs` (none: no audit).
     pub credit_audit: Option<Duration>,
+    /// Whether this replica is the active one (see [`duty`]).
+    pub duty: Arc<duty::Duty>,
 }
 
 impl SchedulerContext {
@@ -90,6 +99,7 @@ impl SchedulerContext {
         links: atelier_shared::storage::Links,
         egress: atelier_shared::egress::EgressPolicy,
     ) -> SchedulerContext {
+        let instance = format!("sch_{}_{}", std::process::id(), ulid::Ulid::new());
         SchedulerContext {
             store,
             queue,
@@ -104,7 +114,12 @@ impl SchedulerContext {
             training_url_ttl: Duration::from_secs(cfg.training.timeout_secs.saturating_mul(2)),
             training_window: Duration::from_secs(cfg.training.share_window_secs),
             training_quantum: Duration::from_secs(cfg.training.share_quantum_secs.max(1)),
-            instance: format!("sch_{}_{}", std::process::id(), ulid::Ulid::new()),
+            instance: instance.clone(),
+            duty: Arc::new(duty::Duty::new(
+                duty::DISPATCH,
+                &instance,
+                Duration::from_secs(cfg.scheduler.duty_lease_secs),
+            )),
             credit_audit: (cfg.scheduler.credit_audit_secs > 0)
                 .then(|| Duration::from_secs(cfg.scheduler.credit_audit_secs)),
             // SQLite has one writer: parallel reports would only queue for it
@@ -131,18 +146,36 @@ impl SchedulerContext {
 pub async fn run(ctx: SchedulerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
     tracing::info!(instance = %ctx.instance, queue_target = ctx.queue_target, "scheduler running");
+    // One replica is active at a time (the holder of the duty, taken and
+    // renewed by the dispatcher loop); the others stand by, ready to take
+    // over, and only deliver webhooks and export gauges.
+    let duty = ctx.duty.clone();
+    let held = |work: OnDuty| {
+        let (ctx, wake, duty, stop) = (ctx.clone(), wake.clone(), duty.clone(), shutdown.clone());
+        async move {
+            duty.run_while_held(&stop, |on_duty| work(ctx.clone(), wake.clone(), on_duty))
+                .await
+        }
+    };
     tokio::join!(
-        outbox_relay(ctx.clone(), shutdown.clone()),
         dispatcher(ctx.clone(), wake.clone(), shutdown.clone()),
-        wake_consumer(ctx.clone(), wake.clone(), shutdown.clone()),
-        outcome_consumer(ctx.clone(), wake.clone(), shutdown.clone()),
+        held(|c, _, s| Box::pin(outbox_relay(c, s))),
+        held(|c, w, s| Box::pin(wake_consumer(c, w, s))),
+        held(|c, w, s| Box::pin(outcome_consumer(c, w, s))),
+        held(|c, _, s| Box::pin(notify::relay(c, s))),
+        held(|c, _, s| Box::pin(notify::housekeeping(c, s))),
         gauges(ctx.clone(), shutdown.clone()),
-        notify::relay(ctx.clone(), shutdown.clone()),
         notify::deliverer(ctx.clone(), shutdown.clone()),
-        notify::housekeeping(ctx.clone(), shutdown.clone()),
     );
     Ok(())
 }
+
+/// A loop that runs on the active replica only.
+type OnDuty = fn(
+    SchedulerContext,
+    Arc<Notify>,
+    CancellationToken,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 pub(crate) async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
@@ -227,6 +260,7 @@ async fn relay_batch(
     }
 }
 
+/// Wake-ups (a job was admitted), on the active replica only.
 async fn wake_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
     let mut c = loop {
         match ctx.queue.consume(WAKE_QUEUE, 32).await {
@@ -250,22 +284,27 @@ async fn wake_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancellat
     }
 }
 
+/// Dispatch rounds, on the replica holding the dispatch duty
+/// ([`duty`]); the others only check now and then whether it is free.
 async fn dispatcher(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
     loop {
-        if let Err(e) = reap(&ctx).await {
-            tracing::warn!(error = %e, "scheduler: reaping failed");
-        }
-        for q in WorkQueue::ALL {
-            if let Err(e) = dispatch_queue(&ctx, q).await {
-                tracing::warn!(queue = %q, error = %e, "scheduler: dispatch failed");
+        if ctx.duty.held(&ctx.store).await {
+            if let Err(e) = reap(&ctx).await {
+                tracing::warn!(error = %e, "scheduler: reaping failed");
+            }
+            for q in WorkQueue::ALL {
+                if let Err(e) = dispatch_queue(&ctx, q).await {
+                    tracing::warn!(queue = %q, error = %e, "scheduler: dispatch failed");
+                }
             }
         }
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = wake.notified() => {}
             _ = tokio::time::sleep(ctx.tick) => {}
         }
     }
+    ctx.duty.release(&ctx.store).await;
 }
 
 /// Turns expired leases into retryable failures (the worker died or hung).

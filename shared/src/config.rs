@@ -687,6 +687,11 @@ pub struct SchedulerConfig {
     /// is its reservations' sum) and exports what it found as
     /// `atelier_credit_audit_problems`; 0 turns the audit off.
     pub credit_audit_secs: u64,
+    /// Dispatch rounds and the credit audit run on one scheduler replica
+    /// at a time, the holder of a lease of this length in the database;
+    /// when it dies another takes over within it (a clean stop hands over
+    /// at once).
+    pub duty_lease_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -987,6 +992,7 @@ impl Default for SchedulerConfig {
             enterprise_weight: 4,
             outcome_concurrency: 4,
             credit_audit_secs: 300,
+            duty_lease_secs: 5,
         }
     }
 }
@@ -1372,6 +1378,9 @@ impl Config {
             || self.worker.heartbeat_secs * 2 > self.scheduler.running_lease_secs
         {
             e.push("worker.heartbeat_secs: must be positive and at most half of scheduler.running_lease_secs".into());
+        }
+        if self.scheduler.duty_lease_secs == 0 {
+            e.push("scheduler.duty_lease_secs: must be at least 1".into());
         }
         if self.worker.presence_secs == 0 {
             e.push("worker.presence_secs: must be at least 1".into());

@@ -136,8 +136,29 @@ async fn two_schedulers_and_three_workers_complete_200_outputs_each_charged_once
         .expect("packshot");
     assert_eq!(packshot["workers_alive"], 3, "{packshot}");
     assert!(packshot["depth"].is_u64(), "the broker's depth: {packshot}");
-    let mut scheduler = children.remove(0);
-    scheduler.kill().await.expect("SIGKILL a scheduler");
+    // One scheduler dispatches (it holds the duty); that one is killed.
+    let pid_of = |holder: &str| -> u32 {
+        holder
+            .split('_')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("holder {holder:?}"))
+    };
+    let (holder, _) = app
+        .store
+        .duty_holder("dispatch")
+        .await
+        .expect("read")
+        .expect("a scheduler holds the dispatch duty");
+    let at = children
+        .iter()
+        .position(|c| c.id() == Some(pid_of(&holder)))
+        .expect("the holder is one of the two schedulers");
+    let mut scheduler = children.remove(at);
+    scheduler
+        .kill()
+        .await
+        .expect("SIGKILL the dispatching scheduler");
     for (key, job) in &jobs {
         let j = wait_done(&app, job, Duration::from_secs(240)).await;
         assert_eq!(
@@ -168,6 +189,18 @@ async fn two_schedulers_and_three_workers_complete_200_outputs_each_charged_once
     .await
     .expect("notifications");
     assert_eq!(completions, 200, "each output recorded (and notified) once");
+    // The other scheduler took the duty over.
+    let (now_holder, _) = app
+        .store
+        .duty_holder("dispatch")
+        .await
+        .expect("read")
+        .expect("held");
+    assert_ne!(pid_of(&now_holder), pid_of(&holder), "the duty passed on");
+    assert!(
+        children.iter().any(|c| c.id() == Some(pid_of(&now_holder))),
+        "held by the surviving scheduler: {now_holder}"
+    );
     app.audit_clean().await;
     stop(&app, children).await;
     app.stop().await;

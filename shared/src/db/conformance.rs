@@ -1573,6 +1573,63 @@ pub async fn idempotency_keys_claim_replay_and_expire(s: Store) {
     ));
 }
 
+/// A duty is held by one holder at a time: renewed by it, refused to
+/// others until its lease runs out, given up at once on release.
+async fn duties_are_held_by_one_replica(s: Store) {
+    let now = now_ms();
+    assert!(
+        s.hold_duty("dispatch", "a", now, 5_000)
+            .await
+            .expect("hold")
+    );
+    assert!(
+        !s.hold_duty("dispatch", "b", now + 1_000, 5_000)
+            .await
+            .expect("hold")
+    );
+    // Another duty is another lease.
+    assert!(s.hold_duty("audit", "b", now, 5_000).await.expect("hold"));
+    // Renewed by its holder, still refused to the other.
+    assert!(
+        s.hold_duty("dispatch", "a", now + 4_000, 5_000)
+            .await
+            .expect("renew")
+    );
+    assert!(
+        !s.hold_duty("dispatch", "b", now + 6_000, 5_000)
+            .await
+            .expect("hold")
+    );
+    assert_eq!(
+        s.duty_holder("dispatch").await.expect("read"),
+        Some(("a".to_string(), now + 9_000))
+    );
+    // Run out: taken over, and then refused to the old holder.
+    assert!(
+        s.hold_duty("dispatch", "b", now + 9_001, 5_000)
+            .await
+            .expect("take over")
+    );
+    assert!(
+        !s.hold_duty("dispatch", "a", now + 9_002, 5_000)
+            .await
+            .expect("hold")
+    );
+    // Released only by its holder.
+    s.release_duty("dispatch", "a").await.expect("release");
+    assert_eq!(
+        s.duty_holder("dispatch").await.expect("read").map(|h| h.0),
+        Some("b".into())
+    );
+    s.release_duty("dispatch", "b").await.expect("release");
+    assert_eq!(s.duty_holder("dispatch").await.expect("read"), None);
+    assert!(
+        s.hold_duty("dispatch", "a", now + 9_003, 5_000)
+            .await
+            .expect("hold")
+    );
+}
+
 macro_rules! store_suite {
     ($m:ident, $dialect:expr) => {
         mod $m {
@@ -1605,6 +1662,7 @@ macro_rules! store_suite {
             t!(unknown_kinds_and_states_are_read_errors);
             t!(unavailable_database_is_typed);
             t!(idempotency_keys_claim_replay_and_expire);
+            t!(duties_are_held_by_one_replica);
         }
     };
 }

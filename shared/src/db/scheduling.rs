@@ -768,3 +768,65 @@ async fn extend_lease_in(
         .await?;
     Ok(r.rows_affected() == 1)
 }
+
+impl Store {
+    /// Takes or renews the lease of duty `name` for `holder` until
+    /// `now + ttl_ms`: granted when nobody holds it, `holder` already does
+    /// or the holder's lease ran out. Whether it was granted.
+    pub async fn hold_duty(&self, name: &str, holder: &str, now: i64, ttl_ms: i64) -> Result<bool> {
+        let until = now.saturating_add(ttl_ms);
+        let taken = sqlx::query(
+            "UPDATE scheduler_duties SET holder = $2, expires_at = $3 \
+             WHERE name = $1 AND (holder = $2 OR expires_at < $4)",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(until)
+        .bind(now)
+        .execute(self.pool())
+        .await?;
+        if taken.rows_affected() == 1 {
+            return Ok(true);
+        }
+        let created = sqlx::query(
+            "INSERT INTO scheduler_duties (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(until)
+        .execute(self.pool())
+        .await?;
+        Ok(created.rows_affected() == 1)
+    }
+
+    /// Gives duty `name` up if `holder` holds it, so another replica takes
+    /// it at once.
+    pub async fn release_duty(&self, name: &str, holder: &str) -> Result<()> {
+        sqlx::query("DELETE FROM scheduler_duties WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Frees every duty: for a process alone on its database (the holders
+    /// were processes that are gone).
+    pub async fn release_all_duties(&self) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM scheduler_duties")
+            .execute(self.pool())
+            .await?
+            .rows_affected())
+    }
+
+    /// Who holds duty `name` and until when, if anyone.
+    pub async fn duty_holder(&self, name: &str) -> Result<Option<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT holder, expires_at FROM scheduler_duties WHERE name = $1")
+                .bind(name)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+}

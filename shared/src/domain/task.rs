@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 /// The queue workers report [`Outcome`]s on; the scheduler consumes it.
 pub const OUTCOME_QUEUE: &str = "outcomes";
 /// The queue through which the outbox relay wakes the scheduler (a job was
-/// admitted); consumed by every scheduler replica.
+/// admitted); consumed by the replica that dispatches (the holder of the
+/// dispatch duty).
 pub const WAKE_QUEUE: &str = "scheduler";
 
 /// The object that tells the worker running `attempt` of an output to stop
