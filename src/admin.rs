@@ -271,12 +271,7 @@ async fn find(store: &Store, id_or_name: &str) -> anyhow::Result<Account> {
 }
 
 fn known_queue(name: &str) -> anyhow::Result<&'static str> {
-    dead::known(name).ok_or_else(|| {
-        anyhow!(
-            "no queue {name:?}; the queues are {}",
-            dead::queues().join(", ")
-        )
-    })
+    dead::known(name).map_err(anyhow::Error::msg)
 }
 
 /// The configured queue (`queue.url`): the broker, or the embedded queue in
@@ -475,12 +470,7 @@ pub async fn run(cfg: &Config, cmd: AdminCommand) -> anyhow::Result<()> {
             };
             let mut queues = Vec::new();
             for name in names {
-                let depth = q.depth(&dead::of(name)).await?;
-                let first = if depth > 0 {
-                    dead::peek(&q, name, limit).await?
-                } else {
-                    Vec::new()
-                };
+                let (depth, first) = dead::look(&q, name, limit).await?;
                 queues.push(json!({"queue": name, "dead": depth, "first": first}));
             }
             json!({"queues": queues})

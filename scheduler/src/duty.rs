@@ -21,7 +21,6 @@
 use atelier_shared::db::Store;
 use atelier_shared::time::now_ms;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -33,9 +32,9 @@ pub struct Duty {
     holder: String,
     ttl: Duration,
     state: Mutex<State>,
-    holding: AtomicBool,
-    /// Follows `holding`, for the loops that run only on the holder.
-    changes: tokio::sync::watch::Sender<bool>,
+    /// Whether this replica holds it; the loops that run only on the
+    /// holder follow it.
+    holding: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -54,14 +53,12 @@ impl Duty {
             holder: holder.to_string(),
             ttl: ttl.max(Duration::from_secs(1)),
             state: Mutex::default(),
-            holding: AtomicBool::new(false),
-            changes: tokio::sync::watch::Sender::new(false),
+            holding: tokio::sync::watch::Sender::new(false),
         }
     }
 
     fn set_holding(&self, held: bool) {
-        self.holding.store(held, Ordering::Relaxed);
-        self.changes
+        self.holding
             .send_if_modified(|h| std::mem::replace(h, held) != held);
     }
 
@@ -74,7 +71,7 @@ impl Duty {
         F: Fn(CancellationToken) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let mut changes = self.changes.subscribe();
+        let mut changes = self.holding.subscribe();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -102,7 +99,7 @@ impl Duty {
 
     /// Whether this replica held the duty when last asked (no round trip).
     pub fn holding(&self) -> bool {
-        self.holding.load(Ordering::Relaxed)
+        *self.holding.borrow()
     }
 
     /// Whether this replica holds the duty now: renewed once half of the

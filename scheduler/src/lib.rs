@@ -860,19 +860,7 @@ async fn gauges(ctx: SchedulerContext, stop: CancellationToken) {
             }
         }
         // Outputs holding a lease, per account, over every work queue.
-        let mut m: std::collections::HashMap<String, u32> = Default::default();
-        let mut complete = true;
-        for q in WorkQueue::ALL {
-            match ctx.store.in_flight_by_account(q).await {
-                Ok(per) => {
-                    for (acc, n) in per {
-                        *m.entry(acc).or_default() += n;
-                    }
-                }
-                Err(_) => complete = false,
-            }
-        }
-        if complete {
+        if let Ok(m) = ctx.store.in_flight_everywhere().await {
             for gone in reported.iter().filter(|a| !m.contains_key(*a)) {
                 metrics::gauge!("atelier_in_flight", "account" => gone.clone()).set(0.0);
             }

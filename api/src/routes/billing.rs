@@ -66,10 +66,7 @@ pub async fn grant(
     Caller(acc): Caller,
     Json(g): Json<Grant>,
 ) -> ApiResult<impl IntoResponse> {
-    if acc.is_operator != 1 {
-        // Not visible to ordinary accounts.
-        return Err(ApiError::not_found("No such route"));
-    }
+    super::operator::operator(&acc)?;
     let amount = Credits::from_f64(g.amount)
         .ok_or_else(|| ApiError::bad_request(Some("amount"), "must be a finite number", "body"))?;
     if g.reason.trim().is_empty() {

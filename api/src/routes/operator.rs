@@ -98,8 +98,9 @@ pub struct Overview {
     pub config: serde_json::Value,
 }
 
-/// Refuses every caller that is not an operator, as if the route did not exist.
-fn operator(acc: &Account) -> ApiResult<()> {
+/// Refuses every caller that is not an operator, as if the route did not
+/// exist (every operator-only route).
+pub(crate) fn operator(acc: &Account) -> ApiResult<()> {
     if acc.is_operator == 1 {
         Ok(())
     } else {
@@ -114,16 +115,7 @@ fn queue_of(s: &AppState) -> ApiResult<&DynQueue> {
 }
 
 fn queue_name(name: &str) -> ApiResult<&'static str> {
-    dead::known(name).ok_or_else(|| {
-        ApiError::bad_request(
-            Some("queue"),
-            format!(
-                "no queue {name:?}; the queues are {}",
-                dead::queues().join(", ")
-            ),
-            "path",
-        )
-    })
+    dead::known(name).map_err(|why| ApiError::bad_request(Some("queue"), why, "path"))
 }
 
 /// The work queues, the reports queue and the wake-ups: depths, dead
@@ -182,12 +174,7 @@ async fn queues(s: &AppState, alive: &[(WorkQueue, u32)], now: i64) -> ApiResult
 /// The accounts with the most in flight, then those with the most
 /// credits reserved, at most [`TOP_ACCOUNTS`].
 async fn busiest(s: &AppState) -> ApiResult<Vec<AccountActivity>> {
-    let mut in_flight: HashMap<String, u32> = HashMap::new();
-    for q in WorkQueue::ALL {
-        for (acc, n) in s.store.in_flight_by_account(q).await? {
-            *in_flight.entry(acc).or_default() += n;
-        }
-    }
+    let in_flight = s.store.in_flight_everywhere().await?;
     let mut ranked: Vec<(&String, &u32)> = in_flight.iter().collect();
     ranked.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
     let mut accounts = Vec::new();
@@ -313,13 +300,7 @@ pub async fn dead_letters(
             "query",
         ));
     }
-    let q = queue_of(&s)?;
-    let depth = q.depth(&dead::of(name)).await?;
-    let first = if depth > 0 {
-        dead::peek(q, name, limit).await?
-    } else {
-        Vec::new()
-    };
+    let (depth, first) = dead::look(queue_of(&s)?, name, limit).await?;
     Ok(axum::Json(DeadLetters {
         queue: name.into(),
         dead_letters: depth,

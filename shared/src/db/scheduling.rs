@@ -167,15 +167,35 @@ impl Store {
 
     /// Outputs of `queue` holding a lease, per account (`dispatched` + `running`).
     pub async fn in_flight_by_account(&self, queue: WorkQueue) -> Result<HashMap<String, u32>> {
+        self.in_flight_per_account(Some(queue)).await
+    }
+
+    /// Outputs holding a lease, per account, over every work queue.
+    pub async fn in_flight_everywhere(&self) -> Result<HashMap<String, u32>> {
+        self.in_flight_per_account(None).await
+    }
+
+    async fn in_flight_per_account(
+        &self,
+        queue: Option<WorkQueue>,
+    ) -> Result<HashMap<String, u32>> {
+        // Two statements rather than `$1 IS NULL OR …`, so that the
+        // dispatcher's per-queue one keeps a plan that uses the queue.
         let sql = format!(
             "SELECT j.account_id, COUNT(*) FROM outputs o JOIN jobs j ON j.id = o.job_id \
-             WHERE o.queue = $1 AND o.status IN ({}) GROUP BY j.account_id",
-            OutputStatus::sql_in(&OutputStatus::LEASED)
+             WHERE o.status IN ({}){} GROUP BY j.account_id",
+            OutputStatus::sql_in(&OutputStatus::LEASED),
+            if queue.is_some() {
+                " AND o.queue = $1"
+            } else {
+                ""
+            }
         );
-        let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
-            .bind(queue)
-            .fetch_all(self.pool())
-            .await?;
+        let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+        if let Some(queue) = queue {
+            q = q.bind(queue);
+        }
+        let rows = q.fetch_all(self.pool()).await?;
         Ok(rows
             .into_iter()
             .map(|(a, n)| (a, u32::try_from(n).unwrap_or(u32::MAX)))

@@ -23,9 +23,12 @@ pub fn queues() -> Vec<&'static str> {
         .collect()
 }
 
-/// `name` if it is one of [`queues`].
-pub fn known(name: &str) -> Option<&'static str> {
-    queues().into_iter().find(|q| *q == name)
+/// `name` if it is one of [`queues`], else why not (naming them).
+pub fn known(name: &str) -> Result<&'static str, String> {
+    queues()
+        .into_iter()
+        .find(|q| *q == name)
+        .ok_or_else(|| format!("no queue {name:?}; the queues are {}", queues().join(", ")))
 }
 
 /// The dead-letter queue of `queue`.
@@ -54,6 +57,22 @@ const DRAINED: Duration = Duration::from_millis(500);
 /// (it does so on tasks of its own) before the caller goes on.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// How many dead letters `queue` has, and the first `limit` of them
+/// described (none read when it has none).
+pub async fn look(
+    q: &DynQueue,
+    queue: &str,
+    limit: usize,
+) -> Result<(u64, Vec<DeadLetter>), QueueError> {
+    let depth = q.depth(&of(queue)).await?;
+    let first = if depth > 0 {
+        peek(q, queue, limit).await?
+    } else {
+        Vec::new()
+    };
+    Ok((depth, first))
 }
 
 /// Up to `limit` dead letters of `queue`, described; every one handed back.
