@@ -718,6 +718,10 @@ pub struct LimitsConfig {
     pub extraction_wait_ms: u64,
     /// Presets a non-enterprise account may hold (contract §6.2).
     pub presets: u32,
+    /// Whether every upload is looked at once by a worker (a free, quiet
+    /// `asset_tagging` job on the packshot queue) so that `GET /assets`
+    /// can show and filter its `tags` (contract §2.6).
+    pub tag_uploads: bool,
     /// How long the answer to a request with an `Idempotency-Key` is kept
     /// for its retries (per account, in the database).
     pub idempotency_ttl_secs: u64,
@@ -1010,6 +1014,7 @@ impl Default for LimitsConfig {
             default_max_size: "4K".into(),
             studio_wait_ms: 120_000,
             extraction_wait_ms: 60_000,
+            tag_uploads: true,
             presets: 200,
             idempotency_ttl_secs: 86_400,
             streams_per_account: 10,

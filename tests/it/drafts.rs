@@ -175,6 +175,30 @@ async fn drafts_promoted_into_a_working_identity(
     assert_eq!(st["preprocessing_status"], "completed", "{st}");
     let (_, ident) = app.get(&format!("/identity/{code}")).await;
     assert_eq!(ident["name"], "Spring model", "{ident}");
+    // It describes itself with the brief's gender and age, which the list
+    // filters find.
+    assert_eq!(
+        (
+            ident["image_description"]["gender"].clone(),
+            ident["image_description"]["age"].clone()
+        ),
+        (json!("female"), json!(28)),
+        "{ident}"
+    );
+    for (q, found) in [
+        ("gender=female&age_min=25&age_max=30", true),
+        ("gender=male", false),
+        ("age_min=29", false),
+    ] {
+        let (s, v) = app.get(&format!("/identity?{q}")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let listed = v["identities"]
+            .as_array()
+            .expect("identities")
+            .iter()
+            .any(|i| i["identity_code"] == code.as_str());
+        assert_eq!(listed, found, "{q}: {v}");
+    }
     let (after_promotion, reserved) = app.balance(&app.key).await;
     assert_eq!((after - after_promotion, reserved), (50.0, 0.0));
 

@@ -139,6 +139,10 @@ pub fn spawn_role_command(
         // claim to this lease: short, so drills do not wait the default 600 s.
         .env("ATELIER_SCHEDULER__DISPATCH_LEASE_SECS", "10")
         .env("ATELIER_WORKER__FAULT_DELAY_MS", fault_delay_ms.to_string())
+        .env(
+            "ATELIER_LIMITS__TAG_UPLOADS",
+            c.limits.tag_uploads.to_string(),
+        )
         .env("ATELIER_LOG__LEVEL", "warn")
         .env_remove("ATELIER_DATABASE__URL")
         .kill_on_drop(true);
@@ -177,6 +181,11 @@ pub fn test_config(dir: &std::path::Path, database_url: String) -> Config {
     c.scheduler.running_lease_secs = 3;
     c.scheduler.retry.base_ms = 100;
     c.scheduler.retry.cap_ms = 400;
+    // Tagging puts a quiet output per upload on the packshot queue; the
+    // tests that count outputs or hold worker slots leave it off, the
+    // tagging tests turn it on (and `atelier serve` in the console test
+    // and the fuzzer runs with it, the default).
+    c.limits.tag_uploads = false;
     c
 }
 

@@ -216,14 +216,67 @@ async fn identity_upload_checks_the_face_before_answering() {
         .filter_map(|e| e["data"]["preprocessing_status"].as_str())
         .collect();
     assert_eq!(statuses, ["pending", "processing", "completed"], "{n}");
+    // A second point of view of the same person (Gauss mirrored) is added
+    // with the next index; both are listed, normalised to 1024×1024.
+    let mirrored = {
+        let img = image::load_from_memory(&model_photo("gauss.png")).expect("png");
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.fliph()
+            .write_to(&mut out, image::ImageFormat::Png)
+            .expect("encode");
+        out.into_inner()
+    };
     let (s, v) = app
         .post_form(
             &format!("/identity/{code}/pov"),
-            ("image", "gauss.png", &model_photo("gauss.png")),
-            &[("pov_index", "3")],
+            ("image", "gauss-left.png", &mirrored),
+            &[("pov_index", "1")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["pov_index"], 1, "{v}");
+    assert_eq!(v["processed_count"], 2, "{v}");
+    let names: Vec<&str> = v["processed_images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .filter_map(|p| p["original_filename"].as_str())
+        .collect();
+    assert_eq!(names, ["gauss.png", "gauss-left.png"], "{v}");
+    for p in v["processed_images"].as_array().expect("images") {
+        let pov = image::load_from_memory(&app.fetch(&p["link"]).await).expect("jpeg");
+        assert_eq!((pov.width(), pov.height()), (1024, 1024));
+        image::load_from_memory(&app.fetch(&p["thumbnail_link"]).await).expect("thumbnail");
+    }
+    let two_views = v["preprocessing_job_id"].as_str().expect("job").to_string();
+    // Another person as a point of view is refused, naming why, and the
+    // identity keeps its two views.
+    let (s, v) = app
+        .post_form(
+            &format!("/identity/{code}/pov"),
+            ("image", "newton.png", &model_photo("newton.png")),
+            &[("pov_index", "1")],
         )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"].as_str().expect("error").contains("another person"),
+        "{v}"
+    );
+    let (_, st) = app.get(&format!("/identity/{code}/status")).await;
+    assert_eq!(st["preprocessing_job_id"], two_views.as_str(), "{st}");
+    // Indexes past the next one are out of range, named in the answer.
+    for bad in ["3", "-1", "one"] {
+        let (s, v) = app
+            .post_form(
+                &format!("/identity/{code}/pov"),
+                ("image", "gauss.png", &model_photo("gauss.png")),
+                &[("pov_index", bad)],
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert!(v.to_string().contains("pov_index"), "{v}");
+    }
     let (after3, _) = app.balance(&app.key.clone()).await;
     assert_eq!(after3, after, "replacing a point of view is free");
     let objects_before_delete = count_files(&app.dir.path().join("objects"));
@@ -237,10 +290,11 @@ async fn identity_upload_checks_the_face_before_answering() {
     let (s, _) = app.get(&format!("/identity/{code}")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let erased = objects_before_delete - count_files(&app.dir.path().join("objects"));
-    // The uploaded and the replacement photo, and each of their faces'
-    // crop, thumbnail and embedding (the refused replacement's photo was
-    // not kept).
-    assert_eq!(erased, 2 + 2 * 3, "objects erased by the delete");
+    // The three photos kept (upload, replacement, second view) and what
+    // each of the three builds stored: crop, thumbnail, embedding, and each
+    // point of view with its thumbnail (1, 1, 2). The refused photos were
+    // not kept.
+    assert_eq!(erased, 3 + 3 * 3 + 2 * (1 + 1 + 2), "objects erased by the delete");
     app.audit_clean().await;
     app.stop().await;
 }
@@ -754,6 +808,117 @@ async fn identities_are_shared_with_groups_and_offered_by_the_platform() {
     admin(&["identities", "unplatform", &code]);
     let (s, _) = app.get_as(&outsider, &path).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    app.audit_clean().await;
+    app.stop().await;
+}
+
+/// Uploads are tagged by a worker (contract §2.6): a portrait is a
+/// `model` photo, garments on a plain backdrop are `product`s, a picture
+/// where nothing stands out is a `background`. The tagging is free and
+/// quiet: no job in the caller's list, no notification.
+#[tokio::test]
+async fn uploads_are_tagged_by_what_a_worker_sees() {
+    let app = TestApp::with(Dialect::Sqlite, Roles::ALL, |c| {
+        with_models(c);
+        c.limits.tag_uploads = true;
+    })
+    .await;
+    let (before, _) = app.balance(&app.key.clone()).await;
+    let sky = {
+        let img = RgbImage::from_fn(400, 300, |x, y| {
+            image::Rgb([
+                (90 + y / 3) as u8,
+                (140 + y / 4) as u8,
+                (230 - x / 20) as u8,
+            ])
+        });
+        let mut b = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut b), image::ImageFormat::Png)
+            .expect("png");
+        b
+    };
+    let dress = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/dress.jpg"))
+        .expect("testdata");
+    let mut ids = Vec::new();
+    for (bytes, name) in [
+        (model_photo("newton.png"), "newton.png"),
+        (garment_photo(), "shirt.jpg"),
+        (dress, "dress.jpg"),
+        (sky, "sky.png"),
+    ] {
+        ids.push((app.upload(bytes, name).await, name));
+    }
+    let t = Instant::now();
+    let listed = loop {
+        let (s, v) = app.get("/assets?per_page=10").await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let assets = v["assets"].as_array().expect("assets").clone();
+        if assets.iter().all(|a| a["tags"].as_array().is_some_and(|t| !t.is_empty())) {
+            break assets;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "not tagged: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let tag_of = |name: &str| {
+        listed
+            .iter()
+            .find(|a| a["filename"] == name)
+            .map(|a| (a["tags"].clone(), a["detected"].clone()))
+            .expect("listed")
+    };
+    for (name, tag) in [
+        ("newton.png", "model"),
+        ("shirt.jpg", "product"),
+        ("dress.jpg", "product"),
+        ("sky.png", "background"),
+    ] {
+        let (tags, detected) = tag_of(name);
+        assert_eq!(tags, json!([tag]), "{name}: {detected}");
+    }
+    let (_, detected) = tag_of("newton.png");
+    assert_eq!(detected["faces"], 1, "{detected}");
+    let (_, detected) = tag_of("shirt.jpg");
+    assert_eq!(detected["faces"], 0, "{detected}");
+    assert_eq!(detected["plain_backdrop"], true, "{detected}");
+    // The preview is the 512 px copy the worker looked at.
+    let shirt = listed.iter().find(|a| a["filename"] == "shirt.jpg").expect("shirt");
+    let big = image::load_from_memory(&app.fetch(&shirt["thumbnail_big"]).await).expect("jpeg");
+    assert_eq!(big.width().max(big.height()), 512);
+    image::load_from_memory(&app.fetch(&shirt["thumbnail_small"]).await).expect("thumbnail");
+
+    let names = |v: &Value| -> Vec<String> {
+        let mut n: Vec<String> = v["assets"]
+            .as_array()
+            .expect("assets")
+            .iter()
+            .filter_map(|a| a["filename"].as_str().map(str::to_string))
+            .collect();
+        n.sort();
+        n
+    };
+    let (_, v) = app.get("/assets?include_tags=product").await;
+    assert_eq!(names(&v), ["dress.jpg", "shirt.jpg"], "{v}");
+    let (_, v) = app.get("/assets?include_tags=product,model").await;
+    assert_eq!(v["pagination"]["total"], 0, "include is AND: {v}");
+    let (_, v) = app.get("/assets?exclude_tags=product").await;
+    assert_eq!(names(&v), ["newton.png", "sky.png"], "{v}");
+    let (_, v) = app.get("/assets?exclude_tags=product,background").await;
+    assert_eq!(names(&v), ["newton.png"], "{v}");
+    let (_, v) = app.get("/assets?search=backgr").await;
+    assert_eq!(names(&v), ["sky.png"], "search matches tags: {v}");
+
+    // Free and quiet.
+    let (after, _) = app.balance(&app.key.clone()).await;
+    assert_eq!(after, before, "tagging is free");
+    let (_, jobs) = app.get("/jobs").await;
+    assert_eq!(jobs["pagination"]["total"], 0, "{jobs}");
+    let (s, n) = app
+        .post(
+            "/notifications",
+            json!({"name_list": "batch_edit,image_result"}),
+        )
+        .await;
+    assert_eq!((s, n.clone()), (StatusCode::OK, json!([])), "nothing notifies of tagging");
     app.audit_clean().await;
     app.stop().await;
 }

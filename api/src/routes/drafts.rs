@@ -194,6 +194,16 @@ pub async fn promote(
         job_trace(&headers).to_string(),
     )
     .await?;
+    // What the brief asked for describes the person (the list filters use
+    // it); nothing here estimates gender or age from pixels.
+    if let Some(brief) = spec.instructions.get(out.instruction_index as usize)
+        && let (gender, age) = brief.described()
+        && (gender.is_some() || age.is_some())
+    {
+        s.store
+            .describe_identity(&code, gender.as_deref(), age)
+            .await?;
+    }
     tracing::info!(identity = %code, draft = out.id, job.id = %job_id, "draft promoted");
     let mut resp = (
         StatusCode::CREATED,

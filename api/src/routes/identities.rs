@@ -23,8 +23,10 @@ use atelier_shared::db::jobs::NewJob;
 use atelier_shared::db::rows::JobRow;
 use atelier_shared::domain::JobStatus;
 use atelier_shared::domain::identity::{
-    self, IdentityKind, PhotoSource, PreprocessSpec, is_face_problem, is_input_problem,
+    self, IDENTITY_POVS, IdentityKind, PhotoSource, PreprocessSpec, is_face_problem,
+    is_input_problem,
 };
+use atelier_shared::domain::kinds::JobSpec;
 use atelier_shared::domain::packshot::ImageFormat;
 use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::extract::{Path, State};
@@ -707,19 +709,23 @@ pub async fn delete(
     }
 }
 
-/// `POST /identity/{code}/pov` (contract §5.8): replaces the identity's
-/// face with one from a new photo. This platform keeps one point of view
-/// per identity (index 0: the aligned face that model swap uses). The new
-/// face is preprocessed like an upload (free of charge); until its job
-/// completes, and if it fails, the identity keeps the face it had.
+/// `POST /identity/{code}/pov` (contract §5.8): replaces one of the
+/// identity's points of view (`pov_index` below the number it has) or adds
+/// one (`pov_index` equal to it), up to [`IDENTITY_POVS`]. Each point of
+/// view is a photo of the same person, normalised to 1024×1024; the face
+/// that model swap uses is rebuilt from all of them by a free
+/// preprocessing job, which fails when the new photo shows someone else.
+/// Until that job completes, and if it fails, the identity keeps what it
+/// had. The owner and members of the groups it is shared with may do this.
 /// The form of `POST /identity/{identity_code}/pov`.
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)]
 pub struct PovForm {
-    /// The new photo of the same person.
+    /// A photo of the same person, one face.
     #[schema(value_type = String, format = Binary)]
     image: Vec<u8>,
-    /// The point of view to replace; this platform keeps one (index 0).
+    /// The point of view to replace (below the identity's count) or to add
+    /// (equal to it); at most 3.
     pov_index: i64,
 }
 
@@ -728,8 +734,9 @@ pub struct PovForm {
     params(("identity_code" = String, Path, description = "The identity's code")),
     request_body(content = PovForm, content_type = "multipart/form-data"),
     responses(
-        (status = 200, description = "Replaced (or still being checked: `preprocessing_status: processing`)", body = PovReplaced),
-        (status = 400, description = "The new photo cannot become the face", body = crate::error::ErrorBody),
+        (status = 200, description = "Replaced (or still being checked: `preprocessing_status: processing`); `processed_images` lists every point of view", body = PovReplaced),
+        (status = 400, description = "The new photo cannot join the identity, or the index is out of range", body = crate::error::ErrorBody),
+        (status = 403, description = "A platform identity", body = crate::error::ErrorBody),
         (status = 409, description = "The identity is not completed", body = crate::error::ErrorBody),
     ),
 )]
@@ -740,7 +747,12 @@ pub async fn replace_pov(
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<axum::Json<PovReplaced>> {
-    let row = load(&s, &acc.id, &code).await?;
+    let row = load_visible(&s, &acc.id, &code).await?;
+    if row.account_id != acc.id && row.default_tier.is_some() {
+        return Err(ApiError::forbidden(format!(
+            "Identity {code} is a platform identity; its points of view cannot be changed"
+        )));
+    }
     if row.job_status != Some(JobStatus::Completed) {
         return Err(ApiError::conflict(
             "identity_not_ready",
@@ -750,6 +762,7 @@ pub async fn replace_pov(
             ),
         ));
     }
+    let mut photos = current_povs(&s, &row).await?;
     let (image, form) = one_photo(&s, multipart).await?;
     let index: i64 = form
         .text
@@ -758,14 +771,49 @@ pub async fn replace_pov(
         .trim()
         .parse()
         .map_err(|_| ApiError::bad_request(Some("pov_index"), "must be an integer", "form"))?;
-    if index != 0 {
-        return Err(ApiError::bad_request(
+    let last = photos.len().min(IDENTITY_POVS - 1);
+    let slot = usize::try_from(index).ok().filter(|i| *i <= last).ok_or_else(|| {
+        ApiError::bad_request(
             Some("pov_index"),
-            format!("{index} is out of range: this identity has 1 point of view (index 0)"),
+            format!(
+                "{index} is out of range: this identity has {} point(s) of view; replace one with 0..={}{}",
+                photos.len(),
+                photos.len() - 1,
+                if photos.len() < IDENTITY_POVS {
+                    format!(" or add one with {}", photos.len())
+                } else {
+                    format!(" (an identity keeps at most {IDENTITY_POVS})")
+                }
+            ),
             "form",
-        ));
+        )
+    })?;
+    let key = put_identity_photo(
+        &s,
+        &acc.id,
+        &code,
+        "pov",
+        image.bytes.clone(),
+        image.content_type,
+        image.ext,
+    )
+    .await?;
+    let new = PhotoSource::Object {
+        key: key.clone(),
+        filename: image.filename.clone(),
+    };
+    if slot == photos.len() {
+        photos.push(new);
+    } else {
+        photos[slot] = new;
     }
-    let (key, spec) = store_photo(&s, &acc.id, &code, "pov", &image).await?;
+    let spec = PreprocessSpec {
+        identity_code: code.clone(),
+        kind: IdentityKind::Identity,
+        min_usable: photos.len() as u32,
+        photos,
+        replaces: true,
+    };
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
     let job = preprocessing_job(&s, &acc.id, &billing, spec, job_trace(&headers).to_string());
     let job_id = match s.store.start_face_replacement(&acc.id, &code, job).await {
@@ -784,23 +832,15 @@ pub async fn replace_pov(
     };
     // Wait for the face check, as an upload does.
     let status = wait_for_job(&s, &job_id).await?;
-    let ttl = s.result_ttl();
     match status {
         JobStatus::Completed => {
-            let row = load(&s, &acc.id, &code).await?;
-            let (Some(full), Some(thumb)) = (&row.crop_key, &row.crop_thumb_key) else {
-                return Err(ApiError::internal("a completed face has no crop"));
-            };
-            let jpeg = ImageFormat::Jpg.content_type();
+            let row = load_visible(&s, &acc.id, &code).await?;
+            let processed_images = pov_images(&s, &row).await?;
             Ok(axum::Json(PovReplaced {
                 success: true,
                 pov_index: index,
-                processed_images: vec![ProcessedImage {
-                    original_filename: image.filename.clone(),
-                    link: s.object_url(full, jpeg, ttl).await?,
-                    thumbnail_link: s.object_url(thumb, jpeg, ttl).await?,
-                }],
-                processed_count: 1,
+                processed_count: processed_images.len(),
+                processed_images,
                 preprocessing_status: None,
                 preprocessing_job_id: job_id,
             }))
@@ -830,6 +870,56 @@ pub async fn replace_pov(
             preprocessing_job_id: job_id,
         })),
     }
+}
+
+/// The photos of the identity's points of view: those its effective
+/// preprocessing job was given.
+async fn current_povs(s: &AppState, row: &IdentityRow) -> ApiResult<Vec<PhotoSource>> {
+    let job = match &row.job_id {
+        Some(id) => s.store.job(id).await?,
+        None => None,
+    };
+    match job.map(|j| j.spec) {
+        Some(JobSpec::IdentityPreprocessing(spec)) if !spec.photos.is_empty() => Ok(spec.photos),
+        _ => Err(ApiError::internal(format!(
+            "identity {} has no preprocessing photos",
+            row.code
+        ))),
+    }
+}
+
+/// Every point of view of a completed identity, signed. An identity built
+/// before points of view were kept shows its face crop as its one view.
+async fn pov_images(s: &AppState, row: &IdentityRow) -> ApiResult<Vec<ProcessedImage>> {
+    let record = row
+        .record()
+        .ok_or_else(|| ApiError::internal("a completed identity has no face record"))?;
+    let photos = current_povs(s, row).await?;
+    let filename = |i: u32| match photos.get(i as usize) {
+        Some(PhotoSource::Object { filename, .. }) => filename.clone(),
+        _ => None,
+    };
+    let ttl = s.result_ttl();
+    let jpeg = ImageFormat::Jpg.content_type();
+    let mut out = Vec::with_capacity(record.povs.len().max(1));
+    if record.povs.is_empty() {
+        let (Some(full), Some(thumb)) = (&row.crop_key, &row.crop_thumb_key) else {
+            return Err(ApiError::internal("a completed face has no crop"));
+        };
+        out.push(ProcessedImage {
+            original_filename: filename(record.photo_index),
+            link: s.object_url(full, jpeg, ttl).await?,
+            thumbnail_link: s.object_url(thumb, jpeg, ttl).await?,
+        });
+    }
+    for p in &record.povs {
+        out.push(ProcessedImage {
+            original_filename: filename(p.index),
+            link: s.object_url(&p.key, jpeg, ttl).await?,
+            thumbnail_link: s.object_url(&p.thumb_key, jpeg, ttl).await?,
+        });
+    }
+    Ok(out)
 }
 
 /// `POST`/`DELETE /identity/{code}/share/{group_name}`: what sharing did.

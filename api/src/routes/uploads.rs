@@ -6,6 +6,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::Json;
 use crate::state::AppState;
 use crate::views::UploadSlot;
+use atelier_shared::domain::assets::AssetReport;
 use atelier_shared::storage::{Capability, SignError};
 use atelier_shared::time::now_ms;
 use axum::body::Bytes;
@@ -398,7 +399,41 @@ pub async fn receive(
         let _ = s.objects.delete(&key).await;
         return Err(ApiError::forbidden("The upload URL was already used"));
     }
+    if s.config.limits.tag_uploads {
+        tag(&s, &file).await;
+    }
     Ok(StatusCode::OK)
+}
+
+/// Asks a worker to tag the stored upload (contract §2.6). The upload has
+/// succeeded whatever happens here: a file that could not be tagged lists
+/// without tags.
+async fn tag(s: &AppState, file: &atelier_shared::db::files::FileRow) {
+    let billing = match s.store.billing_owner(&file.account_id).await {
+        Ok((billing, _)) => billing,
+        Err(e) => {
+            tracing::warn!(file_id = %file.id, error = %e, "upload not tagged");
+            return;
+        }
+    };
+    let job = atelier_shared::db::jobs::NewJob {
+        account_id: &file.account_id,
+        billing_account_id: &billing,
+        project_id: Some(&file.project_id),
+        spec: atelier_shared::domain::assets::TaggingSpec {
+            file_id: file.id.clone(),
+        }
+        .into(),
+        prices: &s.config.prices,
+        max_attempts: s.config.scheduler.retry.max_attempts,
+        active_job_cap: None,
+        traceparent: None,
+    };
+    match s.store.start_tagging(&file.id, job).await {
+        Ok(atelier_shared::db::jobs::Admission::Created { .. }) => {}
+        Ok(other) => tracing::warn!(file_id = %file.id, answer = ?other, "upload not tagged"),
+        Err(e) => tracing::warn!(file_id = %file.id, error = %e, "upload not tagged"),
+    }
 }
 
 /// A signed read of a stored file (no credentials; expires).
@@ -472,10 +507,8 @@ pub struct AssetQuery {
     pub exclude_tags: Option<String>,
 }
 
-const ASSET_TAGS: [&str; 4] = ["model", "product", "background", "other"];
-
-/// The caller's uploaded assets (contract §2.6). Uploads carry no tags
-/// here (nothing classifies them), so a tag to include matches none.
+/// The caller's uploaded assets (contract §2.6), with the tags a worker
+/// gave each one after its upload (none until it has looked).
 #[utoipa::path(
     get, path = "/assets", tag = "uploads",
     params(AssetQuery),
@@ -505,21 +538,26 @@ pub async fn assets(
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
             .collect();
-        match list.iter().find(|t| !ASSET_TAGS.contains(&t.as_str())) {
+        match list
+            .iter()
+            .find(|t| !atelier_shared::domain::assets::TAGS.contains(&t.as_str()))
+        {
             Some(_) => Err(bad(field, "must list model, product, background or other")),
             None => Ok(list),
         }
     };
     let include = tags(&q.include_tags, "include_tags")?;
-    tags(&q.exclude_tags, "exclude_tags")?;
+    let exclude = tags(&q.exclude_tags, "exclude_tags")?;
+    // Uploads are private to their account: none is shared or a platform
+    // default.
     let none_match = match q.ownership.as_deref() {
         None | Some("mine") => false,
         Some("shared" | "default") => true,
         Some(_) => return Err(bad("ownership", "must be mine, shared or default")),
-    } || !include.is_empty()
-        || q.created_by
-            .as_deref()
-            .is_some_and(|c| c != acc.id && c != acc.name);
+    } || q
+        .created_by
+        .as_deref()
+        .is_some_and(|c| c != acc.id && c != acc.name);
     let when = |v: &Option<String>, field: &str| -> ApiResult<Option<i64>> {
         v.as_deref()
             .map(|t| {
@@ -536,49 +574,66 @@ pub async fn assets(
         s.store
             .list_files(
                 &acc.id,
-                q.search.as_deref().map(str::trim).filter(|t| !t.is_empty()),
-                after,
-                before,
-                sort_by_name,
-                ascending,
-                page,
-                per_page,
+                &atelier_shared::db::files::AssetQuery {
+                    search: q.search.as_deref().map(str::trim).filter(|t| !t.is_empty()),
+                    created_after: after,
+                    created_before: before,
+                    include_tags: &include,
+                    exclude_tags: &exclude,
+                    sort_by_name,
+                    ascending,
+                    page,
+                    per_page,
+                },
             )
             .await?
     };
     let ttl = std::time::Duration::from_secs(s.config.limits.result_url_ttl_secs);
     let exp = now_ms() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
-    let assets: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|f| {
-            let url = s.url(&format!(
-                "/files/{}",
-                s.signer.sign(
-                    &Capability::File {
-                        file_id: f.id.clone()
-                    },
-                    exp
-                )
-            ));
-            serde_json::json!({
-                "id": f.id,
-                "filename": f.filename,
-                "url": url,
-                "created_at": atelier_shared::time::iso8601(f.created_at),
-                "created_by": f.account_id,
-                "tags": [],
-                "visibility": "private",
-                "thumbnail_big": url,
-                "thumbnail_small": url,
-                "styling_note": null,
-                "detected": null,
-                "dimensions": match (f.width, f.height) {
-                    (Some(w), Some(h)) => serde_json::json!({"width": w, "height": h}),
-                    _ => serde_json::Value::Null,
+    let mut assets = Vec::with_capacity(rows.len());
+    for a in &rows {
+        let f = &a.file;
+        let url = s.url(&format!(
+            "/files/{}",
+            s.signer.sign(
+                &Capability::File {
+                    file_id: f.id.clone()
                 },
-            })
-        })
-        .collect();
+                exp
+            )
+        ));
+        let report: Option<AssetReport> = a
+            .tagging
+            .as_deref()
+            .and_then(|d| serde_json::from_str(d).ok());
+        let jpeg = atelier_shared::domain::packshot::ImageFormat::Jpg.content_type();
+        // The tagging's preview (512 px) and its thumbnail, once it ran.
+        let big = match &a.preview_key {
+            Some(k) => s.object_url(k, jpeg, ttl).await?,
+            None => url.clone(),
+        };
+        let small = match &a.preview_thumb_key {
+            Some(k) => s.object_url(k, jpeg, ttl).await?,
+            None => url.clone(),
+        };
+        assets.push(serde_json::json!({
+            "id": f.id,
+            "filename": f.filename,
+            "url": url,
+            "created_at": atelier_shared::time::iso8601(f.created_at),
+            "created_by": f.account_id,
+            "tags": report.as_ref().map(|r| r.tags.clone()).unwrap_or_default(),
+            "visibility": "private",
+            "thumbnail_big": big,
+            "thumbnail_small": small,
+            "styling_note": null,
+            "detected": report.as_ref().map(|r| &r.detected),
+            "dimensions": match (f.width, f.height) {
+                (Some(w), Some(h)) => serde_json::json!({"width": w, "height": h}),
+                _ => serde_json::Value::Null,
+            },
+        }));
+    }
     Ok(axum::Json(serde_json::json!({
         "assets": assets,
         "pagination": crate::views::Pagination::new(page, per_page, total),

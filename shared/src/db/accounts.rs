@@ -395,6 +395,8 @@ impl Store {
     /// The charges of `account_id`'s work in `[from, to)`: `(when,
     /// amount, job type, job id)` each; the job type is `None` for work done
     /// inside a request (extractions), charged to the billing account.
+    /// Free work (a face replacement, tagging an upload) charged nothing
+    /// and is not listed.
     pub async fn charges_between(
         &self,
         account_id: &str,
@@ -403,7 +405,7 @@ impl Store {
     ) -> Result<Vec<(i64, i64, Option<String>, Option<String>)>> {
         Ok(sqlx::query_as(
             "SELECT l.created_at, l.amount, j.job_type, l.job_id FROM credit_ledger l LEFT JOIN jobs j ON j.id = l.job_id \
-             WHERE l.kind = 'charge' AND l.created_at >= $2 AND l.created_at < $3 \
+             WHERE l.kind = 'charge' AND l.amount <> 0 AND l.created_at >= $2 AND l.created_at < $3 \
              AND (j.account_id = $1 OR (l.job_id IS NULL AND l.account_id = $1)) ORDER BY l.created_at",
         )
         .bind(account_id)

@@ -1289,6 +1289,7 @@ pub async fn identities_are_admitted_replaced_and_deleted(s: Store) {
                     photo_width: 8,
                     photo_height: 8,
                     photos: vec![],
+                    povs: vec![],
                 };
                 let r = OutputResult {
                     full_key: format!("faces/f{n}"),

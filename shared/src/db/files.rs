@@ -1,7 +1,9 @@
 //! Uploaded assets (`file_id`): a row is created with the upload slot and
 //! becomes `uploaded` once the bytes are stored.
 
+use super::jobs::{Admission, NewJob};
 use super::{Result, Store};
+use crate::domain::assets::TAGS;
 use crate::time::now_ms;
 use sqlx::AnyConnection;
 
@@ -24,6 +26,32 @@ pub struct FileRow {
     pub height: Option<i64>,
     pub created_at: i64,
     pub uploaded_at: Option<i64>,
+}
+
+/// What `GET /assets` filters on (contract §2.6). `search` matches the
+/// filename, the project's name and the tags; tags to include must all be
+/// found, tags to exclude none (an upload not tagged yet has none).
+pub struct AssetQuery<'a> {
+    pub search: Option<&'a str>,
+    pub created_after: Option<i64>,
+    pub created_before: Option<i64>,
+    pub include_tags: &'a [String],
+    pub exclude_tags: &'a [String],
+    pub sort_by_name: bool,
+    pub ascending: bool,
+    pub page: i64,
+    pub per_page: i64,
+}
+
+/// An uploaded file and what its tagging found: the report (JSON, an
+/// [`crate::domain::assets::AssetReport`]) and the preview it stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AssetRow {
+    #[sqlx(flatten)]
+    pub file: FileRow,
+    pub tagging: Option<String>,
+    pub preview_key: Option<String>,
+    pub preview_thumb_key: Option<String>,
 }
 
 impl FileRow {
@@ -76,42 +104,54 @@ impl Store {
             .await?)
     }
 
-    /// A page of the account's uploaded files, and how many match:
-    /// `search` in the filename or the project's name, `created_after` /
-    /// `created_before` (epoch ms), sorted by `created_at` or `filename`.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn list_files(
-        &self,
-        account_id: &str,
-        search: Option<&str>,
-        created_after: Option<i64>,
-        created_before: Option<i64>,
-        sort_by_name: bool,
-        ascending: bool,
-        page: i64,
-        per_page: i64,
-    ) -> Result<(Vec<FileRow>, i64)> {
+    /// A page of the account's uploaded files with what tagging found, and
+    /// how many match the query.
+    pub async fn list_files(&self, account_id: &str, q: &AssetQuery<'_>) -> Result<(Vec<AssetRow>, i64)> {
         let mut filter = format!("f.account_id = $1 AND f.status = '{UPLOADED}'");
         let mut binds: Vec<BindValue> = Vec::new();
         let mut n = 1;
-        if let Some(q) = search {
+        // A tag's name quoted, as it stands in a tagging report (whose only
+        // strings are its tags).
+        let quoted = |t: &str| format!("%\"{}\"%", super::like_escape(t));
+        if let Some(text) = q.search {
+            let text = text.to_lowercase();
+            n += 1;
+            let mut any = format!(
+                "LOWER(f.filename) LIKE ${n} ESCAPE '\\' OR LOWER(COALESCE(p.name, '')) LIKE ${n} ESCAPE '\\'"
+            );
+            binds.push(BindValue::Text(format!("%{}%", super::like_escape(&text))));
+            for tag in TAGS.iter().filter(|t| t.contains(text.as_str())) {
+                n += 1;
+                any.push_str(&format!(" OR t.input_description LIKE ${n} ESCAPE '\\'"));
+                binds.push(BindValue::Text(quoted(tag)));
+            }
+            filter.push_str(&format!(" AND ({any})"));
+        }
+        for tag in q.include_tags {
+            n += 1;
+            filter.push_str(&format!(" AND t.input_description LIKE ${n} ESCAPE '\\'"));
+            binds.push(BindValue::Text(quoted(tag)));
+        }
+        for tag in q.exclude_tags {
             n += 1;
             filter.push_str(&format!(
-                " AND (LOWER(f.filename) LIKE ${n} ESCAPE '\\' OR LOWER(COALESCE(p.name, '')) LIKE ${n} ESCAPE '\\')"
+                " AND (t.input_description IS NULL OR t.input_description NOT LIKE ${n} ESCAPE '\\')"
             ));
-            binds.push(BindValue::Text(format!("%{}%", super::like_escape(&q.to_lowercase()))));
+            binds.push(BindValue::Text(quoted(tag)));
         }
-        if let Some(t) = created_after {
+        if let Some(t) = q.created_after {
             n += 1;
             filter.push_str(&format!(" AND f.created_at >= ${n}"));
             binds.push(BindValue::Int(t));
         }
-        if let Some(t) = created_before {
+        if let Some(t) = q.created_before {
             n += 1;
             filter.push_str(&format!(" AND f.created_at < ${n}"));
             binds.push(BindValue::Int(t));
         }
-        let from = "FROM files f LEFT JOIN projects p ON p.id = f.project_id";
+        let from = "FROM files f LEFT JOIN projects p ON p.id = f.project_id \
+             LEFT JOIN outputs t ON t.job_id = f.tagging_job_id AND t.status = 'completed' \
+             AND t.instruction_index = 0 AND t.variation_index = 0 AND t.version = 0";
         let count_sql = format!("SELECT COUNT(*) {from} WHERE {filter}");
         let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(account_id);
         for b in &binds {
@@ -121,31 +161,50 @@ impl Store {
             };
         }
         let total = count.fetch_one(self.pool()).await?;
-        let column = if sort_by_name { "f.filename" } else { "f.created_at" };
-        let dir = if ascending { "ASC" } else { "DESC" };
+        let column = if q.sort_by_name { "f.filename" } else { "f.created_at" };
+        let dir = if q.ascending { "ASC" } else { "DESC" };
         let cols = FILE_COLUMNS
             .split(", ")
             .map(|c| format!("f.{c}"))
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "SELECT {cols} {from} WHERE {filter} ORDER BY {column} {dir}, f.id {dir} LIMIT ${} OFFSET ${}",
+            "SELECT {cols}, t.input_description AS tagging, t.full_key AS preview_key, t.thumb_key AS preview_thumb_key \
+             {from} WHERE {filter} ORDER BY {column} {dir}, f.id {dir} LIMIT ${} OFFSET ${}",
             n + 1,
             n + 2
         );
-        let mut q = sqlx::query_as::<_, FileRow>(&sql).bind(account_id);
+        let mut query = sqlx::query_as::<_, AssetRow>(&sql).bind(account_id);
         for b in &binds {
-            q = match b {
-                BindValue::Text(t) => q.bind(t.clone()),
-                BindValue::Int(i) => q.bind(*i),
+            query = match b {
+                BindValue::Text(t) => query.bind(t.clone()),
+                BindValue::Int(i) => query.bind(*i),
             };
         }
-        let rows = q
-            .bind(per_page)
-            .bind((page - 1) * per_page)
+        let rows = query
+            .bind(q.per_page)
+            .bind((q.page - 1) * q.per_page)
             .fetch_all(self.pool())
             .await?;
         Ok((rows, total))
+    }
+
+    /// Starts tagging an upload (contract §2.6): admits its quiet
+    /// `asset_tagging` job and records it on the file, in one transaction.
+    pub async fn start_tagging(&self, file_id: &str, job: NewJob<'_>) -> Result<Admission> {
+        let mut tx = self.begin().await?;
+        let admission = self.admit(&mut tx, &job).await?;
+        let Admission::Created { job_id, .. } = &admission else {
+            tx.rollback().await?;
+            return Ok(admission);
+        };
+        sqlx::query("UPDATE files SET tagging_job_id = $2 WHERE id = $1")
+            .bind(file_id)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(admission)
     }
 
     /// Files of `ids` that belong to `account_id`.

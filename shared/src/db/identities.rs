@@ -432,6 +432,23 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
+    /// Records who an identity shows (`image_description`'s `gender` and
+    /// `age`, which the list filters read).
+    pub async fn describe_identity(
+        &self,
+        code: &str,
+        gender: Option<&str>,
+        age: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE identities SET gender = $2, age = $3 WHERE code = $1")
+            .bind(code)
+            .bind(gender)
+            .bind(age)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     /// An identity or profile of `account_id`; `None` for anything else (404).
     pub async fn identity_for(
         &self,
@@ -514,7 +531,8 @@ impl Store {
     /// Starts replacing an identity's face (`POST /identity/{code}/pov`):
     /// admits the preprocessing job and makes it the identity's pending
     /// one, folding an earlier replacement that completed into the
-    /// current face first. `None` when the identity is not the caller's.
+    /// current face first. `None` when the identity is neither the
+    /// caller's nor shared with one of its groups.
     pub async fn start_face_replacement(
         &self,
         account_id: &str,
@@ -530,7 +548,9 @@ impl Store {
         let r = sqlx::query(
             "UPDATE identities SET job_id = COALESCE((SELECT pj.id FROM jobs pj WHERE pj.id = identities.pending_job_id \
              AND pj.status = $5), job_id), pending_job_id = $3, updated_at = $4 \
-             WHERE code = $1 AND account_id = $2",
+             WHERE code = $1 AND (account_id = $2 OR EXISTS (SELECT 1 FROM identity_shares s \
+             JOIN group_members m ON m.group_id = s.group_id \
+             WHERE s.identity_code = identities.code AND m.account_id = $2))",
         )
         .bind(code)
         .bind(account_id)
@@ -601,7 +621,8 @@ impl Store {
 
 /// Every object an identity owns: its photo and, for each of its
 /// preprocessing jobs (the first and every face replacement), the photos
-/// it was given, the crop, the thumbnail and the embedding.
+/// it was given, the crop, the thumbnail, the embedding and the points of
+/// view.
 async fn identity_objects(tx: &mut super::Tx, code: &str) -> Result<Vec<String>> {
     use crate::domain::identity::{PhotoSource, PreprocessSpec};
     let mut keys: Vec<String> =
@@ -632,6 +653,10 @@ async fn identity_objects(tx: &mut super::Tx, code: &str) -> Result<Vec<String>>
         keys.extend(thumb);
         if let Some(r) = description.and_then(|d| serde_json::from_str::<FaceRecord>(&d).ok()) {
             keys.push(r.embedding_key);
+            for p in r.povs {
+                keys.push(p.key);
+                keys.push(p.thumb_key);
+            }
         }
     }
     keys.sort();

@@ -479,11 +479,24 @@ impl Store {
     /// A page of `account_id`'s jobs, newest first unless `ascending`, with
     /// the number that match the filters.
     pub async fn list_jobs(&self, account_id: &str, q: &JobQuery) -> Result<(Vec<JobRow>, i64)> {
-        const FILTER: &str = "j.account_id = $1 AND ($2 IS NULL OR j.status = $2) \
-             AND ($3 IS NULL OR j.job_type = $3) AND ($4 IS NULL OR j.project_id = $4)";
+        // Quiet kinds (run on the platform's own behalf) are left out.
+        static FILTER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            let quiet: Vec<String> = JobType::ALL
+                .iter()
+                .filter(|t| t.quiet())
+                .map(|t| format!("'{t}'"))
+                .collect();
+            format!(
+                "j.account_id = $1 AND ($2 IS NULL OR j.status = $2) \
+                 AND ($3 IS NULL OR j.job_type = $3) AND ($4 IS NULL OR j.project_id = $4) \
+                 AND j.job_type NOT IN ({})",
+                quiet.join(", ")
+            )
+        });
+        let filter = FILTER.as_str();
         let status = q.status.map(JobStatus::as_str);
         let job_type = q.job_type.map(JobType::as_str);
-        let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM jobs j WHERE {FILTER}"))
+        let total: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM jobs j WHERE {filter}"))
             .bind(account_id)
             .bind(status)
             .bind(job_type)
@@ -492,7 +505,7 @@ impl Store {
             .await?;
         let order = if q.ascending { "ASC" } else { "DESC" };
         let sql = format!(
-            "{JOB_SELECT} WHERE {FILTER} ORDER BY j.created_at {order}, j.id {order} LIMIT $5 OFFSET $6"
+            "{JOB_SELECT} WHERE {filter} ORDER BY j.created_at {order}, j.id {order} LIMIT $5 OFFSET $6"
         );
         let rows = sqlx::query_as::<_, JobRow>(&sql)
             .bind(account_id)

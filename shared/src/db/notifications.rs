@@ -45,13 +45,17 @@ pub struct RelayedDelivery {
     pub body: String,
 }
 
-/// `batch_edit` for the job's current state (read inside the transaction).
+/// `batch_edit` for the job's current state (read inside the transaction);
+/// nothing for a quiet kind.
 pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
     let sql = format!("{JOB_SELECT} WHERE j.id = $1");
     let job = sqlx::query_as::<_, JobRow>(&sql)
         .bind(job_id)
         .fetch_one(&mut **tx)
         .await?;
+    if job.job_type.quiet() {
+        return Ok(());
+    }
     let data = serde_json::json!({
         "id_task": job.id,
         "job_id": job.id,

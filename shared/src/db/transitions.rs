@@ -16,7 +16,7 @@ use super::notifications::{notify_job, notify_output};
 use super::rows::{OUTPUT_COLUMNS, OutputRow};
 use super::{Result, Tx, to_json};
 use crate::domain::credits::Credits;
-use crate::domain::{JobStatus, OutputResult, OutputStatus};
+use crate::domain::{JobStatus, JobType, OutputResult, OutputStatus};
 use crate::time::now_ms;
 
 /// What one transaction owes the account rows; see the module's note.
@@ -188,14 +188,16 @@ pub(crate) async fn finish_output(
     } else {
         "failed_outputs"
     };
-    let account: String = sqlx::query_scalar(&format!(
-        "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1 RETURNING account_id"
+    let (account, job_type): (String, JobType) = sqlx::query_as(&format!(
+        "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1 RETURNING account_id, job_type"
     ))
     .bind(&o.job_id)
     .bind(now)
     .fetch_one(&mut **tx)
     .await?;
-    notify_output(tx, &account, &after).await?;
+    if !job_type.quiet() {
+        notify_output(tx, &account, &after).await?;
+    }
     Ok(true)
 }
 

@@ -224,6 +224,26 @@ pub struct DraftSpec {
     pub instructions: Vec<DraftInstructionSpec>,
 }
 
+impl DraftInstructionSpec {
+    /// The `gender` and `age` the brief asked for, as an identity promoted
+    /// from its draft describes itself (contract §5.1 `image_description`):
+    /// the gender lower-cased, the age when it is a whole number of years
+    /// ("28", or "28 years old").
+    pub fn described(&self) -> (Option<String>, Option<i64>) {
+        let gender = self
+            .appearance
+            .get("gender")
+            .map(|g| g.trim().to_lowercase())
+            .filter(|g| !g.is_empty());
+        let age = self.appearance.get("age").and_then(|a| {
+            let a = a.trim();
+            let years = a.strip_suffix("years old").unwrap_or(a).trim();
+            years.parse::<i64>().ok().filter(|n| (1..=120).contains(n))
+        });
+        (gender, age)
+    }
+}
+
 impl DraftSpec {
     pub fn largest_size(&self) -> SizeClass {
         self.instructions

@@ -187,7 +187,30 @@ pub struct FaceRecord {
     pub photo_width: u32,
     pub photo_height: u32,
     pub photos: Vec<PhotoReport>,
+    /// An identity's points of view (contract §5.8), in photo order: each
+    /// photo's face and shoulders normalised to [`POV_SIZE`]². Empty for
+    /// profiles and for identities built before points of view were kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub povs: Vec<PovImage>,
 }
+
+/// One point of view of an identity: photo `index` of its preprocessing,
+/// normalised, with its thumbnail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PovImage {
+    pub index: u32,
+    pub key: String,
+    pub thumb_key: String,
+}
+
+/// Points of view an identity keeps at most (contract §5.8: `pov_index`
+/// is `0..IDENTITY_POVS`). Each is a photo of the same person; the face
+/// that model swap uses is built from all of them.
+pub const IDENTITY_POVS: usize = 4;
+
+/// Side of a point-of-view image (contract §5.8: "normalised to
+/// 1024×1024").
+pub const POV_SIZE: u32 = 1024;
 
 impl FaceRecord {
     /// `quality_score` as shown to clients (three decimals).

@@ -35,6 +35,10 @@ pub trait JobKind: 'static {
     /// Whether its jobs hold one of the account's active-job slots while
     /// pending or processing (contract §1.9).
     const COUNTS_AGAINST_CAP: bool = true;
+    /// Whether the platform runs it on its own behalf (tagging an upload):
+    /// no notification or webhook tells of it and the caller's job list
+    /// leaves it out.
+    const QUIET: bool = false;
     /// The normalised, validated job: stored as `jobs.spec`, shown as
     /// `processing_options`, carried to the worker in every task.
     type Spec: Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + Sync;
@@ -177,6 +181,14 @@ macro_rules! job_kinds {
                 }
             }
 
+            /// Whether the platform runs this kind on its own behalf
+            /// (nothing notifies of it; job lists leave it out).
+            pub fn quiet(self) -> bool {
+                match self {
+                    $(JobType::$variant => <$kind as JobKind>::QUIET),*
+                }
+            }
+
             /// Whether jobs of this kind count against the account's
             /// active-job cap (contract §1.9, §11 #5).
             pub fn counts_against_cap(self) -> bool {
@@ -266,6 +278,7 @@ job_kinds! {
     Training => super::training::Training,
     Prediction => super::prediction::Prediction,
     PresetExtraction => super::extraction::PresetExtraction,
+    AssetTagging => super::assets::AssetTagging,
 }
 
 impl JobType {

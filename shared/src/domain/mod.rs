@@ -3,6 +3,7 @@
 //! fair-share pick, what each job kind declares) is unit- and
 //! property-tested in isolation.
 
+pub mod assets;
 pub mod credits;
 pub mod drafts;
 pub mod engines;

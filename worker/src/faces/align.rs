@@ -67,6 +67,18 @@ pub fn crop_template() -> [[f32; 2]; 5] {
     ARCFACE_TEMPLATE.map(|[x, y]| [x * s + o, y * s + o])
 }
 
+/// Where the five landmarks sit in a point-of-view image of `size`² (an
+/// identity's photo normalised, contract §5.8): the face's 112 px box takes
+/// 30 % of the side, centred across and a little above the middle, so the
+/// hair above it and the shoulders below it stay in the picture.
+pub fn pov_template(size: u32) -> [[f32; 2]; 5] {
+    let side = size as f32;
+    let s = side / ALIGNED_SIZE as f32 * 0.3;
+    let half = ALIGNED_SIZE as f32 / 2.0 * s;
+    let (ox, oy) = (side / 2.0 - half, side * 0.42 - half);
+    ARCFACE_TEMPLATE.map(|[x, y]| [x * s + ox, y * s + oy])
+}
+
 /// The `size`×`size` image in which `landmarks` of `img` land on `template`.
 pub fn align_to(
     img: &RgbImage,

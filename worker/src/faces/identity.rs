@@ -16,7 +16,9 @@ use super::detect::Face;
 use super::kit::FaceKit;
 use crate::failure::TaskFailure;
 use crate::imaging;
-use atelier_shared::domain::identity::{FaceRecord, IdentityKind, PhotoReport, PreprocessSpec};
+use atelier_shared::domain::identity::{
+    FaceRecord, IdentityKind, POV_SIZE, PhotoReport, PreprocessSpec,
+};
 use image::{DynamicImage, GrayImage, RgbImage};
 
 /// Similarity to the profile's mean below which a photo shows someone else.
@@ -63,6 +65,10 @@ pub struct Built {
     pub thumb_jpeg: Vec<u8>,
     pub embedding: Vec<f32>,
     pub record: FaceRecord,
+    /// An identity's points of view in photo order: photo index, image
+    /// (JPEG) and thumbnail. The caller stores them and lists their keys in
+    /// `record.povs`.
+    pub povs: Vec<(u32, Vec<u8>, Vec<u8>)>,
 }
 
 /// A photo whose face can join the identity: what the build keeps of it
@@ -75,6 +81,8 @@ pub struct Candidate {
     photo_size: (u32, u32),
     embedding: Vec<f32>,
     quality: f32,
+    /// The photo normalised to a point of view (identities only).
+    pov: Option<RgbImage>,
 }
 
 /// Photos are analysed at most this large (long edge, contract §9.1).
@@ -139,6 +147,16 @@ pub fn analyze(
         .embed(&aligned)
         .map_err(|e| TaskFailure::retryable(format!("face embedder: {e}")))?;
     let crop = align::align_to(&rgb, &face.landmarks, &align::crop_template(), CROP_SIZE);
+    // An identity keeps each photo as a point of view; a profile's photos
+    // serve only its embedding and best crop.
+    let pov = strict.then(|| {
+        align::align_to(
+            &rgb,
+            &face.landmarks,
+            &align::pov_template(POV_SIZE),
+            POV_SIZE,
+        )
+    });
     Ok((
         report,
         Some(Candidate {
@@ -148,6 +166,7 @@ pub fn analyze(
             photo_size: rgb.dimensions(),
             embedding,
             quality: q,
+            pov,
         }),
     ))
 }
@@ -201,8 +220,12 @@ pub fn assemble(
             })
             .collect();
         why.truncate(5);
+        let what = match spec.kind {
+            IdentityKind::Identity => "points of view show one person",
+            IdentityKind::Profile => "photos show the subject clearly",
+        };
         return Err(TaskFailure::permanent(format!(
-            "no usable photo set: {} of {} photos show the subject clearly, {} needed ({})",
+            "no usable photo set: {} of {} {what}, {} needed ({})",
             kept.len(),
             reports.len(),
             spec.min_usable.max(1),
@@ -231,9 +254,22 @@ pub fn assemble(
         .filter(|c| kept.contains(&c.index))
         .collect();
     let quality_score = used.iter().map(|c| c.quality).fold(0.0f32, f32::max);
+    let mut povs = Vec::new();
+    for c in &used {
+        if let Some(pov) = &c.pov {
+            let rgba = DynamicImage::ImageRgb8(pov.clone()).to_rgba8();
+            povs.push((
+                c.index as u32,
+                imaging::encode(&rgba, atelier_shared::domain::packshot::ImageFormat::Jpg)?,
+                imaging::thumbnail(&rgba)?,
+            ));
+        }
+    }
+    povs.sort_by_key(|p| p.0);
     Ok(Built {
         crop_jpeg,
         thumb_jpeg,
+        povs,
         embedding: mean,
         record: FaceRecord {
             embedding_key: String::new(),
@@ -246,6 +282,7 @@ pub fn assemble(
             photo_width: best.photo_size.0,
             photo_height: best.photo_size.1,
             photos: reports,
+            povs: Vec::new(),
         },
     })
 }

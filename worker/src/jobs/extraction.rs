@@ -5,7 +5,7 @@
 //! segmenter found the subject); its description is the draft and the
 //! figures behind every field of it.
 
-use super::{Encoded, off_runtime, store_result};
+use super::off_runtime;
 use crate::analysis::{self, BackdropClass, Lab, Placement};
 use crate::context::WorkerContext;
 use crate::engines::atelier::AtelierEngine;
@@ -13,7 +13,6 @@ use crate::faces::FaceKit;
 use crate::failure::TaskFailure;
 use crate::imaging;
 use atelier_shared::domain::extraction::{ExtractionReport, ExtractionSpec};
-use atelier_shared::domain::packshot::ImageFormat;
 use atelier_shared::domain::presets::PresetType;
 use atelier_shared::domain::{OutputResult, Task};
 use image::{DynamicImage, GrayImage, RgbImage, RgbaImage};
@@ -52,25 +51,7 @@ pub(super) async fn run(
         analyse(&img, kind, pipeline.segmenter(), faces)
     })
     .await?;
-    let (w, h) = preview.dimensions();
-    let encoded = Encoded {
-        full: imaging::encode(&preview, ImageFormat::Jpg)?,
-        format: ImageFormat::Jpg,
-        thumb: imaging::thumbnail(&preview)?,
-    };
-    let (full_key, thumb_key) = store_result(ctx, &task.run_base(), encoded).await?;
-    Ok(OutputResult {
-        full_key,
-        thumb_key,
-        format: ImageFormat::Jpg.ext().to_string(),
-        width: w,
-        height: h,
-        model_used,
-        processing_ms: started.elapsed().as_millis() as i64,
-        input_description: serde_json::to_value(&report)
-            .map_err(|e| TaskFailure::retryable(format!("cannot describe the draft: {e}")))?,
-        post_processed: false,
-    })
+    super::measured(ctx, task, &preview, model_used, started, &report).await
 }
 
 /// Measures `img` for a preset of type `kind`: the draft, a preview and

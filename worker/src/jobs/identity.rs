@@ -9,7 +9,7 @@ use crate::faces::FaceKit;
 use crate::faces::identity::{self, PhotoInput};
 use crate::failure::TaskFailure;
 use crate::imaging;
-use atelier_shared::domain::identity::{IdentityKind, PhotoSource, PreprocessSpec};
+use atelier_shared::domain::identity::{IdentityKind, PhotoSource, PovImage, PreprocessSpec};
 use atelier_shared::domain::packshot::ImageFormat;
 use atelier_shared::domain::{OutputResult, Task};
 use atelier_shared::storage::StorageError;
@@ -93,6 +93,23 @@ pub(super) async fn run(
     )
     .await?;
     let mut record = built.record;
+    for (index, full, thumb) in built.povs {
+        let (key, thumb_key) = store_result(
+            ctx,
+            &format!("{base}-pov{index}"),
+            Encoded {
+                full,
+                format: ImageFormat::Jpg,
+                thumb,
+            },
+        )
+        .await?;
+        record.povs.push(PovImage {
+            index,
+            key,
+            thumb_key,
+        });
+    }
     record.embedding_key = embedding_key;
     record.dims = built.embedding.len() as u32;
     Ok(OutputResult {

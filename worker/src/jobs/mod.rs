@@ -7,6 +7,7 @@
 //! [`off_runtime`], and stores its results with [`store_result`] under keys
 //! unique to the run.
 
+mod assets;
 mod drafts;
 mod extraction;
 mod flat;
@@ -40,6 +41,7 @@ pub(crate) async fn execute(ctx: &WorkerContext, task: &Task) -> Result<OutputRe
         JobSpec::Training(spec) => training::run(ctx, task, spec).await,
         JobSpec::Prediction(spec) => prediction::run(ctx, task, spec).await,
         JobSpec::PresetExtraction(spec) => extraction::run(ctx, task, spec).await,
+        JobSpec::AssetTagging(spec) => assets::run(ctx, task, spec).await,
     }
 }
 
@@ -86,6 +88,37 @@ pub(crate) async fn input(
         ))
     })?;
     Ok(ctx.objects.get(key).await?)
+}
+
+/// The output of a task that measured a picture: `preview` (stored as a
+/// JPEG with its thumbnail) and `report`, its description.
+pub(crate) async fn measured<R: serde::Serialize>(
+    ctx: &WorkerContext,
+    task: &Task,
+    preview: &image::RgbaImage,
+    model_used: String,
+    started: std::time::Instant,
+    report: &R,
+) -> Result<OutputResult, TaskFailure> {
+    let (width, height) = preview.dimensions();
+    let encoded = Encoded {
+        full: crate::imaging::encode(preview, ImageFormat::Jpg)?,
+        format: ImageFormat::Jpg,
+        thumb: crate::imaging::thumbnail(preview)?,
+    };
+    let (full_key, thumb_key) = store_result(ctx, &task.run_base(), encoded).await?;
+    Ok(OutputResult {
+        full_key,
+        thumb_key,
+        format: ImageFormat::Jpg.ext().to_string(),
+        width,
+        height,
+        model_used,
+        processing_ms: started.elapsed().as_millis() as i64,
+        input_description: serde_json::to_value(report)
+            .map_err(|e| TaskFailure::retryable(format!("cannot describe the result: {e}")))?,
+        post_processed: false,
+    })
 }
 
 /// An encoded result and its thumbnail.
