@@ -848,6 +848,23 @@ async fn uploads_are_tagged_by_what_a_worker_sees() {
     ] {
         ids.push((app.upload(bytes, name).await, name));
     }
+    // One more in a project of its own, deleted below.
+    let drop = app.project("drop").await;
+    let (s, slot) = app
+        .post(
+            "/upload",
+            json!({"filename": "drop-shirt.jpg", "project_name": "drop"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{slot}");
+    let put = reqwest::Client::new()
+        .put(slot["upload_url"].as_str().expect("upload_url"))
+        .header("content-type", "image/jpeg")
+        .body(garment_photo())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(put.status(), StatusCode::OK);
     let t = Instant::now();
     let listed = loop {
         let (s, v) = app.get("/assets?per_page=10").await;
@@ -897,7 +914,7 @@ async fn uploads_are_tagged_by_what_a_worker_sees() {
         n
     };
     let (_, v) = app.get("/assets?include_tags=product").await;
-    assert_eq!(names(&v), ["dress.jpg", "shirt.jpg"], "{v}");
+    assert_eq!(names(&v), ["dress.jpg", "drop-shirt.jpg", "shirt.jpg"], "{v}");
     let (_, v) = app.get("/assets?include_tags=product,model").await;
     assert_eq!(v["pagination"]["total"], 0, "include is AND: {v}");
     let (_, v) = app.get("/assets?exclude_tags=product").await;
@@ -906,6 +923,13 @@ async fn uploads_are_tagged_by_what_a_worker_sees() {
     assert_eq!(names(&v), ["newton.png"], "{v}");
     let (_, v) = app.get("/assets?search=backgr").await;
     assert_eq!(names(&v), ["sky.png"], "search matches tags: {v}");
+
+    // Deleting the project moves its upload to `default` with its tags:
+    // the tagging was not the project's work.
+    let (s, v) = app.delete_as(&app.key.clone(), &format!("/project/{drop}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (_, v) = app.get("/assets?search=drop-shirt").await;
+    assert_eq!(v["assets"][0]["tags"], json!(["product"]), "{v}");
 
     // Free and quiet.
     let (after, _) = app.balance(&app.key.clone()).await;

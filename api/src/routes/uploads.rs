@@ -419,7 +419,9 @@ async fn tag(s: &AppState, file: &atelier_shared::db::files::FileRow) {
     let job = atelier_shared::db::jobs::NewJob {
         account_id: &file.account_id,
         billing_account_id: &billing,
-        project_id: Some(&file.project_id),
+        // Not the project's work: deleting the project neither waits for
+        // it nor takes the tags with it (the file moves to `default`).
+        project_id: None,
         spec: atelier_shared::domain::assets::TaggingSpec {
             file_id: file.id.clone(),
         }

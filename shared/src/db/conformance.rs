@@ -1631,6 +1631,52 @@ async fn duties_are_held_by_one_replica(s: Store) {
     );
 }
 
+/// Concurrent creations on one account: exactly as many are admitted as
+/// the balance covers, the rest refused, a job naming a missing file
+/// refused alone, and the account, reservations and ledger agree.
+pub async fn concurrent_creations_reserve_within_the_balance(s: Store) {
+    let a = account(&s, "crowd", 30).await;
+    let mut tasks = Vec::new();
+    for i in 0..41 {
+        let s = s.clone();
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut j = job(&a, &[1], None);
+            if i == 20
+                && let crate::domain::JobSpec::CreatePackshot(p) = &mut j.spec
+            {
+                p.images = vec![crate::domain::packshot::ImageSpec {
+                    file_id: "missing".into(),
+                    note: None,
+                }];
+            }
+            s.create_job(j).await.expect("create")
+        }));
+    }
+    let (mut created, mut short, mut missing) = (Vec::new(), 0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            Admission::Created { job_id, .. } => created.push(job_id),
+            Admission::InsufficientCredits { .. } => short += 1,
+            Admission::FileUnavailable { file_id } => {
+                assert_eq!(file_id, "missing");
+                missing += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((created.len(), short, missing), (30, 10, 1));
+    let acc = s.account(&a).await.expect("read").expect("exists");
+    assert_eq!(
+        (acc.balance, acc.reserved, acc.active_jobs),
+        (30_000, 30_000, 30)
+    );
+    for id in &created {
+        assert_eq!(s.latest_outputs(id).await.expect("outputs").len(), 1);
+    }
+    audit_clean(&s).await;
+}
+
 macro_rules! store_suite {
     ($m:ident, $dialect:expr) => {
         mod $m {
@@ -1664,6 +1710,7 @@ macro_rules! store_suite {
             t!(unavailable_database_is_typed);
             t!(idempotency_keys_claim_replay_and_expire);
             t!(duties_are_held_by_one_replica);
+            t!(concurrent_creations_reserve_within_the_balance);
         }
     };
 }
