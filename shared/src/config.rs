@@ -719,7 +719,7 @@ pub struct LimitsConfig {
     /// Presets a non-enterprise account may hold (contract §6.2).
     pub presets: u32,
     /// Whether every upload is looked at once by a worker (a free, quiet
-    /// `asset_tagging` job on the packshot queue) so that `GET /assets`
+    /// `asset_tagging` job on the identity queue) so that `GET /assets`
     /// can show and filter its `tags` (contract §2.6).
     pub tag_uploads: bool,
     /// How long the answer to a request with an `Idempotency-Key` is kept

@@ -181,7 +181,7 @@ pub fn test_config(dir: &std::path::Path, database_url: String) -> Config {
     c.scheduler.running_lease_secs = 3;
     c.scheduler.retry.base_ms = 100;
     c.scheduler.retry.cap_ms = 400;
-    // Tagging puts a quiet output per upload on the packshot queue; the
+    // Tagging puts a quiet output per upload on the identity queue; the
     // tests that count outputs or hold worker slots leave it off, the
     // tagging tests turn it on (and `atelier serve` in the console test
     // and the fuzzer runs with it, the default).
@@ -407,6 +407,18 @@ impl TestApp {
         file: (&str, &str, &[u8]),
         text: &[(&str, &str)],
     ) -> (StatusCode, Value) {
+        let key = self.key.clone();
+        self.post_form_as(&key, path, file, text).await
+    }
+
+    /// [`TestApp::post_form`] with another account's key.
+    pub async fn post_form_as(
+        &self,
+        key: &str,
+        path: &str,
+        file: (&str, &str, &[u8]),
+        text: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
         let boundary = format!("atelier-test-{}", ulid::Ulid::new());
         let mut body = Vec::new();
         let (field, filename, bytes) = file;
@@ -427,7 +439,7 @@ impl TestApp {
         let r = self
             .http
             .post(self.url(path))
-            .bearer_auth(&self.key)
+            .bearer_auth(key)
             .header(
                 "content-type",
                 format!("multipart/form-data; boundary={boundary}"),

@@ -752,6 +752,26 @@ async fn identities_are_shared_with_groups_and_offered_by_the_platform() {
     assert_eq!(done["status"], "completed", "{done}");
     let (s, v) = app.delete_as(&member, &path).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "only its owner deletes it: {v}");
+    // A member adds a point of view (§5.8: owner or group members); an
+    // outsider cannot see the identity at all.
+    let mirrored = {
+        let img = image::load_from_memory(&model_photo("newton.png")).expect("png");
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.fliph().write_to(&mut out, image::ImageFormat::Png).expect("encode");
+        out.into_inner()
+    };
+    let pov = ("image", "newton-left.png", mirrored.as_slice());
+    let (s, v) = app.post_form_as(&outsider, &format!("{path}/pov"), pov, &[("pov_index", "1")]).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = app.post_form_as(&member, &format!("{path}/pov"), pov, &[("pov_index", "1")]).await;
+    assert_eq!((s, v["processed_count"].as_i64()), (StatusCode::OK, Some(2)), "{v}");
+    let rebuilt = v["preprocessing_job_id"].clone();
+    let (_, v) = app.get(&format!("{path}/status")).await;
+    assert_eq!(
+        (v["preprocessing_status"].as_str(), v["preprocessing_job_id"].clone()),
+        (Some("completed"), rebuilt),
+        "the owner's identity has the rebuilt face: {v}"
+    );
 
     // Unshared: gone for the member, jobs and all.
     let (s, v) = app.delete_as(&app.key, &format!("{path}/share/studio")).await;
@@ -786,6 +806,8 @@ async fn identities_are_shared_with_groups_and_offered_by_the_platform() {
     let (s, v) = app.get_as(&outsider, &path).await;
     assert_eq!((s, v["visibility"].as_str(), v["tier"].as_str()), (StatusCode::OK, Some("default"), Some("standard")), "{v}");
     assert_eq!(v["image_description"]["gender"], "male", "{v}");
+    let (s, v) = app.post_form_as(&outsider, &format!("{path}/pov"), pov, &[("pov_index", "0")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "a platform identity's views are the operator's: {v}");
     for (q, n) in [
         ("?ownership=default", 1),
         ("?gender=male", 1),

@@ -69,14 +69,15 @@ impl Detected {
     }
 }
 
-/// The `asset_tagging` kind, on the `packshot` queue, which every worker
-/// serves (a look at one picture, well under a second). Free, holds no
-/// active-job slot, and quiet.
+/// The `asset_tagging` kind, on the `identity` queue: its workers always
+/// hold the face detector, so a person's photo is never tagged without
+/// looking for faces (a look at one picture, well under a second). Free,
+/// holds no active-job slot, and quiet.
 pub struct AssetTagging;
 
 impl JobKind for AssetTagging {
     const NAME: &'static str = "asset_tagging";
-    const QUEUE: WorkQueue = WorkQueue::Packshot;
+    const QUEUE: WorkQueue = WorkQueue::Identity;
     const COUNTS_AGAINST_CAP: bool = false;
     const QUIET: bool = true;
     type Spec = TaggingSpec;

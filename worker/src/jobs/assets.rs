@@ -22,37 +22,34 @@ pub(super) async fn run(
     task: &Task,
     spec: &TaggingSpec,
 ) -> Result<OutputResult, TaskFailure> {
+    // The identity queue's workers have the face models; a person's photo
+    // is never tagged without looking for faces.
+    let faces = super::identity::face_kit(ctx)?;
     let bytes = super::input(ctx, task, &spec.file_id).await?;
-    let faces = ctx.faces.clone();
     let max_pixels = ctx.max_input_pixels;
     let started = Instant::now();
     let (detected, preview) = off_runtime(ctx, move || {
         let img = imaging::decode_limited(&bytes, max_pixels)
             .map_err(|f| TaskFailure::permanent(super::identity::unreadable(&f.message)))?;
-        look(&img, faces.as_deref())
+        look(&img, Some(&faces))
     })
     .await?;
     let report = AssetReport {
         tags: vec![detected.tag().to_string()],
         detected,
     };
-    let model_used = if report.detected.faces.is_some() {
-        "atelier-analysis (scrfd, border-colour mask)"
-    } else {
-        "atelier-analysis (border-colour mask)"
-    };
     super::measured(
         ctx,
         task,
         &preview.to_rgba8(),
-        model_used.into(),
+        "atelier-analysis (scrfd, border-colour mask)".into(),
         started,
         &report,
     )
     .await
 }
 
-/// Measures `img`: faces (when the face models are loaded), then what
+/// Measures `img`: faces (`None`: not looked for), then what
 /// stands out from the border's colour on a 512 px copy and what
 /// surrounds it. Returns the measurements and the copy. Blocking.
 pub fn look(
