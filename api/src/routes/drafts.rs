@@ -190,7 +190,7 @@ pub async fn promote(
             photo_key: &key,
             promoted_from: Some(out.id),
         },
-        one_photo_spec(&code, key.clone(), Some(filename.clone()), false),
+        one_photo_spec(&code, key.clone(), Some(filename.clone())),
         job_trace(&headers).to_string(),
     )
     .await?;

@@ -152,26 +152,26 @@ async fn one_photo(
     Ok((image, form))
 }
 
-/// Stores one photo of identity `code` under `identities/<account>/<code>/`
-/// and returns its key and the one-photo preprocessing spec.
+/// Stores the photo of a new identity `code` under
+/// `identities/<account>/<code>/` and returns its key and the one-photo
+/// preprocessing spec.
 async fn store_photo(
     s: &AppState,
     account: &str,
     code: &str,
-    what: &str,
     image: &FormImage,
 ) -> ApiResult<(String, PreprocessSpec)> {
     let key = put_identity_photo(
         s,
         account,
         code,
-        what,
+        "photo",
         image.bytes.clone(),
         image.content_type,
         image.ext,
     )
     .await?;
-    let spec = one_photo_spec(code, key.clone(), image.filename.clone(), what == "pov");
+    let spec = one_photo_spec(code, key.clone(), image.filename.clone());
     Ok((key, spec))
 }
 
@@ -193,19 +193,15 @@ pub(crate) async fn put_identity_photo(
     Ok(key)
 }
 
-/// The preprocessing of identity `code` from its one stored photo.
-pub(crate) fn one_photo_spec(
-    code: &str,
-    key: String,
-    filename: Option<String>,
-    replaces: bool,
-) -> PreprocessSpec {
+/// The preprocessing that builds a new identity `code` from its one stored
+/// photo (points of view are added later, by `POST /identity/{code}/pov`).
+pub(crate) fn one_photo_spec(code: &str, key: String, filename: Option<String>) -> PreprocessSpec {
     PreprocessSpec {
         identity_code: code.to_string(),
         kind: IdentityKind::Identity,
         photos: vec![PhotoSource::Object { key, filename }],
         min_usable: 1,
-        replaces,
+        replaces: false,
     }
 }
 
@@ -436,7 +432,7 @@ pub async fn upload(
     });
 
     let code = new_code();
-    let (photo_key, spec) = store_photo(&s, &acc.id, &code, "photo", &image).await?;
+    let (photo_key, spec) = store_photo(&s, &acc.id, &code, &image).await?;
     let admitted = admit_named(
         &s,
         &acc,
