@@ -35,10 +35,10 @@ pub struct Detected {
     /// share of the picture's short side; `null` on a worker without the
     /// face models (nothing was looked for).
     pub faces: Option<u32>,
-    pub largest_face: Option<f32>,
+    pub largest_face: Option<f64>,
     /// Share of the picture that stands out from its border's colour, and
     /// how many picture edges that region touches.
-    pub subject_fill: f32,
+    pub subject_fill: f64,
     pub subject_edges: u32,
     /// Whether what surrounds it is a uniform backdrop (white, one colour,
     /// or one finely textured surface) rather than a scene.
@@ -108,7 +108,7 @@ impl JobKind for AssetTagging {
 mod tests {
     use super::*;
 
-    fn d(faces: u32, face: f32, fill: f32, edges: u32, plain: bool) -> Detected {
+    fn d(faces: u32, face: f64, fill: f64, edges: u32, plain: bool) -> Detected {
         Detected {
             faces: Some(faces),
             largest_face: Some(face),

@@ -10,6 +10,7 @@ use crate::faces::FaceKit;
 use crate::failure::TaskFailure;
 use crate::imaging;
 use atelier_shared::domain::assets::{AssetReport, Detected, TaggingSpec};
+use atelier_shared::domain::identity::round3;
 use atelier_shared::domain::{OutputResult, Task};
 use image::DynamicImage;
 use std::time::Instant;
@@ -104,10 +105,6 @@ pub fn look(
         },
         small,
     ))
-}
-
-fn round3(v: f32) -> f32 {
-    (v * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]
