@@ -1,8 +1,9 @@
 //! Admission: what every job-creating route does around its own
-//! validation. The creation rate limit, the ownership of input files, the
-//! one transaction that records the job (cap, credits, outputs,
-//! reservation, outbox: the store's [`Store::create_job`]), the answer to a
-//! refusal, the trace the job's work continues.
+//! validation. The creation rate limit, the one transaction that checks
+//! and records the job (input files, cap, credits, outputs, reservation,
+//! outbox: the store's [`Store::create_job`]), the answer to a refusal
+//! (an input file is named by its place in `images`), the trace the job's
+//! work continues.
 //!
 //! A route parses and validates its request into its kind's typed spec,
 //! checks what only it knows (plan policy, the identity's readiness), and
@@ -67,20 +68,6 @@ pub async fn project<'a>(s: &AppState, account: &str, project_id: &'a str) -> Ap
     }
 }
 
-/// Every input file of `spec` must be the caller's (404 otherwise) and
-/// uploaded (400), answered before the cap and the credits with the field
-/// that names it (`images[1]`). Admission resolves them again inside its
-/// transaction.
-pub async fn check_files(s: &AppState, account: &str, spec: &JobSpec) -> ApiResult<()> {
-    let ids: Vec<String> = spec
-        .requirements()
-        .files
-        .iter()
-        .map(|f| f.to_string())
-        .collect();
-    check_file_ids(s, account, &ids, |i| format!("images[{i}]")).await
-}
-
 /// Files `ids` must be the caller's (404) and uploaded (400); `field(i)`
 /// names file `i` in the answer.
 pub async fn check_file_ids(
@@ -92,26 +79,30 @@ pub async fn check_file_ids(
     let found = s.store.files_of(account, ids).await?;
     for (i, id) in ids.iter().enumerate() {
         match found.iter().find(|f| &f.id == id) {
-            None => {
-                return Err(
-                    ApiError::not_found(format!("File {id} not found")).with_detail(
-                        Some(&field(i)),
-                        "file not found",
-                        "body",
-                    ),
-                );
-            }
             Some(f) if f.is_uploaded() => {}
-            Some(_) => {
-                return Err(ApiError::bad_request(
-                    Some(&field(i)),
-                    format!("missing or invalid image: the upload of {id} has not completed"),
-                    "body",
-                ));
-            }
+            other => return Err(file_refusal(id, other.is_some(), Some(&field(i)))),
         }
     }
     Ok(())
+}
+
+/// The answer about an input file that is not an uploaded file of the
+/// caller: `404` when it has no such file, `400` when its bytes were never
+/// stored (`pending`); `field` names it in the request.
+fn file_refusal(id: &str, pending: bool, field: Option<&str>) -> ApiError {
+    if pending {
+        ApiError::bad_request(
+            field,
+            format!("missing or invalid image: the upload of {id} has not completed"),
+            "body",
+        )
+    } else {
+        let e = ApiError::not_found(format!("File {id} not found"));
+        match field {
+            Some(f) => e.with_detail(Some(f), "file not found", "body"),
+            None => e,
+        }
+    }
 }
 
 /// The account's plan must allow the job's largest output size and, when
@@ -182,9 +173,9 @@ pub fn refusal(a: Admission) -> ApiError {
         .with("required_credits", required.as_f64())
         .with("in_progress_credits", in_progress.as_f64())
         .with("user_credits", user_credits.as_f64()),
-        Admission::FileUnavailable { file_id } => {
-            ApiError::not_found(format!("File {file_id} not found"))
-        }
+        Admission::FileUnavailable {
+            file_id, pending, ..
+        } => file_refusal(&file_id, pending, None),
         Admission::IdentityNotFound { code } => {
             ApiError::not_found(format!("Identity {code} not found"))
         }
@@ -219,7 +210,10 @@ pub struct Request<'a> {
 /// Records the job in one transaction and answers `202` with
 /// [`JobAccepted`], or the refusal.
 pub async fn admit(s: &AppState, r: Request<'_>) -> ApiResult<Response> {
-    let (billing, _) = s.store.billing_owner(&r.caller.id).await?;
+    let billing = match &r.caller.billing_account_id {
+        Some(b) => b.clone(),
+        None => s.store.billing_owner(&r.caller.id).await?.0,
+    };
     let job_type = r.spec.job_type();
     let drafts = match &r.spec {
         JobSpec::IdentityCreation(d) => {
@@ -248,7 +242,15 @@ pub async fn admit(s: &AppState, r: Request<'_>) -> ApiResult<Response> {
         required,
     } = admission
     else {
-        return Err(refusal(admission));
+        return Err(match admission {
+            // The spec's files are the request's `images`, in order.
+            Admission::FileUnavailable {
+                index,
+                file_id,
+                pending,
+            } => file_refusal(&file_id, pending, Some(&format!("images[{index}]"))),
+            refused => refusal(refused),
+        });
     };
     metrics::counter!("atelier_jobs_created_total", "type" => job_type.as_str()).increment(1);
     tracing::info!(job.id = %job_id, account.id = %r.caller.id, %job_type, outputs = total_outputs, credits = required.as_f64(), "job accepted");

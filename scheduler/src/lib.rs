@@ -397,41 +397,47 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
         });
         jobs.insert(c.output_id, c.job_id);
     }
-    // What every task of a job carries, read once per job this round.
+    // What every task of a job carries, read once per job this round, for
+    // all of the round's jobs in one statement.
+    let picks: Vec<(i64, String)> = fair::pick(lanes.into_values().collect(), slots)
+        .into_iter()
+        .filter_map(|(_, pick)| Some((pick.output_id, jobs.get(&pick.output_id)?.clone())))
+        .collect();
+    let mut ids: Vec<String> = picks.iter().map(|(_, j)| j.clone()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut read = ctx.store.job_works(&ids).await?;
     let mut work: std::collections::HashMap<String, Work> = Default::default();
-    let mut runnable: Vec<(i64, String)> = Vec::new();
-    for (_, pick) in fair::pick(lanes.into_values().collect(), slots) {
-        let Some(job_id) = jobs.get(&pick.output_id).cloned() else {
-            continue;
+    for job_id in ids {
+        let w = match read.remove(&job_id) {
+            Some(Ok(Some(w))) => Work::Ready(w),
+            None | Some(Ok(None)) => Work::Gone,
+            // A kind or spec this version cannot read (a newer API
+            // admitted it during an upgrade): left pending for a
+            // scheduler that can, without holding up the others.
+            Some(Err(e @ StoreError::Corrupt(_))) => {
+                tracing::error!(job.id = %job_id, error = %e, "scheduler: cannot read this job; leaving it pending");
+                metrics::counter!("atelier_unreadable_jobs_total").increment(1);
+                Work::Unreadable
+            }
+            Some(Err(e)) => return Err(e.into()),
         };
-        if !work.contains_key(&job_id) {
-            let w = match ctx.store.job_work(&job_id).await {
-                Ok(Some(w)) => Work::Ready(w),
-                Ok(None) => Work::Gone,
-                // A kind or spec this version cannot read (a newer API
-                // admitted it during an upgrade): left pending for a
-                // scheduler that can, without holding up the others.
-                Err(e @ StoreError::Corrupt(_)) => {
-                    tracing::error!(job.id = %job_id, error = %e, "scheduler: cannot read this job; leaving it pending");
-                    metrics::counter!("atelier_unreadable_jobs_total").increment(1);
-                    Work::Unreadable
-                }
-                Err(e) => return Err(e.into()),
-            };
-            work.insert(job_id.clone(), w);
-        }
+        work.insert(job_id, w);
+    }
+    let mut runnable: Vec<(i64, String)> = Vec::new();
+    for (output_id, job_id) in picks {
         match work.get(&job_id) {
             Some(Work::Ready(job)) if job.waiting => {}
             Some(Work::Ready(job)) if job.blocked.is_some() => {
                 let why = job.blocked.clone().unwrap_or_default();
-                fail_unrunnable(ctx, pick.output_id, &why).await?;
+                fail_unrunnable(ctx, output_id, &why).await?;
             }
-            Some(Work::Ready(_)) => runnable.push((pick.output_id, job_id)),
+            Some(Work::Ready(_)) => runnable.push((output_id, job_id)),
             Some(Work::Unreadable) | None => {}
             Some(Work::Gone) => {
                 // Its job is gone, or an input of a job admitted before
                 // inputs were resolved at admission is: fail it for good.
-                fail_unrunnable(ctx, pick.output_id, "an input of this job no longer exists")
+                fail_unrunnable(ctx, output_id, "an input of this job no longer exists")
                     .await?;
             }
         }

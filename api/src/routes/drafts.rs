@@ -62,7 +62,6 @@ pub async fn create(
         .map_err(ApiError::invalid)?;
     admission::plan_policy(&acc, spec.largest_size(), spec.uses_custom_dimensions())?;
     let spec = spec.into();
-    admission::check_files(&s, &acc.id, &spec).await?;
     admission::admit(
         &s,
         admission::Request {

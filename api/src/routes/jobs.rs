@@ -61,7 +61,6 @@ pub async fn create_packshot(
     // Ownership (404 for anything of another account).
     let project = admission::project(&s, &acc.id, &req.project_id).await?;
     let spec = spec.into();
-    admission::check_files(&s, &acc.id, &spec).await?;
     admission::admit(
         &s,
         admission::Request {

@@ -50,7 +50,6 @@ pub async fn create(
     let project = admission::project(&s, &acc.id, &req.project_id).await?;
     let code = spec.identity_code.clone();
     let spec = spec.into();
-    admission::check_files(&s, &acc.id, &spec).await?;
     admission::ready_identity(&s, &acc.id, &code).await?;
     admission::admit(
         &s,

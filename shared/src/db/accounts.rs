@@ -20,6 +20,12 @@ pub struct Account {
     pub reserved: i64,
     pub active_jobs: i64,
     pub created_at: i64,
+    /// The account its jobs are charged to (itself, or the owner of a
+    /// group with shared billing), read with the account only by
+    /// [`Store::account_for_token`]; `None` when not read
+    /// ([`Store::billing_owner`] answers it).
+    #[sqlx(default)]
+    pub billing_account_id: Option<String>,
 }
 
 impl Account {
@@ -36,6 +42,16 @@ impl Account {
 }
 
 pub(crate) const ACCOUNT_COLUMNS: &str = "id, name, plan, max_size, custom_dimensions, is_operator, balance, reserved, active_jobs, created_at";
+
+/// The groups with shared billing `member` (an SQL expression) belongs
+/// to, first the oldest: the first one's owner is the account its jobs are
+/// charged to.
+fn billing_groups(member: &str) -> String {
+    format!(
+        "FROM group_members m JOIN groups g ON g.id = m.group_id \
+         WHERE m.account_id = {member} AND g.shared_billing = 1 ORDER BY g.created_at, g.id LIMIT 1"
+    )
+}
 
 /// Hash under which a token is stored; tokens carry 256 random bits, so a
 /// fast hash is enough (no offline guessing is feasible).
@@ -242,15 +258,25 @@ impl Store {
             .map(|c| format!("a.{c}"))
             .collect::<Vec<_>>()
             .join(", ");
+        // The billing owner comes with the account, so a request that
+        // creates a job needs no second read for it.
         let sql = format!(
-            "SELECT {cols} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
-             WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)"
+            "SELECT {cols}, (SELECT g.owner_account_id {}) AS billing_account_id \
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > $2)",
+            billing_groups("a.id")
         );
-        Ok(sqlx::query_as::<_, Account>(&sql)
+        let account = sqlx::query_as::<_, Account>(&sql)
             .bind(hash_token(token))
             .bind(now_ms())
             .fetch_optional(self.pool())
-            .await?)
+            .await?;
+        Ok(account.map(|mut a| {
+            if a.billing_account_id.is_none() {
+                a.billing_account_id = Some(a.id.clone());
+            }
+            a
+        }))
     }
 
     pub async fn revoke_api_key(&self, account_id: &str, key_id: &str) -> Result<bool> {
@@ -354,13 +380,11 @@ impl Store {
     /// Whose credits an account spends: the owner of its first group with
     /// shared billing, else itself. Returns `(billing account id, group name)`.
     pub async fn billing_owner(&self, account_id: &str) -> Result<(String, Option<String>)> {
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT g.owner_account_id, g.name FROM group_members m JOIN groups g ON g.id = m.group_id \
-             WHERE m.account_id = $1 AND g.shared_billing = 1 ORDER BY g.created_at, g.id LIMIT 1",
-        )
-        .bind(account_id)
-        .fetch_optional(self.pool())
-        .await?;
+        let sql = format!("SELECT g.owner_account_id, g.name {}", billing_groups("$1"));
+        let row: Option<(String, String)> = sqlx::query_as(&sql)
+            .bind(account_id)
+            .fetch_optional(self.pool())
+            .await?;
         Ok(match row {
             Some((owner, name)) if owner != account_id => (owner, Some(name)),
             _ => (account_id.to_string(), None),

@@ -124,8 +124,37 @@ pub async fn tokens_authenticate_until_revoked(s: Store) {
         s.account_for_token(&token)
             .await
             .expect("lookup")
-            .map(|a| a.id),
-        Some(a.clone())
+            .map(|a| (a.id, a.billing_account_id)),
+        Some((a.clone(), Some(a.clone())))
+    );
+    // The account a token's jobs are charged to comes with it: the owner
+    // of a group with shared billing, for its members only.
+    let owner = account(&s, "owner", 0).await;
+    let (_, owners) = s
+        .create_api_key(&owner, "k", None, None)
+        .await
+        .expect("key");
+    s.create_group("unbilled", &owner, false)
+        .await
+        .expect("group");
+    s.add_group_member("unbilled", &a).await.expect("member");
+    let billing = |t: String| {
+        let s = s.clone();
+        async move {
+            s.account_for_token(&t)
+                .await
+                .expect("lookup")
+                .and_then(|a| a.billing_account_id)
+        }
+    };
+    assert_eq!(billing(token.clone()).await, Some(a.clone()));
+    s.create_group("studio", &owner, true).await.expect("group");
+    s.add_group_member("studio", &a).await.expect("member");
+    assert_eq!(billing(token.clone()).await, Some(owner.clone()));
+    assert_eq!(billing(owners).await, Some(owner.clone()));
+    assert_eq!(
+        s.billing_owner(&a).await.expect("owner"),
+        (owner.clone(), Some("studio".to_string()))
     );
     assert!(
         s.account_for_token("atl_wrong")
@@ -1470,6 +1499,23 @@ pub async fn unknown_kinds_and_states_are_read_errors(s: Store) {
         matches!(&err, StoreError::Corrupt(m) if m.contains("from_a_later_version")),
         "{err:?}"
     );
+    // A dispatch round reads its jobs together: the unreadable one fails
+    // alone, a readable one comes back, a job that is gone is missing.
+    let k = created(&s, job(&a, &[1], None)).await;
+    let mut works = s
+        .job_works(&[j.clone(), k.clone(), "job_gone".to_string()])
+        .await
+        .expect("one read for the round");
+    assert_eq!(works.len(), 2, "{works:?}");
+    assert!(
+        matches!(works.remove(&j), Some(Err(StoreError::Corrupt(m))) if m.contains("from_a_later_version"))
+    );
+    let readable = works
+        .remove(&k)
+        .expect("k")
+        .expect("readable")
+        .expect("k exists");
+    assert_eq!(readable.account_id, a);
     sqlx::query(
         "UPDATE jobs SET job_type = 'create_packshot', spec = '{\"images\": 3}' WHERE id = $1",
     )
@@ -1658,7 +1704,7 @@ pub async fn concurrent_creations_reserve_within_the_balance(s: Store) {
         match t.await.expect("task") {
             Admission::Created { job_id, .. } => created.push(job_id),
             Admission::InsufficientCredits { .. } => short += 1,
-            Admission::FileUnavailable { file_id } => {
+            Admission::FileUnavailable { file_id, .. } => {
                 assert_eq!(file_id, "missing");
                 missing += 1;
             }

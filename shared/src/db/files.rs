@@ -254,30 +254,54 @@ impl Store {
     }
 }
 
+/// Why input file `index` of a job cannot be read.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct UnusableFile {
+    pub index: usize,
+    pub file_id: String,
+    /// The caller's file exists but its bytes were never stored.
+    pub pending: bool,
+}
+
 /// The object keys of `ids`, uploaded files of `account_id`, in the order
-/// given; `Err(id)` names the first that is not (deleted, another
-/// account's, or never uploaded).
+/// given, read in one statement; `Err` names the first that is not
+/// (deleted or another account's, or still waiting for its bytes).
 pub(crate) async fn uploaded_keys(
     conn: &mut AnyConnection,
     account_id: &str,
     ids: &[&str],
-) -> Result<std::result::Result<Vec<crate::domain::task::InputFile>, String>> {
-    let mut out = Vec::with_capacity(ids.len());
+) -> Result<std::result::Result<Vec<crate::domain::task::InputFile>, UnusableFile>> {
+    if ids.is_empty() {
+        return Ok(Ok(Vec::new()));
+    }
+    let marks = (0..ids.len())
+        .map(|i| format!("${}", i + 2))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT id, object_key, status FROM files WHERE account_id = $1 AND id IN ({marks})"
+    );
+    let mut q = sqlx::query_as::<_, (String, String, String)>(&sql).bind(account_id);
     for id in ids {
-        let key: Option<String> = sqlx::query_scalar(
-            "SELECT object_key FROM files WHERE id = $1 AND account_id = $2 AND status = $3",
-        )
-        .bind(*id)
-        .bind(account_id)
-        .bind(UPLOADED)
-        .fetch_optional(&mut *conn)
-        .await?;
-        match key {
-            Some(object_key) => out.push(crate::domain::task::InputFile {
-                file_id: id.to_string(),
-                object_key,
-            }),
-            None => return Ok(Err(id.to_string())),
+        q = q.bind(*id);
+    }
+    let found = q.fetch_all(&mut *conn).await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for (index, id) in ids.iter().enumerate() {
+        match found.iter().find(|(fid, _, _)| fid == id) {
+            Some((_, object_key, status)) if status == UPLOADED => {
+                out.push(crate::domain::task::InputFile {
+                    file_id: id.to_string(),
+                    object_key: object_key.clone(),
+                })
+            }
+            other => {
+                return Ok(Err(UnusableFile {
+                    index,
+                    file_id: id.to_string(),
+                    pending: other.is_some(),
+                }));
+            }
         }
     }
     Ok(Ok(out))

@@ -1,8 +1,8 @@
 //! Jobs and their outputs: transactional creation (admission), reads, abort.
 
 use super::accounts::ledger;
-use super::files::uploaded_keys;
-use super::notifications::notify_job;
+use super::files::{UnusableFile, uploaded_keys};
+use super::notifications::{notify_created, notify_job};
 use super::outbox::enqueue_outbox;
 use super::rows::{JOB_SELECT, JobRow, OUTPUT_COLUMNS, OutputRow};
 use super::transitions::{AccountChanges, finalize_job, finish_output};
@@ -47,9 +47,13 @@ pub enum Admission {
         in_progress: Credits,
         user_credits: Credits,
     },
-    /// An input file is not an uploaded file of the caller (any more).
+    /// Input file `index` (in the spec's order) is not an uploaded file of
+    /// the caller: none of the caller's (deleted, another account's), or,
+    /// `pending`, one whose bytes were never stored.
     FileUnavailable {
+        index: usize,
         file_id: String,
+        pending: bool,
     },
     /// [`IdentityUse::Ready`] names no identity of the caller.
     IdentityNotFound {
@@ -100,7 +104,7 @@ pub enum Regeneration {
 
 /// What resolving a job's inputs found missing.
 enum Missing {
-    File(String),
+    File(UnusableFile),
     Face,
     Profile(String),
 }
@@ -142,7 +146,7 @@ async fn resolve_inputs(
 ) -> Result<std::result::Result<JobInputs, Missing>> {
     let files = match uploaded_keys(conn, account_id, &spec.requirements().files).await? {
         Ok(f) => f,
-        Err(id) => return Ok(Err(Missing::File(id))),
+        Err(f) => return Ok(Err(Missing::File(f))),
     };
     let face = match face_job {
         None => None,
@@ -166,6 +170,56 @@ async fn resolve_inputs(
         face,
         profiles,
     }))
+}
+
+/// Rows per multi-row `INSERT` of outputs: 11 values each, well under
+/// either database's limit on bound parameters.
+const OUTPUTS_PER_INSERT: usize = 256;
+
+/// For each column of an output row, which of the row's 11 bound values
+/// it takes: the three timestamps share one.
+const OUTPUT_ROW: [usize; 13] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 7, 7, 10];
+
+/// One pending row per planned output of a new job, in as few statements
+/// as the parameter limit allows (one for every job but the largest).
+async fn insert_outputs(
+    tx: &mut Tx,
+    job_id: &str,
+    j: &NewJob<'_>,
+    job_type: JobType,
+    outputs: &[crate::domain::kinds::PlannedOutput],
+    now: i64,
+) -> Result<()> {
+    for chunk in outputs.chunks(OUTPUTS_PER_INSERT) {
+        let rows = (0..chunk.len())
+            .map(|r| {
+                let values = OUTPUT_ROW.map(|k| format!("${}", r * 11 + k + 1));
+                format!("({})", values.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO outputs (job_id, billing_account_id, queue, instruction_index, variation_index, status, \
+             max_attempts, scheduled_at, cost, output_format, created_at, updated_at, account_id) VALUES {rows}"
+        );
+        let mut q = sqlx::query(&sql);
+        for o in chunk {
+            q = q
+                .bind(job_id)
+                .bind(j.billing_account_id)
+                .bind(job_type.queue())
+                .bind(i64::from(o.instruction_index))
+                .bind(i64::from(o.variation_index))
+                .bind(OutputStatus::Pending)
+                .bind(i64::from(j.max_attempts))
+                .bind(now)
+                .bind(o.cost.0)
+                .bind(o.format.ext())
+                .bind(j.account_id);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// Filters and page of [`Store::list_jobs`].
@@ -274,7 +328,13 @@ impl Store {
         .await?
         {
             Ok(inputs) => inputs,
-            Err(Missing::File(file_id)) => return Ok(Admission::FileUnavailable { file_id }),
+            Err(Missing::File(f)) => {
+                return Ok(Admission::FileUnavailable {
+                    index: f.index,
+                    file_id: f.file_id,
+                    pending: f.pending,
+                });
+            }
             Err(Missing::Face) => {
                 return Ok(Admission::IdentityNotReady {
                     status: crate::domain::identity::preprocessing_status(Some(JobStatus::Failed)),
@@ -313,26 +373,7 @@ impl Store {
         .bind(waits_for.as_deref())
         .execute(&mut **tx)
         .await?;
-        for o in &outputs {
-            sqlx::query(
-                "INSERT INTO outputs (job_id, billing_account_id, queue, instruction_index, variation_index, status, max_attempts, \
-                 scheduled_at, cost, output_format, created_at, updated_at, account_id) \
-                 VALUES ($1, $2, $3, $4, $5, $10, $6, $7, $8, $9, $7, $7, $11)",
-            )
-            .bind(&job_id)
-            .bind(j.billing_account_id)
-            .bind(job_type.queue())
-            .bind(i64::from(o.instruction_index))
-            .bind(i64::from(o.variation_index))
-            .bind(i64::from(j.max_attempts))
-            .bind(now)
-            .bind(o.cost.0)
-            .bind(o.format.ext())
-            .bind(OutputStatus::Pending)
-            .bind(j.account_id)
-            .execute(&mut **tx)
-            .await?;
-        }
+        insert_outputs(tx, &job_id, j, job_type, &outputs, now).await?;
         sqlx::query("INSERT INTO reservations (job_id, account_id, amount, held, created_at) VALUES ($1, $2, $3, $3, $4)")
             .bind(&job_id)
             .bind(j.billing_account_id)
@@ -350,7 +391,7 @@ impl Store {
             None,
         )
         .await?;
-        notify_job(tx, &job_id).await?;
+        notify_created(tx, j.account_id, &job_id, &j.spec, outputs.len() as i64).await?;
         enqueue_outbox(
             tx,
             crate::domain::task::WAKE_QUEUE,
@@ -595,13 +636,14 @@ impl Store {
             if finish_output(
                 &mut tx,
                 &mut accounts,
-                o,
+                (o.id, o.attempt),
                 OutputStatus::Cancelled,
                 "aborted by the client",
                 None,
                 false,
             )
             .await?
+            .is_some()
                 && matches!(o.status, OutputStatus::Dispatched | OutputStatus::Running)
             {
                 // A dispatched task may already be running: its worker

@@ -33,8 +33,12 @@ mod transitions;
 pub mod webhooks;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
-use sqlx::{Any, AnyPool, Executor, Transaction};
+use sqlx::{Any, AnyPool, Connection, Executor, Transaction};
 use std::time::Duration;
+
+/// How long a pooled connection may sit idle before it is pinged on its
+/// way out of the pool.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -213,6 +217,21 @@ impl Store {
         let opts = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // A connection is pinged before it is handed out only after it
+            // sat idle for a while (a restarted server or a dropped socket
+            // shows there), not on every acquire: a busy pool would
+            // otherwise pay one extra round trip per statement it runs
+            // outside a transaction. A failed ping closes that connection
+            // and the pool takes or opens another.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_BEFORE_PING {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {

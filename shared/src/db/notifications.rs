@@ -2,9 +2,9 @@
 //! transaction as the state change it reports, so a notification exists if
 //! and only if the change committed.
 
-use super::rows::{JOB_SELECT, JobRow, OutputRow};
+use super::rows::{JOB_SELECT, JobRow, JobState, OutputRow, progress};
 use super::{Result, Store, Tx, from_json, to_json};
-use crate::domain::JobSpec;
+use crate::domain::{JobSpec, JobStatus, JobType};
 use crate::time::now_ms;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -45,6 +45,67 @@ pub struct RelayedDelivery {
     pub body: String,
 }
 
+/// What a `batch_edit` notification (contract §4.1) reports of a job.
+struct BatchEdit<'a> {
+    job_id: &'a str,
+    job_type: JobType,
+    status: JobStatus,
+    progress: f64,
+    total: i64,
+    processed: i64,
+    error_message: Option<&'a str>,
+    post_processing_status: Option<JobStatus>,
+}
+
+impl<'a> BatchEdit<'a> {
+    fn of_row(job: &'a JobRow) -> Self {
+        BatchEdit {
+            job_id: &job.id,
+            job_type: job.job_type,
+            status: job.status,
+            progress: job.progress(),
+            total: job.total_outputs,
+            processed: job.processed(),
+            error_message: job.error_message.as_deref(),
+            post_processing_status: job.post_processing_status,
+        }
+    }
+
+    fn of_state(job: &'a JobState) -> Self {
+        let processed = job.completed_outputs + job.failed_outputs;
+        BatchEdit {
+            job_id: &job.id,
+            job_type: job.job_type,
+            status: job.status,
+            progress: progress(job.status, job.total_outputs, processed),
+            total: job.total_outputs,
+            processed,
+            error_message: job.error_message.as_deref(),
+            post_processing_status: job.post_processing_status,
+        }
+    }
+
+    /// Stores it for `account_id`, the job's owner.
+    async fn write(&self, tx: &mut Tx, account_id: &str) -> Result<()> {
+        insert(tx, account_id, "batch_edit", Some(self.job_id), &self.data()).await?;
+        Ok(())
+    }
+
+    fn data(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id_task": self.job_id,
+            "job_id": self.job_id,
+            "job_type": self.job_type,
+            "status": self.status,
+            "progress": self.progress,
+            "total_images": self.total,
+            "processed_images": self.processed,
+            "error_message": self.error_message,
+            "post_processing_status": self.post_processing_status,
+        })
+    }
+}
+
 /// `batch_edit` for the job's current state (read inside the transaction);
 /// nothing for a quiet kind.
 pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
@@ -56,18 +117,7 @@ pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
     if job.job_type.quiet() {
         return Ok(());
     }
-    let data = serde_json::json!({
-        "id_task": job.id,
-        "job_id": job.id,
-        "job_type": job.job_type,
-        "status": job.status,
-        "progress": job.progress(),
-        "total_images": job.total_outputs,
-        "processed_images": job.processed(),
-        "error_message": job.error_message,
-        "post_processing_status": job.post_processing_status,
-    });
-    insert(tx, &job.account_id, "batch_edit", Some(job_id), &data).await?;
+    BatchEdit::of_row(&job).write(tx, &job.account_id).await?;
     // A face replacement leaves the identity's status as it is: only the
     // job's own batch_edit events tell its progress.
     if let JobSpec::IdentityPreprocessing(spec) = &job.spec
@@ -77,6 +127,55 @@ pub(crate) async fn notify_job(tx: &mut Tx, job_id: &str) -> Result<()> {
         notify_identity(tx, &job, code).await?;
     }
     Ok(())
+}
+
+/// `batch_edit` for the state a transition read back from the statement
+/// that changed the job ([`JobState`]); nothing for a quiet kind. A
+/// preprocessing job also reports its identity's state, which
+/// [`notify_job`] reads with the row.
+pub(crate) async fn notify_state(tx: &mut Tx, job: &JobState) -> Result<()> {
+    if job.job_type.quiet() {
+        return Ok(());
+    }
+    if job.job_type == JobType::IdentityPreprocessing {
+        return notify_job(tx, &job.id).await;
+    }
+    BatchEdit::of_state(job).write(tx, &job.account_id).await
+}
+
+/// The state of a job admission has just written (pending, nothing
+/// processed), from what admission knows rather than a read of the row.
+fn created_state(
+    account_id: &str,
+    job_id: &str,
+    spec: &JobSpec,
+    total_outputs: i64,
+) -> JobState {
+    let post_process = spec.post_process();
+    JobState {
+        id: job_id.to_string(),
+        account_id: account_id.to_string(),
+        job_type: spec.job_type(),
+        status: JobStatus::Pending,
+        total_outputs,
+        completed_outputs: 0,
+        failed_outputs: 0,
+        counts_against_cap: i64::from(spec.job_type().counts_against_cap()),
+        should_post_process: i64::from(post_process),
+        error_message: None,
+        post_processing_status: post_process.then_some(JobStatus::Pending),
+    }
+}
+
+/// The `batch_edit` of a job admission has just written ([`created_state`]).
+pub(crate) async fn notify_created(
+    tx: &mut Tx,
+    account_id: &str,
+    job_id: &str,
+    spec: &JobSpec,
+    total_outputs: i64,
+) -> Result<()> {
+    notify_state(tx, &created_state(account_id, job_id, spec, total_outputs)).await
 }
 
 /// `identity_preprocessing` (contract §4.1) for a preprocessing job's
@@ -204,19 +303,51 @@ impl Store {
 
     /// Marks notifications relayed and, in the same transaction, queues a
     /// webhook delivery for each one whose account has an active webhook.
+    /// One statement marks the batch and one finds the accounts with a
+    /// webhook; only their notifications cost a statement each.
     pub async fn finish_relay(&self, relayed: &[(Notification, RelayedDelivery)]) -> Result<()> {
+        if relayed.is_empty() {
+            return Ok(());
+        }
         let now = now_ms();
         let mut tx = self.begin().await?;
+        let ids: Vec<i64> = relayed.iter().map(|(n, _)| n.id).collect();
+        // Those another relay marked first are not returned: theirs to queue.
+        let mine: std::collections::HashSet<i64> = sqlx::query_scalar(&format!(
+            "UPDATE notifications SET relayed_at = $1 WHERE id IN ({}) AND relayed_at IS NULL RETURNING id",
+            super::id_list(&ids)
+        ))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let mut accounts: Vec<&str> = relayed
+            .iter()
+            .filter(|(n, _)| mine.contains(&n.id))
+            .map(|(n, _)| n.account_id.as_str())
+            .collect();
+        accounts.sort_unstable();
+        accounts.dedup();
+        let hooked: std::collections::HashSet<String> = if accounts.is_empty() {
+            Default::default()
+        } else {
+            let marks = (1..=accounts.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT account_id FROM webhooks WHERE is_active = 1 AND account_id IN ({marks})"
+            );
+            let mut q = sqlx::query_scalar(&sql);
+            for a in &accounts {
+                q = q.bind(*a);
+            }
+            q.fetch_all(&mut *tx).await?.into_iter().collect()
+        };
         for (n, d) in relayed {
-            let r = sqlx::query(
-                "UPDATE notifications SET relayed_at = $2 WHERE id = $1 AND relayed_at IS NULL",
-            )
-            .bind(n.id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            if r.rows_affected() == 0 {
-                continue; // another relay got there first
+            if !mine.contains(&n.id) || !hooked.contains(&n.account_id) {
+                continue;
             }
             let job_id = n.data.get("id_task").and_then(|v| v.as_str());
             super::webhooks::queue_delivery(

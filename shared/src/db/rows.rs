@@ -49,16 +49,44 @@ impl JobRow {
 
     /// 0–100, share of outputs in a terminal state (contract §3.9).
     pub fn progress(&self) -> f64 {
-        if self.status.is_terminal() {
-            return 100.0;
-        }
-        if self.total_outputs == 0 {
-            0.0
-        } else {
-            (self.processed() as f64 * 100.0 / self.total_outputs as f64 * 10.0).round() / 10.0
-        }
+        progress(self.status, self.total_outputs, self.processed())
     }
 }
+
+/// 0–100, share of a job's `total` outputs that are terminal (`processed`);
+/// 100 once the job is.
+pub(crate) fn progress(status: JobStatus, total: i64, processed: i64) -> f64 {
+    if status.is_terminal() {
+        return 100.0;
+    }
+    if total == 0 {
+        0.0
+    } else {
+        (processed as f64 * 100.0 / total as f64 * 10.0).round() / 10.0
+    }
+}
+
+/// What the transitions of a job read back from the statement that
+/// changed it (`RETURNING`): enough to finalise it and to write its
+/// `batch_edit`, without reading the row again.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct JobState {
+    pub id: String,
+    pub account_id: String,
+    pub job_type: JobType,
+    pub status: JobStatus,
+    pub total_outputs: i64,
+    pub completed_outputs: i64,
+    pub failed_outputs: i64,
+    pub counts_against_cap: i64,
+    pub should_post_process: i64,
+    pub error_message: Option<String>,
+    pub post_processing_status: Option<JobStatus>,
+}
+
+/// The columns of a [`JobState`].
+pub(crate) const JOB_STATE: &str = "id, account_id, job_type, status, total_outputs, completed_outputs, \
+     failed_outputs, counts_against_cap, should_post_process, error_message, post_processing_status";
 
 fn corrupt(column: &str, e: impl std::error::Error + Send + Sync + 'static) -> sqlx::Error {
     sqlx::Error::ColumnDecode {

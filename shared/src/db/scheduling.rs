@@ -7,10 +7,11 @@
 //! notifications, job finalisation) happens in the same transaction only if
 //! that update touched a row. A duplicate or stale report changes nothing.
 
-use super::notifications::notify_job;
-use super::rows::{JOB_SELECT, JobRow, OUTPUT_COLUMNS, OutputRow};
+use super::notifications::notify_state;
+use super::rows::{JOB_SELECT, JOB_STATE, JobRow, JobState, OUTPUT_COLUMNS, OutputRow};
 use super::transitions::{
-    AccountChanges, finalize_job, finish_output, live_output, post_processing_progress,
+    AccountChanges, finalize_job, finalize_state, finish_output, live_output,
+    post_processing_progress,
 };
 use super::{Result, Store, Tx, id_list};
 use crate::domain::retry::RetryPolicy;
@@ -349,6 +350,48 @@ impl Store {
         else {
             return Ok(None);
         };
+        self.work_of(job).await
+    }
+
+    /// [`Store::job_work`] of several jobs, their rows read in one
+    /// statement: what a dispatch round needs for the jobs it picked. A
+    /// job that is gone is missing from the answer; one this version cannot
+    /// read answers `Err(Corrupt)` alone, without failing the others.
+    pub async fn job_works(
+        &self,
+        job_ids: &[String],
+    ) -> Result<HashMap<String, Result<Option<JobWork>>>> {
+        let mut out = HashMap::with_capacity(job_ids.len());
+        if job_ids.is_empty() {
+            return Ok(out);
+        }
+        // The list is padded to a power of two (repeating the last id), so
+        // that a connection prepares a handful of statements, not one per
+        // round size.
+        let slots = job_ids.len().next_power_of_two();
+        let marks = (1..=slots)
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("{JOB_SELECT} WHERE j.id IN ({marks})");
+        let mut q = sqlx::query(&sql);
+        for i in 0..slots {
+            q = q.bind(&job_ids[i.min(job_ids.len() - 1)]);
+        }
+        for row in q.fetch_all(self.pool()).await? {
+            let id: String = sqlx::Row::try_get(&row, "id")?;
+            let work = match <JobRow as sqlx::FromRow<_>>::from_row(&row) {
+                Ok(job) => self.work_of(job).await,
+                Err(e) => Err(e.into()),
+            };
+            out.insert(id, work);
+        }
+        Ok(out)
+    }
+
+    /// What every task of `job` carries (see [`Store::job_work`]).
+    async fn work_of(&self, job: JobRow) -> Result<Option<JobWork>> {
+        let job_id = job.id.as_str();
         let mut inputs = match job.inputs.clone() {
             Some(inputs) => inputs,
             None => match self.resolve_job_inputs(&job).await? {
@@ -647,16 +690,17 @@ async fn record_started_in(
     let Some(job_id) = job_id else {
         return Ok(false);
     };
-    let r =
-        sqlx::query("UPDATE jobs SET status = $3, updated_at = $2 WHERE id = $1 AND status = $4")
-            .bind(&job_id)
-            .bind(now)
-            .bind(JobStatus::Processing)
-            .bind(JobStatus::Pending)
-            .execute(&mut **tx)
-            .await?;
-    if r.rows_affected() == 1 {
-        notify_job(tx, &job_id).await?;
+    let started: Option<JobState> = sqlx::query_as(&format!(
+        "UPDATE jobs SET status = $3, updated_at = $2 WHERE id = $1 AND status = $4 RETURNING {JOB_STATE}"
+    ))
+    .bind(&job_id)
+    .bind(now)
+    .bind(JobStatus::Processing)
+    .bind(JobStatus::Pending)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(job) = started {
+        notify_state(tx, &job).await?;
     }
     Ok(true)
 }
@@ -670,23 +714,29 @@ async fn complete_output_in(
     attempt: i64,
     result: &OutputResult,
 ) -> Result<Option<WorkQueue>> {
-    let Some(o) = live_output(tx, output_id, attempt).await? else {
-        return Ok(None);
-    };
-    if finish_output(
+    // The update's guard is the live attempt's (a completion comes only
+    // from a leased state): a stale or duplicate report changes nothing.
+    let Some((o, job)) = finish_output(
         tx,
         accounts,
-        &o,
+        (output_id, attempt),
         OutputStatus::Completed,
         "",
         Some(result),
         true,
     )
     .await?
-    {
+    else {
+        return Ok(None);
+    };
+    if job.should_post_process == 1 {
+        // The pass changes the job's post-processing status after the
+        // state came back: the job is read again for its notification.
         post_processing_progress(tx, &o, result.post_processed).await?;
+        finalize_job(tx, accounts, &o.job_id, None).await?;
+    } else {
+        finalize_state(tx, accounts, job, None, true).await?;
     }
-    finalize_job(tx, accounts, &o.job_id, None).await?;
     Ok(Some(o.queue))
 }
 
@@ -761,8 +811,20 @@ async fn record_failure_in(
         } else {
             message.to_string()
         };
-        finish_output(tx, accounts, &o, OutputStatus::Failed, &reason, None, false).await?;
-        finalize_job(tx, accounts, &o.job_id, None).await?;
+        match finish_output(
+            tx,
+            accounts,
+            (o.id, o.attempt),
+            OutputStatus::Failed,
+            &reason,
+            None,
+            false,
+        )
+        .await?
+        {
+            Some((_, job)) => finalize_state(tx, accounts, job, None, true).await?,
+            None => finalize_job(tx, accounts, &o.job_id, None).await?,
+        }
         FailureOutcome::Failed
     };
     Ok(outcome)

@@ -12,8 +12,8 @@
 //! the commit, not across the transition's other writes.
 
 use super::accounts::ledger;
-use super::notifications::{notify_job, notify_output};
-use super::rows::{OUTPUT_COLUMNS, OutputRow};
+use super::notifications::{notify_output, notify_state};
+use super::rows::{JOB_STATE, JobState, OUTPUT_COLUMNS, OutputRow};
 use super::{Result, Tx, to_json};
 use crate::domain::credits::Credits;
 use crate::domain::{JobStatus, JobType, OutputResult, OutputStatus};
@@ -120,17 +120,20 @@ pub(crate) async fn live_output(
         .await?)
 }
 
-/// Moves one output to a terminal state and settles its credits: a charge
-/// for `completed`, a release otherwise. No-op if the guard does not match.
+/// Moves attempt `live.1` of output `live.0` to a terminal state and
+/// settles its credits: a charge for `completed`, a release otherwise.
+/// No-op (`None`) if the guard (that attempt, in a state that may reach
+/// `to`) does not match; else the output as it is now and its job's state
+/// after its counter moved.
 pub(crate) async fn finish_output(
     tx: &mut Tx,
     accounts: &mut AccountChanges,
-    o: &OutputRow,
+    live: (i64, i64),
     to: OutputStatus,
     message: &str,
     result: Option<&OutputResult>,
     charge: bool,
-) -> Result<bool> {
+) -> Result<Option<(OutputRow, JobState)>> {
     debug_assert!(to.is_terminal());
     let now = now_ms();
     let sql = format!(
@@ -141,10 +144,11 @@ pub(crate) async fn finish_output(
         OutputStatus::sql_sources_of(to)
     );
     let description = result.map(|r| to_json(&r.input_description)).transpose()?;
-    // The row as it is now, for the notification: no second read.
+    // The row as it is now, for the settlement and the notification: no
+    // second read.
     let after = sqlx::query_as::<_, OutputRow>(&sql)
-        .bind(o.id)
-        .bind(o.attempt)
+        .bind(live.0)
+        .bind(live.1)
         .bind(to.as_str())
         .bind(now)
         .bind((!message.is_empty()).then_some(message))
@@ -158,8 +162,8 @@ pub(crate) async fn finish_output(
         .bind(result.map(|r| r.format.as_str()))
         .fetch_optional(&mut **tx)
         .await?;
-    let Some(after) = after else {
-        return Ok(false);
+    let Some(o) = after else {
+        return Ok(None);
     };
     let cost = Credits(o.cost);
     accounts.settle(&o.billing_account_id, cost, charge);
@@ -188,17 +192,17 @@ pub(crate) async fn finish_output(
     } else {
         "failed_outputs"
     };
-    let (account, job_type): (String, JobType) = sqlx::query_as(&format!(
-        "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1 RETURNING account_id, job_type"
+    let job: JobState = sqlx::query_as(&format!(
+        "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1 RETURNING {JOB_STATE}"
     ))
     .bind(&o.job_id)
     .bind(now)
     .fetch_one(&mut **tx)
     .await?;
-    if !job_type.quiet() {
-        notify_output(tx, &account, &after).await?;
+    if !job.job_type.quiet() {
+        notify_output(tx, &job.account_id, &o).await?;
     }
-    Ok(true)
+    Ok(Some((o, job)))
 }
 
 /// Tracks the post-processing pass of a job that asked for one: the first
@@ -242,24 +246,37 @@ pub(crate) async fn finalize_job(
     job_id: &str,
     forced: Option<JobStatus>,
 ) -> Result<()> {
+    let job: JobState = sqlx::query_as(&format!("SELECT {JOB_STATE} FROM jobs WHERE id = $1"))
+        .bind(job_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    finalize_state(tx, accounts, job, forced, false).await
+}
+
+/// [`finalize_job`] from the job's state as the caller read it back from
+/// its own update in this transaction (`touched`: that update already
+/// moved `updated_at`).
+pub(crate) async fn finalize_state(
+    tx: &mut Tx,
+    accounts: &mut AccountChanges,
+    job: JobState,
+    forced: Option<JobStatus>,
+    touched: bool,
+) -> Result<()> {
     let now = now_ms();
-    let (status, total, completed, failed, account, counts, job_type): (JobStatus, i64, i64, i64, String, i64, String) = sqlx::query_as(
-        "SELECT status, total_outputs, completed_outputs, failed_outputs, account_id, counts_against_cap, job_type \
-         FROM jobs WHERE id = $1",
-    )
-    .bind(job_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    if status.is_terminal() {
+    if job.status.is_terminal() {
         return Ok(());
     }
+    let (total, completed, failed) = (job.total_outputs, job.completed_outputs, job.failed_outputs);
     let next = match forced {
         Some(s) => s,
         None if completed + failed == total => JobStatus::finished(completed),
         None => {
             // Progress: one more output is terminal.
-            touch_job(tx, job_id, now).await?;
-            notify_job(tx, job_id).await?;
+            if !touched {
+                touch_job(tx, &job.id, now).await?;
+            }
+            notify_state(tx, &job).await?;
             return Ok(());
         }
     };
@@ -268,7 +285,7 @@ pub(crate) async fn finalize_job(
             let last: Option<String> = sqlx::query_scalar(
                 "SELECT error_message FROM outputs WHERE job_id = $1 AND error_message IS NOT NULL ORDER BY finalized_at DESC, id DESC LIMIT 1",
             )
-            .bind(job_id)
+            .bind(&job.id)
             .fetch_optional(&mut **tx)
             .await?
             .flatten();
@@ -291,35 +308,35 @@ pub(crate) async fn finalize_job(
          post_processing_status = CASE WHEN should_post_process = 1 THEN \
            CASE WHEN post_processing_status = $7 THEN $7 ELSE $5 END ELSE NULL END, \
          post_processing_error = CASE WHEN should_post_process = 1 THEN COALESCE(post_processing_error, $6) ELSE NULL END \
-         WHERE id = $1 AND status IN ({})",
+         WHERE id = $1 AND status IN ({}) RETURNING {JOB_STATE}",
         JobStatus::sql_in(&JobStatus::OPEN)
     );
-    let finalized = sqlx::query(&sql)
-        .bind(job_id)
+    let finalized: Option<JobState> = sqlx::query_as(&sql)
+        .bind(&job.id)
         .bind(next)
         .bind(now)
         .bind(error)
         .bind(post_status)
         .bind(post_error)
         .bind(JobStatus::Failed)
-        .execute(&mut **tx)
+        .fetch_optional(&mut **tx)
         .await?;
-    if finalized.rows_affected() == 0 {
+    let Some(finalized) = finalized else {
         // Someone else finalised it first: its slot and reservation are settled.
         return Ok(());
-    }
+    };
     sqlx::query("UPDATE reservations SET closed_at = $2 WHERE job_id = $1 AND closed_at IS NULL")
-        .bind(job_id)
+        .bind(&job.id)
         .bind(now)
         .execute(&mut **tx)
         .await?;
-    if counts == 1 {
-        accounts.free_slot(&account);
+    if job.counts_against_cap == 1 {
+        accounts.free_slot(&job.account_id);
     }
-    if job_type == crate::domain::JobType::Training.as_str() {
-        super::trainings::on_finalized(tx, job_id, next).await?;
+    if job.job_type == JobType::Training {
+        super::trainings::on_finalized(tx, &job.id, next).await?;
     }
-    notify_job(tx, job_id).await?;
+    notify_state(tx, &finalized).await?;
     Ok(())
 }
 

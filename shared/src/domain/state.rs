@@ -249,6 +249,16 @@ mod tests {
         (0usize..OutputStatus::ALL.len()).prop_map(|i| OutputStatus::ALL[i])
     }
 
+    /// A completion comes only from a leased state: the store guards a
+    /// completion report by this alone, without reading the output first.
+    #[test]
+    fn only_leased_outputs_complete() {
+        assert_eq!(
+            OutputStatus::sources_of(OutputStatus::Completed),
+            OutputStatus::LEASED.to_vec()
+        );
+    }
+
     proptest! {
         /// Walking the machine with arbitrary requested moves, only legal
         /// moves are applied; once terminal, nothing changes any more.
