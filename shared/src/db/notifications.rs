@@ -87,7 +87,14 @@ impl<'a> BatchEdit<'a> {
 
     /// Stores it for `account_id`, the job's owner.
     async fn write(&self, tx: &mut Tx, account_id: &str) -> Result<()> {
-        insert(tx, account_id, "batch_edit", Some(self.job_id), &self.data()).await?;
+        insert(
+            tx,
+            account_id,
+            "batch_edit",
+            Some(self.job_id),
+            &self.data(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -145,7 +152,7 @@ pub(crate) async fn notify_state(tx: &mut Tx, job: &JobState) -> Result<()> {
 
 /// The state of a job admission has just written (pending, nothing
 /// processed), from what admission knows rather than a read of the row.
-fn created_state(
+pub(crate) fn created_state(
     account_id: &str,
     job_id: &str,
     spec: &JobSpec,
@@ -165,6 +172,11 @@ fn created_state(
         error_message: None,
         post_processing_status: post_process.then_some(JobStatus::Pending),
     }
+}
+
+/// The `data` of the `batch_edit` a job in `state` reports.
+pub(crate) fn batch_edit_data(state: &JobState) -> serde_json::Value {
+    BatchEdit::of_state(state).data()
 }
 
 /// The `batch_edit` of a job admission has just written ([`created_state`]).
