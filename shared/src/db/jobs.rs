@@ -109,6 +109,63 @@ enum Missing {
     Profile(String),
 }
 
+impl From<UnusableFile> for Admission {
+    fn from(f: UnusableFile) -> Admission {
+        Admission::FileUnavailable {
+            index: f.index,
+            file_id: f.file_id,
+            pending: f.pending,
+        }
+    }
+}
+
+/// The stored form of a job's spec (`jobs.spec`).
+fn spec_json(spec: &JobSpec) -> Result<String> {
+    to_json(
+        &spec
+            .to_value()
+            .map_err(|e| super::StoreError::Corrupt(e.to_string()))?,
+    )
+}
+
+/// `(balance, reserved)` of an account, as they are now.
+async fn credits_of(conn: &mut AnyConnection, account_id: &str) -> Result<(i64, i64)> {
+    Ok(
+        sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
+            .bind(account_id)
+            .fetch_one(&mut *conn)
+            .await?,
+    )
+}
+
+/// Which of admission's account checks refused `j`, its billing account
+/// showing `balance` and `reserved` after the refusal: the credits when
+/// they fall short of `required`, else the active-job cap (the member's
+/// count read now).
+async fn account_refusal(
+    conn: &mut AnyConnection,
+    j: &NewJob<'_>,
+    required: Credits,
+    balance: i64,
+    reserved: i64,
+) -> Result<Admission> {
+    if balance - reserved < required.0 {
+        return Ok(Admission::InsufficientCredits {
+            required,
+            in_progress: Credits(reserved),
+            user_credits: Credits(balance),
+        });
+    }
+    let active: i64 = sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
+        .bind(j.account_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(Admission::ConcurrencyLimit {
+        active,
+        cap: j.active_job_cap.unwrap_or(u32::MAX),
+    })
+}
+
 /// The face a completed preprocessing job built: its crop and record;
 /// `None` when it has none usable (missing, or recorded in a form this
 /// version cannot read).
@@ -286,24 +343,14 @@ impl Store {
         let files =
             match uploaded_keys(&mut conn, j.account_id, &j.spec.requirements().files).await? {
                 Ok(files) => files,
-                Err(f) => {
-                    return Ok(Admission::FileUnavailable {
-                        index: f.index,
-                        file_id: f.file_id,
-                        pending: f.pending,
-                    });
-                }
+                Err(f) => return Ok(f.into()),
             };
         let inputs = JobInputs {
             files,
             face: None,
             profiles: Vec::new(),
         };
-        let spec_json = to_json(
-            &j.spec
-                .to_value()
-                .map_err(|e| super::StoreError::Corrupt(e.to_string()))?,
-        )?;
+        let spec_json = spec_json(&j.spec)?;
         let job_id = crate::domain::JobId::generate().0;
         let total = outputs.len() as i64;
         let note = batch_edit_data(&created_state(j.account_id, &job_id, &j.spec, total));
@@ -383,23 +430,8 @@ impl Store {
             });
         }
         // Nothing was written: the account row tells which check failed.
-        let (balance, reserved, active): (i64, i64, i64) =
-            sqlx::query_as("SELECT balance, reserved, active_jobs FROM accounts WHERE id = $1")
-                .bind(j.account_id)
-                .fetch_one(&mut *conn)
-                .await?;
-        Ok(if balance - reserved < required.0 {
-            Admission::InsufficientCredits {
-                required,
-                in_progress: Credits(reserved),
-                user_credits: Credits(balance),
-            }
-        } else {
-            Admission::ConcurrencyLimit {
-                active,
-                cap: j.active_job_cap.unwrap_or(u32::MAX),
-            }
-        })
+        let (balance, reserved) = credits_of(&mut conn, j.billing_account_id).await?;
+        account_refusal(&mut conn, j, required, balance, reserved).await
     }
 
     /// [`Store::create_job`] inside the caller's transaction, which the
@@ -480,13 +512,7 @@ impl Store {
         .await?
         {
             Ok(inputs) => inputs,
-            Err(Missing::File(f)) => {
-                return Ok(Admission::FileUnavailable {
-                    index: f.index,
-                    file_id: f.file_id,
-                    pending: f.pending,
-                });
-            }
+            Err(Missing::File(f)) => return Ok(f.into()),
             Err(Missing::Face) => {
                 return Ok(Admission::IdentityNotReady {
                     status: crate::domain::identity::preprocessing_status(Some(JobStatus::Failed)),
@@ -494,11 +520,7 @@ impl Store {
             }
             Err(Missing::Profile(id)) => return Ok(Admission::ProfileNotReady { id }),
         };
-        let spec_json = to_json(
-            &j.spec
-                .to_value()
-                .map_err(|e| super::StoreError::Corrupt(e.to_string()))?,
-        )?;
+        let spec_json = spec_json(&j.spec)?;
         let job_id = crate::domain::JobId::generate().0;
         sqlx::query(
             "INSERT INTO jobs (id, account_id, billing_account_id, project_id, job_type, status, spec, total_outputs, \
@@ -594,10 +616,7 @@ impl Store {
                 return Ok(None);
             }
             // Nothing changed: the row tells which check failed.
-            sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
-                .bind(j.billing_account_id)
-                .fetch_one(&mut **tx)
-                .await?
+            credits_of(tx, j.billing_account_id).await?
         } else {
             let r = sqlx::query("UPDATE accounts SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2")
                 .bind(j.billing_account_id)
@@ -605,10 +624,7 @@ impl Store {
                 .execute(&mut **tx)
                 .await?;
             if r.rows_affected() == 0 {
-                sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
-                    .bind(j.billing_account_id)
-                    .fetch_one(&mut **tx)
-                    .await?
+                credits_of(tx, j.billing_account_id).await?
             } else if !counts {
                 return Ok(None);
             } else {
@@ -625,21 +641,9 @@ impl Store {
                 (i64::MAX, 0)
             }
         };
-        if balance - reserved < required.0 {
-            return Ok(Some(Admission::InsufficientCredits {
-                required,
-                in_progress: Credits(reserved),
-                user_credits: Credits(balance),
-            }));
-        }
-        let active: i64 = sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
-            .bind(j.account_id)
-            .fetch_one(&mut **tx)
-            .await?;
-        Ok(Some(Admission::ConcurrencyLimit {
-            active,
-            cap: j.active_job_cap.unwrap_or(u32::MAX),
-        }))
+        Ok(Some(
+            account_refusal(tx, j, required, balance, reserved).await?,
+        ))
     }
 
     /// What a job admitted before `jobs.inputs` existed reads, resolved
