@@ -289,6 +289,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Time of one model inference (one batch), seconds.",
     ),
     m(
+        "atelier_admission_batch_jobs",
+        Histogram,
+        &[],
+        "Jobs written by one group-admission statement (PostgreSQL).",
+    ),
+    m(
         "atelier_batch_size",
         Histogram,
         &["model"],

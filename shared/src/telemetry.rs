@@ -163,6 +163,12 @@ pub fn metrics() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full("atelier_batch_size".into()), &sizes)
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("atelier_admission_batch_jobs".into()),
+                        &sizes,
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
                 Ok(h) => {

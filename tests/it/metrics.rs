@@ -87,6 +87,10 @@ fn scrape(text: &str) -> (BTreeMap<String, String>, BTreeSet<String>) {
 const ONLY_AFTER: &[(&str, &str)] = &[
     ("atelier_inference_seconds", "an ONNX model ran"),
     ("atelier_batch_size", "an ONNX model ran"),
+    (
+        "atelier_admission_batch_jobs",
+        "jobs were admitted on PostgreSQL",
+    ),
     ("atelier_model_load_seconds", "an ONNX model was loaded"),
     ("atelier_retries_total", "an attempt failed and was retried"),
     (

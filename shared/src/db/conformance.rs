@@ -1723,6 +1723,81 @@ pub async fn concurrent_creations_reserve_within_the_balance(s: Store) {
     audit_clean(&s).await;
 }
 
+/// Concurrent creations on several accounts at once, each account's
+/// written together on PostgreSQL (`admissions`): each account is admitted
+/// exactly what its own credits and cap allow, a batch that does not fit as
+/// a whole is admitted job by job, and the rows agree.
+pub async fn concurrent_creations_on_many_accounts_are_admitted_per_account(s: Store) {
+    let rich = account(&s, "rich", 100).await;
+    let poor = account(&s, "poor", 5).await;
+    let capped = account(&s, "capped", 100).await;
+    let wide = account(&s, "wide", 20).await;
+    // (account, output costs, cap), twelve jobs each, interleaved.
+    let plans: [(&str, &[i64], Option<u32>); 4] = [
+        (&rich, &[1], None),
+        (&poor, &[1], None),
+        (&capped, &[1], Some(3)),
+        (&wide, &[1, 3], None),
+    ];
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        for (acc, costs, cap) in plans {
+            let (s, acc, costs) = (s.clone(), acc.to_string(), costs.to_vec());
+            tasks.push(tokio::spawn(async move {
+                let answer = s.create_job(job(&acc, &costs, cap)).await.expect("create");
+                (acc, answer)
+            }));
+        }
+    }
+    let mut seen: std::collections::HashMap<String, (usize, usize, usize)> = Default::default();
+    for t in tasks {
+        let (acc, answer) = t.await.expect("task");
+        let e = seen.entry(acc).or_default();
+        match answer {
+            Admission::Created {
+                job_id,
+                total_outputs,
+                ..
+            } => {
+                e.0 += 1;
+                let outputs = s.latest_outputs(&job_id).await.expect("outputs");
+                assert_eq!(outputs.len() as i64, total_outputs);
+            }
+            Admission::InsufficientCredits { .. } => e.1 += 1,
+            Admission::ConcurrencyLimit { active, cap } => {
+                assert_eq!((active, cap), (3, 3));
+                e.2 += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seen[&rich], (12, 0, 0));
+    assert_eq!(seen[&poor], (5, 7, 0));
+    assert_eq!(seen[&capped], (3, 0, 9));
+    assert_eq!(seen[&wide], (5, 7, 0));
+    for (acc, reserved, active) in [
+        (&rich, 12, 12),
+        (&poor, 5, 5),
+        (&capped, 3, 3),
+        (&wide, 20, 5),
+    ] {
+        let a = s.account(acc).await.expect("read").expect("exists");
+        assert_eq!(
+            (a.reserved, a.active_jobs),
+            (reserved * 1000, active),
+            "{}",
+            a.name
+        );
+    }
+    if s.dialect() == Dialect::Postgres {
+        assert!(
+            s.jobs_admitted_in_batches() > 1,
+            "concurrent admissions were never written together"
+        );
+    }
+    audit_clean(&s).await;
+}
+
 macro_rules! store_suite {
     ($m:ident, $dialect:expr) => {
         mod $m {
@@ -1757,6 +1832,7 @@ macro_rules! store_suite {
             t!(idempotency_keys_claim_replay_and_expire);
             t!(duties_are_held_by_one_replica);
             t!(concurrent_creations_reserve_within_the_balance);
+            t!(concurrent_creations_on_many_accounts_are_admitted_per_account);
         }
     };
 }

@@ -1,6 +1,7 @@
 //! Jobs and their outputs: transactional creation (admission), reads, abort.
 
 use super::accounts::ledger;
+use super::admissions::Prepared;
 use super::files::{UnusableFile, uploaded_keys};
 use super::notifications::{batch_edit_data, created_state, notify_created, notify_job};
 use super::outbox::enqueue_outbox;
@@ -129,7 +130,7 @@ fn spec_json(spec: &JobSpec) -> Result<String> {
 }
 
 /// `(balance, reserved)` of an account, as they are now.
-async fn credits_of(conn: &mut AnyConnection, account_id: &str) -> Result<(i64, i64)> {
+pub(crate) async fn credits_of(conn: &mut AnyConnection, account_id: &str) -> Result<(i64, i64)> {
     Ok(
         sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
             .bind(account_id)
@@ -142,9 +143,10 @@ async fn credits_of(conn: &mut AnyConnection, account_id: &str) -> Result<(i64, 
 /// showing `balance` and `reserved` after the refusal: the credits when
 /// they fall short of `required`, else the active-job cap (the member's
 /// count read now).
-async fn account_refusal(
+pub(crate) async fn account_refusal(
     conn: &mut AnyConnection,
-    j: &NewJob<'_>,
+    account_id: &str,
+    active_job_cap: Option<u32>,
     required: Credits,
     balance: i64,
     reserved: i64,
@@ -157,12 +159,12 @@ async fn account_refusal(
         });
     }
     let active: i64 = sqlx::query_scalar("SELECT active_jobs FROM accounts WHERE id = $1")
-        .bind(j.account_id)
+        .bind(account_id)
         .fetch_one(&mut *conn)
         .await?;
     Ok(Admission::ConcurrencyLimit {
         active,
-        cap: j.active_job_cap.unwrap_or(u32::MAX),
+        cap: active_job_cap.unwrap_or(u32::MAX),
     })
 }
 
@@ -330,108 +332,70 @@ impl Store {
     /// ([`Store::admits_at_once`]): its files are read, then everything is
     /// written by ONE statement, committed on its own (data-modifying
     /// `WITH`), each insert conditional on the account row's conditional
-    /// update. That row is then locked only while the server runs the
-    /// statement and commits it, never across a round trip to this
-    /// process, which on a busy host took milliseconds and bounded how
-    /// fast one account's jobs were admitted. It writes and checks what
-    /// [`Store::admit`] does.
+    /// update, together with the other admissions that arrived meanwhile
+    /// (`admissions`: group admission). That row is then locked only while
+    /// the server runs the statement and commits it, never across a round
+    /// trip to this process, and once per batch rather than once per job.
+    /// It writes and checks what [`Store::admit`] does.
     async fn admit_at_once(&self, j: &NewJob<'_>) -> Result<Admission> {
         let job_type = j.spec.job_type();
         let outputs = j.spec.plan(j.prices);
         let required: Credits = outputs.iter().map(|o| o.cost).sum();
-        let mut conn = self.pool().acquire().await?;
-        let files =
+        let files = {
+            let mut conn = self.pool().acquire().await?;
             match uploaded_keys(&mut conn, j.account_id, &j.spec.requirements().files).await? {
                 Ok(files) => files,
                 Err(f) => return Ok(f.into()),
-            };
+            }
+        };
         let inputs = JobInputs {
             files,
             face: None,
             profiles: Vec::new(),
         };
-        let spec_json = spec_json(&j.spec)?;
         let job_id = crate::domain::JobId::generate().0;
         let total = outputs.len() as i64;
         let note = batch_edit_data(&created_state(j.account_id, &job_id, &j.spec, total));
-        let now = now_ms();
-        // $1–$22 as bound below, then four per output from $23.
-        let values = (0..outputs.len())
-            .map(|i| {
-                let b = 23 + i * 4;
-                format!("(${b}, ${}, ${}, ${})", b + 1, b + 2, b + 3)
+        let slots = i64::from(job_type.counts_against_cap());
+        let job = serde_json::json!({
+            "id": job_id,
+            "project": j.project_id,
+            "kind": job_type.as_str(),
+            "spec": spec_json(&j.spec)?,
+            "total": total,
+            "post": i64::from(j.spec.post_process()),
+            "post_status": j.spec.post_process().then_some(JobStatus::Pending.as_str()),
+            "slots": slots,
+            "traceparent": j.traceparent,
+            "inputs": to_json(&inputs)?,
+            "required": required.0,
+            "note": to_json(&note)?,
+            "queue": job_type.queue().as_str(),
+            "attempts": i64::from(j.max_attempts),
+        });
+        let outputs = outputs
+            .iter()
+            .map(|o| {
+                serde_json::json!({
+                    "job": job_id,
+                    "ins": o.instruction_index,
+                    "var": o.variation_index,
+                    "cost": o.cost.0,
+                    "fmt": o.format.ext(),
+                })
             })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!(
-            "WITH acct AS ( \
-               UPDATE accounts SET reserved = reserved + $3, active_jobs = active_jobs + $4 \
-               WHERE id = $1 AND balance - reserved >= $3 AND ($4 = 0 OR active_jobs < $5) RETURNING id), \
-             job AS ( \
-               INSERT INTO jobs (id, account_id, billing_account_id, project_id, job_type, status, spec, \
-                 total_outputs, should_post_process, post_processing_status, counts_against_cap, created_at, \
-                 updated_at, traceparent, inputs) \
-               SELECT $6, $2, $1, $7, $8, $9, $10, $12, $13, $14, $4, $11, $11, $15, $16 FROM acct RETURNING id), \
-             outs AS ( \
-               INSERT INTO outputs (job_id, billing_account_id, queue, instruction_index, variation_index, status, \
-                 max_attempts, scheduled_at, cost, output_format, created_at, updated_at, account_id) \
-               SELECT job.id, $1, $19, v.ins, v.var, $18, $20, $11, v.cost, v.fmt, $11, $11, $2 \
-               FROM job, (VALUES {values}) AS v(ins, var, cost, fmt)), \
-             res AS ( \
-               INSERT INTO reservations (job_id, account_id, amount, held, created_at) \
-               SELECT id, $1, $3, $3, $11 FROM job), \
-             led AS ( \
-               INSERT INTO credit_ledger (account_id, job_id, kind, amount, created_at) \
-               SELECT $1, id, 'reserve', $3, $11 FROM job), \
-             note AS ( \
-               INSERT INTO notifications (account_id, name, job_id, data, created_at) \
-               SELECT $2, 'batch_edit', id, $17, $11 FROM job), \
-             wake AS ( \
-               INSERT INTO outbox (topic, payload, created_at) SELECT $21, $22, $11 FROM job) \
-             SELECT COUNT(*) FROM job"
-        );
-        let mut q = sqlx::query_scalar::<_, i64>(&sql)
-            .bind(j.billing_account_id)
-            .bind(j.account_id)
-            .bind(required.0)
-            .bind(i64::from(job_type.counts_against_cap()))
-            .bind(j.active_job_cap.map(i64::from).unwrap_or(i64::MAX))
-            .bind(&job_id)
-            .bind(j.project_id)
-            .bind(job_type)
-            .bind(JobStatus::Pending)
-            .bind(&spec_json)
-            .bind(now)
-            .bind(total)
-            .bind(i64::from(j.spec.post_process()))
-            .bind(j.spec.post_process().then_some(JobStatus::Pending))
-            .bind(j.traceparent.as_deref())
-            .bind(to_json(&inputs)?)
-            .bind(to_json(&note)?)
-            .bind(OutputStatus::Pending)
-            .bind(job_type.queue())
-            .bind(i64::from(j.max_attempts))
-            .bind(crate::domain::task::WAKE_QUEUE)
-            .bind(to_json(
-                &serde_json::json!({"event": "job_created", "job_id": job_id}),
-            )?);
-        for o in &outputs {
-            q = q
-                .bind(i64::from(o.instruction_index))
-                .bind(i64::from(o.variation_index))
-                .bind(o.cost.0)
-                .bind(o.format.ext());
-        }
-        if q.fetch_one(&mut *conn).await? == 1 {
-            return Ok(Admission::Created {
-                job_id,
-                total_outputs: total,
-                required,
-            });
-        }
-        // Nothing was written: the account row tells which check failed.
-        let (balance, reserved) = credits_of(&mut conn, j.billing_account_id).await?;
-        account_refusal(&mut conn, j, required, balance, reserved).await
+            .collect();
+        self.admit_grouped(Prepared {
+            job_id,
+            account_id: j.account_id.to_string(),
+            active_job_cap: j.active_job_cap,
+            required,
+            slots,
+            total_outputs: total,
+            job,
+            outputs,
+        })
+        .await
     }
 
     /// [`Store::create_job`] inside the caller's transaction, which the
@@ -642,7 +606,15 @@ impl Store {
             }
         };
         Ok(Some(
-            account_refusal(tx, j, required, balance, reserved).await?,
+            account_refusal(
+                tx,
+                j.account_id,
+                j.active_job_cap,
+                required,
+                balance,
+                reserved,
+            )
+            .await?,
         ))
     }
 

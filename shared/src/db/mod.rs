@@ -12,6 +12,7 @@
 //! an upload or any network call other than the database itself.
 
 pub mod accounts;
+mod admissions;
 pub mod api_models;
 mod codec;
 pub mod custom_models;
@@ -195,6 +196,8 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrati
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    /// Admissions waiting for a batch statement (PostgreSQL).
+    admitter: std::sync::Arc<admissions::Admitter>,
 }
 
 impl Store {
@@ -245,7 +248,11 @@ impl Store {
                 })
             });
         let pool = opts.connect(url).await?;
-        Ok(Store { pool, dialect })
+        Ok(Store {
+            pool,
+            dialect,
+            admitter: Default::default(),
+        })
     }
 
     pub async fn migrate(&self) -> Result<()> {
