@@ -287,8 +287,13 @@ async fn wake_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancellat
 /// Dispatch rounds, on the replica holding the dispatch duty
 /// ([`duty`]); the others only check now and then whether it is free.
 async fn dispatcher(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
+    let mut lanes_assigned: Option<std::time::Instant> = None;
     loop {
         if ctx.duty.held(&ctx.store).await {
+            if lanes_assigned.is_none_or(|t| t.elapsed() >= ASSIGN_LANES_EVERY) {
+                assign_lanes(&ctx).await;
+                lanes_assigned = Some(std::time::Instant::now());
+            }
             if let Err(e) = reap(&ctx).await {
                 tracing::warn!(error = %e, "scheduler: reaping failed");
             }
@@ -305,6 +310,24 @@ async fn dispatcher(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancellation
         }
     }
     ctx.duty.release(&ctx.store).await;
+}
+
+/// How often the dispatcher gives pending outputs without a lane theirs
+/// ([`Store::assign_lanes`]): only outputs written by an API of the
+/// previous version during a rolling upgrade lack one, so a few seconds'
+/// delay for those is the price of not running the update every round.
+const ASSIGN_LANES_EVERY: Duration = Duration::from_secs(5);
+
+async fn assign_lanes(ctx: &SchedulerContext) {
+    for q in WorkQueue::ALL {
+        match ctx.store.assign_lanes(q).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(queue = %q, outputs = n, "scheduler: gave outputs without a lane theirs")
+            }
+            Err(e) => tracing::warn!(queue = %q, error = %e, "scheduler: cannot assign lanes"),
+        }
+    }
 }
 
 /// Turns expired leases into retryable failures (the worker died or hung).

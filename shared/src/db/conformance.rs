@@ -1798,6 +1798,34 @@ pub async fn concurrent_creations_on_many_accounts_are_admitted_per_account(s: S
     audit_clean(&s).await;
 }
 
+/// An output inserted without a lane (by an API of the previous version,
+/// during a rolling upgrade) is dispatched once its lane is assigned, and
+/// assigning finds nothing left to do after.
+pub async fn outputs_without_a_lane_are_given_one(s: Store) {
+    let a = account(&s, "upgrade", 10).await;
+    let j = created(&s, job(&a, &[1], None)).await;
+    sqlx::query("UPDATE outputs SET account_id = NULL WHERE job_id = $1")
+        .bind(&j)
+        .execute(s.pool())
+        .await
+        .expect("old row");
+    let queue = crate::domain::WorkQueue::Packshot;
+    let postgres = s.dialect() == Dialect::Postgres;
+    if postgres {
+        // The lanes index does not see it yet.
+        let cands = s.dispatch_candidates(queue, 10).await.expect("candidates");
+        assert!(cands.is_empty(), "{cands:?}");
+    }
+    assert_eq!(
+        s.assign_lanes(queue).await.expect("assign"),
+        u64::from(postgres)
+    );
+    assert_eq!(s.assign_lanes(queue).await.expect("assign"), 0);
+    let cands = s.dispatch_candidates(queue, 10).await.expect("candidates");
+    assert_eq!(cands.len(), 1);
+    assert_eq!(cands[0].account_id, a);
+}
+
 macro_rules! store_suite {
     ($m:ident, $dialect:expr) => {
         mod $m {
@@ -1833,6 +1861,7 @@ macro_rules! store_suite {
             t!(duties_are_held_by_one_replica);
             t!(concurrent_creations_reserve_within_the_balance);
             t!(concurrent_creations_on_many_accounts_are_admitted_per_account);
+            t!(outputs_without_a_lane_are_given_one);
         }
     };
 }

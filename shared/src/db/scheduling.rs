@@ -86,6 +86,28 @@ pub enum Applied {
 }
 
 impl Store {
+    /// Gives the pending outputs of `queue` that have no lane (no
+    /// `account_id`: an API of the previous version inserted them during a
+    /// rolling upgrade) their job's account, so that
+    /// [`Store::dispatch_candidates`] finds them on PostgreSQL; how many.
+    /// Indexed, and with nothing to do once every API is upgraded: the
+    /// dispatcher runs it every few seconds, not every round.
+    pub async fn assign_lanes(&self, queue: WorkQueue) -> Result<u64> {
+        if self.dialect != super::Dialect::Postgres {
+            // SQLite's candidates come from the jobs, not the lanes.
+            return Ok(0);
+        }
+        Ok(sqlx::query(
+            "UPDATE outputs SET account_id = (SELECT j.account_id FROM jobs j WHERE j.id = outputs.job_id) \
+             WHERE queue = $1 AND status = $2 AND account_id IS NULL",
+        )
+        .bind(queue)
+        .bind(OutputStatus::Pending)
+        .execute(self.pool())
+        .await?
+        .rows_affected())
+    }
+
     /// Up to `per_account` eligible outputs of every account for `queue`,
     /// oldest first within an account.
     ///
@@ -104,19 +126,6 @@ impl Store {
              AND w.status IN ({})))",
             JobStatus::sql_in(&JobStatus::OPEN)
         );
-        if self.dialect == super::Dialect::Postgres {
-            // Outputs an API of the previous version inserted during a
-            // rolling upgrade carry no lane yet: given theirs, so that the
-            // index finds them. (Indexed, and nothing to do once upgraded.)
-            sqlx::query(
-                "UPDATE outputs SET account_id = (SELECT j.account_id FROM jobs j WHERE j.id = outputs.job_id) \
-                 WHERE queue = $1 AND status = $2 AND account_id IS NULL",
-            )
-            .bind(queue)
-            .bind(OutputStatus::Pending)
-            .execute(self.pool())
-            .await?;
-        }
         let sql = match self.dialect {
             super::Dialect::Postgres => format!(
                 "WITH RECURSIVE lanes(account_id) AS ( \

@@ -124,7 +124,8 @@ pub(crate) async fn live_output(
 /// settles its credits: a charge for `completed`, a release otherwise.
 /// No-op (`None`) if the guard (that attempt, in a state that may reach
 /// `to`) does not match; else the output as it is now and its job's state
-/// after its counter moved.
+/// after its counter moved (terminal if this output finalised it: see
+/// [`count_output`]; [`finalize_state`] then has nothing left to do).
 pub(crate) async fn finish_output(
     tx: &mut Tx,
     accounts: &mut AccountChanges,
@@ -167,14 +168,20 @@ pub(crate) async fn finish_output(
     };
     let cost = Credits(o.cost);
     accounts.settle(&o.billing_account_id, cost, charge);
+    let (job, finalized) = count_output(tx, &o.job_id, to, now).await?;
+    // The reservation is closed with the job's last output.
     let res_sql = if charge {
-        "UPDATE reservations SET held = held - $2, charged = charged + $2 WHERE job_id = $1"
+        "UPDATE reservations SET held = held - $2, charged = charged + $2, \
+         closed_at = CASE WHEN $3 = 1 THEN COALESCE(closed_at, $4) ELSE closed_at END WHERE job_id = $1"
     } else {
-        "UPDATE reservations SET held = held - $2, released = released + $2 WHERE job_id = $1"
+        "UPDATE reservations SET held = held - $2, released = released + $2, \
+         closed_at = CASE WHEN $3 = 1 THEN COALESCE(closed_at, $4) ELSE closed_at END WHERE job_id = $1"
     };
     sqlx::query(res_sql)
         .bind(&o.job_id)
         .bind(cost.0)
+        .bind(i64::from(finalized))
+        .bind(now)
         .execute(&mut **tx)
         .await?;
     ledger(
@@ -187,6 +194,60 @@ pub(crate) async fn finish_output(
         None,
     )
     .await?;
+    if !job.job_type.quiet() {
+        notify_output(tx, &job.account_id, &o).await?;
+    }
+    if finalized {
+        // What [`finalize_state`] does after its update; the reservation
+        // was closed above.
+        if job.counts_against_cap == 1 {
+            accounts.free_slot(&job.account_id);
+        }
+        if job.job_type == JobType::Training {
+            super::trainings::on_finalized(tx, &job.id, job.status).await?;
+        }
+        notify_state(tx, &job).await?;
+    }
+    Ok(Some((o, job)))
+}
+
+/// Counts a terminal output on its job and answers the job's state after
+/// that, and whether this update finalised the job. A completed output
+/// that is the last open one of an open job without a post-processing
+/// pass (the common case) finalises the job in the same update, as
+/// [`finalize_state`] would right after (`completed`, no post-processing
+/// status): one statement instead of two. Every other case only counts,
+/// and the caller finalises as before.
+async fn count_output(
+    tx: &mut Tx,
+    job_id: &str,
+    to: OutputStatus,
+    now: i64,
+) -> Result<(JobState, bool)> {
+    if to == OutputStatus::Completed {
+        let last =
+            "should_post_process = 0 AND completed_outputs + failed_outputs + 1 = total_outputs";
+        let sql = format!(
+            "UPDATE jobs SET completed_outputs = completed_outputs + 1, updated_at = $2, \
+             status = CASE WHEN {last} THEN $3 ELSE status END, \
+             finalized_at = CASE WHEN {last} THEN $2 ELSE finalized_at END, \
+             post_processing_status = CASE WHEN {last} THEN NULL ELSE post_processing_status END, \
+             post_processing_error = CASE WHEN {last} THEN NULL ELSE post_processing_error END \
+             WHERE id = $1 AND status IN ({}) RETURNING {JOB_STATE}",
+            JobStatus::sql_in(&JobStatus::OPEN)
+        );
+        let counted: Option<JobState> = sqlx::query_as(&sql)
+            .bind(job_id)
+            .bind(now)
+            .bind(JobStatus::Completed)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if let Some(job) = counted {
+            // The job was open before this update (its guard).
+            let finalized = job.status.is_terminal();
+            return Ok((job, finalized));
+        }
+    }
     let counter = if to == OutputStatus::Completed {
         "completed_outputs"
     } else {
@@ -195,14 +256,11 @@ pub(crate) async fn finish_output(
     let job: JobState = sqlx::query_as(&format!(
         "UPDATE jobs SET {counter} = {counter} + 1, updated_at = $2 WHERE id = $1 RETURNING {JOB_STATE}"
     ))
-    .bind(&o.job_id)
+    .bind(job_id)
     .bind(now)
     .fetch_one(&mut **tx)
     .await?;
-    if !job.job_type.quiet() {
-        notify_output(tx, &job.account_id, &o).await?;
-    }
-    Ok(Some((o, job)))
+    Ok((job, false))
 }
 
 /// Tracks the post-processing pass of a job that asked for one: the first
