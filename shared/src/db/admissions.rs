@@ -16,9 +16,11 @@
 //! its row (behind a settlement, say) holds up no other account's jobs.
 //!
 //! A job the batch did not write (the sum did not fit, or the statement
-//! failed) is admitted again alone, in the order the requests arrived, with
-//! the same statement: its answer (created, or which check refused it) is
-//! exactly what admitting it on its own gives. A job id is generated once
+//! failed on one job's data) is admitted again alone, in the order the
+//! requests arrived, with the same statement: its answer (created, which
+//! check refused it, or its own error) is exactly what admitting it on its
+//! own gives. When the database is out of reach every job of the batch is
+//! answered so at once. A job id is generated once
 //! per request, so a batch that committed although its answer was lost can
 //! never be written twice: the retry meets the unique key and fails like
 //! any lost commit did before.
@@ -242,6 +244,19 @@ impl Store {
                             .fetch_add(ids.len() as u64, Ordering::Relaxed);
                     }
                     ids.into_iter().collect()
+                }
+                // The database is out of reach: every job of the batch
+                // gets that answer now (503, try again), rather than one
+                // pool timeout after another.
+                Err(StoreError::Unavailable(e)) => {
+                    return jobs
+                        .iter()
+                        .map(|_| {
+                            Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                                e.to_string(),
+                            )))
+                        })
+                        .collect();
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, jobs = jobs.len(), "batch admission failed; admitting one at a time");

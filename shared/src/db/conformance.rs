@@ -1798,6 +1798,37 @@ pub async fn concurrent_creations_on_many_accounts_are_admitted_per_account(s: S
     audit_clean(&s).await;
 }
 
+/// A job the database refuses (its project was deleted after the route
+/// checked it) fails alone: the jobs admitted with it, concurrently, are
+/// all written, and nothing of the refused one is.
+pub async fn a_refused_job_fails_alone(s: Store) {
+    let a = account(&s, "mixed", 10).await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (s, a) = (s.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut j = job(&a, &[1], None);
+            if i == 3 {
+                j.project_id = Some("deleted-project");
+            }
+            (i, s.create_job(j).await)
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            (3, Err(e)) => assert!(!e.is_unavailable(), "{e}"),
+            (3, Ok(other)) => panic!("written without its project: {other:?}"),
+            (_, Ok(Admission::Created { .. })) => created += 1,
+            (_, other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, 7);
+    let acc = s.account(&a).await.expect("read").expect("exists");
+    assert_eq!((acc.reserved, acc.active_jobs), (7_000, 7));
+    audit_clean(&s).await;
+}
+
 /// An output inserted without a lane (by an API of the previous version,
 /// during a rolling upgrade) is dispatched once its lane is assigned, and
 /// assigning finds nothing left to do after.
@@ -1862,6 +1893,7 @@ macro_rules! store_suite {
             t!(concurrent_creations_reserve_within_the_balance);
             t!(concurrent_creations_on_many_accounts_are_admitted_per_account);
             t!(outputs_without_a_lane_are_given_one);
+            t!(a_refused_job_fails_alone);
         }
     };
 }
