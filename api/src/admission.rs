@@ -68,24 +68,6 @@ pub async fn project<'a>(s: &AppState, account: &str, project_id: &'a str) -> Ap
     }
 }
 
-/// Files `ids` must be the caller's (404) and uploaded (400); `field(i)`
-/// names file `i` in the answer.
-pub async fn check_file_ids(
-    s: &AppState,
-    account: &str,
-    ids: &[String],
-    field: impl Fn(usize) -> String,
-) -> ApiResult<()> {
-    let found = s.store.files_of(account, ids).await?;
-    for (i, id) in ids.iter().enumerate() {
-        match found.iter().find(|f| &f.id == id) {
-            Some(f) if f.is_uploaded() => {}
-            other => return Err(file_refusal(id, other.is_some(), Some(&field(i)))),
-        }
-    }
-    Ok(())
-}
-
 /// The answer about an input file that is not an uploaded file of the
 /// caller: `404` when it has no such file, `400` when its bytes were never
 /// stored (`pending`); `field` names it in the request.
@@ -102,6 +84,19 @@ fn file_refusal(id: &str, pending: bool, field: Option<&str>) -> ApiError {
             Some(f) => e.with_detail(Some(f), "file not found", "body"),
             None => e,
         }
+    }
+}
+
+/// [`refusal`], with an input file the caller named refused by its field:
+/// `field(i)` names the spec's file `i` in the request.
+pub fn refusal_naming_files(a: Admission, field: impl Fn(usize) -> String) -> ApiError {
+    match a {
+        Admission::FileUnavailable {
+            index,
+            file_id,
+            pending,
+        } => file_refusal(&file_id, pending, Some(&field(index))),
+        refused => refusal(refused),
     }
 }
 
@@ -242,15 +237,8 @@ pub async fn admit(s: &AppState, r: Request<'_>) -> ApiResult<Response> {
         required,
     } = admission
     else {
-        return Err(match admission {
-            // The spec's files are the request's `images`, in order.
-            Admission::FileUnavailable {
-                index,
-                file_id,
-                pending,
-            } => file_refusal(&file_id, pending, Some(&format!("images[{index}]"))),
-            refused => refusal(refused),
-        });
+        // The spec's files are the request's `images`, in order.
+        return Err(refusal_naming_files(admission, |i| format!("images[{i}]")));
     };
     metrics::counter!("atelier_jobs_created_total", "type" => job_type.as_str()).increment(1);
     tracing::info!(job.id = %job_id, account.id = %r.caller.id, %job_type, outputs = total_outputs, credits = required.as_f64(), "job accepted");

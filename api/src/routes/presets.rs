@@ -979,7 +979,6 @@ async fn extract_images(
     use atelier_shared::db::jobs::{Admission, NewJob};
     use atelier_shared::domain::extraction::{ExtractionReport, ExtractionSpec};
     use atelier_shared::domain::{JobSpec, JobStatus};
-    crate::admission::check_file_ids(s, &acc.id, &file_ids, &field).await?;
     let (billing, _) = s.store.billing_owner(&acc.id).await?;
     let trace = crate::admission::job_trace(headers);
     let admission = s
@@ -998,8 +997,10 @@ async fn extract_images(
             traceparent: Some(trace.to_string()),
         })
         .await?;
+    // Admission checks the files (the caller's, uploaded) before anything
+    // else; the spec lists them in the request's order.
     let Admission::Created { job_id, .. } = admission else {
-        return Err(crate::admission::refusal(admission));
+        return Err(crate::admission::refusal_naming_files(admission, &field));
     };
     let limit = std::time::Duration::from_millis(s.config.limits.extraction_wait_ms);
     let mut job = crate::routes::identities::wait_for_end(s, &job_id, limit).await?;

@@ -274,12 +274,9 @@ pub(crate) async fn uploaded_keys(
     if ids.is_empty() {
         return Ok(Ok(Vec::new()));
     }
-    let marks = (0..ids.len())
-        .map(|i| format!("${}", i + 2))
-        .collect::<Vec<_>>()
-        .join(", ");
     let sql = format!(
-        "SELECT id, object_key, status FROM files WHERE account_id = $1 AND id IN ({marks})"
+        "SELECT id, object_key, status FROM files WHERE account_id = $1 AND id IN ({})",
+        super::placeholders(2, ids.len())
     );
     let mut q = sqlx::query_as::<_, (String, String, String)>(&sql).bind(account_id);
     for id in ids {

@@ -299,8 +299,8 @@ impl Store {
     /// outbox row that wakes the scheduler. Either all of it is committed or
     /// none of it.
     pub async fn create_job(&self, j: NewJob<'_>) -> Result<Admission> {
-        if self.admits_at_once(&j) {
-            return self.admit_at_once(&j).await;
+        if let Some(outputs) = self.at_once_plan(&j) {
+            return self.admit_at_once(&j, outputs).await;
         }
         let mut tx = self.begin().await?;
         let admission = self.admit(&mut tx, &j).await?;
@@ -312,24 +312,32 @@ impl Store {
         Ok(admission)
     }
 
-    /// Whether [`Store::admit_at_once`] admits `j`: on PostgreSQL, a job
-    /// of a kind that reports its state, charged to its own account, that
-    /// reads files only (no identity or profile row to lock) and has at
-    /// least one output and no more than one statement carries.
-    fn admits_at_once(&self, j: &NewJob<'_>) -> bool {
+    /// The planned outputs of `j` when [`Store::admit_at_once`] admits it:
+    /// on PostgreSQL, a job of a kind that reports its state, charged to
+    /// its own account, that reads files only (no identity or profile row
+    /// to lock) and has at least one output and no more than one statement
+    /// carries.
+    fn at_once_plan(&self, j: &NewJob<'_>) -> Option<Vec<crate::domain::kinds::PlannedOutput>> {
         let requirements = j.spec.requirements();
         let job_type = j.spec.job_type();
-        self.dialect == super::Dialect::Postgres
+        let eligible = self.dialect == super::Dialect::Postgres
             && j.billing_account_id == j.account_id
             && requirements.identity.is_none()
             && requirements.profiles.is_empty()
             && !job_type.quiet()
-            && !matches!(j.spec, JobSpec::IdentityPreprocessing(_))
-            && (1..=OUTPUTS_PER_INSERT).contains(&j.spec.plan(j.prices).len())
+            && !matches!(j.spec, JobSpec::IdentityPreprocessing(_));
+        if !eligible {
+            return None;
+        }
+        let outputs = j.spec.plan(j.prices);
+        (1..=OUTPUTS_PER_INSERT)
+            .contains(&outputs.len())
+            .then_some(outputs)
     }
 
     /// Admission of a job that needs no row locked but its account's
-    /// ([`Store::admits_at_once`]): its files are read, then everything is
+    /// ([`Store::at_once_plan`], which planned its `outputs`): its files
+    /// are read, then everything is
     /// written by ONE statement, committed on its own (data-modifying
     /// `WITH`), each insert conditional on the account row's conditional
     /// update, together with the other admissions that arrived meanwhile
@@ -337,9 +345,12 @@ impl Store {
     /// the server runs the statement and commits it, never across a round
     /// trip to this process, and once per batch rather than once per job.
     /// It writes and checks what [`Store::admit`] does.
-    async fn admit_at_once(&self, j: &NewJob<'_>) -> Result<Admission> {
+    async fn admit_at_once(
+        &self,
+        j: &NewJob<'_>,
+        outputs: Vec<crate::domain::kinds::PlannedOutput>,
+    ) -> Result<Admission> {
         let job_type = j.spec.job_type();
-        let outputs = j.spec.plan(j.prices);
         let required: Credits = outputs.iter().map(|o| o.cost).sum();
         let files = {
             let mut conn = self.pool().acquire().await?;

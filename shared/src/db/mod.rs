@@ -361,6 +361,15 @@ pub fn sqlite_path(url: &str) -> Option<String> {
     }
 }
 
+/// `count` placeholders, `$first, $first+1, …`: the inside of an SQL
+/// `IN (…)` list whose values are bound in order from parameter `first`.
+pub(crate) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// JSON column helpers.
 /// Row ids as the inside of an SQL `IN (…)` list. Integers this code
 /// formats: nothing to escape, and one statement however many there are.

@@ -344,12 +344,9 @@ impl Store {
         let hooked: std::collections::HashSet<String> = if accounts.is_empty() {
             Default::default()
         } else {
-            let marks = (1..=accounts.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
             let sql = format!(
-                "SELECT account_id FROM webhooks WHERE is_active = 1 AND account_id IN ({marks})"
+                "SELECT account_id FROM webhooks WHERE is_active = 1 AND account_id IN ({})",
+                super::placeholders(1, accounts.len())
             );
             let mut q = sqlx::query_scalar(&sql);
             for a in &accounts {

@@ -378,11 +378,10 @@ impl Store {
         // that a connection prepares a handful of statements, not one per
         // round size.
         let slots = job_ids.len().next_power_of_two();
-        let marks = (1..=slots)
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!("{JOB_SELECT} WHERE j.id IN ({marks})");
+        let sql = format!(
+            "{JOB_SELECT} WHERE j.id IN ({})",
+            super::placeholders(1, slots)
+        );
         let mut q = sqlx::query(&sql);
         for i in 0..slots {
             q = q.bind(&job_ids[i.min(job_ids.len() - 1)]);
