@@ -288,6 +288,7 @@ async fn wake_consumer(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancellat
 /// ([`duty`]); the others only check now and then whether it is free.
 async fn dispatcher(ctx: SchedulerContext, wake: Arc<Notify>, stop: CancellationToken) {
     let mut lanes_assigned: Option<std::time::Instant> = None;
+    let mut lanes_seen = [0usize; WorkQueue::ALL.len()];
     loop {
         if ctx.duty.held(&ctx.store).await {
             if lanes_assigned.is_none_or(|t| t.elapsed() >= ASSIGN_LANES_EVERY) {
@@ -297,8 +298,8 @@ async fn dispatcher(ctx: SchedulerContext, wake: Arc<Notify>, stop: Cancellation
             if let Err(e) = reap(&ctx).await {
                 tracing::warn!(error = %e, "scheduler: reaping failed");
             }
-            for q in WorkQueue::ALL {
-                if let Err(e) = dispatch_queue(&ctx, q).await {
+            for (q, seen) in WorkQueue::ALL.into_iter().zip(lanes_seen.iter_mut()) {
+                if let Err(e) = dispatch_queue(&ctx, q, seen).await {
                     tracing::warn!(queue = %q, error = %e, "scheduler: dispatch failed");
                 }
             }
@@ -364,7 +365,14 @@ async fn reap(ctx: &SchedulerContext) -> anyhow::Result<()> {
 /// Tops the queue up to its target with a fair pick across accounts. Each
 /// task carries its job's spec and resolved inputs, read once per job and
 /// round.
-async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Result<()> {
+///
+/// `lanes_seen`: how many accounts had outputs eligible in this queue's
+/// last round (kept by the caller from round to round).
+async fn dispatch_queue(
+    ctx: &SchedulerContext,
+    queue: WorkQueue,
+    lanes_seen: &mut usize,
+) -> anyhow::Result<()> {
     let queued = usize::try_from(ctx.store.queued_count(queue).await?).unwrap_or(usize::MAX);
     // Topped up only once at most half of the target is left: under load a
     // round claims and publishes many tasks at once instead of one or two
@@ -387,42 +395,68 @@ async fn dispatch_queue(ctx: &SchedulerContext, queue: WorkQueue) -> anyhow::Res
     if slots == 0 {
         return Ok(());
     }
-    let candidates = ctx.store.dispatch_candidates(queue, slots as i64).await?;
-    if candidates.is_empty() {
-        return Ok(());
-    }
-    let in_flight = match in_flight {
-        Some(m) => m,
-        None => ctx.store.in_flight_by_account(queue).await?,
-    };
-    let used = if queue == WorkQueue::Training {
-        training_usage(ctx).await?
-    } else {
-        Default::default()
-    };
-    let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
-    let mut jobs = std::collections::HashMap::new();
-    for c in candidates {
-        let weight = match c.plan {
-            Plan::Enterprise => ctx.enterprise_weight,
-            Plan::Standard => 1,
+    // Each lane's oldest few first (about twice its share, by the lanes
+    // the last round saw), all of every lane's possible share only when
+    // the pick needs it: with many accounts waiting, reading `slots`
+    // outputs of each was most of a round's cost.
+    let mut limit = fair::first_read(slots, *lanes_seen);
+    let mut per_account = None;
+    let (picked, jobs) = loop {
+        let candidates = ctx.store.dispatch_candidates(queue, limit as i64).await?;
+        if candidates.is_empty() {
+            *lanes_seen = 0;
+            return Ok(());
+        }
+        // What the pick weighs besides the outputs, read once per round.
+        let (in_flight, used) = match per_account.take() {
+            Some(read) => read,
+            None => {
+                let in_flight = match in_flight.take() {
+                    Some(m) => m,
+                    None => ctx.store.in_flight_by_account(queue).await?,
+                };
+                let used = if queue == WorkQueue::Training {
+                    training_usage(ctx).await?
+                } else {
+                    Default::default()
+                };
+                (in_flight, used)
+            }
         };
-        let lane = lanes.entry(c.account_id.clone()).or_insert_with(|| Lane {
-            account: c.account_id.clone(),
-            weight,
-            in_flight: in_flight.get(&c.account_id).copied().unwrap_or(0),
-            used_millis: used.get(&c.account_id).copied().unwrap_or(0),
-            waiting: VecDeque::new(),
-        });
-        lane.waiting.push_back(Candidate {
-            output_id: c.output_id,
-            ready_at: c.ready_at,
-        });
-        jobs.insert(c.output_id, c.job_id);
-    }
+        let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
+        let mut jobs = std::collections::HashMap::new();
+        for c in candidates {
+            let weight = match c.plan {
+                Plan::Enterprise => ctx.enterprise_weight,
+                Plan::Standard => 1,
+            };
+            let lane = lanes.entry(c.account_id.clone()).or_insert_with(|| Lane {
+                account: c.account_id.clone(),
+                weight,
+                in_flight: in_flight.get(&c.account_id).copied().unwrap_or(0),
+                used_millis: used.get(&c.account_id).copied().unwrap_or(0),
+                waiting: VecDeque::new(),
+            });
+            lane.waiting.push_back(Candidate {
+                output_id: c.output_id,
+                ready_at: c.ready_at,
+            });
+            jobs.insert(c.output_id, c.job_id);
+        }
+        *lanes_seen = lanes.len();
+        match fair::pick_within(lanes.into_values().collect(), slots, limit) {
+            Some(picked) => break (picked, jobs),
+            None => {
+                metrics::counter!("atelier_dispatch_rereads_total", "type" => queue.as_str())
+                    .increment(1);
+                limit = slots;
+                per_account = Some((in_flight, used));
+            }
+        }
+    };
     // What every task of a job carries, read once per job this round, for
     // all of the round's jobs in one statement.
-    let picks: Vec<(i64, String)> = fair::pick(lanes.into_values().collect(), slots)
+    let picks: Vec<(i64, String)> = picked
         .into_iter()
         .filter_map(|(_, pick)| Some((pick.output_id, jobs.get(&pick.output_id)?.clone())))
         .collect();

@@ -137,6 +137,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Tasks published to a work queue, by queue.",
     ),
     m(
+        "atelier_dispatch_rereads_total",
+        Counter,
+        &["type"],
+        "Dispatch rounds that read the waiting accounts again with the whole target each: an account read short had all of its outputs picked.",
+    ),
+    m(
         "atelier_tasks_total",
         Counter,
         &["type", "outcome"],

@@ -76,6 +76,42 @@ pub fn pick(mut lanes: Vec<Lane>, slots: usize) -> Vec<(String, Candidate)> {
     out
 }
 
+/// How many outputs per lane a dispatch round reads first, when the last
+/// round saw `lanes` lanes: about twice a lane's fair share of `slots`, so
+/// that the usual round reads tens of rows rather than lanes × `slots`;
+/// `slots` (every lane's whole possible share) when there were none or
+/// one. [`pick_within`] says when that was not enough.
+pub fn first_read(slots: usize, lanes: usize) -> usize {
+    if lanes <= 1 {
+        return slots.max(1);
+    }
+    ((2 * slots).div_ceil(lanes) + 1).clamp(1, slots.max(1))
+}
+
+/// [`pick`] over lanes read with at most `limit` outputs each (their
+/// oldest). The answer is what [`pick`] gives over the whole lanes, or
+/// `None` when that cannot be told from what was read: a lane that may
+/// hold more (it has `limit` outputs here) had all of them picked, so
+/// [`pick`] would have weighed its next output too. Every other pick only
+/// ever looked at heads that the whole lanes share.
+pub fn pick_within(lanes: Vec<Lane>, slots: usize, limit: usize) -> Option<Vec<(String, Candidate)>> {
+    let cut: Vec<(String, usize)> = if limit >= slots {
+        // No lane can be given more than `slots`.
+        Vec::new()
+    } else {
+        lanes
+            .iter()
+            .filter(|l| l.waiting.len() >= limit)
+            .map(|l| (l.account.clone(), l.waiting.len()))
+            .collect()
+    };
+    let picks = pick(lanes, slots);
+    let exhausted = cut
+        .iter()
+        .any(|(account, read)| picks.iter().filter(|p| &p.0 == account).count() >= *read);
+    (!exhausted).then_some(picks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +151,26 @@ mod tests {
         assert_eq!(order, ["fresh", "fresh", "busy", "fresh"]);
     }
 
+    #[test]
+    fn a_lane_read_short_that_wins_every_pick_asks_for_more() {
+        // Nine busy accounts and one idle one: the idle one wins the first
+        // five picks, more than the three of its outputs read first.
+        let mut whole: Vec<Lane> = (0..9).map(|i| lane(&format!("busy{i}"), 1, 5, 10, i)).collect();
+        whole.push(lane("idle", 1, 0, 10, 100));
+        let limit = first_read(8, whole.len());
+        assert_eq!(limit, 3);
+        let read: Vec<Lane> = whole
+            .iter()
+            .cloned()
+            .map(|mut l| {
+                l.waiting.truncate(limit);
+                l
+            })
+            .collect();
+        assert_eq!(pick_within(read, 8, limit), None);
+        assert_eq!(pick_within(whole.clone(), 8, 8), Some(pick(whole, 8)));
+    }
+
     proptest! {
         #[test]
         fn picks_are_unique_bounded_and_fair(
@@ -143,6 +199,28 @@ mod tests {
             // Within a lane, oldest first.
             for w in picks.windows(2) {
                 if w[0].0 == w[1].0 { prop_assert!(w[0].1.ready_at < w[1].1.ready_at); }
+            }
+        }
+
+        #[test]
+        fn a_pick_within_prefixes_is_the_whole_pick_or_none(
+            lanes_spec in prop::collection::vec((0usize..12, 0u32..6, 1u32..3), 1..8),
+            slots in 1usize..24,
+            lanes_seen in 0usize..10,
+        ) {
+            let whole: Vec<Lane> = lanes_spec.iter().enumerate()
+                .map(|(i, (n, in_flight, w))| lane(&format!("a{i}"), *w, *in_flight, *n, i as i64 * 3))
+                .collect();
+            let limit = first_read(slots, lanes_seen);
+            prop_assert!((1..=slots).contains(&limit));
+            let read: Vec<Lane> = whole.iter().cloned()
+                .map(|mut l| { l.waiting.truncate(limit); l })
+                .collect();
+            let expected = pick(whole, slots);
+            match pick_within(read, slots, limit) {
+                Some(p) => prop_assert_eq!(p, expected),
+                // Only when some lane really was cut short.
+                None => prop_assert!(lanes_spec.iter().any(|(n, _, _)| *n > limit) || lanes_spec.iter().any(|(n, _, _)| *n == limit)),
             }
         }
 
