@@ -184,11 +184,34 @@ pub(crate) async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool
     }
 }
 
+/// How often an idle relay deletes outbox rows marked sent by a relay of the
+/// previous version ([`atelier_shared::db::Store::delete_marked_outbox`]).
+const MARKED_OUTBOX_SWEEP: Duration = Duration::from_secs(600);
+
 async fn outbox_relay(ctx: SchedulerContext, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
+    let mut swept = std::time::Instant::now();
     loop {
         match ctx.store.claim_outbox(500, 30_000).await {
-            Ok(rows) if rows.is_empty() => backoff = Duration::from_millis(200),
+            Ok(rows) if rows.is_empty() => {
+                backoff = Duration::from_millis(200);
+                // Idle: now and then, the rows a relay of the previous
+                // version left marked instead of deleted (a rolling
+                // upgrade), which no claim returns.
+                if swept.elapsed() >= MARKED_OUTBOX_SWEEP {
+                    swept = std::time::Instant::now();
+                    match ctx.store.delete_marked_outbox().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            rows = n,
+                            "relay: deleted outbox rows marked sent by a previous version"
+                        ),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "relay: cannot delete marked outbox rows yet")
+                        }
+                    }
+                }
+            }
             Ok(rows) => match relay_batch(&ctx, rows).await {
                 Ok(()) => continue,
                 Err(e) => {

@@ -892,6 +892,13 @@ pub async fn outbox_is_claimed_once(s: Store) {
     let ids: Vec<i64> = first.iter().chain(&rest).map(|r| r.id).collect();
     s.mark_outbox_sent(&ids).await.expect("sent");
     assert_eq!(s.outbox_lag_ms().await.expect("lag"), 0);
+    let outbox_rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM outbox")
+            .fetch_one(s.pool())
+            .await
+            .expect("count")
+    };
+    assert_eq!(outbox_rows().await, 0, "a sent row is deleted, not kept");
     // A lease that ran out makes an unsent row claimable again.
     created(&s, job(&a, &[1], None)).await;
     let lost = s.claim_outbox(10, -1).await.expect("claim");
@@ -901,6 +908,19 @@ pub async fn outbox_is_claimed_once(s: Store) {
         again.iter().map(|r| r.id).collect::<Vec<_>>(),
         vec![lost[0].id]
     );
+    // A relay of the previous version marks what it sent instead: such a
+    // row is never claimed, and the sweep deletes it and nothing else.
+    created(&s, job(&a, &[1], None)).await;
+    sqlx::query("UPDATE outbox SET sent_at = 1, claimed_until = NULL WHERE id = $1")
+        .bind(again[0].id)
+        .execute(s.pool())
+        .await
+        .expect("mark as the previous version did");
+    let unsent = s.claim_outbox(10, 60_000).await.expect("claim");
+    assert_eq!(unsent.len(), 1, "the new row only");
+    assert_ne!(unsent[0].id, again[0].id);
+    assert_eq!(s.delete_marked_outbox().await.expect("sweep"), 1);
+    assert_eq!(outbox_rows().await, 1, "the unsent row stays");
 }
 
 /// Relays what a job's creation stored, queueing a delivery when the

@@ -51,16 +51,17 @@ impl Store {
             .collect())
     }
 
-    /// Marks published rows sent, in one statement.
+    /// Done with published rows, in one statement: they are deleted
+    /// (nothing reads a sent row again; PostgreSQL's migration 0023 says
+    /// why they are no longer kept, marked).
     pub async fn mark_outbox_sent(&self, ids: &[i64]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
         sqlx::query(&format!(
-            "UPDATE outbox SET sent_at = $1, claimed_until = NULL WHERE id IN ({})",
+            "DELETE FROM outbox WHERE id IN ({})",
             id_list(ids)
         ))
-        .bind(now_ms())
         .execute(self.pool())
         .await?;
         Ok(())
@@ -74,6 +75,16 @@ impl Store {
             .execute(self.pool())
             .await?;
         Ok(())
+    }
+
+    /// Deletes the rows a relay of the previous version marked sent (it
+    /// set `sent_at` instead of deleting them) during a rolling upgrade;
+    /// how many. A scan of the table, which holds only unsent rows.
+    pub async fn delete_marked_outbox(&self) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM outbox WHERE sent_at IS NOT NULL")
+            .execute(self.pool())
+            .await?
+            .rows_affected())
     }
 
     /// Age in ms of the oldest unsent row (0 when none): the relay's lag.
@@ -103,15 +114,6 @@ impl Store {
             charged: charged.unwrap_or(0),
             released: released.unwrap_or(0),
         })
-    }
-
-    /// Deletes sent rows older than `age_ms`.
-    pub async fn prune_outbox(&self, age_ms: i64) -> Result<u64> {
-        let r = sqlx::query("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1")
-            .bind(now_ms() - age_ms)
-            .execute(self.pool())
-            .await?;
-        Ok(r.rows_affected())
     }
 }
 
