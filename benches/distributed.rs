@@ -12,19 +12,33 @@
 //!    enqueue→completion p50/p99 from the database's own timestamps. The run
 //!    fails if any output ran more than once (double dispatch).
 //! 2. Steady state: jobs submitted at a fixed rate (`PACE` × the jobs/s just
-//!    measured) for `PACED_SECS`; enqueue→start p50/p99.
+//!    measured) for `PACED_SECS`; enqueue→start p50/p99. Then admission
+//!    alone (`ADMIT_ALONE`): the workers stopped, `JOBS` more jobs
+//!    submitted flat out (admissions/s with nothing else to do but fill the
+//!    work queue), and the rate at which the workers, back, drain them.
 //! 3. The peer: `scripts/bench-celery` (Celery 5, thread pool, quorum queue,
 //!    acks_late, publisher confirms; same jobs, clients and workers × 8)
 //!    right after each round, and the ratio of the two.
 //! 4. The broker alone: `MESSAGES` persistent messages published with
 //!    confirms to a quorum queue through the same adapter and consumed with
 //!    acks, by `PUBLISHERS` concurrent publishers, as msg/s.
+//! 5. The database alone: `benches/peers/job_sql.pgbench`, the rows one job
+//!    writes in the platform's own statements and transactions, run by
+//!    pgbench from `SUBMITTERS` clients for `FLOOR_SECS` with nothing else
+//!    around them: the most jobs/s PostgreSQL allows this machine for that
+//!    work, beside Celery's rate of the same run; then one client alone,
+//!    for each statement's own time.
+//!
+//! Each platform round and the floor also print the whole machine's CPU
+//! time per job (from /proc/stat: every process, the database and the
+//! broker included).
 //!
 //! Needs the services `scripts/test` starts (or ATELIER_TEST_POSTGRES_URL,
 //! ATELIER_TEST_AMQP_URL). Settings (environment, `ATELIER_BENCH_` + name):
 //! JOBS (400), ROUNDS (1), ACCOUNTS (1), SCHEDULERS (1), WORKERS (2),
-//! OUTCOME_LANES (8), PACE (0.5; 0 skips), PACED_SECS (10), PEERS (1; 0
-//! skips Celery), MESSAGES (4000; 0 skips), DATA_DIR (where the local
+//! OUTCOME_LANES (8), PACE (0.5; 0 skips), PACED_SECS (10), ADMIT_ALONE (1;
+//! 0 skips), PEERS (1; 0
+//! skips Celery), MESSAGES (4000; 0 skips), FLOOR_SECS (10; 0 skips), DATA_DIR (where the local
 //! object store's folder is made: /dev/shm when there is one, else the
 //! system's temporary folder). Every queue a run declared is
 //! deleted at its end.
@@ -40,6 +54,7 @@ use atelier_shared::queue::{Message, Queue};
 use atelier_worker::engines::{Engine, Pipeline, RenderRequest, Rendered};
 use atelier_worker::failure::TaskFailure;
 use serde_json::{Value, json};
+use sqlx::Connection;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -99,6 +114,7 @@ struct Settings {
     lanes: usize,
     pace: f64,
     paced_secs: f64,
+    admit_alone: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,6 +129,7 @@ fn main() -> anyhow::Result<()> {
         lanes: env("OUTCOME_LANES", 8),
         pace: env("PACE", 0.5),
         paced_secs: env("PACED_SECS", 10.0),
+        admit_alone: env("ADMIT_ALONE", 1) > 0,
     };
     let rounds = env("ROUNDS", 1).max(1);
     let peers = env("PEERS", 1) > 0;
@@ -124,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                 .trim()
         );
         let mut ratios = Vec::new();
+        let mut celery_rate = None;
         for round in 1..=rounds {
             println!("— round {round} of {rounds}");
             let ours = platform(set).await?;
@@ -132,6 +150,7 @@ fn main() -> anyhow::Result<()> {
                     Ok(theirs) => {
                         let ratio = ours / theirs;
                         ratios.push(ratio);
+                        celery_rate = Some(theirs);
                         println!("  ratio Atelier / Celery (end-to-end jobs/s): {ratio:.2}×");
                     }
                     Err(e) => println!("celery peer: not run ({e:#})"),
@@ -145,6 +164,12 @@ fn main() -> anyhow::Result<()> {
         let messages = env("MESSAGES", 4000);
         if messages > 0 {
             broker(messages).await?;
+        }
+        let floor_secs = env("FLOOR_SECS", 10.0);
+        if floor_secs > 0.0 {
+            if let Err(e) = floor(floor_secs, celery_rate).await {
+                println!("database floor: not run ({e:#})");
+            }
         }
         println!(
             "load average after: {}",
@@ -243,17 +268,23 @@ async fn platform(set: Settings) -> anyhow::Result<f64> {
         .clone()
         .ok_or_else(|| anyhow::anyhow!("the API role has the database"))?;
     let renders = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..set.workers {
-        let mut ctx = atelier_worker::WorkerContext::from_config(
-            &cfg,
-            Default::default(),
-            s.queue.clone(),
-            s.objects.clone(),
-        );
-        ctx.pipeline = Pipeline::new(vec![Arc::new(Noop(renders.clone()))]);
-        workers.push(tokio::spawn(atelier_worker::run(ctx, shutdown.clone())));
-    }
+    // The workers, stopped on their own for the admission-alone phase.
+    let start_workers = |stop: CancellationToken| {
+        (0..set.workers)
+            .map(|_| {
+                let mut ctx = atelier_worker::WorkerContext::from_config(
+                    &cfg,
+                    Default::default(),
+                    s.queue.clone(),
+                    s.objects.clone(),
+                );
+                ctx.pipeline = Pipeline::new(vec![Arc::new(Noop(renders.clone()))]);
+                tokio::spawn(atelier_worker::run(ctx, stop.clone()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut workers_stop = shutdown.child_token();
+    let mut workers = start_workers(workers_stop.clone());
     let base = format!("http://{}", running.addr);
     let http = reqwest::Client::new();
 
@@ -307,31 +338,14 @@ async fn platform(set: Settings) -> anyhow::Result<f64> {
     let submitters = Arc::new(submitters);
 
     // Flat out: every client submits as fast as it is answered.
+    let cpu_before = machine_cpu_secs();
     let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..SUBMITTERS {
-        let (http, base, next, submitters) =
-            (http.clone(), base.clone(), next.clone(), submitters.clone());
-        let jobs = set.jobs;
-        clients.push(tokio::spawn(async move {
-            let mut n = 0usize;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= jobs {
-                    return anyhow::Ok(n);
-                }
-                submit(&http, &base, &submitters[i % submitters.len()]).await?;
-                n += 1;
-            }
-        }));
-    }
-    let mut admitted_jobs = 0;
-    for c in clients {
-        admitted_jobs += c.await??;
-    }
+    let admitted_jobs = flat_out(&http, &base, &submitters, set.jobs).await?;
     let admitted = started.elapsed();
     wait_until_done(&store, started).await?;
+    let cpu = machine_cpu_secs()
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
     let rows = job_times(&store, 0).await?;
     anyhow::ensure!(
         rows.len() == admitted_jobs && rows.iter().all(|r| r.status == "completed"),
@@ -350,6 +364,12 @@ async fn platform(set: Settings) -> anyhow::Result<f64> {
         "  {rate:.1} jobs/s end to end (first admission → last completion, {:.2} s)",
         (last - first) as f64 / 1000.0
     );
+    if let Some(cpu) = cpu {
+        println!(
+            "  machine CPU: {:.1} ms per job ({cpu:.1} s over the flat-out phase, every process)",
+            cpu * 1000.0 / rows.len().max(1) as f64
+        );
+    }
     print_latencies(&rows);
 
     // Steady state at a fraction of what was just measured.
@@ -370,6 +390,55 @@ async fn platform(set: Settings) -> anyhow::Result<f64> {
             set.paced_secs
         );
         print_latencies(&rows);
+    }
+
+    // Admission alone: the workers stopped, the clients submit flat out
+    // again, so that admission has the machine to itself (the dispatcher
+    // fills the work queue to its target and waits); then the workers
+    // come back and drain the backlog.
+    if set.admit_alone {
+        workers_stop.cancel();
+        for w in workers.drain(..) {
+            w.await??;
+        }
+        let since = atelier_shared::time::now_ms();
+        let cpu_before = machine_cpu_secs();
+        let began = Instant::now();
+        let n = flat_out(&http, &base, &submitters, set.jobs).await?;
+        let took = began.elapsed();
+        let cpu = machine_cpu_secs()
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
+        println!(
+            "  admission alone (no worker running): {n} jobs admitted in {:.2} s: {:.0} admissions/s over HTTP{}",
+            took.as_secs_f64(),
+            n as f64 / took.as_secs_f64(),
+            cpu.map(|c| format!(
+                ", machine CPU {:.1} ms per admission",
+                c * 1000.0 / n.max(1) as f64
+            ))
+            .unwrap_or_default()
+        );
+        workers_stop = shutdown.child_token();
+        workers = start_workers(workers_stop.clone());
+        let drain_began = atelier_shared::time::now_ms();
+        wait_until_done(&store, Instant::now()).await?;
+        let rows = job_times(&store, since).await?;
+        anyhow::ensure!(
+            rows.len() == n && rows.iter().all(|r| r.status == "completed"),
+            "admission alone: {} of {n} jobs completed",
+            rows.len()
+        );
+        let last = rows
+            .iter()
+            .map(|r| r.finalized)
+            .max()
+            .unwrap_or(drain_began);
+        println!(
+            "  then the backlog drained at {:.1} jobs/s (workers back → last completion, {:.2} s)",
+            n as f64 / ((last - drain_began).max(1) as f64 / 1000.0),
+            (last - drain_began) as f64 / 1000.0
+        );
     }
 
     // Exactly once: one render and one attempt per output.
@@ -396,6 +465,42 @@ async fn platform(set: Settings) -> anyhow::Result<f64> {
     running.wait().await?;
     delete_queues(&namespace).await;
     Ok(rate)
+}
+
+/// `jobs` jobs submitted by `SUBMITTERS` clients, each as fast as it is
+/// answered, round-robin over the accounts; returns how many were admitted.
+async fn flat_out(
+    http: &reqwest::Client,
+    base: &str,
+    submitters: &Arc<Vec<Submitter>>,
+    jobs: usize,
+) -> anyhow::Result<usize> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..SUBMITTERS {
+        let (http, base, next, submitters) = (
+            http.clone(),
+            base.to_string(),
+            next.clone(),
+            submitters.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= jobs {
+                    return anyhow::Ok(n);
+                }
+                submit(&http, &base, &submitters[i % submitters.len()]).await?;
+                n += 1;
+            }
+        }));
+    }
+    let mut admitted = 0;
+    for c in clients {
+        admitted += c.await??;
+    }
+    Ok(admitted)
 }
 
 async fn submit(http: &reqwest::Client, base: &str, who: &Submitter) -> anyhow::Result<()> {
@@ -600,4 +705,151 @@ async fn broker(messages: usize) -> anyhow::Result<()> {
     q.delete_queue(name).await?;
     stop.cancel();
     Ok(())
+}
+
+/// CPU time the whole machine has spent so far, in seconds (every state of
+/// /proc/stat's `cpu` line but idle and iowait), if it can be read.
+fn machine_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …; 100 ticks a second
+    // (USER_HZ, the same on every Linux architecture this runs on).
+    let busy: f64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Some(busy / 100.0)
+}
+
+/// The database floor (see the module's note): `benches/peers/job_sql.pgbench`
+/// through pgbench in a database of its own; prints its jobs/s beside
+/// Celery's, if Celery ran.
+async fn floor(secs: f64, celery: Option<f64>) -> anyhow::Result<()> {
+    let url = create_postgres_database().await;
+    let store = atelier_shared::db::Store::connect(&url, 2).await?;
+    store.migrate().await?;
+    sqlx::query(
+        "INSERT INTO accounts (id, name, balance, created_at) \
+         SELECT 'floor-' || g, 'floor ' || g, 1000000000000000, 0 FROM generate_series(1, 100) g",
+    )
+    .execute(store.pool())
+    .await?;
+    sqlx::query(
+        "INSERT INTO projects (id, account_id, name, created_at) \
+         SELECT 'floor-p' || g, 'floor-' || g, 'floor', 0 FROM generate_series(1, 100) g",
+    )
+    .execute(store.pool())
+    .await?;
+    store.pool().close().await;
+    let cpu_before = machine_cpu_secs();
+    let loaded = pgbench(&url, SUBMITTERS, secs).await?;
+    let cpu = machine_cpu_secs()
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    let tps = field(&loaded, "tps").ok_or_else(|| anyhow::anyhow!("no tps in pgbench's output"))?;
+    let jobs = field(&loaded, "number of transactions actually processed").unwrap_or(0.0);
+    println!(
+        "database floor (pgbench, the SQL of one job's life in the platform's statements and transactions, \
+         {SUBMITTERS} clients, prepared, asynchronous commit, nothing else running):"
+    );
+    println!("  {jobs:.0} jobs in {secs:.0} s: {tps:.0} jobs/s");
+    if let Some(cpu) = cpu.filter(|_| jobs > 0.0) {
+        println!(
+            "  machine CPU: {:.2} ms per job (PostgreSQL and pgbench)",
+            cpu * 1000.0 / jobs
+        );
+    }
+    if let Some(c) = celery {
+        println!(
+            "  floor / Celery (last round): {:.2}×; 4× Celery would be {:.0} jobs/s",
+            tps / c,
+            4.0 * c
+        );
+    }
+    // Where a job's time goes in the database: each statement's mean
+    // latency with one client (no queueing for the cores: the statement's
+    // own time and its round trip; a COMMIT's is its commit record), from
+    // pgbench's per-command report; BEGIN and the variable settings left
+    // out.
+    let alone = pgbench(&url, 1, secs.min(3.0)).await?;
+    let per_command: Vec<(f64, String)> = alone
+        .lines()
+        .skip_while(|l| !l.contains("statement latencies"))
+        .skip(1)
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let ms: f64 = it.next()?.parse().ok()?;
+            let rest: Vec<&str> = it.skip_while(|t| t.parse::<f64>().is_ok()).collect();
+            let text = rest.join(" ");
+            (!text.starts_with('\\') && text != "BEGIN;")
+                .then(|| (ms, text.chars().take(64).collect()))
+        })
+        .collect();
+    if !per_command.is_empty() {
+        let total: f64 = per_command.iter().map(|(ms, _)| ms).sum();
+        println!(
+            "  one client alone: {:.0} jobs/s; per statement, mean ms (sum {total:.2} ms per job):",
+            field(&alone, "tps").unwrap_or(f64::NAN)
+        );
+        for (ms, text) in per_command {
+            println!("    {ms:>6.3}  {text}");
+        }
+    }
+    let mut admin =
+        sqlx::AnyConnection::connect(&atelier_shared::db::testing::postgres_admin_url()).await?;
+    let name = url.rsplit('/').next().unwrap_or_default();
+    // pgbench's last backends may still be on their way out.
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
+}
+
+/// One pgbench run of `benches/peers/job_sql.pgbench` against `url`:
+/// `clients` clients for `secs` seconds; its standard output.
+async fn pgbench(url: &str, clients: usize, secs: f64) -> anyhow::Result<String> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tokio::process::Command::new("pgbench")
+        // Asynchronous commit: no commit waits for its WAL flush, more than
+        // the platform's group commits save (it commits an admission, or a
+        // batch of claims or reports, once), so that the figure is a
+        // ceiling for this work, not a measure of the disk.
+        .env("PGOPTIONS", "-c synchronous_commit=off")
+        .args(["--no-vacuum", "--protocol=prepared", "--report-per-command"])
+        .args(["--client", &clients.to_string()])
+        .args(["--jobs", &clients.min(2).to_string()])
+        .args(["--time", &format!("{}", secs.ceil().max(1.0) as u64)])
+        .args(["--file", &format!("{root}/benches/peers/job_sql.pgbench")])
+        .arg(url)
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("pgbench: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench exited with {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A number from pgbench's report: the first after `name`'s `=` or `:`
+/// (`tps = 1234.5 (without …)`; `… processed: 12345/12345`).
+fn field(report: &str, name: &str) -> Option<f64> {
+    let line = report.lines().find(|l| l.trim_start().starts_with(name))?;
+    line.split(['=', ':'])
+        .nth(1)?
+        .split(|c: char| c == '/' || c.is_whitespace())
+        .find(|t| !t.is_empty())?
+        .parse()
+        .ok()
 }
