@@ -1818,6 +1818,69 @@ pub async fn concurrent_creations_on_many_accounts_are_admitted_per_account(s: S
     audit_clean(&s).await;
 }
 
+/// Accounts of one admission lane (on PostgreSQL, one statement writes
+/// their waiting jobs together): the accounts whose sums fit have their
+/// jobs written together, the one whose sum does not has each job admitted
+/// alone, in order, and gets exactly what its credits allow.
+pub async fn one_statement_admits_each_account_within_its_own_credits(s: Store) {
+    let rich = account(&s, "rich", 100).await;
+    let lane = super::admissions::lane_of(&rich);
+    // Two more accounts in the same lane: one as rich, one with two credits.
+    let mut others = Vec::new();
+    for n in 0.. {
+        let credits = if others.is_empty() { 100 } else { 2 };
+        let a = account(&s, &format!("other-{n}"), credits).await;
+        if super::admissions::lane_of(&a) == lane {
+            others.push(a);
+            if others.len() == 2 {
+                break;
+            }
+        }
+    }
+    let (also, poor) = (others[0].clone(), others[1].clone());
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        for acc in [&rich, &also, &poor] {
+            if acc == &poor && i >= 6 {
+                continue;
+            }
+            let (s, acc) = (s.clone(), acc.to_string());
+            tasks.push(tokio::spawn(async move {
+                let answer = s.create_job(job(&acc, &[1], None)).await.expect("create");
+                (acc, answer)
+            }));
+        }
+    }
+    let mut seen: std::collections::HashMap<String, (usize, usize)> = Default::default();
+    for t in tasks {
+        let (acc, answer) = t.await.expect("task");
+        let e = seen.entry(acc).or_default();
+        match answer {
+            Admission::Created { .. } => e.0 += 1,
+            Admission::InsufficientCredits { .. } => e.1 += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seen[&rich], (12, 0));
+    assert_eq!(seen[&also], (12, 0));
+    assert_eq!(
+        seen[&poor],
+        (2, 4),
+        "the poor account gets what its credits allow"
+    );
+    for (acc, reserved) in [(&rich, 12_000), (&also, 12_000), (&poor, 2_000)] {
+        let a = s.account(acc).await.expect("read").expect("exists");
+        assert_eq!((a.reserved, a.active_jobs), (reserved, reserved / 1000));
+    }
+    if s.dialect() == Dialect::Postgres {
+        assert!(
+            s.jobs_admitted_across_accounts() > 1,
+            "the lane's accounts were never written by one statement"
+        );
+    }
+    audit_clean(&s).await;
+}
+
 /// A job the database refuses (its project was deleted after the route
 /// checked it) fails alone: the jobs admitted with it, concurrently, are
 /// all written, and nothing of the refused one is.
@@ -1912,6 +1975,7 @@ macro_rules! store_suite {
             t!(duties_are_held_by_one_replica);
             t!(concurrent_creations_reserve_within_the_balance);
             t!(concurrent_creations_on_many_accounts_are_admitted_per_account);
+            t!(one_statement_admits_each_account_within_its_own_credits);
             t!(outputs_without_a_lane_are_given_one);
             t!(a_refused_job_fails_alone);
         }

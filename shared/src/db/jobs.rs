@@ -370,6 +370,7 @@ impl Store {
         let slots = i64::from(job_type.counts_against_cap());
         let job = serde_json::json!({
             "id": job_id,
+            "account": j.account_id,
             "project": j.project_id,
             "kind": job_type.as_str(),
             "spec": spec_json(&j.spec)?,
