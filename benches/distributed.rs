@@ -41,7 +41,7 @@
 //! skips Celery), MESSAGES (4000; 0 skips), FLOOR_SECS (10; 0 skips), DATA_DIR (where the local
 //! object store's folder is made: /dev/shm when there is one, else the
 //! system's temporary folder). Every queue a run declared is
-//! deleted at its end.
+//! deleted at its end, and every database it made dropped.
 
 use atelier::app::{self, Roles};
 use atelier_shared::config::Config;
@@ -464,7 +464,24 @@ async fn platform(set: Settings) -> anyhow::Result<f64> {
     }
     running.wait().await?;
     delete_queues(&namespace).await;
+    drop(store);
+    drop(s);
+    if let Some(url) = &cfg.database.url {
+        drop_database(url).await?;
+    }
     Ok(rate)
+}
+
+/// Drops a database the bench made (its connections closed by force: a
+/// pool just dropped may still be closing them).
+async fn drop_database(url: &str) -> anyhow::Result<()> {
+    let mut admin =
+        sqlx::AnyConnection::connect(&atelier_shared::db::testing::postgres_admin_url()).await?;
+    let name = url.rsplit('/').next().unwrap_or_default();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
 }
 
 /// `jobs` jobs submitted by `SUBMITTERS` clients, each as fast as it is
@@ -804,14 +821,8 @@ async fn floor(secs: f64, celery: Option<f64>) -> anyhow::Result<()> {
             println!("    {ms:>6.3}  {text}");
         }
     }
-    let mut admin =
-        sqlx::AnyConnection::connect(&atelier_shared::db::testing::postgres_admin_url()).await?;
-    let name = url.rsplit('/').next().unwrap_or_default();
     // pgbench's last backends may still be on their way out.
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    Ok(())
+    drop_database(&url).await
 }
 
 /// One pgbench run of `benches/peers/job_sql.pgbench` against `url`:
