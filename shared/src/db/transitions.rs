@@ -33,11 +33,11 @@ struct AccountDelta {
     balance: i64,
     reserved: i64,
     active_jobs: i64,
+    /// Pays for an output settled here (even one that cost nothing).
+    pays: bool,
 }
 
 impl AccountDelta {
-    /// Billing accounts (whose credits change) are written before the
-    /// others.
     fn moves_credits(&self) -> bool {
         self.balance != 0 || self.reserved != 0
     }
@@ -53,6 +53,7 @@ impl AccountChanges {
                     balance: 0,
                     reserved: 0,
                     active_jobs: 0,
+                    pays: false,
                 });
                 self.deltas.len() - 1
             }
@@ -64,10 +65,20 @@ impl AccountChanges {
     /// to the balance when `charge`.
     fn settle(&mut self, billing_account: &str, cost: Credits, charge: bool) {
         let e = self.entry(billing_account);
+        e.pays = true;
         e.reserved -= cost.0;
         if charge {
             e.balance -= cost.0;
         }
+    }
+
+    /// The changes that write something, in the order they are written
+    /// (see [`AccountChanges::apply`]).
+    fn in_lock_order(self) -> Vec<AccountDelta> {
+        let mut deltas = self.deltas;
+        deltas.retain(|d| d.moves_credits() || d.active_jobs != 0);
+        deltas.sort_by(|a, b| (!a.pays, &a.account).cmp(&(!b.pays, &b.account)));
+        deltas
     }
 
     /// A freed active-job slot.
@@ -75,17 +86,17 @@ impl AccountChanges {
         self.entry(account).active_jobs -= 1;
     }
 
-    /// Writes what is owed, one statement per account: the accounts whose
-    /// credits change (billing accounts) first, then the others (member
-    /// accounts), the lock order admission keeps too; by id within each,
-    /// so that two transactions lock the same accounts in the same order.
+    /// Writes what is owed, one statement per account: the accounts that
+    /// pay for an output settled here (billing accounts) first, then the
+    /// others (member accounts), the lock order admission keeps too (a
+    /// group's owner before its member; a batch of self-paying accounts by
+    /// id); by id within each, so that two transactions lock the same
+    /// accounts in the same order. An output that cost nothing still puts
+    /// its payer first: ordered by whether its credits moved, a
+    /// self-paying account freeing only a slot came after the others and
+    /// could deadlock with an admission batch locking both by id.
     pub(crate) async fn apply(self, tx: &mut Tx) -> Result<()> {
-        let mut deltas = self.deltas;
-        deltas.retain(|d| d.moves_credits() || d.active_jobs != 0);
-        deltas.sort_by(|a, b| {
-            (!a.moves_credits(), &a.account).cmp(&(!b.moves_credits(), &b.account))
-        });
-        for d in deltas {
+        for d in self.in_lock_order() {
             sqlx::query(
                 "UPDATE accounts SET balance = balance + $2, reserved = reserved + $3, \
                  active_jobs = active_jobs + $4 WHERE id = $1",
@@ -406,4 +417,26 @@ pub(crate) async fn touch_job(tx: &mut Tx, job_id: &str, now: i64) -> Result<()>
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Payers first, by id, then the accounts that only free a slot: a
+    /// payer whose output cost nothing is still a payer, so a batch of
+    /// self-paying accounts is locked by id, as group admission locks it.
+    #[test]
+    fn payers_are_locked_first_even_when_nothing_was_charged() {
+        let mut c = AccountChanges::default();
+        c.settle("c-member-owner", Credits(3_000), true);
+        c.free_slot("b-member");
+        c.settle("d-self", Credits(0), true);
+        c.free_slot("d-self");
+        c.settle("a-self", Credits(1_000), false);
+        c.free_slot("a-self");
+        c.settle("e-nothing", Credits(0), true);
+        let order: Vec<String> = c.in_lock_order().into_iter().map(|d| d.account).collect();
+        assert_eq!(order, ["a-self", "c-member-owner", "d-self", "b-member"]);
+    }
 }
