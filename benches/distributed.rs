@@ -34,7 +34,8 @@
 //! broker included).
 //!
 //! Needs the services `scripts/test` starts (or ATELIER_TEST_POSTGRES_URL,
-//! ATELIER_TEST_AMQP_URL). Settings (environment, `ATELIER_BENCH_` + name):
+//! ATELIER_TEST_AMQP_URL); the floor needs `pgbench` (PostgreSQL's client
+//! tools) on the PATH and says so, skipped, without it. Settings (environment, `ATELIER_BENCH_` + name):
 //! JOBS (400), ROUNDS (1), ACCOUNTS (1), SCHEDULERS (1), WORKERS (2),
 //! OUTCOME_LANES (8), PACE (0.5; 0 skips), PACED_SECS (10), ADMIT_ALONE (1;
 //! 0 skips), PEERS (1; 0
@@ -343,9 +344,7 @@ async fn platform(set: Settings) -> anyhow::Result<f64> {
     let admitted_jobs = flat_out(&http, &base, &submitters, set.jobs).await?;
     let admitted = started.elapsed();
     wait_until_done(&store, started).await?;
-    let cpu = machine_cpu_secs()
-        .zip(cpu_before)
-        .map(|(after, before)| after - before);
+    let cpu = cpu_since(cpu_before);
     let rows = job_times(&store, 0).await?;
     anyhow::ensure!(
         rows.len() == admitted_jobs && rows.iter().all(|r| r.status == "completed"),
@@ -406,9 +405,7 @@ async fn platform(set: Settings) -> anyhow::Result<f64> {
         let began = Instant::now();
         let n = flat_out(&http, &base, &submitters, set.jobs).await?;
         let took = began.elapsed();
-        let cpu = machine_cpu_secs()
-            .zip(cpu_before)
-            .map(|(after, before)| after - before);
+        let cpu = cpu_since(cpu_before);
         println!(
             "  admission alone (no worker running): {n} jobs admitted in {:.2} s: {:.0} admissions/s over HTTP{}",
             took.as_secs_f64(),
@@ -464,16 +461,14 @@ async fn platform(set: Settings) -> anyhow::Result<f64> {
     }
     running.wait().await?;
     delete_queues(&namespace).await;
-    drop(store);
-    drop(s);
     if let Some(url) = &cfg.database.url {
         drop_database(url).await?;
     }
     Ok(rate)
 }
 
-/// Drops a database the bench made (its connections closed by force: a
-/// pool just dropped may still be closing them).
+/// Drops a database the bench made, closing its connections by force (the
+/// round's pool, still held by the caller, or pgbench's last backends).
 async fn drop_database(url: &str) -> anyhow::Result<()> {
     let mut admin =
         sqlx::AnyConnection::connect(&atelier_shared::db::testing::postgres_admin_url()).await?;
@@ -747,6 +742,11 @@ fn machine_cpu_secs() -> Option<f64> {
     Some(busy / 100.0)
 }
 
+/// Machine CPU seconds spent since `before` (a [`machine_cpu_secs`] reading).
+fn cpu_since(before: Option<f64>) -> Option<f64> {
+    Some(machine_cpu_secs()? - before?)
+}
+
 /// The database floor (see the module's note): `benches/peers/job_sql.pgbench`
 /// through pgbench in a database of its own; prints its jobs/s beside
 /// Celery's, if Celery ran.
@@ -769,9 +769,7 @@ async fn floor(secs: f64, celery: Option<f64>) -> anyhow::Result<()> {
     store.pool().close().await;
     let cpu_before = machine_cpu_secs();
     let loaded = pgbench(&url, SUBMITTERS, secs).await?;
-    let cpu = machine_cpu_secs()
-        .zip(cpu_before)
-        .map(|(after, before)| after - before);
+    let cpu = cpu_since(cpu_before);
     let tps = field(&loaded, "tps").ok_or_else(|| anyhow::anyhow!("no tps in pgbench's output"))?;
     let jobs = field(&loaded, "number of transactions actually processed").unwrap_or(0.0);
     println!(

@@ -423,29 +423,22 @@ async fn dispatch_queue(
     // the pick needs it: with many accounts waiting, reading `slots`
     // outputs of each was most of a round's cost.
     let mut limit = fair::first_read(slots, *lanes_seen);
-    let mut per_account = None;
+    let mut candidates = ctx.store.dispatch_candidates(queue, limit as i64).await?;
+    if candidates.is_empty() {
+        *lanes_seen = 0;
+        return Ok(());
+    }
+    // What the pick weighs besides the outputs, read once per round.
+    let in_flight = match in_flight {
+        Some(m) => m,
+        None => ctx.store.in_flight_by_account(queue).await?,
+    };
+    let used = if queue == WorkQueue::Training {
+        training_usage(ctx).await?
+    } else {
+        Default::default()
+    };
     let (picked, jobs) = loop {
-        let candidates = ctx.store.dispatch_candidates(queue, limit as i64).await?;
-        if candidates.is_empty() {
-            *lanes_seen = 0;
-            return Ok(());
-        }
-        // What the pick weighs besides the outputs, read once per round.
-        let (in_flight, used) = match per_account.take() {
-            Some(read) => read,
-            None => {
-                let in_flight = match in_flight.take() {
-                    Some(m) => m,
-                    None => ctx.store.in_flight_by_account(queue).await?,
-                };
-                let used = if queue == WorkQueue::Training {
-                    training_usage(ctx).await?
-                } else {
-                    Default::default()
-                };
-                (in_flight, used)
-            }
-        };
         let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
         let mut jobs = std::collections::HashMap::new();
         for c in candidates {
@@ -467,15 +460,12 @@ async fn dispatch_queue(
             jobs.insert(c.output_id, c.job_id);
         }
         *lanes_seen = lanes.len();
-        match fair::pick_within(lanes.into_values().collect(), slots, limit) {
-            Some(picked) => break (picked, jobs),
-            None => {
-                metrics::counter!("atelier_dispatch_rereads_total", "type" => queue.as_str())
-                    .increment(1);
-                limit = slots;
-                per_account = Some((in_flight, used));
-            }
+        if let Some(picked) = fair::pick_within(lanes.into_values().collect(), slots, limit) {
+            break (picked, jobs);
         }
+        metrics::counter!("atelier_dispatch_rereads_total", "type" => queue.as_str()).increment(1);
+        limit = slots;
+        candidates = ctx.store.dispatch_candidates(queue, limit as i64).await?;
     };
     // What every task of a job carries, read once per job this round, for
     // all of the round's jobs in one statement.
